@@ -1,0 +1,94 @@
+"""Services + EndpointSlices → frontends (VIP, port, proto) → backends (IP, port).
+
+This is the kube-proxy "service port → endpoints" computation, done per Service so that one
+changed Service is recomputed without touching the others.
+"""
+from __future__ import annotations
+
+import ipaddress
+from dataclasses import dataclass
+from typing import Iterable
+
+from .objects import PROXY_NAME_LABEL, SCTP, EndpointSlice, ObjectKey, Service, ServicePort
+
+# Protocols the socket datapath handles (this kernel has no SCTP; see ENVIRONMENT.md).
+SUPPORTED_PROTOCOLS = ("TCP", "UDP")
+
+
+@dataclass(frozen=True, order=True)
+class Backend:
+    ip: str
+    port: int
+    protocol: str
+
+
+@dataclass(frozen=True)
+class Frontend:
+    """One (VIP, port, protocol) of one Service, with the backends a new connection may go to."""
+
+    ip: str
+    port: int
+    protocol: str
+    service: ObjectKey
+    port_name: str
+    backends: tuple[Backend, ...]  # sorted; empty means "refuse" (kube-proxy REJECT)
+
+    @property
+    def family(self) -> int:
+        return ipaddress.ip_address(self.ip).version
+
+
+def _slice_port(svc_port: ServicePort, ep_slice: EndpointSlice) -> int | None:
+    """The backend port of svc_port in this slice, or None when the slice does not carry it.
+
+    Kubernetes' EndpointSlice controller publishes each Service port under the Service port's name,
+    with targetPort (numeric or named) already resolved to a number; that is the first rule. Hand-made
+    slices sometimes name the port after the named targetPort instead; that is the second. A numeric
+    targetPort with a slice that lists no ports at all is the third.
+    """
+    for p in ep_slice.ports:
+        if p.name == svc_port.name and p.protocol == svc_port.protocol:
+            return p.port
+    if isinstance(svc_port.target_port, str):
+        for p in ep_slice.ports:
+            if p.name == svc_port.target_port and p.protocol == svc_port.protocol:
+                return p.port
+        return None
+    if not ep_slice.ports:
+        return svc_port.target_port
+    return None
+
+
+def skip_reason(svc: Service) -> str | None:
+    """Why this Service gets no frontend at all, or None."""
+    if svc.label(PROXY_NAME_LABEL):
+        return f"owned by proxy {svc.label(PROXY_NAME_LABEL)!r}"
+    if svc.headless:
+        return "headless"
+    return None
+
+
+def service_frontends(svc: Service, slices: Iterable[EndpointSlice]) -> list[Frontend]:
+    """All frontends of one Service. Only ready endpoints serve; SCTP ports are left out."""
+    if skip_reason(svc):
+        return []
+    slices = list(slices)
+    out = []
+    for vip in svc.cluster_ips:
+        family = "IPv4" if ipaddress.ip_address(vip).version == 4 else "IPv6"
+        for sp in svc.ports:
+            if sp.protocol == SCTP:
+                continue
+            backends = set()
+            for sl in slices:
+                if sl.address_type != family:
+                    continue
+                port = _slice_port(sp, sl)
+                if port is None:
+                    continue
+                for ep in sl.endpoints:
+                    if ep.ready:
+                        # Kubernetes uses only the first address of an endpoint.
+                        backends.add(Backend(ep.addresses[0], port, sp.protocol))
+            out.append(Frontend(vip, sp.port, sp.protocol, svc.key, sp.name, tuple(sorted(backends))))
+    return out

@@ -1,0 +1,117 @@
+"""Typed views of the Kubernetes objects nodewire consumes (only the fields it uses)."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+TCP = "TCP"
+UDP = "UDP"
+SCTP = "SCTP"
+
+# service.kubernetes.io/service-proxy-name: a Service with this label belongs to another proxy.
+PROXY_NAME_LABEL = "service.kubernetes.io/service-proxy-name"
+# endpointslice.kubernetes.io/managed-by / kubernetes.io/service-name tie a slice to its Service.
+SERVICE_NAME_LABEL = "kubernetes.io/service-name"
+
+
+@dataclass(frozen=True)
+class ObjectKey:
+    namespace: str
+    name: str
+
+    def __str__(self) -> str:
+        return f"{self.namespace}/{self.name}"
+
+
+@dataclass(frozen=True)
+class ServicePort:
+    name: str
+    protocol: str
+    port: int
+    target_port: int | str  # a number, or the name of a container port
+    node_port: int = 0
+
+
+@dataclass(frozen=True)
+class Service:
+    key: ObjectKey
+    cluster_ips: tuple[str, ...]  # empty for headless Services
+    ports: tuple[ServicePort, ...]
+    type: str = "ClusterIP"
+    labels: tuple[tuple[str, str], ...] = ()
+    external_ips: tuple[str, ...] = ()
+    session_affinity: str = "None"
+    session_affinity_timeout: int = 10800
+    internal_traffic_policy: str = "Cluster"
+    external_traffic_policy: str = "Cluster"
+
+    @property
+    def headless(self) -> bool:
+        return not self.cluster_ips
+
+    def label(self, name: str) -> str | None:
+        return dict(self.labels).get(name)
+
+
+@dataclass(frozen=True)
+class Endpoint:
+    addresses: tuple[str, ...]
+    ready: bool = True
+    serving: bool = True
+    terminating: bool = False
+    node_name: str = ""
+    zone: str = ""
+    target: str = ""  # "namespace/pod" of the targetRef, when it is a Pod
+
+
+@dataclass(frozen=True)
+class EndpointPort:
+    name: str
+    port: int
+    protocol: str = TCP
+
+
+@dataclass(frozen=True)
+class EndpointSlice:
+    key: ObjectKey
+    service: str  # the owning Service's name (kubernetes.io/service-name label)
+    address_type: str  # IPv4 | IPv6 | FQDN
+    endpoints: tuple[Endpoint, ...]
+    ports: tuple[EndpointPort, ...]
+
+    @property
+    def service_key(self) -> ObjectKey:
+        return ObjectKey(self.key.namespace, self.service)
+
+
+@dataclass(frozen=True)
+class Pod:
+    key: ObjectKey
+    ips: tuple[str, ...]
+    node_name: str = ""
+    labels: tuple[tuple[str, str], ...] = ()
+    annotations: tuple[tuple[str, str], ...] = ()
+    uid: str = ""
+
+
+@dataclass(frozen=True)
+class ObjectError:
+    """A rejected object: where it came from, what it is, and which field is wrong."""
+
+    source: str  # file path, or "api"
+    kind: str
+    key: str  # namespace/name, or "?" when the object has no readable name
+    field: str
+    message: str
+
+    def __str__(self) -> str:
+        where = f"{self.source}: " if self.source else ""
+        return f"{where}{self.kind} {self.key}: {self.field}: {self.message}"
+
+
+@dataclass
+class Objects:
+    """A bag of parsed objects, as a source produces them."""
+
+    services: dict[ObjectKey, Service] = field(default_factory=dict)
+    slices: dict[ObjectKey, EndpointSlice] = field(default_factory=dict)
+    pods: dict[ObjectKey, Pod] = field(default_factory=dict)

@@ -1,0 +1,252 @@
+"""Kubernetes JSON/YAML dicts → typed objects, with errors that name the object and the field.
+
+Validation covers what the datapath depends on (types, ranges, protocols, IP syntax, duplicate ports);
+it is deliberately stricter than "schema-valid", because an API server or a hand-written manifest can
+still carry semantic errors (port 0, duplicate port names) that would corrupt a map entry.
+"""
+from __future__ import annotations
+
+import ipaddress
+from typing import Any
+
+from .objects import (
+    SCTP, SERVICE_NAME_LABEL, TCP, UDP, Endpoint, EndpointPort, EndpointSlice, ObjectError, ObjectKey,
+    Pod, Service, ServicePort,
+)
+
+PROTOCOLS = (TCP, UDP, SCTP)
+
+
+class InvalidObject(Exception):
+    def __init__(self, kind: str, key: str, field: str, message: str):
+        super().__init__(f"{kind} {key}: {field}: {message}")
+        self.kind, self.key, self.field, self.message = kind, key, field, message
+
+    def as_error(self, source: str) -> ObjectError:
+        return ObjectError(source, self.kind, self.key, self.field, self.message)
+
+
+class _Reader:
+    """Typed field access that raises InvalidObject with the field's path."""
+
+    def __init__(self, kind: str, obj: Any):
+        self.kind = kind
+        self.key = "?"
+        if not isinstance(obj, dict):
+            raise InvalidObject(kind, "?", "", f"expected an object, got {type(obj).__name__}")
+        meta = obj.get("metadata")
+        if not isinstance(meta, dict):
+            raise InvalidObject(kind, "?", "metadata", "missing or not an object")
+        name = meta.get("name")
+        if not isinstance(name, str) or not name:
+            raise InvalidObject(kind, "?", "metadata.name", "missing or not a string")
+        ns = meta.get("namespace", "default")
+        if not isinstance(ns, str) or not ns:
+            raise InvalidObject(kind, name, "metadata.namespace", "not a string")
+        self.object_key = ObjectKey(ns, name)
+        self.key = str(self.object_key)
+
+    def fail(self, field: str, message: str) -> InvalidObject:
+        return InvalidObject(self.kind, self.key, field, message)
+
+    def get(self, d: dict, name: str, path: str, typ, default=None, required=False):
+        if not isinstance(d, dict):
+            raise self.fail(path.rsplit(".", 1)[0], "not an object")
+        v = d.get(name)
+        if v is None:
+            if required:
+                raise self.fail(path, "required")
+            return default
+        if typ is int and isinstance(v, bool) or not isinstance(v, typ):
+            want = typ.__name__ if isinstance(typ, type) else "/".join(t.__name__ for t in typ)
+            raise self.fail(path, f"expected {want}, got {type(v).__name__} {v!r}")
+        return v
+
+    def port(self, d: dict, name: str, path: str, required=True, allow_zero=False) -> int:
+        v = self.get(d, name, path, int, required=required, default=0)
+        lo = 0 if allow_zero else 1
+        if not lo <= v <= 65535 and (v or required):
+            raise self.fail(path, f"{v} out of range (1-65535)")
+        return v
+
+    def protocol(self, d: dict, path: str) -> str:
+        p = self.get(d, "protocol", path, str, default=TCP)
+        if p not in PROTOCOLS:
+            raise self.fail(path, f"unknown protocol {p!r} (expected TCP, UDP or SCTP)")
+        return p
+
+    def ip(self, value: Any, path: str) -> str:
+        if not isinstance(value, str):
+            raise self.fail(path, f"expected an IP address string, got {value!r}")
+        try:
+            return str(ipaddress.ip_address(value))
+        except ValueError:
+            raise self.fail(path, f"{value!r} is not a valid IP address") from None
+
+    def labels(self, meta: dict, name: str = "labels") -> tuple[tuple[str, str], ...]:
+        labels = self.get(meta, name, f"metadata.{name}", dict, default={})
+        return tuple(sorted((str(k), str(v)) for k, v in labels.items()))
+
+
+def _kind_check(r: _Reader, obj: dict, kind: str) -> None:
+    if obj.get("kind", kind) != kind:
+        raise r.fail("kind", f"expected {kind}, got {obj.get('kind')!r}")
+
+
+def parse_service(obj: Any) -> Service:
+    r = _Reader("Service", obj)
+    _kind_check(r, obj, "Service")
+    meta = obj["metadata"]
+    spec = r.get(obj, "spec", "spec", dict, required=True)
+    svc_type = r.get(spec, "type", "spec.type", str, default="ClusterIP")
+    if svc_type not in ("ClusterIP", "NodePort", "LoadBalancer", "ExternalName"):
+        raise r.fail("spec.type", f"unknown type {svc_type!r}")
+
+    cluster_ip = r.get(spec, "clusterIP", "spec.clusterIP", str, default="")
+    cluster_ips = list(r.get(spec, "clusterIPs", "spec.clusterIPs", list, default=[]))
+    if cluster_ip and not cluster_ips:
+        cluster_ips = [cluster_ip]
+    if cluster_ip and cluster_ips and cluster_ips[0] != cluster_ip:
+        raise r.fail("spec.clusterIPs[0]", f"{cluster_ips[0]!r} must equal spec.clusterIP {cluster_ip!r}")
+    if cluster_ips == ["None"] or svc_type == "ExternalName":
+        ips: tuple[str, ...] = ()
+    else:
+        ips = tuple(r.ip(v, f"spec.clusterIPs[{i}]") for i, v in enumerate(cluster_ips))
+        if len({ipaddress.ip_address(a).version for a in ips}) != len(ips):
+            raise r.fail("spec.clusterIPs", "at most one address per IP family")
+
+    ports = []
+    seen_names: set[str] = set()
+    seen_ports: set[tuple[int, str]] = set()
+    raw_ports = r.get(spec, "ports", "spec.ports", list, default=[])
+    for i, p in enumerate(raw_ports):
+        path = f"spec.ports[{i}]"
+        if not isinstance(p, dict):
+            raise r.fail(path, "not an object")
+        name = r.get(p, "name", f"{path}.name", str, default="")
+        if not name and len(raw_ports) > 1:
+            raise r.fail(f"{path}.name", "required when a Service has more than one port")
+        if name in seen_names:
+            raise r.fail(f"{path}.name", f"duplicate port name {name!r}")
+        seen_names.add(name)
+        proto = r.protocol(p, f"{path}.protocol")
+        port = r.port(p, "port", f"{path}.port")
+        if (port, proto) in seen_ports:
+            raise r.fail(f"{path}.port", f"duplicate port {port}/{proto}")
+        seen_ports.add((port, proto))
+        tp = p.get("targetPort", port)
+        if isinstance(tp, bool) or not isinstance(tp, (int, str)):
+            raise r.fail(f"{path}.targetPort", f"expected a number or a port name, got {tp!r}")
+        if isinstance(tp, str) and tp.isdigit():
+            tp = int(tp)
+        if isinstance(tp, int) and not 1 <= tp <= 65535:
+            raise r.fail(f"{path}.targetPort", f"{tp} out of range (1-65535)")
+        if isinstance(tp, str) and not tp:
+            tp = port
+        node_port = r.port(p, "nodePort", f"{path}.nodePort", required=False, allow_zero=True)
+        ports.append(ServicePort(name, proto, port, tp, node_port))
+
+    external_ips = tuple(
+        r.ip(v, f"spec.externalIPs[{i}]")
+        for i, v in enumerate(r.get(spec, "externalIPs", "spec.externalIPs", list, default=[]))
+    )
+    affinity = r.get(spec, "sessionAffinity", "spec.sessionAffinity", str, default="None")
+    if affinity not in ("None", "ClientIP"):
+        raise r.fail("spec.sessionAffinity", f"unknown value {affinity!r}")
+    timeout = 10800
+    cfg = spec.get("sessionAffinityConfig")
+    if isinstance(cfg, dict) and isinstance(cfg.get("clientIP"), dict):
+        timeout = r.get(cfg["clientIP"], "timeoutSeconds", "spec.sessionAffinityConfig.clientIP.timeoutSeconds",
+                        int, default=10800)
+        if not 1 <= timeout <= 86400:
+            raise r.fail("spec.sessionAffinityConfig.clientIP.timeoutSeconds", f"{timeout} out of range (1-86400)")
+    itp = r.get(spec, "internalTrafficPolicy", "spec.internalTrafficPolicy", str, default="Cluster")
+    etp = r.get(spec, "externalTrafficPolicy", "spec.externalTrafficPolicy", str, default="Cluster")
+    for val, path in ((itp, "spec.internalTrafficPolicy"), (etp, "spec.externalTrafficPolicy")):
+        if val not in ("Cluster", "Local"):
+            raise r.fail(path, f"unknown value {val!r} (expected Cluster or Local)")
+    return Service(
+        key=r.object_key, cluster_ips=ips, ports=tuple(ports), type=svc_type, labels=r.labels(meta),
+        external_ips=external_ips, session_affinity=affinity, session_affinity_timeout=timeout,
+        internal_traffic_policy=itp, external_traffic_policy=etp,
+    )
+
+
+def parse_endpoint_slice(obj: Any) -> EndpointSlice:
+    r = _Reader("EndpointSlice", obj)
+    _kind_check(r, obj, "EndpointSlice")
+    meta = obj["metadata"]
+    labels = dict(r.labels(meta))
+    service = labels.get(SERVICE_NAME_LABEL)
+    if not service:
+        raise r.fail(f"metadata.labels[{SERVICE_NAME_LABEL}]", "required: names the owning Service")
+    atype = r.get(obj, "addressType", "addressType", str, required=True)
+    if atype not in ("IPv4", "IPv6", "FQDN"):
+        raise r.fail("addressType", f"unknown address type {atype!r} (expected IPv4, IPv6 or FQDN)")
+    want_version = {"IPv4": 4, "IPv6": 6}.get(atype)
+
+    endpoints = []
+    for i, e in enumerate(r.get(obj, "endpoints", "endpoints", list, default=[])):
+        path = f"endpoints[{i}]"
+        if not isinstance(e, dict):
+            raise r.fail(path, "not an object")
+        raw = r.get(e, "addresses", f"{path}.addresses", list, required=True)
+        if not raw:
+            raise r.fail(f"{path}.addresses", "must hold at least one address")
+        addrs = []
+        for j, a in enumerate(raw):
+            if want_version is None:
+                addrs.append(str(a))
+                continue
+            ip = r.ip(a, f"{path}.addresses[{j}]")
+            if ipaddress.ip_address(ip).version != want_version:
+                raise r.fail(f"{path}.addresses[{j}]", f"{ip} is not an {atype} address")
+            addrs.append(ip)
+        cond = r.get(e, "conditions", f"{path}.conditions", dict, default={})
+        # Kubernetes: a nil "ready" means ready; nil "serving" means the same as ready.
+        ready = r.get(cond, "ready", f"{path}.conditions.ready", bool, default=True)
+        serving = r.get(cond, "serving", f"{path}.conditions.serving", bool, default=ready)
+        terminating = r.get(cond, "terminating", f"{path}.conditions.terminating", bool, default=False)
+        ref = e.get("targetRef") if isinstance(e.get("targetRef"), dict) else {}
+        target = ""
+        if ref.get("kind") == "Pod" and ref.get("name"):
+            target = f"{ref.get('namespace') or r.object_key.namespace}/{ref['name']}"
+        endpoints.append(Endpoint(
+            addresses=tuple(addrs), ready=ready, serving=serving, terminating=terminating,
+            node_name=r.get(e, "nodeName", f"{path}.nodeName", str, default=""),
+            zone=r.get(e, "zone", f"{path}.zone", str, default=""), target=target,
+        ))
+
+    ports = []
+    seen: set[str] = set()
+    for i, p in enumerate(r.get(obj, "ports", "ports", list, default=[]) or []):
+        path = f"ports[{i}]"
+        if not isinstance(p, dict):
+            raise r.fail(path, "not an object")
+        name = r.get(p, "name", f"{path}.name", str, default="")
+        if name in seen:
+            raise r.fail(f"{path}.name", f"duplicate port name {name!r}")
+        seen.add(name)
+        ports.append(EndpointPort(name, r.port(p, "port", f"{path}.port"), r.protocol(p, f"{path}.protocol")))
+    return EndpointSlice(r.object_key, service, atype, tuple(endpoints), tuple(ports))
+
+
+def parse_pod(obj: Any) -> Pod:
+    r = _Reader("Pod", obj)
+    _kind_check(r, obj, "Pod")
+    meta = obj["metadata"]
+    spec = r.get(obj, "spec", "spec", dict, default={})
+    status = r.get(obj, "status", "status", dict, default={})
+    ips = [p.get("ip") for p in r.get(status, "podIPs", "status.podIPs", list, default=[]) if isinstance(p, dict)]
+    if not ips and status.get("podIP"):
+        ips = [status["podIP"]]
+    return Pod(
+        key=r.object_key,
+        ips=tuple(r.ip(a, f"status.podIPs[{i}].ip") for i, a in enumerate(ips)),
+        node_name=r.get(spec, "nodeName", "spec.nodeName", str, default=""),
+        labels=r.labels(meta), annotations=r.labels(meta, "annotations"),
+        uid=str(meta.get("uid", "")),
+    )
+
+
+PARSERS = {"Service": parse_service, "EndpointSlice": parse_endpoint_slice, "Pod": parse_pod}

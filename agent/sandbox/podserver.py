@@ -1,0 +1,69 @@
+"""A tiny pod workload: answers TCP (HTTP/1.0-style) and UDP with the pod's name.
+
+Run inside a sandbox pod; binds [::] dual-stack so IPv4 and IPv6 clients both reach it. Prints
+"ready" once every socket is bound. Standard library only: it starts fast in every pod.
+"""
+import argparse
+import selectors
+import socket
+import sys
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--name", required=True)
+    ap.add_argument("--tcp", type=int, action="append", default=[])
+    ap.add_argument("--udp", type=int, action="append", default=[])
+    a = ap.parse_args()
+    body = (a.name + "\n").encode()
+    sel = selectors.DefaultSelector()
+    for port in a.tcp:
+        s = socket.socket(socket.AF_INET6, socket.SOCK_STREAM)
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+        s.bind(("::", port))
+        s.listen(1024)
+        s.setblocking(False)
+        sel.register(s, selectors.EVENT_READ, "accept")
+    for port in a.udp:
+        s = socket.socket(socket.AF_INET6, socket.SOCK_DGRAM)
+        s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+        s.bind(("::", port))
+        s.setblocking(False)
+        sel.register(s, selectors.EVENT_READ, "udp")
+    print("ready", flush=True)
+    while True:
+        for key, _ in sel.select():
+            s = key.fileobj
+            if key.data == "accept":
+                try:
+                    c, _ = s.accept()
+                except BlockingIOError:
+                    continue
+                c.setblocking(False)
+                sel.register(c, selectors.EVENT_READ, "conn")
+            elif key.data == "conn":
+                try:
+                    data = s.recv(4096)
+                except (BlockingIOError, ConnectionError):
+                    data = b""
+                if data:
+                    try:
+                        if data.startswith((b"GET", b"HEAD", b"POST")):
+                            s.sendall(b"HTTP/1.0 200 OK\r\nContent-Length: %d\r\n\r\n" % len(body) + body)
+                        else:
+                            s.sendall(body)
+                    except OSError:
+                        pass
+                sel.unregister(s)
+                s.close()
+            else:
+                try:
+                    data, peer = s.recvfrom(65535)
+                except BlockingIOError:
+                    continue
+                s.sendto(body, peer)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

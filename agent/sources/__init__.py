@@ -1,0 +1,1 @@
+"""Where cluster state comes from. Each source feeds typed objects into ClusterState."""

@@ -1,0 +1,100 @@
+"""ClusterState: the typed objects every source feeds, and which Services changed since the last sync.
+
+Sources call apply() with whole objects (or None for a deletion); the agent asks take_dirty() for the
+Services whose frontends must be recomputed. An EndpointSlice change dirties only its own Service.
+"""
+from __future__ import annotations
+
+import threading
+from collections import defaultdict
+
+from .model.frontends import Frontend, service_frontends
+from .model.objects import EndpointSlice, ObjectKey, Objects, Pod, Service
+
+
+class ClusterState:
+    def __init__(self) -> None:
+        self.services: dict[ObjectKey, Service] = {}
+        self.slices: dict[ObjectKey, EndpointSlice] = {}
+        self.pods: dict[ObjectKey, Pod] = {}
+        self._slices_by_service: dict[ObjectKey, set[ObjectKey]] = defaultdict(set)
+        self._dirty: set[ObjectKey] = set()
+        self._lock = threading.Lock()
+        self.changed = threading.Event()
+        self.revision = 0
+
+    # -- writes (from sources) -------------------------------------------------------------------
+    def apply_service(self, key: ObjectKey, svc: Service | None) -> None:
+        with self._lock:
+            if self.services.get(key) == svc:
+                return
+            if svc is None:
+                self.services.pop(key, None)
+            else:
+                self.services[key] = svc
+            self._mark(key)
+
+    def apply_slice(self, key: ObjectKey, sl: EndpointSlice | None) -> None:
+        with self._lock:
+            old = self.slices.get(key)
+            if old == sl:
+                return
+            if old is not None:
+                self._slices_by_service[old.service_key].discard(key)
+                self._mark(old.service_key)
+            if sl is None:
+                self.slices.pop(key, None)
+            else:
+                self.slices[key] = sl
+                self._slices_by_service[sl.service_key].add(key)
+                self._mark(sl.service_key)
+
+    def apply_pod(self, key: ObjectKey, pod: Pod | None) -> None:
+        with self._lock:
+            if self.pods.get(key) == pod:
+                return
+            if pod is None:
+                self.pods.pop(key, None)
+            else:
+                self.pods[key] = pod
+            self.revision += 1
+            self.changed.set()
+
+    def replace(self, objs: Objects) -> None:
+        """Make the state equal to objs (a full list), applying only the differences."""
+        for key in set(self.services) - set(objs.services):
+            self.apply_service(key, None)
+        for key in set(self.slices) - set(objs.slices):
+            self.apply_slice(key, None)
+        for key in set(self.pods) - set(objs.pods):
+            self.apply_pod(key, None)
+        for key, svc in objs.services.items():
+            self.apply_service(key, svc)
+        for key, sl in objs.slices.items():
+            self.apply_slice(key, sl)
+        for key, pod in objs.pods.items():
+            self.apply_pod(key, pod)
+
+    def _mark(self, svc_key: ObjectKey) -> None:
+        self._dirty.add(svc_key)
+        self.revision += 1
+        self.changed.set()
+
+    # -- reads (from the agent loop) -------------------------------------------------------------
+    def take_dirty(self) -> dict[ObjectKey, list[Frontend]]:
+        """Frontends of every Service changed since the last call ([] for a deleted Service)."""
+        with self._lock:
+            dirty, self._dirty = self._dirty, set()
+            self.changed.clear()
+            return {key: self._frontends(key) for key in dirty}
+
+    def all_frontends(self) -> dict[ObjectKey, list[Frontend]]:
+        with self._lock:
+            self._dirty.clear()
+            return {key: self._frontends(key) for key in self.services}
+
+    def _frontends(self, key: ObjectKey) -> list[Frontend]:
+        svc = self.services.get(key)
+        if svc is None:
+            return []
+        return service_frontends(svc, (self.slices[k] for k in self._slices_by_service.get(key, ())))

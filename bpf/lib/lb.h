@@ -1,0 +1,165 @@
+/* Service load-balancing maps and the backend selection shared by the socket hooks.
+ *
+ * Layout (after Cilium's lb{4,6}_services / lb{4,6}_backends split and Katran's small headers, one
+ * family-neutral map here): addresses are 16 bytes, IPv4 stored as IPv4-mapped IPv6 (::ffff:a.b.c.d),
+ * so one lookup path serves connect4 and connect6 (and dual-stack sockets dialling a mapped v4 VIP).
+ *
+ *   nodewire_services_v1  (vip, port, proto, slot) -> slot 0: {count, flags, service_id}
+ *                                                     slot i: {backend_id}, 1 <= i <= count
+ *   nodewire_backends_v1  backend_id -> (address, port, proto)
+ *   nodewire_revnat_v1    (socket cookie, backend address, port) -> (vip, port)  [LRU, datapath-written]
+ *   nodewire_lb_stats_v1  (service_id, backend_id, outcome) -> connects         [per-CPU LRU]
+ *
+ * User space writes backends first, then slots 1..n, then slot 0; deletes go the other way, so a
+ * reader never follows a slot to a missing backend. Only uapi types are used (the kernel is newer
+ * than the headers BCC compiles against).
+ */
+#ifndef NODEWIRE_LB_H
+#define NODEWIRE_LB_H
+
+#ifndef NW_PIN_DIR
+#define NW_PIN_DIR "/sys/fs/bpf/nodewire"
+#endif
+#ifndef NW_SERVICES_MAX
+#define NW_SERVICES_MAX 65536
+#endif
+#ifndef NW_BACKENDS_MAX
+#define NW_BACKENDS_MAX 65536
+#endif
+#ifndef NW_REVNAT_MAX
+#define NW_REVNAT_MAX 262144
+#endif
+#ifndef NW_STATS_MAX
+#define NW_STATS_MAX 65536
+#endif
+
+#define NW_ECONNREFUSED 111
+
+/* BCC 0.26's helpers.h predates bpf_set_retval (kernel 5.18); the helper id comes from the uapi enum. */
+static long (*nw_set_retval)(int retval) = (void *)BPF_FUNC_set_retval;
+
+/* The second-to-last 32-bit word of an IPv4-mapped IPv6 address (::ffff:0:0/96), in network order. */
+#define NW_V4MAPPED_WORD __builtin_bswap32(0x0000ffff)
+
+/* outcome in nodewire_lb_stats_v1 */
+#define NW_LB_FORWARDED 0
+#define NW_LB_NO_BACKEND 1   /* the Service has no ready endpoint: connect refused */
+#define NW_LB_BAD_SLOT 2     /* a slot or backend was missing (should never happen): refused */
+
+struct lb_service_key {
+	__u32 address[4];
+	__be16 port;
+	__u8 proto;
+	__u8 scope;   /* reserved for external scope (nodeport/LB); 0 for ClusterIP */
+	__u16 slot;
+	__u16 pad;
+};
+
+struct lb_service_value {
+	__u32 backend_id;  /* slots 1..count */
+	__u16 count;       /* slot 0 */
+	__u16 flags;       /* slot 0, reserved */
+	__u32 service_id;  /* slot 0: id for counters, stable per frontend */
+	__u32 pad;
+};
+
+struct lb_backend {
+	__u32 address[4];
+	__be16 port;
+	__u8 proto;
+	__u8 flags;
+	__u32 pad;
+};
+
+struct lb_revnat_key {
+	__u64 cookie;
+	__u32 address[4];
+	__be16 port;
+	__u16 pad;
+	__u32 pad2;
+};
+
+struct lb_revnat_value {
+	__u32 address[4];
+	__be16 port;
+	__u16 pad;
+	__u32 pad2;
+};
+
+struct lb_stats_key {
+	__u32 service_id;
+	__u32 backend_id;
+	__u32 outcome;
+};
+
+BPF_TABLE_PINNED("hash", struct lb_service_key, struct lb_service_value, nodewire_services_v1,
+		 NW_SERVICES_MAX, NW_PIN_DIR "/nodewire_services_v1");
+BPF_TABLE_PINNED("hash", __u32, struct lb_backend, nodewire_backends_v1,
+		 NW_BACKENDS_MAX, NW_PIN_DIR "/nodewire_backends_v1");
+BPF_TABLE_PINNED("lru_hash", struct lb_revnat_key, struct lb_revnat_value, nodewire_revnat_v1,
+		 NW_REVNAT_MAX, NW_PIN_DIR "/nodewire_revnat_v1");
+BPF_TABLE_PINNED("lru_percpu_hash", struct lb_stats_key, __u64, nodewire_lb_stats_v1,
+		 NW_STATS_MAX, NW_PIN_DIR "/nodewire_lb_stats_v1");
+
+static __always_inline void lb_count(__u32 service_id, __u32 backend_id, __u32 outcome)
+{
+	struct lb_stats_key k = {.service_id = service_id, .backend_id = backend_id, .outcome = outcome};
+	__u64 zero = 0;
+	__u64 *v = nodewire_lb_stats_v1.lookup_or_try_init(&k, &zero);
+	if (v)
+		*v += 1;  /* per-CPU value: no atomic needed */
+}
+
+/* Result of lb_select(). */
+#define NW_SELECT_MISS 0      /* not a service address: leave the socket alone */
+#define NW_SELECT_OK 1        /* *out holds the chosen backend */
+#define NW_SELECT_REFUSE 2    /* a service with no usable backend: refuse like kube-proxy's REJECT */
+
+/* key: address/port/proto filled in by the caller. Picks a backend uniformly at random. */
+static __always_inline int lb_select(struct lb_service_key *key, struct lb_backend **out)
+{
+	key->slot = 0;
+	struct lb_service_value *svc = nodewire_services_v1.lookup(key);
+	if (!svc)
+		return NW_SELECT_MISS;
+	__u32 service_id = svc->service_id;
+	if (svc->count == 0) {
+		lb_count(service_id, 0, NW_LB_NO_BACKEND);
+		return NW_SELECT_REFUSE;
+	}
+	key->slot = (bpf_get_prandom_u32() % svc->count) + 1;
+	struct lb_service_value *slot = nodewire_services_v1.lookup(key);
+	if (!slot) {
+		lb_count(service_id, 0, NW_LB_BAD_SLOT);
+		return NW_SELECT_REFUSE;
+	}
+	__u32 backend_id = slot->backend_id;
+	struct lb_backend *be = nodewire_backends_v1.lookup(&backend_id);
+	if (!be) {
+		lb_count(service_id, backend_id, NW_LB_BAD_SLOT);
+		return NW_SELECT_REFUSE;
+	}
+	lb_count(service_id, backend_id, NW_LB_FORWARDED);
+	*out = be;
+	return NW_SELECT_OK;
+}
+
+/* Remember, per socket, which VIP a backend stands for, so replies and getpeername show the VIP. */
+static __always_inline void lb_remember(__u64 cookie, const struct lb_backend *be,
+					const __u32 *vip, __be16 vport)
+{
+	struct lb_revnat_key k = {.cookie = cookie, .port = be->port};
+	struct lb_revnat_value v = {.port = vport};
+	__builtin_memcpy(k.address, be->address, sizeof(k.address));
+	__builtin_memcpy(v.address, vip, sizeof(v.address));
+	nodewire_revnat_v1.update(&k, &v);
+}
+
+static __always_inline struct lb_revnat_value *lb_recall(__u64 cookie, const __u32 *addr, __be16 port)
+{
+	struct lb_revnat_key k = {.cookie = cookie, .port = port};
+	__builtin_memcpy(k.address, addr, sizeof(k.address));
+	return nodewire_revnat_v1.lookup(&k);
+}
+
+#endif /* NODEWIRE_LB_H */
