@@ -1,0 +1,1 @@
+"""Metrics export: one OpenTelemetry MeterProvider, scraped by Prometheus (and OTLP when configured)."""
