@@ -1,0 +1,126 @@
+"""Results → bench/results/: results.json (every row), results.md (the table), results.png (chart)."""
+from __future__ import annotations
+
+import json
+import os
+import platform
+import time
+from pathlib import Path
+
+
+def machine() -> dict:
+    cpu = ""
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next((ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")), "")
+    except OSError:
+        pass
+    return {"kernel": platform.release(), "cpu": cpu, "cores": os.cpu_count(),
+            "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
+
+
+def _fmt(v, unit: str = "", nd: int = 1) -> str:
+    if v is None or v == "":
+        return "–"
+    if isinstance(v, str):
+        return f"{v} {unit}".strip()
+    return f"{v:.{nd}f}{(' ' + unit) if unit else ''}"
+
+
+def _x(row: dict, key: str) -> str:
+    v = row.get(key)
+    return f" ({v:.2f}×)" if isinstance(v, (int, float)) else ""
+
+
+def _memory(row: dict) -> str:
+    parts = []
+    if row.get("agent_rss_mib") is not None:
+        parts.append(f"RSS {row['agent_rss_mib']:.0f} MiB")
+    if row.get("bpf_memlock_mib") is not None:
+        parts.append(f"maps {row['bpf_memlock_mib']:.1f} MiB")
+    if row.get("kernel_mem_mib") is not None:
+        parts.append(f"kernel Δ{row['kernel_mem_mib']:.0f} MiB")
+    if row.get("rules") is not None:
+        parts.append(f"{row['rules']} rules")
+    return ", ".join(parts) or "–"
+
+
+def markdown(rows: list[dict], meta: dict) -> str:
+    lines = [
+        f"# nodewire bench compare — {meta['date']}",
+        "",
+        f"Machine: {meta['cores']} cores, {meta['cpu']}, Linux {meta['kernel']}. "
+        f"Settings: {meta.get('settings', '')}.",
+        "",
+        "Connect latency is the time of one TCP connect() from the client pod (p50 / p99, µs); (×) is the",
+        "ratio to *direct* (connecting straight to a backend pod) measured in the same sandbox just before",
+        "that mode was loaded. *last* dials the last-added Service, *random* a random one per connect.",
+        "req/s: one short request/response per new connection, one client thread. Full sync: N Services",
+        "written from nothing (iptables-restore / nft -f wall time and CPU; nodewire: the agent's own",
+        "reported full-sync time). Change: one endpoint of the last Service replaced.",
+        "",
+        "| mode | N | E | connect p50 last | p99 last | p50 random | req/s | full sync | sync CPU | change | memory | status |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- | --- |",
+    ]
+    seen_direct = set()
+    for r in rows:
+        if r["mode"] == "direct":
+            key = (r["services"], r["endpoints"])
+            if key in seen_direct:
+                continue
+            seen_direct.add(key)
+        lines.append("| " + " | ".join([
+            r["mode"], str(r["services"]), str(r["endpoints"]),
+            _fmt(r.get("lat_last_p50_us")) + _x(r, "lat_last_p50_x"),
+            _fmt(r.get("lat_last_p99_us")),
+            _fmt(r.get("lat_rand_p50_us")) + _x(r, "lat_rand_p50_x"),
+            _fmt(r.get("rps"), nd=0) + _x(r, "rps_x"),
+            _fmt(r.get("sync_s"), "s", 2),
+            _fmt(r.get("sync_cpu_s"), "s", 2),
+            _fmt(r.get("change_ms"), "ms", 1),
+            _memory(r),
+            str(r.get("status", "")).replace("|", "/"),
+        ]) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def chart(rows: list[dict], path: Path) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(12, 4.5))
+    series: dict[tuple[str, int], list[dict]] = {}
+    for r in rows:
+        if r["mode"] != "direct" and r.get("status") == "ok":
+            series.setdefault((r["mode"], r["endpoints"]), []).append(r)
+    for (mode, e), rs in sorted(series.items()):
+        rs = sorted(rs, key=lambda r: r["services"])
+        ns = [r["services"] for r in rs]
+        lat = [r.get("lat_last_p50_x") for r in rs]
+        if any(v is not None for v in lat):
+            ax1.plot(ns, lat, marker="o", label=f"{mode}, {e} ep")
+        sync = [r.get("sync_s") if isinstance(r.get("sync_s"), (int, float)) else None for r in rs]
+        if any(v is not None for v in sync):
+            ax2.plot(ns, sync, marker="o", label=f"{mode}, {e} ep")
+    ax1.set(xscale="log", yscale="log", xlabel="Services", ylabel="connect p50, last Service (× direct)",
+            title="Connect latency vs Services")
+    ax1.axhline(1.0, color="grey", lw=0.8, ls="--")
+    ax2.set(xscale="log", yscale="log", xlabel="Services", ylabel="seconds", title="Full sync time vs Services")
+    for ax in (ax1, ax2):
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def write(rows: list[dict], out_dir: str | os.PathLike, settings: dict) -> dict[str, Path]:
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    meta = {**machine(), "settings": ", ".join(f"{k}={v}" for k, v in settings.items())}
+    paths = {"json": out / "results.json", "md": out / "results.md", "png": out / "results.png"}
+    paths["json"].write_text(json.dumps({"machine": meta, "settings": settings, "rows": rows}, indent=1) + "\n")
+    paths["md"].write_text(markdown(rows, meta))
+    chart(rows, paths["png"])
+    return paths
