@@ -37,6 +37,7 @@ class Agent:
         self.sync_errors: deque[str] = deque(maxlen=200)
         self.counters = {"syncs": 0, "object_errors": 0, "sync_errors": 0, "written": 0, "deleted": 0}
         self.last_sync: dict | None = None
+        self.last_change = 0.0  # when a source change was last taken in (and applied)
         self.first_sync: dict | None = None
         self.sources: dict[str, dict] = {}
         self.source: ManifestSource | None = None
@@ -100,10 +101,14 @@ class Agent:
 
     # -- loop ----------------------------------------------------------------------------------
     def sync_once(self, full: bool = False) -> SyncResult | None:
-        if self.source is not None and self.source.poll():
+        polled = self.source is not None and self.source.poll()
+        if polled:
             self.state.replace(self.source.objects())
+            self.last_change = time.time()
         changes = self.state.all_frontends() if full else self.state.take_dirty()
         if not changes and not full:
+            if polled:  # files changed but no frontend did (e.g. only errors): still show it
+                self.write_status()
             return None
         res = self.reconciler.apply(changes, full=full)
         self.counters["syncs"] += 1
@@ -160,6 +165,7 @@ class Agent:
             "services": len(rec.owned),
             "first_sync": self.first_sync,
             "last_sync": self.last_sync,
+            "last_change": self.last_change,
             "counters": self.counters,
             "sources": self.sources,
             "object_errors": list(self.object_errors)[-20:],
