@@ -54,7 +54,32 @@ def udp(host: str, port: int, count: int, timeout: float) -> dict:
     return {"replies": dict(replies), "errors": dict(errors), "sources": sorted(sources)}
 
 
+def stream(targets: list[str], interval: float, timeout: float) -> None:
+    """Forever: one request to each NAME=tcp|udp:HOST:PORT target, one JSON line per outcome."""
+    import time
+    parsed = []
+    for t in targets:
+        name, _, rest = t.partition("=")
+        kind, _, hostport = rest.partition(":")
+        host, _, port = hostport.rpartition(":")
+        parsed.append((name, tcp if kind == "tcp" else udp, host.strip("[]"), int(port)))
+    while True:
+        for name, fn, host, port in parsed:
+            r = fn(host, port, 1, timeout)
+            line = {"target": name, "reply": next(iter(r["replies"]), None), "error": next(iter(r["errors"]), None)}
+            print(json.dumps(line), flush=True)
+        time.sleep(interval)
+
+
 def main() -> None:
+    if len(sys.argv) > 1 and sys.argv[1] == "stream":
+        ap = argparse.ArgumentParser()
+        ap.add_argument("mode")
+        ap.add_argument("targets", nargs="+")
+        ap.add_argument("--interval", type=float, default=0.1)
+        ap.add_argument("--timeout", type=float, default=1.0)
+        a = ap.parse_args()
+        return stream(a.targets, a.interval, a.timeout)
     ap = argparse.ArgumentParser()
     ap.add_argument("kind", choices=["tcp", "udp"])
     ap.add_argument("host")
