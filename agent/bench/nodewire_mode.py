@@ -1,0 +1,148 @@
+"""nodewire as a benchmark mode: the real agent (`nodewire run`) as a subprocess, fed the same
+Service list as manifests, attached to the sandbox's cgroup with a per-run pin dir."""
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import psutil
+
+from ..config import state_dir_for
+from ..sandbox import Sandbox
+from .measure import LoadResult
+from .modes import Unavailable
+from .services import BenchService
+
+_CLI = [sys.executable, "-c", "import sys; from agent.cli import main; sys.exit(main())"]
+
+
+def _service_doc(svc: BenchService) -> dict:
+    return {"apiVersion": "v1", "kind": "Service", "metadata": {"name": svc.name, "namespace": svc.namespace},
+            "spec": {"clusterIP": svc.cluster_ip,
+                     "ports": [{"name": svc.port_name, "port": svc.port, "protocol": svc.protocol,
+                                "targetPort": svc.endpoints[0].port}]}}
+
+
+def _slice_doc(svc: BenchService) -> dict:
+    return {"apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice",
+            "metadata": {"name": f"{svc.name}-1", "namespace": svc.namespace,
+                         "labels": {"kubernetes.io/service-name": svc.name}},
+            "addressType": "IPv4",
+            "ports": [{"name": svc.port_name, "port": svc.endpoints[0].port, "protocol": svc.protocol}],
+            "endpoints": [{"addresses": [ep.ip], "conditions": {"ready": True}} for ep in svc.endpoints]}
+
+
+def _write_json(path: Path, items: list[dict]) -> None:
+    tmp = path.with_suffix(".tmp")  # not a manifest suffix: the agent never reads a half-written file
+    tmp.write_text(json.dumps({"apiVersion": "v1", "kind": "List", "items": items}))
+    os.replace(tmp, path)
+
+
+class NodewireMode:
+    name = "nodewire"
+
+    def __init__(self, sb: Sandbox):
+        self.sb = sb
+        self.pin_dir = f"/sys/fs/bpf/nodewire-bench-{sb.prefix}-{secrets.token_hex(2)}"
+        self.status_path = Path(state_dir_for(self.pin_dir), "status.json")
+        self.dir = Path(tempfile.mkdtemp(prefix="nodewire-bench-"))
+        self.proc: subprocess.Popen | None = None
+        self.stats: dict = {}
+        if not os.path.isdir("/sys/fs/bpf"):
+            raise Unavailable("/sys/fs/bpf is not mounted")
+
+    def _status(self) -> dict | None:
+        try:
+            return json.loads(self.status_path.read_text())
+        except (FileNotFoundError, json.JSONDecodeError):
+            return None
+
+    def load(self, services: list[BenchService], cap_s: float) -> LoadResult:
+        # The last Service's EndpointSlice lives in its own file, so the endpoint change rewrites a
+        # small file (as one EndpointSlice update is one small object on a watch).
+        _write_json(self.dir / "services.json",
+                    [d for s in services[:-1] for d in (_service_doc(s), _slice_doc(s))] + [_service_doc(services[-1])])
+        _write_json(self.dir / "last-slice.json", [_slice_doc(services[-1])])
+        self.log = open(self.dir / "agent.log.txt", "w")
+        t0 = time.perf_counter()
+        self.proc = subprocess.Popen([*_CLI, "run", "--manifests", str(self.dir), "--cgroup", self.sb.cgroup,
+                                      "--pin-dir", self.pin_dir], stdout=self.log, stderr=subprocess.STDOUT)
+        ps = psutil.Process(self.proc.pid)
+        while True:
+            st = self._status()
+            if st and st.get("first_sync") and st.get("services", 0) >= len(services):
+                break
+            if self.proc.poll() is not None:
+                return LoadResult(time.perf_counter() - t0, 0.0,
+                                  error=f"agent exited {self.proc.returncode}: {self._log_tail()}")
+            if time.perf_counter() - t0 > cap_s:
+                return LoadResult(time.perf_counter() - t0, 0.0, timed_out=True)
+            time.sleep(0.02)
+        ready = time.perf_counter() - t0
+        cpu = ps.cpu_times()
+        first = st["first_sync"]
+        self.stats.update(ready_s=round(ready, 3), agent_cpu_to_ready_s=round(cpu.user + cpu.system, 3),
+                          sync_errors=st.get("counters", {}).get("sync_errors"))
+        # sync_s is the agent's own full-sync duration (reconciler: model → batched map writes).
+        return LoadResult(first["seconds"], cpu.user + cpu.system)
+
+    def _log_tail(self) -> str:
+        try:
+            return (self.dir / "agent.log.txt").read_text()[-600:].replace("\n", " | ")
+        except OSError:
+            return ""
+
+    def change(self, services: list[BenchService], before: BenchService, after: BenchService,
+               cap_s: float) -> LoadResult:
+        st0 = self._status() or {}
+        last0 = (st0.get("last_sync") or {}).get("time", 0)
+        t0 = time.perf_counter()
+        _write_json(self.dir / "last-slice.json", [_slice_doc(after)])
+        while time.perf_counter() - t0 < cap_s:
+            st = self._status() or {}
+            last = st.get("last_sync") or {}
+            if last.get("time", 0) > last0:
+                e2e = time.perf_counter() - t0
+                self.stats["change_e2e_ms"] = round(e2e * 1000, 1)  # file write → maps updated (incl. poll)
+                return LoadResult(last["seconds"], 0.0)
+            time.sleep(0.005)
+        return LoadResult(time.perf_counter() - t0, 0.0, timed_out=True)
+
+    def memory(self) -> dict:
+        out = {"agent_rss_mib": None, "bpf_memlock_mib": None}
+        if self.proc and self.proc.poll() is None:
+            mi = psutil.Process(self.proc.pid).memory_info()
+            out["agent_rss_mib"] = round(mi.rss / 2**20, 1)
+        total = 0
+        try:
+            for name in os.listdir(self.pin_dir):
+                r = subprocess.run(["bpftool", "-j", "map", "show", "pinned", os.path.join(self.pin_dir, name)],
+                                   capture_output=True, text=True, timeout=30)
+                if r.returncode == 0:
+                    total += int(json.loads(r.stdout).get("bytes_memlock", 0))
+            out["bpf_memlock_mib"] = round(total / 2**20, 1)
+        except (OSError, ValueError):
+            pass
+        return {**out, **self.stats}
+
+    def unload(self) -> None:
+        if self.proc and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        subprocess.run([*_CLI, "cleanup", "--pin-dir", self.pin_dir, "--cgroup", self.sb.cgroup],
+                       capture_output=True, text=True, timeout=120)
+        if getattr(self, "log", None):
+            self.log.close()
+        shutil.rmtree(self.dir, ignore_errors=True)
