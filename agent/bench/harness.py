@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import sys
 import time
 from dataclasses import dataclass, field
@@ -12,6 +13,7 @@ from pathlib import Path
 from ..sandbox import Pod, Sandbox
 from .measure import LoadResult
 from .modes import RulesMode, Unavailable
+from .probe import summarize
 from .services import SERVICE_PORT, TARGET_PORT, VIP_BASE, BenchService, make_services, with_endpoints
 
 log = logging.getLogger("nodewire.bench")
@@ -24,9 +26,10 @@ class Settings:
     services: list[int]
     endpoints: list[int]
     modes: list[str] = field(default_factory=lambda: list(MODES))
-    latency_count: int = 2000
+    latency_count: int = 2000  # per target, split over `rounds` alternating with direct
     latency_max_s: float = 10.0
     rps_seconds: float = 2.0
+    rounds: int = 5
     sync_cap_s: float = 120.0
     change_cap_s: float = 60.0
     iptables_backend: str = "legacy"
@@ -34,23 +37,42 @@ class Settings:
     @classmethod
     def quick(cls, services: list[int], endpoints: list[int], modes: list[str] | None = None) -> "Settings":
         return cls(services, endpoints, modes or list(MODES), latency_count=200, latency_max_s=3.0,
-                   rps_seconds=0.5, sync_cap_s=30.0, change_cap_s=15.0)
+                   rps_seconds=0.5, rounds=2, sync_cap_s=30.0, change_cap_s=15.0)
 
 
-def _probe(client: Pod, *args: str, timeout: float = 120) -> dict:
-    return json.loads(client.run([sys.executable, str(PROBE), *args], timeout=timeout).stdout)
+def _probe(pod: Pod, *args: str, timeout: float = 120) -> dict:
+    return json.loads(pod.run([sys.executable, str(PROBE), *args], timeout=timeout).stdout)
 
 
-def _latency(client: Pod, s: Settings, *target: str) -> dict:
-    return _probe(client, "latency", *target, "--count", str(s.latency_count),
-                  "--max-seconds", str(s.latency_max_s), timeout=s.latency_max_s + 60)
+def _pool_latency(parts: list[dict]) -> dict:
+    samples = [v for p in parts for v in p["samples_ns"]]
+    out = summarize(samples)
+    out["errors"] = sum(p["errors"] for p in parts)
+    return out
 
 
-def _direct(client: Pod, backend: Pod, s: Settings) -> dict:
-    target = ("--target", f"{backend.ip4}:{TARGET_PORT}")
-    lat = _latency(client, s, *target)
-    rps = _probe(client, "rps", *target, "--seconds", str(s.rps_seconds))
-    return {"p50_us": lat["p50_us"], "p99_us": lat["p99_us"], "rps": rps["rps"]}
+def _pool_rps(parts: list[dict]) -> dict:
+    done, secs = sum(p["requests"] for p in parts), sum(p["seconds"] for p in parts)
+    return {"rps": round(done / secs, 1) if secs else None, "errors": sum(p["errors"] for p in parts)}
+
+
+def interleaved(client: Pod, floor: Pod, backend: Pod, s: Settings, *target: str) -> dict:
+    """The mode (from the client pod) and direct (from the floor pod: its own netns without rules,
+    outside the cgroup nodewire attaches to) measured in alternating short rounds, so a noisy
+    neighbour on this shared machine hits both alike. Returns pooled latency and req/s for both."""
+    direct = ("--target", f"{backend.ip4}:{TARGET_PORT}")
+    count = max(50, s.latency_count // s.rounds)
+    lat_args = ("--raw", "--count", str(count), "--warmup", "20", "--max-seconds", str(s.latency_max_s / s.rounds))
+    rps_args = ("--seconds", str(s.rps_seconds / s.rounds))
+    lat = {"mode": [], "direct": []}
+    rps = {"mode": [], "direct": []}
+    timeout = s.latency_max_s + 60
+    for _ in range(s.rounds):
+        lat["direct"].append(_probe(floor, "latency", *direct, *lat_args, timeout=timeout))
+        lat["mode"].append(_probe(client, "latency", *target, *lat_args, timeout=timeout))
+        rps["direct"].append(_probe(floor, "rps", *direct, *rps_args))
+        rps["mode"].append(_probe(client, "rps", *target, *rps_args))
+    return {k: {"lat": _pool_latency(lat[k]), "rps": _pool_rps(rps[k])} for k in ("mode", "direct")}
 
 
 def _vips(n: int) -> str:
@@ -96,44 +118,47 @@ def _changed(svc: BenchService, spare: Pod) -> BenchService:
     return with_endpoints(svc, tuple(eps))
 
 
-def run_one(sb: Sandbox, client: Pod, backends: list[Pod], mode_name: str, n: int, e: int,
+def run_one(sb: Sandbox, client: Pod, floor: Pod, backends: list[Pod], mode_name: str, n: int, e: int,
             s: Settings, caps: _CapTracker) -> list[dict]:
     services = make_services(n, [b.ip4 for b in backends[:e]], e)
     spare = backends[e]
     row: dict = {"mode": mode_name, "services": n, "endpoints": e}
-    direct = _direct(client, backends[0], s)
-    direct_row = {"mode": "direct", "services": n, "endpoints": e, "before": mode_name, "status": "ok",
-                  "lat_last_p50_us": direct["p50_us"], "lat_last_p99_us": direct["p99_us"],
-                  "lat_rand_p50_us": direct["p50_us"], "lat_rand_p99_us": direct["p99_us"], "rps": direct["rps"]}
-    row.update(direct_p50_us=direct["p50_us"], direct_rps=direct["rps"])
     skip = caps.verdict(mode_name, e, n, s.sync_cap_s)
     if skip:
         row.update(status=f"> cap ({skip})", sync_s=f"> {s.sync_cap_s:g}")
         log.info("mode=%s services=%d endpoints=%d status=skipped reason=%r", mode_name, n, e, skip)
-        return [direct_row, row]
+        return [row]
     try:
         mode = _make_mode(mode_name, sb, client, s)
     except Unavailable as err:
         row.update(status=f"unavailable: {err}")
-        return [direct_row, row]
+        return [row]
     try:
         res: LoadResult = mode.load(services, s.sync_cap_s)
         row.update(sync_s=round(res.seconds, 3), sync_cpu_s=round(res.cpu_seconds, 3))
         if res.timed_out:
             caps.record(mode_name, e, n, None)
             row.update(status="> cap", sync_s=f"> {s.sync_cap_s:g}")
-            return [direct_row, row]
+            return [row]
         if res.error:
             row.update(status=f"error: {res.error}")
-            return [direct_row, row]
+            return [row]
         caps.record(mode_name, e, n, res.seconds)
         row.update(mode.memory())
-        last = _latency(client, s, "--vips", _vips(n))
-        rand = _latency(client, s, "--vips", _vips(n), "--random")
-        rps = _probe(client, "rps", "--vips", _vips(n), "--random", "--seconds", str(s.rps_seconds))
-        row.update(lat_last_p50_us=last["p50_us"], lat_last_p99_us=last["p99_us"], lat_last_errors=last["errors"],
-                   lat_rand_p50_us=rand["p50_us"], lat_rand_p99_us=rand["p99_us"], lat_rand_errors=rand["errors"],
-                   rps=rps["rps"], rps_errors=rps["errors"])
+        last = interleaved(client, floor, backends[0], s, "--vips", _vips(n))
+        rand = interleaved(client, floor, backends[0], s, "--vips", _vips(n), "--random")
+        m, d = last["mode"], last["direct"]
+        row.update(lat_last_p50_us=m["lat"]["p50_us"], lat_last_p99_us=m["lat"]["p99_us"],
+                   lat_last_errors=m["lat"]["errors"], direct_last_p50_us=d["lat"]["p50_us"],
+                   direct_last_p99_us=d["lat"]["p99_us"], rps_last=m["rps"]["rps"], direct_rps_last=d["rps"]["rps"])
+        m, d = rand["mode"], rand["direct"]
+        row.update(lat_rand_p50_us=m["lat"]["p50_us"], lat_rand_p99_us=m["lat"]["p99_us"],
+                   lat_rand_errors=m["lat"]["errors"], direct_rand_p50_us=d["lat"]["p50_us"],
+                   rps=m["rps"]["rps"], rps_errors=m["rps"]["errors"], direct_rps=d["rps"]["rps"])
+        direct_row = {"mode": "direct", "services": n, "endpoints": e, "alongside": mode_name, "status": "ok",
+                      "lat_last_p50_us": d["lat"]["p50_us"], "lat_last_p99_us": d["lat"]["p99_us"],
+                      "lat_rand_p50_us": d["lat"]["p50_us"], "lat_rand_p99_us": d["lat"]["p99_us"],
+                      "rps": d["rps"]["rps"]}
         # One endpoint change on the last-added Service.
         before = services[-1]
         after = _changed(before, spare)
@@ -142,6 +167,7 @@ def run_one(sb: Sandbox, client: Pod, backends: list[Pod], mode_name: str, n: in
         row["change_ms"] = f"> {s.change_cap_s * 1000:g}" if ch.timed_out else round(ch.seconds * 1000, 2)
         if ch.error:
             row["change_error"] = ch.error
+        row.update({k: v for k, v in getattr(mode, "stats", {}).items() if k.startswith("change")})
         if e == 1 and ch.ok:  # with one endpoint the change is observable: the spare must answer
             who = _probe(client, "whoami", "--target", f"{after.cluster_ip}:{SERVICE_PORT}")["reply"]
             row["change_verified"] = who == spare.name
@@ -155,14 +181,24 @@ def run_one(sb: Sandbox, client: Pod, backends: list[Pod], mode_name: str, n: in
 
 
 def _ratios(row: dict) -> dict:
+    """Each figure over direct's, measured in the same interleaved rounds."""
     out = {}
-    d = row.get("direct_p50_us")
-    for k in ("lat_last_p50_us", "lat_rand_p50_us"):
-        if d and isinstance(row.get(k), (int, float)):
-            out[k.replace("_us", "_x")] = round(row[k] / d, 2)
-    if row.get("direct_rps") and isinstance(row.get("rps"), (int, float)):
-        out["rps_x"] = round(row["rps"] / row["direct_rps"], 2)
+    for k, d in (("lat_last_p50_us", "direct_last_p50_us"), ("lat_rand_p50_us", "direct_rand_p50_us"),
+                 ("rps", "direct_rps")):
+        if isinstance(row.get(k), (int, float)) and row.get(d):
+            out[k.replace("_us", "") + "_x"] = round(row[k] / row[d], 2)
     return out
+
+
+def _floor_pod(sb: Sandbox) -> Pod:
+    """A second client whose cgroup is a sibling of the sandbox's, not a child: nodewire's programs
+    (attached to the sandbox cgroup) do not see its connects, and its netns holds no rules. The
+    sandbox removes it like any pod (it kills and removes pod.cgroup, wherever that is)."""
+    pod = sb.add_pod("floor")
+    os.rmdir(pod.cgroup)
+    pod.cgroup = f"{sb.cgroup}-floor"
+    os.makedirs(pod.cgroup, exist_ok=True)
+    return pod
 
 
 def run_compare(s: Settings) -> list[dict]:
@@ -172,13 +208,14 @@ def run_compare(s: Settings) -> list[dict]:
         for n in sorted(s.services):
             with Sandbox() as sb:
                 client = sb.add_pod("client")
+                floor = _floor_pod(sb)
                 backends = [sb.add_pod(f"be{i}") for i in range(e + 1)]  # one spare for the change
                 for b in backends:
                     b.serve(tcp_ports=[TARGET_PORT])
                 for mode_name in s.modes:
                     log.info("mode=%s services=%d endpoints=%d status=start", mode_name, n, e)
                     try:
-                        rows += run_one(sb, client, backends, mode_name, n, e, s, caps)
+                        rows += run_one(sb, client, floor, backends, mode_name, n, e, s, caps)
                     except Exception as err:  # one broken mode must not lose the other rows
                         log.exception("mode=%s services=%d endpoints=%d status=error", mode_name, n, e)
                         rows.append({"mode": mode_name, "services": n, "endpoints": e,

@@ -63,10 +63,19 @@ def latency(a):
                 errors += 1
         finally:
             s.close()
-    samples.sort()
-    us = lambda v: None if v is None else round(v / 1000, 2)
-    return {"count": len(samples), "errors": errors, "p50_us": us(_pct(samples, 0.50)),
-            "p99_us": us(_pct(samples, 0.99)), "mean_us": us(sum(samples) / len(samples) if samples else None)}
+    out = summarize(samples)
+    out["errors"] = errors
+    if a.raw:
+        out["samples_ns"] = samples
+    return out
+
+
+def summarize(samples):
+    """count, p50, p99, mean in µs of connect times in ns (also used to pool several rounds)."""
+    samples = sorted(samples)
+    us = lambda v: None if v is None else round(v / 1000, 2)  # noqa: E731
+    return {"count": len(samples), "p50_us": us(_pct(samples, 0.50)), "p99_us": us(_pct(samples, 0.99)),
+            "mean_us": us(sum(samples) / len(samples) if samples else None)}
 
 
 def rps(a):
@@ -93,7 +102,7 @@ def rps(a):
         finally:
             s.close()
     elapsed = time.perf_counter() - t0
-    return {"requests": done, "errors": errors, "seconds": round(elapsed, 3), "rps": round(done / elapsed, 1)}
+    return {"requests": done, "errors": errors, "seconds": round(elapsed, 6), "rps": round(done / elapsed, 1)}
 
 
 def whoami(a):
@@ -120,6 +129,7 @@ def main():
     ap.add_argument("--seconds", type=float, default=2.0)
     ap.add_argument("--timeout", type=float, default=2.0)
     ap.add_argument("--max-seconds", type=float, default=15.0)
+    ap.add_argument("--raw", action="store_true", help="include every sample (ns) in the output")
     a = ap.parse_args()
     if not (a.target or a.vips):
         ap.error("--target or --vips is required")
