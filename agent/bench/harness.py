@@ -56,11 +56,12 @@ def _pool_rps(parts: list[dict]) -> dict:
     return {"rps": round(done / secs, 1) if secs else None, "errors": sum(p["errors"] for p in parts)}
 
 
-def interleaved(client: Pod, floor: Pod, backend: Pod, s: Settings, *target: str) -> dict:
+def interleaved(client: Pod, floor: Pod, backends: list[Pod], s: Settings, *target: str) -> dict:
     """The mode (from the client pod) and direct (from the floor pod: its own netns without rules,
     outside the cgroup nodewire attaches to) measured in alternating short rounds, so a noisy
     neighbour on this shared machine hits both alike. Returns pooled latency and req/s for both."""
-    direct = ("--target", f"{backend.ip4}:{TARGET_PORT}")
+    # Direct dials the same backends the Services use, a random one per connect.
+    direct = ("--target", ",".join(f"{b.ip4}:{TARGET_PORT}" for b in backends))
     count = max(50, s.latency_count // s.rounds)
     lat_args = ("--raw", "--count", str(count), "--warmup", "20", "--max-seconds", str(s.latency_max_s / s.rounds))
     rps_args = ("--seconds", str(s.rps_seconds / s.rounds))
@@ -138,15 +139,15 @@ def run_one(sb: Sandbox, client: Pod, floor: Pod, backends: list[Pod], mode_name
         row.update(sync_s=round(res.seconds, 3), sync_cpu_s=round(res.cpu_seconds, 3))
         if res.timed_out:
             caps.record(mode_name, e, n, None)
-            row.update(status="> cap", sync_s=f"> {s.sync_cap_s:g}")
+            row.update(status="> cap", sync_s=f"> {s.sync_cap_s:g}", sync_cpu_s=None)
             return [row]
         if res.error:
             row.update(status=f"error: {res.error}")
             return [row]
         caps.record(mode_name, e, n, res.seconds)
         row.update(mode.memory())
-        last = interleaved(client, floor, backends[0], s, "--vips", _vips(n))
-        rand = interleaved(client, floor, backends[0], s, "--vips", _vips(n), "--random")
+        last = interleaved(client, floor, backends[:e], s, "--vips", _vips(n))
+        rand = interleaved(client, floor, backends[:e], s, "--vips", _vips(n), "--random")
         m, d = last["mode"], last["direct"]
         row.update(lat_last_p50_us=m["lat"]["p50_us"], lat_last_p99_us=m["lat"]["p99_us"],
                    lat_last_errors=m["lat"]["errors"], direct_last_p50_us=d["lat"]["p50_us"],

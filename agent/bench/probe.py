@@ -1,7 +1,7 @@
 """The client side of the benchmark, run inside the client pod (standard library only, so it starts
 fast and measures nothing but sockets).
 
-    probe.py latency --target IP:PORT | --vips BASE_INT:N:PORT [--random] --count K [--max-seconds T]
+    probe.py latency --target IP:PORT[,IP:PORT...] | --vips BASE_INT:N:PORT [--random] --count K [--max-seconds T]
     probe.py rps     (same targets) --seconds S
     probe.py whoami  --target IP:PORT
 
@@ -24,9 +24,11 @@ REQUEST = b"GET / HTTP/1.0\r\nHost: bench\r\n\r\n"
 def _targets(a):
     """A function returning the next (ip, port) to dial."""
     if a.target:
-        ip, port = a.target.rsplit(":", 1)
-        t = (ip, int(port))
-        return lambda: t
+        ts = [(ip, int(port)) for ip, port in (t.rsplit(":", 1) for t in a.target.split(","))]
+        if len(ts) == 1:
+            return lambda: ts[0]
+        rnd = random.Random(7)  # several backends: a random one per connect, as the Service picks
+        return lambda: ts[rnd.randrange(len(ts))]
     base, n, port = (int(x) for x in a.vips.split(":"))
     if not a.random:
         t = (socket.inet_ntoa(struct.pack("!I", base + n)), port)  # the last-added Service
