@@ -22,7 +22,8 @@ class LoadResult:
         return not self.timed_out and not self.error
 
 
-def run_capped(argv: list[str], text: str | None, cap_s: float, netns: str | None = None) -> LoadResult:
+def run_capped(argv: list[str], text: str | None, cap_s: float, netns: str | None = None,
+               cgroup_procs: str | None = None) -> LoadResult:
     """Run `argv [file]` (the text written to a temp file first, so generating it is not timed) inside
     `netns`; kill it after `cap_s`. Wall time covers process start to exit, as kube-proxy's exec does."""
     path = None
@@ -35,7 +36,12 @@ def run_capped(argv: list[str], text: str | None, cap_s: float, netns: str | Non
         argv = ["ip", "netns", "exec", netns, *argv]
     try:
         t0 = time.perf_counter()
-        p = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        def enter_cgroup():
+            if cgroup_procs:
+                with open(cgroup_procs, "w") as f:
+                    f.write("0")
+
+        p = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, preexec_fn=enter_cgroup)
         timed_out = False
         while True:
             pid, status, ru = os.wait4(p.pid, os.WNOHANG)
@@ -58,14 +64,44 @@ def run_capped(argv: list[str], text: str | None, cap_s: float, netns: str | Non
             os.unlink(path)
 
 
-def kernel_memory_kib() -> int:
-    """Slab plus vmalloc in use, from /proc/meminfo: where netfilter rules, chains and set elements
-    live. Machine-wide, so a delta around a load is approximate on a shared machine."""
-    want = {"Slab", "VmallocUsed"}
-    total = 0
-    with open("/proc/meminfo") as f:
-        for line in f:
-            name, _, rest = line.partition(":")
-            if name in want:
-                total += int(rest.split()[0])
-    return total
+class KmemCgroup:
+    """A memory cgroup to run a rule loader in: the kernel charges the rules, chains and set elements
+    it allocates for that process (netfilter allocates them GFP_KERNEL_ACCOUNT) to the cgroup, and
+    the charge stays while they live. So its kernel-memory usage after the loader exits is the
+    memory of the rules themselves, unlike a machine-wide /proc/meminfo delta on a shared machine.
+    Uses cgroup v1's memory.kmem.usage_in_bytes (this machine's hybrid layout) or cgroup v2's
+    memory.stat `kernel`; None where neither exists."""
+
+    def __init__(self, name: str):
+        self.path = None
+        for root, probe in (("/sys/fs/cgroup/memory", "memory.kmem.usage_in_bytes"),
+                            ("/sys/fs/cgroup", "memory.stat")):
+            if os.path.isfile(os.path.join(root, probe)):
+                self.path = os.path.join(root, name)
+                os.makedirs(self.path, exist_ok=True)
+                break
+
+    @property
+    def procs(self) -> str | None:
+        return os.path.join(self.path, "cgroup.procs") if self.path else None
+
+    def kernel_bytes(self) -> int | None:
+        if not self.path:
+            return None
+        v1 = os.path.join(self.path, "memory.kmem.usage_in_bytes")
+        if os.path.isfile(v1):
+            with open(v1) as f:
+                return int(f.read())
+        with open(os.path.join(self.path, "memory.stat")) as f:
+            for line in f:
+                k, _, v = line.partition(" ")
+                if k == "kernel":
+                    return int(v)
+        return None
+
+    def remove(self) -> None:
+        if self.path:
+            try:
+                os.rmdir(self.path)
+            except OSError:
+                pass

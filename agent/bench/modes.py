@@ -2,11 +2,12 @@
 from nothing, apply one endpoint change, report memory, unload."""
 from __future__ import annotations
 
+import os
 import subprocess
 from dataclasses import dataclass, field
 
 from . import iptables_rules, nftables_rules
-from .measure import LoadResult, kernel_memory_kib, run_capped
+from .measure import KmemCgroup, LoadResult, run_capped
 from .services import BenchService
 
 IPTABLES_BACKENDS = {
@@ -30,7 +31,7 @@ class RulesMode:
     netns: str
     pod_cidr: str
     iptables_backend: str = "legacy"
-    _mem_before: int = 0
+    _memcg: KmemCgroup | None = None
     stats: dict = field(default_factory=dict)
 
     def _cmd(self) -> list[str]:
@@ -46,9 +47,10 @@ class RulesMode:
             text = nftables_rules.full_sync(services, self.pod_cidr)
             rules, elems = nftables_rules.rule_count(text)
             self.stats["rules"] = rules + elems
-        self._mem_before = kernel_memory_kib()
-        res = run_capped(self._cmd(), text, cap_s, self.netns)
-        self.stats["kernel_mem_mib"] = round((kernel_memory_kib() - self._mem_before) / 1024, 1)
+        self._memcg = KmemCgroup(f"nodewire-bench-{os.path.basename(self.netns)}-{self.name}")
+        res = run_capped(self._cmd(), text, cap_s, self.netns, self._memcg.procs)
+        kb = self._memcg.kernel_bytes()
+        self.stats["kernel_mem_mib"] = None if kb is None else round(kb / 2**20, 1)
         return res
 
     def change(self, services: list[BenchService], before: BenchService, after: BenchService,
@@ -70,3 +72,5 @@ class RulesMode:
                 subprocess.run([*ns, tool, "-t", "nat", flag], capture_output=True, timeout=600)
         else:
             subprocess.run([*ns, "nft", "delete", "table", "ip", "kube-proxy"], capture_output=True, timeout=600)
+        if self._memcg:
+            self._memcg.remove()

@@ -27,9 +27,12 @@ def _fmt(v, unit: str = "", nd: int = 1) -> str:
     return f"{v:.{nd}f}{(' ' + unit) if unit else ''}"
 
 
-def _x(row: dict, key: str) -> str:
-    v = row.get(key)
-    return f" ({v:.2f}×)" if isinstance(v, (int, float)) else ""
+def _vs(row: dict, key: str, direct_key: str, ratio_key: str, nd: int = 1) -> str:
+    """"mode / direct = ratio×", or "–" when the mode has no figure."""
+    v, d, x = row.get(key), row.get(direct_key), row.get(ratio_key)
+    if not isinstance(v, (int, float)):
+        return "–"
+    return f"{v:.{nd}f} / {d:.{nd}f} = **{x:.2f}×**" if isinstance(x, (int, float)) else _fmt(v, nd=nd)
 
 
 def _memory(row: dict) -> str:
@@ -39,7 +42,7 @@ def _memory(row: dict) -> str:
     if row.get("bpf_memlock_mib") is not None:
         parts.append(f"maps {row['bpf_memlock_mib']:.1f} MiB")
     if row.get("kernel_mem_mib") is not None:
-        parts.append(f"kernel Δ{row['kernel_mem_mib']:.0f} MiB")
+        parts.append(f"kernel {row['kernel_mem_mib']:.1f} MiB")
     if row.get("rules") is not None:
         parts.append(f"{row['rules']} rules")
     return ", ".join(parts) or "–"
@@ -52,9 +55,10 @@ def markdown(rows: list[dict], meta: dict) -> str:
         f"Machine: {meta['cores']} cores, {meta['cpu']}, Linux {meta['kernel']}. "
         f"Settings: {meta.get('settings', '')}.",
         "",
-        "Connect latency is the time of one TCP connect() from the client pod (p50 / p99, µs); (×) is the",
-        "ratio to *direct* (connecting straight to a backend pod) measured in the same sandbox just before",
-        "that mode was loaded. *last* dials the last-added Service, *random* a random one per connect.",
+        "Connect latency is the time of one TCP connect() from the client pod (p50 / p99, µs), shown as",
+        "*mode / direct = ratio*: direct connects straight to the same backend pods from a second pod with",
+        "no rules and outside nodewire's cgroup, in rounds alternating with the mode's, so both see the",
+        "same noise. *last* dials the last-added Service, *random* a random one per connect.",
         "req/s: one short request/response per new connection, one client thread. Full sync: N Services",
         "written from nothing (iptables-restore / nft -f wall time and CPU; nodewire: the agent's own",
         "reported full-sync time, i.e. model + batched map writes; *ready* is agent start → first sync",
@@ -62,27 +66,24 @@ def markdown(rows: list[dict], meta: dict) -> str:
         "process (for nodewire: of the agent from start to ready). Change: one endpoint of the last",
         "Service replaced (iptables: the partial-sync restore kube-proxy writes; nftables: the minimal",
         "transaction; nodewire: the agent's reported sync, *e2e* = manifest write → maps updated,",
-        "including its 0.2 s poll). Memory: kernel Δ = Slab+VmallocUsed growth while loading (machine-",
-        "wide, approximate); maps = bpftool memlock of the pinned maps; RSS = agent resident memory.",
+        "including its 0.2 s poll). Memory: kernel = kernel memory charged to the loader's memory cgroup",
+        "(the rules, chains and set elements it created); maps = bpftool memlock of nodewire's pinned",
+        "maps (sized by capacity, not fill); RSS = agent resident memory after the first sync.",
         "`> cap` marks a load that did not finish (or, extrapolated from the previous N, could not)",
         "within the cap.",
         "",
-        "| mode | N | E | connect p50 last | p99 last | p50 random | req/s | full sync | sync CPU | change | memory | status |",
+        "| mode | N | E | connect p50, last Service | p99 last | p50, random Service | req/s | full sync | sync CPU | change | memory | status |",
         "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- | --- |",
     ]
-    seen_direct = set()
     for r in rows:
         if r["mode"] == "direct":
-            key = (r["services"], r["endpoints"])
-            if key in seen_direct:
-                continue
-            seen_direct.add(key)
+            continue  # direct's figures are in each row, next to the mode's
         lines.append("| " + " | ".join([
             r["mode"], str(r["services"]), str(r["endpoints"]),
-            _fmt(r.get("lat_last_p50_us")) + _x(r, "lat_last_p50_x"),
+            _vs(r, "lat_last_p50_us", "direct_last_p50_us", "lat_last_p50_x"),
             _fmt(r.get("lat_last_p99_us")),
-            _fmt(r.get("lat_rand_p50_us")) + _x(r, "lat_rand_p50_x"),
-            _fmt(r.get("rps"), nd=0) + _x(r, "rps_x"),
+            _vs(r, "lat_rand_p50_us", "direct_rand_p50_us", "lat_rand_p50_x"),
+            _vs(r, "rps", "direct_rps", "rps_x", nd=0),
             _fmt(r.get("sync_s"), "s", 2) + (f" (ready {r['ready_s']:.1f} s)" if r.get("ready_s") else ""),
             _fmt(r.get("sync_cpu_s"), "s", 2),
             _fmt(r.get("change_ms"), "ms", 1)
