@@ -202,15 +202,29 @@ class ApiClient:
         self._token = _Token(cfg)
         self._local = threading.local()
         self._open: set[http.client.HTTPConnection] = set()
-        self._open_lock = threading.Lock()
+        self._open_lock = threading.RLock()
+        self.closed = False
 
-    def _connect(self, timeout: float) -> http.client.HTTPConnection:
+    def _connect(self, read_timeout: float) -> http.client.HTTPConnection:
+        """Connect (TLS handshake bounded by self.timeout), then allow read_timeout between reads."""
         if self._ssl is not None:
-            conn = http.client.HTTPSConnection(self.host, self.port, timeout=timeout, context=self._ssl)
+            conn = http.client.HTTPSConnection(self.host, self.port, timeout=self.timeout, context=self._ssl)
         else:
-            conn = http.client.HTTPConnection(self.host, self.port, timeout=timeout)
+            conn = http.client.HTTPConnection(self.host, self.port, timeout=self.timeout)
+        try:
+            conn.connect()
+        except ssl.SSLCertVerificationError as e:
+            conn.close()
+            raise KubeError(f"TLS verification of {self.cfg.server} failed: {e.verify_message}") from None
+        conn.sock.settimeout(read_timeout)
+        # http.client drops conn.sock when a response takes the connection over; keep our own handle
+        # so that close_all() can always cut a blocked read.
+        conn._nodewire_sock = conn.sock
         with self._open_lock:
             self._open.add(conn)
+            if self.closed:
+                self._forget(conn)
+                raise KubeError("client closed")
         return conn
 
     def _forget(self, conn: http.client.HTTPConnection) -> None:
@@ -221,13 +235,13 @@ class ApiClient:
     def close_all(self) -> None:
         """Cut every connection (unblocks reflector threads on shutdown)."""
         with self._open_lock:
-            conns = list(self._open)
-        for c in conns:
-            if c.sock is not None:
-                try:
-                    c.sock.shutdown(socket.SHUT_RDWR)
-                except OSError:
-                    pass
+            self.closed = True
+            socks = [c._nodewire_sock for c in self._open]
+        for s in socks:
+            try:
+                socket.socket.shutdown(s, socket.SHUT_RDWR)  # the fd itself, also under a TLS socket
+            except OSError:
+                pass
 
     def _request(self, conn, path: str, params: dict, retry_auth: bool = True) -> http.client.HTTPResponse:
         url = self.base_path + path + ("?" + urlencode(params) if params else "")
@@ -235,10 +249,7 @@ class ApiClient:
         token = self._token.get()
         if token:
             headers["Authorization"] = f"Bearer {token}"
-        try:
-            conn.request("GET", url, headers=headers)
-        except ssl.SSLCertVerificationError as e:
-            raise KubeError(f"TLS verification of {self.cfg.server} failed: {e.verify_message}") from None
+        conn.request("GET", url, headers=headers)
         resp = conn.getresponse()
         if resp.status in (401, 403):
             body = _status_message(resp.read())
@@ -252,13 +263,14 @@ class ApiClient:
 
     def get(self, path: str, params: dict) -> dict:
         conn = getattr(self._local, "conn", None)
-        if conn is None:
-            conn = self._local.conn = self._connect(self.timeout)
         try:
+            if conn is None:
+                conn = self._local.conn = self._connect(self.timeout)
             resp = self._request(conn, path, params)
             data = resp.read()
         except (OSError, http.client.HTTPException):
-            self._forget(conn)
+            if conn is not None:
+                self._forget(conn)
             self._local.conn = None
             raise
         if resp.status == 410:
