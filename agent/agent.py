@@ -41,6 +41,8 @@ class Agent:
         self.first_sync: dict | None = None
         self.sources: dict[str, dict] = {}
         self.source: ManifestSource | None = None
+        self.kube = None  # KubeSource: pushes into self.state from its own threads
+        self._status_written = 0.0
         self.lb: SockLB | None = None
         self.reconciler: Reconciler | None = None
         self.programs: list[str] = []
@@ -61,6 +63,11 @@ class Agent:
         if cfg.manifests is not None:
             self.source = ManifestSource(cfg.manifests, on_error=self._object_error)
             self.sources["manifests"] = {"path": cfg.manifests, "healthy": True}
+        if cfg.kube:
+            from .sources.kube import KubeSource, load_config
+
+            self.kube = KubeSource(load_config(cfg.kubeconfig, cfg.api_server), self.state, node=cfg.node_name,
+                                   on_error=self._object_error).start()
         self.telemetry = start_telemetry(cfg.metrics_addr, cfg.node_name)
         self._instruments()
 
@@ -130,6 +137,10 @@ class Agent:
         return res
 
     def run(self) -> None:
+        # A full sync from an empty state would delete what the pinned maps hold: with the API source,
+        # wait for its first complete list (the datapath keeps serving what it had meanwhile).
+        while self.kube is not None and not self.kube.wait_synced(1.0) and not self.stop.is_set():
+            self.write_status()
         self.sync_once(full=True)
         while not self.stop.is_set():
             self.state.changed.wait(self.cfg.poll_interval)
@@ -137,6 +148,8 @@ class Agent:
                 break
             try:
                 self.sync_once()
+                if self.kube is not None and time.time() - self._status_written > 1.0:
+                    self.write_status()  # source health (stale since …) changes without a sync
             except Exception:  # one bad cycle must not end the agent; the next one retries
                 log.exception("sync failed; keeping the datapath as it is")
         log.info("agent stopping; the datapath stays attached and pinned")
@@ -149,6 +162,8 @@ class Agent:
         signal.signal(signal.SIGINT, handler)
 
     def close(self) -> None:
+        if self.kube is not None:
+            self.kube.stop()
         if self.telemetry is not None:
             self.telemetry.shutdown()
 
@@ -168,7 +183,7 @@ class Agent:
             "last_sync": self.last_sync,
             "last_change": self.last_change,
             "counters": self.counters,
-            "sources": self.sources,
+            "sources": dict(self.sources, **({"kube": self.kube.status()} if self.kube else {})),
             "object_errors": list(self.object_errors)[-20:],
             "sync_errors": list(self.sync_errors)[-20:],
             "service_names": {str(k): v for k, v in rec.service_names().items()},
@@ -180,3 +195,4 @@ class Agent:
         with open(tmp, "w") as f:
             json.dump(self.status(), f)
         os.replace(tmp, path)
+        self._status_written = time.time()
