@@ -180,3 +180,7 @@ def demo(duration, metrics_addr, output) -> None:
     result = run_demo(duration, metrics_addr)
     if output == "json":
         click.echo(json.dumps(result))
+
+
+from .bench.watch import register as _register_bench_watch  # noqa: E402  (`nodewire bench watch`)
+_register_bench_watch(main)

@@ -7,6 +7,7 @@ still carry semantic errors (port 0, duplicate port names) that would corrupt a 
 from __future__ import annotations
 
 import ipaddress
+import socket
 from typing import Any
 
 from .objects import (
@@ -24,6 +25,25 @@ class InvalidObject(Exception):
 
     def as_error(self, source: str) -> ObjectError:
         return ObjectError(source, self.kind, self.key, self.field, self.message)
+
+
+def canonical_ip(value: str) -> str | None:
+    """The canonical text of an IP address, or None. A canonical IPv4 string (what API servers send)
+    takes the inet_pton/inet_ntop fast path, ~10x quicker than ipaddress; anything else (IPv6, leading
+    zeros, odd forms) is decided by ipaddress, so the accepted set is exactly ipaddress's."""
+    try:
+        if socket.inet_ntop(socket.AF_INET, socket.inet_pton(socket.AF_INET, value)) == value:
+            return value
+    except OSError:
+        pass
+    try:
+        return str(ipaddress.ip_address(value))
+    except ValueError:
+        return None
+
+
+def _raise(e: Exception):
+    raise e
 
 
 class _Reader:
@@ -78,10 +98,7 @@ class _Reader:
     def ip(self, value: Any, path: str) -> str:
         if not isinstance(value, str):
             raise self.fail(path, f"expected an IP address string, got {value!r}")
-        try:
-            return str(ipaddress.ip_address(value))
-        except ValueError:
-            raise self.fail(path, f"{value!r} is not a valid IP address") from None
+        return canonical_ip(value) or _raise(self.fail(path, f"{value!r} is not a valid IP address"))
 
     def labels(self, meta: dict, name: str = "labels") -> tuple[tuple[str, str], ...]:
         labels = self.get(meta, name, f"metadata.{name}", dict, default={})
@@ -199,7 +216,7 @@ def parse_endpoint_slice(obj: Any) -> EndpointSlice:
                 addrs.append(str(a))
                 continue
             ip = r.ip(a, f"{path}.addresses[{j}]")
-            if ipaddress.ip_address(ip).version != want_version:
+            if (6 if ":" in ip else 4) != want_version:
                 raise r.fail(f"{path}.addresses[{j}]", f"{ip} is not an {atype} address")
             addrs.append(ip)
         cond = r.get(e, "conditions", f"{path}.conditions", dict, default={})

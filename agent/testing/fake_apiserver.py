@@ -179,6 +179,10 @@ class _Event:
     old: dict | None
 
 
+def _encode(obj: dict) -> bytes:
+    return json.dumps(obj, separators=(",", ":")).encode()
+
+
 def _key(obj: dict) -> tuple[str, str]:
     meta = obj["metadata"]
     return meta.get("namespace", ""), meta["name"]
@@ -209,11 +213,12 @@ class FakeApiServer:
         self._lock = threading.Condition()
         self._rv = 1000
         self._objects: dict[str, dict[tuple[str, str], dict]] = {p: {} for p in RESOURCES}
+        self._encoded: dict[str, dict[tuple[str, str], bytes]] = {p: {} for p in RESOURCES}  # list-item JSON
         self._history: list[_Event] = []
         self._history_rvs: list[int] = []
         self._history_base = 0  # absolute index of _history[0]
         self._compacted_rv = self._rv  # watching from an older resourceVersion is 410 Gone
-        self._snapshots: dict[tuple[str, int], list[tuple[tuple[str, str], dict]]] = {}
+        self._snapshots: dict[tuple[str, int], list[tuple[tuple[str, str], dict, bytes]]] = {}
         self._bookmark_gen = 0
         self._drop_gen = 0
         self._watch_sockets: set[socket.socket] = set()
@@ -314,6 +319,7 @@ class FakeApiServer:
         key = (namespace if rt.namespaced else "", name)
         with self._lock:
             old = self._objects[rt.plural].pop(key, None)
+            self._encoded[rt.plural].pop(key, None)
             if old is None:
                 raise KeyError(f"{kind} {namespace}/{name} not found")
             self._rv += 1
@@ -344,6 +350,7 @@ class FakeApiServer:
                 self._rv += 1
                 self._stamp(obj, new=True)
                 self._objects[rt.plural][_key(obj)] = obj
+                self._encoded[rt.plural][_key(obj)] = _encode(obj)
                 n += 1
             self._history_base += len(self._history)
             self._history.clear()
@@ -394,6 +401,7 @@ class FakeApiServer:
                     self._rv -= 1
                     raise
             self._objects[rt.plural][key] = obj
+            self._encoded[rt.plural][key] = _encode(obj)
             self._record(_Event(self._rv, rt.plural, kind_of_write, obj, old))
             return copy.deepcopy(_with_kind(rt, obj))
 
@@ -434,23 +442,25 @@ class FakeApiServer:
                 snap_rv, start = self._rv, 0
                 snap = self._snapshots.get((rt.plural, snap_rv))
                 if snap is None:
-                    snap = sorted(self._objects[rt.plural].items(), key=lambda kv: kv[0])
+                    enc = self._encoded[rt.plural]
+                    snap = sorted(((k, o, enc[k]) for k, o in self._objects[rt.plural].items()), key=lambda t: t[0])
                     if limit:
                         self._snapshots[(rt.plural, snap_rv)] = snap
                         while len(self._snapshots) > 16:
                             del self._snapshots[next(iter(self._snapshots))]
-        items: list[dict] = []
+        items: list[bytes] = []
         i = start
         while i < len(snap) and (not limit or len(items) < limit):
             if sel.matches(snap[i][1]):
-                items.append(snap[i][1])
+                items.append(snap[i][2])
             i += 1
         meta: dict[str, Any] = {"resourceVersion": str(snap_rv)}
-        remaining = sum(1 for _k, o in snap[i:] if sel.matches(o)) if limit and i < len(snap) else 0
-        if remaining:
+        if limit and i < len(snap):
             meta["continue"] = base64.urlsafe_b64encode(json.dumps({"rv": snap_rv, "start": i}).encode()).decode()
-            meta["remainingItemCount"] = remaining
-        return 200, {"kind": f"{rt.kind}List", "apiVersion": rt.group_version, "metadata": meta, "items": items}
+            if not sel.fields and not sel.labels:  # as the real server: not counted under a selector
+                meta["remainingItemCount"] = len(snap) - i
+        head = {"kind": f"{rt.kind}List", "apiVersion": rt.group_version, "metadata": meta}
+        return 200, _encode(head)[:-1] + b',"items":[' + b",".join(items) + b"]}"
 
     def authenticate(self, header: str | None, plural: str, verb: str) -> tuple[int, dict] | None:
         if self.tokens is None:
@@ -470,13 +480,14 @@ class FakeApiServer:
 class _Handler(BaseHTTPRequestHandler):
     api: FakeApiServer
     protocol_version = "HTTP/1.1"
+    disable_nagle_algorithm = True  # TLS writes a body as several records; Nagle would hold the last one
     server_version = "fake-kube-apiserver/" + KUBERNETES_VERSION
 
     def log_message(self, fmt, *args) -> None:  # quiet; the request list is kept on the server
         log.debug("request %s", fmt % args)
 
-    def _send_json(self, code: int, body: dict) -> None:
-        data = json.dumps(body, separators=(",", ":")).encode()
+    def _send_json(self, code: int, body: dict | bytes) -> None:
+        data = body if isinstance(body, bytes) else _encode(body)
         self.send_response(code)
         self.send_header("Content-Type", "application/json")
         self.send_header("Content-Length", str(len(data)))
@@ -517,7 +528,7 @@ class _Handler(BaseHTTPRequestHandler):
             return self._send_json(400, status_object(400, "BadRequest", "limit: not a number"))
         code, body = api.list_page(rt, sel, limit, q.get("continue"), q.get("resourceVersion"),
                                    q.get("resourceVersionMatch"))
-        self._send_json(code, body)  # items are stored dicts, replaced (never mutated) on writes
+        self._send_json(code, body)
 
     # -- watch ----------------------------------------------------------------------------------
     def _chunk(self, line: dict) -> None:
