@@ -373,3 +373,17 @@ def test_backoff_grows_with_jitter_and_is_capped():
     assert len({round(d / base, 6) for d, base in zip(delays, bases)}) > 1  # jittered, not lock-step
     b.reset()
     assert 0.5 <= b.next() <= 0.75
+
+
+def test_server_errors_are_retried_with_backoff_then_sync(api, token_file):
+    api.create(service("web", "10.96.0.10"))
+    api.fail_next.extend([503, 500, 503])  # the first three requests fail, whichever reflector sends them
+    src = make_source(api, token_file).start()
+    try:
+        assert src.wait_synced(15)
+        assert ObjectKey("default", "web") in src.state.services
+        errors = [r.health.last_error for r in src.reflectors.values() if r.health.last_error]
+        assert len(errors) >= 1 and all("HTTP 50" in e and "injected failure" in e for e in errors)
+        assert api.fail_next == []
+    finally:
+        src.stop()

@@ -196,6 +196,7 @@ def list_to_synced(n: int, endpoints: int, workdir: str) -> dict:
             try:
                 ps = psutil.Process(proc.pid)
                 peak = 0
+                rss_datapath = None  # after the BPF compile/load, before the list is in
                 st: dict = {}
                 deadline = time.monotonic() + 600
                 while time.monotonic() < deadline:
@@ -206,6 +207,8 @@ def list_to_synced(n: int, endpoints: int, workdir: str) -> dict:
                         st = {}
                     if st.get("first_sync"):
                         break
+                    if st and rss_datapath is None:
+                        rss_datapath = ps.memory_info().rss
                     if proc.poll() is not None:
                         raise RuntimeError(f"agent exited {proc.returncode}; see {log.name}")
                     time.sleep(0.05)
@@ -218,6 +221,8 @@ def list_to_synced(n: int, endpoints: int, workdir: str) -> dict:
                         "full_sync_to_maps_s": round(st["first_sync"]["seconds"], 3),
                         "agent_start_to_maps_s": round(st["first_sync"]["since_start"], 3),
                         "services_in_maps": st["services"],
+                        "list_cpu_s": round(kube["synced_cpu_seconds"], 3),
+                        "rss_datapath_only_mib": round((rss_datapath or 0) / 2**20, 1),
                         "rss_mib": round(rss / 2**20, 1), "peak_rss_mib": round(max(peak, rss) / 2**20, 1)}
             finally:
                 proc.terminate()
