@@ -281,6 +281,14 @@ class ApiClient:
             raise KubeError(f"GET {path}: HTTP {resp.status}: {_status_message(data)}")
         return json.loads(data)
 
+    def release(self) -> None:
+        """Close this thread's list connection: lists are rare, and an idle keep-alive connection the
+        server has since closed would turn the next re-list into a spurious error."""
+        conn = getattr(self._local, "conn", None)
+        if conn is not None:
+            self._forget(conn)
+            self._local.conn = None
+
     def watch(self, path: str, params: dict, read_timeout: float):
         """Yield (arrival time, decoded event) per line until the stream ends; first (t, None) once accepted."""
         conn = self._connect(read_timeout)
@@ -440,8 +448,11 @@ class Reflector:
 
     def list(self) -> None:
         """Full paginated list; applies every object, then deletes those the API no longer has."""
-        with _GC.paused():
-            self._list()
+        try:
+            with _GC.paused():
+                self._list()
+        finally:
+            self.client.release()
 
     def _list(self) -> None:
         seen: dict[ObjectKey, str] = {}
