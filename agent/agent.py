@@ -6,6 +6,7 @@ a full sync against what the pinned maps already hold, so a restart rewrites not
 """
 from __future__ import annotations
 
+import gc
 import json
 import logging
 import os
@@ -102,6 +103,15 @@ class Agent:
 
     # -- loop ----------------------------------------------------------------------------------
     def sync_once(self, full: bool = False) -> SyncResult | None:
+        # Bulk parsing and map packing make millions of short-lived, acyclic objects: the cyclic GC
+        # would rescan the whole heap many times over (about 1.7 s of a 100k-Service sync).
+        gc.disable()
+        try:
+            return self._sync(full)
+        finally:
+            gc.enable()
+
+    def _sync(self, full: bool) -> SyncResult | None:
         polled = self.source is not None and self.source.poll()
         if polled:
             self.state.replace(self.source.objects())
@@ -120,6 +130,8 @@ class Agent:
         self.last_sync = {"time": time.time(), "seconds": res.seconds, "services": res.services,
                           "written": res.written, "deleted": res.deleted, "full": full}
         if full and self.first_sync is None:
+            gc.collect()
+            gc.freeze()  # the long-lived cluster state is never rescanned from here on
             self.first_sync = dict(self.last_sync, since_start=time.time() - self.started)
             log.info("full sync done services=%d written=%d deleted=%d seconds=%.3f", len(self.reconciler.owned),
                      res.written, res.deleted, res.seconds)

@@ -166,3 +166,8 @@ def demo(duration, metrics_addr, output) -> None:
     result = run_demo(duration, metrics_addr)
     if output == "json":
         click.echo(json.dumps(result))
+
+
+from .bench.cli import bench  # noqa: E402
+
+main.add_command(bench)

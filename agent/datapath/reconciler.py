@@ -77,6 +77,47 @@ class _Ids:
         self._free.append(i)
 
 
+class _SlotWrites:
+    """Backend slots to write, gathered per frontend and expanded with numpy in one pass."""
+
+    def __init__(self):
+        self.prefixes: list[Prefix] = []
+        self.per_prefix: list[int] = []
+        self.slots: list[int] = []
+        self.backend_ids: list[int] = []
+
+    @property
+    def count(self) -> int:
+        return len(self.slots)
+
+    def add_all(self, p: Prefix, ids: tuple[int, ...]) -> None:
+        if ids:
+            self.prefixes.append(p)
+            self.per_prefix.append(len(ids))
+            self.slots.extend(range(1, len(ids) + 1))
+            self.backend_ids.extend(ids)
+
+    def add_some(self, p: Prefix, rows: list[tuple[int, int]]) -> None:
+        if rows:
+            self.prefixes.append(p)
+            self.per_prefix.append(len(rows))
+            self.slots.extend(i for i, _ in rows)
+            self.backend_ids.extend(b for _, b in rows)
+
+    def arrays(self, services: RawMap) -> tuple[np.ndarray, np.ndarray]:
+        n = len(self.slots)
+        keys = np.zeros(n, dtype=services.key_dtype)
+        values = np.zeros(n, dtype=services.value_dtype)
+        if n:
+            rep = np.array(self.per_prefix)
+            keys["address"] = np.repeat(np.frombuffer(b"".join(p.address for p in self.prefixes), dtype="V16"), rep)
+            keys["port"] = np.repeat(np.array([p.port for p in self.prefixes], dtype=np.uint16), rep)
+            keys["proto"] = np.repeat(np.array([p.proto for p in self.prefixes], dtype=np.uint8), rep)
+            keys["slot"] = np.array(self.slots, dtype=np.uint16)
+            values["backend_id"] = np.array(self.backend_ids, dtype=np.uint32)
+        return keys, values
+
+
 class Reconciler:
     def __init__(self, services: RawMap, backends: RawMap):
         self.services, self.backends = services, backends
@@ -88,6 +129,7 @@ class Reconciler:
         self.svc_fes: dict[ObjectKey, list[Prefix]] = {}
         self.sid_info: dict[int, tuple[ObjectKey, str, int, str, str]] = {}
         self.svc_entries = 0  # entries in the service map
+        self._released: list[int] = []  # backend ids that lost a reference in this apply
         self._learn()
 
     # -- start-up: what the pinned maps already hold -------------------------------------------
@@ -119,10 +161,14 @@ class Reconciler:
         self.service_ids = _Ids(st.service_id for st in self.fe_state.values() if st.service_id)
         for st in self.fe_state.values():
             self._ref(st.backend_ids, +1)
+        if len(self.refs) <= max(self.backend_of, default=0):
+            self._ref((max(self.backend_of),), 0)
 
     def _ref(self, ids, delta: int) -> None:
         if not ids:
             return
+        if delta < 0:
+            self._released.extend(ids)
         top = max(ids)
         if top >= len(self.refs):
             self.refs = np.concatenate([self.refs, np.zeros(max(top + 1, 2 * len(self.refs)) - len(self.refs),
@@ -138,7 +184,7 @@ class Reconciler:
         if full:
             changes = {**{gone: [] for gone in self.svc_fes if gone not in changes}, **changes}
 
-        slot_w: list[tuple[Prefix, int, int]] = []
+        slot_w = _SlotWrites()
         head_w: list[tuple[Prefix, int, int]] = []
         head_d: list[Prefix] = []
         slot_d: list[tuple[Prefix, int]] = []
@@ -193,8 +239,11 @@ class Reconciler:
                 if old == new:
                     continue
                 old_ids = old.backend_ids if old else ()
-                slot_w.extend((p, i, bid) for i, bid in enumerate(ids, 1)
-                              if i > len(old_ids) or old_ids[i - 1] != bid)
+                if not old_ids:
+                    slot_w.add_all(p, ids)
+                else:
+                    slot_w.add_some(p, [(i, bid) for i, bid in enumerate(ids, 1)
+                                        if i > len(old_ids) or old_ids[i - 1] != bid])
                 if old is None or (old.count, old.service_id) != (new.count, new.service_id):
                     head_w.append((p, new.count, sid))
                 slot_d.extend((p, i) for i in range(len(ids) + 1, len(old_ids) + 1))
@@ -211,13 +260,17 @@ class Reconciler:
             for p in [p for p in self.fe_state if p not in self.fe_owner]:
                 self._drop_frontend(p, head_d, slot_d)
 
-        dead = [int(i) for i in np.nonzero(self.refs[:max(self.backend_of, default=0) + 1] <= 0)[0]
-                if int(i) in self.backend_of] if (head_d or slot_d or slot_w or full) else []
+        if full:  # every backend no slot refers to (also ones left from before a restart)
+            ids = np.fromiter(self.backend_of, dtype=np.int64, count=len(self.backend_of))
+            dead = ids[self.refs[ids] <= 0].tolist()
+        else:
+            dead = [i for i in set(self._released) if self.refs[i] <= 0 and i in self.backend_of]
+        self._released.clear()
 
         # Write, in the order that never exposes a half state.
         self.backends.update_arrays(*self._backend_rows(new_backends))
-        self.services.update_arrays(*self._service_rows(slot_w, slots=True))
-        self.services.update_arrays(*self._service_rows(head_w, slots=False))
+        self.services.update_arrays(*slot_w.arrays(self.services))
+        self.services.update_arrays(*self._header_rows(head_w))
         self.services.delete_array(self._service_keys([(p, 0) for p in head_d]))
         self.services.delete_array(self._service_keys(slot_d))
         self.backends.delete_array(np.array(dead, dtype=self.backends.key_dtype))
@@ -225,7 +278,7 @@ class Reconciler:
         for bid in dead:
             del self.backend_id[self.backend_of.pop(bid)]
             self.backend_ids.release(bid)
-        res.written = len(new_backends) + len(slot_w) + len(head_w)
+        res.written = len(new_backends) + slot_w.count + len(head_w)
         res.deleted = len(head_d) + len(slot_d) + len(dead)
         res.seconds = time.perf_counter() - t0
         for err in res.errors:
@@ -257,12 +310,10 @@ class Reconciler:
             keys["slot"] = [s for _, s in rows]
         return keys
 
-    def _service_rows(self, rows: list[tuple[Prefix, int, int]], slots: bool):
-        keys = self._service_keys([(p, s if slots else 0) for p, s, _ in rows])
+    def _header_rows(self, rows: list[tuple[Prefix, int, int]]):
+        keys = self._service_keys([(p, 0) for p, _, _ in rows])
         values = np.zeros(len(rows), dtype=self.services.value_dtype)
-        if rows and slots:
-            values["backend_id"] = [b for _, _, b in rows]
-        elif rows:
+        if rows:
             values["count"] = [c for _, c, _ in rows]
             values["service_id"] = [s for _, _, s in rows]
         return keys, values
