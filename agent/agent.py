@@ -6,6 +6,7 @@ a full sync against what the pinned maps already hold, so a restart rewrites not
 """
 from __future__ import annotations
 
+import ctypes
 import gc
 import json
 import logging
@@ -25,6 +26,14 @@ from .sources.manifests import ManifestSource
 from .state import ClusterState
 
 log = logging.getLogger("nodewire.agent")
+
+
+def _return_free_memory() -> None:
+    """Give the heap freed after the initial parse (JSON text, decoded dicts) back to the OS."""
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
 
 
 class Agent:
@@ -132,6 +141,7 @@ class Agent:
         if full and self.first_sync is None:
             gc.collect()
             gc.freeze()  # the long-lived cluster state is never rescanned from here on
+            _return_free_memory()
             self.first_sync = dict(self.last_sync, since_start=time.time() - self.started)
             log.info("full sync done services=%d written=%d deleted=%d seconds=%.3f", len(self.reconciler.owned),
                      res.written, res.deleted, res.seconds)
