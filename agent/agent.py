@@ -108,7 +108,7 @@ class Agent:
 
     def _entries(self, name: str) -> int:
         rec = self.reconciler
-        return rec.svc_entries if name == self.lb.services.name else len(rec.backend_of)
+        return rec.svc_entries if name == self.lb.services.name else len(rec.backend_id)
 
     # -- loop ----------------------------------------------------------------------------------
     def sync_once(self, full: bool = False) -> SyncResult | None:

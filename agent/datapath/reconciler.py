@@ -123,7 +123,7 @@ class Reconciler:
         self.services, self.backends = services, backends
         self.fe_state: dict[Prefix, FrontendState] = {}
         self.backend_id: dict[Backend, int] = {}
-        self.backend_of: dict[int, Backend] = {}
+        self.backend_at: list[Backend | None] = [None]  # index: backend id (the inverse of backend_id)
         self.refs = np.zeros(1024, dtype=np.int64)  # slot references per backend id
         self.fe_owner: dict[Prefix, ObjectKey] = {}
         self.svc_fes: dict[ObjectKey, list[Prefix]] = {}
@@ -137,9 +137,8 @@ class Reconciler:
         bk, bv = self.backends.dump_arrays()
         for bid, a, p, pr in zip(bk.tolist(), bv["address"].tolist(), bv["port"].tolist(), bv["proto"].tolist()):
             b = Backend(_ip_str(a), port_host(p), PROTO_NAMES.get(pr, str(pr)))
-            self.backend_id[b] = bid
-            self.backend_of[bid] = b
-        self.backend_ids = _Ids(self.backend_of)
+            self._place(bid, b)
+        self.backend_ids = _Ids(self.backend_id.values())
         sk, sv = self.services.dump_arrays()
         self.svc_entries = len(sk)
         headers, slots = {}, {}
@@ -161,8 +160,14 @@ class Reconciler:
         self.service_ids = _Ids(st.service_id for st in self.fe_state.values() if st.service_id)
         for st in self.fe_state.values():
             self._ref(st.backend_ids, +1)
-        if len(self.refs) <= max(self.backend_of, default=0):
-            self._ref((max(self.backend_of),), 0)
+        if len(self.refs) < len(self.backend_at):
+            self._ref((len(self.backend_at) - 1,), 0)
+
+    def _place(self, bid: int, b: Backend) -> None:
+        self.backend_id[b] = bid
+        if bid >= len(self.backend_at):
+            self.backend_at.extend([None] * (bid + 1 - len(self.backend_at)))
+        self.backend_at[bid] = b
 
     def _ref(self, ids, delta: int) -> None:
         if not ids:
@@ -191,7 +196,7 @@ class Reconciler:
         new_backends: list[tuple[int, Backend]] = []
         claimed: dict[Prefix, ObjectKey] = {}
         room = self.services.capacity - self.svc_entries
-        be_room = self.backends.capacity - len(self.backend_of)
+        be_room = self.backends.capacity - len(self.backend_id)
 
         for svc, frontends in changes.items():
             want: dict[Prefix, Frontend] = {}
@@ -220,8 +225,7 @@ class Reconciler:
             be_room -= len(fresh)
             for b in fresh:
                 bid = self.backend_ids.take()
-                self.backend_id[b] = bid
-                self.backend_of[bid] = b
+                self._place(bid, b)
                 new_backends.append((bid, b))
 
             # Frontends the Service no longer has.
@@ -261,10 +265,10 @@ class Reconciler:
                 self._drop_frontend(p, head_d, slot_d)
 
         if full:  # every backend no slot refers to (also ones left from before a restart)
-            ids = np.fromiter(self.backend_of, dtype=np.int64, count=len(self.backend_of))
+            ids = np.fromiter(self.backend_id.values(), dtype=np.int64, count=len(self.backend_id))
             dead = ids[self.refs[ids] <= 0].tolist()
         else:
-            dead = [i for i in set(self._released) if self.refs[i] <= 0 and i in self.backend_of]
+            dead = [i for i in set(self._released) if self.refs[i] <= 0 and self.backend_at[i] is not None]
         self._released.clear()
 
         # Write, in the order that never exposes a half state.
@@ -276,7 +280,8 @@ class Reconciler:
         self.backends.delete_array(np.array(dead, dtype=self.backends.key_dtype))
 
         for bid in dead:
-            del self.backend_id[self.backend_of.pop(bid)]
+            del self.backend_id[self.backend_at[bid]]
+            self.backend_at[bid] = None
             self.backend_ids.release(bid)
         res.written = len(new_backends) + slot_w.count + len(head_w)
         res.deleted = len(head_d) + len(slot_d) + len(dead)
