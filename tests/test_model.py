@@ -121,3 +121,13 @@ def test_state_marks_only_the_changed_service_dirty():
     assert dirty[sl.service_key][0].backends == (Backend("10.0.0.2", 8080, "TCP"),)
     st.apply_slice(sl.key, sl)  # the same object again changes nothing
     assert st.take_dirty() == {}
+
+
+def test_session_affinity_timeout_reaches_the_frontend():
+    svc = service("s", ["10.96.0.9"])
+    svc["spec"]["sessionAffinity"] = "ClientIP"
+    [fe] = service_frontends(parse_service(svc), [])
+    assert fe.affinity_timeout == 10800  # Kubernetes' default timeoutSeconds
+    svc["spec"]["sessionAffinityConfig"] = {"clientIP": {"timeoutSeconds": 90000}}
+    with pytest.raises(InvalidObject, match=r"timeoutSeconds: 90000 out of range"):
+        parse_service(svc)

@@ -29,6 +29,7 @@ class Frontend(NamedTuple):
     service: ObjectKey
     port_name: str
     backends: tuple[Backend, ...]  # sorted; empty means "refuse" (kube-proxy REJECT)
+    affinity_timeout: int = 0  # seconds of sessionAffinity: ClientIP; 0 = none
 
     @property
     def family(self) -> int:
@@ -87,5 +88,6 @@ def service_frontends(svc: Service, slices: Iterable[EndpointSlice]) -> list[Fro
                     if ep.ready:
                         # Kubernetes uses only the first address of an endpoint.
                         backends.add(Backend(ep.addresses[0], port, sp.protocol))
-            out.append(Frontend(vip, sp.port, sp.protocol, svc.key, sp.name, tuple(sorted(backends))))
+            affinity = svc.session_affinity_timeout if svc.session_affinity == "ClientIP" else 0
+            out.append(Frontend(vip, sp.port, sp.protocol, svc.key, sp.name, tuple(sorted(backends)), affinity))
     return out
