@@ -182,5 +182,8 @@ def demo(duration, metrics_addr, output) -> None:
         click.echo(json.dumps(result))
 
 
-from .bench.watch import register as _register_bench_watch  # noqa: E402  (`nodewire bench watch`)
-_register_bench_watch(main)
+from .bench.cli import bench  # noqa: E402
+
+main.add_command(bench)
+from .bench.watch import watch as _bench_watch  # noqa: E402
+bench.add_command(_bench_watch)

@@ -255,12 +255,3 @@ def watch(services, endpoints, changes, list_services, out):
         Path(out).parent.mkdir(parents=True, exist_ok=True)
         Path(out).write_text(json.dumps(results, indent=2))
 
-
-def register(main: click.Group) -> None:
-    """Add `watch` to the `nodewire bench` group (made here if the bench module is not there)."""
-    try:
-        from .cli import bench as group
-    except ImportError:
-        group = main.commands.get("bench") or click.Group("bench", help="Benchmarks (figures reported, never asserted).")
-    group.add_command(watch)
-    main.add_command(group)

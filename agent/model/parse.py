@@ -6,7 +6,6 @@ still carry semantic errors (port 0, duplicate port names) that would corrupt a 
 """
 from __future__ import annotations
 
-import ipaddress
 import socket
 from typing import Any
 
@@ -25,25 +24,6 @@ class InvalidObject(Exception):
 
     def as_error(self, source: str) -> ObjectError:
         return ObjectError(source, self.kind, self.key, self.field, self.message)
-
-
-def canonical_ip(value: str) -> str | None:
-    """The canonical text of an IP address, or None. A canonical IPv4 string (what API servers send)
-    takes the inet_pton/inet_ntop fast path, ~10x quicker than ipaddress; anything else (IPv6, leading
-    zeros, odd forms) is decided by ipaddress, so the accepted set is exactly ipaddress's."""
-    try:
-        if socket.inet_ntop(socket.AF_INET, socket.inet_pton(socket.AF_INET, value)) == value:
-            return value
-    except OSError:
-        pass
-    try:
-        return str(ipaddress.ip_address(value))
-    except ValueError:
-        return None
-
-
-def _raise(e: Exception):
-    raise e
 
 
 class _Reader:
@@ -96,9 +76,14 @@ class _Reader:
         return p
 
     def ip(self, value: Any, path: str) -> str:
+        """The address in canonical text form (inet_pton/ntop: the C parser, ~20x faster than ipaddress)."""
         if not isinstance(value, str):
             raise self.fail(path, f"expected an IP address string, got {value!r}")
-        return canonical_ip(value) or _raise(self.fail(path, f"{value!r} is not a valid IP address"))
+        family = socket.AF_INET6 if ":" in value else socket.AF_INET
+        try:
+            return socket.inet_ntop(family, socket.inet_pton(family, value))
+        except OSError:
+            raise self.fail(path, f"{value!r} is not a valid IP address") from None
 
     def labels(self, meta: dict, name: str = "labels") -> tuple[tuple[str, str], ...]:
         labels = self.get(meta, name, f"metadata.{name}", dict, default={})
@@ -129,7 +114,7 @@ def parse_service(obj: Any) -> Service:
         ips: tuple[str, ...] = ()
     else:
         ips = tuple(r.ip(v, f"spec.clusterIPs[{i}]") for i, v in enumerate(cluster_ips))
-        if len({ipaddress.ip_address(a).version for a in ips}) != len(ips):
+        if len({":" in a for a in ips}) != len(ips):
             raise r.fail("spec.clusterIPs", "at most one address per IP family")
 
     ports = []
@@ -200,7 +185,7 @@ def parse_endpoint_slice(obj: Any) -> EndpointSlice:
     atype = r.get(obj, "addressType", "addressType", str, required=True)
     if atype not in ("IPv4", "IPv6", "FQDN"):
         raise r.fail("addressType", f"unknown address type {atype!r} (expected IPv4, IPv6 or FQDN)")
-    want_version = {"IPv4": 4, "IPv6": 6}.get(atype)
+    want_v6 = {"IPv4": False, "IPv6": True}.get(atype)
 
     endpoints = []
     for i, e in enumerate(r.get(obj, "endpoints", "endpoints", list, default=[])):
@@ -212,11 +197,11 @@ def parse_endpoint_slice(obj: Any) -> EndpointSlice:
             raise r.fail(f"{path}.addresses", "must hold at least one address")
         addrs = []
         for j, a in enumerate(raw):
-            if want_version is None:
+            if want_v6 is None:
                 addrs.append(str(a))
                 continue
             ip = r.ip(a, f"{path}.addresses[{j}]")
-            if (6 if ":" in ip else 4) != want_version:
+            if (":" in ip) != want_v6:
                 raise r.fail(f"{path}.addresses[{j}]", f"{ip} is not an {atype} address")
             addrs.append(ip)
         cond = r.get(e, "conditions", f"{path}.conditions", dict, default={})
