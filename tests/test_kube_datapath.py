@@ -180,3 +180,15 @@ def test_malformed_objects_skipped_counted_others_apply(env):
     assert agent.backends("10.96.7.7") is None
     assert agent.kube()["invalid_objects"] == {"Service": 1, "EndpointSlice": 1}
     assert replies(client, "10.96.7.8") == {"k3": 10}
+
+
+def test_internal_traffic_policy_local_uses_node_name_from_env(env):
+    api, agent, client, ip, _token = env
+    api.create(service("local", "10.96.7.9", internalTrafficPolicy="Local"))
+    sl = endpoint_slice("local-x1", "local", [ip["k1"], ip["k2"]])
+    sl["endpoints"][0]["nodeName"] = "node-a"  # the agent runs with NODE_NAME=node-a
+    sl["endpoints"][1]["nodeName"] = "node-b"
+    api.create(sl)
+    wait_for(lambda: agent.backends("10.96.7.9") == {ip["k1"]}, what="only this node's endpoint")
+    assert agent.kube()["node"]["name"] == "node-a"
+    assert replies(client, "10.96.7.9") == {"k1": 10}
