@@ -4,7 +4,9 @@
    source → ClusterState → reconciler → pinned BPF maps, programs attached to a sandbox cgroup); then
    single-endpoint changes, one at a time. Measured per change: from the watch event's line arriving
    at the agent (read off the socket) to the reconciler's write call returning, i.e. the map holding
-   the new backend set. The backend sets are read back from the kernel maps at the end and checked.
+   the new backend set. Then a burst of changes to different Services written back to back, to see
+   them coalesced into few reconciler runs. The backend sets are read back from the kernel maps at
+   the end and checked against what was sent.
 2. List-to-synced: a fresh `nodewire run --kube` process against a server holding LIST_N Services
    × E endpoints: time from the source starting to every list applied (decoding and parsing
    included), to the maps written, and the agent's RSS then (psutil).
@@ -59,9 +61,9 @@ def _server_main(conn, n: int, endpoints: int, workdir: str) -> None:
             api.stop()
             conn.send("stopped")
             return
-        if op == "set_endpoints":
-            i, addrs = args
-            api.update(endpoint_slice(f"svc-{i}-abc", f"svc-{i}", addrs, namespace="bench"))
+        if op == "set_endpoints":  # args: [(i, addrs), ...], written back to back
+            for i, addrs in args[0]:
+                api.update(endpoint_slice(f"svc-{i}-abc", f"svc-{i}", addrs, namespace="bench"))
             conn.send("ok")
 
 
@@ -94,7 +96,7 @@ def _pct(values: list[float], p: float) -> float:
     return s[min(len(s) - 1, int(round(p / 100 * (len(s) - 1))))]
 
 
-def change_latency(n: int, endpoints: int, changes: int, workdir: str) -> dict:
+def change_latency(n: int, endpoints: int, changes: int, workdir: str, burst: int = 1000) -> dict:
     """Part 1: single-endpoint changes through the real agent loop; per-change latency in ms."""
     from ..agent import Agent
     from ..config import AgentConfig
@@ -145,7 +147,7 @@ def change_latency(n: int, endpoints: int, changes: int, workdir: str) -> dict:
                     expected[i] = addrs
                     key = ObjectKey("bench", f"svc-{i}")
                     t_sent = time.monotonic()
-                    server.call("set_endpoints", i, addrs)
+                    server.call("set_endpoints", [(i, addrs)])
                     deadline = t_sent + 10
                     while not (done.get(key, 0) > t_sent and arrivals.get(key, 0) > t_sent):
                         if time.monotonic() > deadline:
@@ -153,6 +155,26 @@ def change_latency(n: int, endpoints: int, changes: int, workdir: str) -> dict:
                         time.sleep(0.0005)
                     lat.append((done[key] - arrivals[key]) * 1000)
                     time.sleep(0.01)  # one change at a time: latency, not throughput
+                # A burst: `burst` different Services changed back to back. The agent coalesces them
+                # into few reconciler runs; report runs, per-change latency and time to all applied.
+                burst_keys = rng.sample(range(n), burst)
+                batch: list[tuple[int, list[str]]] = []
+                for k, i in enumerate(burst_keys):
+                    addrs = list(expected.get(i) or [_ip(EP_BASE + i * endpoints + j) for j in range(endpoints)])
+                    addrs[0] = _ip(EP_BASE + n * endpoints + changes + k)
+                    expected[i] = addrs
+                    batch.append((i, addrs))
+                runs_before = len(batch_sizes)
+                t_sent = time.monotonic()
+                server.call("set_endpoints", batch)
+                keys = [ObjectKey("bench", f"svc-{i}") for i in burst_keys]
+                deadline = t_sent + 60
+                while not all(done.get(key, 0) > t_sent and arrivals.get(key, 0) > t_sent for key in keys):
+                    if time.monotonic() > deadline:
+                        raise RuntimeError("burst never fully reached the maps")
+                    time.sleep(0.001)
+                burst_lat = [(done[key] - arrivals[key]) * 1000 for key in keys]
+                burst_runs = len(batch_sizes) - runs_before
                 agent.stop.set()
                 agent.state.changed.set()
                 loop.join(10)
@@ -164,6 +186,10 @@ def change_latency(n: int, endpoints: int, changes: int, workdir: str) -> dict:
                         "p50_ms": round(_pct(lat, 50), 3), "p99_ms": round(_pct(lat, 99), 3),
                         "max_ms": round(max(lat), 3), "mean_ms": round(statistics.mean(lat), 3),
                         "initial_full_sync_s": round(agent.first_sync["seconds"], 3),
+                        "burst_changes": burst, "burst_reconciler_runs": burst_runs,
+                        "burst_p50_ms": round(_pct(burst_lat, 50), 3), "burst_p99_ms": round(_pct(burst_lat, 99), 3),
+                        "burst_first_arrival_to_last_applied_ms": round(
+                            (max(done[k] for k in keys) - min(arrivals[k] for k in keys)) * 1000, 1),
                         "maps_checked": len(expected)}
             finally:
                 agent.close()
@@ -237,14 +263,15 @@ def list_to_synced(n: int, endpoints: int, workdir: str) -> dict:
 @click.option("--services", default=10_000, show_default=True, help="Services for the change-latency run.")
 @click.option("--endpoints", default=5, show_default=True, help="Endpoints per Service.")
 @click.option("--changes", default=300, show_default=True, help="Single-endpoint changes to time.")
+@click.option("--burst", default=1000, show_default=True, help="Changes in the back-to-back burst.")
 @click.option("--list-services", default="100000", show_default=True,
               help="Comma-separated Service counts for the list-to-synced run ('' to skip).")
 @click.option("--out", default=None, help="Write the results as JSON here.")
-def watch(services, endpoints, changes, list_services, out):
+def watch(services, endpoints, changes, burst, list_services, out):
     """Watch-event → map latency and list-to-synced time/RSS, through the fake API server."""
     results: dict = {}
     with tempfile.TemporaryDirectory(prefix="nodewire-bench-watch-") as d:
-        results["change_latency"] = change_latency(services, endpoints, changes, d)
+        results["change_latency"] = change_latency(services, endpoints, changes, d, burst)
         click.echo(json.dumps(results["change_latency"]))
         results["list_to_synced"] = []
         for n in [int(x) for x in list_services.split(",") if x.strip()]:

@@ -162,8 +162,12 @@ class Selector:
                 return False
         labels = meta.get("labels") or {}
         for op, k, v in self.labels:
-            ok = {"=": lambda: labels.get(k) == v, "!=": lambda: labels.get(k) != v,
-                  "exists": lambda: k in labels, "!": lambda: k not in labels}[op]()
+            if op == "=":
+                ok = labels.get(k) == v
+            elif op == "!=":
+                ok = labels.get(k) != v
+            else:
+                ok = (k in labels) == (op == "exists")
             if not ok:
                 return False
         return True
