@@ -88,6 +88,8 @@ class Agent:
             self.kube = KubeSource(kube_cfg, self.state, node=cfg.node_name, on_error=self._object_error).start()
         self.telemetry = start_telemetry(cfg.metrics_addr, cfg.node_name)
         self._instruments()
+        if self.kube is not None:
+            self.kube.register_metrics(self.telemetry.meter())
 
     def _object_error(self, err: ObjectError) -> None:
         self.counters["object_errors"] += 1

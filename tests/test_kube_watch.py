@@ -387,3 +387,32 @@ def test_server_errors_are_retried_with_backoff_then_sync(api, token_file):
         assert api.fail_next == []
     finally:
         src.stop()
+
+
+def test_health_and_invalid_objects_exported_as_metrics(api, source):
+    from opentelemetry.sdk.metrics import MeterProvider
+    from opentelemetry.sdk.metrics.export import InMemoryMetricReader
+
+    api.create(service("bad", "10.96.0.10", [("http", 0, 8080)]))
+    src = source()
+    reader = InMemoryMetricReader()
+    src.register_metrics(MeterProvider(metric_readers=[reader]).get_meter("test"))
+
+    def points():
+        out = {}
+        for rm in reader.get_metrics_data().resource_metrics:
+            for sm in rm.scope_metrics:
+                for m in sm.metrics:
+                    for p in m.data.data_points:
+                        out[(m.name, tuple(sorted(p.attributes.items())))] = p.value
+        return out
+
+    pts = points()
+    assert pts[("nodewire.kube.watch.connected", (("resource", "services"),))] == 1
+    assert pts[("nodewire.kube.stale.duration", (("resource", "services"),))] == 0.0
+    assert pts[("nodewire.kube.invalid_objects", (("kind", "Service"),))] == 1
+    api.stop()
+    eventually(lambda: not src.reflectors["services"].health.connected, what="disconnected")
+    pts = points()
+    assert pts[("nodewire.kube.watch.connected", (("resource", "services"),))] == 0
+    assert pts[("nodewire.kube.stale.duration", (("resource", "services"),))] > 0

@@ -625,6 +625,30 @@ class KubeSource:
         self.node = NodeInfo(self.node_name, labels.get(ZONE_LABEL, ""), addrs, dict(labels))
 
     # -- health ---------------------------------------------------------------------------------
+    def register_metrics(self, meter) -> None:
+        """Per-resource watch health and counts as OTel observable instruments (read at scrape time)."""
+        from opentelemetry.metrics import Observation
+
+        def per_resource(value):
+            return lambda _o: [Observation(value(r.health), {"resource": name}) for name, r in self.reflectors.items()]
+
+        meter.create_observable_gauge(
+            "nodewire.kube.watch.connected", unit="1", description="1 while the resource's watch stream is open",
+            callbacks=[per_resource(lambda h: int(h.connected))])
+        meter.create_observable_gauge(
+            "nodewire.kube.stale.duration", unit="s",
+            description="How long the resource has been disconnected (0 when watching); the datapath is kept",
+            callbacks=[per_resource(lambda h: time.time() - h.stale_since if h.stale_since else 0.0)])
+        meter.create_observable_counter(
+            "nodewire.kube.relists", unit="1", description="Re-lists after 410 Gone (history expired)",
+            callbacks=[per_resource(lambda h: h.relists_gone)])
+        meter.create_observable_counter(
+            "nodewire.kube.events", unit="1", description="Watch events applied (ADDED/MODIFIED/DELETED)",
+            callbacks=[per_resource(lambda h: h.events)])
+        meter.create_observable_counter(
+            "nodewire.kube.invalid_objects", unit="1", description="API objects skipped as malformed, by kind",
+            callbacks=[lambda _o: [Observation(n, {"kind": k}) for k, n in self.invalid_objects.items()]])
+
     def ready(self) -> bool:
         """Every resource listed once (a stale watch still serves: the datapath is kept)."""
         ok = all(r.health.synced for r in self.reflectors.values())
