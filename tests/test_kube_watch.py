@@ -416,3 +416,40 @@ def test_health_and_invalid_objects_exported_as_metrics(api, source):
     pts = points()
     assert pts[("nodewire.kube.watch.connected", (("resource", "services"),))] == 0
     assert pts[("nodewire.kube.stale.duration", (("resource", "services"),))] > 0
+
+
+def test_expired_continue_token_falls_back_to_one_unpaginated_list(api, source):
+    api.load(service(f"svc-{i:04d}", f"10.96.{i // 250}.{i % 250 + 1}") for i in range(1200))
+    api.expire_continue = True
+    src = source()
+    assert len(src.state.services) == 1200
+    lists = [p for m, p in api.requests if p.split("?")[0] == "/api/v1/services" and "watch" not in p]
+    assert len(lists) == 3  # page 1, its continue (410), then one list without limit
+    assert "continue=" in lists[1] and "limit" not in lists[2]
+
+
+def test_a_watch_that_ends_at_once_is_backed_off(api, token_file):
+    """A server that accepts watches and closes them at once must not be hammered in a tight loop."""
+
+    class CountingBackoff(Backoff):
+        calls = 0
+
+        def next(self) -> float:
+            CountingBackoff.calls += 1
+            return super().next()
+
+    api.create(service("web", "10.96.0.10"))
+    src = make_source(api, token_file)
+    svc = src.reflectors["services"]
+    svc.backoff = CountingBackoff(initial=0.01, maximum=0.01)
+    svc.short_watch = 3600.0  # every dropped watch counts as "ended at once"
+    src.start()
+    try:
+        assert src.wait_synced(15)
+        for n in range(1, 4):
+            eventually(lambda: svc.health.watches == n and svc.health.connected, what=f"watch {n} open")
+            api.drop_watches()
+            eventually(lambda: CountingBackoff.calls == n, what=f"back-off after dropped watch {n}")
+        assert svc.health.last_error is None  # backing off is not an error
+    finally:
+        src.stop()

@@ -54,6 +54,10 @@ class Gone(KubeError):
     """410: the resourceVersion (or continue token) is older than the server's history: re-list."""
 
 
+class ContinueExpired(Gone):
+    """410 on a list's continue token: the snapshot the pages were read from is gone."""
+
+
 class AuthError(KubeError):
     """401/403: the credentials were refused; the message names where they came from."""
 
@@ -412,6 +416,7 @@ class Reflector:
         self.client, self.spec, self.apply, self.stop = client, spec, apply, stop
         self.backoff = backoff
         self.watch_timeout = watch_timeout
+        self.short_watch = 1.0  # seconds: a stream that ends sooner with no event is backed off
         self.health = ResourceHealth(spec.resource)
         self.known: dict[ObjectKey, str] = {}  # every object the API holds → its resourceVersion
         self.rv: str | None = None
@@ -423,8 +428,14 @@ class Reflector:
             try:
                 if self.rv is None:
                     self.list()
+                started, seen = time.monotonic(), self.health.events + self.health.bookmarks
                 self.watch()
-                self.backoff.reset()
+                if time.monotonic() - started < self.short_watch and self.health.events + self.health.bookmarks == seen:
+                    # A stream that ends at once with nothing in it: back off rather than hammer the
+                    # server (client-go treats such a "very short watch" the same way).
+                    self.stop.wait(self.backoff.next())
+                else:
+                    self.backoff.reset()
             except Gone as e:
                 log.info("resourceVersion expired, re-listing resource=%s rv=%s detail=%r",
                          self.spec.resource, self.rv, str(e))
@@ -450,16 +461,27 @@ class Reflector:
         """Full paginated list; applies every object, then deletes those the API no longer has."""
         try:
             with _GC.paused():
-                self._list()
+                try:
+                    self._list(PAGE_SIZE)
+                except ContinueExpired as e:
+                    # As client-go's pager: the pages' snapshot expired mid-list; read it all at once.
+                    log.info("continue token expired, listing without pages resource=%s detail=%r",
+                             self.spec.resource, str(e))
+                    self._list(None)
         finally:
             self.client.release()
 
-    def _list(self) -> None:
+    def _list(self, limit: int | None) -> None:
         seen: dict[ObjectKey, str] = {}
-        params = dict(self.spec.params, limit=PAGE_SIZE)
+        params = dict(self.spec.params, **({"limit": limit} if limit else {}))
         cont = None
         while True:
-            page = self.client.get(self.spec.path, dict(params, **({"continue": cont} if cont else {})))
+            try:
+                page = self.client.get(self.spec.path, dict(params, **({"continue": cont} if cont else {})))
+            except Gone as e:
+                if cont:
+                    raise ContinueExpired(str(e)) from None
+                raise
             t = time.monotonic()
             for item in page.get("items") or []:
                 meta = item.get("metadata") or {}

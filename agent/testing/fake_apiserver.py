@@ -230,6 +230,7 @@ class FakeApiServer:
         self._thread: threading.Thread | None = None
         self.requests: list[tuple[str, str]] = []  # (method, path?query) of every request, for assertions
         self.fail_next: list[int] = []  # HTTP codes to answer the next requests with (500, 503, …)
+        self.expire_continue = False  # answer every continue token with 410, as after a compaction
 
     # -- lifecycle ------------------------------------------------------------------------------
     @property
@@ -433,7 +434,7 @@ class FakeApiServer:
                 except (ValueError, KeyError, TypeError):
                     return 400, status_object(400, "BadRequest", "continue key is not valid")
                 snap = self._snapshots.get((rt.plural, snap_rv))
-                if snap is None or snap_rv < self._compacted_rv:
+                if snap is None or snap_rv < self._compacted_rv or self.expire_continue:
                     return 410, status_object(
                         410, "Expired",
                         "The provided continue parameter is too old to display a consistent list result. "
