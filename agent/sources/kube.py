@@ -16,6 +16,7 @@ status()/ready() say which resource is stale and since when.
 """
 from __future__ import annotations
 
+import atexit
 import base64
 import contextlib
 import gc
@@ -24,6 +25,7 @@ import json
 import logging
 import os
 import random
+import shutil
 import socket
 import ssl
 import tempfile
@@ -143,7 +145,8 @@ def kubeconfig_config(path: str, context: str | None = None, api_server: str | N
     if cluster.get("certificate-authority-data"):
         cfg.ca_data = base64.b64decode(cluster["certificate-authority-data"]).decode()
     if user.get("client-certificate-data"):
-        d = tempfile.mkdtemp(prefix="nodewire-kubeconfig-")
+        d = tempfile.mkdtemp(prefix="nodewire-kubeconfig-")  # ssl loads client keys from files only
+        atexit.register(shutil.rmtree, d, True)
         for fname, key, attr in (("client.crt", "client-certificate-data", "cert_file"),
                                  ("client.key", "client-key-data", "key_file")):
             p = os.path.join(d, fname)
