@@ -14,7 +14,8 @@ Kubernetes documentation describes it:
     sends BOOKMARKs periodically and on demand; a resourceVersion older than the retained history gets an
     ERROR event carrying a `Status` with code 410 (or an HTTP 410, selectable, as some servers answer);
   - bearer-token authentication (401) and per-user, per-resource authorization (403), with `Status`
-    bodies; dropping every watch connection, or stopping and restarting the whole server, on demand.
+    bodies; dropping every watch connection, or stopping and restarting the whole server, on demand;
+    injected 5xx answers (`fail_next`) and expired continue tokens (`expire_continue`).
 Objects are validated against the real Kubernetes 1.34 OpenAPI schemas (kubernetes-validate, strict:
 unknown fields are errors) when they are stored, so a test cannot feed a shape a real server never sends.
 """
@@ -23,7 +24,6 @@ from __future__ import annotations
 import base64
 import bisect
 import copy
-import itertools
 import json
 import logging
 import os
@@ -676,9 +676,6 @@ def make_self_signed_cert(directory: Path, host: str = "127.0.0.1") -> tuple[str
 
 
 # -- object builders for tests, the demo and benchmarks (schema-valid shapes) ------------------------
-_uid = itertools.count(1)
-
-
 def service(name: str, cluster_ip: str, ports: list[tuple[str, int, int | str]] | None = None,
             namespace: str = "default", protocol: str = "TCP", **spec: Any) -> dict:
     ports = ports or [("http", 80, 8080)]
