@@ -28,14 +28,15 @@ class KubeAgent(AgentProcess):
         super().__init__(log_dir, cgroup, pin_dir)
         self.kubeconfig = kubeconfig
 
-    def start(self) -> "KubeAgent":
+    def start(self, wait: bool = True) -> "KubeAgent":
         Path(state_dir_for(self.pin_dir), "status.json").unlink(missing_ok=True)
         self._logf = open(self.log, "a")
         self.proc = subprocess.Popen(
             [NODEWIRE, "--debug", "run", "--kube", "--kubeconfig", str(self.kubeconfig), "--cgroup", self.cgroup,
              "--pin-dir", self.pin_dir], stdout=self._logf, stderr=subprocess.STDOUT,
             env=dict(os.environ, NODE_NAME="node-a"))
-        wait_for(lambda: self.status().get("first_sync") or self._died(), 60, what="agent first sync")
+        if wait:
+            wait_for(lambda: self.status().get("first_sync") or self._died(), 60, what="agent first sync")
         return self
 
     def kube(self) -> dict:
@@ -192,3 +193,24 @@ def test_internal_traffic_policy_local_uses_node_name_from_env(env):
     wait_for(lambda: agent.backends("10.96.7.9") == {ip["k1"]}, what="only this node's endpoint")
     assert agent.kube()["node"]["name"] == "node-a"
     assert replies(client, "10.96.7.9") == {"k1": 10}
+
+
+def test_restart_while_api_down_keeps_pinned_maps_until_first_list(env):
+    api, agent, client, ip, _token = env
+    api.create(service("restart", "10.96.7.10"))
+    api.create(endpoint_slice("restart-x1", "restart", [ip["k1"]]))
+    wait_for(lambda: agent.backends("10.96.7.10") == {ip["k1"]}, what="in maps")
+    agent.kill()  # SIGKILL: programs and pinned maps stay
+    api.stop()
+    try:
+        agent.start(wait=False)
+        wait_for(lambda: agent.kube().get("last_error") or agent._died(), 30, what="new agent cannot reach the API")
+        assert agent.status().get("first_sync") is None  # it waits for a list instead of syncing from nothing
+        assert agent.backends("10.96.7.10") == {ip["k1"]}
+        assert replies(client, "10.96.7.10") == {"k1": 10}
+        api.update(endpoint_slice("restart-x1", "restart", [ip["k2"]]))
+    finally:
+        api.start()
+    wait_for(lambda: agent.status().get("first_sync"), 30, what="first sync once the API is back")
+    wait_for(lambda: agent.backends("10.96.7.10") == {ip["k2"]}, what="converged")
+    assert replies(client, "10.96.7.10") == {"k2": 10}
