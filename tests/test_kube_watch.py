@@ -453,3 +453,22 @@ def test_a_watch_that_ends_at_once_is_backed_off(api, token_file):
         assert svc.health.last_error is None  # backing off is not an error
     finally:
         src.stop()
+
+
+def test_standalone_fake_server_follows_a_manifest_directory(tmp_path, api, source):
+    from agent.testing.fake_apiserver import _sync_directory
+
+    d = tmp_path / "manifests"
+    d.mkdir()
+    (d / "web.json").write_text(json.dumps({"apiVersion": "v1", "kind": "List", "items": [
+        service("web", "10.96.0.10"), endpoint_slice("web-1", "web", ["10.244.0.5"])]}))
+    held = _sync_directory(api, d, {})
+    src = source()
+    assert backends(src.state, "web") == {("10.244.0.5", 8080)}
+    (d / "web.json").write_text(json.dumps({"apiVersion": "v1", "kind": "List", "items": [
+        service("web", "10.96.0.10"), endpoint_slice("web-1", "web", ["10.244.0.6"])]}))
+    held = _sync_directory(api, d, held)
+    eventually(lambda: backends(src.state, "web") == {("10.244.0.6", 8080)}, what="file edit became a watch event")
+    (d / "web.json").unlink()
+    _sync_directory(api, d, held)
+    eventually(lambda: not src.state.services, what="file removal deleted the objects")

@@ -722,3 +722,81 @@ def pod(name: str, ip: str, node_name: str, namespace: str = "default", labels: 
             "metadata": {"name": name, "namespace": namespace, "labels": labels or {}},
             "spec": {"nodeName": node_name, "containers": [{"name": "app", "image": "registry.example/app:1"}]},
             "status": {"phase": "Running", "podIP": ip, "podIPs": [{"ip": ip}]}}
+
+
+# -- standalone: `python -m agent.testing.fake_apiserver --manifests DIR` ----------------------------
+def _manifest_objects(directory: Path) -> dict[tuple[str, str, str], dict]:
+    """(kind, namespace, name) → object for every Service/EndpointSlice/Node/Pod in DIR's files."""
+    import yaml
+
+    out = {}
+    for path in sorted(directory.rglob("*")):
+        if path.suffix not in (".yaml", ".yml", ".json") or path.name.startswith("."):
+            continue
+        docs = [json.loads(path.read_text())] if path.suffix == ".json" else list(yaml.safe_load_all(path.read_text()))
+        stack = [d for d in docs if isinstance(d, dict)]
+        while stack:
+            d = stack.pop()
+            if str(d.get("kind", "")).endswith("List"):
+                stack.extend(i for i in d.get("items") or [] if isinstance(i, dict))
+            elif d.get("kind") in BY_KIND:
+                meta = d.get("metadata") or {}
+                ns = meta.get("namespace", "default") if BY_KIND[d["kind"]].namespaced else ""
+                out[(d["kind"], ns, meta.get("name", ""))] = d
+    return out
+
+
+def _sync_directory(api: FakeApiServer, directory: Path, previous: dict) -> dict:
+    """Make the server hold what the files hold: create, update (when changed) and delete."""
+    import yaml
+
+    try:
+        now = _manifest_objects(directory)
+    except (OSError, ValueError, yaml.YAMLError) as e:  # keep serving the last good set
+        log.error("cannot read manifests: %s", e)
+        return previous
+    for ident in set(previous) - set(now):
+        try:
+            api.delete(*ident)
+        except KeyError:  # it had been refused
+            pass
+    for ident, obj in now.items():
+        if previous.get(ident) != obj:
+            try:
+                api.apply(obj)
+            except SchemaError as e:  # reported once; retried when the file changes
+                log.error("refused (schema): %s", e)
+    return now
+
+
+def main() -> None:
+    import argparse
+
+    ap = argparse.ArgumentParser(description="A fake Kubernetes API server serving the manifests of a directory; "
+                                             "file edits become watch events.")
+    ap.add_argument("--manifests", required=True, type=Path)
+    ap.add_argument("--port", type=int, default=0)
+    ap.add_argument("--workdir", type=Path, default=Path("/tmp/nodewire-fake-apiserver"))
+    args = ap.parse_args()
+    logging.basicConfig(level=logging.INFO, format="ts=%(asctime)s level=%(levelname)s msg=%(message)s")
+    token = uuid.uuid4().hex
+    api = FakeApiServer(tls=True, tokens={token: "nodewire"}, port=args.port, workdir=args.workdir,
+                        bookmark_interval=30.0).start()
+    kubeconfig = args.workdir / "kubeconfig"
+    kubeconfig.write_text(json.dumps({
+        "apiVersion": "v1", "kind": "Config", "current-context": "fake",
+        "clusters": [{"name": "fake", "cluster": {"server": api.url, "certificate-authority": api.cert_file}}],
+        "users": [{"name": "nodewire", "user": {"token": token}}],
+        "contexts": [{"name": "fake", "context": {"cluster": "fake", "user": "nodewire"}}]}))
+    print(f"serving {api.url}; run: nodewire run --kubeconfig {kubeconfig}", flush=True)
+    held: dict = {}
+    try:
+        while True:
+            held = _sync_directory(api, args.manifests, held)
+            time.sleep(0.5)
+    except KeyboardInterrupt:
+        api.stop()
+
+
+if __name__ == "__main__":
+    main()
