@@ -1,54 +1,32 @@
-"""`nodewire bench compare`: the side-by-side benchmark against kube-proxy's rule layouts."""
+"""`nodewire bench …`: benchmarks in the sandbox; figures are printed, never asserted."""
 from __future__ import annotations
 
-import dataclasses
+import json
 
 import click
 
-from .harness import MODES, Settings, run_compare
-from .report import write
 
-
-def _ints(text: str) -> list[int]:
-    try:
-        vals = [int(x) for x in text.split(",") if x.strip()]
-    except ValueError:
-        raise click.BadParameter(f"{text!r}: expected comma-separated integers") from None
-    if not vals or any(v < 1 for v in vals):
-        raise click.BadParameter(f"{text!r}: expected integers >= 1")
-    return vals
-
-
-@click.command("compare")
-@click.option("--services", default="1000,10000,100000", show_default=True, help="Service counts N.")
-@click.option("--endpoints", default="1,5", show_default=True, help="Endpoints per Service.")
-@click.option("--modes", default=",".join(MODES), show_default=True, help="Modes besides direct.")
-@click.option("--quick", is_flag=True, help="Few samples and short caps (a smoke run).")
-@click.option("--sync-cap", type=float, default=None, help="Seconds a full sync may take before '> cap'.")
-@click.option("--iptables-backend", type=click.Choice(["legacy", "nft"]), default="legacy", show_default=True)
-@click.option("--out", default="bench/results", show_default=True, help="Directory for .md/.json/.png.")
-def compare(services, endpoints, modes, quick, sync_cap, iptables_backend, out):
-    """Connect latency, req/s, sync time, change time and memory: direct vs iptables vs nftables vs
-    nodewire, side by side in one sandbox run."""
-    n, e = _ints(services), _ints(endpoints)
-    mode_list = [m.strip() for m in modes.split(",") if m.strip()]
-    bad = [m for m in mode_list if m not in MODES]
-    if bad:
-        raise click.BadParameter(f"unknown mode(s) {', '.join(bad)} (expected {', '.join(MODES)})",
-                                 param_hint="--modes")
-    s = Settings.quick(n, e, mode_list) if quick else Settings(n, e, mode_list)
-    s.iptables_backend = iptables_backend
-    if sync_cap:
-        s.sync_cap_s = sync_cap
-    rows = run_compare(s)
-    paths = write(rows, out, {k: v for k, v in dataclasses.asdict(s).items()})
-    click.echo(paths["md"].read_text())
-    click.echo(f"wrote {', '.join(str(p) for p in paths.values())}")
-
-
-@click.group("bench")
+@click.group()
 def bench() -> None:
-    """Reproducible benchmarks (see bench/results)."""
+    """Reproducible benchmarks in the sandbox (ratios measured side by side in one run)."""
 
 
-bench.add_command(compare)
+@bench.command()
+@click.option("--services", default="1000,10000,100000", show_default=True,
+              help="Comma-separated Service counts (N Services × 5 endpoints each).")
+@click.option("--connects", default=2000, show_default=True, help="Connects per series per N.")
+@click.option("-o", "--output", type=click.Choice(["table", "json"]), default="table", show_default=True)
+def connect(services, connects, output) -> None:
+    """TCP connect latency through a ClusterIP vs directly, full-sync time and agent RSS."""
+    from .connect import run_one, table
+
+    try:
+        counts = [int(x) for x in services.split(",") if x]
+    except ValueError:
+        raise click.BadParameter(f"{services!r}: expected numbers like 1000,10000", param_hint="--services")
+    rows = []
+    for n in counts:
+        rows.append(run_one(n, connects))
+        if output == "table":
+            click.echo(f"N={n:,} done", err=True)
+    click.echo(json.dumps(rows, indent=2) if output == "json" else table(rows))
