@@ -14,7 +14,7 @@ import pytest
 from click.testing import CliRunner
 
 from agent.bench import iptables_rules, nftables_rules
-from agent.bench.cli import bench
+from agent.cli import main as nodewire
 from agent.bench.harness import PROBE
 from agent.bench.services import Endpoint, make_services, with_endpoints
 from agent.sandbox import Sandbox
@@ -115,7 +115,7 @@ def test_rules_load_and_reach_the_backends(cluster, mode):
 @pytest.mark.root
 @pytest.mark.timeout(120)
 def test_bench_compare_smoke(tmp_path):
-    res = CliRunner().invoke(bench, ["compare", "--services", "100", "--endpoints", "1", "--quick",
+    res = CliRunner().invoke(nodewire, ["bench", "compare", "--services", "100", "--endpoints", "1", "--quick",
                                      "--out", str(tmp_path)], catch_exceptions=False)
     assert res.exit_code == 0, res.output
     rows = json.loads((tmp_path / "results.json").read_text())["rows"]
