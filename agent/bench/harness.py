@@ -164,6 +164,8 @@ def run_one(sb: Sandbox, client: Pod, floor: Pod, backends: list[Pod], mode_name
         before = services[-1]
         after = _changed(before, spare)
         services[-1] = after
+        if hasattr(mode, "observe"):
+            mode.observe = (client, spare.name)
         ch = mode.change(services, before, after, s.change_cap_s)
         row["change_ms"] = f"> {s.change_cap_s * 1000:g}" if ch.timed_out else round(ch.seconds * 1000, 2)
         if ch.error:

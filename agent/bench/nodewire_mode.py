@@ -19,8 +19,10 @@ from ..config import state_dir_for
 from ..sandbox import Sandbox
 from .measure import LoadResult
 from .modes import Unavailable
+
 from .services import BenchService
 
+PROBE = Path(__file__).with_name("probe.py")
 _CLI = [sys.executable, "-c", "import sys; from agent.cli import main; sys.exit(main())"]
 
 
@@ -56,6 +58,7 @@ class NodewireMode:
         self.dir = Path(tempfile.mkdtemp(prefix="nodewire-bench-"))
         self.proc: subprocess.Popen | None = None
         self.stats: dict = {}
+        self.observe: tuple | None = None  # (client pod, name of the backend the change adds)
         if not os.path.isdir("/sys/fs/bpf"):
             raise Unavailable("/sys/fs/bpf is not mounted")
 
@@ -102,19 +105,34 @@ class NodewireMode:
 
     def change(self, services: list[BenchService], before: BenchService, after: BenchService,
                cap_s: float) -> LoadResult:
+        # End to end is observed in the datapath: a client loops connecting to the VIP until the new
+        # endpoint answers (the status file is rewritten at most once a second, too coarse for this).
+        watcher = None
+        if self.observe is not None:
+            client, spare_name = self.observe
+            watcher = client.popen([sys.executable, str(PROBE), "await", "--target",
+                                    f"{after.cluster_ip}:{after.port}", "--expect", spare_name,
+                                    "--max-seconds", str(cap_s), "--timeout", "0.5"])
+            if "ready" not in watcher.stdout.readline():
+                raise RuntimeError(f"await probe failed: {watcher.stderr.read()[-500:]}")
         st0 = self._status() or {}
-        last0 = (st0.get("last_sync") or {}).get("time", 0)
-        t0 = time.perf_counter()
+        syncs0 = (st0.get("counters") or {}).get("syncs", 0)
+        t_write = time.time()
         _write_json(self.dir / "last-slice.json", [_slice_doc(after)])
-        while time.perf_counter() - t0 < cap_s:
+        if watcher is not None:
+            out, _ = watcher.communicate(timeout=cap_s + 30)
+            client.procs.remove(watcher)
+            seen = json.loads(out.strip().splitlines()[-1]).get("seen_at")
+            if seen is None:
+                return LoadResult(cap_s, 0.0, timed_out=True)
+            self.stats["change_e2e_ms"] = round((seen - t_write) * 1000, 1)  # file write → traffic moved
+        deadline = time.monotonic() + cap_s
+        while time.monotonic() < deadline:  # the agent's own figure for that sync, once it writes it
             st = self._status() or {}
-            last = st.get("last_sync") or {}
-            if last.get("time", 0) > last0:
-                e2e = time.perf_counter() - t0
-                self.stats["change_e2e_ms"] = round(e2e * 1000, 1)  # file write → maps updated (incl. poll)
-                return LoadResult(last["seconds"], 0.0)
-            time.sleep(0.005)
-        return LoadResult(time.perf_counter() - t0, 0.0, timed_out=True)
+            if (st.get("counters") or {}).get("syncs", 0) > syncs0 and st.get("last_sync"):
+                return LoadResult(st["last_sync"]["seconds"], 0.0)
+            time.sleep(0.02)
+        return LoadResult(cap_s, 0.0, timed_out=True)
 
     def memory(self) -> dict:
         out = {"agent_rss_mib": None, "bpf_memlock_mib": None}

@@ -4,6 +4,7 @@ fast and measures nothing but sockets).
     probe.py latency --target IP:PORT[,IP:PORT...] | --vips BASE_INT:N:PORT [--random] --count K [--max-seconds T]
     probe.py rps     (same targets) --seconds S
     probe.py whoami  --target IP:PORT
+    probe.py await   --target IP:PORT --expect NAME --max-seconds T
 
 Prints one JSON object. Latency is the time of connect() on a blocking socket (SYN → SYN-ACK, plus
 whatever the connect path costs: netfilter NAT lookups, or the cgroup connect4 program); each socket
@@ -120,11 +121,43 @@ def whoami(a):
     return {"reply": data.decode().strip()}
 
 
+def await_reply(a):
+    """Connect to the target over and over until it answers `--expect`; report when (wall clock, so
+    the caller can subtract the moment it made the change). Prints "ready" first, once looping."""
+    ip, port = a.target.rsplit(":", 1)
+    deadline = time.time() + a.max_seconds
+    print("ready", flush=True)
+    tries = 0
+    while time.time() < deadline:
+        tries += 1
+        s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        s.settimeout(a.timeout)
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, LINGER_RST)
+        try:
+            s.connect((ip, int(port)))
+            s.sendall(b"who\n")
+            data = b""
+            while True:
+                chunk = s.recv(4096)
+                if not chunk:
+                    break
+                data += chunk
+            if data.decode().strip() == a.expect:
+                return {"seen_at": time.time(), "tries": tries}
+        except OSError:
+            pass
+        finally:
+            s.close()
+        time.sleep(0.0005)  # leave the CPU to the agent being measured
+    return {"seen_at": None, "tries": tries}
+
+
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("what", choices=["latency", "rps", "whoami"])
+    ap.add_argument("what", choices=["latency", "rps", "whoami", "await"])
     ap.add_argument("--target")
     ap.add_argument("--vips")
+    ap.add_argument("--expect", help="await: the reply that ends the wait")
     ap.add_argument("--random", action="store_true")
     ap.add_argument("--count", type=int, default=2000)
     ap.add_argument("--warmup", type=int, default=100)
@@ -135,7 +168,7 @@ def main():
     a = ap.parse_args()
     if not (a.target or a.vips):
         ap.error("--target or --vips is required")
-    print(json.dumps({"latency": latency, "rps": rps, "whoami": whoami}[a.what](a)))
+    print(json.dumps({"latency": latency, "rps": rps, "whoami": whoami, "await": await_reply}[a.what](a)))
 
 
 if __name__ == "__main__":
