@@ -118,6 +118,11 @@ def chart(rows: list[dict], path: Path) -> None:
             title="Connect latency vs Services")
     ax1.axhline(1.0, color="grey", lw=0.8, ls="--")
     ax2.set(xscale="log", yscale="log", xlabel="Services", ylabel="seconds", title="Full sync time vs Services")
+    capped = [f"{r['mode']} N={r['services']:,} E={r['endpoints']}" for r in rows
+              if str(r.get("status", "")).startswith("> cap")]
+    if capped:
+        ax2.text(0.02, 0.98, "did not finish within the cap:\n" + "\n".join(capped), transform=ax2.transAxes,
+                 va="top", fontsize=7, color="dimgrey")
     for ax in (ax1, ax2):
         ax.grid(True, which="both", alpha=0.3)
         ax.legend(fontsize=8)
