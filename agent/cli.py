@@ -12,3 +12,7 @@ def main(debug: bool) -> None:
     """nodewire: BPF socket load balancing and per-pod network telemetry for Kubernetes nodes."""
     logging.basicConfig(level=logging.DEBUG if debug else logging.INFO,
                         format="ts=%(asctime)s level=%(levelname)s logger=%(name)s msg=%(message)s")
+
+
+from agent.rdma.cli import topo  # noqa: E402
+main.add_command(topo)
