@@ -1,0 +1,446 @@
+"""Verbs latency tracer: per-QP work-request latency and completion errors, with no change to the
+workload.
+
+`ibv_post_send`/`ibv_post_recv`/`ibv_poll_cq` are inline in <infiniband/verbs.h>; they jump through
+`context->ops` into the provider (mlx5's functions are static in a stripped library). So:
+
+1. a uretprobe on the exported `ibv_open_device` of each libibverbs file (global; the BPF side keeps
+   only opted-in cgroups) reports the new context's post_send/post_recv/poll_cq addresses;
+2. each address is mapped through /proc/PID/maps to (file, file offset) and then to the ELF virtual
+   address BCC's attach_uprobe(addr=) wants; uprobes go on those addresses for that pid only;
+3. the provider's addresses are cached per build-id, so a process that opened its device before we
+   looked (or while we were off) is attached from its maps alone;
+4. exited processes are detached and their series deleted; a duty cycle (on/period) bounds cost,
+   because a uprobe's cost is the trap itself — filtering inside BPF cannot make it cheaper.
+
+Blind spots (the calls never pass through these functions): the extended verbs API (`ibv_wr_*` on
+`ibv_qp_ex`), UCX's own mlx5 transport, DPDK, GPU-initiated traffic (IBGDA); QPs created with
+sq_sig_all whose WRs do not also set IBV_SEND_SIGNALED are not timed (only their errors count).
+"""
+from __future__ import annotations
+
+import ctypes as ct
+import logging
+import os
+import re
+import threading
+import time
+from dataclasses import dataclass, field
+
+from .elf import ElfError, read_elf
+from .layout import VerbsLayout, load_layout
+
+log = logging.getLogger("nodewire.rdma.verbs")
+
+HIST_SLOTS = 40          # NW_HIST_SLOTS in bpf/rdma.c (slot s: 2^(s-1) < v <= 2^s µs)
+HIST_SUM_SLOT = 255      # NW_HIST_SUM_SLOT
+STATS = ("posted", "completed", "matched", "stale", "chain_truncated", "wc_truncated")
+ROLES = ("post_send", "post_recv", "poll_cq")
+PROBES = {  # role → [(bcc function, return probe?)]
+    "post_send": [("nw_post_send", False)],
+    "post_recv": [("nw_post_recv", False)],
+    "poll_cq": [("nw_poll_enter", False), ("nw_poll_ret", True)],
+}
+LIBIBVERBS = re.compile(r"/libibverbs\.so[.\d]*$")
+
+
+def slot_of(us: int) -> int:
+    """The histogram slot the kernel uses for a latency in µs (mirror of bpf/rdma.c)."""
+    return 0 if us <= 1 else min((us - 1).bit_length(), HIST_SLOTS - 1)
+
+
+@dataclass(frozen=True)
+class Mapping:
+    start: int
+    end: int
+    offset: int
+    dev: str
+    inode: int
+    path: str
+
+
+def read_maps(pid: int) -> list[Mapping]:
+    out = []
+    with open(f"/proc/{pid}/maps") as f:
+        for line in f:
+            parts = line.split(maxsplit=5)
+            if len(parts) < 6 or not parts[5].startswith("/"):
+                continue
+            lo, hi = parts[0].split("-")
+            out.append(Mapping(int(lo, 16), int(hi, 16), int(parts[2], 16), parts[3], int(parts[4]),
+                               parts[5].rstrip("\n").removesuffix(" (deleted)")))
+    return out
+
+
+def proc_start_time(pid: int) -> int | None:
+    """Field 22 of /proc/PID/stat: tells a pid apart from a later process that reuses it."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return int(f.read().rsplit(")", 1)[1].split()[19])
+    except (OSError, IndexError, ValueError):
+        return None
+
+
+@dataclass(frozen=True)
+class ProbeTarget:
+    role: str
+    path: str            # as seen from this (host) mount namespace: /proc/PID/root/<path>
+    vaddr: int
+    build_id: str | None
+
+
+def resolve(pid: int, addr: int, maps: list[Mapping] | None = None, elf_cache: dict | None = None):
+    """Runtime address in `pid` → (host path of the file, ELF vaddr, build-id)."""
+    maps = maps if maps is not None else read_maps(pid)
+    for m in maps:
+        if m.start <= addr < m.end:
+            host = f"/proc/{pid}/root{m.path}"
+            key = (m.dev, m.inode)
+            info = elf_cache.get(key) if elf_cache is not None else None
+            if info is None:
+                info = read_elf(host)
+                if elf_cache is not None:
+                    elf_cache[key] = info
+            return host, info.vaddr_of_offset(addr - m.start + m.offset), info.build_id
+    raise ElfError(f"pid {pid}: address 0x{addr:x} is in no file mapping")
+
+
+@dataclass
+class TracedProcess:
+    pid: int
+    start_time: int | None
+    comm: str
+    targets: list[ProbeTarget]
+    devices: dict[int, str] = field(default_factory=dict)      # ibv_context address → device name
+    events: list[bytes] = field(default_factory=list)           # BCC uprobe event names attached
+
+
+@dataclass(frozen=True)
+class QpLatency:
+    pid: int
+    comm: str
+    device: str
+    qp_num: int
+    direction: str                 # "send" or "recv"
+    slots: tuple[int, ...]         # HIST_SLOTS counts
+    sum_us: int
+
+    @property
+    def count(self) -> int:
+        return sum(self.slots)
+
+
+@dataclass(frozen=True)
+class QpErrors:
+    pid: int
+    comm: str
+    device: str
+    qp_num: int
+    status: str
+    count: int
+
+
+@dataclass
+class Snapshot:
+    latency: list[QpLatency]
+    errors: list[QpErrors]
+    stats: dict[str, int]
+    traced: dict[int, str]         # pid → comm
+
+
+class VerbsTracer:
+    """Owns the BPF program, the probes and the set of traced processes.
+
+    libibverbs: library files to watch for ibv_open_device from the start (more are found by scanning
+        the opted-in processes' maps).
+    cgroups: cgroup v2 directories whose processes are opted in (a pod's cgroup); None = all.
+    duty: (on_seconds, period_seconds) to trace only part of the time, or None for always.
+    """
+
+    def __init__(self, libibverbs=(), cgroups=None, duty=None, layout: VerbsLayout | None = None,
+                 chain_max: int = 16, wc_max: int = 16, scan_interval: float = 2.0):
+        from ..datapath.loader import compile_program  # noqa: F401  (imports BCC lazily)
+
+        self.layout = layout or load_layout()
+        self.cgroups = list(cgroups) if cgroups is not None else None
+        self.duty = duty
+        self.scan_interval = scan_interval
+        cflags = self.layout.cflags() + [f"-DNW_CHAIN_MAX={chain_max}", f"-DNW_WC_MAX={wc_max}"]
+        if self.cgroups is not None:
+            cflags.append("-DNW_CGROUP_FILTER")
+        self.bpf = _compile(cflags)
+        self.procs: dict[int, TracedProcess] = {}
+        self.providers: dict[str, dict[str, int]] = {}      # build-id → role → vaddr
+        self.lib_probes: dict[tuple, str] = {}              # (st_dev, st_ino) → path attached
+        self._elf_cache: dict = {}
+        self._lock = threading.RLock()
+        self._active = duty is None
+        self._t0 = time.monotonic()
+        self._last_scan = 0.0
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        if self.cgroups is not None:
+            tbl = self.bpf["nw_rdma_cgroups_v1"]
+            for cg in self.cgroups:
+                tbl[ct.c_ulonglong(os.stat(cg).st_ino)] = ct.c_uint(1)
+        self._set_window_start()
+        self.bpf["nw_rdma_events"].open_perf_buffer(self._on_open, page_cnt=16)
+        for path in libibverbs:
+            self.watch_library(path)
+
+    # --- discovery -------------------------------------------------------------------------
+    def watch_library(self, path: str) -> bool:
+        """uretprobe on ibv_open_device in this libibverbs file (once per inode)."""
+        st = os.stat(path)
+        key = (st.st_dev, st.st_ino)
+        if key in self.lib_probes:
+            return False
+        self.bpf.attach_uretprobe(name=path.encode(), sym=b"ibv_open_device", fn_name=b"nw_open_ret")
+        self.lib_probes[key] = path
+        log.info("rdma watching libibverbs path=%s", path)
+        return True
+
+    def _on_open(self, _cpu, data, _size):
+        ev = self.bpf["nw_rdma_events"].event(data)
+        addrs = {"post_send": ev.post_send, "post_recv": ev.post_recv, "poll_cq": ev.poll_cq}
+        dev = ev.dev_name.decode(errors="replace")
+        with self._lock:
+            try:
+                self._track(ev.tgid, addrs, ev.ctx, dev)
+            except (OSError, ElfError) as e:
+                log.warning("rdma cannot trace pid=%d device=%s err=%s", ev.tgid, dev, e)
+
+    def _track(self, pid: int, addrs: dict[str, int], ctx: int, dev: str) -> None:
+        maps = read_maps(pid)
+        targets = []
+        for role in ROLES:
+            if not addrs[role]:
+                continue
+            path, vaddr, build_id = resolve(pid, addrs[role], maps, self._elf_cache)
+            targets.append(ProbeTarget(role, path, vaddr, build_id))
+            if build_id:
+                self.providers.setdefault(build_id, {})[role] = vaddr
+        self._adopt(pid, targets, ctx, dev)
+
+    def _adopt(self, pid: int, targets: list[ProbeTarget], ctx: int | None, dev: str | None) -> None:
+        p = self.procs.get(pid)
+        if p is None:
+            p = self.procs[pid] = TracedProcess(pid, proc_start_time(pid), _comm(pid), [])
+            self.bpf["nw_rdma_procs_v1"][ct.c_uint(pid)] = ct.c_uint(1)
+            log.info("rdma tracing pid=%d comm=%s", pid, p.comm)
+        if ctx is not None:
+            p.devices[ctx] = dev or "?"
+        new = [t for t in targets if (t.role, t.path, t.vaddr) not in
+               {(o.role, o.path, o.vaddr) for o in p.targets}]
+        p.targets.extend(new)
+        if self._active:
+            self._attach(p, new)
+
+    def _attach(self, p: TracedProcess, targets: list[ProbeTarget]) -> None:
+        for t in targets:
+            for fn, ret in PROBES[t.role]:
+                before = set(self.bpf.uprobe_fds)
+                attach = self.bpf.attach_uretprobe if ret else self.bpf.attach_uprobe
+                attach(name=t.path.encode(), addr=t.vaddr, fn_name=fn.encode(), pid=p.pid)
+                p.events.extend(set(self.bpf.uprobe_fds) - before)
+
+    def _detach(self, p: TracedProcess) -> None:
+        for ev in p.events:
+            try:
+                self.bpf.detach_uprobe_event(ev)
+            except Exception as e:  # noqa: BLE001  (BCC raises bare Exception)
+                log.debug("rdma detach event=%s err=%s", ev, e)
+        p.events.clear()
+
+    def scan(self) -> None:
+        """Find opted-in processes that map libibverbs (watch it) or a provider we know (attach)."""
+        for pid in self._candidate_pids():
+            if pid in self.procs:
+                continue
+            try:
+                maps = read_maps(pid)
+            except OSError:
+                continue
+            targets = []
+            for m in maps:
+                if LIBIBVERBS.search(m.path):
+                    try:
+                        self.watch_library(f"/proc/{pid}/root{m.path}")
+                    except Exception as e:  # noqa: BLE001
+                        log.warning("rdma cannot watch pid=%d path=%s err=%s", pid, m.path, e)
+                if m.offset != 0 or not self.providers:
+                    continue
+                try:
+                    host = f"/proc/{pid}/root{m.path}"
+                    info = self._elf_cache.get((m.dev, m.inode)) or read_elf(host)
+                    self._elf_cache[(m.dev, m.inode)] = info
+                except (OSError, ElfError):
+                    continue
+                for role, vaddr in self.providers.get(info.build_id, {}).items():
+                    targets.append(ProbeTarget(role, host, vaddr, info.build_id))
+            if targets:
+                with self._lock:
+                    log.info("rdma provider known by build-id pid=%d", pid)
+                    self._adopt(pid, targets, None, None)
+
+    def _candidate_pids(self) -> list[int]:
+        if self.cgroups is None:
+            return [int(d) for d in os.listdir("/proc") if d.isdigit()]
+        pids = []
+        for cg in self.cgroups:
+            try:
+                with open(os.path.join(cg, "cgroup.procs")) as f:
+                    pids += [int(x) for x in f.read().split()]
+            except OSError:
+                continue
+        return pids
+
+    # --- lifecycle -------------------------------------------------------------------------
+    def reap(self) -> list[int]:
+        """Detach processes that exited (or whose pid now names another process); drop their series."""
+        gone = []
+        with self._lock:
+            for pid, p in list(self.procs.items()):
+                if proc_start_time(pid) == p.start_time and p.start_time is not None:
+                    continue
+                self._detach(p)
+                del self.procs[pid]
+                gone.append(pid)
+                log.info("rdma detached exited pid=%d comm=%s", pid, p.comm)
+            if gone:
+                self._drop_series(set(gone))
+        return gone
+
+    def _drop_series(self, pids: set[int]) -> None:
+        for name in ("nw_rdma_lat_v1", "nw_rdma_err_v1", "nw_rdma_qp_ctx_v1", "nw_rdma_posts_v1"):
+            tbl = self.bpf[name]
+            for k in [k for k in tbl.keys() if k.tgid in pids]:
+                try:
+                    del tbl[k]
+                except KeyError:
+                    pass
+        procs = self.bpf["nw_rdma_procs_v1"]
+        for pid in pids:
+            try:
+                del procs[ct.c_uint(pid)]
+            except KeyError:
+                pass
+
+    def _set_window_start(self) -> None:
+        self.bpf["nw_rdma_cfg_v1"][ct.c_int(0)] = ct.c_ulonglong(time.monotonic_ns())
+
+    def _duty_tick(self) -> None:
+        if self.duty is None:
+            return
+        on, period = self.duty
+        want = (time.monotonic() - self._t0) % period < on
+        with self._lock:
+            if want and not self._active:
+                self._set_window_start()
+                self._active = True
+                for p in self.procs.values():
+                    self._attach(p, p.targets)
+            elif not want and self._active:
+                self._active = False
+                for p in self.procs.values():
+                    self._detach(p)
+
+    def poll(self, timeout_ms: int = 100) -> None:
+        """One round: open events, duty cycle, exits, and (every scan_interval) the maps scan."""
+        self.bpf.perf_buffer_poll(timeout=timeout_ms)
+        self._duty_tick()
+        self.reap()
+        now = time.monotonic()
+        if now - self._last_scan >= self.scan_interval:
+            self._last_scan = now
+            self.scan()
+
+    def start(self) -> "VerbsTracer":
+        def loop():
+            while not self._stop.is_set():
+                try:
+                    self.poll(100)
+                except Exception:  # noqa: BLE001  (keep tracing; say why)
+                    log.exception("rdma tracer round failed")
+        self._thread = threading.Thread(target=loop, name="nw-rdma-verbs", daemon=True)
+        self._thread.start()
+        return self
+
+    def close(self) -> None:
+        self._stop.set()
+        if self._thread:
+            self._thread.join(timeout=5)
+        with self._lock:
+            for p in self.procs.values():
+                self._detach(p)
+            self.procs.clear()
+        self.bpf.cleanup()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    # --- reading ---------------------------------------------------------------------------
+    def snapshot(self) -> Snapshot:
+        with self._lock:
+            procs = {pid: p for pid, p in self.procs.items()}
+            qp_dev = {(k.tgid, k.qp_num): procs[k.tgid].devices.get(v.value, "?")
+                      for k, v in self.bpf["nw_rdma_qp_ctx_v1"].items() if k.tgid in procs}
+            hists: dict[tuple, list[int]] = {}
+            for k, v in self.bpf["nw_rdma_lat_v1"].items():
+                if k.tgid not in procs:
+                    continue
+                h = hists.setdefault((k.tgid, k.qp_num, k.recv), [0] * (HIST_SLOTS + 1))
+                h[HIST_SLOTS if k.slot == HIST_SUM_SLOT else min(k.slot, HIST_SLOTS - 1)] += v.value
+            latency = [QpLatency(pid, procs[pid].comm, qp_dev.get((pid, qp), "?"), qp,
+                                 "recv" if recv else "send", tuple(h[:HIST_SLOTS]), h[HIST_SLOTS])
+                       for (pid, qp, recv), h in sorted(hists.items())]
+            errors = sorted(
+                (QpErrors(k.tgid, procs[k.tgid].comm, qp_dev.get((k.tgid, k.qp_num), "?"), k.qp_num,
+                          self.layout.status_name(k.status), v.value)
+                 for k, v in self.bpf["nw_rdma_err_v1"].items() if k.tgid in procs),
+                key=lambda e: (e.pid, e.qp_num, e.status))
+            st = self.bpf["nw_rdma_stats_v1"]
+            stats = {name: st[ct.c_int(i)].value for i, name in enumerate(STATS)}
+            return Snapshot(latency, errors, stats, {pid: p.comm for pid, p in procs.items()})
+
+    def register(self, meter) -> None:
+        """Completion and error counters per (process, device, qp) as OTel observable counters."""
+        from opentelemetry.metrics import Observation
+
+        def attrs(pid, comm, dev, qp):
+            return {"process.pid": pid, "process.command": comm, "rdma.device": dev, "rdma.qp_num": qp}
+
+        def completions(_o):
+            return [Observation(q.count, {**attrs(q.pid, q.comm, q.device, q.qp_num),
+                                          "rdma.direction": q.direction})
+                    for q in self.snapshot().latency]
+
+        def errors(_o):
+            return [Observation(e.count, {**attrs(e.pid, e.comm, e.device, e.qp_num),
+                                          "rdma.wc.status": e.status})
+                    for e in self.snapshot().errors]
+
+        meter.create_observable_counter("nodewire.rdma.wr.completions", [completions], unit="{completion}",
+                                        description="Timed work-request completions per QP")
+        meter.create_observable_counter("nodewire.rdma.wc.errors", [errors], unit="{completion}",
+                                        description="Completions with an error status, per QP and status")
+
+
+def _comm(pid: int) -> str:
+    try:
+        with open(f"/proc/{pid}/comm") as f:
+            return f.read().strip()
+    except OSError:
+        return "?"
+
+
+def _compile(cflags: list[str]):
+    from bcc import BPF
+
+    from ..datapath.loader import ensure_mounts, program_text
+
+    ensure_mounts()
+    return BPF(text=program_text("rdma.c"), cflags=cflags + ["-Wno-unused-function"])

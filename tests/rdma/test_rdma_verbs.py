@@ -1,0 +1,159 @@
+"""Verbs latency tracer against the mock verbs stack (libibverbs + stripped provider + driver, built
+with gcc from agent/rdma/mockverbs against the real <infiniband/verbs.h>), in sandbox pods."""
+from __future__ import annotations
+
+import os
+import subprocess
+import time
+
+import pytest
+
+from agent.rdma.elf import read_elf
+from agent.rdma.layout import derive_layout
+from agent.rdma.mockverbs import build
+
+QP0, QP1, QP2, QP3 = 0x100, 0x101, 0x102, 0x103
+
+# Every timed WR waits at least a known sleep between post and poll; the assertions are on the
+# log2 slot that sleep falls in: slot 14 holds (8.192, 16.384] ms, slot 16 (32.768, 65.536] ms, so
+# a 10 ms sleep may overrun by 6 ms and a 50 ms one by 15 ms before a slot changes.
+SCRIPT = [
+    "qps:4", "ready",
+    "chain:0:1,2,3,4", "sleep:10", "poll:0:send:1",               # 4 WRs, only wr 4 signaled
+    "recv:1:100", "sleep:40", "send:0:7", "sleep:10",              # QP1's receive waits ~50 ms
+    "poll:0:send:1", "poll:1:recv:1",
+    "bad:2:8", "write:2:9", "sleep:10", "poll:2:send:2",           # rkey 0 → error, then flush
+    "send:3:10", "sleep:10", "poll:3:send:1",                      # no receive posted → RNR
+    "ready",
+]
+EXPECTED_WC = [
+    "wc qp=0x100 wr_id=4 status=0 opcode=1", "wc qp=0x100 wr_id=7 status=0 opcode=0",
+    "wc qp=0x101 wr_id=100 status=0 opcode=128", "wc qp=0x102 wr_id=8 status=10 opcode=1",
+    "wc qp=0x102 wr_id=9 status=5 opcode=1", "wc qp=0x103 wr_id=10 status=13 opcode=0",
+]
+
+
+@pytest.fixture(scope="module")
+def mock(tmp_path_factory):
+    return build(str(tmp_path_factory.mktemp("mockverbs")))
+
+
+def test_provider_is_stripped_and_has_build_id(mock):
+    """The double is faithful where it matters: no symbol names the data-path functions."""
+    syms = subprocess.run(["nm", "-D", "--defined-only", mock.provider], capture_output=True,
+                          text=True, check=True).stdout.split()
+    assert "mockprov_alloc_context" in syms
+    assert not any("post" in s or "poll" in s for s in syms)
+    assert "no symbols" in subprocess.run(["nm", mock.provider], capture_output=True, text=True).stderr
+    info = read_elf(mock.provider)
+    notes = subprocess.run(["readelf", "-n", mock.provider], capture_output=True, text=True).stdout
+    assert info.build_id and f"Build ID: {info.build_id}" in notes
+
+
+def test_layout_matches_header():
+    lay = derive_layout()
+    # post_send/post_recv are adjacent function pointers, poll_cq comes before them in the ops table
+    assert lay.offsets["CTX_POST_RECV"] == lay.offsets["CTX_POST_SEND"] + 8
+    assert lay.offsets["CTX_POLL_CQ"] < lay.offsets["CTX_POST_SEND"]
+    assert lay.status_name(10) == "REM_ACCESS_ERR" and lay.status_name(99) == "STATUS_99"
+
+
+def wait_for(cond, what: str, timeout: float = 20.0):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        v = cond()
+        if v:
+            return v
+        time.sleep(0.05)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def read_until_ready(p) -> tuple[int, list[str]]:
+    lines = []
+    for line in p.stdout:
+        if line.startswith("ready "):
+            return int(line.split()[1]), lines
+        lines.append(line.strip())
+    raise AssertionError(f"driver ended early: {lines} {p.stderr.read()}")
+
+
+@pytest.fixture
+def pods():
+    from agent.sandbox import Sandbox
+    with Sandbox(subnet4="10.244.70.0/24", subnet6="fd00:10:244:70::/64") as sb:
+        yield sb, sb.add_pod("rdma-in"), sb.add_pod("rdma-out")
+
+
+@pytest.mark.root
+def test_latency_histograms_errors_and_exit(mock, pods):
+    from agent.rdma.verbs import VerbsTracer, slot_of
+
+    sb, pod_in, pod_out = pods
+    with VerbsTracer(libibverbs=[mock.libibverbs], cgroups=[pod_in.cgroup], scan_interval=0.2) as tr:
+        tr.start()
+        # both processes start after the tracer; only the opted-in pod's is traced
+        p = pod_in.popen([mock.driver, *SCRIPT], stdin=subprocess.PIPE)
+        q = pod_out.popen([mock.driver, "qps:1", "write:0:1", "poll:0:send:1", "ready"], stdin=subprocess.PIPE)
+        pid, _ = read_until_ready(p)
+        other, _ = read_until_ready(q)
+        wait_for(lambda: pid in tr.procs and len(tr.procs[pid].events) == 4, "probes on the driver")
+        p.stdin.write("\n")
+        p.stdin.flush()
+        _, wcs = read_until_ready(p)
+        assert wcs == EXPECTED_WC
+
+        snap = tr.snapshot()
+        hist = {(h.qp_num, h.direction): {s: c for s, c in enumerate(h.slots) if c} for h in snap.latency
+                if h.pid == pid}
+        ten, fifty = slot_of(10_000), slot_of(50_000)
+        assert (ten, fifty) == (14, 16)
+        assert hist == {(QP0, "send"): {ten: 2}, (QP1, "recv"): {fifty: 1},
+                        (QP2, "send"): {ten: 2}, (QP3, "send"): {ten: 1}}
+        assert {h.device for h in snap.latency} == {"mockx_0"}
+        errs = {(e.qp_num, e.status): e.count for e in snap.errors if e.pid == pid}
+        assert errs == {(QP2, "REM_ACCESS_ERR"): 1, (QP2, "WR_FLUSH_ERR"): 1, (QP3, "RNR_RETRY_EXC_ERR"): 1}
+        assert snap.stats["posted"] == 6 and snap.stats["matched"] == 6 and snap.stats["completed"] == 6
+        assert other not in snap.traced and all(h.pid == pid for h in snap.latency)
+
+        # exit: probes detached, series dropped, kernel maps emptied for that pid
+        p.stdin.write("\n")
+        p.stdin.close()
+        assert p.wait(timeout=10) == 0
+        wait_for(lambda: pid not in tr.procs, "detach after exit")
+        assert not [e for e in tr.bpf.uprobe_fds if e.endswith(b"_%d" % pid)]
+        assert tr.snapshot().latency == [] and tr.snapshot().errors == []
+        assert not [k for k in tr.bpf["nw_rdma_lat_v1"].keys() if k.tgid == pid]
+        q.stdin.close()
+        q.wait(timeout=10)
+
+
+@pytest.mark.root
+def test_running_process_adopted_by_build_id(mock, pods):
+    """A process that opened its device before the tracer ran is attached from its maps once another
+    process has taught the tracer where this provider's functions are."""
+    from agent.rdma.verbs import VerbsTracer, slot_of
+
+    sb, pod_in, _ = pods
+    early = pod_in.popen([mock.driver, "qps:1", "ready", "write:0:5", "sleep:10", "poll:0:send:1", "ready"],
+                         stdin=subprocess.PIPE)
+    early_pid, _ = read_until_ready(early)
+    with VerbsTracer(libibverbs=[mock.libibverbs], cgroups=[pod_in.cgroup], scan_interval=0.2) as tr:
+        tr.start()
+        time.sleep(0.5)   # a few scans: nothing to learn from yet
+        assert early_pid not in tr.procs and not tr.providers
+        late = pod_in.popen([mock.driver, "qps:1", "ready"], stdin=subprocess.PIPE)
+        late_pid, _ = read_until_ready(late)
+        wait_for(lambda: early_pid in tr.procs and tr.procs[early_pid].events, "adoption by build-id")
+        assert late_pid in tr.procs and read_elf(mock.provider).build_id in tr.providers
+        early.stdin.write("\n")
+        early.stdin.flush()
+        _, wcs = read_until_ready(early)
+        assert wcs == ["wc qp=0x100 wr_id=5 status=0 opcode=1"]
+        snap = tr.snapshot()
+        mine = [h for h in snap.latency if h.pid == early_pid]
+        assert [(h.qp_num, {s: c for s, c in enumerate(h.slots) if c}) for h in mine] == \
+            [(QP0, {slot_of(10_000): 1})]
+        assert mine[0].device == "?"      # its ibv_open_device happened before we watched
+        for proc in (early, late):
+            proc.stdin.close()
+            proc.wait(timeout=10)
