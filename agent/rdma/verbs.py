@@ -175,6 +175,8 @@ class VerbsTracer:
         self._elf_cache: dict = {}
         self._lock = threading.RLock()
         self._active = duty is None
+        self._on_since = time.monotonic()
+        self.traced_seconds = 0.0        # time spent with probes attached, under a duty cycle
         self._t0 = time.monotonic()
         self._last_scan = 0.0
         self._stop = threading.Event()
@@ -184,6 +186,11 @@ class VerbsTracer:
             for cg in self.cgroups:
                 tbl[ct.c_ulonglong(os.stat(cg).st_ino)] = ct.c_uint(1)
         self._set_window_start()
+        # load (verify) the probe programs now, not inside the first sampling window
+        from bcc import BPF
+        for fns in PROBES.values():
+            for fn, _ret in fns:
+                self.bpf.load_func(fn.encode(), BPF.KPROBE)
         self.bpf["nw_rdma_events"].open_perf_buffer(self._on_open, page_cnt=16)
         for path in libibverbs:
             self.watch_library(path)
@@ -241,15 +248,26 @@ class VerbsTracer:
             for fn, ret in PROBES[t.role]:
                 before = set(self.bpf.uprobe_fds)
                 attach = self.bpf.attach_uretprobe if ret else self.bpf.attach_uprobe
-                attach(name=t.path.encode(), addr=t.vaddr, fn_name=fn.encode(), pid=p.pid)
+                try:
+                    attach(name=t.path.encode(), addr=t.vaddr, fn_name=fn.encode(), pid=p.pid)
+                except Exception as e:  # noqa: BLE001  (BCC raises bare Exception; the pid may be gone)
+                    log.warning("rdma attach failed pid=%d role=%s path=%s vaddr=0x%x err=%s",
+                                p.pid, t.role, t.path, t.vaddr, e)
                 p.events.extend(set(self.bpf.uprobe_fds) - before)
 
     def _detach(self, p: TracedProcess) -> None:
-        for ev in p.events:
+        """Close the probes in parallel: each close waits for an RCU grace period in the kernel
+        (~0.1 s here), one after another they would hold the tracer for half a second."""
+        def one(ev):
             try:
                 self.bpf.detach_uprobe_event(ev)
             except Exception as e:  # noqa: BLE001  (BCC raises bare Exception)
                 log.debug("rdma detach event=%s err=%s", ev, e)
+        threads = [threading.Thread(target=one, args=(ev,)) for ev in p.events]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
         p.events.clear()
 
     def scan(self) -> None:
@@ -338,10 +356,12 @@ class VerbsTracer:
             if want and not self._active:
                 self._set_window_start()
                 self._active = True
+                self._on_since = time.monotonic()
                 for p in self.procs.values():
                     self._attach(p, p.targets)
             elif not want and self._active:
                 self._active = False
+                self.traced_seconds += time.monotonic() - self._on_since
                 for p in self.procs.values():
                     self._detach(p)
 
@@ -356,10 +376,13 @@ class VerbsTracer:
             self.scan()
 
     def start(self) -> "VerbsTracer":
+        # with a duty cycle, wake often enough to keep the on-window near its configured length
+        timeout = 100 if self.duty is None else max(1, min(100, int(self.duty[0] * 1000 / 4)))
+
         def loop():
             while not self._stop.is_set():
                 try:
-                    self.poll(100)
+                    self.poll(timeout)
                 except Exception:  # noqa: BLE001  (keep tracing; say why)
                     log.exception("rdma tracer round failed")
         self._thread = threading.Thread(target=loop, name="nw-rdma-verbs", daemon=True)

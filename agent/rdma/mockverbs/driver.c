@@ -12,12 +12,16 @@
  *   poll:Q:send|recv:N  poll that CQ until N completions arrived; print each
  *   bench:Q:N:CHAIN     N times: post a chain of CHAIN writes (last signaled), poll until it completes;
  *                       print "bench wrs=<N*CHAIN> ns=<elapsed> polls=<poll calls>"
+ *   rate:Q:R:MS         paced load: for MS milliseconds, every 1 ms post R/1000 single signaled writes,
+ *                       each polled to completion, then sleep to the next tick; print
+ *                       "rate wrs=<posted> ns=<elapsed> cpu_ns=<user+system CPU of this process>"
  */
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <time.h>
 #include <unistd.h>
+#include <sys/resource.h>
 #include <infiniband/verbs.h>
 
 #define MAXQ 64
@@ -161,6 +165,34 @@ int main(int argc, char **argv)
 			}
 			printf("bench wrs=%llu ns=%llu polls=%llu\n", x * y,
 			       (unsigned long long)(now_ns() - t0), (unsigned long long)polls);
+		} else if (!strcmp(cmd, "rate")) {
+			struct rusage r0, r1;
+			struct timespec tick;
+			unsigned long long done = 0, id = 0;
+			sscanf(c + 1, "%d:%llu:%llu", &q, &x, &y);
+			getrusage(RUSAGE_SELF, &r0);
+			clock_gettime(CLOCK_MONOTONIC, &tick);
+			uint64_t t0 = now_ns();
+			for (unsigned long long t = 0; t < y; t++) {
+				for (unsigned long long i = 0; i < x / 1000; i++) {
+					post_write(q, id++, 1, 1);
+					poll_n(qp[q]->send_cq, 1, 0);
+					done++;
+				}
+				tick.tv_nsec += 1000000;
+				if (tick.tv_nsec >= 1000000000) {
+					tick.tv_nsec -= 1000000000;
+					tick.tv_sec++;
+				}
+				clock_nanosleep(CLOCK_MONOTONIC, TIMER_ABSTIME, &tick, NULL);
+			}
+			uint64_t el = now_ns() - t0;
+			getrusage(RUSAGE_SELF, &r1);
+			uint64_t cpu = (r1.ru_utime.tv_sec - r0.ru_utime.tv_sec + r1.ru_stime.tv_sec - r0.ru_stime.tv_sec)
+				* 1000000000ull + (r1.ru_utime.tv_usec - r0.ru_utime.tv_usec +
+				r1.ru_stime.tv_usec - r0.ru_stime.tv_usec) * 1000ll;
+			printf("rate wrs=%llu ns=%llu cpu_ns=%llu\n", done, (unsigned long long)el,
+			       (unsigned long long)cpu);
 		} else {
 			fprintf(stderr, "driver: unknown command %s\n", arg);
 			return 2;
