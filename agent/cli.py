@@ -154,5 +154,24 @@ def cleanup(pin_dir, cgroup) -> None:
     click.echo(f"detached {n} programs from {cg}; unpinned {removed} maps from {pin_dir}")
 
 
+@main.command()
+@click.option("--duration", type=float, default=None, help="Seconds to run [default: until Ctrl-C].")
+@click.option("--metrics-addr", default=None, help="Serve the agent's /metrics here while the demo runs.")
+@click.option("-o", "--output", type=click.Choice(["live", "json"]), default="live",
+              help="json: print the final per-Service tally as JSON after the run.")
+def demo(duration, metrics_addr, output) -> None:
+    """A sandbox cluster (netns pods) with the agent load-balancing ClusterIP traffic, shown live."""
+    from .demo import run_demo
+
+    result = run_demo(duration, metrics_addr)
+    if output == "json":
+        click.echo(json.dumps(result))
+
+
+from .bench.cli import bench  # noqa: E402
+
+main.add_command(bench)
+
+
 from agent.rdma.cli import topo  # noqa: E402
 main.add_command(topo)
