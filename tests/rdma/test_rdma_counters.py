@@ -79,3 +79,22 @@ def test_bad_counter_file_is_skipped_and_named(tmp_path, caplog):
 def test_no_rdma_is_empty(tmp_path):
     c = RdmaPortCounters(str(tmp_path))
     assert not c.available() and c.read() == []
+
+
+def test_topology_gauge(tmp_path, telemetry, sysfs):
+    from agent.rdma.metrics import register_rdma_metrics
+    from test_rdma_topology import dgx_like
+
+    gpus, _ = dgx_like(sysfs)
+    register_rdma_metrics(telemetry.meter("test"), sysfs.root)
+    got = {}
+    for fam in text_string_to_metric_families(generate_latest(REGISTRY).decode()):
+        for s in fam.samples:
+            if s.name == "nodewire_gpu_nic_pcie_distance":
+                got[(s.labels["gpu_pci_address"], s.labels["nic_name"])] = (
+                    s.value, s.labels["pcie_path_class"], s.labels["nic_closest"])
+    assert len(got) == 64
+    assert got[(gpus[0], "mlx5_0")] == (0.0, "PIX", "true")
+    assert got[(gpus[0], "mlx5_1")] == (1.0, "PXB", "false")
+    assert got[(gpus[0], "mlx5_2")] == (3.0, "NODE", "false")
+    assert got[(gpus[7], "mlx5_0")] == (4.0, "SYS", "false")

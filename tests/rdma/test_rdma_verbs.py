@@ -157,3 +157,31 @@ def test_running_process_adopted_by_build_id(mock, pods):
         for proc in (early, late):
             proc.stdin.close()
             proc.wait(timeout=10)
+
+
+@pytest.mark.root
+def test_cli_rdma_json_reports_ports(mock, tmp_path):
+    import json
+
+    from click.testing import CliRunner
+
+    from agent.cli import main
+    from test_rdma_counters import COUNTERS, HW_COUNTERS, write_port
+
+    root = str(tmp_path / "sys")
+    write_port(root, "mlx5_3", 1, COUNTERS, HW_COUNTERS)
+    res = CliRunner().invoke(main, ["rdma", "--libibverbs", mock.libibverbs, "--sysfs-root", root,
+                                    "--duration", "0.2", "-o", "json"])
+    assert res.exit_code == 0, res.output
+    doc = json.loads(res.output[res.output.index("{"):])
+    assert doc["qps"] == [] and doc["errors"] == []
+    ports = {(p["device"], p["counter"]): p["value"] for p in doc["ports"]}
+    assert ports[("mlx5_3", "np_cnp_sent")] == 5 and ports[("mlx5_3", "port_xmit_data")] == 1000
+
+
+def test_cli_rdma_rejects_bad_duty():
+    from click.testing import CliRunner
+
+    from agent.cli import main
+    res = CliRunner().invoke(main, ["rdma", "--duty", "5/1"])
+    assert res.exit_code != 0 and "--duty" in res.output and "0 < ON <= PERIOD" in res.output
