@@ -19,7 +19,7 @@ def _run(driver: str, script: list[str], tracer=None) -> dict[str, dict[str, int
     pid = int(p.stdout.readline().split()[1])
     if tracer is not None:
         deadline = time.monotonic() + 20
-        while not (pid in tracer.procs and tracer.procs[pid].targets):
+        while not tracer.is_attached(pid):
             if time.monotonic() > deadline:
                 p.kill()
                 raise RuntimeError("bench: the tracer never attached to the driver")

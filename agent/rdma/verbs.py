@@ -41,6 +41,7 @@ PROBES = {  # role → [(bcc function, return probe?)]
     "post_recv": [("nw_post_recv", False)],
     "poll_cq": [("nw_poll_enter", False), ("nw_poll_ret", True)],
 }
+LATENCY_BOUNDS_S = tuple((1 << s) * 1e-6 for s in range(HIST_SLOTS - 1))
 LIBIBVERBS = re.compile(r"/libibverbs\.so[.\d]*$")
 
 
@@ -113,6 +114,8 @@ class TracedProcess:
     targets: list[ProbeTarget]
     devices: dict[int, str] = field(default_factory=dict)      # ibv_context address → device name
     events: list[bytes] = field(default_factory=list)           # BCC uprobe event names attached
+    attrs: dict = field(default_factory=dict)                   # identity attributes (pod)
+    attached: bool = False                                      # every target's probes are on
 
 
 @dataclass(frozen=True)
@@ -155,10 +158,12 @@ class VerbsTracer:
         the opted-in processes' maps).
     cgroups: cgroup v2 directories whose processes are opted in (a pod's cgroup); None = all.
     duty: (on_seconds, period_seconds) to trace only part of the time, or None for always.
+    identity: pid → extra metric attributes (the agent's pod identity: k8s.namespace.name,
+        k8s.pod.name), looked up once per traced process.
     """
 
     def __init__(self, libibverbs=(), cgroups=None, duty=None, layout: VerbsLayout | None = None,
-                 chain_max: int = 16, wc_max: int = 16, scan_interval: float = 2.0):
+                 chain_max: int = 16, wc_max: int = 16, scan_interval: float = 2.0, identity=None):
         from ..datapath.loader import compile_program  # noqa: F401  (imports BCC lazily)
 
         self.layout = layout or load_layout()
@@ -177,6 +182,8 @@ class VerbsTracer:
         self._active = duty is None
         self._on_since = time.monotonic()
         self.traced_seconds = 0.0        # time spent with probes attached, under a duty cycle
+        self._series_start: dict[tuple, int] = {}
+        self.identity = identity
         self._t0 = time.monotonic()
         self._last_scan = 0.0
         self._stop = threading.Event()
@@ -233,6 +240,11 @@ class VerbsTracer:
         p = self.procs.get(pid)
         if p is None:
             p = self.procs[pid] = TracedProcess(pid, proc_start_time(pid), _comm(pid), [])
+            if self.identity is not None:
+                try:
+                    p.attrs = dict(self.identity(pid) or {})
+                except Exception as e:  # noqa: BLE001  (identity is the agent's; keep tracing)
+                    log.warning("rdma identity lookup failed pid=%d err=%s", pid, e)
             self.bpf["nw_rdma_procs_v1"][ct.c_uint(pid)] = ct.c_uint(1)
             log.info("rdma tracing pid=%d comm=%s", pid, p.comm)
         if ctx is not None:
@@ -254,6 +266,11 @@ class VerbsTracer:
                     log.warning("rdma attach failed pid=%d role=%s path=%s vaddr=0x%x err=%s",
                                 p.pid, t.role, t.path, t.vaddr, e)
                 p.events.extend(set(self.bpf.uprobe_fds) - before)
+        p.attached = len(p.events) == sum(len(PROBES[t.role]) for t in p.targets)
+
+    def is_attached(self, pid: int) -> bool:
+        p = self.procs.get(pid)
+        return bool(p and p.attached)
 
     def _detach(self, p: TracedProcess) -> None:
         """Close the probes in parallel: each close waits for an RCU grace period in the kernel
@@ -269,6 +286,7 @@ class VerbsTracer:
         for t in threads:
             t.join()
         p.events.clear()
+        p.attached = False
 
     def scan(self) -> None:
         """Find opted-in processes that map libibverbs (watch it) or a provider we know (attach)."""
@@ -429,12 +447,43 @@ class VerbsTracer:
             stats = {name: st[ct.c_int(i)].value for i, name in enumerate(STATS)}
             return Snapshot(latency, errors, stats, {pid: p.comm for pid, p in procs.items()})
 
+    def _attrs(self, pid: int, comm: str, dev: str, qp: int) -> dict:
+        p = self.procs.get(pid)
+        return {**(p.attrs if p else {}), "process.pid": pid, "process.command": comm,
+                "rdma.device": dev, "rdma.qp_num": qp}
+
+    def latency_metrics(self, snap: Snapshot | None = None, now_ns: int | None = None) -> list:
+        """The kernel histograms as one OTel histogram metric, bucket for bucket: slot s is the
+        bucket with upper bound 2^s µs (upper-inclusive, like OTel's explicit bounds), the last slot
+        is +Inf. For a Telemetry producer (a callable returning Metric objects)."""
+        from opentelemetry.sdk.metrics.export import (AggregationTemporality, Histogram,
+                                                      HistogramDataPoint, Metric)
+
+        snap = snap or self.snapshot()
+        now = now_ns or time.time_ns()
+        points, seen = [], set()
+        for h in snap.latency:
+            key = (h.pid, h.qp_num, h.direction)
+            seen.add(key)
+            start = self._series_start.setdefault(key, now)
+            points.append(HistogramDataPoint(
+                attributes={**self._attrs(h.pid, h.comm, h.device, h.qp_num), "rdma.direction": h.direction},
+                start_time_unix_nano=start, time_unix_nano=now, count=h.count, sum=h.sum_us * 1e-6,
+                bucket_counts=list(h.slots), explicit_bounds=LATENCY_BOUNDS_S, min=None, max=None))
+        for key in [k for k in self._series_start if k not in seen]:
+            del self._series_start[key]
+        if not points:
+            return []
+        return [Metric(name="nodewire.rdma.wr.latency", unit="s",
+                       description="Verbs work request latency, post to completion polled (kernel log2 buckets)",
+                       data=Histogram(data_points=points,
+                                      aggregation_temporality=AggregationTemporality.CUMULATIVE))]
+
     def register(self, meter) -> None:
         """Completion and error counters per (process, device, qp) as OTel observable counters."""
         from opentelemetry.metrics import Observation
 
-        def attrs(pid, comm, dev, qp):
-            return {"process.pid": pid, "process.command": comm, "rdma.device": dev, "rdma.qp_num": qp}
+        attrs = self._attrs
 
         def completions(_o):
             return [Observation(q.count, {**attrs(q.pid, q.comm, q.device, q.qp_num),

@@ -16,14 +16,14 @@ QP0, QP1, QP2, QP3 = 0x100, 0x101, 0x102, 0x103
 
 # Every timed WR waits at least a known sleep between post and poll; the assertions are on the
 # log2 slot that sleep falls in: slot 14 holds (8.192, 16.384] ms, slot 16 (32.768, 65.536] ms, so
-# a 10 ms sleep may overrun by 6 ms and a 50 ms one by 15 ms before a slot changes.
+# a 9 ms sleep may overrun by 7 ms and a 49 ms one by 16 ms before a slot changes.
 SCRIPT = [
     "qps:4", "ready",
-    "chain:0:1,2,3,4", "sleep:10", "poll:0:send:1",               # 4 WRs, only wr 4 signaled
-    "recv:1:100", "sleep:40", "send:0:7", "sleep:10",              # QP1's receive waits ~50 ms
+    "chain:0:1,2,3,4", "sleep:9", "poll:0:send:1",               # 4 WRs, only wr 4 signaled
+    "recv:1:100", "sleep:40", "send:0:7", "sleep:9",              # QP1's receive waits ~49 ms
     "poll:0:send:1", "poll:1:recv:1",
-    "bad:2:8", "write:2:9", "sleep:10", "poll:2:send:2",           # rkey 0 → error, then flush
-    "send:3:10", "sleep:10", "poll:3:send:1",                      # no receive posted → RNR
+    "bad:2:8", "write:2:9", "sleep:9", "poll:2:send:2",           # rkey 0 → error, then flush
+    "send:3:10", "sleep:9", "poll:3:send:1",                      # no receive posted → RNR
     "ready",
 ]
 EXPECTED_WC = [
@@ -89,14 +89,24 @@ def test_latency_histograms_errors_and_exit(mock, pods):
     from agent.rdma.verbs import VerbsTracer, slot_of
 
     sb, pod_in, pod_out = pods
-    with VerbsTracer(libibverbs=[mock.libibverbs], cgroups=[pod_in.cgroup], scan_interval=0.2) as tr:
+    from agent.datapath.attach import detect_cgroup2_root
+    pods_by_cgroup = {pod_in.cgroup: pod_in.name}
+
+    def identity(pid):   # the agent's pod lookup, by the process's cgroup v2 path
+        with open(f"/proc/{pid}/cgroup") as f:
+            rel = [line.split("::", 1)[1] for line in f.read().splitlines() if line.startswith("0::")][0]
+        return {"k8s.pod.name": pods_by_cgroup.get(detect_cgroup2_root() + rel, "?")}
+
+    with VerbsTracer(libibverbs=[mock.libibverbs], cgroups=[pod_in.cgroup], scan_interval=0.2,
+                     identity=identity) as tr:
         tr.start()
         # both processes start after the tracer; only the opted-in pod's is traced
         p = pod_in.popen([mock.driver, *SCRIPT], stdin=subprocess.PIPE)
         q = pod_out.popen([mock.driver, "qps:1", "write:0:1", "poll:0:send:1", "ready"], stdin=subprocess.PIPE)
         pid, _ = read_until_ready(p)
         other, _ = read_until_ready(q)
-        wait_for(lambda: pid in tr.procs and len(tr.procs[pid].events) == 4, "probes on the driver")
+        wait_for(lambda: tr.is_attached(pid), "probes on the driver")
+        assert len(tr.procs[pid].events) == 4       # post_send, post_recv, poll_cq entry + return
         p.stdin.write("\n")
         p.stdin.flush()
         _, wcs = read_until_ready(p)
@@ -105,15 +115,24 @@ def test_latency_histograms_errors_and_exit(mock, pods):
         snap = tr.snapshot()
         hist = {(h.qp_num, h.direction): {s: c for s, c in enumerate(h.slots) if c} for h in snap.latency
                 if h.pid == pid}
-        ten, fifty = slot_of(10_000), slot_of(50_000)
-        assert (ten, fifty) == (14, 16)
-        assert hist == {(QP0, "send"): {ten: 2}, (QP1, "recv"): {fifty: 1},
-                        (QP2, "send"): {ten: 2}, (QP3, "send"): {ten: 1}}
+        nine, fortynine = slot_of(9_000), slot_of(49_000)
+        assert (nine, fortynine) == (14, 16)
+        assert hist == {(QP0, "send"): {nine: 2}, (QP1, "recv"): {fortynine: 1},
+                        (QP2, "send"): {nine: 2}, (QP3, "send"): {nine: 1}}
         assert {h.device for h in snap.latency} == {"mockx_0"}
         errs = {(e.qp_num, e.status): e.count for e in snap.errors if e.pid == pid}
         assert errs == {(QP2, "REM_ACCESS_ERR"): 1, (QP2, "WR_FLUSH_ERR"): 1, (QP3, "RNR_RETRY_EXC_ERR"): 1}
         assert snap.stats["posted"] == 6 and snap.stats["matched"] == 6 and snap.stats["completed"] == 6
         assert other not in snap.traced and all(h.pid == pid for h in snap.latency)
+
+        # the same histograms as an OTel metric, bucket for bucket, labelled with the pod
+        [metric] = tr.latency_metrics(snap)
+        pts = {(p.attributes["rdma.qp_num"], p.attributes["rdma.direction"]): p for p in metric.data.data_points}
+        p0 = pts[(QP0, "send")]
+        assert p0.attributes["k8s.pod.name"] == "rdma-in" and p0.attributes["rdma.device"] == "mockx_0"
+        assert p0.count == 2 and p0.bucket_counts[nine] == 2 and sum(p0.bucket_counts) == 2
+        assert p0.explicit_bounds[nine - 1] < 0.009 <= p0.explicit_bounds[nine] == 16384e-6
+        assert 0.018 <= p0.sum < 2 * 16384e-6
 
         # exit: probes detached, series dropped, kernel maps emptied for that pid
         p.stdin.write("\n")
@@ -134,7 +153,7 @@ def test_running_process_adopted_by_build_id(mock, pods):
     from agent.rdma.verbs import VerbsTracer, slot_of
 
     sb, pod_in, _ = pods
-    early = pod_in.popen([mock.driver, "qps:1", "ready", "write:0:5", "sleep:10", "poll:0:send:1", "ready"],
+    early = pod_in.popen([mock.driver, "qps:1", "ready", "write:0:5", "sleep:9", "poll:0:send:1", "ready"],
                          stdin=subprocess.PIPE)
     early_pid, _ = read_until_ready(early)
     with VerbsTracer(libibverbs=[mock.libibverbs], cgroups=[pod_in.cgroup], scan_interval=0.2) as tr:
@@ -143,7 +162,7 @@ def test_running_process_adopted_by_build_id(mock, pods):
         assert early_pid not in tr.procs and not tr.providers
         late = pod_in.popen([mock.driver, "qps:1", "ready"], stdin=subprocess.PIPE)
         late_pid, _ = read_until_ready(late)
-        wait_for(lambda: early_pid in tr.procs and tr.procs[early_pid].events, "adoption by build-id")
+        wait_for(lambda: tr.is_attached(early_pid), "adoption by build-id")
         assert late_pid in tr.procs and read_elf(mock.provider).build_id in tr.providers
         early.stdin.write("\n")
         early.stdin.flush()
@@ -152,7 +171,7 @@ def test_running_process_adopted_by_build_id(mock, pods):
         snap = tr.snapshot()
         mine = [h for h in snap.latency if h.pid == early_pid]
         assert [(h.qp_num, {s: c for s, c in enumerate(h.slots) if c}) for h in mine] == \
-            [(QP0, {slot_of(10_000): 1})]
+            [(QP0, {slot_of(9_000): 1})]
         assert mine[0].device == "?"      # its ibv_open_device happened before we watched
         for proc in (early, late):
             proc.stdin.close()
