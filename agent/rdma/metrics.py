@@ -36,9 +36,12 @@ def topology_observations(sysfs_root: str = "/sys") -> list[tuple[int, dict]]:
     return out
 
 
-def register_rdma_metrics(meter, sysfs_root: str = "/sys", tracer=None) -> None:
+def register_rdma_metrics(telemetry, sysfs_root: str = "/sys", tracer=None) -> None:
+    """Instruments on telemetry's meter; the tracer's latency histograms go through the telemetry
+    producer hook (ready-made OTel histograms) where the export module has one."""
     from opentelemetry.metrics import Observation
 
+    meter = telemetry.meter("nodewire.rdma")
     RdmaPortCounters(sysfs_root).register(meter)
     meter.create_observable_gauge(
         "nodewire.gpu.nic.pcie_distance",
@@ -46,3 +49,7 @@ def register_rdma_metrics(meter, sysfs_root: str = "/sys", tracer=None) -> None:
         unit="1", description="PCIe path class between a GPU and a NIC: 0 PIX, 1 PXB, 2 PHB, 3 NODE, 4 SYS")
     if tracer is not None:
         tracer.register(meter)
+        if hasattr(telemetry, "add_producer"):
+            telemetry.add_producer(tracer.latency_metrics)
+        else:
+            log.info("rdma latency histograms not exported: telemetry has no producer hook")

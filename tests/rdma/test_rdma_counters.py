@@ -86,7 +86,7 @@ def test_topology_gauge(tmp_path, telemetry, sysfs):
     from test_rdma_topology import dgx_like
 
     gpus, _ = dgx_like(sysfs)
-    register_rdma_metrics(telemetry.meter("test"), sysfs.root)
+    register_rdma_metrics(telemetry, sysfs.root)
     got = {}
     for fam in text_string_to_metric_families(generate_latest(REGISTRY).decode()):
         for s in fam.samples:
