@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
 
 import click
@@ -48,8 +49,9 @@ def _quantile_us(slots, q: float) -> int:
     return 0
 
 
-def snapshot_json(snap, ports) -> dict:
+def snapshot_json(snap, ports, kernel_tracepoints=None) -> dict:
     return {
+        "kernel_tracepoints": kernel_tracepoints or {},
         "qps": [{"pid": h.pid, "comm": h.comm, "device": h.device, "qp_num": h.qp_num,
                  "direction": h.direction, "count": h.count, "sum_us": h.sum_us,
                  "p50_us_le": _quantile_us(h.slots, 0.5), "p99_us_le": _quantile_us(h.slots, 0.99),
@@ -101,10 +103,13 @@ def rdma(libs, cgroups, duty, sysfs_root, interval, duration, output) -> None:
 
     from .counters import RdmaPortCounters
     from .layout import LayoutError
-    from .verbs import VerbsTracer
+    from .verbs import VerbsTracer, kernel_rdma_tracepoints
 
+    kernel_tp = kernel_rdma_tracepoints()
     try:
-        tracer = VerbsTracer(libibverbs=libs, cgroups=list(cgroups) or None, duty=_parse_duty(duty))
+        from .layout import CACHE_DIR
+        tracer = VerbsTracer(libibverbs=libs, cgroups=list(cgroups) or None, duty=_parse_duty(duty),
+                             provider_cache=os.path.join(CACHE_DIR, "rdma-providers.json"))
     except LayoutError as e:
         raise click.ClickException(str(e)) from None
     ports = RdmaPortCounters(sysfs_root)
@@ -115,7 +120,7 @@ def rdma(libs, cgroups, duty, sysfs_root, interval, duration, output) -> None:
             time.sleep(max(0.0, end - time.monotonic()) if end else interval)
             snap, pc = tracer.snapshot(), ports.read()
             if output == "json":
-                click.echo(json.dumps(snapshot_json(snap, pc), indent=2))
+                click.echo(json.dumps(snapshot_json(snap, pc, kernel_tp), indent=2))
             else:
                 from rich.console import Console
                 Console().print(render(snap, pc))

@@ -20,6 +20,7 @@ sq_sig_all whose WRs do not also set IBV_SEND_SIGNALED are not timed (only their
 from __future__ import annotations
 
 import ctypes as ct
+import json
 import logging
 import os
 import re
@@ -163,7 +164,8 @@ class VerbsTracer:
     """
 
     def __init__(self, libibverbs=(), cgroups=None, duty=None, layout: VerbsLayout | None = None,
-                 chain_max: int = 16, wc_max: int = 16, scan_interval: float = 2.0, identity=None):
+                 chain_max: int = 16, wc_max: int = 16, scan_interval: float = 2.0, identity=None,
+                 provider_cache: str | None = None):
         from ..datapath.loader import compile_program  # noqa: F401  (imports BCC lazily)
 
         self.layout = layout or load_layout()
@@ -175,7 +177,8 @@ class VerbsTracer:
             cflags.append("-DNW_CGROUP_FILTER")
         self.bpf = _compile(cflags)
         self.procs: dict[int, TracedProcess] = {}
-        self.providers: dict[str, dict[str, int]] = {}      # build-id → role → vaddr
+        self.provider_cache = provider_cache                # JSON file; survives agent restarts
+        self.providers: dict[str, dict[str, int]] = self._load_providers()   # build-id → role → vaddr
         self.lib_probes: dict[tuple, str] = {}              # (st_dev, st_ino) → path attached
         self._elf_cache: dict = {}
         self._lock = threading.RLock()
@@ -227,14 +230,43 @@ class VerbsTracer:
     def _track(self, pid: int, addrs: dict[str, int], ctx: int, dev: str) -> None:
         maps = read_maps(pid)
         targets = []
+        learned = False
         for role in ROLES:
             if not addrs[role]:
                 continue
             path, vaddr, build_id = resolve(pid, addrs[role], maps, self._elf_cache)
             targets.append(ProbeTarget(role, path, vaddr, build_id))
-            if build_id:
+            log.info("rdma provider pid=%d device=%s role=%s file=%s vaddr=0x%x symbol=%s build_id=%s",
+                     pid, dev, role, path, vaddr, _symbol(addrs[role], pid), build_id)
+            if build_id and self.providers.get(build_id, {}).get(role) != vaddr:
                 self.providers.setdefault(build_id, {})[role] = vaddr
+                learned = True
+        if learned:
+            self._save_providers()
         self._adopt(pid, targets, ctx, dev)
+
+    def _load_providers(self) -> dict:
+        if not self.provider_cache or not os.path.exists(self.provider_cache):
+            return {}
+        try:
+            with open(self.provider_cache) as f:
+                doc = json.load(f)
+            return {str(b): {r: int(v) for r, v in roles.items() if r in ROLES} for b, roles in doc.items()}
+        except (OSError, ValueError, AttributeError) as e:
+            log.warning("rdma provider cache unreadable path=%s err=%s", self.provider_cache, e)
+            return {}
+
+    def _save_providers(self) -> None:
+        if not self.provider_cache:
+            return
+        try:
+            os.makedirs(os.path.dirname(self.provider_cache) or ".", exist_ok=True)
+            tmp = self.provider_cache + ".tmp"
+            with open(tmp, "w") as f:
+                json.dump(self.providers, f)
+            os.replace(tmp, self.provider_cache)
+        except OSError as e:
+            log.warning("rdma provider cache not saved path=%s err=%s", self.provider_cache, e.strerror)
 
     def _adopt(self, pid: int, targets: list[ProbeTarget], ctx: int | None, dev: str | None) -> None:
         p = self.procs.get(pid)
@@ -499,6 +531,31 @@ class VerbsTracer:
                                         description="Timed work-request completions per QP")
         meter.create_observable_counter("nodewire.rdma.wc.errors", [errors], unit="{completion}",
                                         description="Completions with an error status, per QP and status")
+
+
+# Kernel RDMA tracepoint groups (drivers/infiniband): where a node has them, kernel-side verbs
+# (NVMe-oF, NFS/RDMA, rds) and connection setup are visible too. Probed, never assumed.
+KERNEL_RDMA_GROUPS = ("rdma_core", "rdma_cma", "ib_mad", "ib_umad", "ib_cma")
+
+
+def kernel_rdma_tracepoints(tracefs: str = "/sys/kernel/tracing") -> dict[str, bool]:
+    """Which kernel RDMA tracepoint groups exist here (all absent on a kernel without RDMA)."""
+    events = os.path.join(tracefs, "events")
+    present = {g: os.path.isdir(os.path.join(events, g)) for g in KERNEL_RDMA_GROUPS}
+    if not any(present.values()):
+        log.info("rdma kernel tracepoints absent groups=%s (no kernel RDMA here; verbs uprobes only)",
+                 ",".join(KERNEL_RDMA_GROUPS))
+    return present
+
+
+def _symbol(addr: int, pid: int) -> str:
+    """The function's name where the provider has a symbol table or debug info; else '-'."""
+    try:
+        from bcc import BPF
+        name = BPF.sym(addr, pid).decode(errors="replace")
+    except Exception:  # noqa: BLE001
+        return "-"
+    return "-" if name == "[unknown]" else name
 
 
 def _comm(pid: int) -> str:
