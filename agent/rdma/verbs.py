@@ -166,8 +166,6 @@ class VerbsTracer:
     def __init__(self, libibverbs=(), cgroups=None, duty=None, layout: VerbsLayout | None = None,
                  chain_max: int = 16, wc_max: int = 16, scan_interval: float = 2.0, identity=None,
                  provider_cache: str | None = None):
-        from ..datapath.loader import compile_program  # noqa: F401  (imports BCC lazily)
-
         self.layout = layout or load_layout()
         self.cgroups = list(cgroups) if cgroups is not None else None
         self.duty = duty
@@ -236,8 +234,9 @@ class VerbsTracer:
                 continue
             path, vaddr, build_id = resolve(pid, addrs[role], maps, self._elf_cache)
             targets.append(ProbeTarget(role, path, vaddr, build_id))
-            log.info("rdma provider pid=%d device=%s role=%s file=%s vaddr=0x%x symbol=%s build_id=%s",
-                     pid, dev, role, path, vaddr, _symbol(addrs[role], pid), build_id)
+            if log.isEnabledFor(logging.DEBUG):   # symbolising loads every module's symbols: debug only
+                log.debug("rdma provider pid=%d device=%s role=%s file=%s vaddr=0x%x symbol=%s build_id=%s",
+                          pid, dev, role, path, vaddr, _symbol(addrs[role], pid), build_id)
             if build_id and self.providers.get(build_id, {}).get(role) != vaddr:
                 self.providers.setdefault(build_id, {})[role] = vaddr
                 learned = True
