@@ -93,11 +93,12 @@ def render(snap, ports):
 @click.option("--cgroup", "cgroups", multiple=True, type=click.Path(exists=True, file_okay=False),
               help="Only trace processes in these cgroup v2 directories (opted-in pods). Default: all.")
 @click.option("--duty", default=None, help="Trace ON seconds out of every PERIOD, e.g. 0.05/5 (cost bound).")
+@click.option("--time-box", type=float, default=None, help="Detach all probes after N seconds (keep showing data).")
 @click.option("--sysfs-root", default="/sys", show_default=True, type=click.Path(file_okay=False))
 @click.option("--interval", default=1.0, show_default=True, help="Refresh every N seconds.")
 @click.option("--duration", type=float, default=None, help="Stop after N seconds and print once.")
 @click.option("-o", "--output", type=click.Choice(["table", "json"]), default="table", show_default=True)
-def rdma(libs, cgroups, duty, sysfs_root, interval, duration, output) -> None:
+def rdma(libs, cgroups, duty, time_box, sysfs_root, interval, duration, output) -> None:
     """Live per-QP verbs latency and errors, and RDMA port counters."""
     import time
 
@@ -109,7 +110,7 @@ def rdma(libs, cgroups, duty, sysfs_root, interval, duration, output) -> None:
     try:
         from .layout import CACHE_DIR
         tracer = VerbsTracer(libibverbs=libs, cgroups=list(cgroups) or None, duty=_parse_duty(duty),
-                             provider_cache=os.path.join(CACHE_DIR, "rdma-providers.json"))
+                             time_box=time_box, provider_cache=os.path.join(CACHE_DIR, "rdma-providers.json"))
     except LayoutError as e:
         raise click.ClickException(str(e)) from None
     ports = RdmaPortCounters(sysfs_root)

@@ -159,16 +159,19 @@ class VerbsTracer:
         the opted-in processes' maps).
     cgroups: cgroup v2 directories whose processes are opted in (a pod's cgroup); None = all.
     duty: (on_seconds, period_seconds) to trace only part of the time, or None for always.
+    time_box: stop tracing (detach everything, keep the data) this many seconds after start().
     identity: pid → extra metric attributes (the agent's pod identity: k8s.namespace.name,
         k8s.pod.name), looked up once per traced process.
     """
 
     def __init__(self, libibverbs=(), cgroups=None, duty=None, layout: VerbsLayout | None = None,
                  chain_max: int = 16, wc_max: int = 16, scan_interval: float = 2.0, identity=None,
-                 provider_cache: str | None = None):
+                 provider_cache: str | None = None, time_box: float | None = None):
         self.layout = layout or load_layout()
         self.cgroups = list(cgroups) if cgroups is not None else None
         self.duty = duty
+        self.time_box = time_box
+        self.boxed = False               # the time box has run out: nothing is attached any more
         self.scan_interval = scan_interval
         cflags = self.layout.cflags() + [f"-DNW_CHAIN_MAX={chain_max}", f"-DNW_WC_MAX={wc_max}"]
         if self.cgroups is not None:
@@ -190,9 +193,7 @@ class VerbsTracer:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         if self.cgroups is not None:
-            tbl = self.bpf["nw_rdma_cgroups_v1"]
-            for cg in self.cgroups:
-                tbl[ct.c_ulonglong(os.stat(cg).st_ino)] = ct.c_uint(1)
+            self.set_cgroups(self.cgroups)
         self._set_window_start()
         # load (verify) the probe programs now, not inside the first sampling window
         from bcc import BPF
@@ -350,6 +351,32 @@ class VerbsTracer:
                     log.info("rdma provider known by build-id pid=%d", pid)
                     self._adopt(pid, targets, None, None)
 
+    def set_cgroups(self, paths) -> None:
+        """Replace the opted-in cgroups (pods come and go); processes outside them are dropped."""
+        if self.cgroups is None:
+            raise ValueError("this tracer was built for all processes (cgroups=None); it has no filter")
+        ids = {}
+        for path in paths:
+            try:
+                ids[os.stat(path).st_ino] = path
+            except OSError as e:
+                log.warning("rdma opt-in cgroup skipped path=%s err=%s", path, e.strerror)
+        tbl = self.bpf["nw_rdma_cgroups_v1"]
+        with self._lock:
+            for k in list(tbl.keys()):
+                if k.value not in ids:
+                    del tbl[k]
+            for cg_id in ids:
+                tbl[ct.c_ulonglong(cg_id)] = ct.c_uint(1)
+            self.cgroups = list(ids.values())
+            members = set(self._candidate_pids())
+            dropped = [pid for pid in self.procs if pid not in members]
+            for pid in dropped:
+                self._detach(self.procs.pop(pid))
+                log.info("rdma stopped tracing pid=%d reason=opt-out", pid)
+            if dropped:
+                self._drop_series(set(dropped))
+
     def _candidate_pids(self) -> list[int]:
         if self.cgroups is None:
             return [int(d) for d in os.listdir("/proc") if d.isdigit()]
@@ -397,7 +424,16 @@ class VerbsTracer:
         self.bpf["nw_rdma_cfg_v1"][ct.c_int(0)] = ct.c_ulonglong(time.monotonic_ns())
 
     def _duty_tick(self) -> None:
-        if self.duty is None:
+        if self.time_box is not None and not self.boxed and time.monotonic() - self._t0 >= self.time_box:
+            with self._lock:
+                if self._active:
+                    self.traced_seconds += time.monotonic() - self._on_since
+                self._active = False
+                for p in self.procs.values():
+                    self._detach(p)
+                self.boxed = True
+            log.info("rdma time box over seconds=%s: probes detached, data kept", self.time_box)
+        if self.duty is None or self.boxed:
             return
         on, period = self.duty
         want = (time.monotonic() - self._t0) % period < on
@@ -425,6 +461,7 @@ class VerbsTracer:
             self.scan()
 
     def start(self) -> "VerbsTracer":
+        self._t0 = time.monotonic()
         # with a duty cycle, wake often enough to keep the on-window near its configured length
         timeout = 100 if self.duty is None else max(1, min(100, int(self.duty[0] * 1000 / 4)))
 

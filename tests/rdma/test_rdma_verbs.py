@@ -180,6 +180,11 @@ def test_running_process_adopted_by_build_id(mock, pods, tmp_path):
                      provider_cache=cache) as tr2:
         tr2.start()
         wait_for(lambda: tr2.is_attached(early_pid) and tr2.is_attached(late_pid), "adoption from the cache")
+        # the pod opts out: both are detached at once and nothing new is picked up from it
+        tr2.set_cgroups([])
+        assert tr2.procs == {}
+        assert not [e for e in tr2.bpf.uprobe_fds if e.endswith((b"_%d" % early_pid, b"_%d" % late_pid))]
+        assert len(tr2.bpf["nw_rdma_cgroups_v1"]) == 0
     for proc in (early, late):
         proc.stdin.close()
         proc.wait(timeout=10)
@@ -213,6 +218,32 @@ def test_cli_rdma_rejects_bad_duty():
     from agent.cli import main
     res = CliRunner().invoke(main, ["rdma", "--duty", "5/1"])
     assert res.exit_code != 0 and "--duty" in res.output and "0 < ON <= PERIOD" in res.output
+
+
+@pytest.mark.root
+def test_time_box_detaches_and_keeps_data(mock, pods):
+    from agent.rdma.verbs import VerbsTracer
+
+    sb, pod_in, _ = pods
+    with VerbsTracer(libibverbs=[mock.libibverbs], cgroups=[pod_in.cgroup], time_box=3600) as tr:
+        tr.start()
+        p = pod_in.popen([mock.driver, "qps:1", "ready", "write:0:1", "sleep:1", "poll:0:send:1", "ready",
+                          "write:0:2", "sleep:1", "poll:0:send:1", "ready"], stdin=subprocess.PIPE)
+        pid, _ = read_until_ready(p)
+        wait_for(lambda: tr.is_attached(pid), "probes on the driver")
+        p.stdin.write("\n")
+        p.stdin.flush()
+        read_until_ready(p)
+        tr._t0 -= 3600          # the box runs out now (instead of waiting an hour)
+        wait_for(lambda: tr.boxed, "time box over")
+        assert not tr.is_attached(pid) and not [e for e in tr.bpf.uprobe_fds if e.endswith(b"_%d" % pid)]
+        p.stdin.write("\n")    # this WR runs untraced
+        p.stdin.flush()
+        read_until_ready(p)
+        [h] = tr.snapshot().latency
+        assert (h.pid, h.qp_num, h.count) == (pid, QP0, 1)
+        p.stdin.close()
+        p.wait(timeout=10)
 
 
 def _free_port() -> int:
