@@ -4,7 +4,8 @@
  * Only pt_regs, helpers and user memory: every struct offset (NW_CTX_*, NW_QP_*, NW_SWR_*, NW_WC_*)
  * comes from agent/rdma/layout.py, which compiles against the real <infiniband/verbs.h>.
  *
- * post side: each posted WR that will produce a completion (signaled; receives always) is stamped
+ * post side: each posted WR that will produce a completion (signaled, or on a QP created with
+ *            sq_sig_all — seen by probes on ibv_create_qp; receives always) is stamped
  *            in an LRU map under (tgid, qp_num, wr_id, direction). NCCL reuses wr_ids and signals
  *            only the last WR of a chain, so the key is per QP and unsignaled WRs are not stamped.
  * poll side: poll_cq's entry remembers the wc array; its return reads the `ret` completions and
@@ -53,6 +54,8 @@ BPF_HASH(nw_rdma_lat_v1, struct nw_lat_key, u64, 65536);
 BPF_HASH(nw_rdma_err_v1, struct nw_err_key, u64, 16384);
 BPF_HASH(nw_rdma_qp_ctx_v1, struct nw_qp_key, u64, 65536);
 BPF_HASH(nw_rdma_polls_v1, u64, struct nw_poll_args, 4096);
+BPF_HASH(nw_rdma_create_qp_v1, u64, u64, 4096);              /* thread → ibv_qp_init_attr * */
+BPF_HASH(nw_rdma_sig_all_v1, struct nw_qp_key, u32, 65536);  /* QPs created with sq_sig_all */
 BPF_HASH(nw_rdma_procs_v1, u32, u32, 4096);
 BPF_HASH(nw_rdma_cgroups_v1, u64, u32, 4096);
 BPF_ARRAY(nw_rdma_stats_v1, u64, NW_STAT_MAX);
@@ -66,14 +69,22 @@ static __always_inline void nw_stat(u32 i, u64 n)
 		__sync_fetch_and_add(v, n);
 }
 
-/* uretprobe on ibv_open_device: hand the new context's ops table to user space */
-int nw_open_ret(struct pt_regs *ctx)
+/* the process is in an opted-in pod (cgroup v2 id in nw_rdma_cgroups_v1), or no filter */
+static __always_inline int nw_opted_in(void)
 {
 #ifdef NW_CGROUP_FILTER
 	u64 cg = bpf_get_current_cgroup_id();
-	if (!nw_rdma_cgroups_v1.lookup(&cg))
-		return 0;
+	return nw_rdma_cgroups_v1.lookup(&cg) != 0;
+#else
+	return 1;
 #endif
+}
+
+/* uretprobe on ibv_open_device: hand the new context's ops table to user space */
+int nw_open_ret(struct pt_regs *ctx)
+{
+	if (!nw_opted_in())
+		return 0;
 	u64 vctx = PT_REGS_RC(ctx);
 	if (!vctx)
 		return 0;
@@ -91,6 +102,38 @@ int nw_open_ret(struct pt_regs *ctx)
 	return 0;
 }
 
+/* ibv_create_qp (exported): a QP created with sq_sig_all completes every send WR, signaled or not */
+int nw_create_qp_enter(struct pt_regs *ctx)
+{
+	if (!nw_opted_in())
+		return 0;
+	u64 id = bpf_get_current_pid_tgid(), attr = PT_REGS_PARM2(ctx);
+	nw_rdma_create_qp_v1.update(&id, &attr);
+	return 0;
+}
+
+int nw_create_qp_ret(struct pt_regs *ctx)
+{
+	u64 id = bpf_get_current_pid_tgid();
+	u64 *attr = nw_rdma_create_qp_v1.lookup(&id);
+	if (!attr)
+		return 0;
+	u64 a = *attr;
+	nw_rdma_create_qp_v1.delete(&id);
+	u64 qp = PT_REGS_RC(ctx);
+	int sig_all = 0;
+	if (!qp || !a)
+		return 0;
+	bpf_probe_read_user(&sig_all, 4, (void *)(a + NW_QPIA_SQ_SIG_ALL));
+	if (!sig_all)
+		return 0;
+	struct nw_qp_key qk = { .tgid = id >> 32 };
+	u32 one = 1;
+	bpf_probe_read_user(&qk.qp_num, 4, (void *)(qp + NW_QP_NUM));
+	nw_rdma_sig_all_v1.update(&qk, &one);
+	return 0;
+}
+
 static __always_inline int nw_record_posts(struct pt_regs *ctx, u32 recv)
 {
 	u32 tgid = bpf_get_current_pid_tgid() >> 32;
@@ -102,6 +145,7 @@ static __always_inline int nw_record_posts(struct pt_regs *ctx, u32 recv)
 	k.recv = recv;
 	bpf_probe_read_user(&k.qp_num, 4, (void *)(qp + NW_QP_NUM));
 	struct nw_qp_key qk = { .tgid = tgid, .qp_num = k.qp_num };
+	u32 sig_all = !recv && nw_rdma_sig_all_v1.lookup(&qk) ? NW_SEND_SIGNALED : 0;
 	if (!nw_rdma_qp_ctx_v1.lookup(&qk)) {
 		u64 qctx = 0;
 		bpf_probe_read_user(&qctx, 8, (void *)(qp + NW_QP_CONTEXT));
@@ -123,7 +167,7 @@ static __always_inline int nw_record_posts(struct pt_regs *ctx, u32 recv)
 			bpf_probe_read_user(&flags, 4, (void *)(wr + NW_SWR_SEND_FLAGS));
 			bpf_probe_read_user(&wr, 8, (void *)(wr + NW_SWR_NEXT));
 		}
-		if (flags & NW_SEND_SIGNALED) {
+		if ((flags | sig_all) & NW_SEND_SIGNALED) {
 			nw_rdma_posts_v1.update(&k, &now);
 			stamped++;
 		}

@@ -31,6 +31,7 @@ FIELDS = [
     ("DEV_NAME_LEN", "sizeof(((struct ibv_device *)0)->name)"),
     ("QP_CONTEXT", "offsetof(struct ibv_qp, context)"),
     ("QP_NUM", "offsetof(struct ibv_qp, qp_num)"),
+    ("QPIA_SQ_SIG_ALL", "offsetof(struct ibv_qp_init_attr, sq_sig_all)"),
     ("SWR_WR_ID", "offsetof(struct ibv_send_wr, wr_id)"),
     ("SWR_NEXT", "offsetof(struct ibv_send_wr, next)"),
     ("SWR_OPCODE", "offsetof(struct ibv_send_wr, opcode)"),
@@ -114,8 +115,8 @@ def load_layout(include_dir: str = DEFAULT_INCLUDE, cache_dir: str = CACHE_DIR) 
     """derive_layout, cached in cache_dir by the header's hash."""
     header = os.path.join(include_dir, "infiniband", "verbs.h")
     try:
-        with open(header, "rb") as f:
-            sha = hashlib.sha256(f.read()).hexdigest()[:16]
+        with open(header, "rb") as f:   # keyed by the header and by what we ask of it
+            sha = hashlib.sha256(f.read() + _program().encode()).hexdigest()[:16]
     except FileNotFoundError:
         sha = None
     path = os.path.join(cache_dir, f"verbs-layout-{sha}.json") if sha else None

@@ -15,7 +15,8 @@ workload.
 
 Blind spots (the calls never pass through these functions): the extended verbs API (`ibv_wr_*` on
 `ibv_qp_ex`), UCX's own mlx5 transport, DPDK, GPU-initiated traffic (IBGDA); QPs created with
-sq_sig_all whose WRs do not also set IBV_SEND_SIGNALED are not timed (only their errors count).
+sq_sig_all are recognised only when created through the exported ibv_create_qp of a watched
+libibverbs (ibv_create_qp_ex is inline: such QPs' unsignaled WRs are not timed, only their errors).
 """
 from __future__ import annotations
 
@@ -212,6 +213,11 @@ class VerbsTracer:
         if key in self.lib_probes:
             return False
         self.bpf.attach_uretprobe(name=path.encode(), sym=b"ibv_open_device", fn_name=b"nw_open_ret")
+        try:
+            self.bpf.attach_uprobe(name=path.encode(), sym=b"ibv_create_qp", fn_name=b"nw_create_qp_enter")
+            self.bpf.attach_uretprobe(name=path.encode(), sym=b"ibv_create_qp", fn_name=b"nw_create_qp_ret")
+        except Exception as e:  # noqa: BLE001  (BCC raises bare Exception)
+            log.warning("rdma no ibv_create_qp probe path=%s err=%s (sq_sig_all QPs: errors only)", path, e)
         self.lib_probes[key] = path
         log.info("rdma watching libibverbs path=%s", path)
         return True
@@ -406,7 +412,8 @@ class VerbsTracer:
         return gone
 
     def _drop_series(self, pids: set[int]) -> None:
-        for name in ("nw_rdma_lat_v1", "nw_rdma_err_v1", "nw_rdma_qp_ctx_v1", "nw_rdma_posts_v1"):
+        for name in ("nw_rdma_lat_v1", "nw_rdma_err_v1", "nw_rdma_qp_ctx_v1", "nw_rdma_posts_v1",
+                     "nw_rdma_sig_all_v1"):
             tbl = self.bpf[name]
             for k in [k for k in tbl.keys() if k.tgid in pids]:
                 try:

@@ -12,7 +12,7 @@ from agent.rdma.elf import read_elf
 from agent.rdma.layout import derive_layout
 from agent.rdma.mockverbs import build
 
-QP0, QP1, QP2, QP3 = 0x100, 0x101, 0x102, 0x103
+QP0, QP1, QP2, QP3, QP4 = 0x100, 0x101, 0x102, 0x103, 0x104
 
 # Every timed WR waits at least a known sleep between post and poll; the assertions are on the
 # log2 slot that sleep falls in: slot 14 holds (8.192, 16.384] ms, slot 16 (32.768, 65.536] ms, so
@@ -24,12 +24,14 @@ SCRIPT = [
     "poll:0:send:1", "poll:1:recv:1",
     "bad:2:8", "write:2:9", "sleep:9", "poll:2:send:2",           # rkey 0 → error, then flush
     "send:3:10", "sleep:9", "poll:3:send:1",                      # no receive posted → RNR
+    "qpsall:1", "unsig:4:11", "sleep:9", "poll:4:send:1",          # sq_sig_all: unsignaled completes
     "ready",
 ]
 EXPECTED_WC = [
     "wc qp=0x100 wr_id=4 status=0 opcode=1", "wc qp=0x100 wr_id=7 status=0 opcode=0",
     "wc qp=0x101 wr_id=100 status=0 opcode=128", "wc qp=0x102 wr_id=8 status=10 opcode=1",
     "wc qp=0x102 wr_id=9 status=5 opcode=1", "wc qp=0x103 wr_id=10 status=13 opcode=0",
+    "wc qp=0x104 wr_id=11 status=0 opcode=1",
 ]
 
 
@@ -118,11 +120,11 @@ def test_latency_histograms_errors_and_exit(mock, pods):
         nine, fortynine = slot_of(9_000), slot_of(49_000)
         assert (nine, fortynine) == (14, 16)
         assert hist == {(QP0, "send"): {nine: 2}, (QP1, "recv"): {fortynine: 1},
-                        (QP2, "send"): {nine: 2}, (QP3, "send"): {nine: 1}}
+                        (QP2, "send"): {nine: 2}, (QP3, "send"): {nine: 1}, (QP4, "send"): {nine: 1}}
         assert {h.device for h in snap.latency} == {"mockx_0"}
         errs = {(e.qp_num, e.status): e.count for e in snap.errors if e.pid == pid}
         assert errs == {(QP2, "REM_ACCESS_ERR"): 1, (QP2, "WR_FLUSH_ERR"): 1, (QP3, "RNR_RETRY_EXC_ERR"): 1}
-        assert snap.stats["posted"] == 6 and snap.stats["matched"] == 6 and snap.stats["completed"] == 6
+        assert snap.stats["posted"] == 7 and snap.stats["matched"] == 7 and snap.stats["completed"] == 7
         assert other not in snap.traced and all(h.pid == pid for h in snap.latency)
 
         # the same histograms as an OTel metric, bucket for bucket, labelled with the pod

@@ -3,6 +3,7 @@
  * NCCL) and runs a script given as arguments, one command per argument:
  *
  *   qps:N               create N RC QPs (qp_num 0x100, 0x101, ...), each with its own send/recv CQ
+ *   qpsall:N            the same with sq_sig_all = 1 (every send WR completes)
  *   ready               print "ready <pid>" and wait for a line on stdin
  *   chain:Q:ID,ID,...   post one chain of RDMA writes on QP index Q; only the last is signaled
  *   write:Q:ID          one signaled RDMA write      unsig:Q:ID  one unsignaled RDMA write
@@ -102,13 +103,14 @@ int main(int argc, char **argv)
 		unsigned long long x = 0, y = 0;
 		char *arg = argv[a], *c = strchr(arg, ':');
 		snprintf(cmd, sizeof(cmd), "%.*s", c ? (int)(c - arg) : (int)strlen(arg), arg);
-		if (!strcmp(cmd, "qps")) {
-			int n = atoi(c + 1);
+		if (!strcmp(cmd, "qps") || !strcmp(cmd, "qpsall")) {
+			int n = atoi(c + 1), all = !strcmp(cmd, "qpsall");
 			for (int i = 0; i < n && nq < MAXQ; i++) {
 				struct ibv_qp_init_attr attr = { .qp_type = IBV_QPT_RC,
 					.send_cq = ibv_create_cq(ctx, 4096, NULL, NULL, 0),
 					.recv_cq = ibv_create_cq(ctx, 4096, NULL, NULL, 0),
-					.cap = { .max_send_wr = 4096, .max_recv_wr = 4096 } };
+					.cap = { .max_send_wr = 4096, .max_recv_wr = 4096 },
+					.sq_sig_all = all };
 				if (!(qp[nq++] = ibv_create_qp(pd, &attr)))
 					die("create_qp");
 			}
