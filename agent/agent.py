@@ -40,7 +40,7 @@ class Agent:
     def __init__(self, cfg: AgentConfig):
         cfg.validate()
         self.cfg = cfg
-        self.state = ClusterState()
+        self.state = ClusterState(cfg.node_name)
         self.stop = threading.Event()
         self.started = time.time()
         self.object_errors: deque[str] = deque(maxlen=200)
@@ -108,7 +108,7 @@ class Agent:
 
     def _entries(self, name: str) -> int:
         rec = self.reconciler
-        return rec.svc_entries if name == self.lb.services.name else len(rec.backend_of)
+        return rec.svc_entries if name == self.lb.services.name else len(rec.backend_id)
 
     # -- loop ----------------------------------------------------------------------------------
     def sync_once(self, full: bool = False) -> SyncResult | None:

@@ -36,7 +36,7 @@ def percentile(values: list[int], q: float) -> float:
 def _prog_stats(cgroup: str, name: str) -> tuple[int, int]:
     """(run_time_ns, run_cnt) of the program `name` attached to cgroup (needs kernel.bpf_stats_enabled)."""
     shown = json.loads(subprocess.run(["bpftool", "-j", "cgroup", "show", cgroup], capture_output=True,
-                                      text=True, check=True).stdout or "[]")
+                                      text=True, check=True).stdout.strip() or "[]")
     for p in shown:
         if p.get("name") == name:
             info = json.loads(subprocess.run(["bpftool", "-j", "prog", "show", "id", str(p["id"])],

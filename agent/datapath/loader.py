@@ -19,6 +19,7 @@ MAP_NAMES = {
     "backends": "nodewire_backends_v1",
     "revnat": "nodewire_revnat_v1",
     "lb_stats": "nodewire_lb_stats_v1",
+    "affinity": "nodewire_affinity_v1",
 }
 
 
@@ -78,7 +79,7 @@ def compile_program(source: str, pin_dir: str, sizes: MapSizes = MapSizes(), ext
         "-Wno-unused-function",
         *extra_cflags,
     ]
-    return BPF(text=program_text(source), cflags=cflags)
+    return BPF(text=program_text(source).encode(), cflags=cflags)
 
 
 class SockLB:

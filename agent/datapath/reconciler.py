@@ -29,6 +29,7 @@ log = logging.getLogger("nodewire.reconciler")
 PROTO_NUMBERS = {"TCP": 6, "UDP": 17}
 PROTO_NAMES = {v: k for k, v in PROTO_NUMBERS.items()}
 MAX_BACKENDS_PER_FRONTEND = 65535  # the slot-0 count is a __u16
+AFFINITY_FLAG = 1  # NW_SVC_F_AFFINITY in bpf/lib/lb.h
 
 
 class Prefix(NamedTuple):
@@ -42,6 +43,7 @@ class FrontendState(NamedTuple):
     count: int
     service_id: int
     backend_ids: tuple[int, ...]
+    affinity_timeout: int = 0  # seconds; 0 = no session affinity
 
 
 @dataclass
@@ -123,7 +125,7 @@ class Reconciler:
         self.services, self.backends = services, backends
         self.fe_state: dict[Prefix, FrontendState] = {}
         self.backend_id: dict[Backend, int] = {}
-        self.backend_of: dict[int, Backend] = {}
+        self.backend_at: list[Backend | None] = [None]  # index: backend id (the inverse of backend_id)
         self.refs = np.zeros(1024, dtype=np.int64)  # slot references per backend id
         self.fe_owner: dict[Prefix, ObjectKey] = {}
         self.svc_fes: dict[ObjectKey, list[Prefix]] = {}
@@ -137,23 +139,23 @@ class Reconciler:
         bk, bv = self.backends.dump_arrays()
         for bid, a, p, pr in zip(bk.tolist(), bv["address"].tolist(), bv["port"].tolist(), bv["proto"].tolist()):
             b = Backend(_ip_str(a), port_host(p), PROTO_NAMES.get(pr, str(pr)))
-            self.backend_id[b] = bid
-            self.backend_of[bid] = b
-        self.backend_ids = _Ids(self.backend_of)
+            self._place(bid, b)
+        self.backend_ids = _Ids(self.backend_id.values())
         sk, sv = self.services.dump_arrays()
         self.svc_entries = len(sk)
         headers, slots = {}, {}
-        for a, p, pr, slot, bid, cnt, sid in zip(sk["address"].tolist(), sk["port"].tolist(), sk["proto"].tolist(),
-                                                 sk["slot"].tolist(), sv["backend_id"].tolist(),
-                                                 sv["count"].tolist(), sv["service_id"].tolist()):
+        for a, p, pr, slot, bid, cnt, sid, aff in zip(
+                sk["address"].tolist(), sk["port"].tolist(), sk["proto"].tolist(), sk["slot"].tolist(),
+                sv["backend_id"].tolist(), sv["count"].tolist(), sv["service_id"].tolist(),
+                sv["affinity_timeout"].tolist()):
             pre = Prefix(a, p, pr)
             if slot == 0:
-                headers[pre] = (cnt, sid)
+                headers[pre] = (cnt, sid, aff)
             else:
                 slots.setdefault(pre, {})[slot] = bid
-        for pre, (cnt, sid) in headers.items():
+        for pre, (cnt, sid, aff) in headers.items():
             s = slots.get(pre, {})
-            self.fe_state[pre] = FrontendState(cnt, sid, tuple(s.get(i, 0) for i in range(1, cnt + 1)))
+            self.fe_state[pre] = FrontendState(cnt, sid, tuple(s.get(i, 0) for i in range(1, cnt + 1)), aff)
         # Slots without a header (a crash mid-delete) are orphans: a header with count 0 removes them.
         for pre, s in slots.items():
             if pre not in headers:
@@ -161,8 +163,14 @@ class Reconciler:
         self.service_ids = _Ids(st.service_id for st in self.fe_state.values() if st.service_id)
         for st in self.fe_state.values():
             self._ref(st.backend_ids, +1)
-        if len(self.refs) <= max(self.backend_of, default=0):
-            self._ref((max(self.backend_of),), 0)
+        if len(self.refs) < len(self.backend_at):
+            self._ref((len(self.backend_at) - 1,), 0)
+
+    def _place(self, bid: int, b: Backend) -> None:
+        self.backend_id[b] = bid
+        if bid >= len(self.backend_at):
+            self.backend_at.extend([None] * (bid + 1 - len(self.backend_at)))
+        self.backend_at[bid] = b
 
     def _ref(self, ids, delta: int) -> None:
         if not ids:
@@ -185,13 +193,13 @@ class Reconciler:
             changes = {**{gone: [] for gone in self.svc_fes if gone not in changes}, **changes}
 
         slot_w = _SlotWrites()
-        head_w: list[tuple[Prefix, int, int]] = []
+        head_w: list[tuple[Prefix, int, int, int]] = []  # prefix, count, service id, affinity timeout
         head_d: list[Prefix] = []
         slot_d: list[tuple[Prefix, int]] = []
         new_backends: list[tuple[int, Backend]] = []
         claimed: dict[Prefix, ObjectKey] = {}
         room = self.services.capacity - self.svc_entries
-        be_room = self.backends.capacity - len(self.backend_of)
+        be_room = self.backends.capacity - len(self.backend_id)
 
         for svc, frontends in changes.items():
             want: dict[Prefix, Frontend] = {}
@@ -220,8 +228,7 @@ class Reconciler:
             be_room -= len(fresh)
             for b in fresh:
                 bid = self.backend_ids.take()
-                self.backend_id[b] = bid
-                self.backend_of[bid] = b
+                self._place(bid, b)
                 new_backends.append((bid, b))
 
             # Frontends the Service no longer has.
@@ -233,7 +240,7 @@ class Reconciler:
                 old = self.fe_state.get(p)
                 ids = tuple(self.backend_id[b] for b in fe.backends[:MAX_BACKENDS_PER_FRONTEND])
                 sid = old.service_id if old and old.service_id else self.service_ids.take()
-                new = FrontendState(len(ids), sid, ids)
+                new = FrontendState(len(ids), sid, ids, fe.affinity_timeout)
                 self.sid_info[sid] = (svc, fe.ip, fe.port, fe.protocol, fe.port_name)
                 self.fe_owner[p] = svc
                 if old == new:
@@ -244,8 +251,9 @@ class Reconciler:
                 else:
                     slot_w.add_some(p, [(i, bid) for i, bid in enumerate(ids, 1)
                                         if i > len(old_ids) or old_ids[i - 1] != bid])
-                if old is None or (old.count, old.service_id) != (new.count, new.service_id):
-                    head_w.append((p, new.count, sid))
+                if old is None or (old.count, old.service_id, old.affinity_timeout) != (
+                        new.count, new.service_id, new.affinity_timeout):
+                    head_w.append((p, new.count, sid, new.affinity_timeout))
                 slot_d.extend((p, i) for i in range(len(ids) + 1, len(old_ids) + 1))
                 self._ref(old_ids, -1)
                 self._ref(ids, +1)
@@ -261,10 +269,10 @@ class Reconciler:
                 self._drop_frontend(p, head_d, slot_d)
 
         if full:  # every backend no slot refers to (also ones left from before a restart)
-            ids = np.fromiter(self.backend_of, dtype=np.int64, count=len(self.backend_of))
+            ids = np.fromiter(self.backend_id.values(), dtype=np.int64, count=len(self.backend_id))
             dead = ids[self.refs[ids] <= 0].tolist()
         else:
-            dead = [i for i in set(self._released) if self.refs[i] <= 0 and i in self.backend_of]
+            dead = [i for i in set(self._released) if self.refs[i] <= 0 and self.backend_at[i] is not None]
         self._released.clear()
 
         # Write, in the order that never exposes a half state.
@@ -276,7 +284,8 @@ class Reconciler:
         self.backends.delete_array(np.array(dead, dtype=self.backends.key_dtype))
 
         for bid in dead:
-            del self.backend_id[self.backend_of.pop(bid)]
+            del self.backend_id[self.backend_at[bid]]
+            self.backend_at[bid] = None
             self.backend_ids.release(bid)
         res.written = len(new_backends) + slot_w.count + len(head_w)
         res.deleted = len(head_d) + len(slot_d) + len(dead)
@@ -310,12 +319,14 @@ class Reconciler:
             keys["slot"] = [s for _, s in rows]
         return keys
 
-    def _header_rows(self, rows: list[tuple[Prefix, int, int]]):
-        keys = self._service_keys([(p, 0) for p, _, _ in rows])
+    def _header_rows(self, rows: list[tuple[Prefix, int, int, int]]):
+        keys = self._service_keys([(r[0], 0) for r in rows])
         values = np.zeros(len(rows), dtype=self.services.value_dtype)
         if rows:
-            values["count"] = [c for _, c, _ in rows]
-            values["service_id"] = [s for _, _, s in rows]
+            values["count"] = [r[1] for r in rows]
+            values["service_id"] = [r[2] for r in rows]
+            values["affinity_timeout"] = [r[3] for r in rows]
+            values["flags"] = [AFFINITY_FLAG if r[3] else 0 for r in rows]
         return keys, values
 
     def _backend_rows(self, rows: list[tuple[int, Backend]]):
