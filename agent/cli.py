@@ -173,8 +173,7 @@ from .bench.cli import bench  # noqa: E402
 main.add_command(bench)
 
 
-from agent.rdma.cli import topo  # noqa: E402
+from agent.rdma.cli import rdma, rdma_bench, topo  # noqa: E402
 main.add_command(topo)
-from agent.rdma.cli import rdma, rdma_bench  # noqa: E402
 main.add_command(rdma)
 bench.add_command(rdma_bench)
