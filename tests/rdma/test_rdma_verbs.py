@@ -52,12 +52,47 @@ def test_provider_is_stripped_and_has_build_id(mock):
     assert info.build_id and f"Build ID: {info.build_id}" in notes
 
 
+@pytest.mark.parametrize("base", [None, "0x200000"])
+def test_resolve_runtime_address_to_elf_vaddr(mock, tmp_path, base):
+    """An address in a loaded library → the ELF virtual address the symbol table (and BCC) use,
+    also for a library linked at a non-zero base where file offsets and vaddrs differ."""
+    import ctypes
+
+    from agent.rdma.mockverbs import SRC
+    from agent.rdma.verbs import resolve
+
+    lib = mock.provider
+    if base:
+        lib = str(tmp_path / "libshifted.so")
+        subprocess.run(["gcc", "-shared", "-fPIC", "-O2", f"-I{SRC}", f"-Wl,-Ttext-segment={base}", "-o", lib,
+                        str(SRC / "mockprov.c"), "-lpthread"], check=True)
+    nm = subprocess.run(["nm", "-D", "--defined-only", lib], capture_output=True, text=True, check=True).stdout
+    want = int(next(line.split()[0] for line in nm.splitlines() if line.endswith(" mockprov_alloc_context")), 16)
+    fn = ctypes.CDLL(lib).mockprov_alloc_context
+    addr = ctypes.cast(fn, ctypes.c_void_p).value
+    path, vaddr, build_id = resolve(os.getpid(), addr)
+    assert os.path.samefile(path, lib) and vaddr == want and build_id == read_elf(lib).build_id
+    if base:
+        assert want >= int(base, 16)
+
+
 def test_layout_matches_header():
     lay = derive_layout()
     # post_send/post_recv are adjacent function pointers, poll_cq comes before them in the ops table
     assert lay.offsets["CTX_POST_RECV"] == lay.offsets["CTX_POST_SEND"] + 8
     assert lay.offsets["CTX_POLL_CQ"] < lay.offsets["CTX_POST_SEND"]
     assert lay.status_name(10) == "REM_ACCESS_ERR" and lay.status_name(99) == "STATUS_99"
+
+
+def test_layout_cache_and_missing_header(tmp_path):
+    from agent.rdma.layout import LayoutError, load_layout
+
+    first = load_layout(cache_dir=str(tmp_path))
+    [cached] = list(tmp_path.glob("verbs-layout-*.json"))
+    assert load_layout(cache_dir=str(tmp_path)).offsets == first.offsets == derive_layout().offsets
+    with pytest.raises(LayoutError, match=r"nowhere/infiniband/verbs.h: not found \(install libibverbs-dev"):
+        load_layout(include_dir=str(tmp_path / "nowhere"), cache_dir=str(tmp_path))
+    assert cached.exists()
 
 
 def wait_for(cond, what: str, timeout: float = 20.0):
