@@ -5,6 +5,7 @@ counters.py   per-port sysfs counters and hw_counters as OTel observable counter
 layout.py     libibverbs struct offsets, from compiling against the real <infiniband/verbs.h>
 elf.py        ELF load segments and build-id (file offset → uprobe address; provider identity)
 verbs.py      the verbs latency tracer (bpf/rdma.c): ibv_open_device → ops table → provider uprobes
+optin.py      pods annotated nodewire.io/rdma-trace=true → their kubelet cgroups (the tracer filter)
 metrics.py    one call that registers all of the above on the agent's telemetry
 bench.py      tracing cost on the mock verbs stack (`nodewire bench rdma`)
 mockverbs/    the verbs test double: mock libibverbs, stripped provider, scripted driver (C)
