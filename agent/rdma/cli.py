@@ -13,14 +13,21 @@ from .topology import TopologyError, build_topology, render_table
 @click.command()
 @click.option("--sysfs-root", default="/sys", show_default=True, type=click.Path(file_okay=False),
               help="Read sysfs from here (a fixture tree in tests).")
-@click.option("-o", "--output", type=click.Choice(["table", "json"]), default="table", show_default=True)
-def topo(sysfs_root: str, output: str) -> None:
+@click.option("-o", "--output", type=click.Choice(["table", "json", "resourceslice"]), default="table",
+              show_default=True, help="resourceslice: the devices as a resource.k8s.io/v1 ResourceSlice (JSON).")
+@click.option("--node-name", default=None, help="Node name for -o resourceslice [default: hostname].")
+def topo(sysfs_root: str, output: str, node_name: str | None) -> None:
     """GPU↔NIC PCIe distance (PIX/PXB/PHB/NODE/SYS, as nvidia-smi topo -m) and each GPU's closest NIC."""
     try:
         t = build_topology(sysfs_root)
     except TopologyError as e:
         raise click.ClickException(str(e)) from None
-    if output == "json":
+    if output == "resourceslice":
+        import socket
+
+        from .topology import resource_slice
+        click.echo(json.dumps(resource_slice(t, node_name or socket.gethostname()), indent=2))
+    elif output == "json":
         json.dump(t.to_json(), sys.stdout, indent=2, sort_keys=True)
         sys.stdout.write("\n")
     else:

@@ -107,6 +107,41 @@ class Topology:
         }
 
 
+def dra_typed(attrs: dict) -> dict:
+    """Attribute values in the DRA DeviceAttribute form ({"bool": …} / {"int": …} / {"string": …})."""
+    def one(v):
+        if isinstance(v, bool):
+            return {"bool": v}
+        if isinstance(v, int):
+            return {"int": v}
+        return {"string": str(v)}
+    return {k: one(v) for k, v in attrs.items()}
+
+
+def _dns_label(text: str) -> str:
+    return re.sub(r"[^a-z0-9-]+", "-", text.lower()).strip("-")[:63]
+
+
+def resource_slice(topo: "Topology", node_name: str, driver: str = "nodewire.io") -> dict:
+    """A resource.k8s.io/v1 ResourceSlice listing this node's NICs and GPUs with their PCIe root and
+    NUMA node, so a claim can ask for a GPU and a NIC that share `resource.kubernetes.io/pcieRoot`
+    (matchAttribute) — the attributes DraNet and the GPU DRA drivers publish, computed from sysfs."""
+    devices = []
+    for n in topo.nics:
+        attrs = {**n.attributes(), "dra.net/ifName": n.netdevs[0] if n.netdevs else "",
+                 "dra.net/pciAddress": n.pci_address}
+        devices.append({"name": _dns_label(f"nic-{n.name}"), "attributes": dra_typed(attrs)})
+    for g in topo.gpus:
+        attrs = {**g.attributes(), "nodewire.io/pciAddress": g.pci_address, "nodewire.io/vendor": g.vendor,
+                 "nodewire.io/closestNics": ",".join(topo.closest_nics(g.pci_address))}
+        devices.append({"name": _dns_label(f"gpu-{g.pci_address}"), "attributes": dra_typed(attrs)})
+    return {"apiVersion": "resource.k8s.io/v1", "kind": "ResourceSlice",
+            "metadata": {"name": _dns_label(f"{node_name}-{driver}-pcie")},
+            "spec": {"driver": driver, "nodeName": node_name,
+                     "pool": {"name": node_name, "generation": 1, "resourceSliceCount": 1},
+                     "devices": devices}}
+
+
 def _read(path: str, default: str | None = None) -> str | None:
     try:
         with open(path) as f:

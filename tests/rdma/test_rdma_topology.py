@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 from click.testing import CliRunner
@@ -144,3 +145,24 @@ def test_cli_json_and_table(sysfs):
     assert res.exit_code == 0, res.output
     first = res.output.splitlines()[1].split()
     assert first[:4] == [gpus[0], "0", "PIX", "PXB"] and first[-1] == "mlx5_0"
+
+
+def test_resource_slice(sysfs):
+    from agent.cli import main
+    gpus, _ = dgx_like(sysfs)
+    res = CliRunner().invoke(main, ["topo", "--sysfs-root", sysfs.root, "-o", "resourceslice",
+                                    "--node-name", "gpu-node-1"])
+    assert res.exit_code == 0, res.output
+    rs = json.loads(res.output)
+    assert rs["apiVersion"] == "resource.k8s.io/v1" and rs["spec"]["nodeName"] == "gpu-node-1"
+    devs = {d["name"]: d["attributes"] for d in rs["spec"]["devices"]}
+    assert len(devs) == 16
+    nic0, gpu0 = devs["nic-mlx5-0"], devs["gpu-0000-15-00-0"]
+    assert nic0[ATTR_RDMA] == {"bool": True} and nic0[ATTR_NUMA] == {"int": 0}
+    assert nic0["dra.net/ifName"] == {"string": "ibp22s0"}
+    # a claim with matchAttribute pcieRoot pairs GPU 0 with the NICs of its root complex
+    same_root = sorted(n for n, a in devs.items() if n.startswith("nic-")
+                       and a[ATTR_PCIE_ROOT] == gpu0[ATTR_PCIE_ROOT])
+    assert same_root == ["nic-mlx5-0", "nic-mlx5-1"]
+    assert gpu0["nodewire.io/closestNics"] == {"string": "mlx5_0"}
+    assert all(re.fullmatch(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?", n) for n in devs)
