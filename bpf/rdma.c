@@ -69,12 +69,24 @@ static __always_inline void nw_stat(u32 i, u64 n)
 		__sync_fetch_and_add(v, n);
 }
 
-/* the process is in an opted-in pod (cgroup v2 id in nw_rdma_cgroups_v1), or no filter */
+#ifndef NW_CGROUP_LEVELS
+#define NW_CGROUP_LEVELS 12      /* cgroup v2 depth searched for an opted-in ancestor */
+#endif
+
+/* the process's cgroup, or one of its ancestors, is opted in (a pod's cgroup id in
+ * nw_rdma_cgroups_v1: container processes sit in child cgroups of their pod's), or no filter */
 static __always_inline int nw_opted_in(void)
 {
 #ifdef NW_CGROUP_FILTER
-	u64 cg = bpf_get_current_cgroup_id();
-	return nw_rdma_cgroups_v1.lookup(&cg) != 0;
+#pragma unroll
+	for (int level = 1; level <= NW_CGROUP_LEVELS; level++) {
+		u64 id = bpf_get_current_ancestor_cgroup_id(level);
+		if (!id)
+			break;
+		if (nw_rdma_cgroups_v1.lookup(&id))
+			return 1;
+	}
+	return 0;
 #else
 	return 1;
 #endif

@@ -158,7 +158,8 @@ class VerbsTracer:
 
     libibverbs: library files to watch for ibv_open_device from the start (more are found by scanning
         the opted-in processes' maps).
-    cgroups: cgroup v2 directories whose processes are opted in (a pod's cgroup); None = all.
+    cgroups: cgroup v2 directories whose processes (also in child cgroups) are opted in (a pod's
+        cgroup); None = all processes.
     duty: (on_seconds, period_seconds) to trace only part of the time, or None for always.
     time_box: stop tracing (detach everything, keep the data) this many seconds after start().
     identity: pid → extra metric attributes (the agent's pod identity: k8s.namespace.name,
@@ -387,12 +388,13 @@ class VerbsTracer:
         if self.cgroups is None:
             return [int(d) for d in os.listdir("/proc") if d.isdigit()]
         pids = []
-        for cg in self.cgroups:
-            try:
-                with open(os.path.join(cg, "cgroup.procs")) as f:
-                    pids += [int(x) for x in f.read().split()]
-            except OSError:
-                continue
+        for cg in self.cgroups:      # the pod's cgroup and every container cgroup below it
+            for d, _subdirs, _files in os.walk(cg):
+                try:
+                    with open(os.path.join(d, "cgroup.procs")) as f:
+                        pids += [int(x) for x in f.read().split()]
+                except OSError:
+                    continue
         return pids
 
     # --- lifecycle -------------------------------------------------------------------------

@@ -380,3 +380,63 @@ def test_dashboard_panels_against_real_prometheus(mock, pods, tmp_path, sysfs):
         if prom:
             prom.close()
         tel.shutdown()
+
+
+@pytest.mark.root
+def test_service_traces_annotated_pod_in_container_cgroup(mock, pods):
+    """The agent's path: a pod annotated for tracing, its process in a container cgroup below the
+    kubelet pod cgroup; an unannotated pod's process beside it is not traced; removing the
+    annotation stops tracing."""
+    from agent.export.telemetry import start_telemetry
+    from agent.model.objects import ObjectKey, Pod
+    from agent.rdma.optin import ANNOTATION
+    from agent.rdma.service import RdmaService
+
+    sb, _, _ = pods
+    uid_on, uid_off = "6d1f2a3b-4c5d-4e6f-8a9b-0c1d2e3f4a5b", "9e8d7c6b-5a4f-4e3d-8c2b-1a0f9e8d7c6b"
+    kubelet_root = sb.cgroup     # stands for the node's cgroup root: kubepods/... lives below it
+    scopes = []
+    for uid in (uid_on, uid_off):
+        scope = os.path.join(kubelet_root, "kubepods", "burstable", f"pod{uid}", "cri-containerd-0123.scope")
+        os.makedirs(scope)
+        scopes.append(scope)
+
+    def in_container(scope, argv):
+        def enter():
+            with open(os.path.join(scope, "cgroup.procs"), "w") as f:
+                f.write("0")
+        return subprocess.Popen(argv, preexec_fn=enter, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+
+    def mkpod(name, uid, ann):
+        return Pod(ObjectKey("train", name), ("10.244.70.9",), "node-a", (), ann, uid)
+
+    tel = start_telemetry(None, node_name="test-node")
+    svc = RdmaService(tel, cgroup_root=kubelet_root, trace=True, libibverbs=[mock.libibverbs]).start()
+    procs = []
+    try:
+        on = mkpod("worker-0", uid_on, ((ANNOTATION, "true"),))
+        off = mkpod("worker-1", uid_off, ())
+        assert svc.update_pods([on, off]) == [os.path.dirname(scopes[0])]
+        script = ["qps:1", "ready", "write:0:1", "sleep:9", "poll:0:send:1", "ready"]
+        procs = [in_container(scopes[0], [mock.driver, *script]), in_container(scopes[1], [mock.driver, *script])]
+        pid_on, _ = read_until_ready(procs[0])
+        pid_off, _ = read_until_ready(procs[1])
+        wait_for(lambda: svc.tracer.is_attached(pid_on), "probes on the annotated pod's process")
+        for p in procs:
+            p.stdin.write("\n")
+            p.stdin.flush()
+            read_until_ready(p)
+        assert pid_off not in svc.tracer.procs
+        [metric] = svc.tracer.latency_metrics()
+        [pt] = metric.data.data_points
+        assert (pt.attributes["k8s.pod.name"], pt.attributes["k8s.namespace.name"], pt.count) == ("worker-0", "train", 1)
+        assert pt.attributes["process.pid"] == pid_on
+        # the annotation goes away: the process is detached and its series dropped
+        svc.update_pods([mkpod("worker-0", uid_on, ()), off])
+        assert svc.tracer.procs == {} and svc.tracer.latency_metrics() == []
+    finally:
+        for p in procs:
+            p.stdin.close()
+            p.wait(timeout=10)
+        svc.close()
+        tel.shutdown()
