@@ -147,7 +147,7 @@ def rdma(libs, cgroups, duty, time_box, sysfs_root, interval, duration, output) 
 @click.option("--wrs", default=200_000, show_default=True, help="Work requests per unpaced run.")
 @click.option("--rate", default=100_000, show_default=True, help="Paced run: work requests per second.")
 @click.option("--rate-ms", default=5000, show_default=True, help="Paced run length (ms).")
-@click.option("--duty", "duties", multiple=True, default=("0.02/1", "0.05/5"), show_default=True,
+@click.option("--duty", "duties", multiple=True, default=("0.05/5", "0.05/20"), show_default=True,
               help="Duty cycles ON/PERIOD to measure under the paced load.")
 @click.option("-o", "--output", type=click.Choice(["table", "json"]), default="table", show_default=True)
 def rdma_bench(wrs, rate, rate_ms, duties, output) -> None:
@@ -167,4 +167,5 @@ def rdma_bench(wrs, rate, rate_ms, duties, output) -> None:
                f"(cost {res['rate_cost_on']:.1%} of a core; achieved {res['rate_achieved_on_wr_s']:.0f} WR/s)")
     for d in res["duty_cycles"]:
         click.echo(f"  duty {d['on_s']}/{d['period_s']} s (measured on-time {d['duty_measured']:.1%}): "
-                   f"cost {d['cost']:.1%} of a core")
+                   f"cost {d['cost']:.1%} of a core (≈{d.get('tail_s_per_window', 0):.2f} s of trapping "
+                   f"per window beyond it)")
