@@ -27,11 +27,14 @@ def main(debug: bool) -> None:
 @main.command()
 @click.option("--manifests", type=click.Path(file_okay=False), help="Directory of Service/EndpointSlice/Pod manifests (watched).")
 @click.option("--cgroup", type=click.Path(file_okay=False), help="cgroup v2 directory to attach to [default: the node's cgroup v2 root].")
+@click.option("--kube", is_flag=True, help="List+watch the Kubernetes API [default when in a pod and no --manifests].")
+@click.option("--kubeconfig", type=click.Path(dir_okay=False), help="kubeconfig file for --kube [default: $KUBECONFIG, else in-cluster].")
+@click.option("--api-server", help="API server URL for --kube, e.g. https://10.0.0.1:6443 (when the kubernetes ClusterIP is not served yet).")
 @pin_dir_option
 @click.option("--metrics-addr", default=None, help="HOST:PORT for the Prometheus /metrics endpoint (e.g. :9965).")
 @click.option("--map-size", "map_sizes", multiple=True, metavar="MAP=N",
               help="Map capacity override, e.g. services=2097152 (maps: services, backends, revnat, lb_stats).")
-def run(manifests, cgroup, pin_dir, metrics_addr, map_sizes) -> None:
+def run(manifests, kube, kubeconfig, api_server, cgroup, pin_dir, metrics_addr, map_sizes) -> None:
     """Run the agent: keep the BPF service maps equal to the cluster state."""
     from dataclasses import replace
 
@@ -45,15 +48,22 @@ def run(manifests, cgroup, pin_dir, metrics_addr, map_sizes) -> None:
             raise click.BadParameter(f"{item!r}: expected MAP=N with MAP one of services, backends, revnat, lb_stats",
                                      param_hint="--map-size")
         sizes = replace(sizes, **{name: int(value)})
-    if manifests is None:
-        raise click.UsageError("no source: pass --manifests DIR")
-    cfg = AgentConfig(manifests=manifests, cgroup=cgroup, pin_dir=pin_dir, metrics_addr=metrics_addr, sizes=sizes)
+    kube = kube or bool(kubeconfig or api_server) or (manifests is None and "KUBERNETES_SERVICE_HOST" in os.environ)
+    if manifests is None and not kube:
+        raise click.UsageError("no source: pass --manifests DIR or --kube")
+    cfg = AgentConfig(manifests=manifests, kube=kube, kubeconfig=kubeconfig, api_server=api_server, cgroup=cgroup,
+                      pin_dir=pin_dir, metrics_addr=metrics_addr, sizes=sizes)
+    from .sources.kube import KubeError
+
     try:
         agent = Agent(cfg)
     except (ValueError, FileNotFoundError) as e:
         raise click.UsageError(str(e)) from None
     agent.install_signal_handlers()
-    agent.start()
+    try:
+        agent.start()
+    except KubeError as e:
+        raise click.ClickException(str(e)) from None
     try:
         agent.run()
     finally:
@@ -130,6 +140,10 @@ def status(pin_dir, output) -> None:
     click.echo(f"errors:    {c['object_errors']} bad objects, {c['sync_errors']} refused services")
     for e in st["object_errors"][-5:] + st["sync_errors"][-5:]:
         click.echo(f"  - {e}")
+    for name, src in st.get("sources", {}).items():
+        state = "healthy" if src.get("healthy") else f"STALE since {src.get('stale_since') or 'start'}"
+        err = f" (last error: {src['last_error']})" if src.get("last_error") and not src.get("healthy") else ""
+        click.echo(f"source:    {name} {state}{err}")
 
 
 @main.command()
@@ -171,6 +185,8 @@ def demo(duration, metrics_addr, output) -> None:
 from .bench.cli import bench  # noqa: E402
 
 main.add_command(bench)
+from .bench.watch import watch as _bench_watch  # noqa: E402
+bench.add_command(_bench_watch)
 
 
 from agent.rdma.cli import rdma, rdma_bench, topo  # noqa: E402

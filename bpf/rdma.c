@@ -11,7 +11,9 @@
  * poll side: poll_cq's entry remembers the wc array; its return reads the `ret` completions and
  *            turns (now - stamp) into a log2 histogram slot per (tgid, qp, direction); completions
  *            with a non-zero status are counted per (tgid, qp, status) whether or not they match.
- * Histogram slots use bpf/lib/obs.h's convention: slot s holds 2^(s-1) < v <= 2^s µs.
+ * Histogram slots: slot s holds 2^(s-1) < v <= 2^s µs, upper-inclusive like OTel's explicit bucket
+ * bounds (the convention of the observability histograms), so slots export bucket for bucket.
+ * Maps are not pinned: the uprobes die with the agent's perf fds, so their state goes too.
  */
 #include <uapi/linux/ptrace.h>
 
