@@ -258,6 +258,31 @@ def test_cli_rdma_rejects_bad_duty():
 
 
 @pytest.mark.root
+def test_poller_thread_is_traced(mock, pods):
+    """NCCL posts from one thread and busy-polls from its proxy thread: the probes are per process
+    (every thread of the traced pid), and poll entry/return pair up per thread."""
+    from agent.rdma.verbs import VerbsTracer
+
+    sb, pod_in, _ = pods
+    with VerbsTracer(libibverbs=[mock.libibverbs], cgroups=[pod_in.cgroup]) as tr:
+        tr.start()
+        p = pod_in.popen([mock.driver, "qps:1", "ready", "mt:0:50", "ready"], stdin=subprocess.PIPE)
+        pid, _ = read_until_ready(p)
+        wait_for(lambda: tr.is_attached(pid), "probes on the driver")
+        p.stdin.write("\n")
+        p.stdin.flush()
+        _, out = read_until_ready(p)
+        polls = int(out[-1].split("polls=")[1])
+        snap = tr.snapshot()
+        [h] = snap.latency
+        assert (h.qp_num, h.direction, h.count) == (QP0, "send", 50)
+        # every WR matched, though most of the proxy thread's polls came back empty
+        assert snap.stats["matched"] == snap.stats["completed"] == 50 and polls > 50
+        p.stdin.close()
+        p.wait(timeout=10)
+
+
+@pytest.mark.root
 def test_time_box_detaches_and_keeps_data(mock, pods):
     from agent.rdma.verbs import VerbsTracer
 

@@ -42,5 +42,5 @@ def build(dest: str) -> MockVerbs:
     subprocess.run(["strip", "--strip-all", prov], check=True)
     _cc("-shared", "-fPIC", "-Wl,-soname,libibverbs.so.1", "-o", lib, str(SRC / "libibverbs.c"), "-ldl")
     # link by file name; rpath $ORIGIN so the driver finds this libibverbs, not a system one
-    _cc("-o", drv, str(SRC / "driver.c"), lib, "-Wl,-rpath,$ORIGIN")
+    _cc("-o", drv, str(SRC / "driver.c"), lib, "-Wl,-rpath,$ORIGIN", "-lpthread")
     return MockVerbs(dest, lib, prov, drv)

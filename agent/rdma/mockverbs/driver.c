@@ -13,6 +13,8 @@
  *   poll:Q:send|recv:N  poll that CQ until N completions arrived; print each
  *   bench:Q:N:CHAIN     N times: post a chain of CHAIN writes (last signaled), poll until it completes;
  *                       print "bench wrs=<N*CHAIN> ns=<elapsed> polls=<poll calls>"
+ *   mt:Q:N              like NCCL's proxy: a second thread busy-polls QP Q's send CQ until N
+ *                       completions arrived, while this thread posts N signaled writes, 1 ms apart
  *   rate:Q:R:MS         paced load: for MS milliseconds, every 1 ms post R/1000 single signaled writes,
  *                       each polled to completion, then sleep to the next tick; print
  *                       "rate wrs=<posted> ns=<elapsed> cpu_ns=<user+system CPU of this process>"
@@ -23,6 +25,7 @@
 #include <time.h>
 #include <unistd.h>
 #include <sys/resource.h>
+#include <pthread.h>
 #include <infiniband/verbs.h>
 
 #define MAXQ 64
@@ -84,6 +87,15 @@ static void poll_n(struct ibv_cq *cq, int n, int print)
 				       (unsigned long long)wc[i].wr_id, wc[i].status, wc[i].opcode);
 		n -= got;
 	}
+}
+
+struct poller { struct ibv_cq *cq; int n; };
+
+static void *poller_main(void *arg)
+{
+	struct poller *p = arg;
+	poll_n(p->cq, p->n, 0);
+	return NULL;
 }
 
 int main(int argc, char **argv)
@@ -167,6 +179,20 @@ int main(int argc, char **argv)
 			}
 			printf("bench wrs=%llu ns=%llu polls=%llu\n", x * y,
 			       (unsigned long long)(now_ns() - t0), (unsigned long long)polls);
+		} else if (!strcmp(cmd, "mt")) {
+			pthread_t th;
+			struct poller pl;
+			sscanf(c + 1, "%d:%llu", &q, &x);
+			pl.cq = qp[q]->send_cq;
+			pl.n = (int)x;
+			pthread_create(&th, NULL, poller_main, &pl);
+			for (unsigned long long i = 0; i < x; i++) {
+				struct timespec ts = { 0, 1000000L };
+				post_write(q, 1000 + i, 1, 1);
+				nanosleep(&ts, NULL);
+			}
+			pthread_join(th, NULL);
+			printf("mt done n=%llu polls=%llu\n", x, (unsigned long long)polls);
 		} else if (!strcmp(cmd, "rate")) {
 			struct rusage r0, r1;
 			struct timespec tick;
