@@ -26,7 +26,8 @@ PCI_ADDR = re.compile(r"^[0-9a-f]{4}:[0-9a-f]{2}:[0-9a-f]{2}\.[0-7]$")
 PCI_ROOT = re.compile(r"^pci[0-9a-f]{4}:[0-9a-f]{2}$")
 
 GPU_VENDORS = {0x10DE: "nvidia", 0x1002: "amd"}
-CLASS_DISPLAY = 0x03            # PCI base class: display controller (VGA 0x0300, 3D 0x0302)
+CLASS_DISPLAY = 0x03            # PCI base class: display controller (VGA 0x0300, 3D 0x0302: A100/H100)
+CLASS_ACCEL = 0x12              # processing accelerator: AMD Instinct MI300X enumerates as 0x1200
 CLASS_BRIDGE_PCI = 0x0604       # PCI-to-PCI bridge (root ports and switch ports)
 
 # Closest first: the order nvidia-smi's legend gives, best to worst.
@@ -226,7 +227,8 @@ def find_gpus(sysfs_root: str = "/sys") -> list[Gpu]:
     for dev in _pci_devices(sysfs_root):
         cls = _hex(os.path.join(dev, "class"))
         vendor = _hex(os.path.join(dev, "vendor"))
-        if cls is None or vendor is None or cls >> 16 != CLASS_DISPLAY or vendor not in GPU_VENDORS:
+        if cls is None or vendor is None or cls >> 16 not in (CLASS_DISPLAY, CLASS_ACCEL) \
+                or vendor not in GPU_VENDORS:
             continue
         path = pci_path(dev)
         if path is None:

@@ -109,7 +109,7 @@ def test_nested_switches(sysfs):
     t.nic(b1, "0000:07:00.0", rdma="nicB", numa=0)
     c = t.bridge(b2, "0000:08:00.0", 0)
     c0 = t.bridge(c, "0000:09:00.0", 0)
-    g2 = t.gpu(c0, "0000:0a:00.0", 0)
+    g2 = t.gpu(c0, "0000:0a:00.0", 0, vendor=0x1002, cls=0x120000)   # an MI300X-style accelerator
     rp2 = t.bridge("pci0000:00", "0000:00:02.0", 0)
     t.nic(rp2, "0000:0b:00.0", rdma="nicRP", numa=0)
     rp3 = t.bridge("pci0000:40", "0000:40:01.0", 0)
@@ -120,6 +120,7 @@ def test_nested_switches(sysfs):
         g2: {"nicA": "PXB", "nicB": "PXB", "nicRP": "PHB", "nicOther": "NODE"},
     }
     assert topo.closest_nics(g2) == ["nicA", "nicB"]
+    assert [g.vendor for g in topo.gpus] == ["nvidia", "amd"]
 
 
 def test_bad_class_file_names_path(sysfs):
