@@ -283,27 +283,38 @@ def test_poller_thread_is_traced(mock, pods):
 
 
 @pytest.mark.root
-def test_time_box_detaches_and_keeps_data(mock, pods):
+def test_window_start_and_time_box(mock, pods):
+    """A WR posted before a sampling window began is not timed when it completes inside it (its
+    latency would include the off time); once the time box runs out, nothing is attached but the
+    data stays."""
     from agent.rdma.verbs import VerbsTracer
 
     sb, pod_in, _ = pods
     with VerbsTracer(libibverbs=[mock.libibverbs], cgroups=[pod_in.cgroup], time_box=3600) as tr:
         tr.start()
-        p = pod_in.popen([mock.driver, "qps:1", "ready", "write:0:1", "sleep:1", "poll:0:send:1", "ready",
-                          "write:0:2", "sleep:1", "poll:0:send:1", "ready"], stdin=subprocess.PIPE)
+        p = pod_in.popen([mock.driver, "qps:1", "ready", "write:0:1", "ready", "poll:0:send:1",
+                          "write:0:2", "sleep:1", "poll:0:send:1", "ready",
+                          "write:0:3", "sleep:1", "poll:0:send:1", "ready"], stdin=subprocess.PIPE)
         pid, _ = read_until_ready(p)
         wait_for(lambda: tr.is_attached(pid), "probes on the driver")
-        p.stdin.write("\n")
-        p.stdin.flush()
-        read_until_ready(p)
-        tr._t0 -= 3600          # the box runs out now (instead of waiting an hour)
+
+        def go():
+            p.stdin.write("\n")
+            p.stdin.flush()
+            read_until_ready(p)
+        go()                    # wr 1 posted
+        tr._set_window_start()  # a new window begins between its post and its completion
+        go()                    # wr 1 completes (stale), wr 2 is posted and completes in the window
+        snap = tr.snapshot()
+        assert snap.stats["stale"] == 1 and snap.stats["matched"] == 1 and snap.stats["completed"] == 2
+        assert [(h.qp_num, h.count) for h in snap.latency] == [(QP0, 1)]
+
+        tr._t0 -= 3600          # the box runs out now (instead of in an hour)
         wait_for(lambda: tr.boxed, "time box over")
         assert not tr.is_attached(pid) and not [e for e in tr.bpf.uprobe_fds if e.endswith(b"_%d" % pid)]
-        p.stdin.write("\n")    # this WR runs untraced
-        p.stdin.flush()
-        read_until_ready(p)
+        go()                    # wr 3 runs untraced
         [h] = tr.snapshot().latency
-        assert (h.pid, h.qp_num, h.count) == (pid, QP0, 1)
+        assert (h.pid, h.qp_num, h.count) == (pid, QP0, 1) and tr.snapshot().stats["completed"] == 2
         p.stdin.close()
         p.wait(timeout=10)
 
