@@ -187,3 +187,9 @@ from .bench.cli import bench  # noqa: E402
 main.add_command(bench)
 from .bench.watch import watch as _bench_watch  # noqa: E402
 bench.add_command(_bench_watch)
+
+
+from agent.rdma.cli import rdma, rdma_bench, topo  # noqa: E402
+main.add_command(topo)
+main.add_command(rdma)
+bench.add_command(rdma_bench)
