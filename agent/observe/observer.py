@@ -1,0 +1,212 @@
+"""The observer: keeps the kernel's view (watched addresses, veth programs) in step with the cluster
+state, and turns kernel counters and histograms into labelled OTel metrics when an exporter asks.
+
+Wiring (agent.py): `obs = Observer(state, telemetry, ObserveConfig(node_name=...), pin_dir, ...)`,
+`obs.start()`, call `obs.sync()` after each state change, `obs.set_pod_interface(key, ifname)` when
+the CNI (or the sandbox) says which veth is a pod's, `obs.close()` at exit. Nothing here runs on a
+timer of its own: collection happens inside the exporter's collect (Prometheus scrape, OTLP export).
+"""
+from __future__ import annotations
+
+import logging
+import threading
+
+import numpy as np
+from opentelemetry.metrics import CallbackOptions, Observation
+
+from ..model.objects import ObjectKey
+from ..state import ClusterState
+from .drop_reasons import load_drop_reasons, reason_name
+from .histogram import Log2Histogram
+from .identity import Identity, ObserveConfig
+from .kernel import HIST_CONNECT, HIST_SRTT, PodTraffic, TcpObserver, dump_percpu
+from .series import Reading, SeriesBook
+
+log = logging.getLogger("nodewire.observe")
+
+LB_OUTCOMES = {0: "forwarded", 1: "no_backend", 2: "bad_slot"}  # NW_LB_* in bpf/lib/lb.h
+
+
+class Observer:
+    def __init__(self, state: ClusterState, telemetry, cfg: ObserveConfig, pin_dir: str,
+                 veth_netns: str | None = None, lb=None, reconciler=None):
+        """veth_netns: the network namespace holding the pods' node-side veths (None: this one).
+        lb / reconciler: the socket LB (its stats map) and the reconciler (id → Service/backend
+        names), both optional."""
+        self.state, self.telemetry, self.cfg = state, telemetry, cfg
+        self.pin_dir, self.veth_netns = pin_dir, veth_netns
+        self.lb, self.reconciler = lb, reconciler
+        self.identity = Identity(cfg)
+        self.book = SeriesBook(cfg.max_series)
+        self.interfaces: dict[ObjectKey, str] = {}  # pod → node-side veth name
+        self.tcp: TcpObserver | None = None
+        self.traffic: PodTraffic | None = None
+        self.drop_reasons: dict[int, str] = {}
+        self.errors: list[str] = []
+        self._lock = threading.RLock()
+        self._gauges = []
+
+    # -- lifecycle ------------------------------------------------------------------------------
+    def start(self) -> "Observer":
+        self.drop_reasons = load_drop_reasons()
+        if not self.drop_reasons:
+            log.warning("drop reason names unavailable, exporting numbers path=skb/kfree_skb/format")
+        self.tcp = TcpObserver(self.pin_dir)
+        self.traffic = PodTraffic(self.pin_dir, self.veth_netns)
+        if self.telemetry is not None:
+            meter = self.telemetry.meter("nodewire.observe")
+            self._gauges = [
+                meter.create_observable_gauge("nodewire.observer.series", [self._gauge_series], "{series}",
+                                              "Series the observer exports (after the cap)"),
+                meter.create_observable_gauge("nodewire.observer.series.dropped", [self._gauge_dropped],
+                                              "{series}", "Series left out by the cap in the last collection"),
+                meter.create_observable_gauge("nodewire.observer.probe.status", [self._gauge_probes], "1",
+                                              "1 when a kernel probe is attached, 0 when it is missing"),
+            ]
+            self.telemetry.add_producer(self.metrics)
+        self.sync()
+        log.info("observer started probes=%s", ",".join(f"{k}={v}" for k, v in self.tcp.probes.items()))
+        return self
+
+    def close(self) -> None:
+        with self._lock:
+            if self.telemetry is not None:
+                self.telemetry.remove_producer(self.metrics)
+            if self.traffic is not None:
+                self.traffic.close()
+                self.traffic = None
+            if self.tcp is not None:
+                self.tcp.close()
+                self.tcp = None
+
+    # -- control path ---------------------------------------------------------------------------
+    def set_pod_interface(self, key: ObjectKey, ifname: str | None) -> None:
+        with self._lock:
+            if ifname is None:
+                self.interfaces.pop(key, None)
+            else:
+                self.interfaces[key] = ifname
+        self.sync(force=True)
+
+    def sync(self, force: bool = False) -> None:
+        """Bring watched addresses and veth programs in line with the state (cheap when unchanged)."""
+        with self._lock:
+            if not force and self.state.revision == self.identity.revision:
+                return
+            self.identity = Identity.from_state(self.state, self.cfg)
+            if self.tcp is None:
+                return
+            self.tcp.set_watched(list(self.identity.local))
+            observed = {ref.key for ref in self.identity.local.values()}
+            want = {ifname for key, ifname in self.interfaces.items() if key in observed}
+            for ifname in set(self.traffic.attached) - want:
+                self.traffic.detach(ifname)
+            for ifname in want - set(self.traffic.attached):
+                try:
+                    self.traffic.attach(ifname)
+                except (LookupError, OSError) as e:  # one bad pod never stops the others
+                    msg = f"pod interface {ifname}: tc attach failed: {e}"
+                    self.errors.append(msg)
+                    log.error("tc attach failed ifname=%s err=%s", ifname, e)
+
+    # -- collect path ---------------------------------------------------------------------------
+    def read(self) -> Reading:
+        """Everything the kernel holds right now, labelled with pod / peer / Service identities."""
+        with self._lock:
+            self.sync()
+            r = Reading()
+            ident = self.identity
+            if self.traffic is not None:
+                by_index = {idx: name for name, idx in self.traffic.attached.items()}
+                pod_by_if = {ifname: key for key, ifname in self.interfaces.items()}
+                refs = {ref.key: ref for ref in ident.local.values()}
+                for (ifindex, direction), (packets, nbytes) in self.traffic.read().items():
+                    key = pod_by_if.get(by_index.get(ifindex, ""))
+                    ref = refs.get(key)
+                    if ref is None:
+                        continue
+                    attrs = {**ref.attributes(), "network.io.direction": direction,
+                             "network.interface.name": by_index[ifindex]}
+                    r.count("pod_bytes", attrs, nbytes)
+                    r.count("pod_packets", attrs, packets)
+            if self.tcp is not None:
+                for ip, metric, slot, value in self.tcp.read_histograms():
+                    ref = ident.pod_of(ip)
+                    if ref is None:
+                        continue
+                    name = "connect" if metric == HIST_CONNECT else "srtt" if metric == HIST_SRTT else None
+                    if name:
+                        r.hist(name, ref.attributes()).add_slot(slot, value)
+                for local, remote, n in self.tcp.read_retransmits():
+                    ref = ident.pod_of(local)
+                    if ref is not None:
+                        r.count("retrans", {**ref.attributes(), **ident.peer(remote)}, n)
+                node = self.cfg.node_name
+                for reason, n in self.tcp.read_drops().items():
+                    r.count("drops", {"k8s.node.name": node, "nodewire.drop.reason":
+                                      reason_name(self.drop_reasons, reason)}, n)
+            if self.lb is not None:
+                self._read_lb(r)
+            return r
+
+    def _read_lb(self, r: Reading) -> None:
+        names = self.reconciler.service_names() if self.reconciler is not None else {}
+        backends = self._backend_names()
+        keys, vals = dump_percpu(self.lb.lb_stats, "nodewire_lb_stats_v1")
+        for k, v in zip(keys, vals):
+            sid, bid, outcome = int(k["service_id"]), int(k["backend_id"]), int(k["outcome"])
+            info = names.get(sid)
+            if info is None:
+                continue  # a frontend removed since: its series goes with it
+            ns, _, name = info["service"].partition("/")
+            attrs = {"k8s.namespace.name": ns, "k8s.service.name": name,
+                     "nodewire.service.port": info["port_name"] or info["frontend"],
+                     "k8s.node.name": self.cfg.node_name}
+            if LB_OUTCOMES.get(outcome) == "forwarded":
+                r.count("svc_connects", {**attrs, "nodewire.backend.address": backends.get(bid, str(bid))}, int(v[0]))
+            else:
+                r.count("svc_refusals", {**attrs, "nodewire.refusal.reason": LB_OUTCOMES.get(outcome, str(outcome))},
+                        int(v[0]))
+
+    def _backend_names(self) -> dict[int, str]:
+        if self.reconciler is None:
+            return {}
+        from ..datapath.maps import addr_str, port_host
+        be = self.reconciler.backends
+        out = {}
+        for kb, vb in list(self.reconciler.be_actual.items()):
+            bid = int(np.frombuffer(kb, dtype=be.key_dtype)[0])
+            row = np.frombuffer(vb, dtype=be.value_dtype)[0]
+            ip = addr_str(row["address"])
+            out[bid] = (f"[{ip}]" if ":" in ip else ip) + f":{port_host(row['port'])}"
+        return out
+
+    def metrics(self):
+        """OTel Metric objects for the telemetry producer hook (one kernel read per call)."""
+        try:
+            reading = self.read()
+        except Exception as e:  # an exporter must never die of a failed read
+            log.error("observer read failed err=%s", e)
+            return []
+        with self._lock:
+            out = self.book.to_metrics(reading)
+        if self.book.dropped:
+            log.warning("series cap reached cap=%d dropped=%d", self.cfg.max_series, self.book.dropped)
+        return out
+
+    # -- self-metrics ---------------------------------------------------------------------------
+    def _gauge_series(self, _opts: CallbackOptions):
+        return [Observation(self.book.exported, {"k8s.node.name": self.cfg.node_name})]
+
+    def _gauge_dropped(self, _opts: CallbackOptions):
+        return [Observation(self.book.dropped, {"k8s.node.name": self.cfg.node_name})]
+
+    def _gauge_probes(self, _opts: CallbackOptions):
+        probes = self.tcp.probes if self.tcp else {}
+        return [Observation(1 if st == "attached" else 0, {"k8s.node.name": self.cfg.node_name,
+                                                            "nodewire.probe": tp})
+                for tp, st in probes.items()]
+
+    def histograms(self) -> dict[str, dict[tuple, Log2Histogram]]:
+        """The labelled kernel histograms (for the terminal views)."""
+        return self.read().histograms
