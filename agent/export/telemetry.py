@@ -131,7 +131,11 @@ class Telemetry:
 
 
 def otlp_endpoint_from_env(env=os.environ) -> str | None:
-    return env.get("OTEL_EXPORTER_OTLP_METRICS_ENDPOINT") or env.get("OTEL_EXPORTER_OTLP_ENDPOINT") or None
+    """The full metrics URL: the signal-specific variable as is, the base one + /v1/metrics (spec)."""
+    if env.get("OTEL_EXPORTER_OTLP_METRICS_ENDPOINT"):
+        return env["OTEL_EXPORTER_OTLP_METRICS_ENDPOINT"]
+    base = env.get("OTEL_EXPORTER_OTLP_ENDPOINT")
+    return base.rstrip("/") + "/v1/metrics" if base else None
 
 
 def start_telemetry(metrics_addr: str | None, node_name: str | None = None, env=os.environ) -> Telemetry:
@@ -146,7 +150,9 @@ def start_telemetry(metrics_addr: str | None, node_name: str | None = None, env=
         if proto != "http/protobuf":
             log.warning("OTLP protocol not supported, using http/protobuf protocol=%s", proto)
         from opentelemetry.exporter.otlp.proto.http.metric_exporter import OTLPMetricExporter
-        readers.append(_MergingPeriodicReader(OTLPMetricExporter(), producers))
+        interval = env.get("OTEL_METRIC_EXPORT_INTERVAL")
+        readers.append(_MergingPeriodicReader(OTLPMetricExporter(endpoint=endpoint), producers,
+                                              **({"export_interval_millis": float(interval)} if interval else {})))
         log.info("OTLP metrics export on endpoint=%s", endpoint)
     provider = MeterProvider(resource=Resource.create(attrs), metric_readers=readers)
     tel = Telemetry(provider, producers=producers, otlp_endpoint=endpoint)
