@@ -1,14 +1,168 @@
 """The `nodewire` command line."""
 from __future__ import annotations
 
+import json
 import logging
+import os
+import sys
 
 import click
+
+from .config import DEFAULT_PIN_DIR, AgentConfig, state_dir_for
+
+pin_dir_option = click.option("--pin-dir", default=DEFAULT_PIN_DIR, show_default=True,
+                              help="bpffs directory where nodewire pins its maps.")
+output_option = click.option("-o", "--output", type=click.Choice(["table", "json"]), default="table",
+                             show_default=True)
 
 
 @click.group()
 @click.option("--debug", is_flag=True, help="Verbose, structured logs.")
 def main(debug: bool) -> None:
     """nodewire: BPF socket load balancing and per-pod network telemetry for Kubernetes nodes."""
-    logging.basicConfig(level=logging.DEBUG if debug else logging.INFO,
+    logging.basicConfig(level=logging.DEBUG if debug else logging.INFO, stream=sys.stderr,
                         format="ts=%(asctime)s level=%(levelname)s logger=%(name)s msg=%(message)s")
+
+
+@main.command()
+@click.option("--manifests", type=click.Path(file_okay=False), help="Directory of Service/EndpointSlice/Pod manifests (watched).")
+@click.option("--cgroup", type=click.Path(file_okay=False), help="cgroup v2 directory to attach to [default: the node's cgroup v2 root].")
+@pin_dir_option
+@click.option("--metrics-addr", default=None, help="HOST:PORT for the Prometheus /metrics endpoint (e.g. :9965).")
+@click.option("--map-size", "map_sizes", multiple=True, metavar="MAP=N",
+              help="Map capacity override, e.g. services=2097152 (maps: services, backends, revnat, lb_stats).")
+def run(manifests, cgroup, pin_dir, metrics_addr, map_sizes) -> None:
+    """Run the agent: keep the BPF service maps equal to the cluster state."""
+    from dataclasses import replace
+
+    from .agent import Agent
+    from .datapath.loader import MapSizes
+
+    sizes = MapSizes()
+    for item in map_sizes:
+        name, _, value = item.partition("=")
+        if name not in MapSizes.__dataclass_fields__ or not value.isdigit():
+            raise click.BadParameter(f"{item!r}: expected MAP=N with MAP one of services, backends, revnat, lb_stats",
+                                     param_hint="--map-size")
+        sizes = replace(sizes, **{name: int(value)})
+    if manifests is None:
+        raise click.UsageError("no source: pass --manifests DIR")
+    cfg = AgentConfig(manifests=manifests, cgroup=cgroup, pin_dir=pin_dir, metrics_addr=metrics_addr, sizes=sizes)
+    try:
+        agent = Agent(cfg)
+    except (ValueError, FileNotFoundError) as e:
+        raise click.UsageError(str(e)) from None
+    agent.install_signal_handlers()
+    agent.start()
+    try:
+        agent.run()
+    finally:
+        agent.close()
+
+
+def _load_status(pin_dir: str) -> dict | None:
+    path = os.path.join(state_dir_for(pin_dir), "status.json")
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except FileNotFoundError:
+        return None
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+        return True
+    except ProcessLookupError:
+        return False
+
+
+@main.command()
+@pin_dir_option
+@output_option
+def services(pin_dir, output) -> None:
+    """List what the kernel holds: frontend → backends (read from the pinned maps)."""
+    from .datapath.inspect import read_services
+
+    st = _load_status(pin_dir) or {}
+    try:
+        rows = read_services(pin_dir, st.get("service_names"))
+    except FileNotFoundError as e:
+        raise click.ClickException(str(e)) from None
+    if output == "json":
+        click.echo(json.dumps(rows, indent=2))
+        return
+    click.echo(f"{'ID':>5}  {'FRONTEND':<30} {'PROTO':<5} {'SERVICE':<30} BACKENDS")
+    for r in rows:
+        name = f"{r['service']}:{r['port_name']}" if r["port_name"] else r["service"]
+        bes = ", ".join(b["address"] for b in r["backends"]) or "(none: connects refused)"
+        click.echo(f"{r['id']:>5}  {r['frontend']:<30} {r['protocol']:<5} {name:<30} {bes}")
+
+
+@main.command()
+@pin_dir_option
+@output_option
+def status(pin_dir, output) -> None:
+    """Agent status: programs attached, map fill, last sync, errors."""
+    from .datapath.attach import attached_programs
+
+    st = _load_status(pin_dir)
+    if st is None:
+        raise click.ClickException(f"no agent status for --pin-dir {pin_dir} (the agent has not run with it)")
+    st["agent_running"] = _alive(st["pid"])
+    st["attached"] = [p.get("name") for p in attached_programs(st["cgroup"])]
+    if output == "json":
+        click.echo(json.dumps(st, indent=2))
+        return
+    import time
+
+    last = st.get("last_sync") or {}
+    click.echo(f"agent:     {'running' if st['agent_running'] else 'NOT running'} (pid {st['pid']})")
+    click.echo(f"cgroup:    {st['cgroup']}")
+    click.echo(f"programs:  {len(st['attached'])} attached ({', '.join(st['attached'])})")
+    for name, m in st["maps"].items():
+        click.echo(f"map:       {name} {m['entries']}/{m['capacity']} ({100 * m['entries'] / m['capacity']:.1f}%)")
+    click.echo(f"services:  {st['services']}")
+    if last:
+        click.echo(f"last sync: {time.time() - last['time']:.1f}s ago, {last['seconds'] * 1000:.1f} ms, "
+                   f"{last['written']} written, {last['deleted']} deleted")
+    c = st["counters"]
+    click.echo(f"errors:    {c['object_errors']} bad objects, {c['sync_errors']} refused services")
+    for e in st["object_errors"][-5:] + st["sync_errors"][-5:]:
+        click.echo(f"  - {e}")
+
+
+@main.command()
+@pin_dir_option
+@click.option("--cgroup", type=click.Path(file_okay=False), help="cgroup to detach from [default: the one in the agent's status].")
+def cleanup(pin_dir, cgroup) -> None:
+    """Detach nodewire's programs and unpin its maps."""
+    import shutil
+
+    from .datapath.attach import detach_sock_lb, detect_cgroup2_root
+
+    st = _load_status(pin_dir) or {}
+    cg = cgroup or st.get("cgroup") or detect_cgroup2_root()
+    n = detach_sock_lb(cg) if os.path.isdir(cg) else 0
+    removed = 0
+    if os.path.isdir(pin_dir):
+        for name in os.listdir(pin_dir):
+            os.unlink(os.path.join(pin_dir, name))
+            removed += 1
+        os.rmdir(pin_dir)
+    shutil.rmtree(state_dir_for(pin_dir), ignore_errors=True)
+    click.echo(f"detached {n} programs from {cg}; unpinned {removed} maps from {pin_dir}")
+
+
+@main.command()
+@click.option("--duration", type=float, default=None, help="Seconds to run [default: until Ctrl-C].")
+@click.option("--metrics-addr", default=None, help="Serve the agent's /metrics here while the demo runs.")
+@click.option("-o", "--output", type=click.Choice(["live", "json"]), default="live",
+              help="json: print the final per-Service tally as JSON after the run.")
+def demo(duration, metrics_addr, output) -> None:
+    """A sandbox cluster (netns pods) with the agent load-balancing ClusterIP traffic, shown live."""
+    from .demo import run_demo
+
+    result = run_demo(duration, metrics_addr)
+    if output == "json":
+        click.echo(json.dumps(result))

@@ -98,10 +98,10 @@ class SockLB:
     def __init__(self, pin_dir: str, sizes: MapSizes = MapSizes()):
         self.pin_dir = pin_dir
         self.bpf = compile_program("sock_lb.c", pin_dir, sizes)
-        self.services = RawMap(self.bpf[MAP_NAMES["services"]], MAP_NAMES["services"])
-        self.backends = RawMap(self.bpf[MAP_NAMES["backends"]], MAP_NAMES["backends"])
-        self.lb_stats = self.bpf[MAP_NAMES["lb_stats"]]
-        self.revnat = self.bpf[MAP_NAMES["revnat"]]
+        self.services = RawMap(self.bpf[MAP_NAMES["services"].encode()], MAP_NAMES["services"])
+        self.backends = RawMap(self.bpf[MAP_NAMES["backends"].encode()], MAP_NAMES["backends"])
+        self.lb_stats = self.bpf[MAP_NAMES["lb_stats"].encode()]
+        self.revnat = self.bpf[MAP_NAMES["revnat"].encode()]
 
     def programs(self):
         """(function, attach type) for every hook, loaded into the kernel."""

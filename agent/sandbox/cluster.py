@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import ipaddress
+import json
 import os
 import secrets
 import subprocess
@@ -13,6 +14,7 @@ from pathlib import Path
 from ..datapath.attach import detect_cgroup2_root
 
 PODSERVER = Path(__file__).with_name("podserver.py")
+PROBE = Path(__file__).with_name("probe.py")
 
 
 def _ip(*args: str, check: bool = True) -> subprocess.CompletedProcess:
@@ -76,9 +78,17 @@ class Pod:
         """Run a Python snippet inside the pod and return its stdout."""
         return self.run([sys.executable, "-c", code], timeout=timeout).stdout
 
-    def serve(self, tcp_ports=(), udp_ports=(), reply: str | None = None) -> subprocess.Popen:
+    def probe(self, kind: str, host: str, port: int, count: int = 1, timeout: float = 2.0) -> dict:
+        """Connect (tcp) or send (udp) `count` times from this pod; see probe.py for the report."""
+        out = self.run([sys.executable, str(PROBE), kind, host, str(port), "--count", str(count),
+                        "--timeout", str(timeout)], timeout=30 + count * timeout)
+        return json.loads(out.stdout)
+
+    def serve(self, tcp_ports=(), udp_ports=(), echo_ports=(), reply: str | None = None) -> subprocess.Popen:
         """Start the small TCP(HTTP)/UDP server that answers with the pod's name."""
         args = [sys.executable, str(PODSERVER), "--name", reply or self.name]
+        for p in echo_ports:
+            args += ["--echo", str(p)]
         for p in tcp_ports:
             args += ["--tcp", str(p)]
         for p in udp_ports:

@@ -14,6 +14,8 @@ def main() -> None:
     ap.add_argument("--name", required=True)
     ap.add_argument("--tcp", type=int, action="append", default=[])
     ap.add_argument("--udp", type=int, action="append", default=[])
+    ap.add_argument("--echo", type=int, action="append", default=[],
+                    help="TCP port whose connections stay open and echo each read back, prefixed by the name")
     a = ap.parse_args()
     body = (a.name + "\n").encode()
     sel = selectors.DefaultSelector()
@@ -25,6 +27,14 @@ def main() -> None:
         s.listen(1024)
         s.setblocking(False)
         sel.register(s, selectors.EVENT_READ, "accept")
+    for port in a.echo:
+        s = socket.socket(socket.AF_INET6, socket.SOCK_STREAM)
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+        s.bind(("::", port))
+        s.listen(128)
+        s.setblocking(False)
+        sel.register(s, selectors.EVENT_READ, "accept-echo")
     for port in a.udp:
         s = socket.socket(socket.AF_INET6, socket.SOCK_DGRAM)
         s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
@@ -35,13 +45,23 @@ def main() -> None:
     while True:
         for key, _ in sel.select():
             s = key.fileobj
-            if key.data == "accept":
+            if key.data in ("accept", "accept-echo"):
                 try:
                     c, _ = s.accept()
                 except BlockingIOError:
                     continue
                 c.setblocking(False)
-                sel.register(c, selectors.EVENT_READ, "conn")
+                sel.register(c, selectors.EVENT_READ, "conn" if key.data == "accept" else "echo")
+            elif key.data == "echo":
+                try:
+                    data = s.recv(4096)
+                except (BlockingIOError, ConnectionError):
+                    data = b""
+                if data:
+                    s.sendall(a.name.encode() + b" " + data)
+                else:
+                    sel.unregister(s)
+                    s.close()
             elif key.data == "conn":
                 try:
                     data = s.recv(4096)

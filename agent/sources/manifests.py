@@ -27,7 +27,7 @@ _Loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
 
 @dataclass
 class _FileState:
-    stamp: tuple[int, int]
+    stamp: tuple[int, int, int]
     objects: dict[tuple[str, ObjectKey], Any] = field(default_factory=dict)
     errors: list[ObjectError] = field(default_factory=list)
 
@@ -89,7 +89,7 @@ class ManifestSource:
         if not self.directory.is_dir():
             raise FileNotFoundError(f"--manifests: {self.directory} is not a directory")
 
-    def _scan(self) -> dict[Path, tuple[int, int]]:
+    def _scan(self) -> dict[Path, tuple[int, int, int]]:
         out = {}
         for root, _dirs, names in os.walk(self.directory):
             for n in names:
@@ -99,7 +99,7 @@ class ManifestSource:
                         st = p.stat()
                     except FileNotFoundError:
                         continue
-                    out[p] = (st.st_mtime_ns, st.st_size)
+                    out[p] = (st.st_mtime_ns, st.st_size, st.st_ino)
         return out
 
     def poll(self) -> bool:

@@ -1,0 +1,181 @@
+"""The agent loop: sources → ClusterState → model → reconciler → BPF maps, plus status and metrics.
+
+One thread owns the reconciler. Sources either are polled here (manifests) or push into ClusterState
+from their own thread and wake this loop through ClusterState.changed. The first sync after start is
+a full sync against what the pinned maps already hold, so a restart rewrites nothing that is right.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+import threading
+import time
+from collections import deque
+
+from .config import AgentConfig
+from .datapath.attach import attach_sock_lb, detect_cgroup2_root
+from .datapath.loader import SockLB
+from .datapath.reconciler import Reconciler, SyncResult
+from .export.telemetry import start_telemetry
+from .model.objects import ObjectError
+from .sources.manifests import ManifestSource
+from .state import ClusterState
+
+log = logging.getLogger("nodewire.agent")
+
+
+class Agent:
+    def __init__(self, cfg: AgentConfig):
+        cfg.validate()
+        self.cfg = cfg
+        self.state = ClusterState()
+        self.stop = threading.Event()
+        self.started = time.time()
+        self.object_errors: deque[str] = deque(maxlen=200)
+        self.sync_errors: deque[str] = deque(maxlen=200)
+        self.counters = {"syncs": 0, "object_errors": 0, "sync_errors": 0, "written": 0, "deleted": 0}
+        self.last_sync: dict | None = None
+        self.last_change = 0.0  # when a source change was last taken in (and applied)
+        self.first_sync: dict | None = None
+        self.sources: dict[str, dict] = {}
+        self.source: ManifestSource | None = None
+        self.lb: SockLB | None = None
+        self.reconciler: Reconciler | None = None
+        self.programs: list[str] = []
+        self.telemetry = None
+
+    # -- start-up ------------------------------------------------------------------------------
+    def start(self) -> None:
+        cfg = self.cfg
+        self.cgroup = cfg.cgroup or detect_cgroup2_root()
+        os.makedirs(cfg.state_dir, exist_ok=True)
+        t0 = time.perf_counter()
+        self.lb = SockLB(cfg.pin_dir, cfg.sizes)
+        self.programs = attach_sock_lb(self.lb, self.cgroup)
+        self.reconciler = Reconciler(self.lb.services, self.lb.backends)
+        log.info("datapath ready cgroup=%s pin_dir=%s programs=%d load_seconds=%.3f preexisting_entries=%d",
+                 self.cgroup, cfg.pin_dir, len(self.programs), time.perf_counter() - t0,
+                 len(self.reconciler.svc_actual))
+        if cfg.manifests is not None:
+            self.source = ManifestSource(cfg.manifests, on_error=self._object_error)
+            self.sources["manifests"] = {"path": cfg.manifests, "healthy": True}
+        self.telemetry = start_telemetry(cfg.metrics_addr, cfg.node_name)
+        self._instruments()
+
+    def _object_error(self, err: ObjectError) -> None:
+        self.counters["object_errors"] += 1
+        self.object_errors.append(str(err))
+        log.error("bad object: %s", err)
+
+    def _instruments(self) -> None:
+        from opentelemetry.metrics import Observation
+
+        m = self.telemetry.meter()
+        maps = lambda: {self.lb.services.name: self.lb.services, self.lb.backends.name: self.lb.backends}  # noqa: E731
+        m.create_observable_gauge(
+            "nodewire.map.entries", unit="1", description="Entries in each service-datapath map",
+            callbacks=[lambda _o: [Observation(len(self._actual(n)), {"map": n}) for n in maps()]])
+        m.create_observable_gauge(
+            "nodewire.map.capacity", unit="1", description="Capacity (max_entries) of each map",
+            callbacks=[lambda _o: [Observation(mp.capacity, {"map": n}) for n, mp in maps().items()]])
+        m.create_observable_counter(
+            "nodewire.sync.runs", unit="1", description="Reconciler runs",
+            callbacks=[lambda _o: [Observation(self.counters["syncs"])]])
+        m.create_observable_counter(
+            "nodewire.sync.errors", unit="1", description="Services refused by the reconciler (full map, clash)",
+            callbacks=[lambda _o: [Observation(self.counters["sync_errors"])]])
+        m.create_observable_counter(
+            "nodewire.object.errors", unit="1", description="Objects rejected by validation",
+            callbacks=[lambda _o: [Observation(self.counters["object_errors"])]])
+        m.create_observable_gauge(
+            "nodewire.sync.last_duration", unit="s", description="Duration of the last reconciler run",
+            callbacks=[lambda _o: [Observation(self.last_sync["seconds"] if self.last_sync else 0.0)]])
+        m.create_observable_gauge(
+            "nodewire.services", unit="1", description="Services in the datapath",
+            callbacks=[lambda _o: [Observation(len(self.reconciler.owned))]])
+
+    def _actual(self, name: str) -> dict:
+        return self.reconciler.svc_actual if name == self.lb.services.name else self.reconciler.be_actual
+
+    # -- loop ----------------------------------------------------------------------------------
+    def sync_once(self, full: bool = False) -> SyncResult | None:
+        polled = self.source is not None and self.source.poll()
+        if polled:
+            self.state.replace(self.source.objects())
+            self.last_change = time.time()
+        changes = self.state.all_frontends() if full else self.state.take_dirty()
+        if not changes and not full:
+            if polled:  # files changed but no frontend did (e.g. only errors): still show it
+                self.write_status()
+            return None
+        res = self.reconciler.apply(changes, full=full)
+        self.counters["syncs"] += 1
+        self.counters["written"] += res.written
+        self.counters["deleted"] += res.deleted
+        self.counters["sync_errors"] += len(res.errors)
+        self.sync_errors.extend(res.errors)
+        self.last_sync = {"time": time.time(), "seconds": res.seconds, "services": res.services,
+                          "written": res.written, "deleted": res.deleted, "full": full}
+        if full and self.first_sync is None:
+            self.first_sync = dict(self.last_sync, since_start=time.time() - self.started)
+            log.info("full sync done services=%d written=%d deleted=%d seconds=%.3f", len(self.reconciler.owned),
+                     res.written, res.deleted, res.seconds)
+        else:
+            log.debug("sync services=%d written=%d deleted=%d seconds=%.4f", res.services, res.written,
+                      res.deleted, res.seconds)
+        self.write_status()
+        return res
+
+    def run(self) -> None:
+        self.sync_once(full=True)
+        while not self.stop.is_set():
+            self.state.changed.wait(self.cfg.poll_interval)
+            if self.stop.is_set():
+                break
+            try:
+                self.sync_once()
+            except Exception:  # one bad cycle must not end the agent; the next one retries
+                log.exception("sync failed; keeping the datapath as it is")
+        log.info("agent stopping; the datapath stays attached and pinned")
+
+    def install_signal_handlers(self) -> None:
+        def handler(_sig, _frame):
+            self.stop.set()
+            self.state.changed.set()
+        signal.signal(signal.SIGTERM, handler)
+        signal.signal(signal.SIGINT, handler)
+
+    def close(self) -> None:
+        if self.telemetry is not None:
+            self.telemetry.shutdown()
+
+    # -- status --------------------------------------------------------------------------------
+    def status(self) -> dict:
+        lb, rec = self.lb, self.reconciler
+        return {
+            "pid": os.getpid(),
+            "started": self.started,
+            "cgroup": self.cgroup,
+            "pin_dir": self.cfg.pin_dir,
+            "programs": self.programs,
+            "maps": {m.name: {"entries": len(self._actual(m.name)), "capacity": m.capacity}
+                     for m in (lb.services, lb.backends)},
+            "services": len(rec.owned),
+            "first_sync": self.first_sync,
+            "last_sync": self.last_sync,
+            "last_change": self.last_change,
+            "counters": self.counters,
+            "sources": self.sources,
+            "object_errors": list(self.object_errors)[-20:],
+            "sync_errors": list(self.sync_errors)[-20:],
+            "service_names": {str(k): v for k, v in rec.service_names().items()},
+        }
+
+    def write_status(self) -> None:
+        path = os.path.join(self.cfg.state_dir, "status.json")
+        tmp = path + ".tmp"
+        with open(tmp, "w") as f:
+            json.dump(self.status(), f)
+        os.replace(tmp, path)

@@ -1,0 +1,43 @@
+"""One typed configuration for the agent, validated at start-up."""
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass, field
+
+from .datapath.loader import MapSizes
+
+DEFAULT_PIN_DIR = "/sys/fs/bpf/nodewire"
+
+
+def state_dir_for(pin_dir: str) -> str:
+    """Where the agent writes status.json for a given pin dir (bpffs holds only pins, not files).
+    Every command that takes --pin-dir finds the agent's status this way."""
+    return os.path.join("/run/nodewire", re.sub(r"[^A-Za-z0-9_.-]", "_", pin_dir.strip("/")) or "root")
+
+
+@dataclass
+class AgentConfig:
+    manifests: str | None = None
+    cgroup: str | None = None  # None: the node's cgroup v2 root, detected
+    pin_dir: str = DEFAULT_PIN_DIR
+    metrics_addr: str | None = None
+    sizes: MapSizes = field(default_factory=MapSizes)
+    poll_interval: float = 0.2
+    node_name: str = field(default_factory=lambda: os.environ.get("NODE_NAME") or os.uname().nodename)
+
+    @property
+    def state_dir(self) -> str:
+        return state_dir_for(self.pin_dir)
+
+    def validate(self) -> None:
+        if self.manifests is not None and not os.path.isdir(self.manifests):
+            raise ValueError(f"--manifests: {self.manifests} is not a directory")
+        if self.cgroup is not None and not os.path.isfile(os.path.join(self.cgroup, "cgroup.procs")):
+            raise ValueError(f"--cgroup: {self.cgroup} is not a cgroup v2 directory")
+        if not self.pin_dir.startswith("/sys/fs/bpf"):
+            raise ValueError(f"--pin-dir: {self.pin_dir} must be under /sys/fs/bpf (a bpffs mount)")
+        for name in ("services", "backends", "revnat", "lb_stats"):
+            v = getattr(self.sizes, name)
+            if not 1 <= v <= 1 << 26:
+                raise ValueError(f"map size {name}: {v} out of range (1..{1 << 26})")

@@ -1,0 +1,170 @@
+"""`nodewire demo`: a sandbox cluster, the real agent on it, traffic to ClusterIPs, a live view.
+
+Pods are network namespaces on a bridge in the sandbox's own node namespace; the agent attaches only
+to the sandbox's cgroup and pins under its own directory, so the demo never touches the host's
+datapath. Midway the demo marks web-3 not ready (by editing its manifest) and later ready again, so a
+person sees the datapath follow the manifests.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections import Counter, defaultdict
+from pathlib import Path
+
+from .config import state_dir_for
+from .sandbox import Sandbox
+from .sandbox.cluster import PROBE
+
+EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
+NODEWIRE = str(Path(sys.executable).with_name("nodewire"))
+TARGETS = [
+    ("web (IPv4)", "tcp:10.96.0.10:80"),
+    ("web (IPv6)", "tcp:[fd00:10:96::10]:80"),
+    ("dns (UDP)", "udp:10.96.0.53:53"),
+    ("billing (no ready endpoint)", "tcp:10.96.0.20:80"),
+]
+POD_ORDER = ["client", "web-1", "web-2", "web-3", "dns-1", "dns-2"]  # fixes the addresses in examples/
+
+
+class Tally:
+    def __init__(self):
+        self.replies: dict[str, Counter] = defaultdict(Counter)
+        self.errors: dict[str, Counter] = defaultdict(Counter)
+        self.events: list[str] = []
+        self.lock = threading.Lock()
+
+    def read(self, stream) -> None:
+        for line in stream:
+            try:
+                r = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            with self.lock:
+                if r["reply"]:
+                    self.replies[r["target"]][r["reply"]] += 1
+                if r["error"]:
+                    self.errors[r["target"]][r["error"]] += 1
+
+    def event(self, text: str) -> None:
+        with self.lock:
+            self.events.append(f"{time.strftime('%H:%M:%S')}  {text}")
+
+
+def _set_web3_ready(manifests: Path, ready: bool) -> None:
+    path = manifests / "web.yaml"
+    text = (EXAMPLES / "web.yaml").read_text()
+    if not ready:
+        for addr in ("10.244.0.5", '"fd00:10:244::5"'):
+            text = text.replace(f"{{addresses: [{addr}], conditions: {{ready: true}}",
+                                f"{{addresses: [{addr}], conditions: {{ready: false}}")
+    tmp = manifests / ".web.yaml.tmp"
+    tmp.write_text(text)
+    tmp.rename(path)
+
+
+def _render(tally: Tally, status: dict, elapsed: float):
+    from rich.console import Group
+    from rich.table import Table
+
+    t = Table(title=f"nodewire demo: requests from pod 'client' to ClusterIPs ({elapsed:.0f}s)", expand=False)
+    t.add_column("Service (ClusterIP)")
+    t.add_column("answered by backend pod (count)")
+    t.add_column("errors")
+    with tally.lock:
+        for name, _ in TARGETS:
+            replies = ", ".join(f"{k}: {v}" for k, v in sorted(tally.replies[name].items())) or "-"
+            errors = ", ".join(f"{k}: {v}" for k, v in sorted(tally.errors[name].items())) or "-"
+            t.add_row(name, replies, errors)
+        events = list(tally.events[-6:])
+    maps = status.get("maps", {})
+    last = status.get("last_sync") or {}
+    info = Table.grid(padding=(0, 2))
+    info.add_row("agent", f"pid {status.get('pid', '?')}, {len(status.get('programs', []))} socket programs on the sandbox cgroup")
+    for name, m in maps.items():
+        info.add_row("map", f"{name}: {m['entries']} entries")
+    if last:
+        info.add_row("last sync", f"{last['written']} written, {last['deleted']} deleted in {last['seconds'] * 1000:.2f} ms")
+    ev = Table.grid()
+    for e in events:
+        ev.add_row(e)
+    return Group(t, info, ev)
+
+
+def run_demo(duration: float | None, metrics_addr: str | None, interval: float = 0.1) -> dict:
+    """Run the demo; returns the final tally (used by the test and printed at the end)."""
+    from rich.console import Console
+    from rich.live import Live
+
+    console = Console()
+    tmp = Path(tempfile.mkdtemp(prefix="nodewire-demo-"))
+    manifests = tmp / "manifests"
+    shutil.copytree(EXAMPLES, manifests, ignore=shutil.ignore_patterns("*.md"))
+    agent = None
+    tally = Tally()
+    status: dict = {}
+    start = time.time()
+    with Sandbox() as sb:
+        pin_dir = f"/sys/fs/bpf/nodewire-demo-{sb.prefix}"
+        try:
+            pods = {name: sb.add_pod(name) for name in POD_ORDER}
+            for name in ("web-1", "web-2", "web-3"):
+                pods[name].serve(tcp_ports=[8080])
+            for name in ("dns-1", "dns-2"):
+                pods[name].serve(udp_ports=[5353])
+            tally.event(f"sandbox {sb.prefix}: {len(pods)} pods up (netns + veth on a bridge, one cgroup each)")
+            cmd = [NODEWIRE, "run", "--manifests", str(manifests), "--cgroup", sb.cgroup, "--pin-dir", pin_dir]
+            if metrics_addr:
+                cmd += ["--metrics-addr", metrics_addr]
+            agent = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=open(tmp / "agent.log", "w"))
+            status_file = Path(state_dir_for(pin_dir), "status.json")
+            deadline = time.time() + 60
+            while not status_file.exists():
+                if agent.poll() is not None or time.time() > deadline:
+                    raise RuntimeError(f"agent did not start: {(tmp / 'agent.log').read_text()[-2000:]}")
+                time.sleep(0.1)
+            tally.event(f"agent synced the manifests in {EXAMPLES.name}/ (metrics: {metrics_addr or 'off'})")
+            client = pods["client"].popen(
+                [sys.executable, str(PROBE), "stream", *[f"{n}={t}" for n, t in TARGETS], "--interval", str(interval)])
+            threading.Thread(target=tally.read, args=(client.stdout,), daemon=True).start()
+
+            start = time.time()
+            toggles = [(1 / 3, False), (2 / 3, True)] if duration else []
+            with Live(console=console, refresh_per_second=4, transient=not console.is_terminal) as live:
+                while duration is None or time.time() - start < duration:
+                    elapsed = time.time() - start
+                    if toggles and elapsed >= toggles[0][0] * duration:
+                        _, ready = toggles.pop(0)
+                        _set_web3_ready(manifests, ready)
+                        tally.event("web-3 marked ready again" if ready else "web-3 marked NOT ready: no new connects go to it")
+                    elif duration is None and int(elapsed) % 30 == 15 and int(elapsed) != getattr(live, "_nw_t", -1):
+                        live._nw_t = int(elapsed)
+                        ready = int(elapsed) % 60 != 15
+                        _set_web3_ready(manifests, ready)
+                        tally.event("web-3 marked ready again" if ready else "web-3 marked NOT ready")
+                    try:
+                        status = json.loads(status_file.read_text())
+                    except (OSError, json.JSONDecodeError):
+                        pass
+                    live.update(_render(tally, status, elapsed))
+                    time.sleep(0.25)
+        except KeyboardInterrupt:
+            pass
+        finally:
+            if agent is not None and agent.poll() is None:
+                agent.terminate()
+                agent.wait(timeout=20)
+            subprocess.run([NODEWIRE, "cleanup", "--pin-dir", pin_dir, "--cgroup", sb.cgroup],
+                           capture_output=True, text=True)
+            shutil.rmtree(tmp, ignore_errors=True)
+    if not console.is_terminal:
+        console.print(_render(tally, status, time.time() - start))
+    console.print(f"removed sandbox {sb.prefix} (namespaces, cgroups, pinned maps)")
+    return {"replies": {k: dict(v) for k, v in tally.replies.items()},
+            "errors": {k: dict(v) for k, v in tally.errors.items()}, "events": tally.events}

@@ -1,0 +1,28 @@
+"""`nodewire demo` end to end: traffic through ClusterIPs in a sandbox, then nothing left behind."""
+import json
+import os
+import subprocess
+
+import pytest
+
+from tests.conftest import NODEWIRE
+
+pytestmark = pytest.mark.root
+
+
+def test_demo_balances_refuses_and_cleans_up():
+    before = set(subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout.split())
+    out = subprocess.run([NODEWIRE, "demo", "--duration", "8", "-o", "json"], capture_output=True, text=True,
+                         timeout=180)
+    assert out.returncode == 0, out.stderr[-3000:]
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    assert set(result["replies"]["web (IPv4)"]) == {"web-1", "web-2", "web-3"}
+    assert set(result["replies"]["web (IPv6)"]) == {"web-1", "web-2", "web-3"}
+    assert set(result["replies"]["dns (UDP)"]) == {"dns-1", "dns-2"}
+    assert result["errors"]["web (IPv4)"] == {} and result["errors"]["dns (UDP)"] == {}
+    billing = result["errors"]["billing (no ready endpoint)"]
+    assert list(billing) == ["ECONNREFUSED"] and billing["ECONNREFUSED"] > 0
+    assert result["replies"]["billing (no ready endpoint)"] == {}
+    after = set(subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout.split())
+    assert not {n for n in after - before if "-node" in n or "-client" in n}
+    assert not [p for p in os.listdir("/sys/fs/bpf") if p.startswith("nodewire-demo-")]
