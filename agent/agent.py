@@ -57,7 +57,7 @@ class Agent:
         self.reconciler = Reconciler(self.lb.services, self.lb.backends)
         log.info("datapath ready cgroup=%s pin_dir=%s programs=%d load_seconds=%.3f preexisting_entries=%d",
                  self.cgroup, cfg.pin_dir, len(self.programs), time.perf_counter() - t0,
-                 len(self.reconciler.svc_actual))
+                 self.reconciler.svc_entries)
         if cfg.manifests is not None:
             self.source = ManifestSource(cfg.manifests, on_error=self._object_error)
             self.sources["manifests"] = {"path": cfg.manifests, "healthy": True}
@@ -76,7 +76,7 @@ class Agent:
         maps = lambda: {self.lb.services.name: self.lb.services, self.lb.backends.name: self.lb.backends}  # noqa: E731
         m.create_observable_gauge(
             "nodewire.map.entries", unit="1", description="Entries in each service-datapath map",
-            callbacks=[lambda _o: [Observation(len(self._actual(n)), {"map": n}) for n in maps()]])
+            callbacks=[lambda _o: [Observation(self._entries(n), {"map": n}) for n in maps()]])
         m.create_observable_gauge(
             "nodewire.map.capacity", unit="1", description="Capacity (max_entries) of each map",
             callbacks=[lambda _o: [Observation(mp.capacity, {"map": n}) for n, mp in maps().items()]])
@@ -96,8 +96,9 @@ class Agent:
             "nodewire.services", unit="1", description="Services in the datapath",
             callbacks=[lambda _o: [Observation(len(self.reconciler.owned))]])
 
-    def _actual(self, name: str) -> dict:
-        return self.reconciler.svc_actual if name == self.lb.services.name else self.reconciler.be_actual
+    def _entries(self, name: str) -> int:
+        rec = self.reconciler
+        return rec.svc_entries if name == self.lb.services.name else len(rec.backend_of)
 
     # -- loop ----------------------------------------------------------------------------------
     def sync_once(self, full: bool = False) -> SyncResult | None:
@@ -160,7 +161,7 @@ class Agent:
             "cgroup": self.cgroup,
             "pin_dir": self.cfg.pin_dir,
             "programs": self.programs,
-            "maps": {m.name: {"entries": len(self._actual(m.name)), "capacity": m.capacity}
+            "maps": {m.name: {"entries": self._entries(m.name), "capacity": m.capacity}
                      for m in (lb.services, lb.backends)},
             "services": len(rec.owned),
             "first_sync": self.first_sync,

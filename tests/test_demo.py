@@ -1,17 +1,19 @@
 """`nodewire demo` end to end: traffic through ClusterIPs in a sandbox, then nothing left behind."""
 import json
 import os
+import re
 import subprocess
 
 import pytest
 
+from agent.datapath.attach import detect_cgroup2_root
 from tests.conftest import NODEWIRE
+
 
 pytestmark = pytest.mark.root
 
 
 def test_demo_balances_refuses_and_cleans_up():
-    before = set(subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout.split())
     out = subprocess.run([NODEWIRE, "demo", "--duration", "8", "-o", "json"], capture_output=True, text=True,
                          timeout=180)
     assert out.returncode == 0, out.stderr[-3000:]
@@ -23,6 +25,8 @@ def test_demo_balances_refuses_and_cleans_up():
     billing = result["errors"]["billing (no ready endpoint)"]
     assert list(billing) == ["ECONNREFUSED"] and billing["ECONNREFUSED"] > 0
     assert result["replies"]["billing (no ready endpoint)"] == {}
-    after = set(subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout.split())
-    assert not {n for n in after - before if "-node" in n or "-client" in n}
-    assert not [p for p in os.listdir("/sys/fs/bpf") if p.startswith("nodewire-demo-")]
+    prefix = re.search(r"removed sandbox (\S+) ", out.stdout).group(1)
+    netns = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
+    assert prefix not in netns
+    assert not os.path.exists(f"/sys/fs/bpf/nodewire-demo-{prefix}")
+    assert not [d for d in os.listdir(detect_cgroup2_root()) if prefix in d]

@@ -23,15 +23,15 @@ class Recorder:
     def __getattr__(self, name):
         return getattr(self.raw, name)
 
-    def update(self, items):
-        if items:
-            self.log.append((self.tag, "update", len(items)))
-        self.raw.update(items)
+    def update_arrays(self, keys, values):
+        if len(keys):
+            self.log.append((self.tag, "update", len(keys)))
+        self.raw.update_arrays(keys, values)
 
-    def delete(self, keys):
-        if keys:
+    def delete_array(self, keys):
+        if len(keys):
             self.log.append((self.tag, "delete", len(keys)))
-        self.raw.delete(keys)
+        self.raw.delete_array(keys)
 
 
 @pytest.fixture

@@ -54,12 +54,14 @@ def unpack_rows(dtype: np.dtype, raw: list[bytes]) -> np.ndarray:
     return np.frombuffer(b"".join(raw), dtype=dtype) if raw else np.zeros(0, dtype=dtype)
 
 
+_V4MAPPED = b"\0" * 10 + b"\xff\xff"
+
+
 def addr16(ip: str) -> bytes:
     """16-byte map address: IPv6 as is, IPv4 as IPv4-mapped IPv6 (::ffff:a.b.c.d)."""
-    a = ipaddress.ip_address(ip)
-    if a.version == 4:
-        return b"\0" * 10 + b"\xff\xff" + a.packed
-    return a.packed
+    if ":" in ip:
+        return socket.inet_pton(socket.AF_INET6, ip)
+    return _V4MAPPED + socket.inet_pton(socket.AF_INET, ip)
 
 
 def addr_str(raw: bytes) -> str:
@@ -93,12 +95,12 @@ class RawMap:
         self.value_size = ct.sizeof(table.Leaf)
         self.capacity = table.max_entries
 
-    def dump(self) -> dict[bytes, bytes]:
-        """Every entry, read with BPF_MAP_LOOKUP_BATCH."""
-        chunk = 8192
+    def dump_arrays(self) -> tuple[np.ndarray, np.ndarray]:
+        """Every entry as (keys, values) numpy arrays, read with BPF_MAP_LOOKUP_BATCH."""
+        chunk = 16384
         keys = ct.create_string_buffer(self.key_size * chunk)
         values = ct.create_string_buffer(self.value_size * chunk)
-        out: dict[bytes, bytes] = {}
+        kparts, vparts = [], []
         in_batch, out_batch = ct.c_uint32(0), ct.c_uint32(0)
         first = True
         while True:
@@ -108,20 +110,39 @@ class RawMap:
             err = ct.get_errno()
             if res != 0 and err != errno.ENOENT:
                 raise OSError(err, f"{self.name}: BPF_MAP_LOOKUP_BATCH: {os.strerror(err)}")
-            kb, vb = keys.raw, values.raw
-            for i in range(count.value):
-                out[kb[i * self.key_size:(i + 1) * self.key_size]] = vb[i * self.value_size:(i + 1) * self.value_size]
+            kparts.append(keys.raw[:count.value * self.key_size])
+            vparts.append(values.raw[:count.value * self.value_size])
             if res != 0:  # ENOENT: that was the last batch
-                return out
+                return (np.frombuffer(b"".join(kparts), dtype=self.key_dtype),
+                        np.frombuffer(b"".join(vparts), dtype=self.value_dtype))
             in_batch.value = out_batch.value
             first = False
 
+    def dump(self) -> dict[bytes, bytes]:
+        """Every entry as {key bytes: value bytes} (for inspection and tests; small maps)."""
+        k, v = self.dump_arrays()
+        ks, vs = self.key_size, self.value_size
+        kb, vb = k.tobytes(), v.tobytes()
+        return {kb[i * ks:(i + 1) * ks]: vb[i * vs:(i + 1) * vs] for i in range(len(k))}
+
+    def update_arrays(self, keys: np.ndarray, values: np.ndarray) -> None:
+        if len(keys):
+            self._update(keys.tobytes(), values.tobytes(), len(keys))
+
+    def delete_array(self, keys: np.ndarray) -> None:
+        if len(keys):
+            self._delete(keys.tobytes(), len(keys))
+
     def update(self, items: list[tuple[bytes, bytes]]) -> None:
-        if not items:
-            return
-        keys = b"".join(k for k, _ in items)
-        values = b"".join(v for _, v in items)
-        count = ct.c_uint32(len(items))
+        if items:
+            self._update(b"".join(k for k, _ in items), b"".join(v for _, v in items), len(items))
+
+    def delete(self, keys: list[bytes]) -> None:
+        if keys:
+            self._delete(b"".join(keys), len(keys))
+
+    def _update(self, keys: bytes, values: bytes, n: int) -> None:
+        count = ct.c_uint32(n)
         res = lib.bpf_update_batch(self.fd, keys, values, ct.byref(count))
         if res != 0:
             err = ct.get_errno()
@@ -129,16 +150,14 @@ class RawMap:
                 raise MapFull(f"{self.name}: full ({self.capacity} entries)")
             raise OSError(err, f"{self.name}: BPF_MAP_UPDATE_BATCH: {os.strerror(err)}")
 
-    def delete(self, keys: list[bytes]) -> None:
-        if not keys:
-            return
-        count = ct.c_uint32(len(keys))
-        res = lib.bpf_delete_batch(self.fd, b"".join(keys), ct.byref(count))
+    def _delete(self, keys: bytes, n: int) -> None:
+        count = ct.c_uint32(n)
+        res = lib.bpf_delete_batch(self.fd, keys, ct.byref(count))
         if res != 0:
             err = ct.get_errno()
             if err != errno.ENOENT:
                 raise OSError(err, f"{self.name}: BPF_MAP_DELETE_BATCH: {os.strerror(err)}")
             # a key was already gone: delete the rest one by one
-            for k in keys:
-                kb = ct.create_string_buffer(k, len(k))
-                lib.bpf_delete_elem(self.fd, kb)
+            ks = self.key_size
+            for i in range(n):
+                lib.bpf_delete_elem(self.fd, ct.create_string_buffer(keys[i * ks:(i + 1) * ks], ks))

@@ -3,27 +3,45 @@
 Order of writes (so a concurrent connect never follows a slot to nothing):
   1. new backends  2. backend slots 1..n  3. slot-0 headers (count)  4. removed headers
   5. removed slots  6. backends no slot refers to any more.
-Running it twice with the same input writes nothing. Backend and service ids are re-learned from the
-pinned maps at start-up, so a restarted agent computes byte-identical entries and rewrites nothing.
-A Service that would overflow a map is refused as a whole (its old entries stay) with an error that
-names it; entries are never silently truncated.
+Running it twice with the same input writes nothing. What the kernel holds is remembered per
+frontend as (count, service id, backend ids), learned from the pinned maps at start-up, so a
+restarted agent computes identical entries and rewrites nothing. A Service that would overflow a map
+is refused as a whole (its old entries stay) with an error that names it; nothing is truncated.
+
+Rows are packed with numpy in one pass per write phase, with dtypes derived from BCC's ctypes of the
+C structs (see maps.py), so a full sync of 100k Services is a handful of batch syscalls.
 """
 from __future__ import annotations
 
 import logging
+import socket
 import time
-from collections import Counter
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import numpy as np
 
 from ..model.frontends import Backend, Frontend
 from ..model.objects import ObjectKey
-from .maps import MapFull, RawMap, addr16, pack_rows, port_be, unpack_rows
+from .maps import RawMap, addr16, port_be, port_host
 
 log = logging.getLogger("nodewire.reconciler")
 PROTO_NUMBERS = {"TCP": 6, "UDP": 17}
+PROTO_NAMES = {v: k for k, v in PROTO_NUMBERS.items()}
 MAX_BACKENDS_PER_FRONTEND = 65535  # the slot-0 count is a __u16
+
+
+class Prefix(NamedTuple):
+    """A frontend as the service map keys it (everything but the slot)."""
+    address: bytes  # 16 bytes, IPv4-mapped for IPv4
+    port: int       # network byte order, as stored
+    proto: int
+
+
+class FrontendState(NamedTuple):
+    count: int
+    service_id: int
+    backend_ids: tuple[int, ...]
 
 
 @dataclass
@@ -35,199 +53,235 @@ class SyncResult:
     seconds: float = 0.0
 
 
-class IdAllocator:
-    """Small integer ids (from 1), reused after release, seeded from ids already in a pinned map."""
-
-    def __init__(self, used: dict[bytes, int] | None = None):
-        self.by_value: dict[bytes, int] = dict(used or {})
-        self._free: list[int] = []
-        self._next = max(self.by_value.values(), default=0) + 1
-
-    def get(self, value: bytes) -> int:
-        i = self.by_value.get(value)
-        if i is None:
-            i = self._free.pop() if self._free else self._next
-            if i == self._next:
-                self._next += 1
-            self.by_value[value] = i
-        return i
-
-    def release(self, value: bytes) -> None:
-        i = self.by_value.pop(value, None)
-        if i is not None:
-            self._free.append(i)
+def _ip_str(address: bytes) -> str:
+    if address[:12] == b"\0" * 10 + b"\xff\xff":
+        return socket.inet_ntop(socket.AF_INET, address[12:])
+    return socket.inet_ntop(socket.AF_INET6, address)
 
 
-@dataclass
-class _Owned:
-    keys: set[bytes]
-    backends: set[bytes]  # backend values (address/port/proto bytes)
-    service_ids: dict[int, tuple[str, int, str, str]]  # id -> (vip, port, proto, port name)
+class _Ids:
+    """Small integer ids from 1, reused after release."""
+
+    def __init__(self, used=()):
+        used = set(used)
+        self._next = max(used, default=0) + 1
+        self._free = sorted(set(range(1, self._next)) - used, reverse=True)
+
+    def take(self) -> int:
+        if self._free:
+            return self._free.pop()
+        self._next += 1
+        return self._next - 1
+
+    def release(self, i: int) -> None:
+        self._free.append(i)
 
 
 class Reconciler:
     def __init__(self, services: RawMap, backends: RawMap):
         self.services, self.backends = services, backends
-        self.svc_actual: dict[bytes, bytes] = services.dump()
-        self.be_actual: dict[bytes, bytes] = backends.dump()  # id bytes -> backend bytes
-        kdt, vdt = services.key_dtype, services.value_dtype
-        # Re-learn ids from what the kernel holds (restart without flush).
-        be_ids = {v: int(np.frombuffer(k, dtype=backends.key_dtype)[0]) for k, v in self.be_actual.items()}
-        self.backend_ids = IdAllocator(be_ids)
-        self._slot_off = kdt.fields["slot"][1]
-        headers = {k: v for k, v in self.svc_actual.items() if self._is_header(k)}
-        svc_ids = {self._frontend_ident(k): int(unpack_rows(vdt, [v])["service_id"][0]) for k, v in headers.items()}
-        self.service_ids = IdAllocator(svc_ids)
-        self.owned: dict[ObjectKey, _Owned] = {}
-        self.key_owner: dict[bytes, ObjectKey] = {}
-        self.backend_refs: Counter[bytes] = Counter()
+        self.fe_state: dict[Prefix, FrontendState] = {}
+        self.backend_id: dict[Backend, int] = {}
+        self.backend_of: dict[int, Backend] = {}
+        self.refs = np.zeros(1024, dtype=np.int64)  # slot references per backend id
+        self.fe_owner: dict[Prefix, ObjectKey] = {}
+        self.svc_fes: dict[ObjectKey, list[Prefix]] = {}
+        self.sid_info: dict[int, tuple[ObjectKey, str, int, str, str]] = {}
+        self.svc_entries = 0  # entries in the service map
+        self._learn()
 
-    @staticmethod
-    def _frontend_ident(header_key: bytes) -> bytes:
-        return header_key  # slot is 0 in a header key, so the key itself names the frontend
+    # -- start-up: what the pinned maps already hold -------------------------------------------
+    def _learn(self) -> None:
+        bk, bv = self.backends.dump_arrays()
+        for bid, a, p, pr in zip(bk.tolist(), bv["address"].tolist(), bv["port"].tolist(), bv["proto"].tolist()):
+            b = Backend(_ip_str(a), port_host(p), PROTO_NAMES.get(pr, str(pr)))
+            self.backend_id[b] = bid
+            self.backend_of[bid] = b
+        self.backend_ids = _Ids(self.backend_of)
+        sk, sv = self.services.dump_arrays()
+        self.svc_entries = len(sk)
+        headers, slots = {}, {}
+        for a, p, pr, slot, bid, cnt, sid in zip(sk["address"].tolist(), sk["port"].tolist(), sk["proto"].tolist(),
+                                                 sk["slot"].tolist(), sv["backend_id"].tolist(),
+                                                 sv["count"].tolist(), sv["service_id"].tolist()):
+            pre = Prefix(a, p, pr)
+            if slot == 0:
+                headers[pre] = (cnt, sid)
+            else:
+                slots.setdefault(pre, {})[slot] = bid
+        for pre, (cnt, sid) in headers.items():
+            s = slots.get(pre, {})
+            self.fe_state[pre] = FrontendState(cnt, sid, tuple(s.get(i, 0) for i in range(1, cnt + 1)))
+        # Slots without a header (a crash mid-delete) are orphans: a header with count 0 removes them.
+        for pre, s in slots.items():
+            if pre not in headers:
+                self.fe_state[pre] = FrontendState(0, 0, tuple(s.get(i, 0) for i in range(1, max(s) + 1)))
+        self.service_ids = _Ids(st.service_id for st in self.fe_state.values() if st.service_id)
+        for st in self.fe_state.values():
+            self._ref(st.backend_ids, +1)
 
-    # ------------------------------------------------------------------------------------------
-    def _rows(self, frontends: list[Frontend]):
-        """Desired entries for one Service: ({key: value}, backend values, service ids)."""
-        header_keys, header_vals, slot_keys, slot_vals = [], [], [], []
-        backends: set[bytes] = set()
-        ids = {}
-        for fe in frontends:
-            addr, port, proto = addr16(fe.ip), port_be(fe.port), PROTO_NUMBERS[fe.protocol]
-            hk = (addr, port, proto, 0, 0)
-            header_keys.append(hk)
-            bes = fe.backends[:MAX_BACKENDS_PER_FRONTEND]
-            for i, be in enumerate(bes, start=1):
-                bval = pack_rows(self.backends.value_dtype,
-                                 [(addr16(be.ip), port_be(be.port), PROTO_NUMBERS[be.protocol])])[0]
-                backends.add(bval)
-                slot_keys.append((addr, port, proto, 0, i))
-                slot_vals.append((self.backend_ids.get(bval),))
-            hk_raw = pack_rows(self.services.key_dtype, [hk])[0]
-            sid = self.service_ids.get(self._frontend_ident(hk_raw))
-            ids[sid] = (fe.ip, fe.port, fe.protocol, fe.port_name)
-            header_vals.append((0, len(bes), 0, sid))
-        kd, vd = self.services.key_dtype, self.services.value_dtype
-        entries = dict(zip(pack_rows(kd, slot_keys), pack_rows(vd, slot_vals)))
-        entries.update(zip(pack_rows(kd, header_keys), pack_rows(vd, header_vals)))
-        return entries, backends, ids
+    def _ref(self, ids, delta: int) -> None:
+        if not ids:
+            return
+        top = max(ids)
+        if top >= len(self.refs):
+            self.refs = np.concatenate([self.refs, np.zeros(max(top + 1, 2 * len(self.refs)) - len(self.refs),
+                                                            dtype=np.int64)])
+        np.add.at(self.refs, np.fromiter(ids, dtype=np.int64, count=len(ids)), delta)
 
+    # -- apply -----------------------------------------------------------------------------------
     def apply(self, changes: dict[ObjectKey, list[Frontend]], full: bool = False) -> SyncResult:
         """Make the maps match `changes` (Service → its frontends; [] removes it). With full=True,
         `changes` is the whole desired state and every entry not in it is removed."""
         t0 = time.perf_counter()
         res = SyncResult(services=len(changes))
         if full:
-            changes = {**{gone: [] for gone in set(self.owned) - set(changes)}, **changes}
+            changes = {**{gone: [] for gone in self.svc_fes if gone not in changes}, **changes}
 
-        # 1. Desired entries per Service; refuse a Service that clashes or does not fit, as a whole.
-        new_owned: dict[ObjectKey, _Owned] = {}
-        entries_of: dict[ObjectKey, dict[bytes, bytes]] = {}
-        claimed: dict[bytes, ObjectKey] = {}
-        svc_room = self.services.capacity - len(self.svc_actual)
-        be_room = self.backends.capacity - len(self.be_actual)
-        have_be = set(self.be_actual.values())
-        adding_be: set[bytes] = set()
+        slot_w: list[tuple[Prefix, int, int]] = []
+        head_w: list[tuple[Prefix, int, int]] = []
+        head_d: list[Prefix] = []
+        slot_d: list[tuple[Prefix, int]] = []
+        new_backends: list[tuple[int, Backend]] = []
+        claimed: dict[Prefix, ObjectKey] = {}
+        room = self.services.capacity - self.svc_entries
+        be_room = self.backends.capacity - len(self.backend_of)
+
         for svc, frontends in changes.items():
-            entries, backends, ids = self._rows(frontends)
-            other = next((claimed.get(k) or self.key_owner[k] for k in entries
-                          if claimed.get(k, svc) != svc
-                          or (self.key_owner.get(k, svc) != svc and self.key_owner[k] not in changes)), None)
+            want: dict[Prefix, Frontend] = {}
+            for fe in frontends:
+                want[Prefix(addr16(fe.ip), port_be(fe.port), PROTO_NUMBERS[fe.protocol])] = fe
+            other = next((claimed.get(p) or self.fe_owner.get(p) for p in want
+                          if claimed.get(p, svc) != svc
+                          or (self.fe_owner.get(p, svc) != svc and self.fe_owner[p] not in changes)), None)
             if other is not None:
                 res.errors.append(f"Service {svc}: frontend already served by Service {other}; not applied")
                 continue
-            # Conservative: room freed by deletions in this same batch is not counted (writes go first).
-            grow_s = sum(1 for k in entries if k not in self.svc_actual)
-            new_be = backends - have_be - adding_be
-            if grow_s > svc_room or len(new_be) > be_room:
-                which = self.services if grow_s > svc_room else self.backends
+            # Capacity, conservatively: room freed by deletions in this batch is not counted.
+            grow = 0
+            fresh: set[Backend] = set()
+            for p, fe in want.items():
+                old = self.fe_state.get(p)
+                n = min(len(fe.backends), MAX_BACKENDS_PER_FRONTEND)
+                grow += max(0, n - old.count) if old else 1 + n
+                fresh.update(b for b in fe.backends[:n] if b not in self.backend_id)
+            if grow > room or len(fresh) > be_room:
+                which = self.services if grow > room else self.backends
                 res.errors.append(f"Service {svc}: map {which.name} is full ({which.capacity} entries); "
                                   "Service not applied")
                 continue
-            svc_room -= grow_s
-            be_room -= len(new_be)
-            adding_be |= new_be
-            claimed.update(dict.fromkeys(entries, svc))
-            new_owned[svc] = _Owned(set(entries), backends, ids)
-            entries_of[svc] = entries
+            room -= grow
+            be_room -= len(fresh)
+            for b in fresh:
+                bid = self.backend_ids.take()
+                self.backend_id[b] = bid
+                self.backend_of[bid] = b
+                new_backends.append((bid, b))
 
-        # 2. Diff against what the kernel holds.
-        desired = {k: v for e in entries_of.values() for k, v in e.items()}
-        kept = [o for s, o in self.owned.items() if s not in new_owned]  # unchanged or refused
-        if full:
-            old_keys = set(self.svc_actual).difference(*(o.keys for o in kept))
-        else:
-            old_keys = set().union(*(self.owned[s].keys for s in new_owned if s in self.owned))
-        writes = [(k, v) for k, v in desired.items() if self.svc_actual.get(k) != v]
-        deletes = [k for k in old_keys if k not in desired]
+            # Frontends the Service no longer has.
+            for p in self.svc_fes.get(svc, ()):
+                if p not in want:
+                    self._drop_frontend(p, head_d, slot_d)
+            for p, fe in want.items():
+                claimed[p] = svc
+                old = self.fe_state.get(p)
+                ids = tuple(self.backend_id[b] for b in fe.backends[:MAX_BACKENDS_PER_FRONTEND])
+                sid = old.service_id if old and old.service_id else self.service_ids.take()
+                new = FrontendState(len(ids), sid, ids)
+                self.sid_info[sid] = (svc, fe.ip, fe.port, fe.protocol, fe.port_name)
+                self.fe_owner[p] = svc
+                if old == new:
+                    continue
+                old_ids = old.backend_ids if old else ()
+                slot_w.extend((p, i, bid) for i, bid in enumerate(ids, 1)
+                              if i > len(old_ids) or old_ids[i - 1] != bid)
+                if old is None or (old.count, old.service_id) != (new.count, new.service_id):
+                    head_w.append((p, new.count, sid))
+                slot_d.extend((p, i) for i in range(len(ids) + 1, len(old_ids) + 1))
+                self._ref(old_ids, -1)
+                self._ref(ids, +1)
+                self.svc_entries += (1 + len(ids)) - ((1 + len(old_ids)) if old else 0)
+                self.fe_state[p] = new
+            if want:
+                self.svc_fes[svc] = list(want)
+            else:
+                self.svc_fes.pop(svc, None)
 
-        refs = self.backend_refs.copy()
-        for svc, o in new_owned.items():
-            if svc in self.owned:
-                refs.subtract(self.owned[svc].backends)
-            refs.update(o.backends)
-        refs = +refs  # drop zero/negative counts
-        be_writes = [(self._id_bytes(self.backend_ids.get(b)), b) for b in set(refs) - have_be]
-        unused = have_be - set(refs)
-        be_deletes = [self._id_bytes(self.backend_ids.by_value[b]) for b in unused]
+        if full:  # frontends the kernel holds that no Service owns (e.g. deleted while we were down)
+            for p in [p for p in self.fe_state if p not in self.fe_owner]:
+                self._drop_frontend(p, head_d, slot_d)
 
-        slot_w = [(k, v) for k, v in writes if not self._is_header(k)]
-        head_w = [(k, v) for k, v in writes if self._is_header(k)]
-        head_d = [k for k in deletes if self._is_header(k)]
-        slot_d = [k for k in deletes if not self._is_header(k)]
+        dead = [int(i) for i in np.nonzero(self.refs[:max(self.backend_of, default=0) + 1] <= 0)[0]
+                if int(i) in self.backend_of] if (head_d or slot_d or slot_w or full) else []
 
-        # 3. Write, in the order that never exposes a half state.
-        try:
-            self.backends.update(be_writes)
-            self.services.update(slot_w)
-            self.services.update(head_w)
-            self.services.delete(head_d)
-            self.services.delete(slot_d)
-            self.backends.delete(be_deletes)
-        except MapFull as e:  # capacity was checked above: the map was changed behind our back
-            res.errors.append(str(e))
-            self.svc_actual, self.be_actual = self.services.dump(), self.backends.dump()
-            raise
+        # Write, in the order that never exposes a half state.
+        self.backends.update_arrays(*self._backend_rows(new_backends))
+        self.services.update_arrays(*self._service_rows(slot_w, slots=True))
+        self.services.update_arrays(*self._service_rows(head_w, slots=False))
+        self.services.delete_array(self._service_keys([(p, 0) for p in head_d]))
+        self.services.delete_array(self._service_keys(slot_d))
+        self.backends.delete_array(np.array(dead, dtype=self.backends.key_dtype))
 
-        # 4. Remember what the kernel now holds.
-        for k, v in writes:
-            self.svc_actual[k] = v
-        for k in deletes:
-            self.svc_actual.pop(k, None)
-        for k, v in be_writes:
-            self.be_actual[k] = v
-        for k in be_deletes:
-            self.be_actual.pop(k, None)
-        for b in unused:
-            self.backend_ids.release(b)
-        for k in head_d:
-            self.service_ids.release(self._frontend_ident(k))
-        for svc, o in new_owned.items():
-            old = self.owned.pop(svc, None)
-            for k in old.keys if old else ():
-                if self.key_owner.get(k) == svc:
-                    del self.key_owner[k]
-            if o.keys:
-                self.owned[svc] = o
-                self.key_owner.update(dict.fromkeys(o.keys, svc))
-        self.backend_refs = refs
-        res.written = len(be_writes) + len(writes)
-        res.deleted = len(deletes) + len(be_deletes)
+        for bid in dead:
+            del self.backend_id[self.backend_of.pop(bid)]
+            self.backend_ids.release(bid)
+        res.written = len(new_backends) + len(slot_w) + len(head_w)
+        res.deleted = len(head_d) + len(slot_d) + len(dead)
         res.seconds = time.perf_counter() - t0
         for err in res.errors:
             log.error("%s", err)
         return res
 
-    def _is_header(self, key: bytes) -> bool:
-        return key[self._slot_off:self._slot_off + 2] == b"\0\0"
+    def _drop_frontend(self, p: Prefix, head_d: list, slot_d: list) -> None:
+        st = self.fe_state.pop(p, None)
+        owner = self.fe_owner.pop(p, None)
+        if st is None:
+            return
+        head_d.append(p)
+        slot_d.extend((p, i) for i in range(1, len(st.backend_ids) + 1))
+        self._ref(st.backend_ids, -1)
+        self.svc_entries -= 1 + len(st.backend_ids)
+        if st.service_id:
+            self.sid_info.pop(st.service_id, None)
+            self.service_ids.release(st.service_id)
+        if owner is not None and owner in self.svc_fes and p in self.svc_fes[owner]:
+            self.svc_fes[owner] = [q for q in self.svc_fes[owner] if q != p]
 
-    def _id_bytes(self, i: int) -> bytes:
-        return np.array([i], dtype=self.backends.key_dtype).tobytes()
+    # -- packing ----------------------------------------------------------------------------------
+    def _service_keys(self, rows: list[tuple[Prefix, int]]) -> np.ndarray:
+        keys = np.zeros(len(rows), dtype=self.services.key_dtype)
+        if rows:
+            keys["address"] = np.frombuffer(b"".join(p.address for p, _ in rows), dtype="V16")
+            keys["port"] = [p.port for p, _ in rows]
+            keys["proto"] = [p.proto for p, _ in rows]
+            keys["slot"] = [s for _, s in rows]
+        return keys
+
+    def _service_rows(self, rows: list[tuple[Prefix, int, int]], slots: bool):
+        keys = self._service_keys([(p, s if slots else 0) for p, s, _ in rows])
+        values = np.zeros(len(rows), dtype=self.services.value_dtype)
+        if rows and slots:
+            values["backend_id"] = [b for _, _, b in rows]
+        elif rows:
+            values["count"] = [c for _, c, _ in rows]
+            values["service_id"] = [s for _, _, s in rows]
+        return keys, values
+
+    def _backend_rows(self, rows: list[tuple[int, Backend]]):
+        keys = np.array([i for i, _ in rows], dtype=self.backends.key_dtype)
+        values = np.zeros(len(rows), dtype=self.backends.value_dtype)
+        if rows:
+            values["address"] = np.frombuffer(b"".join(addr16(b.ip) for _, b in rows), dtype="V16")
+            values["port"] = [port_be(b.port) for _, b in rows]
+            values["proto"] = [PROTO_NUMBERS[b.protocol] for _, b in rows]
+        return keys, values
+
+    # -- views ------------------------------------------------------------------------------------
+    @property
+    def owned(self) -> dict[ObjectKey, list[Prefix]]:
+        return self.svc_fes
 
     def service_names(self) -> dict[int, dict]:
         """service_id → which Service and port it stands for (the kernel holds only ids)."""
-        out = {}
-        for svc, o in self.owned.items():
-            for sid, (ip, port, proto, name) in o.service_ids.items():
-                out[sid] = {"service": str(svc), "port_name": name, "frontend": f"{ip}:{port}/{proto}"}
-        return out
+        return {sid: {"service": str(svc), "port_name": name, "frontend": f"{ip}:{port}/{proto}"}
+                for sid, (svc, ip, port, proto, name) in self.sid_info.items()}

@@ -6,8 +6,7 @@ changed Service is recomputed without touching the others.
 from __future__ import annotations
 
 import ipaddress
-from dataclasses import dataclass
-from typing import Iterable
+from typing import Iterable, NamedTuple
 
 from .objects import PROXY_NAME_LABEL, SCTP, EndpointSlice, ObjectKey, Service, ServicePort
 
@@ -15,15 +14,13 @@ from .objects import PROXY_NAME_LABEL, SCTP, EndpointSlice, ObjectKey, Service, 
 SUPPORTED_PROTOCOLS = ("TCP", "UDP")
 
 
-@dataclass(frozen=True, order=True)
-class Backend:
+class Backend(NamedTuple):
     ip: str
     port: int
     protocol: str
 
 
-@dataclass(frozen=True)
-class Frontend:
+class Frontend(NamedTuple):
     """One (VIP, port, protocol) of one Service, with the backends a new connection may go to."""
 
     ip: str

@@ -1,0 +1,1 @@
+"""Benchmarks run in the sandbox: `nodewire bench ...`. Figures are reported, never asserted."""
