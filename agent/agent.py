@@ -45,6 +45,7 @@ class Agent:
         self.reconciler: Reconciler | None = None
         self.programs: list[str] = []
         self.telemetry = None
+        self.observer = None
 
     # -- start-up ------------------------------------------------------------------------------
     def start(self) -> None:
@@ -63,6 +64,14 @@ class Agent:
             self.sources["manifests"] = {"path": cfg.manifests, "healthy": True}
         self.telemetry = start_telemetry(cfg.metrics_addr, cfg.node_name)
         self._instruments()
+        if cfg.observe:
+            from .observe.identity import ObserveConfig
+            from .observe.observer import Observer
+            try:  # observability is not worth losing the datapath over: run without it
+                self.observer = Observer(self.state, self.telemetry, ObserveConfig(node_name=cfg.node_name),
+                                         cfg.pin_dir, cfg.veth_netns, self.lb, self.reconciler).start()
+            except Exception as e:
+                log.error("observer failed to start, running without observability err=%s", e)
 
     def _object_error(self, err: ObjectError) -> None:
         self.counters["object_errors"] += 1
@@ -137,6 +146,8 @@ class Agent:
                 break
             try:
                 self.sync_once()
+                if self.observer is not None:
+                    self.observer.sync()
             except Exception:  # one bad cycle must not end the agent; the next one retries
                 log.exception("sync failed; keeping the datapath as it is")
         log.info("agent stopping; the datapath stays attached and pinned")
@@ -149,6 +160,8 @@ class Agent:
         signal.signal(signal.SIGINT, handler)
 
     def close(self) -> None:
+        if self.observer is not None:
+            self.observer.close()
         if self.telemetry is not None:
             self.telemetry.shutdown()
 

@@ -31,7 +31,10 @@ def main(debug: bool) -> None:
 @click.option("--metrics-addr", default=None, help="HOST:PORT for the Prometheus /metrics endpoint (e.g. :9965).")
 @click.option("--map-size", "map_sizes", multiple=True, metavar="MAP=N",
               help="Map capacity override, e.g. services=2097152 (maps: services, backends, revnat, lb_stats).")
-def run(manifests, cgroup, pin_dir, metrics_addr, map_sizes) -> None:
+@click.option("--node-name", default=None, help="This node's name [default: $NODE_NAME or the hostname].")
+@click.option("--observe/--no-observe", default=True, show_default=True, help="Per-pod network observability.")
+@click.option("--veth-netns", default=None, help="Network namespace holding the pods' node-side veths [default: the agent's].")
+def run(manifests, cgroup, pin_dir, metrics_addr, map_sizes, node_name, observe, veth_netns) -> None:
     """Run the agent: keep the BPF service maps equal to the cluster state."""
     from dataclasses import replace
 
@@ -47,7 +50,10 @@ def run(manifests, cgroup, pin_dir, metrics_addr, map_sizes) -> None:
         sizes = replace(sizes, **{name: int(value)})
     if manifests is None:
         raise click.UsageError("no source: pass --manifests DIR")
-    cfg = AgentConfig(manifests=manifests, cgroup=cgroup, pin_dir=pin_dir, metrics_addr=metrics_addr, sizes=sizes)
+    cfg = AgentConfig(manifests=manifests, cgroup=cgroup, pin_dir=pin_dir, metrics_addr=metrics_addr, sizes=sizes,
+                      observe=observe, veth_netns=veth_netns)
+    if node_name:
+        cfg.node_name = node_name
     try:
         agent = Agent(cfg)
     except (ValueError, FileNotFoundError) as e:

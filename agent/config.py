@@ -25,6 +25,8 @@ class AgentConfig:
     sizes: MapSizes = field(default_factory=MapSizes)
     poll_interval: float = 0.2
     node_name: str = field(default_factory=lambda: os.environ.get("NODE_NAME") or os.uname().nodename)
+    observe: bool = True              # per-pod network observability (agent/observe)
+    veth_netns: str | None = None     # netns holding the pods' node-side veths (None: the agent's own)
 
     @property
     def state_dir(self) -> str:
@@ -35,6 +37,9 @@ class AgentConfig:
             raise ValueError(f"--manifests: {self.manifests} is not a directory")
         if self.cgroup is not None and not os.path.isfile(os.path.join(self.cgroup, "cgroup.procs")):
             raise ValueError(f"--cgroup: {self.cgroup} is not a cgroup v2 directory")
+        if self.veth_netns is not None and not os.path.exists(
+                self.veth_netns if "/" in self.veth_netns else f"/var/run/netns/{self.veth_netns}"):
+            raise ValueError(f"--veth-netns: network namespace {self.veth_netns} not found")
         if not self.pin_dir.startswith("/sys/fs/bpf"):
             raise ValueError(f"--pin-dir: {self.pin_dir} must be under /sys/fs/bpf (a bpffs mount)")
         for name in ("services", "backends", "revnat", "lb_stats"):

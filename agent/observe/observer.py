@@ -11,7 +11,6 @@ from __future__ import annotations
 import logging
 import threading
 
-import numpy as np
 from opentelemetry.metrics import CallbackOptions, Observation
 
 from ..model.objects import ObjectKey
@@ -24,6 +23,8 @@ from .series import Reading, SeriesBook
 
 log = logging.getLogger("nodewire.observe")
 
+# Pod annotation naming the node-side veth (written by the CNI plugin, or by hand in manifests).
+HOST_VETH_ANNOTATION = "nodewire.io/host-veth"
 LB_OUTCOMES = {0: "forwarded", 1: "no_backend", 2: "bad_slot"}  # NW_LB_* in bpf/lib/lb.h
 
 
@@ -38,7 +39,8 @@ class Observer:
         self.lb, self.reconciler = lb, reconciler
         self.identity = Identity(cfg)
         self.book = SeriesBook(cfg.max_series)
-        self.interfaces: dict[ObjectKey, str] = {}  # pod → node-side veth name
+        self.interfaces: dict[ObjectKey, str] = {}  # pod → node-side veth name, as told by the CNI
+        self._pod_ifnames: dict[ObjectKey, str] = {}  # observed pod → veth, as of the last sync
         self.tcp: TcpObserver | None = None
         self.traffic: PodTraffic | None = None
         self.drop_reasons: dict[int, str] = {}
@@ -98,7 +100,8 @@ class Observer:
                 return
             self.tcp.set_watched(list(self.identity.local))
             observed = {ref.key for ref in self.identity.local.values()}
-            want = {ifname for key, ifname in self.interfaces.items() if key in observed}
+            self._pod_ifnames = self._interfaces_of(observed)
+            want = set(self._pod_ifnames.values())
             for ifname in set(self.traffic.attached) - want:
                 self.traffic.detach(ifname)
             for ifname in want - set(self.traffic.attached):
@@ -109,6 +112,16 @@ class Observer:
                     self.errors.append(msg)
                     log.error("tc attach failed ifname=%s err=%s", ifname, e)
 
+    def _interfaces_of(self, observed: set[ObjectKey]) -> dict[ObjectKey, str]:
+        """Pod → veth: set_pod_interface() wins, else the Pod's nodewire.io/host-veth annotation."""
+        out = {}
+        for key in observed:
+            pod = self.state.pods.get(key)
+            ifname = self.interfaces.get(key) or (dict(pod.annotations).get(HOST_VETH_ANNOTATION) if pod else None)
+            if ifname:
+                out[key] = ifname
+        return out
+
     # -- collect path ---------------------------------------------------------------------------
     def read(self) -> Reading:
         """Everything the kernel holds right now, labelled with pod / peer / Service identities."""
@@ -118,7 +131,7 @@ class Observer:
             ident = self.identity
             if self.traffic is not None:
                 by_index = {idx: name for name, idx in self.traffic.attached.items()}
-                pod_by_if = {ifname: key for key, ifname in self.interfaces.items()}
+                pod_by_if = {ifname: key for key, ifname in self._pod_ifnames.items()}
                 refs = {ref.key: ref for ref in ident.local.values()}
                 for (ifindex, direction), (packets, nbytes) in self.traffic.read().items():
                     key = pod_by_if.get(by_index.get(ifindex, ""))
@@ -163,23 +176,19 @@ class Observer:
                      "nodewire.service.port": info["port_name"] or info["frontend"],
                      "k8s.node.name": self.cfg.node_name}
             if LB_OUTCOMES.get(outcome) == "forwarded":
-                r.count("svc_connects", {**attrs, "nodewire.backend.address": backends.get(bid, str(bid))}, int(v[0]))
+                if bid not in backends:
+                    continue  # the backend is gone: its series goes with it, like a deleted pod's
+                r.count("svc_connects", {**attrs, "nodewire.backend.address": backends[bid]}, int(v[0]))
             else:
                 r.count("svc_refusals", {**attrs, "nodewire.refusal.reason": LB_OUTCOMES.get(outcome, str(outcome))},
                         int(v[0]))
 
     def _backend_names(self) -> dict[int, str]:
+        """backend_id → "ip:port", from the reconciler's record of what it wrote."""
         if self.reconciler is None:
             return {}
-        from ..datapath.maps import addr_str, port_host
-        be = self.reconciler.backends
-        out = {}
-        for kb, vb in list(self.reconciler.be_actual.items()):
-            bid = int(np.frombuffer(kb, dtype=be.key_dtype)[0])
-            row = np.frombuffer(vb, dtype=be.value_dtype)[0]
-            ip = addr_str(row["address"])
-            out[bid] = (f"[{ip}]" if ":" in ip else ip) + f":{port_host(row['port'])}"
-        return out
+        return {bid: (f"[{be.ip}]" if ":" in be.ip else be.ip) + f":{be.port}"
+                for bid, be in list(self.reconciler.backend_of.items())}
 
     def metrics(self):
         """OTel Metric objects for the telemetry producer hook (one kernel read per call)."""
