@@ -8,23 +8,16 @@ checked for exact equality with the frames the test sends.
 """
 from __future__ import annotations
 
-import http.server
-import json
 import os
 import random
 import shutil
-import socket
 import subprocess
 import sys
-import tempfile
-import threading
-import time
 import urllib.parse
 import urllib.request
 from pathlib import Path
 
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
 
 from agent.datapath.attach import attach_sock_lb, detach_sock_lb
 from agent.datapath.loader import SockLB
@@ -38,6 +31,7 @@ from agent.observe.observer import Observer
 from agent.sandbox import Sandbox
 from agent.state import ClusterState
 from tests.conftest import wait_for
+from tests.observe_helpers import OtlpReceiver, PrometheusServer, samples, sh
 from tests.manifests import endpoint_slice, service
 
 pytestmark = pytest.mark.root
@@ -45,99 +39,6 @@ pytestmark = pytest.mark.root
 NODE = "node-obs"
 ETH, IP4, UDP, ICMP = 14, 20, 8, 8  # header sizes (bytes) of the frames the tests send
 DASHBOARDS = Path(__file__).resolve().parents[1] / "deploy" / "grafana"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def sh(netns: str, *argv: str, input: str | None = None) -> str:
-    r = subprocess.run(["ip", "netns", "exec", netns, *argv], input=input, capture_output=True, text=True)
-    if r.returncode != 0:
-        raise RuntimeError(f"{argv}: {r.stderr}")
-    return r.stdout
-
-
-class OtlpReceiver:
-    """A minimal OTLP/HTTP metrics receiver: POST /v1/metrics, protobuf body, decoded with the
-    opentelemetry-proto classes (a faithful double of the collector's receiving end)."""
-
-    def __init__(self):
-        from opentelemetry.proto.collector.metrics.v1.metrics_service_pb2 import (
-            ExportMetricsServiceRequest, ExportMetricsServiceResponse)
-
-        self.requests: list = []
-        outer = self
-
-        class Handler(http.server.BaseHTTPRequestHandler):
-            def do_POST(self):
-                body = self.rfile.read(int(self.headers["Content-Length"]))
-                req = ExportMetricsServiceRequest()
-                req.ParseFromString(body)
-                outer.requests.append((self.path, self.headers.get("Content-Type"), req))
-                out = ExportMetricsServiceResponse().SerializeToString()
-                self.send_response(200)
-                self.send_header("Content-Type", "application/x-protobuf")
-                self.send_header("Content-Length", str(len(out)))
-                self.end_headers()
-                self.wfile.write(out)
-
-            def log_message(self, *a):
-                pass
-
-        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.port = self.server.server_address[1]
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
-
-    def close(self):
-        self.server.shutdown()
-        self.server.server_close()
-
-
-class PrometheusServer:
-    """Debian's prometheus on a loopback port with a temp config and storage, scraping `target`."""
-
-    def __init__(self, target: str, workdir: Path):
-        self.port = free_port()
-        cfg = workdir / "prometheus.yml"
-        cfg.write_text(json.dumps({  # JSON is YAML
-            "global": {"scrape_interval": "1s", "evaluation_interval": "1s"},
-            "scrape_configs": [{"job_name": "nodewire", "static_configs": [{"targets": [target]}]}],
-        }))
-        self.log = open(workdir / "prometheus.log", "w")
-        self.proc = subprocess.Popen(
-            ["prometheus", f"--config.file={cfg}", f"--storage.tsdb.path={workdir / 'data'}",
-             f"--web.listen-address=127.0.0.1:{self.port}", "--log.level=warn"],
-            stdout=self.log, stderr=subprocess.STDOUT)
-        wait_for(self._up, 30, 0.2, "prometheus scraping the agent")
-
-    def api(self, path: str, **params) -> dict:
-        url = f"http://127.0.0.1:{self.port}/api/v1/{path}?" + urllib.parse.urlencode(params)
-        with urllib.request.urlopen(url, timeout=10) as r:
-            return json.loads(r.read())
-
-    def query(self, expr: str) -> list:
-        out = self.api("query", query=expr)
-        assert out["status"] == "success", out
-        return out["data"]["result"]
-
-    def _up(self):
-        if self.proc.poll() is not None:
-            pytest.fail(f"prometheus exited: {(Path(self.log.name)).read_text()[-2000:]}")
-        try:
-            return any(float(r["value"][1]) == 1 for r in self.query('up{job="nodewire"}'))
-        except OSError:
-            return False
-
-    def close(self):
-        self.proc.terminate()
-        try:
-            self.proc.wait(10)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-        self.log.close()
 
 
 def pod_object(p, annotations=()) -> Pod:
@@ -196,16 +97,6 @@ def env(tmp_path_factory):
 def scrape(env) -> str:
     with urllib.request.urlopen(f"http://127.0.0.1:{env['tel'].port}/metrics", timeout=10) as r:
         return r.read().decode()
-
-
-def samples(text: str, name: str, **labels) -> dict[tuple, float]:
-    """{sorted label items: value} of every sample called `name` whose labels include `labels`."""
-    out = {}
-    for fam in text_string_to_metric_families(text):
-        for s in fam.samples:
-            if s.name == name and all(s.labels.get(k) == v for k, v in labels.items()):
-                out[tuple(sorted(s.labels.items()))] = s.value
-    return out
 
 
 def counter(env, metric: str, **attrs) -> int:
@@ -286,7 +177,6 @@ def test_udp_datagrams_count_exact_bytes(env):
     a, b = env["pods"]["a"], env["pods"]["b"]
     n, size, port = 200, 1000, 9100
     sink = b.popen([sys.executable, "-c", f"""
-import socket
 s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); s.bind(("0.0.0.0", {port})); s.settimeout(10)
 s.setsockopt(socket.SOL_SOCKET, 33, 8 << 20)  # SO_RCVBUFFORCE: room for the whole burst
 print("ready", flush=True)
@@ -299,7 +189,6 @@ print(got, flush=True)
     a.run(["ping", "-c", "1", "-W", "2", b.ip4])
     before = snapshot(env)
     a.python(f"""
-import socket
 s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
 for _ in range({n}):
     s.sendto(b"x" * {size}, ("{b.ip4}", {port}))
@@ -365,7 +254,6 @@ table inet nwtest {
     try:
         before = counter(env, "retrans", **{"k8s.pod.name": "a"}, **peer)
         reply = a.python(f"""
-import socket
 s = socket.create_connection(("{b.ip4}", 9001), timeout=5); s.sendall(b"G"); print(s.recv(100).decode().strip())
 """)
         dropped = sh(b.netns, "nft", "list", "table", "inet", "nwtest")
@@ -404,7 +292,6 @@ def test_service_connects_per_backend_and_refusals(env):
     res = env["rec"].apply(env["state"].take_dirty())
     assert not res.errors
     a.python("""
-import socket
 for _ in range(4):
     s = socket.create_connection(("10.96.7.1", 80), timeout=5); s.sendall(b"x"); s.recv(10); s.close()
 for _ in range(3):
@@ -503,7 +390,6 @@ def test_series_cap_holds_under_1000_short_lived_pods(env):
                 state.apply_pod(k, Pod(k, (ip,), NODE))
             obs.sync()
             a.python(f"""
-import socket
 srv = socket.socket(); srv.bind(("0.0.0.0", 0)); srv.listen(200); port = srv.getsockname()[1]
 for ip in {ips!r}:
     c = socket.socket(); c.bind((ip, 0)); c.connect((ip, port)); c.close()

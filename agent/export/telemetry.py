@@ -27,7 +27,7 @@ from typing import Callable, Iterable
 from opentelemetry.exporter.prometheus import PrometheusMetricReader
 from opentelemetry.sdk.metrics import MeterProvider
 from opentelemetry.sdk.metrics.export import (
-    Metric, MetricsData, PeriodicExportingMetricReader, ResourceMetrics, ScopeMetrics,
+    Metric, MetricsData, PeriodicExportingMetricReader, ScopeMetrics,
 )
 from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.util.instrumentation import InstrumentationScope
