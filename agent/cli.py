@@ -172,3 +172,9 @@ def demo(duration, metrics_addr, output) -> None:
     result = run_demo(duration, metrics_addr)
     if output == "json":
         click.echo(json.dumps(result))
+
+from .observe.cli import bench_observe, latency, top  # noqa: E402  (observability commands)
+
+main.add_command(bench_observe)
+main.add_command(top)
+main.add_command(latency)

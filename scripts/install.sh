@@ -10,6 +10,7 @@ APT_PACKAGES=(
   iproute2 iputils-ping iptables nftables conntrack
   python3-venv python3-dev gcc make
   prometheus containernetworking-plugins
+  sockperf
 )
 
 missing=()

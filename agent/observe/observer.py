@@ -46,7 +46,6 @@ class Observer:
         self.drop_reasons: dict[int, str] = {}
         self.errors: list[str] = []
         self._lock = threading.RLock()
-        self._gauges = []
 
     # -- lifecycle ------------------------------------------------------------------------------
     def start(self) -> "Observer":
@@ -56,15 +55,20 @@ class Observer:
         self.tcp = TcpObserver(self.pin_dir)
         self.traffic = PodTraffic(self.pin_dir, self.veth_netns)
         if self.telemetry is not None:
-            meter = self.telemetry.meter("nodewire.observe")
-            self._gauges = [
-                meter.create_observable_gauge("nodewire.observer.series", [self._gauge_series], "{series}",
-                                              "Series the observer exports (after the cap)"),
-                meter.create_observable_gauge("nodewire.observer.series.dropped", [self._gauge_dropped],
-                                              "{series}", "Series left out by the cap in the last collection"),
-                meter.create_observable_gauge("nodewire.observer.probe.status", [self._gauge_probes], "1",
-                                              "1 when a kernel probe is attached, 0 when it is missing"),
-            ]
+            # Instruments live as long as the MeterProvider; a later Observer on the same telemetry
+            # (bench rounds, restarts in tests) takes over the callbacks instead of re-creating them.
+            holder = getattr(self.telemetry, "_nw_observer", None)
+            if holder is None:
+                holder = self.telemetry._nw_observer = {}
+                meter = self.telemetry.meter("nodewire.observe")
+                cb = lambda name: (lambda opts: getattr(holder["obs"], name)(opts) if holder.get("obs") else [])  # noqa: E731
+                meter.create_observable_gauge("nodewire.observer.series", [cb("_gauge_series")], "{series}",
+                                              "Series the observer exports (after the cap)")
+                meter.create_observable_gauge("nodewire.observer.series.dropped", [cb("_gauge_dropped")],
+                                              "{series}", "Series left out by the cap in the last collection")
+                meter.create_observable_gauge("nodewire.observer.probe.status", [cb("_gauge_probes")], "1",
+                                              "1 when a kernel probe is attached, 0 when it is missing")
+            holder["obs"] = self
             self.telemetry.add_producer(self.metrics)
         self.sync()
         log.info("observer started probes=%s", ",".join(f"{k}={v}" for k, v in self.tcp.probes.items()))

@@ -1,0 +1,152 @@
+"""`nodewire bench-observe`: what per-pod observability costs, measured side by side in one run.
+
+- Request/response rate between two sandbox pods (sockperf TCP ping-pong, 64-byte messages) with all
+  observability on (tc on both veths, the four tracepoints) vs off, in alternating rounds (off, on,
+  off, on, ...) so machine noise hits both; the ratio of the medians is the result.
+- Agent CPU per 10k kernel events/s: this process's CPU time (collect + export, scraped once a second
+  like a busy Prometheus) over the "on" rounds, divided by the BPF events those rounds produced
+  (tc packets + tcp_probe samples + connects + retransmits + drops, read back from the maps). The
+  in-kernel cost of the programs is not in this number: it lands on the traffic's own CPUs and shows
+  up in the on/off ratio instead.
+- RSS: before the observer, with it, and with N (default 1,000) pods in the cluster state.
+"""
+from __future__ import annotations
+
+import json
+import random
+import re
+import shutil
+import statistics
+import time
+import urllib.request
+
+import click
+
+_VALID = re.compile(r"\[Valid Duration\] RunTime=([\d.]+) sec; SentMessages=(\d+); ReceivedMessages=(\d+)")
+
+
+def _sockperf_rate(client, server_ip: str, seconds: float) -> float:
+    out = client.run(["sockperf", "pp", "--tcp", "-i", server_ip, "-p", "11111", "-t", str(seconds), "-m", "64"],
+                     timeout=seconds + 30)
+    m = _VALID.search(out.stdout + out.stderr)
+    if not m:
+        raise RuntimeError(f"sockperf output not understood: {out.stdout[-500:]}")
+    return int(m.group(3)) / float(m.group(1))
+
+
+def _events(obs) -> int:
+    r = obs.read()
+    n = sum(r.counters.get("pod_packets", {}).values())
+    n += sum(h.count for key in ("connect", "srtt") for h in r.histograms.get(key, {}).values())
+    n += sum(r.counters.get("retrans", {}).values()) + sum(r.counters.get("drops", {}).values())
+    return n
+
+
+def run_bench(rounds: int, seconds: float, pods: int) -> dict:
+    import psutil
+
+    from ..export.telemetry import start_telemetry
+    from ..model.objects import ObjectKey, Pod
+    from ..sandbox import Sandbox
+    from ..state import ClusterState
+    from .identity import ObserveConfig
+    from .observer import Observer
+
+    if not shutil.which("sockperf"):
+        raise click.ClickException("sockperf not found (apt-get install sockperf; scripts/install.sh does it)")
+    proc = psutil.Process()
+    net = f"10.{random.randrange(100, 200)}.{random.randrange(256)}"
+    result: dict = {"rounds": rounds, "seconds_per_round": seconds}
+    with Sandbox(subnet4=f"{net}.0/24") as sb:
+        pin = f"/sys/fs/bpf/{sb.prefix}"
+        client, server = sb.add_pod("client"), sb.add_pod("server")
+        server.popen(["sockperf", "sr", "--tcp", "-i", server.ip4, "-p", "11111"])
+        time.sleep(0.5)
+        state = ClusterState()
+        for p in (client, server):
+            k = ObjectKey(p.namespace, p.name)
+            state.apply_pod(k, Pod(k, (p.ip4, p.ip6), "bench"))
+        tel = start_telemetry("127.0.0.1:0", "bench")
+        url = f"http://127.0.0.1:{tel.port}/metrics"
+        rss_before = proc.memory_info().rss
+        rates = {"off": [], "on": []}
+        cpu_s = events = on_time = 0.0
+        rss_on = 0
+        try:
+            _sockperf_rate(client, server.ip4, 1)  # warm-up
+            for i in range(rounds):
+                for mode in (("off", "on") if i % 2 == 0 else ("on", "off")):
+                    if mode == "off":
+                        rates["off"].append(_sockperf_rate(client, server.ip4, seconds))
+                        continue
+                    obs = Observer(state, tel, ObserveConfig(node_name="bench"), pin, sb.node_netns).start()
+                    try:
+                        for p in (client, server):
+                            obs.set_pod_interface(ObjectKey(p.namespace, p.name), p.host_veth)
+                        e0, c0, t0 = _events(obs), sum(proc.cpu_times()[:2]), time.monotonic()
+                        runner = client.popen(["sockperf", "pp", "--tcp", "-i", server.ip4, "-p", "11111",
+                                               "-t", str(seconds), "-m", "64"])
+                        while runner.poll() is None:  # scrape once a second while traffic runs
+                            urllib.request.urlopen(url, timeout=10).read()
+                            time.sleep(1)
+                        out, err = runner.communicate()
+                        client.procs.remove(runner)
+                        c1, t1 = sum(proc.cpu_times()[:2]), time.monotonic()
+                        events += _events(obs) - e0
+                        cpu_s += c1 - c0
+                        on_time += t1 - t0
+                        m = _VALID.search(out + err)
+                        rates["on"].append(int(m.group(3)) / float(m.group(1)))
+                        rss_on = max(rss_on, proc.memory_info().rss)
+                    finally:
+                        obs.close()
+            # RSS and collect cost with many pods in the cluster state
+            obs = Observer(state, tel, ObserveConfig(node_name="bench", max_series=100000), pin, sb.node_netns).start()
+            try:
+                for i in range(pods):
+                    k = ObjectKey("bench", f"p{i}")
+                    state.apply_pod(k, Pod(k, (f"10.{(i >> 16) & 255}.{(i >> 8) & 255}.{i & 255}",), "bench"))
+                obs.sync()
+                t0 = time.perf_counter()
+                urllib.request.urlopen(url, timeout=30).read()
+                scrape_s = time.perf_counter() - t0
+                rss_pods = proc.memory_info().rss
+            finally:
+                obs.close()
+        finally:
+            tel.shutdown()
+            shutil.rmtree(pin, ignore_errors=True)
+    off, on = statistics.median(rates["off"]), statistics.median(rates["on"])
+    ev_rate = events / on_time if on_time else 0.0
+    result.update({
+        "rr_per_s_off": rates["off"], "rr_per_s_on": rates["on"],
+        "rr_ratio_on_off": on / off,
+        "events_per_s": ev_rate,
+        "agent_cpu_percent": 100 * cpu_s / on_time if on_time else 0.0,
+        "agent_cpu_percent_per_10k_events_s": (100 * cpu_s / on_time) / (ev_rate / 1e4) if ev_rate else None,
+        "rss_mib_before_observer": rss_before / 2**20,
+        "rss_mib_observer_on": rss_on / 2**20,
+        f"rss_mib_with_{pods}_pods": rss_pods / 2**20,
+        f"scrape_seconds_with_{pods}_pods": scrape_s,
+    })
+    return result
+
+
+@click.command("bench-observe")
+@click.option("--rounds", default=3, show_default=True, help="Alternating off/on rounds.")
+@click.option("--seconds", default=5.0, show_default=True, help="Seconds of traffic per round.")
+@click.option("--pods", default=1000, show_default=True, help="Pods in the state for the RSS measurement.")
+@click.option("-o", "--output", type=click.Choice(["text", "json"]), default="text")
+def bench_observe(rounds, seconds, pods, output) -> None:
+    """Cost of per-pod observability: request/response rate on vs off (ratio), agent CPU, RSS."""
+    res = run_bench(rounds, seconds, pods)
+    if output == "json":
+        click.echo(json.dumps(res, indent=2))
+        return
+    click.echo(f"TCP request/response (sockperf pp, 64 B): off {statistics.median(res['rr_per_s_off']):,.0f}/s  "
+               f"on {statistics.median(res['rr_per_s_on']):,.0f}/s  ratio on/off {res['rr_ratio_on_off']:.3f}")
+    click.echo(f"kernel events {res['events_per_s']:,.0f}/s; agent CPU {res['agent_cpu_percent']:.2f}% "
+               f"= {res['agent_cpu_percent_per_10k_events_s'] or 0:.3f}% of a core per 10k events/s")
+    click.echo(f"RSS MiB: before observer {res['rss_mib_before_observer']:.0f}, with observer "
+               f"{res['rss_mib_observer_on']:.0f}, with {pods} pods {res[f'rss_mib_with_{pods}_pods']:.0f} "
+               f"(scrape {res[f'scrape_seconds_with_{pods}_pods'] * 1000:.0f} ms)")
