@@ -177,6 +177,7 @@ def test_udp_datagrams_count_exact_bytes(env):
     a, b = env["pods"]["a"], env["pods"]["b"]
     n, size, port = 200, 1000, 9100
     sink = b.popen([sys.executable, "-c", f"""
+import socket
 s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); s.bind(("0.0.0.0", {port})); s.settimeout(10)
 s.setsockopt(socket.SOL_SOCKET, 33, 8 << 20)  # SO_RCVBUFFORCE: room for the whole burst
 print("ready", flush=True)
@@ -189,6 +190,7 @@ print(got, flush=True)
     a.run(["ping", "-c", "1", "-W", "2", b.ip4])
     before = snapshot(env)
     a.python(f"""
+import socket
 s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
 for _ in range({n}):
     s.sendto(b"x" * {size}, ("{b.ip4}", {port}))
@@ -254,6 +256,7 @@ table inet nwtest {
     try:
         before = counter(env, "retrans", **{"k8s.pod.name": "a"}, **peer)
         reply = a.python(f"""
+import socket
 s = socket.create_connection(("{b.ip4}", 9001), timeout=5); s.sendall(b"G"); print(s.recv(100).decode().strip())
 """)
         dropped = sh(b.netns, "nft", "list", "table", "inet", "nwtest")
@@ -292,6 +295,7 @@ def test_service_connects_per_backend_and_refusals(env):
     res = env["rec"].apply(env["state"].take_dirty())
     assert not res.errors
     a.python("""
+import socket
 for _ in range(4):
     s = socket.create_connection(("10.96.7.1", 80), timeout=5); s.sendall(b"x"); s.recv(10); s.close()
 for _ in range(3):
@@ -390,6 +394,7 @@ def test_series_cap_holds_under_1000_short_lived_pods(env):
                 state.apply_pod(k, Pod(k, (ip,), NODE))
             obs.sync()
             a.python(f"""
+import socket
 srv = socket.socket(); srv.bind(("0.0.0.0", 0)); srv.listen(200); port = srv.getsockname()[1]
 for ip in {ips!r}:
     c = socket.socket(); c.bind((ip, 0)); c.connect((ip, port)); c.close()
