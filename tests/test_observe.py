@@ -415,3 +415,32 @@ for ip in {ips!r}:
         assert not any(ip.startswith(churn_net + ".") for ip in kernel_ips)
     finally:
         obs.book.max_series = obs.cfg.max_series
+
+
+# -- terminal views ------------------------------------------------------------------------------
+def test_top_and_latency_views_read_the_endpoint(env):
+    from click.testing import CliRunner
+
+    from agent.cli import main
+
+    a, b = env["pods"]["a"], env["pods"]["b"]
+    b.serve(tcp_ports=[9002])
+    addr = f"127.0.0.1:{env['tel'].port}"
+    load = a.popen([sys.executable, "-c", f"""
+import socket, time
+for _ in range(40):
+    s = socket.create_connection(("{b.ip4}", 9002), timeout=5); s.sendall(b"x" * 1000); s.recv(100); s.close()
+    time.sleep(0.02)
+"""])
+    try:
+        out = CliRunner().invoke(main, ["top", "--metrics-addr", addr, "--interval", "1", "--once"],
+                                 terminal_width=160)
+    finally:
+        load.wait(30)
+    assert out.exit_code == 0, out.output
+    row = [line for line in out.output.splitlines() if "default/a " in line]
+    assert row and ("µs" in row[0] or "ms" in row[0]), out.output  # a's connect p50 in the interval
+    lat = CliRunner().invoke(main, ["latency", "--metrics-addr", addr, "--pod", "a"], terminal_width=160)
+    assert lat.exit_code == 0, lat.output
+    assert "default/a" in lat.output and "█" in lat.output
+    assert "default/b" not in lat.output  # --pod filters

@@ -139,3 +139,29 @@ def test_otlp_endpoint_follows_the_spec():
     assert otlp_endpoint_from_env({"OTEL_EXPORTER_OTLP_ENDPOINT": "http://c:4318/"}) == "http://c:4318/v1/metrics"
     assert otlp_endpoint_from_env({"OTEL_EXPORTER_OTLP_ENDPOINT": "http://c:4318",
                                    "OTEL_EXPORTER_OTLP_METRICS_ENDPOINT": "http://m/x"}) == "http://m/x"
+
+
+SCRAPE = '''# TYPE nodewire_tcp_connect_duration_seconds histogram
+nodewire_tcp_connect_duration_seconds_bucket{k8s_namespace_name="ns",k8s_pod_name="p",le="1e-06"} 0
+nodewire_tcp_connect_duration_seconds_bucket{k8s_namespace_name="ns",k8s_pod_name="p",le="2e-06"} 4
+nodewire_tcp_connect_duration_seconds_bucket{k8s_namespace_name="ns",k8s_pod_name="p",le="4e-06"} 10
+nodewire_tcp_connect_duration_seconds_bucket{k8s_namespace_name="ns",k8s_pod_name="p",le="+Inf"} 10
+nodewire_tcp_connect_duration_seconds_count{k8s_namespace_name="ns",k8s_pod_name="p"} 10
+nodewire_tcp_connect_duration_seconds_sum{k8s_namespace_name="ns",k8s_pod_name="p"} 0.00003
+# TYPE k8s_pod_network_io_bytes counter
+k8s_pod_network_io_bytes_total{k8s_namespace_name="ns",k8s_pod_name="p",network_io_direction="receive"} %d
+'''
+
+
+def test_views_compute_rates_and_bucket_quantiles_from_two_scrapes():
+    from agent.observe.views import bucket_delta, parse, quantile, top_rows
+
+    prev, cur = parse(SCRAPE % 1000), parse(SCRAPE % 3000)
+    b = cur.buckets["connect"][("ns", "p")]
+    assert b == {1e-06: 0, 2e-06: 4, 4e-06: 10, float("inf"): 10}
+    per_bucket = bucket_delta(b, None)
+    assert per_bucket == [(1e-06, 0), (2e-06, 4), (4e-06, 6), (float("inf"), 0)]
+    assert quantile(per_bucket, 0.4) == 2e-06 and quantile(per_bucket, 0.99) == 4e-06
+    assert quantile(bucket_delta(b, b), 0.5) is None  # nothing new in the interval
+    (row,) = top_rows(prev, cur, 2.0)
+    assert row.pod == ("ns", "p") and row.rx == 1000.0 and row.tx == 0.0
