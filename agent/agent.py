@@ -6,6 +6,8 @@ a full sync against what the pinned maps already hold, so a restart rewrites not
 """
 from __future__ import annotations
 
+import ctypes
+import gc
 import json
 import logging
 import os
@@ -24,6 +26,14 @@ from .sources.manifests import ManifestSource
 from .state import ClusterState
 
 log = logging.getLogger("nodewire.agent")
+
+
+def _return_free_memory() -> None:
+    """Give the heap freed after the initial parse (JSON text, decoded dicts) back to the OS."""
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
 
 
 class Agent:
@@ -107,10 +117,19 @@ class Agent:
 
     def _entries(self, name: str) -> int:
         rec = self.reconciler
-        return rec.svc_entries if name == self.lb.services.name else len(rec.backend_of)
+        return rec.svc_entries if name == self.lb.services.name else len(rec.backend_id)
 
     # -- loop ----------------------------------------------------------------------------------
     def sync_once(self, full: bool = False) -> SyncResult | None:
+        # Bulk parsing and map packing make millions of short-lived, acyclic objects: the cyclic GC
+        # would rescan the whole heap many times over (about 1.7 s of a 100k-Service sync).
+        gc.disable()
+        try:
+            return self._sync(full)
+        finally:
+            gc.enable()
+
+    def _sync(self, full: bool) -> SyncResult | None:
         polled = self.source is not None and self.source.poll()
         if polled:
             self.state.replace(self.source.objects())
@@ -129,6 +148,9 @@ class Agent:
         self.last_sync = {"time": time.time(), "seconds": res.seconds, "services": res.services,
                           "written": res.written, "deleted": res.deleted, "full": full}
         if full and self.first_sync is None:
+            gc.collect()
+            gc.freeze()  # the long-lived cluster state is never rescanned from here on
+            _return_free_memory()
             self.first_sync = dict(self.last_sync, since_start=time.time() - self.started)
             log.info("full sync done services=%d written=%d deleted=%d seconds=%.3f", len(self.reconciler.owned),
                      res.written, res.deleted, res.seconds)

@@ -173,8 +173,11 @@ def demo(duration, metrics_addr, output) -> None:
     if output == "json":
         click.echo(json.dumps(result))
 
+
+from .bench.cli import bench  # noqa: E402
 from .observe.cli import bench_observe, latency, top  # noqa: E402  (observability commands)
 
-main.add_command(bench_observe)
+main.add_command(bench)
+bench.add_command(bench_observe, "observe")
 main.add_command(top)
 main.add_command(latency)

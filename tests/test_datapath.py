@@ -162,3 +162,28 @@ def test_restart_keeps_connections_and_maps(cluster, agent_factory):
     finally:
         conn.kill()
         conn.wait()
+
+
+def test_removing_a_manifest_file_removes_its_frontends(cluster):
+    client, backends, agent = cluster
+    apply(agent, "gone.json", service("gone", ["10.96.1.12"]), endpoint_slice("gone", [backends[0].ip4]))
+    assert client.probe("tcp", "10.96.1.12", 80)["replies"] == {"b1": 1}
+    t = time.time()
+    (agent.manifests / "gone.json").unlink()
+    wait_for(lambda: agent.synced_after(t), 10, what="agent took in the removal")
+    assert "10.96.1.12:80" not in {s["frontend"] for s in agent.services()}
+    # No longer a Service address: the connect goes where it was dialled (nowhere), no backend answers.
+    assert client.probe("tcp", "10.96.1.12", 80, timeout=0.5)["replies"] == {}
+
+
+def test_status_reports_programs_maps_and_sync(cluster):
+    client, backends, agent = cluster
+    out = subprocess.run([sys.executable.replace("python", "nodewire"), "status", "-o", "json", "--pin-dir",
+                          agent.pin_dir], capture_output=True, text=True, check=True)
+    st = __import__("json").loads(out.stdout)
+    assert st["agent_running"] is True
+    assert sorted(st["attached"]) == sorted(["nw_connect4", "nw_connect6", "nw_sendmsg4", "nw_sendmsg6",
+                                             "nw_recvmsg4", "nw_recvmsg6", "nw_getpeername4", "nw_getpeername6"])
+    services_map = st["maps"]["nodewire_services_v1"]
+    assert services_map["entries"] == sum(1 + len(s["backends"]) for s in agent.services())
+    assert st["last_sync"]["seconds"] > 0

@@ -78,7 +78,7 @@ def compile_program(source: str, pin_dir: str, sizes: MapSizes = MapSizes(), ext
         "-Wno-unused-function",
         *extra_cflags,
     ]
-    return BPF(text=program_text(source), cflags=cflags)
+    return BPF(text=program_text(source).encode(), cflags=cflags)
 
 
 class SockLB:

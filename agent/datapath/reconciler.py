@@ -77,17 +77,59 @@ class _Ids:
         self._free.append(i)
 
 
+class _SlotWrites:
+    """Backend slots to write, gathered per frontend and expanded with numpy in one pass."""
+
+    def __init__(self):
+        self.prefixes: list[Prefix] = []
+        self.per_prefix: list[int] = []
+        self.slots: list[int] = []
+        self.backend_ids: list[int] = []
+
+    @property
+    def count(self) -> int:
+        return len(self.slots)
+
+    def add_all(self, p: Prefix, ids: tuple[int, ...]) -> None:
+        if ids:
+            self.prefixes.append(p)
+            self.per_prefix.append(len(ids))
+            self.slots.extend(range(1, len(ids) + 1))
+            self.backend_ids.extend(ids)
+
+    def add_some(self, p: Prefix, rows: list[tuple[int, int]]) -> None:
+        if rows:
+            self.prefixes.append(p)
+            self.per_prefix.append(len(rows))
+            self.slots.extend(i for i, _ in rows)
+            self.backend_ids.extend(b for _, b in rows)
+
+    def arrays(self, services: RawMap) -> tuple[np.ndarray, np.ndarray]:
+        n = len(self.slots)
+        keys = np.zeros(n, dtype=services.key_dtype)
+        values = np.zeros(n, dtype=services.value_dtype)
+        if n:
+            rep = np.array(self.per_prefix)
+            keys["address"] = np.repeat(np.frombuffer(b"".join(p.address for p in self.prefixes), dtype="V16"), rep)
+            keys["port"] = np.repeat(np.array([p.port for p in self.prefixes], dtype=np.uint16), rep)
+            keys["proto"] = np.repeat(np.array([p.proto for p in self.prefixes], dtype=np.uint8), rep)
+            keys["slot"] = np.array(self.slots, dtype=np.uint16)
+            values["backend_id"] = np.array(self.backend_ids, dtype=np.uint32)
+        return keys, values
+
+
 class Reconciler:
     def __init__(self, services: RawMap, backends: RawMap):
         self.services, self.backends = services, backends
         self.fe_state: dict[Prefix, FrontendState] = {}
         self.backend_id: dict[Backend, int] = {}
-        self.backend_of: dict[int, Backend] = {}
+        self.backend_at: list[Backend | None] = [None]  # index: backend id (the inverse of backend_id)
         self.refs = np.zeros(1024, dtype=np.int64)  # slot references per backend id
         self.fe_owner: dict[Prefix, ObjectKey] = {}
         self.svc_fes: dict[ObjectKey, list[Prefix]] = {}
         self.sid_info: dict[int, tuple[ObjectKey, str, int, str, str]] = {}
         self.svc_entries = 0  # entries in the service map
+        self._released: list[int] = []  # backend ids that lost a reference in this apply
         self._learn()
 
     # -- start-up: what the pinned maps already hold -------------------------------------------
@@ -95,9 +137,8 @@ class Reconciler:
         bk, bv = self.backends.dump_arrays()
         for bid, a, p, pr in zip(bk.tolist(), bv["address"].tolist(), bv["port"].tolist(), bv["proto"].tolist()):
             b = Backend(_ip_str(a), port_host(p), PROTO_NAMES.get(pr, str(pr)))
-            self.backend_id[b] = bid
-            self.backend_of[bid] = b
-        self.backend_ids = _Ids(self.backend_of)
+            self._place(bid, b)
+        self.backend_ids = _Ids(self.backend_id.values())
         sk, sv = self.services.dump_arrays()
         self.svc_entries = len(sk)
         headers, slots = {}, {}
@@ -119,10 +160,20 @@ class Reconciler:
         self.service_ids = _Ids(st.service_id for st in self.fe_state.values() if st.service_id)
         for st in self.fe_state.values():
             self._ref(st.backend_ids, +1)
+        if len(self.refs) < len(self.backend_at):
+            self._ref((len(self.backend_at) - 1,), 0)
+
+    def _place(self, bid: int, b: Backend) -> None:
+        self.backend_id[b] = bid
+        if bid >= len(self.backend_at):
+            self.backend_at.extend([None] * (bid + 1 - len(self.backend_at)))
+        self.backend_at[bid] = b
 
     def _ref(self, ids, delta: int) -> None:
         if not ids:
             return
+        if delta < 0:
+            self._released.extend(ids)
         top = max(ids)
         if top >= len(self.refs):
             self.refs = np.concatenate([self.refs, np.zeros(max(top + 1, 2 * len(self.refs)) - len(self.refs),
@@ -138,14 +189,14 @@ class Reconciler:
         if full:
             changes = {**{gone: [] for gone in self.svc_fes if gone not in changes}, **changes}
 
-        slot_w: list[tuple[Prefix, int, int]] = []
+        slot_w = _SlotWrites()
         head_w: list[tuple[Prefix, int, int]] = []
         head_d: list[Prefix] = []
         slot_d: list[tuple[Prefix, int]] = []
         new_backends: list[tuple[int, Backend]] = []
         claimed: dict[Prefix, ObjectKey] = {}
         room = self.services.capacity - self.svc_entries
-        be_room = self.backends.capacity - len(self.backend_of)
+        be_room = self.backends.capacity - len(self.backend_id)
 
         for svc, frontends in changes.items():
             want: dict[Prefix, Frontend] = {}
@@ -174,8 +225,7 @@ class Reconciler:
             be_room -= len(fresh)
             for b in fresh:
                 bid = self.backend_ids.take()
-                self.backend_id[b] = bid
-                self.backend_of[bid] = b
+                self._place(bid, b)
                 new_backends.append((bid, b))
 
             # Frontends the Service no longer has.
@@ -193,8 +243,11 @@ class Reconciler:
                 if old == new:
                     continue
                 old_ids = old.backend_ids if old else ()
-                slot_w.extend((p, i, bid) for i, bid in enumerate(ids, 1)
-                              if i > len(old_ids) or old_ids[i - 1] != bid)
+                if not old_ids:
+                    slot_w.add_all(p, ids)
+                else:
+                    slot_w.add_some(p, [(i, bid) for i, bid in enumerate(ids, 1)
+                                        if i > len(old_ids) or old_ids[i - 1] != bid])
                 if old is None or (old.count, old.service_id) != (new.count, new.service_id):
                     head_w.append((p, new.count, sid))
                 slot_d.extend((p, i) for i in range(len(ids) + 1, len(old_ids) + 1))
@@ -211,21 +264,26 @@ class Reconciler:
             for p in [p for p in self.fe_state if p not in self.fe_owner]:
                 self._drop_frontend(p, head_d, slot_d)
 
-        dead = [int(i) for i in np.nonzero(self.refs[:max(self.backend_of, default=0) + 1] <= 0)[0]
-                if int(i) in self.backend_of] if (head_d or slot_d or slot_w or full) else []
+        if full:  # every backend no slot refers to (also ones left from before a restart)
+            ids = np.fromiter(self.backend_id.values(), dtype=np.int64, count=len(self.backend_id))
+            dead = ids[self.refs[ids] <= 0].tolist()
+        else:
+            dead = [i for i in set(self._released) if self.refs[i] <= 0 and self.backend_at[i] is not None]
+        self._released.clear()
 
         # Write, in the order that never exposes a half state.
         self.backends.update_arrays(*self._backend_rows(new_backends))
-        self.services.update_arrays(*self._service_rows(slot_w, slots=True))
-        self.services.update_arrays(*self._service_rows(head_w, slots=False))
+        self.services.update_arrays(*slot_w.arrays(self.services))
+        self.services.update_arrays(*self._header_rows(head_w))
         self.services.delete_array(self._service_keys([(p, 0) for p in head_d]))
         self.services.delete_array(self._service_keys(slot_d))
         self.backends.delete_array(np.array(dead, dtype=self.backends.key_dtype))
 
         for bid in dead:
-            del self.backend_id[self.backend_of.pop(bid)]
+            del self.backend_id[self.backend_at[bid]]
+            self.backend_at[bid] = None
             self.backend_ids.release(bid)
-        res.written = len(new_backends) + len(slot_w) + len(head_w)
+        res.written = len(new_backends) + slot_w.count + len(head_w)
         res.deleted = len(head_d) + len(slot_d) + len(dead)
         res.seconds = time.perf_counter() - t0
         for err in res.errors:
@@ -257,12 +315,10 @@ class Reconciler:
             keys["slot"] = [s for _, s in rows]
         return keys
 
-    def _service_rows(self, rows: list[tuple[Prefix, int, int]], slots: bool):
-        keys = self._service_keys([(p, s if slots else 0) for p, s, _ in rows])
+    def _header_rows(self, rows: list[tuple[Prefix, int, int]]):
+        keys = self._service_keys([(p, 0) for p, _, _ in rows])
         values = np.zeros(len(rows), dtype=self.services.value_dtype)
-        if rows and slots:
-            values["backend_id"] = [b for _, _, b in rows]
-        elif rows:
+        if rows:
             values["count"] = [c for _, c, _ in rows]
             values["service_id"] = [s for _, _, s in rows]
         return keys, values

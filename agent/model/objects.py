@@ -13,7 +13,7 @@ PROXY_NAME_LABEL = "service.kubernetes.io/service-proxy-name"
 SERVICE_NAME_LABEL = "kubernetes.io/service-name"
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class ObjectKey:
     namespace: str
     name: str
@@ -22,7 +22,7 @@ class ObjectKey:
         return f"{self.namespace}/{self.name}"
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class ServicePort:
     name: str
     protocol: str
@@ -31,7 +31,7 @@ class ServicePort:
     node_port: int = 0
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Service:
     key: ObjectKey
     cluster_ips: tuple[str, ...]  # empty for headless Services
@@ -52,7 +52,7 @@ class Service:
         return dict(self.labels).get(name)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Endpoint:
     addresses: tuple[str, ...]
     ready: bool = True
@@ -63,14 +63,14 @@ class Endpoint:
     target: str = ""  # "namespace/pod" of the targetRef, when it is a Pod
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class EndpointPort:
     name: str
     port: int
     protocol: str = TCP
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class EndpointSlice:
     key: ObjectKey
     service: str  # the owning Service's name (kubernetes.io/service-name label)
@@ -83,7 +83,7 @@ class EndpointSlice:
         return ObjectKey(self.key.namespace, self.service)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Pod:
     key: ObjectKey
     ips: tuple[str, ...]
@@ -93,7 +93,7 @@ class Pod:
     uid: str = ""
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class ObjectError:
     """A rejected object: where it came from, what it is, and which field is wrong."""
 

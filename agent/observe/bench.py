@@ -1,4 +1,4 @@
-"""`nodewire bench-observe`: what per-pod observability costs, measured side by side in one run.
+"""`nodewire bench observe`: what per-pod observability costs, measured side by side in one run.
 
 - Request/response rate between two sandbox pods (sockperf TCP ping-pong, 64-byte messages) with all
   observability on (tc on both veths, the four tracepoints) vs off, in alternating rounds (off, on,
@@ -132,7 +132,7 @@ def run_bench(rounds: int, seconds: float, pods: int) -> dict:
     return result
 
 
-@click.command("bench-observe")
+@click.command("observe")
 @click.option("--rounds", default=3, show_default=True, help="Alternating off/on rounds.")
 @click.option("--seconds", default=5.0, show_default=True, help="Seconds of traffic per round.")
 @click.option("--pods", default=1000, show_default=True, help="Pods in the state for the RSS measurement.")

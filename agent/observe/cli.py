@@ -1,5 +1,5 @@
 """Observability commands: `nodewire top`, `nodewire latency` (views over the agent's /metrics) and
-`nodewire bench-observe`."""
+`nodewire bench observe`."""
 from __future__ import annotations
 
 import time

@@ -1,0 +1,32 @@
+"""`nodewire bench …`: benchmarks in the sandbox; figures are printed, never asserted."""
+from __future__ import annotations
+
+import json
+
+import click
+
+
+@click.group()
+def bench() -> None:
+    """Reproducible benchmarks in the sandbox (ratios measured side by side in one run)."""
+
+
+@bench.command()
+@click.option("--services", default="1000,10000,100000", show_default=True,
+              help="Comma-separated Service counts (N Services × 5 endpoints each).")
+@click.option("--connects", default=2000, show_default=True, help="Connects per series per N.")
+@click.option("-o", "--output", type=click.Choice(["table", "json"]), default="table", show_default=True)
+def connect(services, connects, output) -> None:
+    """TCP connect latency through a ClusterIP vs directly, full-sync time and agent RSS."""
+    from .connect import run_one, table
+
+    try:
+        counts = [int(x) for x in services.split(",") if x]
+    except ValueError:
+        raise click.BadParameter(f"{services!r}: expected numbers like 1000,10000", param_hint="--services")
+    rows = []
+    for n in counts:
+        rows.append(run_one(n, connects))
+        if output == "table":
+            click.echo(f"N={n:,} done", err=True)
+    click.echo(json.dumps(rows, indent=2) if output == "json" else table(rows))
