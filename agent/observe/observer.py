@@ -1,10 +1,11 @@
 """The observer: keeps the kernel's view (watched addresses, veth programs) in step with the cluster
 state, and turns kernel counters and histograms into labelled OTel metrics when an exporter asks.
 
-Wiring (agent.py): `obs = Observer(state, telemetry, ObserveConfig(node_name=...), pin_dir, ...)`,
-`obs.start()`, call `obs.sync()` after each state change, `obs.set_pod_interface(key, ifname)` when
-the CNI (or the sandbox) says which veth is a pod's, `obs.close()` at exit. Nothing here runs on a
-timer of its own: collection happens inside the exporter's collect (Prometheus scrape, OTLP export).
+Used by agent.py: `Observer(state, telemetry, ObserveConfig(node_name=...), pin_dir, veth_netns, lb,
+reconciler).start()`, `sync()` after each state change, `close()` at exit. A pod's node-side veth
+comes from `set_pod_interface(key, ifname)` (the CNI) or the Pod's `nodewire.io/host-veth`
+annotation (manifests, the demo). Nothing here runs on a timer of its own: collection happens inside
+the exporter's collect (Prometheus scrape, OTLP export), one batched read per map.
 """
 from __future__ import annotations
 
