@@ -2,7 +2,8 @@
 
 - Request/response rate between two sandbox pods (sockperf TCP ping-pong, 64-byte messages) with all
   observability on (tc on both veths, the four tracepoints) vs off, in alternating rounds (off, on,
-  off, on, ...) so machine noise hits both; the ratio of the medians is the result.
+  off, on, ...) so machine noise hits both; reported as the ratio of the medians and the median of
+  the per-round on/off ratios (with their range, which shows how noisy the machine was).
 - Agent CPU per 10k kernel events/s: this process's CPU time (collect + export, scraped once a second
   like a busy Prometheus) over the "on" rounds, divided by the BPF events those rounds produced
   (tc packets + tcp_probe samples + connects + retransmits + drops, read back from the maps). The
@@ -117,10 +118,13 @@ def run_bench(rounds: int, seconds: float, pods: int) -> dict:
             tel.shutdown()
             shutil.rmtree(pin, ignore_errors=True)
     off, on = statistics.median(rates["off"]), statistics.median(rates["on"])
+    pairs = sorted(n / f for n, f in zip(rates["on"], rates["off"]))  # round i's on vs its own off
     ev_rate = events / on_time if on_time else 0.0
     result.update({
         "rr_per_s_off": rates["off"], "rr_per_s_on": rates["on"],
         "rr_ratio_on_off": on / off,
+        "rr_ratio_pairs_median": statistics.median(pairs),
+        "rr_ratio_pairs_min_max": [pairs[0], pairs[-1]],
         "events_per_s": ev_rate,
         "agent_cpu_percent": 100 * cpu_s / on_time if on_time else 0.0,
         "agent_cpu_percent_per_10k_events_s": (100 * cpu_s / on_time) / (ev_rate / 1e4) if ev_rate else None,
@@ -133,8 +137,8 @@ def run_bench(rounds: int, seconds: float, pods: int) -> dict:
 
 
 @click.command("observe")
-@click.option("--rounds", default=3, show_default=True, help="Alternating off/on rounds.")
-@click.option("--seconds", default=5.0, show_default=True, help="Seconds of traffic per round.")
+@click.option("--rounds", default=10, show_default=True, help="Alternating off/on rounds.")
+@click.option("--seconds", default=2.0, show_default=True, help="Seconds of traffic per round.")
 @click.option("--pods", default=1000, show_default=True, help="Pods in the state for the RSS measurement.")
 @click.option("-o", "--output", type=click.Choice(["text", "json"]), default="text")
 def bench_observe(rounds, seconds, pods, output) -> None:
@@ -144,7 +148,9 @@ def bench_observe(rounds, seconds, pods, output) -> None:
         click.echo(json.dumps(res, indent=2))
         return
     click.echo(f"TCP request/response (sockperf pp, 64 B): off {statistics.median(res['rr_per_s_off']):,.0f}/s  "
-               f"on {statistics.median(res['rr_per_s_on']):,.0f}/s  ratio on/off {res['rr_ratio_on_off']:.3f}")
+               f"on {statistics.median(res['rr_per_s_on']):,.0f}/s  ratio on/off {res['rr_ratio_on_off']:.3f} "
+               f"(per-round pairs: median {res['rr_ratio_pairs_median']:.3f}, "
+               f"range {res['rr_ratio_pairs_min_max'][0]:.2f}-{res['rr_ratio_pairs_min_max'][1]:.2f})")
     click.echo(f"kernel events {res['events_per_s']:,.0f}/s; agent CPU {res['agent_cpu_percent']:.2f}% "
                f"= {res['agent_cpu_percent_per_10k_events_s'] or 0:.3f}% of a core per 10k events/s")
     click.echo(f"RSS MiB: before observer {res['rss_mib_before_observer']:.0f}, with observer "
