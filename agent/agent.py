@@ -75,11 +75,16 @@ class Agent:
         self.telemetry = start_telemetry(cfg.metrics_addr, cfg.node_name)
         self._instruments()
         if cfg.observe:
+            from dataclasses import replace
+
             from .observe.identity import ObserveConfig
             from .observe.observer import Observer
             try:  # observability is not worth losing the datapath over: run without it
-                self.observer = Observer(self.state, self.telemetry, ObserveConfig(node_name=cfg.node_name),
-                                         cfg.pin_dir, cfg.veth_netns, self.lb, self.reconciler).start()
+                ocfg = ObserveConfig(node_name=cfg.node_name, max_series=cfg.max_series)
+                if cfg.peer_cidrs:
+                    ocfg = replace(ocfg, peer_cidrs=tuple(cfg.peer_cidrs))
+                self.observer = Observer(self.state, self.telemetry, ocfg, cfg.pin_dir, cfg.veth_netns,
+                                         self.lb, self.reconciler).start()
             except Exception as e:
                 log.error("observer failed to start, running without observability err=%s", e)
 

@@ -34,7 +34,11 @@ def main(debug: bool) -> None:
 @click.option("--node-name", default=None, help="This node's name [default: $NODE_NAME or the hostname].")
 @click.option("--observe/--no-observe", default=True, show_default=True, help="Per-pod network observability.")
 @click.option("--veth-netns", default=None, help="Network namespace holding the pods' node-side veths [default: the agent's].")
-def run(manifests, cgroup, pin_dir, metrics_addr, map_sizes, node_name, observe, veth_netns) -> None:
+@click.option("--max-series", default=10000, show_default=True, help="Cap on per-pod/peer series the observer exports.")
+@click.option("--peer-cidr", "peer_cidrs", multiple=True, metavar="CIDR",
+              help="Label unknown remote peers by these CIDRs (repeatable) [default: the private ranges].")
+def run(manifests, cgroup, pin_dir, metrics_addr, map_sizes, node_name, observe, veth_netns, max_series,
+        peer_cidrs) -> None:
     """Run the agent: keep the BPF service maps equal to the cluster state."""
     from dataclasses import replace
 
@@ -51,7 +55,7 @@ def run(manifests, cgroup, pin_dir, metrics_addr, map_sizes, node_name, observe,
     if manifests is None:
         raise click.UsageError("no source: pass --manifests DIR")
     cfg = AgentConfig(manifests=manifests, cgroup=cgroup, pin_dir=pin_dir, metrics_addr=metrics_addr, sizes=sizes,
-                      observe=observe, veth_netns=veth_netns)
+                      observe=observe, veth_netns=veth_netns, max_series=max_series, peer_cidrs=tuple(peer_cidrs))
     if node_name:
         cfg.node_name = node_name
     try:

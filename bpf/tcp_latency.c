@@ -40,7 +40,12 @@ struct obs_addr {
 struct hist_key {
 	__u32 address[4];
 	__u32 metric;
-	__u32 slot;
+};
+
+/* One whole histogram per (address, metric) and CPU: an event is one lookup and two plain adds. */
+struct hist_value {
+	__u64 slots[NW_HIST_SLOTS];
+	__u64 sum;
 };
 
 struct flow_key {
@@ -55,7 +60,7 @@ struct connect_start {
 
 /* user space: local addresses to observe -> pod index (unused by the kernel, handy for debugging) */
 BPF_HASH(nodewire_obs_watch_v1, struct obs_addr, __u32, NW_OBS_WATCH_MAX);
-BPF_HASH(nodewire_obs_hist_v1, struct hist_key, __u64, NW_OBS_HIST_MAX);
+BPF_TABLE("percpu_hash", struct hist_key, struct hist_value, nodewire_obs_hist_v1, NW_OBS_HIST_MAX);
 BPF_TABLE("lru_hash", struct flow_key, __u64, nodewire_obs_retrans_v1, NW_OBS_FLOWS_MAX);
 BPF_HASH(nodewire_obs_drops_v1, __u32, __u64, 1024);
 BPF_TABLE("lru_hash", __u64, struct connect_start, nodewire_obs_connecting_v1, NW_OBS_FLOWS_MAX);
@@ -67,16 +72,20 @@ static __always_inline void add(__u64 *v, __u64 n)
 
 static __always_inline void hist_record(const struct obs_addr *a, __u32 metric, __u64 value)
 {
-	struct hist_key k = {.metric = metric, .slot = nw_hist_slot(value)};
+	struct hist_key k = {.metric = metric};
 	__builtin_memcpy(k.address, a->address, 16);
-	__u64 zero = 0;
-	__u64 *c = nodewire_obs_hist_v1.lookup_or_try_init(&k, &zero);
-	if (c)
-		add(c, 1);
-	k.slot = NW_HIST_SUM_SLOT;
-	__u64 *s = nodewire_obs_hist_v1.lookup_or_try_init(&k, &zero);
-	if (s)
-		add(s, value);
+	struct hist_value *h = nodewire_obs_hist_v1.lookup(&k);
+	if (!h) {
+		struct hist_value zero = {};
+		nodewire_obs_hist_v1.update(&k, &zero);
+		h = nodewire_obs_hist_v1.lookup(&k);
+		if (!h)
+			return;  /* map full: the sample is lost (user space sees the map fill) */
+	}
+	__u32 slot = nw_hist_slot(value);
+	if (slot < NW_HIST_SLOTS)   /* always true; keeps the verifier sure of the bound */
+		h->slots[slot] += 1;  /* per-CPU value: no atomics needed */
+	h->sum += value;
 }
 
 #ifndef NW_WITHOUT_INET_SOCK_SET_STATE

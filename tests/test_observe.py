@@ -411,7 +411,7 @@ for ip in {ips!r}:
             text = scrape(env)
             assert "churn" not in text
         assert obs.book.dropped == 0  # after the churn, the survivors fit again
-        kernel_ips = {ip for ip, _m, _s, _v in obs.tcp.read_histograms()}
+        kernel_ips = {ip for ip, _m, _c, _t in obs.tcp.read_histograms()}
         assert not any(ip.startswith(churn_net + ".") for ip in kernel_ips)
     finally:
         obs.book.max_series = obs.cfg.max_series

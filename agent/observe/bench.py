@@ -9,15 +9,21 @@
   (tc packets + tcp_probe samples + connects + retransmits + drops, read back from the maps). The
   in-kernel cost of the programs is not in this number: it lands on the traffic's own CPUs and shows
   up in the on/off ratio instead.
+- In-kernel cost, measured without the machine's noise: with BPF run-time statistics on
+  (BPF_ENABLE_STATS, only while the bench holds the fd), each program's run_time_ns / run_cnt, and
+  the BPF nanoseconds spent per request/response transaction, as a share of a transaction's time.
 - RSS: before the observer, with it, and with N (default 1,000) pods in the cluster state.
 """
 from __future__ import annotations
 
+import ctypes as ct
 import json
+import os
 import random
 import re
 import shutil
 import statistics
+import subprocess
 import time
 import urllib.request
 
@@ -33,6 +39,39 @@ def _sockperf_rate(client, server_ip: str, seconds: float) -> float:
     if not m:
         raise RuntimeError(f"sockperf output not understood: {out.stdout[-500:]}")
     return int(m.group(3)) / float(m.group(1))
+
+
+SYS_BPF_X86_64, BPF_ENABLE_STATS, BPF_STATS_RUN_TIME = 321, 32, 0  # uapi linux/bpf.h enum bpf_cmd
+
+
+def enable_bpf_stats() -> int:
+    """An fd that keeps the kernel's per-program run-time accounting on until it is closed."""
+    libc = ct.CDLL(None, use_errno=True)
+    attr = (ct.c_uint32 * 4)(BPF_STATS_RUN_TIME, 0, 0, 0)
+    fd = libc.syscall(SYS_BPF_X86_64, BPF_ENABLE_STATS, ct.byref(attr), ct.sizeof(attr))
+    if fd < 0:
+        raise OSError(ct.get_errno(), "BPF_ENABLE_STATS")
+    return fd
+
+
+def _prog_id(fd: int) -> int:
+    with open(f"/proc/self/fdinfo/{fd}") as f:
+        for line in f:
+            if line.startswith("prog_id:"):
+                return int(line.split()[1])
+    raise LookupError(f"fd {fd} is not a BPF program")
+
+
+def prog_stats(obs) -> dict[str, tuple[int, int]]:
+    """program name → (run_time_ns, run_cnt) for the observer's programs."""
+    fds = {n.decode() if isinstance(n, bytes) else n: f.fd for n, f in obs.tcp.bpf.funcs.items()}
+    fds.update({"nw_pod_tx": obs.traffic.fn_tx.fd, "nw_pod_rx": obs.traffic.fn_rx.fd})
+    out = {}
+    for name, fd in fds.items():
+        info = json.loads(subprocess.run(["bpftool", "-j", "prog", "show", "id", str(_prog_id(fd))],
+                                         capture_output=True, text=True, check=True).stdout)
+        out[name] = (int(info.get("run_time_ns", 0)), int(info.get("run_cnt", 0)))
+    return out
 
 
 def _events(obs) -> int:
@@ -73,6 +112,9 @@ def run_bench(rounds: int, seconds: float, pods: int) -> dict:
         rates = {"off": [], "on": []}
         cpu_s = events = on_time = 0.0
         rss_on = 0
+        bpf_ns: dict[str, list[int]] = {}
+        transactions = 0
+        stats_fd = enable_bpf_stats()
         try:
             _sockperf_rate(client, server.ip4, 1)  # warm-up
             for i in range(rounds):
@@ -84,6 +126,7 @@ def run_bench(rounds: int, seconds: float, pods: int) -> dict:
                     try:
                         for p in (client, server):
                             obs.set_pod_interface(ObjectKey(p.namespace, p.name), p.host_veth)
+                        s0 = prog_stats(obs)
                         e0, c0, t0 = _events(obs), sum(proc.cpu_times()[:2]), time.monotonic()
                         runner = client.popen(["sockperf", "pp", "--tcp", "-i", server.ip4, "-p", "11111",
                                                "-t", str(seconds), "-m", "64"])
@@ -96,8 +139,13 @@ def run_bench(rounds: int, seconds: float, pods: int) -> dict:
                         events += _events(obs) - e0
                         cpu_s += c1 - c0
                         on_time += t1 - t0
+                        for name, (ns, cnt) in prog_stats(obs).items():
+                            acc = bpf_ns.setdefault(name, [0, 0])
+                            acc[0] += ns - s0[name][0]
+                            acc[1] += cnt - s0[name][1]
                         m = _VALID.search(out + err)
                         rates["on"].append(int(m.group(3)) / float(m.group(1)))
+                        transactions += int(m.group(3))
                         rss_on = max(rss_on, proc.memory_info().rss)
                     finally:
                         obs.close()
@@ -115,12 +163,20 @@ def run_bench(rounds: int, seconds: float, pods: int) -> dict:
             finally:
                 obs.close()
         finally:
+            os.close(stats_fd)
             tel.shutdown()
             shutil.rmtree(pin, ignore_errors=True)
     off, on = statistics.median(rates["off"]), statistics.median(rates["on"])
     pairs = sorted(n / f for n, f in zip(rates["on"], rates["off"]))  # round i's on vs its own off
     ev_rate = events / on_time if on_time else 0.0
+    # sockperf's valid-duration count excludes warm-up; the BPF counters include it, so the per-
+    # transaction figure is an upper bound
+    bpf_total_ns = sum(ns for ns, _ in bpf_ns.values())
     result.update({
+        "bpf_ns_per_run": {n: (ns / cnt if cnt else None) for n, (ns, cnt) in bpf_ns.items()},
+        "bpf_runs": {n: cnt for n, (_, cnt) in bpf_ns.items()},
+        "bpf_ns_per_transaction": bpf_total_ns / transactions if transactions else None,
+        "bpf_share_of_transaction_time": (bpf_total_ns / transactions) / (1e9 / off) if transactions else None,
         "rr_per_s_off": rates["off"], "rr_per_s_on": rates["on"],
         "rr_ratio_on_off": on / off,
         "rr_ratio_pairs_median": statistics.median(pairs),
@@ -151,6 +207,9 @@ def bench_observe(rounds, seconds, pods, output) -> None:
                f"on {statistics.median(res['rr_per_s_on']):,.0f}/s  ratio on/off {res['rr_ratio_on_off']:.3f} "
                f"(per-round pairs: median {res['rr_ratio_pairs_median']:.3f}, "
                f"range {res['rr_ratio_pairs_min_max'][0]:.2f}-{res['rr_ratio_pairs_min_max'][1]:.2f})")
+    click.echo("BPF ns per run: " + ", ".join(f"{n} {v:.0f}" for n, v in res["bpf_ns_per_run"].items() if v)
+               + f"; per transaction {res['bpf_ns_per_transaction'] or 0:.0f} ns = "
+               f"{100 * (res['bpf_share_of_transaction_time'] or 0):.2f}% of a transaction at the 'off' rate")
     click.echo(f"kernel events {res['events_per_s']:,.0f}/s; agent CPU {res['agent_cpu_percent']:.2f}% "
                f"= {res['agent_cpu_percent_per_10k_events_s'] or 0:.3f}% of a core per 10k events/s")
     click.echo(f"RSS MiB: before observer {res['rss_mib_before_observer']:.0f}, with observer "

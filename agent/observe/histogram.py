@@ -10,7 +10,6 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 HIST_SLOTS = 40      # NW_HIST_SLOTS in bpf/lib/obs.h
-SUM_SLOT = 255       # NW_HIST_SUM_SLOT
 
 
 def slot_of(value: int) -> int:
@@ -34,10 +33,14 @@ class Log2Histogram:
     total: int = 0
 
     def add_slot(self, slot: int, n: int) -> None:
-        if slot == SUM_SLOT:
-            self.total += n
-        elif 0 <= slot < HIST_SLOTS:
+        if 0 <= slot < HIST_SLOTS:
             self.counts[slot] += n
+
+    def add_counts(self, counts, total: int) -> None:
+        """Add a kernel histogram (per-slot counts, sum) to this one."""
+        for i, n in enumerate(counts):
+            self.counts[i] += int(n)
+        self.total += int(total)
 
     def merge(self, other: "Log2Histogram") -> None:
         for i, n in enumerate(other.counts):

@@ -18,6 +18,7 @@ import numpy as np
 
 from ..datapath.loader import compile_program
 from ..datapath.maps import RawMap, addr16, addr_str, packing_dtype, unpack_rows
+from .histogram import HIST_SLOTS
 
 log = logging.getLogger("nodewire.observe")
 
@@ -89,7 +90,7 @@ class TcpObserver:
                 log.warning("tracepoint missing, its metrics are off tracepoint=%s", tp)
         self.bpf = compile_program("tcp_latency.c", pin_dir, extra_cflags=missing)
         self.watch = RawMap(self.bpf["nodewire_obs_watch_v1"], "nodewire_obs_watch_v1")
-        self.hist = RawMap(self.bpf["nodewire_obs_hist_v1"], "nodewire_obs_hist_v1")
+        self.hist_table = self.bpf["nodewire_obs_hist_v1"]  # per-CPU: read with dump_percpu
         self.retrans = RawMap(self.bpf["nodewire_obs_retrans_v1"], "nodewire_obs_retrans_v1")
         self.drops = RawMap(self.bpf["nodewire_obs_drops_v1"], "nodewire_obs_drops_v1")
         self._watched: dict[bytes, int] = {}
@@ -104,16 +105,17 @@ class TcpObserver:
         self.watch.update(new)
         if gone:
             gone_set = set(gone)
-            self.hist.delete([k for k in self.hist.dump() if k[:16] in gone_set])
+            keys, _ = dump_percpu(self.hist_table, "nodewire_obs_hist_v1")
+            hist_keys = [k.tobytes() for k in keys]
+            RawMap(self.hist_table, "nodewire_obs_hist_v1").delete([k for k in hist_keys if k[:16] in gone_set])
             self.retrans.delete([k for k in self.retrans.dump() if k[:16] in gone_set])
         self._watched = want
 
-    def read_histograms(self) -> list[tuple[str, int, int, int]]:
-        """(local ip, metric, slot, count-or-sum) rows."""
-        raw = self.hist.dump()
-        rows = unpack_rows(self.hist.key_dtype, list(raw))
-        vals = np.frombuffer(b"".join(raw.values()), dtype=np.uint64) if raw else []
-        return [(addr_str(r["address"]), int(r["metric"]), int(r["slot"]), int(v)) for r, v in zip(rows, vals)]
+    def read_histograms(self) -> list[tuple[str, int, np.ndarray, int]]:
+        """(local ip, metric, per-slot counts, sum) per histogram, summed over CPUs."""
+        keys, vals = dump_percpu(self.hist_table, "nodewire_obs_hist_v1")
+        return [(addr_str(k["address"]), int(k["metric"]), v[:HIST_SLOTS], int(v[HIST_SLOTS]))
+                for k, v in zip(keys, vals)]
 
     def read_retransmits(self) -> list[tuple[str, str, int]]:
         raw = self.retrans.dump()

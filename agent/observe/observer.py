@@ -148,13 +148,13 @@ class Observer:
                     r.count("pod_bytes", attrs, nbytes)
                     r.count("pod_packets", attrs, packets)
             if self.tcp is not None:
-                for ip, metric, slot, value in self.tcp.read_histograms():
+                for ip, metric, counts, total in self.tcp.read_histograms():
                     ref = ident.pod_of(ip)
                     if ref is None:
                         continue
                     name = "connect" if metric == HIST_CONNECT else "srtt" if metric == HIST_SRTT else None
                     if name:
-                        r.hist(name, ref.attributes()).add_slot(slot, value)
+                        r.hist(name, ref.attributes()).add_counts(counts, total)
                 for local, remote, n in self.tcp.read_retransmits():
                     ref = ident.pod_of(local)
                     if ref is not None:
@@ -193,7 +193,7 @@ class Observer:
         if self.reconciler is None:
             return {}
         return {bid: (f"[{be.ip}]" if ":" in be.ip else be.ip) + f":{be.port}"
-                for bid, be in list(self.reconciler.backend_of.items())}
+                for be, bid in list(self.reconciler.backend_id.items())}
 
     def metrics(self):
         """OTel Metric objects for the telemetry producer hook (one kernel read per call)."""

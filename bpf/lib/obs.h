@@ -10,7 +10,6 @@
 #define NODEWIRE_OBS_H
 
 #define NW_HIST_SLOTS 40          /* 2^39 us ~ 6.4 days: enough for any latency */
-#define NW_HIST_SUM_SLOT 255      /* the slot that holds the sum of all values (in the unit) */
 
 #define NW_AF_INET 2
 #define NW_AF_INET6 10
