@@ -444,3 +444,27 @@ for _ in range(40):
     assert lat.exit_code == 0, lat.output
     assert "default/a" in lat.output and "█" in lat.output
     assert "default/b" not in lat.output  # --pod filters
+
+
+def test_ipv6_connects_and_srtt_are_keyed_by_the_pod_v6_address(env):
+    """Last in the module: turns IPv6 back on (its link chatter no longer matters here)."""
+    sb, a, b = env["sb"], env["pods"]["a"], env["pods"]["b"]
+    sh(sb.node_netns, "sysctl", "-qw", "net.ipv6.conf.br0.disable_ipv6=0")
+    sh(sb.node_netns, "ip", "addr", "add", f"{sb.gateway6}/{sb.net6.prefixlen}", "dev", "br0", "nodad")
+    for p in (a, b):
+        sh(p.netns, "sysctl", "-qw", "net.ipv6.conf.eth0.disable_ipv6=0")
+        sh(p.netns, "ip", "addr", "add", f"{p.ip6}/{sb.net6.prefixlen}", "dev", "eth0", "nodad")
+        key = ObjectKey(p.namespace, p.name)
+        env["state"].apply_pod(key, Pod(key, (p.ip4, p.ip6), NODE))
+    env["obs"].sync()
+    b.serve(tcp_ports=[9003])
+    c0, _ = hist(env, "connect", "a")
+    s0, _ = hist(env, "srtt", "a")
+    a.python(f"""
+import socket
+s = socket.create_connection(("{b.ip6}", 9003), timeout=5); s.sendall(b"x" * 100); s.recv(100); s.close()
+""")
+    c1, _ = hist(env, "connect", "a")
+    s1, _ = hist(env, "srtt", "a")
+    assert sum(c1) - sum(c0) == 1   # the one v6 connect, attributed to pod a through its v6 address
+    assert sum(s1) > sum(s0)        # tcp_probe's sockaddr_in6 image read at the v6 offset
