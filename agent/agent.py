@@ -40,7 +40,7 @@ class Agent:
     def __init__(self, cfg: AgentConfig):
         cfg.validate()
         self.cfg = cfg
-        self.state = ClusterState()
+        self.state = ClusterState(cfg.node_name)
         self.stop = threading.Event()
         self.started = time.time()
         self.object_errors: deque[str] = deque(maxlen=200)

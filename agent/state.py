@@ -13,7 +13,8 @@ from .model.objects import EndpointSlice, ObjectKey, Objects, Pod, Service
 
 
 class ClusterState:
-    def __init__(self) -> None:
+    def __init__(self, node_name: str | None = None) -> None:
+        self.node_name = node_name  # for internalTrafficPolicy: Local
         self.services: dict[ObjectKey, Service] = {}
         self.slices: dict[ObjectKey, EndpointSlice] = {}
         self.pods: dict[ObjectKey, Pod] = {}
@@ -97,4 +98,4 @@ class ClusterState:
         svc = self.services.get(key)
         if svc is None:
             return []
-        return service_frontends(svc, (self.slices[k] for k in self._slices_by_service.get(key, ())))
+        return service_frontends(svc, (self.slices[k] for k in self._slices_by_service.get(key, ())), self.node_name)

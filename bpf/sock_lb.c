@@ -38,7 +38,7 @@ static __always_inline int xlate4(struct bpf_sock_addr *ctx)
 	struct lb_service_key key = {};
 	struct lb_backend *be = NULL;
 	key_from_v4(&key, ctx);
-	int r = lb_select(&key, &be);
+	int r = lb_select(ctx, &key, &be);
 	if (r == NW_SELECT_MISS)
 		return 1;
 	if (r == NW_SELECT_REFUSE || !be)
@@ -54,7 +54,7 @@ static __always_inline int xlate6(struct bpf_sock_addr *ctx)
 	struct lb_service_key key = {};
 	struct lb_backend *be = NULL;
 	key_from_v6(&key, ctx);
-	int r = lb_select(&key, &be);
+	int r = lb_select(ctx, &key, &be);
 	if (r == NW_SELECT_MISS)
 		return 1;
 	if (r == NW_SELECT_REFUSE || !be)

@@ -187,3 +187,21 @@ def test_status_reports_programs_maps_and_sync(cluster):
     services_map = st["maps"]["nodewire_services_v1"]
     assert services_map["entries"] == sum(1 + len(s["backends"]) for s in agent.services())
     assert st["last_sync"]["seconds"] > 0
+
+
+def test_session_affinity_keeps_a_client_on_one_backend(cluster):
+    client, backends, agent = cluster
+    svc = service("sticky", ["10.96.1.13"])
+    svc["spec"]["sessionAffinity"] = "ClientIP"
+    svc["spec"]["sessionAffinityConfig"] = {"clientIP": {"timeoutSeconds": 300}}
+    apply(agent, "sticky.json", svc, endpoint_slice("sticky", [b.ip4 for b in backends]))
+    r = client.probe("tcp", "10.96.1.13", 80, count=30)
+    assert len(r["replies"]) == 1 and sum(r["replies"].values()) == 30, r
+    [row] = [s for s in agent.services() if s["frontend"] == "10.96.1.13:80"]
+    assert row["session_affinity_timeout"] == 300
+    # The chosen backend leaves the Service: the client moves to another one and stays there.
+    chosen = next(iter(r["replies"]))
+    keep = [b.ip4 for b in backends if b.name != chosen]
+    apply(agent, "sticky.json", svc, endpoint_slice("sticky", keep))
+    r2 = client.probe("tcp", "10.96.1.13", 80, count=20)
+    assert len(r2["replies"]) == 1 and chosen not in r2["replies"], r2

@@ -121,3 +121,26 @@ def test_state_marks_only_the_changed_service_dirty():
     assert dirty[sl.service_key][0].backends == (Backend("10.0.0.2", 8080, "TCP"),)
     st.apply_slice(sl.key, sl)  # the same object again changes nothing
     assert st.take_dirty() == {}
+
+
+def test_session_affinity_timeout_reaches_the_frontend():
+    svc = service("s", ["10.96.0.9"])
+    svc["spec"]["sessionAffinity"] = "ClientIP"
+    [fe] = service_frontends(parse_service(svc), [])
+    assert fe.affinity_timeout == 10800  # Kubernetes' default timeoutSeconds
+    svc["spec"]["sessionAffinityConfig"] = {"clientIP": {"timeoutSeconds": 90000}}
+    with pytest.raises(InvalidObject, match=r"timeoutSeconds: 90000 out of range"):
+        parse_service(svc)
+
+
+def test_internal_traffic_policy_local_keeps_only_this_nodes_endpoints():
+    svc = service("l", ["10.96.0.8"])
+    svc["spec"]["internalTrafficPolicy"] = "Local"
+    sl = endpoint_slice("l", ["10.0.0.1", "10.0.0.2"])
+    sl["endpoints"][0]["nodeName"] = "node-a"
+    sl["endpoints"][1]["nodeName"] = "node-b"
+    s, slices = parse_service(svc), [parse_endpoint_slice(sl)]
+    assert service_frontends(s, slices, "node-b")[0].backends == (Backend("10.0.0.2", 8080, "TCP"),)
+    assert service_frontends(s, slices, "node-c")[0].backends == ()  # none local: refused
+    svc["spec"]["internalTrafficPolicy"] = "Cluster"
+    assert len(service_frontends(parse_service(svc), slices, "node-c")[0].backends) == 2

@@ -33,7 +33,8 @@ def read_services(pin_dir: str, names: dict | None = None) -> list[dict]:
         val = unpack_rows(vd, [v])[0]
         ident = (key["address"].tobytes(), int(key["port"]), int(key["proto"]))
         if key["slot"] == 0:
-            frontends[ident] = {"count": int(val["count"]), "service_id": int(val["service_id"])}
+            frontends[ident] = {"count": int(val["count"]), "service_id": int(val["service_id"]),
+                                "affinity_timeout": int(val["affinity_timeout"])}
         else:
             slots.setdefault(ident, {})[int(key["slot"])] = int(val["backend_id"])
     out = []
@@ -48,6 +49,7 @@ def read_services(pin_dir: str, names: dict | None = None) -> list[dict]:
             "backends": [{"id": b["id"], "address": _fmt(b["ip"], b["port"]), "ip": b["ip"], "port": b["port"]}
                          for b in bl],
             "refuses": hdr["count"] == 0,
+            "session_affinity_timeout": hdr["affinity_timeout"],
         })
     out.sort(key=lambda r: r["id"])
     return out

@@ -19,6 +19,7 @@ MAP_NAMES = {
     "backends": "nodewire_backends_v1",
     "revnat": "nodewire_revnat_v1",
     "lb_stats": "nodewire_lb_stats_v1",
+    "affinity": "nodewire_affinity_v1",
 }
 
 

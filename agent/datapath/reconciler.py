@@ -29,6 +29,7 @@ log = logging.getLogger("nodewire.reconciler")
 PROTO_NUMBERS = {"TCP": 6, "UDP": 17}
 PROTO_NAMES = {v: k for k, v in PROTO_NUMBERS.items()}
 MAX_BACKENDS_PER_FRONTEND = 65535  # the slot-0 count is a __u16
+AFFINITY_FLAG = 1  # NW_SVC_F_AFFINITY in bpf/lib/lb.h
 
 
 class Prefix(NamedTuple):
@@ -42,6 +43,7 @@ class FrontendState(NamedTuple):
     count: int
     service_id: int
     backend_ids: tuple[int, ...]
+    affinity_timeout: int = 0  # seconds; 0 = no session affinity
 
 
 @dataclass
@@ -142,17 +144,18 @@ class Reconciler:
         sk, sv = self.services.dump_arrays()
         self.svc_entries = len(sk)
         headers, slots = {}, {}
-        for a, p, pr, slot, bid, cnt, sid in zip(sk["address"].tolist(), sk["port"].tolist(), sk["proto"].tolist(),
-                                                 sk["slot"].tolist(), sv["backend_id"].tolist(),
-                                                 sv["count"].tolist(), sv["service_id"].tolist()):
+        for a, p, pr, slot, bid, cnt, sid, aff in zip(
+                sk["address"].tolist(), sk["port"].tolist(), sk["proto"].tolist(), sk["slot"].tolist(),
+                sv["backend_id"].tolist(), sv["count"].tolist(), sv["service_id"].tolist(),
+                sv["affinity_timeout"].tolist()):
             pre = Prefix(a, p, pr)
             if slot == 0:
-                headers[pre] = (cnt, sid)
+                headers[pre] = (cnt, sid, aff)
             else:
                 slots.setdefault(pre, {})[slot] = bid
-        for pre, (cnt, sid) in headers.items():
+        for pre, (cnt, sid, aff) in headers.items():
             s = slots.get(pre, {})
-            self.fe_state[pre] = FrontendState(cnt, sid, tuple(s.get(i, 0) for i in range(1, cnt + 1)))
+            self.fe_state[pre] = FrontendState(cnt, sid, tuple(s.get(i, 0) for i in range(1, cnt + 1)), aff)
         # Slots without a header (a crash mid-delete) are orphans: a header with count 0 removes them.
         for pre, s in slots.items():
             if pre not in headers:
@@ -190,7 +193,7 @@ class Reconciler:
             changes = {**{gone: [] for gone in self.svc_fes if gone not in changes}, **changes}
 
         slot_w = _SlotWrites()
-        head_w: list[tuple[Prefix, int, int]] = []
+        head_w: list[tuple[Prefix, int, int, int]] = []  # prefix, count, service id, affinity timeout
         head_d: list[Prefix] = []
         slot_d: list[tuple[Prefix, int]] = []
         new_backends: list[tuple[int, Backend]] = []
@@ -237,7 +240,7 @@ class Reconciler:
                 old = self.fe_state.get(p)
                 ids = tuple(self.backend_id[b] for b in fe.backends[:MAX_BACKENDS_PER_FRONTEND])
                 sid = old.service_id if old and old.service_id else self.service_ids.take()
-                new = FrontendState(len(ids), sid, ids)
+                new = FrontendState(len(ids), sid, ids, fe.affinity_timeout)
                 self.sid_info[sid] = (svc, fe.ip, fe.port, fe.protocol, fe.port_name)
                 self.fe_owner[p] = svc
                 if old == new:
@@ -248,8 +251,9 @@ class Reconciler:
                 else:
                     slot_w.add_some(p, [(i, bid) for i, bid in enumerate(ids, 1)
                                         if i > len(old_ids) or old_ids[i - 1] != bid])
-                if old is None or (old.count, old.service_id) != (new.count, new.service_id):
-                    head_w.append((p, new.count, sid))
+                if old is None or (old.count, old.service_id, old.affinity_timeout) != (
+                        new.count, new.service_id, new.affinity_timeout):
+                    head_w.append((p, new.count, sid, new.affinity_timeout))
                 slot_d.extend((p, i) for i in range(len(ids) + 1, len(old_ids) + 1))
                 self._ref(old_ids, -1)
                 self._ref(ids, +1)
@@ -315,12 +319,14 @@ class Reconciler:
             keys["slot"] = [s for _, s in rows]
         return keys
 
-    def _header_rows(self, rows: list[tuple[Prefix, int, int]]):
-        keys = self._service_keys([(p, 0) for p, _, _ in rows])
+    def _header_rows(self, rows: list[tuple[Prefix, int, int, int]]):
+        keys = self._service_keys([(r[0], 0) for r in rows])
         values = np.zeros(len(rows), dtype=self.services.value_dtype)
         if rows:
-            values["count"] = [c for _, c, _ in rows]
-            values["service_id"] = [s for _, _, s in rows]
+            values["count"] = [r[1] for r in rows]
+            values["service_id"] = [r[2] for r in rows]
+            values["affinity_timeout"] = [r[3] for r in rows]
+            values["flags"] = [AFFINITY_FLAG if r[3] else 0 for r in rows]
         return keys, values
 
     def _backend_rows(self, rows: list[tuple[int, Backend]]):

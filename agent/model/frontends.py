@@ -29,6 +29,7 @@ class Frontend(NamedTuple):
     service: ObjectKey
     port_name: str
     backends: tuple[Backend, ...]  # sorted; empty means "refuse" (kube-proxy REJECT)
+    affinity_timeout: int = 0  # seconds of sessionAffinity: ClientIP; 0 = none
 
     @property
     def family(self) -> int:
@@ -65,10 +66,15 @@ def skip_reason(svc: Service) -> str | None:
     return None
 
 
-def service_frontends(svc: Service, slices: Iterable[EndpointSlice]) -> list[Frontend]:
-    """All frontends of one Service. Only ready endpoints serve; SCTP ports are left out."""
+def service_frontends(svc: Service, slices: Iterable[EndpointSlice], node_name: str | None = None) -> list[Frontend]:
+    """All frontends of one Service. Only ready endpoints serve; SCTP ports are left out.
+
+    internalTrafficPolicy: Local keeps only the endpoints on this node (node_name), as kube-proxy
+    does; with none there, connects are refused.
+    """
     if skip_reason(svc):
         return []
+    local_only = svc.internal_traffic_policy == "Local" and node_name is not None
     slices = list(slices)
     out = []
     for vip in svc.cluster_ips:
@@ -84,8 +90,9 @@ def service_frontends(svc: Service, slices: Iterable[EndpointSlice]) -> list[Fro
                 if port is None:
                     continue
                 for ep in sl.endpoints:
-                    if ep.ready:
+                    if ep.ready and (not local_only or ep.node_name == node_name):
                         # Kubernetes uses only the first address of an endpoint.
                         backends.add(Backend(ep.addresses[0], port, sp.protocol))
-            out.append(Frontend(vip, sp.port, sp.protocol, svc.key, sp.name, tuple(sorted(backends))))
+            affinity = svc.session_affinity_timeout if svc.session_affinity == "ClientIP" else 0
+            out.append(Frontend(vip, sp.port, sp.protocol, svc.key, sp.name, tuple(sorted(backends)), affinity))
     return out

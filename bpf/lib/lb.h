@@ -9,6 +9,7 @@
  *   nodewire_backends_v1  backend_id -> (address, port, proto)
  *   nodewire_revnat_v1    (socket cookie, backend address, port) -> (vip, port)  [LRU, datapath-written]
  *   nodewire_lb_stats_v1  (service_id, backend_id, outcome) -> connects         [per-CPU LRU]
+ *   nodewire_affinity_v1  (client netns cookie, service_id) -> backend, slot, last use  [LRU]
  *
  * User space writes backends first, then slots 1..n, then slot 0; deletes go the other way, so a
  * reader never follows a slot to a missing backend. Only uapi types are used (the kernel is newer
@@ -56,12 +57,14 @@ struct lb_service_key {
 };
 
 struct lb_service_value {
-	__u32 backend_id;  /* slots 1..count */
-	__u16 count;       /* slot 0 */
-	__u16 flags;       /* slot 0, reserved */
-	__u32 service_id;  /* slot 0: id for counters, stable per frontend */
-	__u32 pad;
+	__u32 backend_id;        /* slots 1..count */
+	__u16 count;             /* slot 0 */
+	__u16 flags;             /* slot 0: NW_SVC_F_* */
+	__u32 service_id;        /* slot 0: id for counters, stable per frontend */
+	__u32 affinity_timeout;  /* slot 0: seconds, with NW_SVC_F_AFFINITY */
 };
+
+#define NW_SVC_F_AFFINITY 1  /* sessionAffinity: ClientIP */
 
 struct lb_backend {
 	__u32 address[4];
@@ -86,6 +89,22 @@ struct lb_revnat_value {
 	__u32 pad2;
 };
 
+/* Session affinity at the socket: the client is its network namespace (one per pod), the socket-LB
+ * equivalent of kube-proxy's client IP. The slot is kept so a reused entry is checked against the
+ * Service's current slot table: a backend that left the Service is never chosen again. */
+struct lb_affinity_key {
+	__u64 netns_cookie;
+	__u32 service_id;
+	__u32 pad;
+};
+
+struct lb_affinity_value {
+	__u64 last_used_ns;
+	__u32 backend_id;
+	__u16 slot;
+	__u16 pad;
+};
+
 struct lb_stats_key {
 	__u32 service_id;
 	__u32 backend_id;
@@ -100,6 +119,11 @@ BPF_TABLE_PINNED("lru_hash", struct lb_revnat_key, struct lb_revnat_value, nodew
 		 NW_REVNAT_MAX, NW_PIN_DIR "/nodewire_revnat_v1");
 BPF_TABLE_PINNED("lru_percpu_hash", struct lb_stats_key, __u64, nodewire_lb_stats_v1,
 		 NW_STATS_MAX, NW_PIN_DIR "/nodewire_lb_stats_v1");
+BPF_TABLE_PINNED("lru_hash", struct lb_affinity_key, struct lb_affinity_value, nodewire_affinity_v1,
+		 NW_REVNAT_MAX, NW_PIN_DIR "/nodewire_affinity_v1");
+
+/* BCC 0.26 declares no bpf_get_netns_cookie (kernel 5.7); the id comes from the uapi enum. */
+static __u64 (*nw_get_netns_cookie)(void *ctx) = (void *)BPF_FUNC_get_netns_cookie;
 
 static __always_inline void lb_count(__u32 service_id, __u32 backend_id, __u32 outcome)
 {
@@ -115,19 +139,48 @@ static __always_inline void lb_count(__u32 service_id, __u32 backend_id, __u32 o
 #define NW_SELECT_OK 1        /* *out holds the chosen backend */
 #define NW_SELECT_REFUSE 2    /* a service with no usable backend: refuse like kube-proxy's REJECT */
 
-/* key: address/port/proto filled in by the caller. Picks a backend uniformly at random. */
-static __always_inline int lb_select(struct lb_service_key *key, struct lb_backend **out)
+/* An earlier choice of this client for this Service, if still within the timeout and still in the
+ * Service's slot table; 0 otherwise. */
+static __always_inline __u16 lb_affinity_slot(struct lb_service_key *key, struct lb_affinity_key *ak,
+					      __u32 timeout_s, __u64 now)
+{
+	struct lb_affinity_value *av = nodewire_affinity_v1.lookup(ak);
+	if (!av || now - av->last_used_ns > (__u64)timeout_s * 1000000000ULL)
+		return 0;
+	key->slot = av->slot;
+	struct lb_service_value *slot = nodewire_services_v1.lookup(key);
+	if (!slot || slot->backend_id != av->backend_id)
+		return 0;
+	return av->slot;
+}
+
+/* key: address/port/proto filled in by the caller. Picks a backend uniformly at random, or the
+ * client's previous one for a Service with session affinity. */
+static __always_inline int lb_select(void *ctx, struct lb_service_key *key, struct lb_backend **out)
 {
 	key->slot = 0;
 	struct lb_service_value *svc = nodewire_services_v1.lookup(key);
 	if (!svc)
 		return NW_SELECT_MISS;
 	__u32 service_id = svc->service_id;
-	if (svc->count == 0) {
+	__u16 count = svc->count;
+	if (count == 0) {
 		lb_count(service_id, 0, NW_LB_NO_BACKEND);
 		return NW_SELECT_REFUSE;
 	}
-	key->slot = (bpf_get_prandom_u32() % svc->count) + 1;
+	struct lb_affinity_key ak = {};
+	__u64 now = 0;
+	__u16 chosen = 0;
+	int affinity = svc->flags & NW_SVC_F_AFFINITY;
+	if (affinity) {
+		ak.netns_cookie = nw_get_netns_cookie(ctx);
+		ak.service_id = service_id;
+		now = bpf_ktime_get_ns();
+		chosen = lb_affinity_slot(key, &ak, svc->affinity_timeout, now);
+	}
+	if (chosen == 0 || chosen > count)
+		chosen = (bpf_get_prandom_u32() % count) + 1;
+	key->slot = chosen;
 	struct lb_service_value *slot = nodewire_services_v1.lookup(key);
 	if (!slot) {
 		lb_count(service_id, 0, NW_LB_BAD_SLOT);
@@ -138,6 +191,10 @@ static __always_inline int lb_select(struct lb_service_key *key, struct lb_backe
 	if (!be) {
 		lb_count(service_id, backend_id, NW_LB_BAD_SLOT);
 		return NW_SELECT_REFUSE;
+	}
+	if (affinity) {
+		struct lb_affinity_value av = {.last_used_ns = now, .backend_id = backend_id, .slot = chosen};
+		nodewire_affinity_v1.update(&ak, &av);
 	}
 	lb_count(service_id, backend_id, NW_LB_FORWARDED);
 	*out = be;
