@@ -7,8 +7,8 @@
  *                             space names them from the tracepoint's format file)
  *
  * Latencies are aggregated here into log2 histograms (lib/obs.h), never shipped per event. Only
- * local addresses user space put into nodewire_obs_watch_v1 (the pods of this node) are recorded,
- * so host traffic costs one hash lookup and leaves no entries. Each probe is its own program, so
+ * the local addresses of this node's pods are recorded (user space creates their histograms and
+ * lists them in nodewire_obs_watch_v1), so host traffic costs one hash lookup and leaves nothing. Each probe is its own program, so
  * user space can leave out (-DNW_WITHOUT_<TRACEPOINT>) those whose tracepoint this kernel lacks: BCC
  * attaches every TRACEPOINT_PROBE it compiles.
  */
@@ -70,18 +70,15 @@ static __always_inline void add(__u64 *v, __u64 n)
 	__sync_fetch_and_add(v, n);
 }
 
+/* User space creates the (address, metric) histograms of the pods it watches, so the lookup is
+ * the filter too: any other address (host traffic) costs this one lookup and leaves nothing. */
 static __always_inline void hist_record(const struct obs_addr *a, __u32 metric, __u64 value)
 {
 	struct hist_key k = {.metric = metric};
 	__builtin_memcpy(k.address, a->address, 16);
 	struct hist_value *h = nodewire_obs_hist_v1.lookup(&k);
-	if (!h) {
-		struct hist_value zero = {};
-		nodewire_obs_hist_v1.update(&k, &zero);
-		h = nodewire_obs_hist_v1.lookup(&k);
-		if (!h)
-			return;  /* map full: the sample is lost (user space sees the map fill) */
-	}
+	if (!h)
+		return;
 	__u32 slot = nw_hist_slot(value);
 	if (slot < NW_HIST_SLOTS)   /* always true; keeps the verifier sure of the bound */
 		h->slots[slot] += 1;  /* per-CPU value: no atomics needed */
@@ -120,8 +117,6 @@ TRACEPOINT_PROBE(sock, inet_sock_set_state)
 		nw_addr_v4(local.address, args->saddr);
 	else
 		nw_addr_v6(local.address, args->saddr_v6);
-	if (!nodewire_obs_watch_v1.lookup(&local))
-		return 0;
 	hist_record(&local, NW_HIST_CONNECT, (bpf_ktime_get_ns() - ts) / 1000);
 	return 0;
 }
@@ -138,8 +133,6 @@ TRACEPOINT_PROBE(tcp, tcp_probe)
 	else if (args->family == NW_AF_INET6)
 		nw_addr_v6(local.address, &args->saddr[8]);
 	else
-		return 0;
-	if (!nodewire_obs_watch_v1.lookup(&local))
 		return 0;
 	hist_record(&local, NW_HIST_SRTT, args->srtt);
 	return 0;

@@ -17,7 +17,7 @@ import threading
 import numpy as np
 
 from ..datapath.loader import compile_program
-from ..datapath.maps import RawMap, addr16, addr_str, packing_dtype, unpack_rows
+from ..datapath.maps import MapFull, RawMap, addr16, addr_str, pack_rows, packing_dtype, unpack_rows
 from .histogram import HIST_SLOTS
 
 log = logging.getLogger("nodewire.observe")
@@ -72,6 +72,23 @@ def dump_percpu(table, name: str) -> tuple[np.ndarray, np.ndarray]:
     return k, v
 
 
+def update_percpu_zeroed(table, keys: list[bytes], name: str) -> None:
+    """Create per-CPU entries with an all-zero value on every CPU (BPF_MAP_UPDATE_BATCH)."""
+    from bcc.libbcc import lib
+    from bcc.utils import get_possible_cpus
+
+    if not keys:
+        return
+    leaf = getattr(table, "sLeaf", table.Leaf)
+    size = (ct.sizeof(leaf) + 7) // 8 * 8 * len(get_possible_cpus())
+    count = ct.c_uint32(len(keys))
+    if lib.bpf_update_batch(table.map_fd, b"".join(keys), bytes(size * len(keys)), ct.byref(count)) != 0:
+        err = ct.get_errno()
+        if err in (errno.E2BIG, errno.ENOSPC, errno.ENOMEM):
+            raise MapFull(f"{name}: full ({table.max_entries} entries)")
+        raise OSError(err, f"{name}: BPF_MAP_UPDATE_BATCH: {os.strerror(err)}")
+
+
 class TcpObserver:
     """bpf/tcp_latency.c: connect latency and srtt histograms, retransmits, drops."""
 
@@ -96,19 +113,23 @@ class TcpObserver:
         self._watched: dict[bytes, int] = {}
 
     def set_watched(self, ips: list[str]) -> None:
-        """Make the kernel's set of observed local addresses equal to ips. Histogram entries of
-        addresses no longer watched are deleted, so a re-used IP starts from zero."""
+        """Make the kernel's set of observed local addresses equal to ips: their watch entries and
+        (zeroed) histograms are created, those of addresses no longer watched deleted, so a re-used
+        IP starts from zero."""
         want = {addr16(ip): i for i, ip in enumerate(sorted(set(ips)))}
         gone = [k for k in self._watched if k not in want]
-        self.watch.delete(gone)
-        new = [(k, np.array([i], dtype=np.uint32).tobytes()) for k, i in want.items() if self._watched.get(k) != i]
-        self.watch.update(new)
+        new = [k for k in want if k not in self._watched]
+        hist = RawMap(self.hist_table, "nodewire_obs_hist_v1")
+        kdt = hist.key_dtype
         if gone:
+            self.watch.delete(gone)
             gone_set = set(gone)
-            keys, _ = dump_percpu(self.hist_table, "nodewire_obs_hist_v1")
-            hist_keys = [k.tobytes() for k in keys]
-            RawMap(self.hist_table, "nodewire_obs_hist_v1").delete([k for k in hist_keys if k[:16] in gone_set])
+            hist.delete([pack_rows(kdt, [(a, m)])[0] for a in gone for m in (HIST_CONNECT, HIST_SRTT)])
             self.retrans.delete([k for k in self.retrans.dump() if k[:16] in gone_set])
+        if new:
+            keys = pack_rows(kdt, [(a, m) for a in new for m in (HIST_CONNECT, HIST_SRTT)])
+            update_percpu_zeroed(self.hist_table, keys, "nodewire_obs_hist_v1")
+            self.watch.update([(k, np.array([want[k]], dtype=np.uint32).tobytes()) for k in new])
         self._watched = want
 
     def read_histograms(self) -> list[tuple[str, int, np.ndarray, int]]:

@@ -14,6 +14,7 @@ import threading
 
 from opentelemetry.metrics import CallbackOptions, Observation
 
+from ..datapath.maps import MapFull
 from ..model.objects import ObjectKey
 from ..state import ClusterState
 from .drop_reasons import load_drop_reasons, reason_name
@@ -103,7 +104,11 @@ class Observer:
             self.identity = Identity.from_state(self.state, self.cfg)
             if self.tcp is None:
                 return
-            self.tcp.set_watched(list(self.identity.local))
+            try:
+                self.tcp.set_watched(list(self.identity.local))
+            except (OSError, MapFull) as e:  # a full map: keep going with what is watched already
+                self.errors.append(str(e))
+                log.error("watching pod addresses failed err=%s", e)
             observed = {ref.key for ref in self.identity.local.values()}
             self._pod_ifnames = self._interfaces_of(observed)
             want = set(self._pod_ifnames.values())

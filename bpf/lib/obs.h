@@ -34,18 +34,20 @@ static __always_inline __u32 nw_hist_slot(__u64 v)
 	return s < NW_HIST_SLOTS ? s : NW_HIST_SLOTS - 1;
 }
 
-/* Addresses are 16 bytes everywhere: IPv4 as IPv4-mapped IPv6 (::ffff:a.b.c.d), as in lb.h. */
+/* Addresses are 16 bytes everywhere: IPv4 as IPv4-mapped IPv6 (::ffff:a.b.c.d), as in lb.h.
+ * The source is tracepoint args (the ctx): copied with bpf_probe_read_kernel, because clang may
+ * turn a plain memcpy into loads through a modified ctx pointer, which the verifier rejects. */
 static __always_inline void nw_addr_v4(__u32 *dst, const __u8 *v4)
 {
 	dst[0] = 0;
 	dst[1] = 0;
 	dst[2] = __builtin_bswap32(0x0000ffff);
-	__builtin_memcpy(&dst[3], v4, 4);
+	bpf_probe_read_kernel(&dst[3], 4, v4);
 }
 
 static __always_inline void nw_addr_v6(__u32 *dst, const __u8 *v6)
 {
-	__builtin_memcpy(dst, v6, 16);
+	bpf_probe_read_kernel(dst, 16, v6);
 }
 
 #endif /* NODEWIRE_OBS_H */
