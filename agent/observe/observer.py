@@ -10,6 +10,7 @@ the exporter's collect (Prometheus scrape, OTLP export), one batched read per ma
 from __future__ import annotations
 
 import logging
+from collections import deque
 import threading
 
 from opentelemetry.metrics import CallbackOptions, Observation
@@ -46,7 +47,7 @@ class Observer:
         self.tcp: TcpObserver | None = None
         self.traffic: PodTraffic | None = None
         self.drop_reasons: dict[int, str] = {}
-        self.errors: list[str] = []
+        self.errors: deque[str] = deque(maxlen=100)  # last errors, for status
         self._lock = threading.RLock()
 
     # -- lifecycle ------------------------------------------------------------------------------
