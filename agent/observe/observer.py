@@ -10,8 +10,8 @@ the exporter's collect (Prometheus scrape, OTLP export), one batched read per ma
 from __future__ import annotations
 
 import logging
-from collections import deque
 import threading
+from collections import deque
 
 from opentelemetry.metrics import CallbackOptions, Observation
 
