@@ -25,7 +25,7 @@ from agent.datapath.reconciler import Reconciler
 from agent.export.telemetry import start_telemetry
 from agent.model.objects import ObjectKey, Pod
 from agent.model.parse import parse_endpoint_slice, parse_service
-from agent.observe.histogram import slot_of
+from agent.observe.histogram import HIST_SLOTS, slot_of
 from agent.observe.identity import OBSERVE_ANNOTATION, ObserveConfig
 from agent.observe.observer import Observer
 from agent.sandbox import Sandbox
@@ -118,7 +118,7 @@ def hist(env, metric: str, pod: str):
     for attrs, h in env["obs"].read().histograms.get(metric, {}).items():
         if dict(attrs)["k8s.pod.name"] == pod:
             return list(h.counts), h.total
-    return [0] * 40, 0
+    return [0] * HIST_SLOTS, 0
 
 
 def snapshot(env):

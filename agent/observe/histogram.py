@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-HIST_SLOTS = 40      # NW_HIST_SLOTS in bpf/lib/obs.h
+HIST_SLOTS = 28      # NW_HIST_SLOTS in bpf/lib/obs.h
 
 
 def slot_of(value: int) -> int:
@@ -38,8 +38,9 @@ class Log2Histogram:
 
     def add_counts(self, counts, total: int) -> None:
         """Add a kernel histogram (per-slot counts, sum) to this one."""
-        for i, n in enumerate(counts):
-            self.counts[i] += int(n)
+        for i, n in enumerate(counts.tolist() if hasattr(counts, "tolist") else counts):
+            if n:
+                self.counts[i] += n
         self.total += int(total)
 
     def merge(self, other: "Log2Histogram") -> None:

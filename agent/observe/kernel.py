@@ -133,10 +133,13 @@ class TcpObserver:
         self._watched = want
 
     def read_histograms(self) -> list[tuple[str, int, np.ndarray, int]]:
-        """(local ip, metric, per-slot counts, sum) per histogram, summed over CPUs."""
+        """(local ip, metric, per-slot counts, sum) per histogram with at least one sample, summed
+        over CPUs. (Every watched pod has its histograms created up front; the empty ones of idle
+        pods are not worth a series.)"""
         keys, vals = dump_percpu(self.hist_table, "nodewire_obs_hist_v1")
+        used = vals[:, :HIST_SLOTS].any(axis=1) if len(vals) else []
         return [(addr_str(k["address"]), int(k["metric"]), v[:HIST_SLOTS], int(v[HIST_SLOTS]))
-                for k, v in zip(keys, vals)]
+                for k, v, u in zip(keys, vals, used) if u]
 
     def read_retransmits(self) -> list[tuple[str, str, int]]:
         raw = self.retrans.dump()

@@ -9,7 +9,7 @@
 #ifndef NODEWIRE_OBS_H
 #define NODEWIRE_OBS_H
 
-#define NW_HIST_SLOTS 40          /* 2^39 us ~ 6.4 days: enough for any latency */
+#define NW_HIST_SLOTS 28          /* bounds up to 2^26 us = 67 s (connect gives up after ~127 s), then +Inf */
 
 #define NW_AF_INET 2
 #define NW_AF_INET6 10
