@@ -67,6 +67,7 @@ while True:
     try:
         wait_for(lambda: prom.query(f'count(rate(nodewire_tcp_connect_duration_seconds_bucket[{RATE_INTERVAL}]) > 0)'),
                  30, 0.5, "connect histogram rates in prometheus")
+        prom.agent_url = f"http://127.0.0.1:{port}/metrics"
         yield prom
     finally:
         load.kill()
@@ -127,3 +128,13 @@ def test_every_variable_lists_values(live, query):
     assert vals, f"no values for {query!r}"
     if label == "k8s_node_name":
         assert NODE in vals
+
+
+def test_promtool_accepts_the_whole_agent_exposition(live):
+    """The real agent's endpoint (datapath gauges, process metrics and the observer's series)."""
+    import urllib.request
+
+    text = urllib.request.urlopen(live.agent_url, timeout=10).read().decode()
+    assert "nodewire_tcp_connect_duration_seconds_bucket" in text and "nodewire_map_entries" in text
+    r = subprocess.run(["promtool", "check", "metrics"], input=text, capture_output=True, text=True)
+    assert r.returncode == 0, r.stdout + r.stderr
