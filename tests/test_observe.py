@@ -312,6 +312,26 @@ for _ in range(3):
     assert list(refused.values()) == [3.0]
     assert dict(list(refused)[0])["nodewire_refusal_reason"] == "no_backend"
 
+    # "web" goes away and "api" comes with the same backend: the reconciler may hand "api" web's
+    # service id, so the kernel's counter for that id already holds 4; api's series must start at 0
+    sid = lambda svc: {i for i, n in env["rec"].service_names().items() if n["service"] == svc}  # noqa: E731
+    web_ids = sid("default/web")
+    env["state"].apply_service(ObjectKey("default", "web"), None)
+    env["state"].apply_slice(ObjectKey("default", "web-ipv4"), None)
+    assert not env["rec"].apply(env["state"].take_dirty()).errors
+    assert not samples(scrape(env), "nodewire_service_connects_total", k8s_service_name="web")
+    env["state"].apply_service(ObjectKey("default", "api"), parse_service(service("api", ["10.96.7.3"], port_name="http")))
+    env["state"].apply_slice(ObjectKey("default", "api-ipv4"),
+                             parse_endpoint_slice(endpoint_slice("api", [c.ip4], port_name="http")))
+    assert not env["rec"].apply(env["state"].take_dirty()).errors
+    assert sid("default/api") == web_ids  # the case this checks: the id was handed on
+    a.python("""
+import socket
+for _ in range(2):
+    s = socket.create_connection(("10.96.7.3", 80), timeout=5); s.sendall(b"x"); s.recv(10); s.close()
+""")
+    assert list(samples(scrape(env), "nodewire_service_connects_total", k8s_service_name="api").values()) == [2.0]
+
 
 # -- exporters -----------------------------------------------------------------------------------
 def test_prometheus_scrapes_and_promtool_accepts_the_exposition(env):

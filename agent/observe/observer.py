@@ -44,6 +44,7 @@ class Observer:
         self.book = SeriesBook(cfg.max_series)
         self.interfaces: dict[ObjectKey, str] = {}  # pod → node-side veth name, as told by the CNI
         self._pod_ifnames: dict[ObjectKey, str] = {}  # observed pod → veth, as of the last sync
+        self._lb_owner: dict[tuple, tuple] = {}  # lb_stats key → (what it counted for, base, last value)
         self.tcp: TcpObserver | None = None
         self.traffic: PodTraffic | None = None
         self.drop_reasons: dict[int, str] = {}
@@ -182,6 +183,8 @@ class Observer:
             info = names.get(sid)
             if info is None:
                 continue  # a frontend removed since: its series goes with it
+            value = self._since_owner((sid, bid, outcome), (info["service"], info["frontend"], backends.get(bid)),
+                                      int(v[0]))
             ns, _, name = info["service"].partition("/")
             attrs = {"k8s.namespace.name": ns, "k8s.service.name": name,
                      "nodewire.service.port": info["port_name"] or info["frontend"],
@@ -189,10 +192,27 @@ class Observer:
             if LB_OUTCOMES.get(outcome) == "forwarded":
                 if bid not in backends:
                     continue  # the backend is gone: its series goes with it, like a deleted pod's
-                r.count("svc_connects", {**attrs, "nodewire.backend.address": backends[bid]}, int(v[0]))
+                r.count("svc_connects", {**attrs, "nodewire.backend.address": backends[bid]}, value)
             else:
                 r.count("svc_refusals", {**attrs, "nodewire.refusal.reason": LB_OUTCOMES.get(outcome, str(outcome))},
-                        int(v[0]))
+                        value)
+
+    def _since_owner(self, key: tuple, owner: tuple, value: int) -> int:
+        """The kernel counts per (service id, backend id); the reconciler reuses ids. When an id
+        pair now stands for another Service/backend than at the last read, the count up to that
+        read belonged to the old owner (whose frontend is gone, so it stopped counting): it is the
+        new owner's zero."""
+        seen = self._lb_owner.get(key)  # (owner, base, value at the last read)
+        if seen is None:
+            base = 0
+        elif value < seen[2]:  # the LRU entry was evicted and recreated: counting restarted
+            base = 0
+        elif seen[0] != owner:
+            base = seen[2]
+        else:
+            base = seen[1]
+        self._lb_owner[key] = (owner, base, value)
+        return value - base
 
     def _backend_names(self) -> dict[int, str]:
         """backend_id → "ip:port", from the reconciler's record of what it wrote."""
