@@ -1,18 +1,20 @@
 """`nodewire bench observe`: what per-pod observability costs, measured side by side in one run.
 
-- Request/response rate between two sandbox pods (sockperf TCP ping-pong, 64-byte messages) with all
-  observability on (tc on both veths, the four tracepoints) vs off, in alternating rounds (off, on,
-  off, on, ...) so machine noise hits both; reported as the ratio of the medians and the median of
-  the per-round on/off ratios (with their range, which shows how noisy the machine was).
-- Agent CPU per 10k kernel events/s: this process's CPU time (collect + export, scraped once a second
-  like a busy Prometheus) over the "on" rounds, divided by the BPF events those rounds produced
-  (tc packets + tcp_probe samples + connects + retransmits + drops, read back from the maps). The
-  in-kernel cost of the programs is not in this number: it lands on the traffic's own CPUs and shows
-  up in the on/off ratio instead.
-- In-kernel cost, measured without the machine's noise: with BPF run-time statistics on
-  (BPF_ENABLE_STATS, only while the bench holds the fd), each program's run_time_ns / run_cnt, and
-  the BPF nanoseconds spent per request/response transaction, as a share of a transaction's time.
-- RSS: before the observer, with it, and with N (default 1,000) pods in the cluster state.
+- Request/response rate between two sandbox pods (one continuous sockperf TCP ping-pong, 64-byte
+  messages) in short windows with all observability on (tc on both veths, the four tracepoints)
+  and off, alternating (off/on, on/off, ...): programs are attached and detached between windows
+  without recompiling, so slow swings of the shared machine's load hit both sides of each pair.
+  Transactions are counted from the client veth's own packet counter (one frame per request).
+  Reported: the ratio of the medians and the median of the per-pair ratios, with their range.
+- CPU time of the two pods' cgroups per transaction, on vs off: where the programs' cost lands
+  (the traffic's own syscalls and softirqs).
+- In-kernel cost: with BPF run-time statistics on (BPF_ENABLE_STATS, only while the bench holds the
+  fd), each program's run_time_ns / run_cnt, and the BPF nanoseconds per transaction of the programs
+  that run on every message, as a share of a transaction's time.
+- Agent CPU per 10k events/s: this process's CPU time for one scrape per "on" window (twice a
+  second: far more often than any Prometheus), divided by the BPF program runs in those windows.
+- RSS: before the observer, with it, and with N (default 1,000) pods, each with real kernel
+  histograms, plus the scrape time and size then.
 """
 from __future__ import annotations
 
@@ -20,7 +22,6 @@ import ctypes as ct
 import json
 import os
 import random
-import re
 import shutil
 import statistics
 import subprocess
@@ -29,16 +30,14 @@ import urllib.request
 
 import click
 
-_VALID = re.compile(r"\[Valid Duration\] RunTime=([\d.]+) sec; SentMessages=(\d+); ReceivedMessages=(\d+)")
-
-
-def _sockperf_rate(client, server_ip: str, seconds: float) -> float:
-    out = client.run(["sockperf", "pp", "--tcp", "-i", server_ip, "-p", "11111", "-t", str(seconds), "-m", "64"],
-                     timeout=seconds + 30)
-    m = _VALID.search(out.stdout + out.stderr)
-    if not m:
-        raise RuntimeError(f"sockperf output not understood: {out.stdout[-500:]}")
-    return int(m.group(3)) / float(m.group(1))
+def _cpu_us(pods) -> int:
+    """CPU time used by the pods' cgroups (both ends of the traffic, incl. the softirq work that runs
+    in their context): unlike throughput, hardly moved by other tenants of the machine."""
+    total = 0
+    for p in pods:
+        with open(f"{p.cgroup}/cpu.stat") as f:
+            total += int(next(line for line in f if line.startswith("usage_usec")).split()[1])
+    return total
 
 
 SYS_BPF_X86_64, BPF_ENABLE_STATS, BPF_STATS_RUN_TIME = 321, 32, 0  # uapi linux/bpf.h enum bpf_cmd
@@ -74,12 +73,22 @@ def prog_stats(obs) -> dict[str, tuple[int, int]]:
     return out
 
 
-def _events(obs) -> int:
-    r = obs.read()
-    n = sum(r.counters.get("pod_packets", {}).values())
-    n += sum(h.count for key in ("connect", "srtt") for h in r.histograms.get(key, {}).values())
-    n += sum(r.counters.get("retrans", {}).values()) + sum(r.counters.get("drops", {}).values())
-    return n
+def _set_active(obs, pods, on: bool) -> None:
+    """Attach or detach all of the observer's programs without recompiling (a few ms), so the
+    on and off windows can alternate quickly inside one continuous traffic run."""
+    for tp, status in obs.tcp.probes.items():
+        key = tp.encode()
+        if status != "attached" or (key in obs.tcp.bpf.tracepoint_fds) == on:
+            continue
+        if on:
+            obs.tcp.bpf.attach_tracepoint(tp=key, fn_name=("tracepoint__" + tp.replace(":", "__")).encode())
+        else:
+            obs.tcp.bpf.detach_tracepoint(key)
+    for p in pods:
+        if on:
+            obs.traffic.attach(p.host_veth)
+        else:
+            obs.traffic.detach(p.host_veth)
 
 
 def run_bench(rounds: int, seconds: float, pods: int) -> dict:
@@ -109,46 +118,59 @@ def run_bench(rounds: int, seconds: float, pods: int) -> dict:
         tel = start_telemetry("127.0.0.1:0", "bench")
         url = f"http://127.0.0.1:{tel.port}/metrics"
         rss_before = proc.memory_info().rss
-        rates = {"off": [], "on": []}
+        rates = {"off": [], "on": []}       # transactions/s per window
+        cpu_per_tx = {"off": [], "on": []}  # µs of pod CPU per transaction, per window
         cpu_s = events = on_time = 0.0
-        rss_on = 0
         bpf_ns: dict[str, list[int]] = {}
         transactions = 0
         stats_fd = enable_bpf_stats()
+        pods_ = (client, server)
         try:
-            _sockperf_rate(client, server.ip4, 1)  # warm-up
-            for i in range(rounds):
-                for mode in (("off", "on") if i % 2 == 0 else ("on", "off")):
-                    if mode == "off":
-                        rates["off"].append(_sockperf_rate(client, server.ip4, seconds))
-                        continue
-                    obs = Observer(state, tel, ObserveConfig(node_name="bench"), pin, sb.node_netns).start()
-                    try:
-                        for p in (client, server):
-                            obs.set_pod_interface(ObjectKey(p.namespace, p.name), p.host_veth)
-                        s0 = prog_stats(obs)
-                        e0, c0, t0 = _events(obs), sum(proc.cpu_times()[:2]), time.monotonic()
-                        runner = client.popen(["sockperf", "pp", "--tcp", "-i", server.ip4, "-p", "11111",
-                                               "-t", str(seconds), "-m", "64"])
-                        while runner.poll() is None:  # scrape once a second while traffic runs
+            from pyroute2 import NetNS
+            nl = NetNS(sb.node_netns)  # before the observer: its helper process must not hold BPF fds
+            obs = Observer(state, tel, ObserveConfig(node_name="bench"), pin, sb.node_netns).start()
+            runner = None
+            try:
+                for p in pods_:
+                    obs.set_pod_interface(ObjectKey(p.namespace, p.name), p.host_veth)
+                rss_on = proc.memory_info().rss
+                veth = nl.link_lookup(ifname=client.host_veth)[0]
+
+                def client_packets() -> int:  # frames the client sent = transactions
+                    return nl.get_links(veth)[0].get_attr("IFLA_STATS64")["rx_packets"]
+
+                runner = client.popen(["sockperf", "pp", "--tcp", "-i", server.ip4, "-p", "11111", "-t",
+                                       str(int(rounds * 2 * (seconds + 0.3) + 10)), "-m", "64"])
+                time.sleep(1.5)  # sockperf's warm-up
+                for i in range(rounds):
+                    for mode in (("off", "on") if i % 2 == 0 else ("on", "off")):
+                        _set_active(obs, pods_, mode == "on")
+                        time.sleep(0.05)
+                        s0 = prog_stats(obs) if mode == "on" else None
+                        p0, u0, t0 = client_packets(), _cpu_us(pods_), time.monotonic()
+                        time.sleep(seconds)
+                        p1, u1, t1 = client_packets(), _cpu_us(pods_), time.monotonic()
+                        rates[mode].append((p1 - p0) / (t1 - t0))
+                        cpu_per_tx[mode].append((u1 - u0) / max(p1 - p0, 1))
+                        if mode == "on":
+                            transactions += p1 - p0
+                            on_time += t1 - t0
+                            for name, (ns, cnt) in prog_stats(obs).items():
+                                acc = bpf_ns.setdefault(name, [0, 0])
+                                acc[0] += ns - s0[name][0]
+                                acc[1] += cnt - s0[name][1]
+                                events += cnt - s0[name][1]
+                            c0 = sum(proc.cpu_times()[:2])  # one scrape per "on" window
                             urllib.request.urlopen(url, timeout=10).read()
-                            time.sleep(1)
-                        out, err = runner.communicate()
-                        client.procs.remove(runner)
-                        c1, t1 = sum(proc.cpu_times()[:2]), time.monotonic()
-                        events += _events(obs) - e0
-                        cpu_s += c1 - c0
-                        on_time += t1 - t0
-                        for name, (ns, cnt) in prog_stats(obs).items():
-                            acc = bpf_ns.setdefault(name, [0, 0])
-                            acc[0] += ns - s0[name][0]
-                            acc[1] += cnt - s0[name][1]
-                        m = _VALID.search(out + err)
-                        rates["on"].append(int(m.group(3)) / float(m.group(1)))
-                        transactions += int(m.group(3))
-                        rss_on = max(rss_on, proc.memory_info().rss)
-                    finally:
-                        obs.close()
+                            cpu_s += sum(proc.cpu_times()[:2]) - c0
+                if runner.poll() is not None:
+                    raise RuntimeError(f"sockperf stopped early: {runner.communicate()[1][-500:]}")
+            finally:
+                if runner is not None and runner.poll() is None:
+                    runner.terminate()
+                    runner.communicate()
+                nl.close()
+                obs.close()
             # RSS and collect cost with many pods, each with real kernel histograms: every pod's IP
             # is an address on the client pod's loopback and makes one TCP connect (connect + srtt)
             obs = Observer(state, tel, ObserveConfig(node_name="bench", max_series=100000), pin, sb.node_netns).start()
@@ -194,6 +216,9 @@ for ip in {ips!r}:
         "bpf_runs": {n: cnt for n, (_, cnt) in bpf_ns.items()},
         "bpf_ns_per_transaction": bpf_total_ns / transactions if transactions else None,
         "bpf_share_of_transaction_time": (bpf_total_ns / transactions) / (1e9 / off) if transactions else None,
+        "pod_cpu_us_per_transaction_off": cpu_per_tx["off"],
+        "pod_cpu_us_per_transaction_on": cpu_per_tx["on"],
+        "pod_cpu_ratio_on_off": statistics.median(cpu_per_tx["on"]) / statistics.median(cpu_per_tx["off"]),
         "rr_per_s_off": rates["off"], "rr_per_s_on": rates["on"],
         "rr_ratio_on_off": on / off,
         "rr_ratio_pairs_median": statistics.median(pairs),
@@ -210,8 +235,8 @@ for ip in {ips!r}:
 
 
 @click.command("observe")
-@click.option("--rounds", default=10, show_default=True, help="Alternating off/on rounds.")
-@click.option("--seconds", default=2.0, show_default=True, help="Seconds of traffic per round.")
+@click.option("--rounds", default=20, show_default=True, help="Pairs of off/on windows (order alternates).")
+@click.option("--seconds", default=0.5, show_default=True, help="Seconds per window.")
 @click.option("--pods", default=1000, show_default=True, help="Pods in the state for the RSS measurement.")
 @click.option("-o", "--output", type=click.Choice(["text", "json"]), default="text")
 def bench_observe(rounds, seconds, pods, output) -> None:
@@ -224,6 +249,9 @@ def bench_observe(rounds, seconds, pods, output) -> None:
                f"on {statistics.median(res['rr_per_s_on']):,.0f}/s  ratio on/off {res['rr_ratio_on_off']:.3f} "
                f"(per-round pairs: median {res['rr_ratio_pairs_median']:.3f}, "
                f"range {res['rr_ratio_pairs_min_max'][0]:.2f}-{res['rr_ratio_pairs_min_max'][1]:.2f})")
+    click.echo(f"pod CPU per transaction (both ends): off {statistics.median(res['pod_cpu_us_per_transaction_off']):.2f} µs"
+               f"  on {statistics.median(res['pod_cpu_us_per_transaction_on']):.2f} µs  ratio on/off "
+               f"{res['pod_cpu_ratio_on_off']:.3f} (throughput-equivalent {1 / res['pod_cpu_ratio_on_off']:.3f})")
     click.echo("BPF ns per run: " + ", ".join(f"{n} {v:.0f}" for n, v in res["bpf_ns_per_run"].items() if v)
                + f"; per transaction {res['bpf_ns_per_transaction'] or 0:.0f} ns = "
                f"{100 * (res['bpf_share_of_transaction_time'] or 0):.2f}% of a transaction at the 'off' rate")

@@ -170,9 +170,13 @@ class PodTraffic:
         self._ipr = None
         self._lock = threading.Lock()
         self.attached: dict[str, int] = {}  # ifname -> ifindex
+        self._nl()
 
     def _nl(self):
-        if self._ipr is None:  # opened after the programs are loaded (NetNS may fork a helper)
+        # pyroute2's NetNS forks a helper that does the netlink calls with our fd numbers: it must
+        # start after the tc programs are loaded (it needs their fds) and before any other BPF
+        # object is made (it would hold, say, tracepoint perf events open after we close them).
+        if self._ipr is None:
             if self.netns:
                 from pyroute2 import NetNS
                 self._ipr = NetNS(self.netns)

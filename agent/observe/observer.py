@@ -56,8 +56,8 @@ class Observer:
         self.drop_reasons = load_drop_reasons()
         if not self.drop_reasons:
             log.warning("drop reason names unavailable, exporting numbers path=skb/kfree_skb/format")
+        self.traffic = PodTraffic(self.pin_dir, self.veth_netns)  # first: see PodTraffic._nl
         self.tcp = TcpObserver(self.pin_dir)
-        self.traffic = PodTraffic(self.pin_dir, self.veth_netns)
         if self.telemetry is not None:
             # Instruments live as long as the MeterProvider; a later Observer on the same telemetry
             # (bench rounds, restarts in tests) takes over the callbacks instead of re-creating them.
