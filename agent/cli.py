@@ -27,6 +27,9 @@ def main(debug: bool) -> None:
 @main.command()
 @click.option("--manifests", type=click.Path(file_okay=False), help="Directory of Service/EndpointSlice/Pod manifests (watched).")
 @click.option("--cgroup", type=click.Path(file_okay=False), help="cgroup v2 directory to attach to [default: the node's cgroup v2 root].")
+@click.option("--kube", is_flag=True, help="List+watch the Kubernetes API [default when in a pod and no --manifests].")
+@click.option("--kubeconfig", type=click.Path(dir_okay=False), help="kubeconfig file for --kube [default: $KUBECONFIG, else in-cluster].")
+@click.option("--api-server", help="API server URL for --kube, e.g. https://10.0.0.1:6443 (when the kubernetes ClusterIP is not served yet).")
 @pin_dir_option
 @click.option("--metrics-addr", default=None, help="HOST:PORT for the Prometheus /metrics endpoint (e.g. :9965).")
 @click.option("--map-size", "map_sizes", multiple=True, metavar="MAP=N",
@@ -37,8 +40,8 @@ def main(debug: bool) -> None:
 @click.option("--max-series", default=10000, show_default=True, help="Cap on per-pod/peer series the observer exports.")
 @click.option("--peer-cidr", "peer_cidrs", multiple=True, metavar="CIDR",
               help="Label unknown remote peers by these CIDRs (repeatable) [default: the private ranges].")
-def run(manifests, cgroup, pin_dir, metrics_addr, map_sizes, node_name, observe, veth_netns, max_series,
-        peer_cidrs) -> None:
+def run(manifests, kube, kubeconfig, api_server, cgroup, pin_dir, metrics_addr, map_sizes, node_name,
+        observe, veth_netns, max_series, peer_cidrs) -> None:
     """Run the agent: keep the BPF service maps equal to the cluster state."""
     from dataclasses import replace
 
@@ -52,18 +55,25 @@ def run(manifests, cgroup, pin_dir, metrics_addr, map_sizes, node_name, observe,
             raise click.BadParameter(f"{item!r}: expected MAP=N with MAP one of services, backends, revnat, lb_stats",
                                      param_hint="--map-size")
         sizes = replace(sizes, **{name: int(value)})
-    if manifests is None:
-        raise click.UsageError("no source: pass --manifests DIR")
-    cfg = AgentConfig(manifests=manifests, cgroup=cgroup, pin_dir=pin_dir, metrics_addr=metrics_addr, sizes=sizes,
+    kube = kube or bool(kubeconfig or api_server) or (manifests is None and "KUBERNETES_SERVICE_HOST" in os.environ)
+    if manifests is None and not kube:
+        raise click.UsageError("no source: pass --manifests DIR or --kube")
+    cfg = AgentConfig(manifests=manifests, kube=kube, kubeconfig=kubeconfig, api_server=api_server, cgroup=cgroup,
+                      pin_dir=pin_dir, metrics_addr=metrics_addr, sizes=sizes,
                       observe=observe, veth_netns=veth_netns, max_series=max_series, peer_cidrs=tuple(peer_cidrs))
     if node_name:
         cfg.node_name = node_name
+    from .sources.kube import KubeError
+
     try:
         agent = Agent(cfg)
     except (ValueError, FileNotFoundError) as e:
         raise click.UsageError(str(e)) from None
     agent.install_signal_handlers()
-    agent.start()
+    try:
+        agent.start()
+    except KubeError as e:
+        raise click.ClickException(str(e)) from None
     try:
         agent.run()
     finally:
@@ -140,6 +150,10 @@ def status(pin_dir, output) -> None:
     click.echo(f"errors:    {c['object_errors']} bad objects, {c['sync_errors']} refused services")
     for e in st["object_errors"][-5:] + st["sync_errors"][-5:]:
         click.echo(f"  - {e}")
+    for name, src in st.get("sources", {}).items():
+        state = "healthy" if src.get("healthy") else f"STALE since {src.get('stale_since') or 'start'}"
+        err = f" (last error: {src['last_error']})" if src.get("last_error") and not src.get("healthy") else ""
+        click.echo(f"source:    {name} {state}{err}")
 
 
 @main.command()
@@ -185,3 +199,5 @@ main.add_command(bench)
 bench.add_command(bench_observe, "observe")
 main.add_command(top)
 main.add_command(latency)
+from .bench.watch import watch as _bench_watch  # noqa: E402
+bench.add_command(_bench_watch)

@@ -20,6 +20,9 @@ def state_dir_for(pin_dir: str) -> str:
 @dataclass
 class AgentConfig:
     manifests: str | None = None
+    kube: bool = False  # list+watch the Kubernetes API (in-cluster config, or kubeconfig/api_server)
+    kubeconfig: str | None = None
+    api_server: str | None = None
     cgroup: str | None = None  # None: the node's cgroup v2 root, detected
     pin_dir: str = DEFAULT_PIN_DIR
     metrics_addr: str | None = None
@@ -36,6 +39,8 @@ class AgentConfig:
         return state_dir_for(self.pin_dir)
 
     def validate(self) -> None:
+        if self.kube and self.manifests is not None:
+            raise ValueError("--manifests and --kube are two sources of the same objects: pass one")
         if self.manifests is not None and not os.path.isdir(self.manifests):
             raise ValueError(f"--manifests: {self.manifests} is not a directory")
         if self.cgroup is not None and not os.path.isfile(os.path.join(self.cgroup, "cgroup.procs")):

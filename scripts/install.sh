@@ -11,6 +11,7 @@ APT_PACKAGES=(
   python3-venv python3-dev gcc make
   prometheus containernetworking-plugins
   sockperf
+  openssl
 )
 
 missing=()

@@ -343,7 +343,8 @@ class Reconciler:
     def owned(self) -> dict[ObjectKey, list[Prefix]]:
         return self.svc_fes
 
-    def service_names(self) -> dict[int, dict]:
-        """service_id → which Service and port it stands for (the kernel holds only ids)."""
+    def service_names(self, sid_info: dict | None = None) -> dict[int, dict]:
+        """service_id → which Service and port it stands for (the kernel holds only ids).
+        sid_info: a copy of self.sid_info, to format outside the lock that guards the reconciler."""
         return {sid: {"service": str(svc), "port_name": name, "frontend": f"{ip}:{port}/{proto}"}
-                for sid, (svc, ip, port, proto, name) in self.sid_info.items()}
+                for sid, (svc, ip, port, proto, name) in (self.sid_info if sid_info is None else sid_info).items()}

@@ -1,0 +1,1 @@
+"""Test doubles of external protocols that have no real implementation on these machines."""
