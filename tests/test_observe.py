@@ -488,3 +488,40 @@ s = socket.create_connection(("{b.ip6}", 9003), timeout=5); s.sendall(b"x" * 100
     s1, _ = hist(env, "srtt", "a")
     assert sum(c1) - sum(c0) == 1   # the one v6 connect, attributed to pod a through its v6 address
     assert sum(s1) > sum(s0)        # tcp_probe's sockaddr_in6 image read at the v6 offset
+
+
+def test_a_routed_pod_veth_is_found_from_the_node_route(env):
+    """A pod the way routed CNIs (Calico, the ptp plugin) wire it: its own veth in the node
+    namespace, a /32 route to it, proxy ARP. No annotation, no CNI call: the observer finds the veth
+    from the node's route and counts the pod's traffic."""
+    sb, a = env["sb"], env["pods"]["a"]
+    ns, node_if = f"{sb.prefix}-routed", f"{sb.prefix[:6]}rp0"
+    x, y = env["net"].split(".")[1:]
+    ip = f"10.{x}.{(int(y) + 1) % 256}.200"  # off the bridge's /24: reached through the node's routes
+    key = ObjectKey("default", "routed")
+    subprocess.run(["ip", "netns", "add", ns], check=True)
+    try:
+        sh(sb.node_netns, "sysctl", "-qw", "net.ipv4.ip_forward=1")
+        sh(sb.node_netns, "ip", "-batch", "-", input=f"""link add {node_if} type veth peer name eth0 netns {ns}
+link set {node_if} up
+route add {ip}/32 dev {node_if}
+""")
+        sh(sb.node_netns, "sysctl", "-qw", f"net.ipv4.conf.{node_if}.proxy_arp=1")
+        sh(ns, "ip", "-batch", "-", input=f"""link set lo up
+link set eth0 up
+addr add {ip}/32 dev eth0
+route add default dev eth0
+""")
+        env["state"].apply_pod(key, Pod(key, (ip,), NODE))
+        env["obs"].sync()
+        assert env["obs"].traffic.attached.get(node_if)
+        assert "a" not in [k.name for k, v in env["obs"]._pod_ifnames.items() if v == node_if]
+        a.run(["ping", "-c", "3", "-i", "0.2", "-W", "2", ip])
+        received = counter(env, "pod_packets", **{"k8s.pod.name": "routed", "network.io.direction": "receive"})
+        sent = counter(env, "pod_packets", **{"k8s.pod.name": "routed", "network.io.direction": "transmit"})
+        assert received >= 3 and sent >= 3  # 3 echo requests in, 3 replies out (plus ARP)
+    finally:
+        env["state"].apply_pod(key, None)
+        env["obs"].sync()
+        subprocess.run(["ip", "netns", "del", ns])
+    assert node_if not in env["obs"].traffic.attached

@@ -206,6 +206,29 @@ class PodTraffic:
             self.attached[ifname] = idx
             return idx
 
+    def routed_veth(self, ip: str) -> str | None:
+        """The veth a routed CNI (Calico, Cilium, the ptp plugin) sends this pod address to: the
+        output device of the node's route to it, when that device is a veth. None for bridged
+        pods (the route goes to the bridge) and unknown addresses."""
+        from pyroute2.netlink.exceptions import NetlinkError
+
+        with self._lock:
+            ipr = self._nl()
+            try:
+                routes = ipr.route("get", dst=ip)
+            except NetlinkError:
+                return None
+            oif = routes[0].get_attr("RTA_OIF") if routes else None
+            if not oif:
+                return None
+            links = ipr.get_links(oif)
+            if not links:
+                return None
+            info = links[0].get_attr("IFLA_LINKINFO")
+            if info is None or info.get_attr("IFLA_INFO_KIND") != "veth":
+                return None
+            return links[0].get_attr("IFLA_IFNAME")
+
     def detach(self, ifname: str) -> None:
         from pyroute2.netlink.exceptions import NetlinkError
 

@@ -125,11 +125,14 @@ class Observer:
                     log.error("tc attach failed ifname=%s err=%s", ifname, e)
 
     def _interfaces_of(self, observed: set[ObjectKey]) -> dict[ObjectKey, str]:
-        """Pod → veth: set_pod_interface() wins, else the Pod's nodewire.io/host-veth annotation."""
+        """Pod → veth: set_pod_interface() wins, then the Pod's nodewire.io/host-veth annotation,
+        then the node's route to the pod's address when it leads to a veth (routed CNIs)."""
         out = {}
         for key in observed:
             pod = self.state.pods.get(key)
             ifname = self.interfaces.get(key) or (dict(pod.annotations).get(HOST_VETH_ANNOTATION) if pod else None)
+            if not ifname and pod is not None and self.traffic is not None:
+                ifname = next(filter(None, (self.traffic.routed_veth(ip) for ip in pod.ips)), None)
             if ifname:
                 out[key] = ifname
         return out
