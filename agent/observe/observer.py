@@ -3,8 +3,8 @@ state, and turns kernel counters and histograms into labelled OTel metrics when 
 
 Used by agent.py: `Observer(state, telemetry, ObserveConfig(node_name=...), pin_dir, veth_netns, lb,
 reconciler).start()`, `sync()` after each state change, `close()` at exit. A pod's node-side veth
-comes from `set_pod_interface(key, ifname)` (the CNI) or the Pod's `nodewire.io/host-veth`
-annotation (manifests, the demo). Nothing here runs on a timer of its own: collection happens inside
+comes from `set_pod_interface(key, ifname)` (the CNI), the Pod's `nodewire.io/host-veth`
+annotation (manifests, the demo), or the node's route to the pod address (routed CNIs). Nothing here runs on a timer of its own: collection happens inside
 the exporter's collect (Prometheus scrape, OTLP export), one batched read per map.
 """
 from __future__ import annotations
