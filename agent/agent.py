@@ -61,6 +61,7 @@ class Agent:
         self.reconciler: Reconciler | None = None
         self.programs: list[str] = []
         self.telemetry = None
+        self.observer = None
 
     # -- start-up ------------------------------------------------------------------------------
     def start(self) -> None:
@@ -90,6 +91,19 @@ class Agent:
         self._instruments()
         if self.kube is not None:
             self.kube.register_metrics(self.telemetry.meter())
+        if cfg.observe:
+            from dataclasses import replace
+
+            from .observe.identity import ObserveConfig
+            from .observe.observer import Observer
+            try:  # observability is not worth losing the datapath over: run without it
+                ocfg = ObserveConfig(node_name=cfg.node_name, max_series=cfg.max_series)
+                if cfg.peer_cidrs:
+                    ocfg = replace(ocfg, peer_cidrs=tuple(cfg.peer_cidrs))
+                self.observer = Observer(self.state, self.telemetry, ocfg, cfg.pin_dir, cfg.veth_netns,
+                                         self.lb, self.reconciler).start()
+            except Exception as e:
+                log.error("observer failed to start, running without observability err=%s", e)
 
     def _object_error(self, err: ObjectError) -> None:
         self.counters["object_errors"] += 1
@@ -205,6 +219,8 @@ class Agent:
                 break
             try:
                 self.sync_once()
+                if self.observer is not None:
+                    self.observer.sync()
             except Exception:  # one bad cycle must not end the agent; the next one retries
                 log.exception("sync failed; keeping the datapath as it is")
         self._status_thread.join(5)
@@ -222,6 +238,8 @@ class Agent:
     def close(self) -> None:
         if self.kube is not None:
             self.kube.stop()
+        if self.observer is not None:
+            self.observer.close()
         if self.telemetry is not None:
             self.telemetry.shutdown()
 
