@@ -52,6 +52,7 @@ class Agent:
         self.sources: dict[str, dict] = {}
         self.source: ManifestSource | None = None
         self.kube = None  # KubeSource: pushes into self.state from its own threads
+        self.heartbeat: float | None = None  # monotonic time the agent loop last turned
         # status.json is written by its own thread so that a change never waits behind it (at 10k
         # Services one write took ~25 ms); _lock keeps it from reading the reconciler mid-sync.
         self._lock = threading.Lock()
@@ -88,6 +89,8 @@ class Agent:
 
             self.kube = KubeSource(kube_cfg, self.state, node=cfg.node_name, on_error=self._object_error).start()
         self.telemetry = start_telemetry(cfg.metrics_addr, cfg.node_name)
+        self.telemetry.add_check("/healthz", self.healthy)
+        self.telemetry.add_check("/readyz", self.ready)
         self._instruments()
         if self.kube is not None:
             self.kube.register_metrics(self.telemetry.meter())
@@ -214,6 +217,7 @@ class Agent:
         self._status_thread = threading.Thread(target=self._status_loop, name="status-writer", daemon=True)
         self._status_thread.start()
         while not self.stop.is_set():
+            self.heartbeat = time.monotonic()
             self.state.changed.wait(self.cfg.poll_interval)
             if self.stop.is_set():
                 break
@@ -227,6 +231,28 @@ class Agent:
         self._status_thread = None
         self.write_status()
         log.info("agent stopping; the datapath stays attached and pinned")
+
+    # -- probes (served on --metrics-addr) ---------------------------------------------------------
+    LOOP_STALL_SECONDS = 30.0
+
+    def healthy(self) -> tuple[bool, str]:
+        """Live: the agent loop keeps turning (a stuck loop is worth a restart; a stale source is not)."""
+        if self.heartbeat is None:
+            return True, "starting"
+        stalled = time.monotonic() - self.heartbeat
+        return stalled < self.LOOP_STALL_SECONDS, f"loop last turned {stalled:.1f}s ago"
+
+    def ready(self) -> tuple[bool, str]:
+        """Ready: the datapath was synced once, and no source is stale (the datapath is then serving
+        stale but working state, which status and this probe say)."""
+        if self.first_sync is None:
+            return False, "waiting for the first full sync"
+        if self.kube is not None:
+            st = self.kube.status()
+            if not st["healthy"]:
+                return False, (f"kube source stale since {st['stale_since'] or 'start'}"
+                               f" (last error: {st['last_error']}); serving the last synced state")
+        return True, f"{len(self.reconciler.owned)} services synced"
 
     def install_signal_handlers(self) -> None:
         def handler(_sig, _frame):

@@ -21,8 +21,10 @@ import logging
 import os
 import socket
 import threading
+from http.server import ThreadingHTTPServer
 from dataclasses import dataclass, field, replace
 from typing import Callable, Iterable
+from urllib.parse import urlparse
 
 from opentelemetry.exporter.prometheus import PrometheusMetricReader
 from opentelemetry.sdk.metrics import MeterProvider
@@ -31,7 +33,8 @@ from opentelemetry.sdk.metrics.export import (
 )
 from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.util.instrumentation import InstrumentationScope
-from prometheus_client import REGISTRY, start_http_server
+from prometheus_client import REGISTRY
+from prometheus_client.exposition import MetricsHandler
 
 log = logging.getLogger("nodewire.export")
 
@@ -111,6 +114,11 @@ class Telemetry:
     port: int = 0
     producers: Producers = field(default_factory=Producers)
     otlp_endpoint: str | None = None
+    # path ("/healthz", "/readyz") -> () -> (ok, detail); registered by the agent
+    checks: dict[str, Callable[[], tuple[bool, str]]] = field(default_factory=dict)
+
+    def add_check(self, path: str, check: Callable[[], tuple[bool, str]]) -> None:
+        self.checks[path] = check
 
     def meter(self, name: str = "nodewire"):
         return self.provider.get_meter(name)
@@ -127,7 +135,42 @@ class Telemetry:
     def shutdown(self) -> None:
         if self.server is not None:
             self.server.shutdown()
+            self.server.server_close()
         self.provider.shutdown()
+
+
+def _serve(host: str, port: int, tel: "Telemetry") -> ThreadingHTTPServer:
+    """/metrics (Prometheus exposition of the registry) plus the agent's health checks, which a
+    kubelet probes on the same port (see deploy/daemonset)."""
+
+    class Handler(MetricsHandler):
+        registry = REGISTRY
+
+        def do_GET(self) -> None:
+            check = tel.checks.get(urlparse(self.path).path)
+            if check is None:
+                return super().do_GET()
+            try:
+                ok, detail = check()
+            except Exception as e:  # a failing check is an unhealthy answer, not a crashed server
+                ok, detail = False, f"check failed: {e}"
+            body = (("ok" if ok else "not ok") + (f": {detail}" if detail else "") + "\n").encode()
+            self.send_response(200 if ok else 503)
+            self.send_header("Content-Type", "text/plain; charset=utf-8")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args) -> None:  # scrapes and probes are not worth a log line
+            pass
+
+    class Server(ThreadingHTTPServer):
+        daemon_threads = True
+        address_family = socket.AF_INET6 if ":" in host else socket.AF_INET
+
+    server = Server((host, port), Handler)
+    threading.Thread(target=server.serve_forever, name="metrics-http", daemon=True).start()
+    return server
 
 
 def otlp_endpoint_from_env(env=os.environ) -> str | None:
@@ -158,7 +201,7 @@ def start_telemetry(metrics_addr: str | None, node_name: str | None = None, env=
     tel = Telemetry(provider, producers=producers, otlp_endpoint=endpoint)
     if metrics_addr:
         host, port = parse_addr(metrics_addr)
-        server, _thread = start_http_server(port, addr=host, registry=REGISTRY)
+        server = _serve(host, port, tel)
         tel.server, tel.port = server, server.server_port
         log.info("metrics endpoint listening addr=%s:%d", host, tel.port)
     return tel
