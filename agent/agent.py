@@ -63,6 +63,8 @@ class Agent:
         self.programs: list[str] = []
         self.telemetry = None
         self.observer = None
+        self.rdma = None  # RdmaService: counters, topology, and (opt-in) the verbs tracer
+        self._pods_seen = -1  # ClusterState.revision the RDMA opt-ins were last computed at
 
     # -- start-up ------------------------------------------------------------------------------
     def start(self) -> None:
@@ -107,6 +109,12 @@ class Agent:
                                          self.lb, self.reconciler).start()
             except Exception as e:
                 log.error("observer failed to start, running without observability err=%s", e)
+        if cfg.rdma:
+            from .rdma.service import RdmaService
+            try:  # like the observer: optional, never at the datapath's expense
+                self.rdma = RdmaService(self.telemetry, cgroup_root=self.cgroup, trace=cfg.rdma_trace).start()
+            except Exception as e:
+                log.error("rdma failed to start, running without it err=%s", e)
 
     def _object_error(self, err: ObjectError) -> None:
         self.counters["object_errors"] += 1
@@ -225,6 +233,9 @@ class Agent:
                 self.sync_once()
                 if self.observer is not None:
                     self.observer.sync()
+                if self.rdma is not None and self.state.revision != self._pods_seen:
+                    self._pods_seen = self.state.revision
+                    self.rdma.update_pods(list(self.state.pods.values()))
             except Exception:  # one bad cycle must not end the agent; the next one retries
                 log.exception("sync failed; keeping the datapath as it is")
         self._status_thread.join(5)
@@ -266,6 +277,8 @@ class Agent:
             self.kube.stop()
         if self.observer is not None:
             self.observer.close()
+        if self.rdma is not None:
+            self.rdma.close()
         if self.telemetry is not None:
             self.telemetry.shutdown()
 

@@ -38,10 +38,14 @@ def main(debug: bool) -> None:
 @click.option("--observe/--no-observe", default=True, show_default=True, help="Per-pod network observability.")
 @click.option("--veth-netns", default=None, help="Network namespace holding the pods' node-side veths [default: the agent's].")
 @click.option("--max-series", default=10000, show_default=True, help="Cap on per-pod/peer series the observer exports.")
+@click.option("--rdma/--no-rdma", default=True, show_default=True,
+              help="RDMA port counters and GPU↔NIC topology metrics (sysfs, read at scrape time).")
+@click.option("--rdma-trace", is_flag=True,
+              help="Verbs latency tracing (uprobes) for pods annotated nodewire.io/rdma-trace=\"true\".")
 @click.option("--peer-cidr", "peer_cidrs", multiple=True, metavar="CIDR",
               help="Label unknown remote peers by these CIDRs (repeatable) [default: the private ranges].")
 def run(manifests, kube, kubeconfig, api_server, cgroup, pin_dir, metrics_addr, map_sizes, node_name,
-        observe, veth_netns, max_series, peer_cidrs) -> None:
+        observe, veth_netns, max_series, peer_cidrs, rdma, rdma_trace) -> None:
     """Run the agent: keep the BPF service maps equal to the cluster state."""
     from dataclasses import replace
 
@@ -60,7 +64,8 @@ def run(manifests, kube, kubeconfig, api_server, cgroup, pin_dir, metrics_addr, 
         raise click.UsageError("no source: pass --manifests DIR or --kube")
     cfg = AgentConfig(manifests=manifests, kube=kube, kubeconfig=kubeconfig, api_server=api_server, cgroup=cgroup,
                       pin_dir=pin_dir, metrics_addr=metrics_addr, sizes=sizes,
-                      observe=observe, veth_netns=veth_netns, max_series=max_series, peer_cidrs=tuple(peer_cidrs))
+                      observe=observe, veth_netns=veth_netns, max_series=max_series, peer_cidrs=tuple(peer_cidrs),
+                      rdma=rdma, rdma_trace=rdma_trace)
     if node_name:
         cfg.node_name = node_name
     from .sources.kube import KubeError

@@ -33,6 +33,8 @@ class AgentConfig:
     veth_netns: str | None = None     # netns holding the pods' node-side veths (None: the agent's own)
     max_series: int = 10000           # cap on the observer's exported series
     peer_cidrs: tuple[str, ...] = ()  # buckets for unknown remote peers (empty: the private ranges)
+    rdma: bool = True                 # RDMA port counters and GPU↔NIC topology (sysfs, read at scrape)
+    rdma_trace: bool = False          # verbs latency tracer, for pods annotated nodewire.io/rdma-trace
 
     @property
     def state_dir(self) -> str:
