@@ -52,6 +52,7 @@ class Agent:
         self.sources: dict[str, dict] = {}
         self.source: ManifestSource | None = None
         self.kube = None  # KubeSource: pushes into self.state from its own threads
+        self.heartbeat: float | None = None  # monotonic time the agent loop last turned
         # status.json is written by its own thread so that a change never waits behind it (at 10k
         # Services one write took ~25 ms); _lock keeps it from reading the reconciler mid-sync.
         self._lock = threading.Lock()
@@ -61,6 +62,9 @@ class Agent:
         self.reconciler: Reconciler | None = None
         self.programs: list[str] = []
         self.telemetry = None
+        self.observer = None
+        self.rdma = None  # RdmaService: counters, topology, and (opt-in) the verbs tracer
+        self._pods_seen = -1  # ClusterState.revision the RDMA opt-ins were last computed at
 
     # -- start-up ------------------------------------------------------------------------------
     def start(self) -> None:
@@ -87,9 +91,30 @@ class Agent:
 
             self.kube = KubeSource(kube_cfg, self.state, node=cfg.node_name, on_error=self._object_error).start()
         self.telemetry = start_telemetry(cfg.metrics_addr, cfg.node_name)
+        self.telemetry.add_check("/healthz", self.healthy)
+        self.telemetry.add_check("/readyz", self.ready)
         self._instruments()
         if self.kube is not None:
             self.kube.register_metrics(self.telemetry.meter())
+        if cfg.observe:
+            from dataclasses import replace
+
+            from .observe.identity import ObserveConfig
+            from .observe.observer import Observer
+            try:  # observability is not worth losing the datapath over: run without it
+                ocfg = ObserveConfig(node_name=cfg.node_name, max_series=cfg.max_series)
+                if cfg.peer_cidrs:
+                    ocfg = replace(ocfg, peer_cidrs=tuple(cfg.peer_cidrs))
+                self.observer = Observer(self.state, self.telemetry, ocfg, cfg.pin_dir, cfg.veth_netns,
+                                         self.lb, self.reconciler).start()
+            except Exception as e:
+                log.error("observer failed to start, running without observability err=%s", e)
+        if cfg.rdma:
+            from .rdma.service import RdmaService
+            try:  # like the observer: optional, never at the datapath's expense
+                self.rdma = RdmaService(self.telemetry, cgroup_root=self.cgroup, trace=cfg.rdma_trace).start()
+            except Exception as e:
+                log.error("rdma failed to start, running without it err=%s", e)
 
     def _object_error(self, err: ObjectError) -> None:
         self.counters["object_errors"] += 1
@@ -200,17 +225,45 @@ class Agent:
         self._status_thread = threading.Thread(target=self._status_loop, name="status-writer", daemon=True)
         self._status_thread.start()
         while not self.stop.is_set():
+            self.heartbeat = time.monotonic()
             self.state.changed.wait(self.cfg.poll_interval)
             if self.stop.is_set():
                 break
             try:
                 self.sync_once()
+                if self.observer is not None:
+                    self.observer.sync()
+                if self.rdma is not None and self.state.revision != self._pods_seen:
+                    self._pods_seen = self.state.revision
+                    self.rdma.update_pods(list(self.state.pods.values()))
             except Exception:  # one bad cycle must not end the agent; the next one retries
                 log.exception("sync failed; keeping the datapath as it is")
         self._status_thread.join(5)
         self._status_thread = None
         self.write_status()
         log.info("agent stopping; the datapath stays attached and pinned")
+
+    # -- probes (served on --metrics-addr) ---------------------------------------------------------
+    LOOP_STALL_SECONDS = 30.0
+
+    def healthy(self) -> tuple[bool, str]:
+        """Live: the agent loop keeps turning (a stuck loop is worth a restart; a stale source is not)."""
+        if self.heartbeat is None:
+            return True, "starting"
+        stalled = time.monotonic() - self.heartbeat
+        return stalled < self.LOOP_STALL_SECONDS, f"loop last turned {stalled:.1f}s ago"
+
+    def ready(self) -> tuple[bool, str]:
+        """Ready: the datapath was synced once, and no source is stale (the datapath is then serving
+        stale but working state, which status and this probe say)."""
+        if self.first_sync is None:
+            return False, "waiting for the first full sync"
+        if self.kube is not None:
+            st = self.kube.status()
+            if not st["healthy"]:
+                return False, (f"kube source stale since {st['stale_since'] or 'start'}"
+                               f" (last error: {st['last_error']}); serving the last synced state")
+        return True, f"{len(self.reconciler.owned)} services synced"
 
     def install_signal_handlers(self) -> None:
         def handler(_sig, _frame):
@@ -222,6 +275,10 @@ class Agent:
     def close(self) -> None:
         if self.kube is not None:
             self.kube.stop()
+        if self.observer is not None:
+            self.observer.close()
+        if self.rdma is not None:
+            self.rdma.close()
         if self.telemetry is not None:
             self.telemetry.shutdown()
 

@@ -34,7 +34,18 @@ def main(debug: bool) -> None:
 @click.option("--metrics-addr", default=None, help="HOST:PORT for the Prometheus /metrics endpoint (e.g. :9965).")
 @click.option("--map-size", "map_sizes", multiple=True, metavar="MAP=N",
               help="Map capacity override, e.g. services=2097152 (maps: services, backends, revnat, lb_stats).")
-def run(manifests, kube, kubeconfig, api_server, cgroup, pin_dir, metrics_addr, map_sizes) -> None:
+@click.option("--node-name", default=None, help="This node's name [default: $NODE_NAME or the hostname].")
+@click.option("--observe/--no-observe", default=True, show_default=True, help="Per-pod network observability.")
+@click.option("--veth-netns", default=None, help="Network namespace holding the pods' node-side veths [default: the agent's].")
+@click.option("--max-series", default=10000, show_default=True, help="Cap on per-pod/peer series the observer exports.")
+@click.option("--rdma/--no-rdma", default=True, show_default=True,
+              help="RDMA port counters and GPU↔NIC topology metrics (sysfs, read at scrape time).")
+@click.option("--rdma-trace", is_flag=True,
+              help="Verbs latency tracing (uprobes) for pods annotated nodewire.io/rdma-trace=\"true\".")
+@click.option("--peer-cidr", "peer_cidrs", multiple=True, metavar="CIDR",
+              help="Label unknown remote peers by these CIDRs (repeatable) [default: the private ranges].")
+def run(manifests, kube, kubeconfig, api_server, cgroup, pin_dir, metrics_addr, map_sizes, node_name,
+        observe, veth_netns, max_series, peer_cidrs, rdma, rdma_trace) -> None:
     """Run the agent: keep the BPF service maps equal to the cluster state."""
     from dataclasses import replace
 
@@ -52,7 +63,11 @@ def run(manifests, kube, kubeconfig, api_server, cgroup, pin_dir, metrics_addr, 
     if manifests is None and not kube:
         raise click.UsageError("no source: pass --manifests DIR or --kube")
     cfg = AgentConfig(manifests=manifests, kube=kube, kubeconfig=kubeconfig, api_server=api_server, cgroup=cgroup,
-                      pin_dir=pin_dir, metrics_addr=metrics_addr, sizes=sizes)
+                      pin_dir=pin_dir, metrics_addr=metrics_addr, sizes=sizes,
+                      observe=observe, veth_netns=veth_netns, max_series=max_series, peer_cidrs=tuple(peer_cidrs),
+                      rdma=rdma, rdma_trace=rdma_trace)
+    if node_name:
+        cfg.node_name = node_name
     from .sources.kube import KubeError
 
     try:
@@ -183,9 +198,19 @@ def demo(duration, metrics_addr, output) -> None:
 
 
 from .bench.cli import bench  # noqa: E402
+from .observe.cli import bench_observe, latency, top  # noqa: E402  (observability commands)
 
 main.add_command(bench)
+bench.add_command(bench_observe, "observe")
+main.add_command(top)
+main.add_command(latency)
 from .bench.watch import watch as _bench_watch  # noqa: E402
 bench.add_command(_bench_watch)
 from .bench.compare import compare as _bench_compare  # noqa: E402
 bench.add_command(_bench_compare)
+
+
+from agent.rdma.cli import rdma, rdma_bench, topo  # noqa: E402
+main.add_command(topo)
+main.add_command(rdma)
+bench.add_command(rdma_bench)

@@ -1,6 +1,7 @@
 """One typed configuration for the agent, validated at start-up."""
 from __future__ import annotations
 
+import ipaddress
 import os
 import re
 from dataclasses import dataclass, field
@@ -28,6 +29,12 @@ class AgentConfig:
     sizes: MapSizes = field(default_factory=MapSizes)
     poll_interval: float = 0.2
     node_name: str = field(default_factory=lambda: os.environ.get("NODE_NAME") or os.uname().nodename)
+    observe: bool = True              # per-pod network observability (agent/observe)
+    veth_netns: str | None = None     # netns holding the pods' node-side veths (None: the agent's own)
+    max_series: int = 10000           # cap on the observer's exported series
+    peer_cidrs: tuple[str, ...] = ()  # buckets for unknown remote peers (empty: the private ranges)
+    rdma: bool = True                 # RDMA port counters and GPU↔NIC topology (sysfs, read at scrape)
+    rdma_trace: bool = False          # verbs latency tracer, for pods annotated nodewire.io/rdma-trace
 
     @property
     def state_dir(self) -> str:
@@ -40,6 +47,16 @@ class AgentConfig:
             raise ValueError(f"--manifests: {self.manifests} is not a directory")
         if self.cgroup is not None and not os.path.isfile(os.path.join(self.cgroup, "cgroup.procs")):
             raise ValueError(f"--cgroup: {self.cgroup} is not a cgroup v2 directory")
+        if self.veth_netns is not None and not os.path.exists(
+                self.veth_netns if "/" in self.veth_netns else f"/var/run/netns/{self.veth_netns}"):
+            raise ValueError(f"--veth-netns: network namespace {self.veth_netns} not found")
+        if self.max_series < 1:
+            raise ValueError(f"--max-series: {self.max_series} must be at least 1")
+        for c in self.peer_cidrs:
+            try:
+                ipaddress.ip_network(c, strict=False)
+            except ValueError as e:
+                raise ValueError(f"--peer-cidr: {c!r}: {e}") from None
         if not self.pin_dir.startswith("/sys/fs/bpf"):
             raise ValueError(f"--pin-dir: {self.pin_dir} must be under /sys/fs/bpf (a bpffs mount)")
         for name in ("services", "backends", "revnat", "lb_stats"):

@@ -119,7 +119,8 @@ def run_demo(duration: float | None, metrics_addr: str | None, interval: float =
             for name in ("dns-1", "dns-2"):
                 pods[name].serve(udp_ports=[5353])
             tally.event(f"sandbox {sb.prefix}: {len(pods)} pods up (netns + veth on a bridge, one cgroup each)")
-            cmd = [NODEWIRE, "run", "--manifests", str(manifests), "--cgroup", sb.cgroup, "--pin-dir", pin_dir]
+            cmd = [NODEWIRE, "run", "--manifests", str(manifests), "--cgroup", sb.cgroup, "--pin-dir", pin_dir,
+                   "--node-name", "sandbox", "--veth-netns", sb.node_netns]
             if metrics_addr:
                 cmd += ["--metrics-addr", metrics_addr]
             agent = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=open(tmp / "agent.log", "w"))

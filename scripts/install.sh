@@ -10,7 +10,7 @@ APT_PACKAGES=(
   iproute2 iputils-ping iptables nftables conntrack
   python3-venv python3-dev gcc make
   prometheus containernetworking-plugins
-  openssl
+  libibverbs-dev openssl sockperf
 )
 
 missing=()

@@ -9,6 +9,8 @@ from __future__ import annotations
 import json
 import os
 import subprocess
+import urllib.error
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -16,6 +18,7 @@ import pytest
 from agent.config import state_dir_for
 from agent.testing.fake_apiserver import FakeApiServer, endpoint_slice, service
 from tests.conftest import NODEWIRE, AgentProcess, wait_for
+from tests.observe_helpers import free_port
 
 pytestmark = pytest.mark.root
 TOKEN = "kube-e2e-token"
@@ -27,17 +30,27 @@ class KubeAgent(AgentProcess):
     def __init__(self, kubeconfig: Path, cgroup: str, pin_dir: str, log_dir: Path):
         super().__init__(log_dir, cgroup, pin_dir)
         self.kubeconfig = kubeconfig
+        self.metrics_port = free_port()
 
     def start(self, wait: bool = True) -> "KubeAgent":
         Path(state_dir_for(self.pin_dir), "status.json").unlink(missing_ok=True)
         self._logf = open(self.log, "a")
         self.proc = subprocess.Popen(
             [NODEWIRE, "--debug", "run", "--kube", "--kubeconfig", str(self.kubeconfig), "--cgroup", self.cgroup,
-             "--pin-dir", self.pin_dir], stdout=self._logf, stderr=subprocess.STDOUT,
+             "--pin-dir", self.pin_dir, "--metrics-addr", f"127.0.0.1:{self.metrics_port}"],
+            stdout=self._logf, stderr=subprocess.STDOUT,
             env=dict(os.environ, NODE_NAME="node-a"))
         if wait:
             wait_for(lambda: self.status().get("first_sync") or self._died(), 60, what="agent first sync")
         return self
+
+    def probe(self, path: str) -> tuple[int, str]:
+        """GET a health endpoint on the metrics port: (HTTP status, body)."""
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{self.metrics_port}{path}", timeout=5) as r:
+                return r.status, r.read().decode()
+        except urllib.error.HTTPError as e:
+            return e.code, e.read().decode()
 
     def kube(self) -> dict:
         return self.status().get("sources", {}).get("kube", {})
@@ -118,11 +131,16 @@ def test_server_killed_mid_watch_datapath_kept_then_converges(env):
     assert replies(client, "10.96.7.3") == {"k2": 10}
     st = agent.kube()
     assert not st["healthy"] and st["synced"] and "Connection refused" in (st["last_error"] or "")
+    code, body = agent.probe("/readyz")
+    assert code == 503 and "stale since" in body and "Connection refused" in body, (code, body)
+    assert agent.probe("/healthz")[0] == 200  # the loop still turns: no reason to restart the agent
     api.start()
     wait_for(lambda: agent.backends("10.96.7.2") == {ip["k3"]}, 20, what="change made while down applied")
     wait_for(lambda: agent.backends("10.96.7.3") is None, what="service deleted while down removed")
     assert replies(client, "10.96.7.2") == {"k3": 10}
     wait_for(lambda: agent.kube().get("healthy"), 20, what="healthy again")
+    code, body = agent.probe("/readyz")
+    assert code == 200 and "services synced" in body, (code, body)
 
 
 def test_expired_history_relists_and_deleted_objects_disappear(env):

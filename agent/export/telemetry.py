@@ -1,21 +1,45 @@
-"""One MeterProvider for the whole agent, with a Prometheus scrape endpoint.
+"""One MeterProvider for the whole agent, with a Prometheus scrape endpoint and optional OTLP.
 
 Instruments read current state when the exporter asks (observable callbacks), so there is no
 background thread per metric. The Prometheus exporter turns OTel units into name suffixes
 (`s` → `_seconds`, `By` → `_bytes`, counters → `_total`).
+
+Kernel histograms cannot go through SDK instruments: a Histogram instrument only takes single
+values, so pre-aggregated log2 buckets would have to be replayed value by value, and an asynchronous
+instrument never forgets an attribute set, so a deleted pod's series would live on. SDK 1.29 has no
+MetricProducer either. So the readers here accept *producers*: functions returning ready OTel
+`Metric` objects (cumulative sums, explicit-bucket histograms with the kernel's own bucket counts)
+that are merged into every collection before export — Prometheus and OTLP see the same data.
+
+OTLP (HTTP/protobuf) is added when the standard OTEL_EXPORTER_OTLP_ENDPOINT or
+OTEL_EXPORTER_OTLP_METRICS_ENDPOINT variable is set; the exporter reads the rest of the
+OTEL_EXPORTER_OTLP_* variables itself, and OTEL_METRIC_EXPORT_INTERVAL sets the period.
 """
 from __future__ import annotations
 
 import logging
+import os
 import socket
-from dataclasses import dataclass
+import threading
+from http.server import ThreadingHTTPServer
+from dataclasses import dataclass, field, replace
+from typing import Callable, Iterable
+from urllib.parse import urlparse
 
 from opentelemetry.exporter.prometheus import PrometheusMetricReader
 from opentelemetry.sdk.metrics import MeterProvider
+from opentelemetry.sdk.metrics.export import (
+    Metric, MetricsData, PeriodicExportingMetricReader, ScopeMetrics,
+)
 from opentelemetry.sdk.resources import Resource
-from prometheus_client import REGISTRY, start_http_server
+from opentelemetry.sdk.util.instrumentation import InstrumentationScope
+from prometheus_client import REGISTRY
+from prometheus_client.exposition import MetricsHandler
 
 log = logging.getLogger("nodewire.export")
+
+Producer = Callable[[], Iterable[Metric]]
+PRODUCER_SCOPE = InstrumentationScope("nodewire.kernel", "1")
 
 
 def parse_addr(addr: str, default_port: int = 9965) -> tuple[str, int]:
@@ -33,30 +57,151 @@ def parse_addr(addr: str, default_port: int = 9965) -> tuple[str, int]:
     return host, p
 
 
+class Producers:
+    """The shared list of producers every reader merges in."""
+
+    def __init__(self) -> None:
+        self._items: list[Producer] = []
+        self._lock = threading.Lock()
+
+    def add(self, p: Producer) -> None:
+        with self._lock:
+            self._items.append(p)
+
+    def remove(self, p: Producer) -> None:
+        with self._lock:
+            if p in self._items:
+                self._items.remove(p)
+
+    def merge(self, data: MetricsData) -> MetricsData:
+        with self._lock:
+            items = list(self._items)
+        extra = []
+        for p in items:
+            try:
+                extra.extend(p())
+            except Exception as e:  # a failing producer must not take the others' metrics down
+                log.error("metric producer failed producer=%s err=%s", getattr(p, "__qualname__", p), e)
+        if not extra or not data.resource_metrics:
+            return data
+        first, *rest = data.resource_metrics
+        first = replace(first, scope_metrics=[*first.scope_metrics, ScopeMetrics(PRODUCER_SCOPE, extra, "")])
+        return MetricsData(resource_metrics=[first, *rest])
+
+
+class _MergingPrometheusReader(PrometheusMetricReader):
+    def __init__(self, producers: Producers):
+        super().__init__()
+        self._producers = producers
+
+    def _receive_metrics(self, metrics_data, timeout_millis: float = 10_000, **kwargs) -> None:
+        super()._receive_metrics(self._producers.merge(metrics_data), timeout_millis, **kwargs)
+
+
+class _MergingPeriodicReader(PeriodicExportingMetricReader):
+    def __init__(self, exporter, producers: Producers, **kw):
+        self._producers = producers
+        super().__init__(exporter, **kw)
+
+    def _receive_metrics(self, metrics_data, timeout_millis: float = 10_000, **kwargs) -> None:
+        super()._receive_metrics(self._producers.merge(metrics_data), timeout_millis, **kwargs)
+
+
 @dataclass
 class Telemetry:
     provider: MeterProvider
     server: object | None = None
     port: int = 0
+    producers: Producers = field(default_factory=Producers)
+    otlp_endpoint: str | None = None
+    # path ("/healthz", "/readyz") -> () -> (ok, detail); registered by the agent
+    checks: dict[str, Callable[[], tuple[bool, str]]] = field(default_factory=dict)
+
+    def add_check(self, path: str, check: Callable[[], tuple[bool, str]]) -> None:
+        self.checks[path] = check
 
     def meter(self, name: str = "nodewire"):
         return self.provider.get_meter(name)
 
+    def add_producer(self, p: Producer) -> None:
+        """p() is called at every collection (scrape or export) and returns OTel Metric objects.
+        The SDK skips a collection with no instrument data at all, so a producer's owner should
+        also register at least one observable instrument (the observer does)."""
+        self.producers.add(p)
+
+    def remove_producer(self, p: Producer) -> None:
+        self.producers.remove(p)
+
     def shutdown(self) -> None:
         if self.server is not None:
             self.server.shutdown()
+            self.server.server_close()
         self.provider.shutdown()
 
 
-def start_telemetry(metrics_addr: str | None, node_name: str | None = None) -> Telemetry:
-    """MeterProvider with a Prometheus reader; serve /metrics on metrics_addr when given."""
+def _serve(host: str, port: int, tel: "Telemetry") -> ThreadingHTTPServer:
+    """/metrics (Prometheus exposition of the registry) plus the agent's health checks, which a
+    kubelet probes on the same port (see deploy/daemonset)."""
+
+    class Handler(MetricsHandler):
+        registry = REGISTRY
+
+        def do_GET(self) -> None:
+            check = tel.checks.get(urlparse(self.path).path)
+            if check is None:
+                return super().do_GET()
+            try:
+                ok, detail = check()
+            except Exception as e:  # a failing check is an unhealthy answer, not a crashed server
+                ok, detail = False, f"check failed: {e}"
+            body = (("ok" if ok else "not ok") + (f": {detail}" if detail else "") + "\n").encode()
+            self.send_response(200 if ok else 503)
+            self.send_header("Content-Type", "text/plain; charset=utf-8")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args) -> None:  # scrapes and probes are not worth a log line
+            pass
+
+    class Server(ThreadingHTTPServer):
+        daemon_threads = True
+        address_family = socket.AF_INET6 if ":" in host else socket.AF_INET
+
+    server = Server((host, port), Handler)
+    threading.Thread(target=server.serve_forever, name="metrics-http", daemon=True).start()
+    return server
+
+
+def otlp_endpoint_from_env(env=os.environ) -> str | None:
+    """The full metrics URL: the signal-specific variable as is, the base one + /v1/metrics (spec)."""
+    if env.get("OTEL_EXPORTER_OTLP_METRICS_ENDPOINT"):
+        return env["OTEL_EXPORTER_OTLP_METRICS_ENDPOINT"]
+    base = env.get("OTEL_EXPORTER_OTLP_ENDPOINT")
+    return base.rstrip("/") + "/v1/metrics" if base else None
+
+
+def start_telemetry(metrics_addr: str | None, node_name: str | None = None, env=os.environ) -> Telemetry:
+    """MeterProvider with a Prometheus reader (and an OTLP one when configured by environment);
+    serve /metrics on metrics_addr when given."""
     attrs = {"service.name": "nodewire", "k8s.node.name": node_name or socket.gethostname()}
-    readers = [PrometheusMetricReader()]
+    producers = Producers()
+    readers = [_MergingPrometheusReader(producers)]
+    endpoint = otlp_endpoint_from_env(env)
+    if endpoint:
+        proto = env.get("OTEL_EXPORTER_OTLP_METRICS_PROTOCOL") or env.get("OTEL_EXPORTER_OTLP_PROTOCOL") or "http/protobuf"
+        if proto != "http/protobuf":
+            log.warning("OTLP protocol not supported, using http/protobuf protocol=%s", proto)
+        from opentelemetry.exporter.otlp.proto.http.metric_exporter import OTLPMetricExporter
+        interval = env.get("OTEL_METRIC_EXPORT_INTERVAL")
+        readers.append(_MergingPeriodicReader(OTLPMetricExporter(endpoint=endpoint), producers,
+                                              **({"export_interval_millis": float(interval)} if interval else {})))
+        log.info("OTLP metrics export on endpoint=%s", endpoint)
     provider = MeterProvider(resource=Resource.create(attrs), metric_readers=readers)
-    tel = Telemetry(provider)
+    tel = Telemetry(provider, producers=producers, otlp_endpoint=endpoint)
     if metrics_addr:
         host, port = parse_addr(metrics_addr)
-        server, _thread = start_http_server(port, addr=host, registry=REGISTRY)
+        server = _serve(host, port, tel)
         tel.server, tel.port = server, server.server_port
         log.info("metrics endpoint listening addr=%s:%d", host, tel.port)
     return tel

@@ -184,13 +184,7 @@ class Sandbox:
         for p in pod.procs:
             if p.poll() is None:
                 p.kill()
-        kill_file = os.path.join(pod.cgroup, "cgroup.kill")
-        if os.path.exists(kill_file):
-            try:
-                with open(kill_file, "w") as f:
-                    f.write("1")
-            except OSError:
-                pass
+        _kill_cgroup(pod.cgroup)
         for p in pod.procs:
             try:
                 p.wait(timeout=5)
@@ -224,16 +218,19 @@ def _rmdir(path: str) -> None:
             time.sleep(0.05)
 
 
+def _kill_cgroup(path: str) -> None:
+    """SIGKILL every process in a cgroup and its descendants (cgroup v2's cgroup.kill)."""
+    try:
+        with open(os.path.join(path, "cgroup.kill"), "w") as f:
+            f.write("1")
+    except OSError:
+        pass
+
+
 def _kill_cgroup_tree(path: str) -> None:
     if not os.path.isdir(path):
         return
-    kill_file = os.path.join(path, "cgroup.kill")
-    if os.path.exists(kill_file):
-        try:
-            with open(kill_file, "w") as f:
-                f.write("1")
-        except OSError:
-            pass
+    _kill_cgroup(path)
     for root, dirs, _files in sorted(os.walk(path), key=lambda t: -t[0].count("/")):
         for d in dirs:
             _rmdir(os.path.join(root, d))

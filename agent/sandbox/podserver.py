@@ -9,6 +9,18 @@ import socket
 import sys
 
 
+def _bound(kind: int, port: int) -> socket.socket:
+    """A non-blocking dual-stack socket bound to [::]:port (listening, for TCP)."""
+    s = socket.socket(socket.AF_INET6, kind)
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+    s.bind(("::", port))
+    if kind == socket.SOCK_STREAM:
+        s.listen(1024)
+    s.setblocking(False)
+    return s
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--name", required=True)
@@ -19,28 +31,10 @@ def main() -> None:
     a = ap.parse_args()
     body = (a.name + "\n").encode()
     sel = selectors.DefaultSelector()
-    for port in a.tcp:
-        s = socket.socket(socket.AF_INET6, socket.SOCK_STREAM)
-        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
-        s.bind(("::", port))
-        s.listen(1024)
-        s.setblocking(False)
-        sel.register(s, selectors.EVENT_READ, "accept")
-    for port in a.echo:
-        s = socket.socket(socket.AF_INET6, socket.SOCK_STREAM)
-        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
-        s.bind(("::", port))
-        s.listen(128)
-        s.setblocking(False)
-        sel.register(s, selectors.EVENT_READ, "accept-echo")
-    for port in a.udp:
-        s = socket.socket(socket.AF_INET6, socket.SOCK_DGRAM)
-        s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
-        s.bind(("::", port))
-        s.setblocking(False)
-        sel.register(s, selectors.EVENT_READ, "udp")
+    for ports, kind, role in ((a.tcp, socket.SOCK_STREAM, "accept"), (a.echo, socket.SOCK_STREAM, "accept-echo"),
+                              (a.udp, socket.SOCK_DGRAM, "udp")):
+        for port in ports:
+            sel.register(_bound(kind, port), selectors.EVENT_READ, role)
     print("ready", flush=True)
     while True:
         for key, _ in sel.select():

@@ -1,0 +1,1 @@
+"""Per-pod network observability: kernel counters and histograms → pod identities → OTel metrics."""

@@ -1,0 +1,255 @@
+"""The observer: keeps the kernel's view (watched addresses, veth programs) in step with the cluster
+state, and turns kernel counters and histograms into labelled OTel metrics when an exporter asks.
+
+Used by agent.py: `Observer(state, telemetry, ObserveConfig(node_name=...), pin_dir, veth_netns, lb,
+reconciler).start()`, `sync()` after each state change, `close()` at exit. A pod's node-side veth
+comes from `set_pod_interface(key, ifname)` (the CNI), the Pod's `nodewire.io/host-veth`
+annotation (manifests, the demo), or the node's route to the pod address (routed CNIs). Nothing here runs on a timer of its own: collection happens inside
+the exporter's collect (Prometheus scrape, OTLP export), one batched read per map.
+"""
+from __future__ import annotations
+
+import logging
+import threading
+from collections import deque
+
+from opentelemetry.metrics import CallbackOptions, Observation
+
+from ..datapath.maps import MapFull
+from ..model.objects import ObjectKey
+from ..state import ClusterState
+from .drop_reasons import load_drop_reasons, reason_name
+from .histogram import Log2Histogram
+from .identity import Identity, ObserveConfig
+from .kernel import HIST_CONNECT, HIST_SRTT, PodTraffic, TcpObserver, dump_percpu
+from .series import Reading, SeriesBook
+
+log = logging.getLogger("nodewire.observe")
+
+# Pod annotation naming the node-side veth (written by the CNI plugin, or by hand in manifests).
+HOST_VETH_ANNOTATION = "nodewire.io/host-veth"
+LB_OUTCOMES = {0: "forwarded", 1: "no_backend", 2: "bad_slot"}  # NW_LB_* in bpf/lib/lb.h
+
+
+class Observer:
+    def __init__(self, state: ClusterState, telemetry, cfg: ObserveConfig, pin_dir: str,
+                 veth_netns: str | None = None, lb=None, reconciler=None):
+        """veth_netns: the network namespace holding the pods' node-side veths (None: this one).
+        lb / reconciler: the socket LB (its stats map) and the reconciler (id → Service/backend
+        names), both optional."""
+        self.state, self.telemetry, self.cfg = state, telemetry, cfg
+        self.pin_dir, self.veth_netns = pin_dir, veth_netns
+        self.lb, self.reconciler = lb, reconciler
+        self.identity = Identity(cfg)
+        self.book = SeriesBook(cfg.max_series)
+        self.interfaces: dict[ObjectKey, str] = {}  # pod → node-side veth name, as told by the CNI
+        self._pod_ifnames: dict[ObjectKey, str] = {}  # observed pod → veth, as of the last sync
+        self._lb_owner: dict[tuple, tuple] = {}  # lb_stats key → (what it counted for, base, last value)
+        self.tcp: TcpObserver | None = None
+        self.traffic: PodTraffic | None = None
+        self.drop_reasons: dict[int, str] = {}
+        self.errors: deque[str] = deque(maxlen=100)  # last errors, for status
+        self._lock = threading.RLock()
+
+    # -- lifecycle ------------------------------------------------------------------------------
+    def start(self) -> "Observer":
+        self.drop_reasons = load_drop_reasons()
+        if not self.drop_reasons:
+            log.warning("drop reason names unavailable, exporting numbers path=skb/kfree_skb/format")
+        self.traffic = PodTraffic(self.pin_dir, self.veth_netns)  # first: see PodTraffic._nl
+        self.tcp = TcpObserver(self.pin_dir)
+        if self.telemetry is not None:
+            # Instruments live as long as the MeterProvider; a later Observer on the same telemetry
+            # (bench rounds, restarts in tests) takes over the callbacks instead of re-creating them.
+            holder = getattr(self.telemetry, "_nw_observer", None)
+            if holder is None:
+                holder = self.telemetry._nw_observer = {}
+                meter = self.telemetry.meter("nodewire.observe")
+                cb = lambda name: (lambda opts: getattr(holder["obs"], name)(opts) if holder.get("obs") else [])  # noqa: E731
+                meter.create_observable_gauge("nodewire.observer.series", [cb("_gauge_series")], "{series}",
+                                              "Series the observer exports (after the cap)")
+                meter.create_observable_gauge("nodewire.observer.series.dropped", [cb("_gauge_dropped")],
+                                              "{series}", "Series left out by the cap in the last collection")
+                meter.create_observable_gauge("nodewire.observer.probe.status", [cb("_gauge_probes")], "1",
+                                              "1 when a kernel probe is attached, 0 when it is missing")
+            holder["obs"] = self
+            self.telemetry.add_producer(self.metrics)
+        self.sync()
+        log.info("observer started probes=%s", ",".join(f"{k}={v}" for k, v in self.tcp.probes.items()))
+        return self
+
+    def close(self) -> None:
+        with self._lock:
+            if self.telemetry is not None:
+                self.telemetry.remove_producer(self.metrics)
+            if self.traffic is not None:
+                self.traffic.close()
+                self.traffic = None
+            if self.tcp is not None:
+                self.tcp.close()
+                self.tcp = None
+
+    # -- control path ---------------------------------------------------------------------------
+    def set_pod_interface(self, key: ObjectKey, ifname: str | None) -> None:
+        with self._lock:
+            if ifname is None:
+                self.interfaces.pop(key, None)
+            else:
+                self.interfaces[key] = ifname
+        self.sync(force=True)
+
+    def sync(self, force: bool = False) -> None:
+        """Bring watched addresses and veth programs in line with the state (cheap when unchanged)."""
+        with self._lock:
+            if not force and self.state.revision == self.identity.revision:
+                return
+            self.identity = Identity.from_state(self.state, self.cfg)
+            if self.tcp is None:
+                return
+            try:
+                self.tcp.set_watched(list(self.identity.local))
+            except (OSError, MapFull) as e:  # a full map: keep going with what is watched already
+                self.errors.append(str(e))
+                log.error("watching pod addresses failed err=%s", e)
+            observed = {ref.key for ref in self.identity.local.values()}
+            self._pod_ifnames = self._interfaces_of(observed)
+            want = set(self._pod_ifnames.values())
+            for ifname in set(self.traffic.attached) - want:
+                self.traffic.detach(ifname)
+            for ifname in want - set(self.traffic.attached):
+                try:
+                    self.traffic.attach(ifname)
+                except (LookupError, OSError) as e:  # one bad pod never stops the others
+                    msg = f"pod interface {ifname}: tc attach failed: {e}"
+                    self.errors.append(msg)
+                    log.error("tc attach failed ifname=%s err=%s", ifname, e)
+
+    def _interfaces_of(self, observed: set[ObjectKey]) -> dict[ObjectKey, str]:
+        """Pod → veth: set_pod_interface() wins, then the Pod's nodewire.io/host-veth annotation,
+        then the node's route to the pod's address when it leads to a veth (routed CNIs)."""
+        out = {}
+        for key in observed:
+            pod = self.state.pods.get(key)
+            ifname = self.interfaces.get(key) or (dict(pod.annotations).get(HOST_VETH_ANNOTATION) if pod else None)
+            if not ifname and pod is not None and self.traffic is not None:
+                ifname = next(filter(None, (self.traffic.routed_veth(ip) for ip in pod.ips)), None)
+            if ifname:
+                out[key] = ifname
+        return out
+
+    # -- collect path ---------------------------------------------------------------------------
+    def read(self) -> Reading:
+        """Everything the kernel holds right now, labelled with pod / peer / Service identities."""
+        with self._lock:
+            self.sync()
+            r = Reading()
+            ident = self.identity
+            if self.traffic is not None:
+                by_index = {idx: name for name, idx in self.traffic.attached.items()}
+                pod_by_if = {ifname: key for key, ifname in self._pod_ifnames.items()}
+                refs = {ref.key: ref for ref in ident.local.values()}
+                for (ifindex, direction), (packets, nbytes) in self.traffic.read().items():
+                    key = pod_by_if.get(by_index.get(ifindex, ""))
+                    ref = refs.get(key)
+                    if ref is None:
+                        continue
+                    attrs = {**ref.attributes(), "network.io.direction": direction,
+                             "network.interface.name": by_index[ifindex]}
+                    r.count("pod_bytes", attrs, nbytes)
+                    r.count("pod_packets", attrs, packets)
+            if self.tcp is not None:
+                for ip, metric, counts, total in self.tcp.read_histograms():
+                    ref = ident.pod_of(ip)
+                    if ref is None:
+                        continue
+                    name = "connect" if metric == HIST_CONNECT else "srtt" if metric == HIST_SRTT else None
+                    if name:
+                        r.hist(name, ref.attributes()).add_counts(counts, total)
+                for local, remote, n in self.tcp.read_retransmits():
+                    ref = ident.pod_of(local)
+                    if ref is not None:
+                        r.count("retrans", {**ref.attributes(), **ident.peer(remote)}, n)
+                node = self.cfg.node_name
+                for reason, n in self.tcp.read_drops().items():
+                    r.count("drops", {"k8s.node.name": node, "nodewire.drop.reason":
+                                      reason_name(self.drop_reasons, reason)}, n)
+            if self.lb is not None:
+                self._read_lb(r)
+            return r
+
+    def _read_lb(self, r: Reading) -> None:
+        names = self.reconciler.service_names() if self.reconciler is not None else {}
+        backends = self._backend_names()
+        keys, vals = dump_percpu(self.lb.lb_stats, "nodewire_lb_stats_v1")
+        for k, v in zip(keys, vals):
+            sid, bid, outcome = int(k["service_id"]), int(k["backend_id"]), int(k["outcome"])
+            info = names.get(sid)
+            if info is None:
+                continue  # a frontend removed since: its series goes with it
+            value = self._since_owner((sid, bid, outcome), (info["service"], info["frontend"], backends.get(bid)),
+                                      int(v[0]))
+            ns, _, name = info["service"].partition("/")
+            attrs = {"k8s.namespace.name": ns, "k8s.service.name": name,
+                     "nodewire.service.port": info["port_name"] or info["frontend"],
+                     "k8s.node.name": self.cfg.node_name}
+            if LB_OUTCOMES.get(outcome) == "forwarded":
+                if bid not in backends:
+                    continue  # the backend is gone: its series goes with it, like a deleted pod's
+                r.count("svc_connects", {**attrs, "nodewire.backend.address": backends[bid]}, value)
+            else:
+                r.count("svc_refusals", {**attrs, "nodewire.refusal.reason": LB_OUTCOMES.get(outcome, str(outcome))},
+                        value)
+
+    def _since_owner(self, key: tuple, owner: tuple, value: int) -> int:
+        """The kernel counts per (service id, backend id); the reconciler reuses ids. When an id
+        pair now stands for another Service/backend than at the last read, the count up to that
+        read belonged to the old owner (whose frontend is gone, so it stopped counting): it is the
+        new owner's zero."""
+        seen = self._lb_owner.get(key)  # (owner, base, value at the last read)
+        if seen is None:
+            base = 0
+        elif value < seen[2]:  # the LRU entry was evicted and recreated: counting restarted
+            base = 0
+        elif seen[0] != owner:
+            base = seen[2]
+        else:
+            base = seen[1]
+        self._lb_owner[key] = (owner, base, value)
+        return value - base
+
+    def _backend_names(self) -> dict[int, str]:
+        """backend_id → "ip:port", from the reconciler's record of what it wrote."""
+        if self.reconciler is None:
+            return {}
+        return {bid: (f"[{be.ip}]" if ":" in be.ip else be.ip) + f":{be.port}"
+                for be, bid in list(self.reconciler.backend_id.items())}
+
+    def metrics(self):
+        """OTel Metric objects for the telemetry producer hook (one kernel read per call)."""
+        try:
+            reading = self.read()
+        except Exception as e:  # an exporter must never die of a failed read
+            log.error("observer read failed err=%s", e)
+            return []
+        with self._lock:
+            out = self.book.to_metrics(reading)
+        if self.book.dropped:
+            log.warning("series cap reached cap=%d dropped=%d", self.cfg.max_series, self.book.dropped)
+        return out
+
+    # -- self-metrics ---------------------------------------------------------------------------
+    def _gauge_series(self, _opts: CallbackOptions):
+        return [Observation(self.book.exported, {"k8s.node.name": self.cfg.node_name})]
+
+    def _gauge_dropped(self, _opts: CallbackOptions):
+        return [Observation(self.book.dropped, {"k8s.node.name": self.cfg.node_name})]
+
+    def _gauge_probes(self, _opts: CallbackOptions):
+        probes = self.tcp.probes if self.tcp else {}
+        return [Observation(1 if st == "attached" else 0, {"k8s.node.name": self.cfg.node_name,
+                                                            "nodewire.probe": tp})
+                for tp, st in probes.items()]
+
+    def histograms(self) -> dict[str, dict[tuple, Log2Histogram]]:
+        """The labelled kernel histograms (for the terminal views)."""
+        return self.read().histograms

@@ -1,0 +1,171 @@
+"""`nodewire topo` and `nodewire rdma`: the RDMA/GPU-NIC commands."""
+from __future__ import annotations
+
+import json
+import os
+import sys
+
+import click
+
+from .topology import TopologyError, build_topology, render_table
+
+
+@click.command()
+@click.option("--sysfs-root", default="/sys", show_default=True, type=click.Path(file_okay=False),
+              help="Read sysfs from here (a fixture tree in tests).")
+@click.option("-o", "--output", type=click.Choice(["table", "json", "resourceslice"]), default="table",
+              show_default=True, help="resourceslice: the devices as a resource.k8s.io/v1 ResourceSlice (JSON).")
+@click.option("--node-name", default=None, help="Node name for -o resourceslice [default: hostname].")
+def topo(sysfs_root: str, output: str, node_name: str | None) -> None:
+    """GPU↔NIC PCIe distance (PIX/PXB/PHB/NODE/SYS, as nvidia-smi topo -m) and each GPU's closest NIC."""
+    try:
+        t = build_topology(sysfs_root)
+    except TopologyError as e:
+        raise click.ClickException(str(e)) from None
+    if output == "resourceslice":
+        import socket
+
+        from .topology import resource_slice
+        click.echo(json.dumps(resource_slice(t, node_name or socket.gethostname()), indent=2))
+    elif output == "json":
+        json.dump(t.to_json(), sys.stdout, indent=2, sort_keys=True)
+        sys.stdout.write("\n")
+    else:
+        click.echo(render_table(t))
+
+
+def _parse_duty(text: str | None):
+    if not text:
+        return None
+    try:
+        on, period = (float(x) for x in text.split("/"))
+    except ValueError:
+        raise click.BadParameter(f"{text!r}: expected ON/PERIOD seconds, e.g. 0.05/5", param_hint="--duty")
+    if not 0 < on <= period:
+        raise click.BadParameter(f"{text!r}: need 0 < ON <= PERIOD", param_hint="--duty")
+    return on, period
+
+
+def _quantile_us(slots, q: float) -> int:
+    n = sum(slots)
+    seen = 0
+    for s, c in enumerate(slots):
+        seen += c
+        if c and seen >= q * n:
+            return 1 << s
+    return 0
+
+
+def snapshot_json(snap, ports, kernel_tracepoints=None) -> dict:
+    return {
+        "kernel_tracepoints": kernel_tracepoints or {},
+        "qps": [{"pid": h.pid, "comm": h.comm, "device": h.device, "qp_num": h.qp_num,
+                 "direction": h.direction, "count": h.count, "sum_us": h.sum_us,
+                 "p50_us_le": _quantile_us(h.slots, 0.5), "p99_us_le": _quantile_us(h.slots, 0.99),
+                 "slots": {str(s): c for s, c in enumerate(h.slots) if c}} for h in snap.latency],
+        "errors": [{"pid": e.pid, "comm": e.comm, "device": e.device, "qp_num": e.qp_num,
+                    "status": e.status, "count": e.count} for e in snap.errors],
+        "stats": snap.stats,
+        "ports": [{"device": c.device, "port": c.port, "source": c.source, "counter": c.name,
+                   "value": c.value} for c in ports],
+    }
+
+
+def render(snap, ports):
+    from rich.console import Group
+    from rich.table import Table
+
+    qps = Table(title="verbs work requests (latency: post → completion polled; bucket upper bounds)")
+    for col in ("pid", "comm", "device", "qp", "dir", "count", "p50 ≤µs", "p99 ≤µs", "errors"):
+        qps.add_column(col, justify="right" if col in ("pid", "count", "p50 ≤µs", "p99 ≤µs") else "left")
+    errs: dict[tuple, list[str]] = {}
+    for e in snap.errors:
+        errs.setdefault((e.pid, e.qp_num), []).append(f"{e.status}={e.count}")
+    for h in snap.latency:
+        qps.add_row(str(h.pid), h.comm, h.device, f"0x{h.qp_num:x}", h.direction, str(h.count),
+                    str(_quantile_us(h.slots, 0.5)), str(_quantile_us(h.slots, 0.99)),
+                    " ".join(errs.get((h.pid, h.qp_num), [])) if h.direction == "send" else "")
+    port_tbl = Table(title="RDMA port counters")
+    for col in ("device", "port", "counter", "value"):
+        port_tbl.add_column(col)
+    for c in ports:
+        if c.value:
+            port_tbl.add_row(c.device, c.port, c.name, str(c.value))
+    return Group(qps, port_tbl)
+
+
+@click.command()
+@click.option("--libibverbs", "libs", multiple=True, type=click.Path(exists=True, dir_okay=False),
+              help="libibverbs file(s) to watch from the start (more are found in traced processes' maps).")
+@click.option("--cgroup", "cgroups", multiple=True, type=click.Path(exists=True, file_okay=False),
+              help="Only trace processes in these cgroup v2 directories (opted-in pods). Default: all.")
+@click.option("--duty", default=None, help="Trace ON seconds out of every PERIOD, e.g. 0.05/5 (cost bound).")
+@click.option("--time-box", type=float, default=None, help="Detach all probes after N seconds (keep showing data).")
+@click.option("--sysfs-root", default="/sys", show_default=True, type=click.Path(file_okay=False))
+@click.option("--interval", default=1.0, show_default=True, help="Refresh every N seconds.")
+@click.option("--duration", type=float, default=None, help="Stop after N seconds and print once.")
+@click.option("-o", "--output", type=click.Choice(["table", "json"]), default="table", show_default=True)
+def rdma(libs, cgroups, duty, time_box, sysfs_root, interval, duration, output) -> None:
+    """Live per-QP verbs latency and errors, and RDMA port counters."""
+    import time
+
+    from .counters import RdmaPortCounters
+    from .layout import LayoutError
+    from .verbs import VerbsTracer, kernel_rdma_tracepoints
+
+    kernel_tp = kernel_rdma_tracepoints()
+    try:
+        from .layout import CACHE_DIR
+        tracer = VerbsTracer(libibverbs=libs, cgroups=list(cgroups) or None, duty=_parse_duty(duty),
+                             time_box=time_box, provider_cache=os.path.join(CACHE_DIR, "rdma-providers.json"))
+    except LayoutError as e:
+        raise click.ClickException(str(e)) from None
+    ports = RdmaPortCounters(sysfs_root)
+    with tracer:
+        tracer.start()
+        end = time.monotonic() + duration if duration is not None else None
+        if output == "json" or end is not None or not sys.stdout.isatty():
+            time.sleep(max(0.0, end - time.monotonic()) if end else interval)
+            snap, pc = tracer.snapshot(), ports.read()
+            if output == "json":
+                click.echo(json.dumps(snapshot_json(snap, pc, kernel_tp), indent=2))
+            else:
+                from rich.console import Console
+                Console().print(render(snap, pc))
+            return
+        from rich.live import Live
+        with Live(render(tracer.snapshot(), ports.read()), refresh_per_second=4) as live:
+            try:
+                while True:
+                    time.sleep(interval)
+                    live.update(render(tracer.snapshot(), ports.read()))
+            except KeyboardInterrupt:
+                pass
+
+
+@click.command("rdma")
+@click.option("--wrs", default=200_000, show_default=True, help="Work requests per unpaced run.")
+@click.option("--rate", default=100_000, show_default=True, help="Paced run: work requests per second.")
+@click.option("--rate-ms", default=5000, show_default=True, help="Paced run length (ms).")
+@click.option("--duty", "duties", multiple=True, default=("0.05/5", "0.05/20"), show_default=True,
+              help="Duty cycles ON/PERIOD to measure under the paced load.")
+@click.option("-o", "--output", type=click.Choice(["table", "json"]), default="table", show_default=True)
+def rdma_bench(wrs, rate, rate_ms, duties, output) -> None:
+    """Cost of verbs tracing on the mock verbs stack: per-probe overhead, throughput on/off, duty cycles."""
+    from .bench import run
+
+    res = run(wrs, rate, rate_ms, tuple(_parse_duty(d) for d in duties))
+    if output == "json":
+        click.echo(json.dumps(res, indent=2))
+        return
+    click.echo(f"unpaced, chain 1: {res['off_ns_per_wr_chain1']:.0f} ns/WR off, "
+               f"{res['on_ns_per_wr_chain1']:.0f} ns/WR traced → throughput ×{res['throughput_ratio_on_off_chain1']:.4f}; "
+               f"overhead {res['overhead_ns_per_wr_chain1']:.0f} ns/WR ≈ {res['overhead_ns_per_probe_hit']:.0f} ns per probe hit")
+    click.echo(f"unpaced, chain 8: {res['off_ns_per_wr_chain8']:.0f} ns/WR off, "
+               f"{res['on_ns_per_wr_chain8']:.0f} ns/WR traced → ×{res['throughput_ratio_on_off_chain8']:.4f}")
+    click.echo(f"paced {rate} WR/s: CPU {res['rate_cpu_off']:.1%} off, {res['rate_cpu_on']:.1%} traced "
+               f"(cost {res['rate_cost_on']:.1%} of a core; achieved {res['rate_achieved_on_wr_s']:.0f} WR/s)")
+    for d in res["duty_cycles"]:
+        click.echo(f"  duty {d['on_s']}/{d['period_s']} s (measured on-time {d['duty_measured']:.1%}): "
+                   f"cost {d['cost']:.1%} of a core (≈{d.get('tail_s_per_window', 0):.2f} s of trapping "
+                   f"per window beyond it)")

@@ -1,0 +1,527 @@
+"""Per-pod observability in the real kernel: sandbox pods, real tracepoints and tc programs, the real
+socket LB, a real Prometheus scraping the agent's endpoint and a test OTLP/HTTP receiver decoding the
+real OTLP protobufs.
+
+The module's sandbox runs IPv4 only (IPv6 disabled on the bridge and pod links) so that no router
+solicitation / MLD / ND frame lands on a pod veth during a measurement: the byte counters are then
+checked for exact equality with the frames the test sends.
+"""
+from __future__ import annotations
+
+import os
+import random
+import shutil
+import subprocess
+import sys
+import urllib.parse
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from agent.datapath.attach import attach_sock_lb, detach_sock_lb
+from agent.datapath.loader import SockLB
+from agent.datapath.reconciler import Reconciler
+from agent.export.telemetry import start_telemetry
+from agent.model.objects import ObjectKey, Pod
+from agent.model.parse import parse_endpoint_slice, parse_service
+from agent.observe.histogram import HIST_SLOTS, slot_of
+from agent.observe.identity import OBSERVE_ANNOTATION, ObserveConfig
+from agent.observe.observer import Observer
+from agent.sandbox import Sandbox
+from agent.state import ClusterState
+from tests.conftest import wait_for
+from tests.observe_helpers import OtlpReceiver, PrometheusServer, samples, sh
+from tests.manifests import endpoint_slice, service
+
+pytestmark = pytest.mark.root
+
+NODE = "node-obs"
+ETH, IP4, UDP, ICMP = 14, 20, 8, 8  # header sizes (bytes) of the frames the tests send
+DASHBOARDS = Path(__file__).resolve().parents[1] / "deploy" / "grafana"
+
+
+def pod_object(p, annotations=()) -> Pod:
+    return Pod(ObjectKey(p.namespace, p.name), (p.ip4,), NODE, annotations=tuple(annotations))
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory):
+    """Sandbox (IPv4 only) with pods a, b, c; socket LB on the sandbox cgroup; the observer; the
+    metrics endpoint with an OTLP exporter pointed at the test receiver; a real Prometheus."""
+    work = tmp_path_factory.mktemp("observe")
+    receiver = OtlpReceiver()
+    stack = []
+    # Tracepoints see every namespace: other sandboxes on this machine (default 10.244.0.0/24) must
+    # not share our pod addresses, so this module uses its own random /24 (unique on a real node).
+    net = f"10.{random.randrange(100, 200)}.{random.randrange(0, 256)}"
+    with Sandbox(subnet4=f"{net}.0/24") as sb:
+        pin = f"/sys/fs/bpf/{sb.prefix}"
+        try:
+            sh(sb.node_netns, "sysctl", "-qw", "net.ipv6.conf.all.disable_ipv6=1",
+               "net.ipv6.conf.default.disable_ipv6=1", "net.ipv6.conf.br0.disable_ipv6=1")
+            pods = {}
+            for name in ("a", "b", "c"):
+                p = pods[name] = sb.add_pod(name)
+                sh(p.netns, "sysctl", "-qw", "net.ipv6.conf.all.disable_ipv6=1", "net.ipv6.conf.eth0.disable_ipv6=1")
+            state = ClusterState()
+            for p in pods.values():
+                state.apply_pod(ObjectKey(p.namespace, p.name), pod_object(p))
+            lb = SockLB(pin)
+            stack.append(lambda: detach_sock_lb(sb.cgroup))
+            attach_sock_lb(lb, sb.cgroup)
+            rec = Reconciler(lb.services, lb.backends)
+            tel = start_telemetry("127.0.0.1:0", NODE, env={
+                "OTEL_EXPORTER_OTLP_ENDPOINT": f"http://127.0.0.1:{receiver.port}",
+                "OTEL_METRIC_EXPORT_INTERVAL": "3600000"})  # exports happen on force_flush()
+            stack.append(tel.shutdown)
+            obs = Observer(state, tel, ObserveConfig(node_name=NODE, max_series=2000), pin,
+                           veth_netns=sb.node_netns, lb=lb, reconciler=rec).start()
+            stack.append(obs.close)
+            for p in pods.values():
+                obs.set_pod_interface(ObjectKey(p.namespace, p.name), p.host_veth)
+            prom = PrometheusServer(f"127.0.0.1:{tel.port}", work)
+            stack.append(prom.close)
+            yield {"net": net, "sb": sb, "pods": pods, "state": state, "obs": obs, "tel": tel, "lb": lb, "rec": rec,
+                   "prom": prom, "receiver": receiver, "work": work}
+        finally:
+            for undo in reversed(stack):
+                try:
+                    undo()
+                except Exception as e:  # keep cleaning up
+                    print(f"cleanup: {e}", file=sys.stderr)
+            receiver.close()
+            shutil.rmtree(pin, ignore_errors=True)
+
+
+def scrape(env) -> str:
+    with urllib.request.urlopen(f"http://127.0.0.1:{env['tel'].port}/metrics", timeout=10) as r:
+        return r.read().decode()
+
+
+def counter(env, metric: str, **attrs) -> int:
+    """Sum of a labelled counter in the observer's reading, over the series matching attrs."""
+    r = env["obs"].read()
+    return sum(v for k, v in r.counters.get(metric, {}).items() if all(dict(k).get(a) == b for a, b in attrs.items()))
+
+
+def traffic(env, pod: str, direction: str) -> tuple[int, int]:
+    r = env["obs"].read()
+    pk = [v for k, v in r.counters.get("pod_packets", {}).items()
+          if dict(k)["k8s.pod.name"] == pod and dict(k)["network.io.direction"] == direction]
+    by = [v for k, v in r.counters.get("pod_bytes", {}).items()
+          if dict(k)["k8s.pod.name"] == pod and dict(k)["network.io.direction"] == direction]
+    return (sum(pk), sum(by))
+
+
+def hist(env, metric: str, pod: str):
+    for attrs, h in env["obs"].read().histograms.get(metric, {}).items():
+        if dict(attrs)["k8s.pod.name"] == pod:
+            return list(h.counts), h.total
+    return [0] * HIST_SLOTS, 0
+
+
+def snapshot(env):
+    return {(p, d): traffic(env, p, d) for p in env["pods"] for d in ("transmit", "receive")}
+
+
+def delta(before, after):
+    return {k: (after[k][0] - before[k][0], after[k][1] - before[k][1]) for k in after}
+
+
+# -- kernel probes -------------------------------------------------------------------------------
+def test_all_tracepoints_attached_and_exported_as_status(env):
+    assert env["obs"].tcp.probes == {tp: "attached" for tp in
+                                     ("sock:inet_sock_set_state", "tcp:tcp_probe", "tcp:tcp_retransmit_skb",
+                                      "skb:kfree_skb")}
+    s = samples(scrape(env), "nodewire_observer_probe_status")
+    assert len(s) == 4 and set(s.values()) == {1.0}
+
+
+def test_a_missing_tracepoint_is_compiled_out_and_reported(monkeypatch, tmp_path):
+    from bcc import BPF
+
+    from agent.observe.kernel import TcpObserver
+
+    real = BPF.tracepoint_exists
+    monkeypatch.setattr(BPF, "tracepoint_exists",
+                        staticmethod(lambda cat, ev: False if ev == "tcp_probe" else real(cat, ev)))
+    pin = f"/sys/fs/bpf/nwobs-probe-{os.getpid()}"
+    t = TcpObserver(pin)
+    try:
+        assert t.probes["tcp:tcp_probe"] == "missing"
+        assert t.probes["sock:inet_sock_set_state"] == "attached"
+        attached = {tp.decode() if isinstance(tp, bytes) else tp for tp in t.bpf.tracepoint_fds}
+        assert attached == {"sock:inet_sock_set_state", "tcp:tcp_retransmit_skb", "skb:kfree_skb"}
+    finally:
+        t.close()
+        shutil.rmtree(pin, ignore_errors=True)
+
+
+# -- per-pod bytes and packets -------------------------------------------------------------------
+def test_ping_counts_exact_frames_both_ways(env):
+    a, b = env["pods"]["a"], env["pods"]["b"]
+    a.run(["ping", "-c", "1", "-W", "2", b.ip4])  # resolve ARP first: only ICMP in the window
+    before = snapshot(env)
+    a.run(["ping", "-c", "3", "-i", "0.2", "-s", "56", "-W", "2", b.ip4])
+    d = delta(before, snapshot(env))
+    frame = ETH + IP4 + ICMP + 56  # 98 bytes: echo request and echo reply are the same size
+    assert d[("a", "transmit")] == (3, 3 * frame)
+    assert d[("b", "receive")] == (3, 3 * frame)
+    assert d[("b", "transmit")] == (3, 3 * frame)  # replies made by b's kernel, no process involved
+    assert d[("a", "receive")] == (3, 3 * frame)
+    assert d[("c", "transmit")] == (0, 0) and d[("c", "receive")] == (0, 0)
+
+
+def test_udp_datagrams_count_exact_bytes(env):
+    a, b = env["pods"]["a"], env["pods"]["b"]
+    n, size, port = 200, 1000, 9100
+    sink = b.popen([sys.executable, "-c", f"""
+import socket
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); s.bind(("0.0.0.0", {port})); s.settimeout(10)
+s.setsockopt(socket.SOL_SOCKET, 33, 8 << 20)  # SO_RCVBUFFORCE: room for the whole burst
+print("ready", flush=True)
+got = 0
+while got < {n}:
+    got += len(s.recv(65535)) == {size}
+print(got, flush=True)
+"""])
+    assert sink.stdout.readline().strip() == "ready"
+    a.run(["ping", "-c", "1", "-W", "2", b.ip4])
+    before = snapshot(env)
+    a.python(f"""
+import socket
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+for _ in range({n}):
+    s.sendto(b"x" * {size}, ("{b.ip4}", {port}))
+""")
+    assert sink.stdout.readline().strip() == str(n), sink.stderr.read()
+    sink.wait(5)
+    d = delta(before, snapshot(env))
+    frame = ETH + IP4 + UDP + size
+    assert d[("a", "transmit")] == (n, n * frame)
+    assert d[("b", "receive")] == (n, n * frame)
+    assert d[("a", "receive")] == (0, 0) and d[("b", "transmit")] == (0, 0)
+
+
+# -- TCP -----------------------------------------------------------------------------------------
+def nft(netns: str, script: str) -> None:
+    sh(netns, "nft", "-f", "-", input=script)
+
+
+def test_connect_delayed_by_one_dropped_syn_lands_in_the_1s_bucket(env):
+    """The server pod drops the first SYN (nft quota: the first 60-byte SYN is under 100 bytes, the
+    retransmitted one brings the total over it); the client's SYN retransmission timer (initial RTO
+    1 s, RFC 6298 §2.1) makes the connect take 1 s + a little, i.e. bucket (2^19, 2^20] µs."""
+    a, b = env["pods"]["a"], env["pods"]["b"]
+    b.serve(tcp_ports=[9000])
+    nft(b.netns, """
+table inet nwtest {
+  chain input { type filter hook input priority 0;
+    tcp dport 9000 tcp flags & (syn | ack) == syn quota until 100 bytes counter drop
+  }
+}
+""")
+    try:
+        counts0, _ = hist(env, "connect", "a")
+        took = float(a.python(f"""
+import socket, time
+t = time.monotonic(); s = socket.create_connection(("{b.ip4}", 9000), timeout=5); print(time.monotonic() - t)
+"""))
+        counts1, total1 = hist(env, "connect", "a")
+    finally:
+        nft(b.netns, "delete table inet nwtest")
+    new = [c1 - c0 for c0, c1 in zip(counts0, counts1)]
+    assert 1.0 <= took < 1.048, f"connect took {took}s: the SYN drop did not behave as designed"
+    assert new[slot_of(int(took * 1e6))] == 1 and sum(new) == 1, new
+    assert slot_of(int(took * 1e6)) == 20  # (0.524288 s, 1.048576 s]
+    # the same sample in the Prometheus exposition: bucket le=1.048576 gained it, le=0.524288 did not
+    text = scrape(env)
+    le = lambda v: samples(text, "nodewire_tcp_connect_duration_seconds_bucket", k8s_pod_name="a", le=v)  # noqa: E731
+    assert list(le("1.048576").values())[0] - list(le("0.524288").values())[0] >= 1
+
+
+def test_retransmit_of_a_dropped_segment_is_counted_against_the_peer_pod(env):
+    a, b = env["pods"]["a"], env["pods"]["b"]
+    b.serve(tcp_ports=[9001])
+    # The first segment carrying data (IP length > 52: 20 IP + 32 TCP with timestamps) is dropped once.
+    nft(b.netns, """
+table inet nwtest {
+  chain input { type filter hook input priority 0;
+    tcp dport 9001 ip length > 52 quota until 100 bytes counter drop
+  }
+}
+""")
+    peer = {"nodewire.peer.kind": "pod", "nodewire.peer.name": "default/b"}
+    try:
+        before = counter(env, "retrans", **{"k8s.pod.name": "a"}, **peer)
+        reply = a.python(f"""
+import socket
+s = socket.create_connection(("{b.ip4}", 9001), timeout=5); s.sendall(b"G"); print(s.recv(100).decode().strip())
+""")
+        dropped = sh(b.netns, "nft", "list", "table", "inet", "nwtest")
+    finally:
+        nft(b.netns, "delete table inet nwtest")
+    assert reply.strip() == "b"
+    assert "packets 1 " in dropped  # exactly one segment was dropped
+    assert counter(env, "retrans", **{"k8s.pod.name": "a"}, **peer) - before == 1
+
+
+def test_drop_reason_udp_csum_counted_exactly(env):
+    a, c = env["pods"]["a"], env["pods"]["c"]
+    before = counter(env, "drops", **{"nodewire.drop.reason": "UDP_CSUM"})
+    a.python(f"""
+import socket, struct
+s = socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_UDP)
+pkt = struct.pack("!HHHH", 40000, 9999, 12, 0xdead) + b"abcd"   # checksum 0xdead is wrong
+for _ in range(7):
+    s.sendto(pkt, ("{c.ip4}", 0))
+""")
+    wait_for(lambda: counter(env, "drops", **{"nodewire.drop.reason": "UDP_CSUM"}) - before >= 7, 5,
+             what="7 UDP_CSUM drops")
+    assert counter(env, "drops", **{"nodewire.drop.reason": "UDP_CSUM"}) - before == 7
+
+
+# -- service datapath counters -------------------------------------------------------------------
+def test_service_connects_per_backend_and_refusals(env):
+    a, b, c = (env["pods"][n] for n in "abc")
+    c.serve(tcp_ports=[8080])
+    objs = {ObjectKey("default", "web"): (service("web", ["10.96.7.1"], port_name="http"),
+                                          endpoint_slice("web", [c.ip4], port_name="http")),
+            ObjectKey("default", "empty"): (service("empty", ["10.96.7.2"]), endpoint_slice("empty", []))}
+    for key, (svc, sl) in objs.items():
+        env["state"].apply_service(key, parse_service(svc))
+        env["state"].apply_slice(ObjectKey("default", sl["metadata"]["name"]), parse_endpoint_slice(sl))
+    res = env["rec"].apply(env["state"].take_dirty())
+    assert not res.errors
+    a.python("""
+import socket
+for _ in range(4):
+    s = socket.create_connection(("10.96.7.1", 80), timeout=5); s.sendall(b"x"); s.recv(10); s.close()
+for _ in range(3):
+    try:
+        socket.create_connection(("10.96.7.2", 80), timeout=5)
+    except ConnectionRefusedError:
+        pass
+""")
+    text = scrape(env)
+    got = samples(text, "nodewire_service_connects_total", k8s_service_name="web")
+    assert list(got.values()) == [4.0]
+    assert dict(list(got)[0])["nodewire_backend_address"] == f"{c.ip4}:8080"
+    refused = samples(text, "nodewire_service_refusals_total", k8s_service_name="empty")
+    assert list(refused.values()) == [3.0]
+    assert dict(list(refused)[0])["nodewire_refusal_reason"] == "no_backend"
+
+    # "web" goes away and "api" comes with the same backend: the reconciler may hand "api" web's
+    # service id, so the kernel's counter for that id already holds 4; api's series must start at 0
+    sid = lambda svc: {i for i, n in env["rec"].service_names().items() if n["service"] == svc}  # noqa: E731
+    web_ids = sid("default/web")
+    env["state"].apply_service(ObjectKey("default", "web"), None)
+    env["state"].apply_slice(ObjectKey("default", "web-ipv4"), None)
+    assert not env["rec"].apply(env["state"].take_dirty()).errors
+    assert not samples(scrape(env), "nodewire_service_connects_total", k8s_service_name="web")
+    env["state"].apply_service(ObjectKey("default", "api"), parse_service(service("api", ["10.96.7.3"], port_name="http")))
+    env["state"].apply_slice(ObjectKey("default", "api-ipv4"),
+                             parse_endpoint_slice(endpoint_slice("api", [c.ip4], port_name="http")))
+    assert not env["rec"].apply(env["state"].take_dirty()).errors
+    assert sid("default/api") == web_ids  # the case this checks: the id was handed on
+    a.python("""
+import socket
+for _ in range(2):
+    s = socket.create_connection(("10.96.7.3", 80), timeout=5); s.sendall(b"x"); s.recv(10); s.close()
+""")
+    assert list(samples(scrape(env), "nodewire_service_connects_total", k8s_service_name="api").values()) == [2.0]
+
+
+# -- exporters -----------------------------------------------------------------------------------
+def test_prometheus_scrapes_and_promtool_accepts_the_exposition(env):
+    text = scrape(env)
+    r = subprocess.run(["promtool", "check", "metrics"], input=text, capture_output=True, text=True)
+    assert r.returncode == 0, r.stdout + r.stderr
+    prom = env["prom"]
+    wait_for(lambda: prom.query('nodewire_tcp_connect_duration_seconds_bucket{k8s_pod_name="a"}'), 10,
+             what="histogram in prometheus")
+    rate = prom.query('sum by (k8s_pod_name) (k8s_pod_network_io_bytes_total{network_io_direction="transmit"})')
+    assert {r["metric"]["k8s_pod_name"] for r in rate} >= {"a", "b"}
+    meta = prom.api("metadata", metric="nodewire_tcp_connect_duration_seconds")["data"]
+    assert meta["nodewire_tcp_connect_duration_seconds"][0]["type"] == "histogram"
+
+
+def test_otlp_receiver_gets_the_same_histogram_buckets(env):
+    env["tel"].provider.force_flush()
+    counts, total = hist(env, "connect", "a")  # no traffic in between: the kernel map is unchanged
+    path, ctype, req = env["receiver"].requests[-1]
+    assert path == "/v1/metrics" and ctype == "application/x-protobuf"
+    rm = req.resource_metrics[0]
+    res = {kv.key: kv.value.string_value for kv in rm.resource.attributes}
+    assert res["service.name"] == "nodewire" and res["k8s.node.name"] == NODE
+    points = [dp for sm in rm.scope_metrics for m in sm.metrics if m.name == "nodewire.tcp.connect.duration"
+              for dp in m.histogram.data_points
+              if {kv.key: kv.value.string_value for kv in dp.attributes}.get("k8s.pod.name") == "a"]
+    assert len(points) == 1
+    dp = points[0]
+    assert list(dp.bucket_counts) == counts
+    assert dp.count == sum(counts) and dp.sum == pytest.approx(total * 1e-6)
+    assert list(dp.explicit_bounds)[19:21] == [0.524288, 1.048576]
+    assert not dp.HasField("min") and not dp.HasField("max")  # unknown below bucket precision: unset
+
+
+# -- lifecycle and cardinality -------------------------------------------------------------------
+def test_deleting_a_pod_removes_its_series_at_the_next_collection(env):
+    c = env["pods"]["c"]
+    key = ObjectKey(c.namespace, c.name)
+    assert samples(scrape(env), "k8s_pod_network_io_bytes_total", k8s_pod_name="c")
+    env["state"].apply_pod(key, None)
+    try:
+        text = scrape(env)
+        assert not [l for l in text.splitlines() if 'k8s_pod_name="c"' in l]
+        assert c.host_veth not in env["obs"].traffic.attached  # its tc programs are gone too
+        assert samples(text, "k8s_pod_network_io_bytes_total", k8s_pod_name="a")
+    finally:
+        env["state"].apply_pod(key, pod_object(c))
+
+
+def test_opt_out_annotation_removes_a_pod(env):
+    b = env["pods"]["b"]
+    key = ObjectKey(b.namespace, b.name)
+    env["state"].apply_pod(key, pod_object(b, [(OBSERVE_ANNOTATION, "false")]))
+    try:
+        text = scrape(env)
+        assert not [l for l in text.splitlines() if 'k8s_pod_name="b"' in l]
+        assert b.host_veth not in env["obs"].traffic.attached
+    finally:
+        env["state"].apply_pod(key, pod_object(b))
+    env["obs"].sync()
+    assert b.host_veth in env["obs"].traffic.attached
+
+
+def test_series_cap_holds_under_1000_short_lived_pods(env):
+    """1,000 pods come and go (pod objects, with real kernel entries: each pod's IP is an address on
+    a's loopback and one TCP connect is made from it, so connect and srtt histograms exist for it).
+    A series here is one OTel data point (a histogram is one series however many buckets it has).
+    The cap holds at every collection and the kernel's histogram map does not keep dead pods."""
+    a = env["pods"]["a"]
+    obs, state = env["obs"], env["state"]
+    cap = 150
+    churn_net = f"10.{int(env['net'].split('.')[1]) - 50}"  # a /16 of its own (10.50-149.x.x)
+    obs.book.max_series = cap
+    try:
+        for batch in range(10):
+            ips = [f"{churn_net}.{batch}.{i}" for i in range(1, 101)]
+            sh(a.netns, "ip", "-batch", "-", input="".join(f"addr add {ip}/32 dev lo\n" for ip in ips))
+            keys = [ObjectKey("churn", f"p{batch}-{i}") for i in range(100)]
+            for k, ip in zip(keys, ips):
+                state.apply_pod(k, Pod(k, (ip,), NODE))
+            obs.sync()
+            a.python(f"""
+import socket
+srv = socket.socket(); srv.bind(("0.0.0.0", 0)); srv.listen(200); port = srv.getsockname()[1]
+for ip in {ips!r}:
+    c = socket.socket(); c.bind((ip, 0)); c.connect((ip, port)); c.close()
+""")
+            text = scrape(env)
+            series = [l for l in text.splitlines() if l and not l.startswith("#") and "churn" in l]
+            churn_pods = {l.split('k8s_pod_name="')[1].split('"')[0] for l in series}
+            assert churn_pods, "the churn pods produced no series"
+            assert obs.book.exported <= cap and obs.book.dropped > 0  # 100 pods x 2 histograms > cap
+            for k in keys:  # the pods die
+                state.apply_pod(k, None)
+            sh(a.netns, "ip", "-batch", "-", input="".join(f"addr del {ip}/32 dev lo\n" for ip in ips))
+            obs.sync()
+            text = scrape(env)
+            assert "churn" not in text
+        assert obs.book.dropped == 0  # after the churn, the survivors fit again
+        kernel_ips = {ip for ip, _m, _c, _t in obs.tcp.read_histograms()}
+        assert not any(ip.startswith(churn_net + ".") for ip in kernel_ips)
+    finally:
+        obs.book.max_series = obs.cfg.max_series
+
+
+# -- terminal views ------------------------------------------------------------------------------
+def test_top_and_latency_views_read_the_endpoint(env):
+    from click.testing import CliRunner
+
+    from agent.cli import main
+
+    a, b = env["pods"]["a"], env["pods"]["b"]
+    b.serve(tcp_ports=[9002])
+    addr = f"127.0.0.1:{env['tel'].port}"
+    load = a.popen([sys.executable, "-c", f"""
+import socket, time
+for _ in range(40):
+    s = socket.create_connection(("{b.ip4}", 9002), timeout=5); s.sendall(b"x" * 1000); s.recv(100); s.close()
+    time.sleep(0.02)
+"""])
+    try:
+        out = CliRunner().invoke(main, ["top", "--metrics-addr", addr, "--interval", "1", "--once"],
+                                 terminal_width=160)
+    finally:
+        load.wait(30)
+    assert out.exit_code == 0, out.output
+    row = [line for line in out.output.splitlines() if "default/a " in line]
+    assert row and ("µs" in row[0] or "ms" in row[0]), out.output  # a's connect p50 in the interval
+    lat = CliRunner().invoke(main, ["latency", "--metrics-addr", addr, "--pod", "a"], terminal_width=160)
+    assert lat.exit_code == 0, lat.output
+    assert "default/a" in lat.output and "█" in lat.output
+    assert "default/b" not in lat.output  # --pod filters
+
+
+def test_ipv6_connects_and_srtt_are_keyed_by_the_pod_v6_address(env):
+    """Last in the module: turns IPv6 back on (its link chatter no longer matters here)."""
+    sb, a, b = env["sb"], env["pods"]["a"], env["pods"]["b"]
+    sh(sb.node_netns, "sysctl", "-qw", "net.ipv6.conf.br0.disable_ipv6=0")
+    sh(sb.node_netns, "ip", "addr", "add", f"{sb.gateway6}/{sb.net6.prefixlen}", "dev", "br0", "nodad")
+    for p in (a, b):
+        sh(p.netns, "sysctl", "-qw", "net.ipv6.conf.eth0.disable_ipv6=0")
+        sh(p.netns, "ip", "addr", "add", f"{p.ip6}/{sb.net6.prefixlen}", "dev", "eth0", "nodad")
+        key = ObjectKey(p.namespace, p.name)
+        env["state"].apply_pod(key, Pod(key, (p.ip4, p.ip6), NODE))
+    env["obs"].sync()
+    b.serve(tcp_ports=[9003])
+    c0, _ = hist(env, "connect", "a")
+    s0, _ = hist(env, "srtt", "a")
+    a.python(f"""
+import socket
+s = socket.create_connection(("{b.ip6}", 9003), timeout=5); s.sendall(b"x" * 100); s.recv(100); s.close()
+""")
+    c1, _ = hist(env, "connect", "a")
+    s1, _ = hist(env, "srtt", "a")
+    assert sum(c1) - sum(c0) == 1   # the one v6 connect, attributed to pod a through its v6 address
+    assert sum(s1) > sum(s0)        # tcp_probe's sockaddr_in6 image read at the v6 offset
+
+
+def test_a_routed_pod_veth_is_found_from_the_node_route(env):
+    """A pod the way routed CNIs (Calico, the ptp plugin) wire it: its own veth in the node
+    namespace, a /32 route to it, proxy ARP. No annotation, no CNI call: the observer finds the veth
+    from the node's route and counts the pod's traffic."""
+    sb, a = env["sb"], env["pods"]["a"]
+    ns, node_if = f"{sb.prefix}-routed", f"{sb.prefix[:6]}rp0"
+    x, y = env["net"].split(".")[1:]
+    ip = f"10.{x}.{(int(y) + 1) % 256}.200"  # off the bridge's /24: reached through the node's routes
+    key = ObjectKey("default", "routed")
+    subprocess.run(["ip", "netns", "add", ns], check=True)
+    try:
+        sh(sb.node_netns, "sysctl", "-qw", "net.ipv4.ip_forward=1")
+        sh(sb.node_netns, "ip", "-batch", "-", input=f"""link add {node_if} type veth peer name eth0 netns {ns}
+link set {node_if} up
+route add {ip}/32 dev {node_if}
+""")
+        sh(sb.node_netns, "sysctl", "-qw", f"net.ipv4.conf.{node_if}.proxy_arp=1")
+        sh(ns, "ip", "-batch", "-", input=f"""link set lo up
+link set eth0 up
+addr add {ip}/32 dev eth0
+route add default dev eth0
+""")
+        env["state"].apply_pod(key, Pod(key, (ip,), NODE))
+        env["obs"].sync()
+        assert env["obs"].traffic.attached.get(node_if)
+        assert "a" not in [k.name for k, v in env["obs"]._pod_ifnames.items() if v == node_if]
+        a.run(["ping", "-c", "3", "-i", "0.2", "-W", "2", ip])
+        received = counter(env, "pod_packets", **{"k8s.pod.name": "routed", "network.io.direction": "receive"})
+        sent = counter(env, "pod_packets", **{"k8s.pod.name": "routed", "network.io.direction": "transmit"})
+        assert received >= 3 and sent >= 3  # 3 echo requests in, 3 replies out (plus ARP)
+    finally:
+        env["state"].apply_pod(key, None)
+        env["obs"].sync()
+        subprocess.run(["ip", "netns", "del", ns])
+    assert node_if not in env["obs"].traffic.attached

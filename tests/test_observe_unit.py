@@ -1,0 +1,167 @@
+"""Pure parts of observability (no root): histogram slots, drop-reason parsing, identities, series cap."""
+from __future__ import annotations
+
+from opentelemetry.sdk.metrics.export import Histogram, MetricsData, ResourceMetrics, Sum
+from opentelemetry.sdk.resources import Resource
+
+from agent.export.telemetry import Producers, otlp_endpoint_from_env
+from agent.model.objects import ObjectKey, Pod, Service, ServicePort
+from agent.observe.drop_reasons import parse_drop_reasons, reason_name
+from agent.observe.histogram import HIST_SLOTS, Log2Histogram, bounds, slot_of
+from agent.observe.identity import OBSERVE_ANNOTATION, Identity, ObserveConfig
+from agent.observe.series import Reading, SeriesBook
+from agent.state import ClusterState
+
+
+def test_slots_are_upper_inclusive_powers_of_two():
+    assert [slot_of(v) for v in (0, 1, 2, 3, 4, 5, 8, 9)] == [0, 0, 1, 2, 2, 3, 3, 4]
+    assert slot_of(1 << 20) == 20 and slot_of((1 << 20) + 1) == 21
+    assert slot_of(1 << 60) == HIST_SLOTS - 1  # the catch-all slot
+    b = bounds(1e-6)
+    assert len(b) == HIST_SLOTS - 1 and b[0] == 1e-6 and b[20] == 1.048576
+    for v in (1, 7, 1000, 1_000_000):  # v lies in (bound[s-1], bound[s]] of its slot
+        s = slot_of(v)
+        assert v <= (1 << s) and (s == 0 or v > (1 << (s - 1)))
+
+
+def test_quantile_is_the_upper_bound_of_the_bucket_holding_it():
+    h = Log2Histogram()
+    for v, n in ((100, 90), (5000, 10)):
+        h.add_slot(slot_of(v), n)
+    h.total += 100 * 90 + 5000 * 10
+    assert h.count == 100 and h.total == 59000
+    assert h.quantile(0.5) == 128 and h.quantile(0.99) == 8192
+    assert Log2Histogram().quantile(0.5) == 0
+
+
+FORMAT = '''name: kfree_skb
+format:
+\tfield:enum skb_drop_reason reason;\toffset:36;\tsize:4;\tsigned:0;
+
+print fmt: "skbaddr=%p reason: %s", REC->skbaddr, __print_symbolic(REC->reason, { 2, "NOT_SPECIFIED" }, { 3, "NO_SOCKET" }, { 11, "UDP_CSUM" }, { 0x10, "HEX_IS_NOT_EXPECTED" })
+'''
+
+
+def test_drop_reasons_come_from_the_format_file():
+    r = parse_drop_reasons(FORMAT)
+    assert r == {2: "NOT_SPECIFIED", 3: "NO_SOCKET", 11: "UDP_CSUM"}
+    assert reason_name(r, 11) == "UDP_CSUM" and reason_name(r, 99) == "REASON_99"
+    assert parse_drop_reasons("no symbolic table here") == {}
+
+
+def _state() -> ClusterState:
+    st = ClusterState()
+    pods = {
+        ObjectKey("shop", "web-1"): Pod(ObjectKey("shop", "web-1"), ("10.244.0.5", "fd00::5"), "n1"),
+        ObjectKey("shop", "quiet"): Pod(ObjectKey("shop", "quiet"), ("10.244.0.6",), "n1",
+                                        annotations=((OBSERVE_ANNOTATION, "false"),)),
+        ObjectKey("shop", "remote"): Pod(ObjectKey("shop", "remote"), ("10.244.1.9",), "n2"),
+    }
+    for k, p in pods.items():
+        st.apply_pod(k, p)
+    st.apply_service(ObjectKey("shop", "api"), Service(ObjectKey("shop", "api"), ("10.96.0.10",),
+                                                       (ServicePort("http", "TCP", 80, 8080),)))
+    return st
+
+
+def test_identity_local_pods_peers_and_opt_out():
+    ident = Identity.from_state(_state(), ObserveConfig(node_name="n1", peer_cidrs=("10.0.0.0/8",)))
+    assert ident.pod_of("10.244.0.5").attributes() == {
+        "k8s.namespace.name": "shop", "k8s.pod.name": "web-1", "k8s.node.name": "n1"}
+    assert ident.pod_of("fd00::5").key.name == "web-1"
+    assert ident.pod_of("10.244.0.6") is None          # opted out
+    assert ident.pod_of("10.244.1.9") is None          # another node's pod
+    assert ident.peer("10.96.0.10") == {"nodewire.peer.kind": "service", "nodewire.peer.name": "shop/api"}
+    assert ident.peer("10.244.1.9") == {"nodewire.peer.kind": "pod", "nodewire.peer.name": "shop/remote"}
+    assert ident.peer("10.1.2.3") == {"nodewire.peer.kind": "cidr", "nodewire.peer.name": "10.0.0.0/8"}
+    assert ident.peer("8.8.8.8") == {"nodewire.peer.kind": "other", "nodewire.peer.name": "other"}
+    raw = Identity.from_state(_state(), ObserveConfig(node_name="n1", raw_peer_ips=True))
+    assert raw.peer("8.8.8.8")["nodewire.peer.name"] == "8.8.8.8"
+
+
+def test_opt_in_mode_observes_only_annotated_pods():
+    st = _state()
+    st.apply_pod(ObjectKey("shop", "loud"), Pod(ObjectKey("shop", "loud"), ("10.244.0.7",), "n1",
+                                                annotations=((OBSERVE_ANNOTATION, "true"),)))
+    ident = Identity.from_state(st, ObserveConfig(node_name="n1", opt_in=True))
+    assert {r.key.name for r in ident.local.values()} == {"loud"}
+
+
+def _reading(pods: range) -> Reading:
+    r = Reading()
+    for i in pods:
+        attrs = {"k8s.namespace.name": "ns", "k8s.pod.name": f"p{i}", "k8s.node.name": "n1"}
+        r.count("pod_bytes", {**attrs, "network.io.direction": "transmit"}, 100 + i)
+        r.hist("connect", attrs).add_slot(slot_of(1500), 1)
+    r.count("drops", {"k8s.node.name": "n1", "nodewire.drop.reason": "NO_SOCKET"}, 3)
+    return r
+
+
+def test_series_cap_holds_and_node_series_come_first():
+    book = SeriesBook(max_series=50)
+    metrics = book.to_metrics(_reading(range(1000)))
+    assert book.exported == 50 and book.dropped == 2001 - 50
+    assert sum(len(m.data.data_points) for m in metrics) == 50
+    names = {m.name for m in metrics}
+    assert "nodewire.skb.drops" in names and "k8s.pod.network.io" in names
+
+
+def test_removed_series_disappear_and_surviving_ones_keep_their_start_time():
+    book = SeriesBook(max_series=10000)
+    first = book.to_metrics(_reading(range(3)), now_ns=1000)
+    second = book.to_metrics(_reading(range(1, 3)), now_ns=2000)
+    pods = lambda ms: {dp.attributes["k8s.pod.name"] for m in ms for dp in m.data.data_points  # noqa: E731
+                       if "k8s.pod.name" in dp.attributes}
+    assert pods(first) == {"p0", "p1", "p2"} and pods(second) == {"p1", "p2"}
+    by_name = {m.name: m for m in second}
+    sums = by_name["k8s.pod.network.io"].data
+    assert isinstance(sums, Sum) and sums.is_monotonic
+    assert {dp.start_time_unix_nano for dp in sums.data_points} == {1000}
+    hist = by_name["nodewire.tcp.connect.duration"].data
+    assert isinstance(hist, Histogram)
+    dp = hist.data_points[0]
+    assert dp.bucket_counts[slot_of(1500)] == 1 and dp.count == 1 and len(dp.explicit_bounds) == HIST_SLOTS - 1
+
+
+def test_producers_merge_into_the_collection_and_survive_a_failing_one():
+    book = SeriesBook(100)
+    producers = Producers()
+    producers.add(lambda: book.to_metrics(_reading(range(2))))
+    producers.add(lambda: 1 / 0)
+    data = MetricsData([ResourceMetrics(Resource.create({"service.name": "nodewire"}), [], "")])
+    merged = producers.merge(data)
+    names = {m.name for sm in merged.resource_metrics[0].scope_metrics for m in sm.metrics}
+    assert {"k8s.pod.network.io", "nodewire.tcp.connect.duration", "nodewire.skb.drops"} <= names
+
+
+def test_otlp_endpoint_follows_the_spec():
+    assert otlp_endpoint_from_env({}) is None
+    assert otlp_endpoint_from_env({"OTEL_EXPORTER_OTLP_ENDPOINT": "http://c:4318/"}) == "http://c:4318/v1/metrics"
+    assert otlp_endpoint_from_env({"OTEL_EXPORTER_OTLP_ENDPOINT": "http://c:4318",
+                                   "OTEL_EXPORTER_OTLP_METRICS_ENDPOINT": "http://m/x"}) == "http://m/x"
+
+
+SCRAPE = '''# TYPE nodewire_tcp_connect_duration_seconds histogram
+nodewire_tcp_connect_duration_seconds_bucket{k8s_namespace_name="ns",k8s_pod_name="p",le="1e-06"} 0
+nodewire_tcp_connect_duration_seconds_bucket{k8s_namespace_name="ns",k8s_pod_name="p",le="2e-06"} 4
+nodewire_tcp_connect_duration_seconds_bucket{k8s_namespace_name="ns",k8s_pod_name="p",le="4e-06"} 10
+nodewire_tcp_connect_duration_seconds_bucket{k8s_namespace_name="ns",k8s_pod_name="p",le="+Inf"} 10
+nodewire_tcp_connect_duration_seconds_count{k8s_namespace_name="ns",k8s_pod_name="p"} 10
+nodewire_tcp_connect_duration_seconds_sum{k8s_namespace_name="ns",k8s_pod_name="p"} 0.00003
+# TYPE k8s_pod_network_io_bytes counter
+k8s_pod_network_io_bytes_total{k8s_namespace_name="ns",k8s_pod_name="p",network_io_direction="receive"} %d
+'''
+
+
+def test_views_compute_rates_and_bucket_quantiles_from_two_scrapes():
+    from agent.observe.views import bucket_delta, parse, quantile, top_rows
+
+    prev, cur = parse(SCRAPE % 1000), parse(SCRAPE % 3000)
+    b = cur.buckets["connect"][("ns", "p")]
+    assert b == {1e-06: 0, 2e-06: 4, 4e-06: 10, float("inf"): 10}
+    per_bucket = bucket_delta(b, None)
+    assert per_bucket == [(1e-06, 0), (2e-06, 4), (4e-06, 6), (float("inf"), 0)]
+    assert quantile(per_bucket, 0.4) == 2e-06 and quantile(per_bucket, 0.99) == 4e-06
+    assert quantile(bucket_delta(b, b), 0.5) is None  # nothing new in the interval
+    (row,) = top_rows(prev, cur, 2.0)
+    assert row.pod == ("ns", "p") and row.rx == 1000.0 and row.tx == 0.0
