@@ -197,20 +197,16 @@ def demo(duration, metrics_addr, output) -> None:
         click.echo(json.dumps(result))
 
 
+# Commands that live next to their feature, registered here so `nodewire --help` lists them all.
 from .bench.cli import bench  # noqa: E402
-from .observe.cli import bench_observe, latency, top  # noqa: E402  (observability commands)
+from .bench.compare import compare as bench_compare  # noqa: E402
+from .bench.watch import watch as bench_watch  # noqa: E402
+from .observe.cli import bench_observe, latency, top  # noqa: E402
+from .rdma.cli import rdma as rdma_command, rdma_bench, topo  # noqa: E402
 
-main.add_command(bench)
+for _command in (bench, top, latency, topo, rdma_command):
+    main.add_command(_command)
+bench.add_command(bench_compare)
+bench.add_command(bench_watch)
 bench.add_command(bench_observe, "observe")
-main.add_command(top)
-main.add_command(latency)
-from .bench.watch import watch as _bench_watch  # noqa: E402
-bench.add_command(_bench_watch)
-from .bench.compare import compare as _bench_compare  # noqa: E402
-bench.add_command(_bench_compare)
-
-
-from agent.rdma.cli import rdma, rdma_bench, topo  # noqa: E402
-main.add_command(topo)
-main.add_command(rdma)
 bench.add_command(rdma_bench)
