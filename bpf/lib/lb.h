@@ -33,6 +33,9 @@
 #ifndef NW_STATS_MAX
 #define NW_STATS_MAX 65536
 #endif
+#ifndef NW_AFFINITY_MAX
+#define NW_AFFINITY_MAX 65536  /* (client pod, Service) pairs with session affinity */
+#endif
 
 #define NW_ECONNREFUSED 111
 
@@ -111,16 +114,18 @@ struct lb_stats_key {
 	__u32 outcome;
 };
 
+/* Not preallocated (as Cilium's default, --preallocate-bpf-maps=false): kernel memory follows the
+ * number of Services instead of the capacity (1M slots preallocated cost ~260 MiB of memlock). */
 BPF_TABLE_PINNED("hash", struct lb_service_key, struct lb_service_value, nodewire_services_v1,
-		 NW_SERVICES_MAX, NW_PIN_DIR "/nodewire_services_v1");
+		 NW_SERVICES_MAX, NW_PIN_DIR "/nodewire_services_v1", BPF_F_NO_PREALLOC);
 BPF_TABLE_PINNED("hash", __u32, struct lb_backend, nodewire_backends_v1,
-		 NW_BACKENDS_MAX, NW_PIN_DIR "/nodewire_backends_v1");
+		 NW_BACKENDS_MAX, NW_PIN_DIR "/nodewire_backends_v1", BPF_F_NO_PREALLOC);
 BPF_TABLE_PINNED("lru_hash", struct lb_revnat_key, struct lb_revnat_value, nodewire_revnat_v1,
 		 NW_REVNAT_MAX, NW_PIN_DIR "/nodewire_revnat_v1");
 BPF_TABLE_PINNED("lru_percpu_hash", struct lb_stats_key, __u64, nodewire_lb_stats_v1,
 		 NW_STATS_MAX, NW_PIN_DIR "/nodewire_lb_stats_v1");
 BPF_TABLE_PINNED("lru_hash", struct lb_affinity_key, struct lb_affinity_value, nodewire_affinity_v1,
-		 NW_REVNAT_MAX, NW_PIN_DIR "/nodewire_affinity_v1");
+		 NW_AFFINITY_MAX, NW_PIN_DIR "/nodewire_affinity_v1");
 
 /* BCC 0.26 declares no bpf_get_netns_cookie (kernel 5.7); the id comes from the uapi enum. */
 static __u64 (*nw_get_netns_cookie)(void *ctx) = (void *)BPF_FUNC_get_netns_cookie;
