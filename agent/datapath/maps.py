@@ -78,6 +78,29 @@ def port_host(be: int) -> int:
     return socket.ntohs(int(be))
 
 
+def lookup_batch_raw(fd: int, key_size: int, value_size: int, name: str, chunk: int = 16384) -> tuple[bytes, bytes]:
+    """All keys and values of a hash map as two byte strings, read with BPF_MAP_LOOKUP_BATCH.
+    value_size is per element as the kernel returns it (for per-CPU maps: rounded size × CPUs)."""
+    keys = ct.create_string_buffer(key_size * chunk)
+    values = ct.create_string_buffer(value_size * chunk)
+    kparts, vparts = [], []
+    in_batch, out_batch = ct.c_uint32(0), ct.c_uint32(0)
+    first = True
+    while True:
+        count = ct.c_uint32(chunk)
+        res = lib.bpf_lookup_batch(fd, None if first else ct.byref(in_batch), ct.byref(out_batch),
+                                   keys, values, ct.byref(count))
+        err = ct.get_errno()
+        if res != 0 and err != errno.ENOENT:
+            raise OSError(err, f"{name}: BPF_MAP_LOOKUP_BATCH: {os.strerror(err)}")
+        kparts.append(keys.raw[:count.value * key_size])
+        vparts.append(values.raw[:count.value * value_size])
+        if res != 0:  # ENOENT: that was the last batch
+            return b"".join(kparts), b"".join(vparts)
+        in_batch.value = out_batch.value
+        first = False
+
+
 class MapFull(Exception):
     pass
 
@@ -97,26 +120,8 @@ class RawMap:
 
     def dump_arrays(self) -> tuple[np.ndarray, np.ndarray]:
         """Every entry as (keys, values) numpy arrays, read with BPF_MAP_LOOKUP_BATCH."""
-        chunk = 16384
-        keys = ct.create_string_buffer(self.key_size * chunk)
-        values = ct.create_string_buffer(self.value_size * chunk)
-        kparts, vparts = [], []
-        in_batch, out_batch = ct.c_uint32(0), ct.c_uint32(0)
-        first = True
-        while True:
-            count = ct.c_uint32(chunk)
-            res = lib.bpf_lookup_batch(self.fd, None if first else ct.byref(in_batch), ct.byref(out_batch),
-                                       keys, values, ct.byref(count))
-            err = ct.get_errno()
-            if res != 0 and err != errno.ENOENT:
-                raise OSError(err, f"{self.name}: BPF_MAP_LOOKUP_BATCH: {os.strerror(err)}")
-            kparts.append(keys.raw[:count.value * self.key_size])
-            vparts.append(values.raw[:count.value * self.value_size])
-            if res != 0:  # ENOENT: that was the last batch
-                return (np.frombuffer(b"".join(kparts), dtype=self.key_dtype),
-                        np.frombuffer(b"".join(vparts), dtype=self.value_dtype))
-            in_batch.value = out_batch.value
-            first = False
+        kraw, vraw = lookup_batch_raw(self.fd, self.key_size, self.value_size, self.name)
+        return np.frombuffer(kraw, dtype=self.key_dtype), np.frombuffer(vraw, dtype=self.value_dtype)
 
     def dump(self) -> dict[bytes, bytes]:
         """Every entry as {key bytes: value bytes} (for inspection and tests; small maps)."""

@@ -17,7 +17,8 @@ import threading
 import numpy as np
 
 from ..datapath.loader import compile_program
-from ..datapath.maps import MapFull, RawMap, addr16, addr_str, pack_rows, packing_dtype, unpack_rows
+from ..datapath.maps import (MapFull, RawMap, addr16, addr_str, lookup_batch_raw, pack_rows, packing_dtype,
+                             unpack_rows)
 from .histogram import HIST_SLOTS
 
 log = logging.getLogger("nodewire.observe")
@@ -36,35 +37,14 @@ TC_INGRESS, TC_EGRESS = "ffff:fff2", "ffff:fff3"
 
 def dump_percpu(table, name: str) -> tuple[np.ndarray, np.ndarray]:
     """(keys as the key dtype, values summed over CPUs as uint64 [n, words]) of a per-CPU hash."""
-    from bcc.libbcc import lib
     from bcc.utils import get_possible_cpus
 
     ncpu = len(get_possible_cpus())
     leaf = getattr(table, "sLeaf", table.Leaf)
     elem = (ct.sizeof(leaf) + 7) // 8 * 8  # the kernel rounds each CPU's value up to 8 bytes
     ksize = ct.sizeof(table.Key)
-    chunk = 4096
-    keys = ct.create_string_buffer(ksize * chunk)
-    vals = ct.create_string_buffer(elem * ncpu * chunk)
-    kparts, vparts = [], []
-    in_b, out_b = ct.c_uint32(0), ct.c_uint32(0)
-    first = True
-    while True:
-        count = ct.c_uint32(chunk)
-        res = lib.bpf_lookup_batch(table.map_fd, None if first else ct.byref(in_b), ct.byref(out_b),
-                                   keys, vals, ct.byref(count))
-        err = ct.get_errno()
-        if res != 0 and err != errno.ENOENT:
-            raise OSError(err, f"{name}: BPF_MAP_LOOKUP_BATCH: {os.strerror(err)}")
-        n = count.value
-        kparts.append(keys.raw[:n * ksize])
-        vparts.append(vals.raw[:n * elem * ncpu])
-        if res != 0:
-            break
-        in_b.value, first = out_b.value, False
+    kraw, vraw = lookup_batch_raw(table.map_fd, ksize, elem * ncpu, name, chunk=4096)
     kdt = packing_dtype(table.Key)
-    kraw = b"".join(kparts)
-    vraw = b"".join(vparts)
     n = len(kraw) // ksize
     k = np.frombuffer(kraw, dtype=kdt) if n else np.zeros(0, dtype=kdt)
     v = np.frombuffer(vraw, dtype=np.uint64).reshape(n, ncpu, elem // 8).sum(axis=1) if n else \
