@@ -5,7 +5,8 @@ manifest (the last Service points at the real backend pods, the others at synthe
 the real agent started on it. Reported: p50/p99 of connect() through the last Service's ClusterIP
 and directly to a backend (interleaved in one process), their ratio, the agent's full-sync time
 (reconciler: entries written to the maps) and start-to-synced time (compile, parse, model, write),
-and the agent's RSS once synced.
+and the agent's RSS once synced. The agent runs with --no-observe --no-rdma: this measures the load
+balancer alone (observability has its own benchmark, `nodewire bench observe`).
 """
 from __future__ import annotations
 
@@ -72,7 +73,9 @@ def run_one(n: int, connects: int, timeout: float = 900) -> dict:
             write_manifests(tmp / "manifests", n, ENDPOINTS, [b.ip4 for b in backends])
             entries = n * (1 + ENDPOINTS)
             sizes = [f"services={max(1024, int(entries * 1.25))}", f"backends={max(1024, int(n * ENDPOINTS * 1.25))}"]
-            cmd = [NODEWIRE, "run", "--manifests", str(tmp / "manifests"), "--cgroup", sb.cgroup, "--pin-dir", pin]
+            # The load balancer alone: observability's cost is measured by `nodewire bench observe`.
+            cmd = [NODEWIRE, "run", "--manifests", str(tmp / "manifests"), "--cgroup", sb.cgroup, "--pin-dir", pin,
+                   "--no-observe", "--no-rdma"]
             for s in sizes:
                 cmd += ["--map-size", s]
             t0 = time.time()
