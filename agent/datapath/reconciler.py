@@ -131,7 +131,8 @@ class Reconciler:
         self.svc_fes: dict[ObjectKey, list[Prefix]] = {}
         self.sid_info: dict[int, tuple[ObjectKey, str, int, str, str]] = {}
         self.svc_entries = 0  # entries in the service map
-        self._released: list[int] = []  # backend ids that lost a reference in this apply
+        self._released: list[int] = []  # backend ids that lost a slot reference in this apply
+        self._gained: list[int] = []    # … and that gained one
         self._learn()
 
     # -- start-up: what the pinned maps already hold -------------------------------------------
@@ -163,8 +164,7 @@ class Reconciler:
         self.service_ids = _Ids(st.service_id for st in self.fe_state.values() if st.service_id)
         for st in self.fe_state.values():
             self._ref(st.backend_ids, +1)
-        if len(self.refs) < len(self.backend_at):
-            self._ref((len(self.backend_at) - 1,), 0)
+        self._apply_refs()
 
     def _place(self, bid: int, b: Backend) -> None:
         self.backend_id[b] = bid
@@ -173,15 +173,18 @@ class Reconciler:
         self.backend_at[bid] = b
 
     def _ref(self, ids, delta: int) -> None:
-        if not ids:
-            return
-        if delta < 0:
-            self._released.extend(ids)
-        top = max(ids)
+        """Record slot references gained (+1) or lost (-1); applied in bulk by _apply_refs()."""
+        (self._gained if delta > 0 else self._released).extend(ids)
+
+    def _apply_refs(self) -> None:
+        top = max(max(self._gained, default=0), max(self._released, default=0), len(self.backend_at) - 1)
         if top >= len(self.refs):
-            self.refs = np.concatenate([self.refs, np.zeros(max(top + 1, 2 * len(self.refs)) - len(self.refs),
-                                                            dtype=np.int64)])
-        np.add.at(self.refs, np.fromiter(ids, dtype=np.int64, count=len(ids)), delta)
+            grown = np.zeros(max(top + 1, 2 * len(self.refs)), dtype=np.int64)
+            grown[:len(self.refs)] = self.refs
+            self.refs = grown
+        np.add.at(self.refs, np.array(self._gained, dtype=np.int64), 1)
+        np.add.at(self.refs, np.array(self._released, dtype=np.int64), -1)
+        self._gained.clear()
 
     # -- apply -----------------------------------------------------------------------------------
     def apply(self, changes: dict[ObjectKey, list[Frontend]], full: bool = False) -> SyncResult:
@@ -205,20 +208,28 @@ class Reconciler:
             want: dict[Prefix, Frontend] = {}
             for fe in frontends:
                 want[Prefix(addr16(fe.ip), port_be(fe.port), PROTO_NUMBERS[fe.protocol])] = fe
-            other = next((claimed.get(p) or self.fe_owner.get(p) for p in want
-                          if claimed.get(p, svc) != svc
-                          or (self.fe_owner.get(p, svc) != svc and self.fe_owner[p] not in changes)), None)
+            other = None
+            for p in want:
+                holder = claimed.get(p) or self.fe_owner.get(p)
+                if holder is not None and holder != svc and (p in claimed or holder not in changes):
+                    other = holder
+                    break
             if other is not None:
                 res.errors.append(f"Service {svc}: frontend already served by Service {other}; not applied")
                 continue
             # Capacity, conservatively: room freed by deletions in this batch is not counted.
+            # Each backend is hashed once here (tuples do not cache their hash): known ids, or None.
             grow = 0
             fresh: set[Backend] = set()
+            known: dict[Prefix, list[int | None]] = {}
+            get_id = self.backend_id.get
             for p, fe in want.items():
                 old = self.fe_state.get(p)
-                n = min(len(fe.backends), MAX_BACKENDS_PER_FRONTEND)
-                grow += max(0, n - old.count) if old else 1 + n
-                fresh.update(b for b in fe.backends[:n] if b not in self.backend_id)
+                bes = fe.backends[:MAX_BACKENDS_PER_FRONTEND]
+                grow += max(0, len(bes) - old.count) if old else 1 + len(bes)
+                known[p] = ids = [get_id(b) for b in bes]
+                if None in ids:
+                    fresh.update(b for b, i in zip(bes, ids) if i is None)
             if grow > room or len(fresh) > be_room:
                 which = self.services if grow > room else self.backends
                 res.errors.append(f"Service {svc}: map {which.name} is full ({which.capacity} entries); "
@@ -238,7 +249,10 @@ class Reconciler:
             for p, fe in want.items():
                 claimed[p] = svc
                 old = self.fe_state.get(p)
-                ids = tuple(self.backend_id[b] for b in fe.backends[:MAX_BACKENDS_PER_FRONTEND])
+                ids = known[p]
+                if None in ids:  # backends allocated just above
+                    ids = [i if i is not None else self.backend_id[b] for b, i in zip(fe.backends, ids)]
+                ids = tuple(ids)
                 sid = old.service_id if old and old.service_id else self.service_ids.take()
                 new = FrontendState(len(ids), sid, ids, fe.affinity_timeout)
                 self.sid_info[sid] = (svc, fe.ip, fe.port, fe.protocol, fe.port_name)
@@ -268,6 +282,7 @@ class Reconciler:
             for p in [p for p in self.fe_state if p not in self.fe_owner]:
                 self._drop_frontend(p, head_d, slot_d)
 
+        self._apply_refs()
         if full:  # every backend no slot refers to (also ones left from before a restart)
             ids = np.fromiter(self.backend_id.values(), dtype=np.int64, count=len(self.backend_id))
             dead = ids[self.refs[ids] <= 0].tolist()
