@@ -9,7 +9,6 @@ import base64
 import json
 import random
 import ssl
-import time
 import urllib.error
 import urllib.request
 
@@ -25,17 +24,13 @@ from agent.testing.fake_apiserver import (
 )
 
 NODE = "node-a"
+from tests.conftest import wait_for
+
 TOKEN = "tok-nodewire"
 
 
 def eventually(cond, timeout: float = 15.0, what: str = "condition"):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        v = cond()
-        if v:
-            return v
-        time.sleep(0.02)
-    raise AssertionError(f"never converged: {what}")
+    return wait_for(cond, timeout, 0.02, what)
 
 
 @pytest.fixture

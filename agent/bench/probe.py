@@ -108,17 +108,18 @@ def rps(a):
     return {"requests": done, "errors": errors, "seconds": round(elapsed, 6), "rps": round(done / elapsed, 1)}
 
 
+def _read_to_end(s: socket.socket) -> bytes:
+    data = b""
+    while chunk := s.recv(4096):
+        data += chunk
+    return data
+
+
 def whoami(a):
     ip, port = a.target.rsplit(":", 1)
     with socket.create_connection((ip, int(port)), timeout=a.timeout) as s:
         s.sendall(b"who\n")
-        data = b""
-        while True:
-            chunk = s.recv(4096)
-            if not chunk:
-                break
-            data += chunk
-    return {"reply": data.decode().strip()}
+        return {"reply": _read_to_end(s).decode().strip()}
 
 
 def await_reply(a):
@@ -136,13 +137,7 @@ def await_reply(a):
         try:
             s.connect((ip, int(port)))
             s.sendall(b"who\n")
-            data = b""
-            while True:
-                chunk = s.recv(4096)
-                if not chunk:
-                    break
-                data += chunk
-            if data.decode().strip() == a.expect:
+            if _read_to_end(s).decode().strip() == a.expect:
                 return {"seen_at": time.time(), "tries": tries}
         except OSError:
             pass

@@ -11,6 +11,7 @@ import pytest
 from agent.rdma.elf import read_elf
 from agent.rdma.layout import derive_layout
 from agent.rdma.mockverbs import build
+from tests.conftest import wait_for
 
 QP0, QP1, QP2, QP3, QP4 = 0x100, 0x101, 0x102, 0x103, 0x104
 
@@ -95,14 +96,6 @@ def test_layout_cache_and_missing_header(tmp_path):
     assert cached.exists()
 
 
-def wait_for(cond, what: str, timeout: float = 20.0):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        v = cond()
-        if v:
-            return v
-        time.sleep(0.05)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 def read_until_ready(p) -> tuple[int, list[str]]:
@@ -142,7 +135,7 @@ def test_latency_histograms_errors_and_exit(mock, pods):
         q = pod_out.popen([mock.driver, "qps:1", "write:0:1", "poll:0:send:1", "ready"], stdin=subprocess.PIPE)
         pid, _ = read_until_ready(p)
         other, _ = read_until_ready(q)
-        wait_for(lambda: tr.is_attached(pid), "probes on the driver")
+        wait_for(lambda: tr.is_attached(pid), 20, what="probes on the driver")
         assert len(tr.procs[pid].events) == 4       # post_send, post_recv, poll_cq entry + return
         p.stdin.write("\n")
         p.stdin.flush()
@@ -175,7 +168,7 @@ def test_latency_histograms_errors_and_exit(mock, pods):
         p.stdin.write("\n")
         p.stdin.close()
         assert p.wait(timeout=10) == 0
-        wait_for(lambda: pid not in tr.procs, "detach after exit")
+        wait_for(lambda: pid not in tr.procs, 20, what="detach after exit")
         assert not [e for e in tr.bpf.uprobe_fds if e.endswith(b"_%d" % pid)]
         assert tr.snapshot().latency == [] and tr.snapshot().errors == []
         assert not [k for k in tr.bpf["nw_rdma_lat_v1"].keys() if k.tgid == pid]
@@ -201,7 +194,7 @@ def test_running_process_adopted_by_build_id(mock, pods, tmp_path):
         assert early_pid not in tr.procs and not tr.providers
         late = pod_in.popen([mock.driver, "qps:1", "ready"], stdin=subprocess.PIPE)
         late_pid, _ = read_until_ready(late)
-        wait_for(lambda: tr.is_attached(early_pid), "adoption by build-id")
+        wait_for(lambda: tr.is_attached(early_pid), 20, what="adoption by build-id")
         assert late_pid in tr.procs and read_elf(mock.provider).build_id in tr.providers
         early.stdin.write("\n")
         early.stdin.flush()
@@ -216,7 +209,7 @@ def test_running_process_adopted_by_build_id(mock, pods, tmp_path):
     with VerbsTracer(libibverbs=[mock.libibverbs], cgroups=[pod_in.cgroup], scan_interval=0.2,
                      provider_cache=cache) as tr2:
         tr2.start()
-        wait_for(lambda: tr2.is_attached(early_pid) and tr2.is_attached(late_pid), "adoption from the cache")
+        wait_for(lambda: tr2.is_attached(early_pid) and tr2.is_attached(late_pid), 20, what="adoption from the cache")
         # the pod opts out: both are detached at once and nothing new is picked up from it
         tr2.set_cgroups([])
         assert tr2.procs == {}
@@ -268,7 +261,7 @@ def test_poller_thread_is_traced(mock, pods):
         tr.start()
         p = pod_in.popen([mock.driver, "qps:1", "ready", "mt:0:50", "ready"], stdin=subprocess.PIPE)
         pid, _ = read_until_ready(p)
-        wait_for(lambda: tr.is_attached(pid), "probes on the driver")
+        wait_for(lambda: tr.is_attached(pid), 20, what="probes on the driver")
         p.stdin.write("\n")
         p.stdin.flush()
         _, out = read_until_ready(p)
@@ -296,7 +289,7 @@ def test_window_start_and_time_box(mock, pods):
                           "write:0:2", "sleep:1", "poll:0:send:1", "ready",
                           "write:0:3", "sleep:1", "poll:0:send:1", "ready"], stdin=subprocess.PIPE)
         pid, _ = read_until_ready(p)
-        wait_for(lambda: tr.is_attached(pid), "probes on the driver")
+        wait_for(lambda: tr.is_attached(pid), 20, what="probes on the driver")
 
         def go():
             p.stdin.write("\n")
@@ -310,7 +303,7 @@ def test_window_start_and_time_box(mock, pods):
         assert [(h.qp_num, h.count) for h in snap.latency] == [(QP0, 1)]
 
         tr._t0 -= 3600          # the box runs out now (instead of in an hour)
-        wait_for(lambda: tr.boxed, "time box over")
+        wait_for(lambda: tr.boxed, 20, what="time box over")
         assert not tr.is_attached(pid) and not [e for e in tr.bpf.uprobe_fds if e.endswith(b"_%d" % pid)]
         go()                    # wr 3 runs untraced
         [h] = tr.snapshot().latency
@@ -382,17 +375,17 @@ def test_dashboard_panels_against_real_prometheus(mock, pods, tmp_path, sysfs):
             register_rdma_metrics(tel, sysfs.root, tr)
             p = pod_in.popen([mock.driver, *SCRIPT[:-1], "ready"], stdin=subprocess.PIPE)
             pid, _ = read_until_ready(p)
-            wait_for(lambda: tr.is_attached(pid), "probes on the driver")
+            wait_for(lambda: tr.is_attached(pid), 20, what="probes on the driver")
             p.stdin.write("\n")
             p.stdin.flush()
             read_until_ready(p)
             prom = Prometheus(tmp_path, f"127.0.0.1:{tel.port}")
             wait_for(lambda: prom.query("nodewire_rdma_port_events_total").get("data", {}).get("result"),
-                     "first scrape", timeout=30)
+                     timeout=30, what="first scrape")
             write_port(sysfs.root, "mlx5_0", 1, {**COUNTERS, "port_xmit_data": 5000},
                        {**HW_COUNTERS, "np_cnp_sent": 50})
             wait_for(lambda: prom.query("count_over_time(nodewire_rdma_port_events_total[30s]) > 2")
-                     .get("data", {}).get("result"), "three scrapes", timeout=30)
+                     .get("data", {}).get("result"), timeout=30, what="three scrapes")
             has_hist = hasattr(tel, "add_producer")
             results = {}
             for panel in dash["panels"]:
@@ -457,7 +450,7 @@ def test_service_traces_annotated_pod_in_container_cgroup(mock, pods):
         procs = [in_container(scopes[0], [mock.driver, *script]), in_container(scopes[1], [mock.driver, *script])]
         pid_on, _ = read_until_ready(procs[0])
         pid_off, _ = read_until_ready(procs[1])
-        wait_for(lambda: svc.tracer.is_attached(pid_on), "probes on the annotated pod's process")
+        wait_for(lambda: svc.tracer.is_attached(pid_on), 20, what="probes on the annotated pod's process")
         for p in procs:
             p.stdin.write("\n")
             p.stdin.flush()
