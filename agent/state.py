@@ -18,7 +18,8 @@ class ClusterState:
         self.services: dict[ObjectKey, Service] = {}
         self.slices: dict[ObjectKey, EndpointSlice] = {}
         self.pods: dict[ObjectKey, Pod] = {}
-        self._slices_by_service: dict[ObjectKey, set[ObjectKey]] = defaultdict(set)
+        # Service → its slices; a list, not a set: a Service has a few slices, and 100k sets cost ~20 MiB.
+        self._slices_by_service: dict[ObjectKey, list[ObjectKey]] = defaultdict(list)
         self._dirty: set[ObjectKey] = set()
         self._lock = threading.Lock()
         self.changed = threading.Event()
@@ -41,13 +42,17 @@ class ClusterState:
             if old == sl:
                 return
             if old is not None:
-                self._slices_by_service[old.service_key].discard(key)
+                owned = self._slices_by_service[old.service_key]
+                if key in owned:
+                    owned.remove(key)
                 self._mark(old.service_key)
             if sl is None:
                 self.slices.pop(key, None)
             else:
                 self.slices[key] = sl
-                self._slices_by_service[sl.service_key].add(key)
+                owned = self._slices_by_service[sl.service_key]
+                if key not in owned:
+                    owned.append(key)
                 self._mark(sl.service_key)
 
     def apply_pod(self, key: ObjectKey, pod: Pod | None) -> None:

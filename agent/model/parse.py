@@ -7,6 +7,7 @@ still carry semantic errors (port 0, duplicate port names) that would corrupt a 
 from __future__ import annotations
 
 import socket
+import sys
 from typing import Any
 
 from .objects import (
@@ -43,6 +44,7 @@ class _Reader:
         ns = meta.get("namespace", "default")
         if not isinstance(ns, str) or not ns:
             raise InvalidObject(kind, name, "metadata.namespace", "not a string")
+        ns = sys.intern(ns)
         self.object_key = ObjectKey(ns, name)
         self.key = str(self.object_key)
 
@@ -62,6 +64,11 @@ class _Reader:
             raise self.fail(path, f"expected {want}, got {type(v).__name__} {v!r}")
         return v
 
+    def word(self, d: dict, name: str, path: str, default: str = "") -> str:
+        """A string that repeats across objects (names of ports, nodes, zones): one shared copy.
+        The JSON decoder makes a new string per occurrence; at 100k Services that adds up."""
+        return sys.intern(self.get(d, name, path, str, default=default))
+
     def port(self, d: dict, name: str, path: str, required=True, allow_zero=False) -> int:
         v = self.get(d, name, path, int, required=required, default=0)
         lo = 0 if allow_zero else 1
@@ -73,7 +80,7 @@ class _Reader:
         p = self.get(d, "protocol", path, str, default=TCP)
         if p not in PROTOCOLS:
             raise self.fail(path, f"unknown protocol {p!r} (expected TCP, UDP or SCTP)")
-        return p
+        return sys.intern(p)
 
     def ip(self, value: Any, path: str) -> str:
         """The address in canonical text form (inet_pton/ntop: the C parser, ~20x faster than ipaddress)."""
@@ -87,7 +94,7 @@ class _Reader:
 
     def labels(self, meta: dict, name: str = "labels") -> tuple[tuple[str, str], ...]:
         labels = self.get(meta, name, f"metadata.{name}", dict, default={})
-        return tuple(sorted((str(k), str(v)) for k, v in labels.items()))
+        return tuple(sorted((sys.intern(str(k)), str(v)) for k, v in labels.items()))
 
 
 def _kind_check(r: _Reader, obj: dict, kind: str) -> None:
@@ -125,7 +132,7 @@ def parse_service(obj: Any) -> Service:
         path = f"spec.ports[{i}]"
         if not isinstance(p, dict):
             raise r.fail(path, "not an object")
-        name = r.get(p, "name", f"{path}.name", str, default="")
+        name = r.word(p, "name", f"{path}.name")
         if not name and len(raw_ports) > 1:
             raise r.fail(f"{path}.name", "required when a Service has more than one port")
         if name in seen_names:
@@ -182,7 +189,7 @@ def parse_endpoint_slice(obj: Any) -> EndpointSlice:
     service = labels.get(SERVICE_NAME_LABEL)
     if not service:
         raise r.fail(f"metadata.labels[{SERVICE_NAME_LABEL}]", "required: names the owning Service")
-    atype = r.get(obj, "addressType", "addressType", str, required=True)
+    atype = sys.intern(r.get(obj, "addressType", "addressType", str, required=True))
     if atype not in ("IPv4", "IPv6", "FQDN"):
         raise r.fail("addressType", f"unknown address type {atype!r} (expected IPv4, IPv6 or FQDN)")
     want_v6 = {"IPv4": False, "IPv6": True}.get(atype)
@@ -215,8 +222,8 @@ def parse_endpoint_slice(obj: Any) -> EndpointSlice:
             target = f"{ref.get('namespace') or r.object_key.namespace}/{ref['name']}"
         endpoints.append(Endpoint(
             addresses=tuple(addrs), ready=ready, serving=serving, terminating=terminating,
-            node_name=r.get(e, "nodeName", f"{path}.nodeName", str, default=""),
-            zone=r.get(e, "zone", f"{path}.zone", str, default=""), target=target,
+            node_name=r.word(e, "nodeName", f"{path}.nodeName"),
+            zone=r.word(e, "zone", f"{path}.zone"), target=target,
         ))
 
     ports = []
@@ -225,7 +232,7 @@ def parse_endpoint_slice(obj: Any) -> EndpointSlice:
         path = f"ports[{i}]"
         if not isinstance(p, dict):
             raise r.fail(path, "not an object")
-        name = r.get(p, "name", f"{path}.name", str, default="")
+        name = r.word(p, "name", f"{path}.name")
         if name in seen:
             raise r.fail(f"{path}.name", f"duplicate port name {name!r}")
         seen.add(name)
