@@ -8,7 +8,6 @@ person sees the datapath follow the manifests.
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import subprocess
 import sys

@@ -235,9 +235,3 @@ def _kill_cgroup_tree(path: str) -> None:
         for d in dirs:
             _rmdir(os.path.join(root, d))
     _rmdir(path)
-
-
-def leftover_sandboxes() -> list[str]:
-    """Network namespaces left by sandboxes whose process died (names ending in -node)."""
-    out = _ip("netns", "list", check=False).stdout
-    return [line.split()[0][:-5] for line in out.splitlines() if line.split() and line.split()[0].endswith("-node")]

@@ -21,6 +21,14 @@ def _bound(kind: int, port: int) -> socket.socket:
     return s
 
 
+def _read_some(s: socket.socket) -> bytes:
+    """What a readable connection holds; b"" when the peer closed or reset it."""
+    try:
+        return s.recv(4096)
+    except (BlockingIOError, ConnectionError):
+        return b""
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--name", required=True)
@@ -47,20 +55,14 @@ def main() -> None:
                 c.setblocking(False)
                 sel.register(c, selectors.EVENT_READ, "conn" if key.data == "accept" else "echo")
             elif key.data == "echo":
-                try:
-                    data = s.recv(4096)
-                except (BlockingIOError, ConnectionError):
-                    data = b""
+                data = _read_some(s)
                 if data:
                     s.sendall(a.name.encode() + b" " + data)
                 else:
                     sel.unregister(s)
                     s.close()
             elif key.data == "conn":
-                try:
-                    data = s.recv(4096)
-                except (BlockingIOError, ConnectionError):
-                    data = b""
+                data = _read_some(s)
                 if data:
                     try:
                         if data.startswith((b"GET", b"HEAD", b"POST")):
