@@ -183,30 +183,24 @@ def cleanup(pin_dir, cgroup) -> None:
     click.echo(f"detached {n} programs from {cg}; unpinned {removed} maps from {pin_dir}")
 
 
-@main.command()
-@click.option("--duration", type=float, default=None, help="Seconds to run [default: until Ctrl-C].")
-@click.option("--metrics-addr", default=None, help="Serve the agent's /metrics here while the demo runs.")
-@click.option("-o", "--output", type=click.Choice(["live", "json"]), default="live",
-              help="json: print the final per-Service tally as JSON after the run.")
-def demo(duration, metrics_addr, output) -> None:
-    """A sandbox cluster (netns pods) with the agent load-balancing ClusterIP traffic, shown live."""
-    from .demo import run_demo
-
-    result = run_demo(duration, metrics_addr)
-    if output == "json":
-        click.echo(json.dumps(result))
-
-
 # Commands that live next to their feature, registered here so `nodewire --help` lists them all.
-from .bench.cli import bench  # noqa: E402
-from .bench.compare import compare as bench_compare  # noqa: E402
-from .bench.watch import watch as bench_watch  # noqa: E402
-from .observe.cli import bench_observe, latency, top  # noqa: E402
-from .rdma.cli import rdma as rdma_command, rdma_bench, topo  # noqa: E402
+from .observe.cli import latency, top  # noqa: E402
+from .rdma.cli import rdma as rdma_command, topo  # noqa: E402
 
-for _command in (bench, top, latency, topo, rdma_command):
+for _command in (top, latency, topo, rdma_command):
     main.add_command(_command)
-bench.add_command(bench_compare)
-bench.add_command(bench_watch)
-bench.add_command(bench_observe, "observe")
-bench.add_command(rdma_bench)
+
+
+def _register_plugins() -> None:
+    """Commands of installed add-ons (the development kit's `demo` and `bench`), found by entry point,
+    so the shipped agent never imports them and works without them."""
+    from importlib.metadata import entry_points
+
+    for ep in entry_points(group="nodewire.commands"):
+        try:
+            main.add_command(ep.load(), ep.name)
+        except Exception as e:  # a broken add-on must not take the agent's own commands down
+            logging.getLogger("nodewire.cli").warning("command %s not loaded: %s", ep.name, e)
+
+
+_register_plugins()

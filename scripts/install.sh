@@ -44,10 +44,12 @@ mountpoint -q /sys/fs/bpf || mount -t bpf bpf /sys/fs/bpf
 if [ ! -x .venv/bin/python ]; then
   /usr/bin/python3 -m venv --system-site-packages .venv
 fi
-stamp=.venv/.installed-$(sha1sum pyproject.toml | cut -c1-12)
+# The agent, the test tools, and the development kit (sandbox, API server double, benchmarks, demo),
+# which is a distribution of its own so the shipped agent never depends on it.
+stamp=.venv/.installed-$(cat pyproject.toml devkit/pyproject.toml | sha1sum | cut -c1-12)
 if [ ! -f "$stamp" ]; then
   .venv/bin/pip install -q --upgrade pip >/dev/null
-  .venv/bin/pip install -q -e '.[test]'
+  .venv/bin/pip install -q -e '.[test]' -e ./devkit
   rm -f .venv/.installed-*; touch "$stamp"
 fi
 echo "install: ready"

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from agent.config import state_dir_for
-from agent.sandbox import Sandbox
+from nodewire_dev.sandbox import Sandbox
 
 NODEWIRE = str(Path(sys.executable).with_name("nodewire"))
 

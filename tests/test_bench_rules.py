@@ -13,11 +13,11 @@ from collections import Counter
 import pytest
 from click.testing import CliRunner
 
-from agent.bench import iptables_rules, nftables_rules
+from nodewire_dev.bench import iptables_rules, nftables_rules
 from agent.cli import main as nodewire
-from agent.bench.harness import PROBE
-from agent.bench.services import Endpoint, make_services, with_endpoints
-from agent.sandbox import Sandbox
+from nodewire_dev.bench.harness import PROBE
+from nodewire_dev.bench.services import Endpoint, make_services, with_endpoints
+from nodewire_dev.sandbox import Sandbox
 
 BACKENDS = ["10.244.0.3", "10.244.0.4", "10.244.0.5"]
 
@@ -25,7 +25,7 @@ BACKENDS = ["10.244.0.3", "10.244.0.4", "10.244.0.5"]
 # -- pure -------------------------------------------------------------------------------------------
 def test_chain_names_are_kube_proxys():
     # Chain names seen on every real cluster: the API server Service and kube-dns.
-    from agent.bench.services import BenchService
+    from nodewire_dev.bench.services import BenchService
     api = BenchService("default", "kubernetes", "10.96.0.1", 443, "TCP", (Endpoint("10.0.0.1", 6443),), "https")
     dns = BenchService("kube-system", "kube-dns", "10.96.0.10", 53, "UDP", (Endpoint("10.0.0.2", 53),), "dns")
     assert iptables_rules.svc_chain(api) == "KUBE-SVC-NPX46M4PTMTKRN6Y"

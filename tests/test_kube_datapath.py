@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from agent.config import state_dir_for
-from agent.testing.fake_apiserver import FakeApiServer, endpoint_slice, service
+from nodewire_dev.fake_apiserver import FakeApiServer, endpoint_slice, service
 from tests.conftest import NODEWIRE, AgentProcess, wait_for
 from tests.observe_helpers import free_port
 

@@ -19,7 +19,7 @@ from agent.sources.kube import (
     Backoff, KubeConfig, KubeError, KubeSource, in_cluster_config, kubeconfig_config, load_config,
 )
 from agent.state import ClusterState
-from agent.testing.fake_apiserver import (
+from nodewire_dev.fake_apiserver import (
     FakeApiServer, SchemaError, endpoint_slice, node, pod, service,
 )
 
@@ -451,7 +451,7 @@ def test_a_watch_that_ends_at_once_is_backed_off(api, token_file):
 
 
 def test_standalone_fake_server_follows_a_manifest_directory(tmp_path, api, source):
-    from agent.testing.fake_apiserver import _sync_directory
+    from nodewire_dev.fake_apiserver import _sync_directory
 
     d = tmp_path / "manifests"
     d.mkdir()

@@ -28,7 +28,7 @@ from agent.model.parse import parse_endpoint_slice, parse_service
 from agent.observe.histogram import HIST_SLOTS, slot_of
 from agent.observe.identity import OBSERVE_ANNOTATION, ObserveConfig
 from agent.observe.observer import Observer
-from agent.sandbox import Sandbox
+from nodewire_dev.sandbox import Sandbox
 from agent.state import ClusterState
 from tests.conftest import wait_for
 from tests.observe_helpers import OtlpReceiver, PrometheusServer, samples, sh

@@ -12,7 +12,8 @@ from pathlib import Path
 
 from .maps import RawMap
 
-BPF_DIR = Path(os.environ.get("NODEWIRE_BPF_DIR", Path(__file__).resolve().parents[2] / "bpf"))
+# agent/bpf is the top-level bpf/ (a link in the checkout, package data in a wheel)
+BPF_DIR = Path(os.environ.get("NODEWIRE_BPF_DIR", Path(__file__).resolve().parents[1] / "bpf"))
 
 MAP_NAMES = {
     "services": "nodewire_services_v1",

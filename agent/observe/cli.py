@@ -1,14 +1,11 @@
-"""Observability commands: `nodewire top`, `nodewire latency` (views over the agent's /metrics) and
-`nodewire bench observe`."""
+"""Observability commands: `nodewire top`, `nodewire latency` (views over the agent's /metrics)."""
 from __future__ import annotations
 
 import time
 
 import click
 
-from .bench import bench_observe
-
-__all__ = ["bench_observe", "top", "latency"]
+__all__ = ["top", "latency"]
 
 metrics_addr_option = click.option("--metrics-addr", default="127.0.0.1:9965", show_default=True,
                                    help="The agent's metrics endpoint (as given to `nodewire run`).")

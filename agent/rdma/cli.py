@@ -34,7 +34,7 @@ def topo(sysfs_root: str, output: str, node_name: str | None) -> None:
         click.echo(render_table(t))
 
 
-def _parse_duty(text: str | None):
+def parse_duty(text: str | None):
     if not text:
         return None
     try:
@@ -116,7 +116,7 @@ def rdma(libs, cgroups, duty, time_box, sysfs_root, interval, duration, output) 
     kernel_tp = kernel_rdma_tracepoints()
     try:
         from .layout import CACHE_DIR
-        tracer = VerbsTracer(libibverbs=libs, cgroups=list(cgroups) or None, duty=_parse_duty(duty),
+        tracer = VerbsTracer(libibverbs=libs, cgroups=list(cgroups) or None, duty=parse_duty(duty),
                              time_box=time_box, provider_cache=os.path.join(CACHE_DIR, "rdma-providers.json"))
     except LayoutError as e:
         raise click.ClickException(str(e)) from None
@@ -141,31 +141,3 @@ def rdma(libs, cgroups, duty, time_box, sysfs_root, interval, duration, output) 
                     live.update(render(tracer.snapshot(), ports.read()))
             except KeyboardInterrupt:
                 pass
-
-
-@click.command("rdma")
-@click.option("--wrs", default=200_000, show_default=True, help="Work requests per unpaced run.")
-@click.option("--rate", default=100_000, show_default=True, help="Paced run: work requests per second.")
-@click.option("--rate-ms", default=5000, show_default=True, help="Paced run length (ms).")
-@click.option("--duty", "duties", multiple=True, default=("0.05/5", "0.05/20"), show_default=True,
-              help="Duty cycles ON/PERIOD to measure under the paced load.")
-@click.option("-o", "--output", type=click.Choice(["table", "json"]), default="table", show_default=True)
-def rdma_bench(wrs, rate, rate_ms, duties, output) -> None:
-    """Cost of verbs tracing on the mock verbs stack: per-probe overhead, throughput on/off, duty cycles."""
-    from .bench import run
-
-    res = run(wrs, rate, rate_ms, tuple(_parse_duty(d) for d in duties))
-    if output == "json":
-        click.echo(json.dumps(res, indent=2))
-        return
-    click.echo(f"unpaced, chain 1: {res['off_ns_per_wr_chain1']:.0f} ns/WR off, "
-               f"{res['on_ns_per_wr_chain1']:.0f} ns/WR traced → throughput ×{res['throughput_ratio_on_off_chain1']:.4f}; "
-               f"overhead {res['overhead_ns_per_wr_chain1']:.0f} ns/WR ≈ {res['overhead_ns_per_probe_hit']:.0f} ns per probe hit")
-    click.echo(f"unpaced, chain 8: {res['off_ns_per_wr_chain8']:.0f} ns/WR off, "
-               f"{res['on_ns_per_wr_chain8']:.0f} ns/WR traced → ×{res['throughput_ratio_on_off_chain8']:.4f}")
-    click.echo(f"paced {rate} WR/s: CPU {res['rate_cpu_off']:.1%} off, {res['rate_cpu_on']:.1%} traced "
-               f"(cost {res['rate_cost_on']:.1%} of a core; achieved {res['rate_achieved_on_wr_s']:.0f} WR/s)")
-    for d in res["duty_cycles"]:
-        click.echo(f"  duty {d['on_s']}/{d['period_s']} s (measured on-time {d['duty_measured']:.1%}): "
-                   f"cost {d['cost']:.1%} of a core (≈{d.get('tail_s_per_window', 0):.2f} s of trapping "
-                   f"per window beyond it)")

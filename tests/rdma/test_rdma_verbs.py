@@ -1,5 +1,5 @@
 """Verbs latency tracer against the mock verbs stack (libibverbs + stripped provider + driver, built
-with gcc from agent/rdma/mockverbs against the real <infiniband/verbs.h>), in sandbox pods."""
+with gcc from nodewire_dev/mockverbs against the real <infiniband/verbs.h>), in sandbox pods."""
 from __future__ import annotations
 
 import os
@@ -10,7 +10,7 @@ import pytest
 
 from agent.rdma.elf import read_elf
 from agent.rdma.layout import derive_layout
-from agent.rdma.mockverbs import build
+from nodewire_dev.mockverbs import build
 from tests.conftest import wait_for
 
 QP0, QP1, QP2, QP3, QP4 = 0x100, 0x101, 0x102, 0x103, 0x104
@@ -59,7 +59,7 @@ def test_resolve_runtime_address_to_elf_vaddr(mock, tmp_path, base):
     also for a library linked at a non-zero base where file offsets and vaddrs differ."""
     import ctypes
 
-    from agent.rdma.mockverbs import SRC
+    from nodewire_dev.mockverbs import SRC
     from agent.rdma.verbs import resolve
 
     lib = mock.provider
@@ -109,7 +109,7 @@ def read_until_ready(p) -> tuple[int, list[str]]:
 
 @pytest.fixture
 def pods():
-    from agent.sandbox import Sandbox
+    from nodewire_dev.sandbox import Sandbox
     with Sandbox(subnet4="10.244.70.0/24", subnet6="fd00:10:244:70::/64") as sb:
         yield sb, sb.add_pod("rdma-in"), sb.add_pod("rdma-out")
 

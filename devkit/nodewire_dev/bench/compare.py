@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import dataclasses
+import tempfile
 
 import click
 
@@ -26,7 +27,9 @@ def _ints(text: str) -> list[int]:
 @click.option("--quick", is_flag=True, help="Few samples and short caps (a smoke run).")
 @click.option("--sync-cap", type=float, default=None, help="Seconds a full sync may take before '> cap'.")
 @click.option("--iptables-backend", type=click.Choice(["legacy", "nft"]), default="legacy", show_default=True)
-@click.option("--out", default="bench/results", show_default=True, help="Directory for .md/.json/.png.")
+@click.option("--out", default=None,
+              help="Directory for .md/.json/.png [default: a new temporary directory; pass bench/results to "
+                   "update the committed results].")
 def compare(services, endpoints, modes, quick, sync_cap, iptables_backend, out):
     """Connect latency, req/s, sync time, change time and memory: direct vs iptables vs nftables vs
     nodewire, side by side in one sandbox run."""
@@ -41,6 +44,7 @@ def compare(services, endpoints, modes, quick, sync_cap, iptables_backend, out):
     if sync_cap:
         s.sync_cap_s = sync_cap
     rows = run_compare(s)
+    out = out or tempfile.mkdtemp(prefix="nodewire-bench-")
     paths = write(rows, out, {k: v for k, v in dataclasses.asdict(s).items()})
     click.echo(paths["md"].read_text())
     click.echo(f"wrote {', '.join(str(p) for p in paths.values())}")

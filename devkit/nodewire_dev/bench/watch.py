@@ -39,7 +39,7 @@ def _ip(n: int) -> str:
 
 
 def _objects(n: int, endpoints: int):
-    from ..testing.fake_apiserver import endpoint_slice, service
+    from ..fake_apiserver import endpoint_slice, service
 
     for i in range(n):
         yield service(f"svc-{i}", _ip(VIP_BASE + 1 + i), namespace="bench")
@@ -49,7 +49,7 @@ def _objects(n: int, endpoints: int):
 
 def _server_main(conn, n: int, endpoints: int, workdir: str) -> None:
     """Child process: a fake API server loaded with n Services; obeys (op, args) messages."""
-    from ..testing.fake_apiserver import FakeApiServer, endpoint_slice
+    from ..fake_apiserver import FakeApiServer, endpoint_slice
 
     api = FakeApiServer(tls=True, tokens={TOKEN: "bench"}, workdir=workdir, history_window=100_000)
     api.load(_objects(n, endpoints), validate_every=997)  # every object's shape is one of two, sampled
@@ -98,10 +98,10 @@ def _pct(values: list[float], p: float) -> float:
 
 def change_latency(n: int, endpoints: int, changes: int, workdir: str, burst: int = 1000) -> dict:
     """Part 1: single-endpoint changes through the real agent loop; per-change latency in ms."""
-    from ..agent import Agent
-    from ..config import AgentConfig
-    from ..datapath.inspect import read_services
-    from ..model.objects import ObjectKey
+    from agent.agent import Agent
+    from agent.config import AgentConfig
+    from agent.datapath.inspect import read_services
+    from agent.model.objects import ObjectKey
     from ..sandbox import Sandbox
 
     server = ServerProcess(n, endpoints, workdir)
@@ -203,7 +203,7 @@ def list_to_synced(n: int, endpoints: int, workdir: str) -> dict:
     """Part 2: a fresh `nodewire run --kube` process; list → synced → maps written, and its RSS."""
     import psutil
 
-    from ..config import state_dir_for
+    from agent.config import state_dir_for
     from ..sandbox import Sandbox
 
     t_load = time.perf_counter()

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import psutil
 
-from ..config import state_dir_for
+from agent.config import state_dir_for
 from ..sandbox import Sandbox
 from .measure import LoadResult
 from .modes import Unavailable

@@ -724,7 +724,7 @@ def pod(name: str, ip: str, node_name: str, namespace: str = "default", labels: 
             "status": {"phase": "Running", "podIP": ip, "podIPs": [{"ip": ip}]}}
 
 
-# -- standalone: `python -m agent.testing.fake_apiserver --manifests DIR` ----------------------------
+# -- standalone: `python -m nodewire_dev.fake_apiserver --manifests DIR` ----------------------------
 def _manifest_objects(directory: Path) -> dict[tuple[str, str, str], dict]:
     """(kind, namespace, name) → object for every Service/EndpointSlice/Node/Pod in DIR's files."""
     import yaml

@@ -11,7 +11,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..datapath.attach import detect_cgroup2_root
+from agent.datapath.attach import detect_cgroup2_root
 
 PODSERVER = Path(__file__).with_name("podserver.py")
 PROBE = Path(__file__).with_name("probe.py")

@@ -96,12 +96,12 @@ def _set_active(obs, pods, on: bool) -> None:
 def run_bench(rounds: int, seconds: float, pods: int) -> dict:
     import psutil
 
-    from ..export.telemetry import start_telemetry
-    from ..model.objects import ObjectKey, Pod
+    from agent.export.telemetry import start_telemetry
+    from agent.model.objects import ObjectKey, Pod
     from ..sandbox import Sandbox
-    from ..state import ClusterState
-    from .identity import ObserveConfig
-    from .observer import Observer
+    from agent.state import ClusterState
+    from agent.observe.identity import ObserveConfig
+    from agent.observe.observer import Observer
 
     if not shutil.which("sockperf"):
         raise click.ClickException("sockperf not found (apt-get install sockperf; scripts/install.sh does it)")

@@ -17,11 +17,11 @@ import time
 from collections import Counter, defaultdict
 from pathlib import Path
 
-from .config import state_dir_for
+from agent.config import state_dir_for
 from .sandbox import Sandbox
 from .sandbox.cluster import PROBE
 
-EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
+EXAMPLES = Path(__file__).resolve().parents[2] / "examples"  # the checkout's examples/
 NODEWIRE = str(Path(sys.executable).with_name("nodewire"))
 TARGETS = [
     ("web (IPv4)", "tcp:10.96.0.10:80"),

@@ -1,4 +1,4 @@
-"""What verbs tracing costs: the mock driver (agent/rdma/mockverbs) run untraced, traced, and traced
+"""What verbs tracing costs: the mock driver (nodewire_dev/mockverbs) run untraced, traced, and traced
 with a duty cycle, side by side in one run. Numbers are ratios and differences of those runs."""
 from __future__ import annotations
 
@@ -7,7 +7,13 @@ import subprocess
 import tempfile
 import time
 
-from .mockverbs import build
+import json
+
+import click
+
+from agent.rdma.cli import parse_duty
+
+from ..mockverbs import build
 
 _KV = re.compile(r"(\w+)=(\d+)")
 
@@ -36,7 +42,7 @@ def _run(driver: str, script: list[str], tracer=None) -> dict[str, dict[str, int
 
 def run(wrs: int = 200_000, rate: int = 100_000, rate_ms: int = 5000,
         duties: tuple[tuple[float, float], ...] = ((0.05, 5.0), (0.05, 20.0))) -> dict:
-    from .verbs import VerbsTracer
+    from agent.rdma.verbs import VerbsTracer
 
     with tempfile.TemporaryDirectory(prefix="nw-rdma-bench-") as d:
         m = build(d)
@@ -87,3 +93,29 @@ def run(wrs: int = 200_000, rate: int = 100_000, rate_ms: int = 5000,
     # the duty fraction that would bring always-on cost down to 2% of a core at this rate
     res["duty_for_2pct"] = min(1.0, 0.02 / res["rate_cost_on"]) if res["rate_cost_on"] > 0 else 1.0
     return res
+
+
+@click.command("rdma")
+@click.option("--wrs", default=200_000, show_default=True, help="Work requests per unpaced run.")
+@click.option("--rate", default=100_000, show_default=True, help="Paced run: work requests per second.")
+@click.option("--rate-ms", default=5000, show_default=True, help="Paced run length (ms).")
+@click.option("--duty", "duties", multiple=True, default=("0.05/5", "0.05/20"), show_default=True,
+              help="Duty cycles ON/PERIOD to measure under the paced load.")
+@click.option("-o", "--output", type=click.Choice(["table", "json"]), default="table", show_default=True)
+def rdma_bench(wrs, rate, rate_ms, duties, output) -> None:
+    """Cost of verbs tracing on the mock verbs stack: per-probe overhead, throughput on/off, duty cycles."""
+    res = run(wrs, rate, rate_ms, tuple(parse_duty(d) for d in duties))
+    if output == "json":
+        click.echo(json.dumps(res, indent=2))
+        return
+    click.echo(f"unpaced, chain 1: {res['off_ns_per_wr_chain1']:.0f} ns/WR off, "
+               f"{res['on_ns_per_wr_chain1']:.0f} ns/WR traced → throughput ×{res['throughput_ratio_on_off_chain1']:.4f}; "
+               f"overhead {res['overhead_ns_per_wr_chain1']:.0f} ns/WR ≈ {res['overhead_ns_per_probe_hit']:.0f} ns per probe hit")
+    click.echo(f"unpaced, chain 8: {res['off_ns_per_wr_chain8']:.0f} ns/WR off, "
+               f"{res['on_ns_per_wr_chain8']:.0f} ns/WR traced → ×{res['throughput_ratio_on_off_chain8']:.4f}")
+    click.echo(f"paced {rate} WR/s: CPU {res['rate_cpu_off']:.1%} off, {res['rate_cpu_on']:.1%} traced "
+               f"(cost {res['rate_cost_on']:.1%} of a core; achieved {res['rate_achieved_on_wr_s']:.0f} WR/s)")
+    for d in res["duty_cycles"]:
+        click.echo(f"  duty {d['on_s']}/{d['period_s']} s (measured on-time {d['duty_measured']:.1%}): "
+                   f"cost {d['cost']:.1%} of a core (≈{d.get('tail_s_per_window', 0):.2f} s of trapping "
+                   f"per window beyond it)")

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import psutil
 
-from ..config import state_dir_for
+from agent.config import state_dir_for
 from ..sandbox import Sandbox
 from .workload import vip, write_manifests
 

@@ -1,0 +1,35 @@
+"""The development kit's commands, added to `nodewire` through the `nodewire.commands` entry points:
+`nodewire demo` and `nodewire bench …`."""
+from __future__ import annotations
+
+import json
+
+import click
+
+from .bench.cli import bench
+from .bench.compare import compare as bench_compare
+from .bench.observe import bench_observe
+from .bench.rdma import rdma_bench
+from .bench.watch import watch as bench_watch
+
+bench.add_command(bench_compare)
+bench.add_command(bench_watch)
+bench.add_command(bench_observe, "observe")
+bench.add_command(rdma_bench)
+
+
+@click.command()
+@click.option("--duration", type=float, default=None, help="Seconds to run [default: until Ctrl-C].")
+@click.option("--metrics-addr", default=None, help="Serve the agent's /metrics here while the demo runs.")
+@click.option("-o", "--output", type=click.Choice(["live", "json"]), default="live",
+              help="json: print the final per-Service tally as JSON after the run.")
+def demo(duration, metrics_addr, output) -> None:
+    """A sandbox cluster (netns pods) with the agent load-balancing ClusterIP traffic, shown live."""
+    from .demo import run_demo
+
+    result = run_demo(duration, metrics_addr)
+    if output == "json":
+        click.echo(json.dumps(result))
+
+
+__all__ = ["bench", "demo"]
