@@ -16,6 +16,7 @@ import threading
 import time
 from collections import deque
 
+from .api import ApiServer
 from .config import AgentConfig
 from .datapath.attach import attach_sock_lb, detect_cgroup2_root
 from .datapath.loader import SockLB
@@ -62,6 +63,7 @@ class Agent:
         self.reconciler: Reconciler | None = None
         self.programs: list[str] = []
         self.telemetry = None
+        self.api: ApiServer | None = None  # local API; features add methods with self.api.register
         self.observer = None
         self.rdma = None  # RdmaService: counters, topology, and (opt-in) the verbs tracer
         self._pods_seen = -1  # ClusterState.revision the RDMA opt-ins were last computed at
@@ -76,6 +78,7 @@ class Agent:
             kube_cfg = load_config(cfg.kubeconfig, cfg.api_server)
         self.cgroup = cfg.cgroup or detect_cgroup2_root()
         os.makedirs(cfg.state_dir, exist_ok=True)
+        self.api = ApiServer(cfg.api_socket_path).start()
         t0 = time.perf_counter()
         self.lb = SockLB(cfg.pin_dir, cfg.sizes)
         self.programs = attach_sock_lb(self.lb, self.cgroup)
@@ -273,6 +276,8 @@ class Agent:
         signal.signal(signal.SIGINT, handler)
 
     def close(self) -> None:
+        if self.api is not None:
+            self.api.close()
         if self.kube is not None:
             self.kube.stop()
         if self.observer is not None:
