@@ -65,6 +65,7 @@ class Agent:
         self.telemetry = None
         self.api: ApiServer | None = None  # local API; features add methods with self.api.register
         self.observer = None
+        self.cni = None  # CniPods: pods told by nodewire-cni (agent/cni/pods.py)
         self.rdma = None  # RdmaService: counters, topology, and (opt-in) the verbs tracer
         self._pods_seen = -1  # ClusterState.revision the RDMA opt-ins were last computed at
 
@@ -112,6 +113,8 @@ class Agent:
                                          self.lb, self.reconciler).start()
             except Exception as e:
                 log.error("observer failed to start, running without observability err=%s", e)
+        from .cni.pods import start_for_agent
+        self.cni = start_for_agent(self)
         if cfg.rdma:
             from .rdma.service import RdmaService
             try:  # like the observer: optional, never at the datapath's expense
@@ -278,6 +281,8 @@ class Agent:
     def close(self) -> None:
         if self.api is not None:
             self.api.close()
+        if self.cni is not None:
+            self.cni.close()
         if self.kube is not None:
             self.kube.stop()
         if self.observer is not None:
