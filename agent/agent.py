@@ -16,6 +16,7 @@ import threading
 import time
 from collections import deque
 
+from .api import ApiServer
 from .config import AgentConfig
 from .datapath.attach import attach_sock_lb, detect_cgroup2_root
 from .datapath.loader import SockLB
@@ -63,6 +64,7 @@ class Agent:
         self.reconciler: Reconciler | None = None
         self.programs: list[str] = []
         self.telemetry = None
+        self.api: ApiServer | None = None  # local API; features add methods with self.api.register
         self.observer = None
         self.privileges: dict = {}  # what privileges.drop() did
         self.rdma = None  # RdmaService: counters, topology, and (opt-in) the verbs tracer
@@ -79,6 +81,7 @@ class Agent:
             kube_cfg = load_config(cfg.kubeconfig, cfg.api_server)
         self.cgroup = cfg.cgroup or detect_cgroup2_root()
         os.makedirs(cfg.state_dir, exist_ok=True)
+        self.api = ApiServer(cfg.api_socket_path).start()
         t0 = time.perf_counter()
         self.lb = SockLB(cfg.pin_dir, cfg.sizes)
         self.programs = attach_sock_lb(self.lb, self.cgroup)
@@ -277,6 +280,8 @@ class Agent:
         signal.signal(signal.SIGINT, handler)
 
     def close(self) -> None:
+        if self.api is not None:
+            self.api.close()
         if self.kube is not None:
             self.kube.stop()
         if self.observer is not None:
