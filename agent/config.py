@@ -67,6 +67,8 @@ class AgentConfig:
     poll_interval: float = key(0.2, "Seconds between manifest directory polls.", command="")
     node_name: str = key(None, "This node's name [default: $NODE_NAME or the hostname].",
                          factory=lambda: os.environ.get("NODE_NAME") or os.uname().nodename)
+    zone: str = key("", "This node's zone for topology hints [default: its Node object's "
+                        "topology.kubernetes.io/zone label].")
     observe: bool = key(True, "Per-pod network observability.")
     veth_netns: str | None = key(None, "Network namespace holding the pods' node-side veths [default: the agent's].")
     max_series: int = key(10000, "Cap on per-pod/peer series the observer exports.")
