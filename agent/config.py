@@ -35,10 +35,15 @@ class AgentConfig:
     peer_cidrs: tuple[str, ...] = ()  # buckets for unknown remote peers (empty: the private ranges)
     rdma: bool = True                 # RDMA port counters and GPU↔NIC topology (sysfs, read at scrape)
     rdma_trace: bool = False          # verbs latency tracer, for pods annotated nodewire.io/rdma-trace
+    api_socket: str | None = None     # the agent's unix-socket API (None: api.sock in the state dir)
 
     @property
     def state_dir(self) -> str:
         return state_dir_for(self.pin_dir)
+
+    @property
+    def api_socket_path(self) -> str:
+        return self.api_socket or os.path.join(self.state_dir, "api.sock")
 
     def validate(self) -> None:
         if self.kube and self.manifests is not None:

@@ -13,8 +13,9 @@ from .model.objects import EndpointSlice, ObjectKey, Objects, Pod, Service
 
 
 class ClusterState:
-    def __init__(self, node_name: str | None = None) -> None:
-        self.node_name = node_name  # for internalTrafficPolicy: Local
+    def __init__(self, node_name: str | None = None, zone: str = "") -> None:
+        self.node_name = node_name  # for internalTrafficPolicy: Local and node hints
+        self.zone = zone  # this node's topology.kubernetes.io/zone, for zone hints
         self.services: dict[ObjectKey, Service] = {}
         self.slices: dict[ObjectKey, EndpointSlice] = {}
         self.pods: dict[ObjectKey, Pod] = {}
@@ -66,6 +67,15 @@ class ClusterState:
             self.revision += 1
             self.changed.set()
 
+    def set_zone(self, zone: str) -> None:
+        """This node's zone (from its Node object or --zone): topology changes for every Service."""
+        with self._lock:
+            if zone == self.zone:
+                return
+            self.zone = zone
+            for key in self.services:
+                self._mark(key)
+
     def replace(self, objs: Objects) -> None:
         """Make the state equal to objs (a full list), applying only the differences."""
         for key in set(self.services) - set(objs.services):
@@ -103,4 +113,5 @@ class ClusterState:
         svc = self.services.get(key)
         if svc is None:
             return []
-        return service_frontends(svc, (self.slices[k] for k in self._slices_by_service.get(key, ())), self.node_name)
+        return service_frontends(svc, (self.slices[k] for k in self._slices_by_service.get(key, ())), self.node_name,
+                                 self.zone)

@@ -100,8 +100,10 @@ def ensure_mounts() -> None:
     for target, fstype in (("/sys/fs/bpf", "bpf"), ("/sys/kernel/tracing", "tracefs")):
         if not os.path.ismount(target):
             os.makedirs(target, exist_ok=True)
-            if os.system(f"mount -t {fstype} {fstype} {target} 2>/dev/null") != 0:
-                raise RuntimeError(f"cannot mount {fstype} at {target}")
+            # An argv list, never a shell string (SECURITY.md: no shell is built from any input).
+            res = subprocess.run(["mount", "-t", fstype, fstype, target], capture_output=True, text=True)
+            if res.returncode != 0:
+                raise RuntimeError(f"cannot mount {fstype} at {target}: {res.stderr.strip()}")
 
 
 _LOCAL_INCLUDE = re.compile(r'^#include "(lib/[^"]+)"\s*$', re.M)

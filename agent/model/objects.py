@@ -43,6 +43,7 @@ class Service:
     session_affinity_timeout: int = 10800
     internal_traffic_policy: str = "Cluster"
     external_traffic_policy: str = "Cluster"
+    traffic_distribution: str = ""  # spec.trafficDistribution (PreferClose, PreferSameZone, PreferSameNode)
 
     @property
     def headless(self) -> bool:
@@ -61,6 +62,8 @@ class Endpoint:
     node_name: str = ""
     zone: str = ""
     target: str = ""  # "namespace/pod" of the targetRef, when it is a Pod
+    zone_hints: tuple[str, ...] = ()  # hints.forZones[].name
+    node_hints: tuple[str, ...] = ()  # hints.forNodes[].name
 
 
 @dataclass(frozen=True, slots=True)

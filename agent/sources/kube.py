@@ -33,7 +33,7 @@ import threading
 import time
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Callable, NamedTuple
 from urllib.parse import urlencode, urlsplit
 
 import yaml
@@ -312,9 +312,26 @@ class ApiClient:
                     return
                 t = time.monotonic()
                 if line.strip():
-                    yield t, json.loads(line)
+                    yield t, _decode_event(line)
         finally:
             self._forget(conn)
+
+
+class BadLine(NamedTuple):
+    """A watch line that is not a decodable event; the stream goes on with the next line."""
+    message: str
+
+
+def _decode_event(line: bytes) -> dict | BadLine:
+    try:
+        ev = json.loads(line)
+    except (ValueError, RecursionError) as e:  # UnicodeDecodeError is a ValueError
+        return BadLine(f"undecodable watch line ({len(line)} bytes): {type(e).__name__}: {str(e)[:120]}")
+    if not isinstance(ev, dict) or not isinstance(ev.get("type"), str):
+        return BadLine(f"watch line is not an event: {line[:80]!r}")
+    if not isinstance(ev.get("object"), dict):
+        return BadLine(f"{ev['type']} event without an object: {line[:80]!r}")
+    return ev
 
 
 def _status_message(data: bytes) -> str:
@@ -394,6 +411,7 @@ class ResourceHealth:
     watches: int = 0
     events: int = 0
     bookmarks: int = 0
+    bad_lines: int = 0  # watch lines skipped as undecodable or not an event
 
     def as_dict(self) -> dict:
         d = dict(self.__dict__)
@@ -415,8 +433,10 @@ class Reflector:
     """list → watch from the list's resourceVersion → on 410 re-list and diff; back off on errors."""
 
     def __init__(self, client: ApiClient, spec: WatchSpec, apply: Callable[[str, ObjectKey, dict | None, float], None],
-                 stop: threading.Event, backoff: Backoff, watch_timeout: tuple[int, int] = (300, 600)):
+                 stop: threading.Event, backoff: Backoff, watch_timeout: tuple[int, int] = (300, 600),
+                 bad: Callable[[str, str], None] = lambda kind, msg: log.error("kube %s: %s", kind, msg)):
         self.client, self.spec, self.apply, self.stop = client, spec, apply, stop
+        self.bad = bad  # (kind, message) of a line or list item that is skipped
         self.backoff = backoff
         self.watch_timeout = watch_timeout
         self.short_watch = 1.0  # seconds: a stream that ends sooner with no event is backed off
@@ -447,6 +467,10 @@ class Reflector:
             except (KubeError, OSError, http.client.HTTPException, ValueError) as e:
                 if self.stop.is_set():
                     break
+                self._broken(e)
+                self.stop.wait(self.backoff.next())
+            except Exception as e:  # a bug or a shape nobody foresaw: back off and go on, never end the thread
+                log.exception("kube reflector error resource=%s", self.spec.resource)
                 self._broken(e)
                 self.stop.wait(self.backoff.next())
         self.health.connected = False
@@ -486,8 +510,14 @@ class Reflector:
                     raise ContinueExpired(str(e)) from None
                 raise
             t = time.monotonic()
-            for item in page.get("items") or []:
-                meta = item.get("metadata") or {}
+            items = page.get("items") or []
+            if not isinstance(items, list):
+                raise KubeError(f"list {self.spec.resource}: items is a {type(items).__name__}, not a list")
+            for i, item in enumerate(items):
+                meta = item.get("metadata") if isinstance(item, dict) else None
+                if not isinstance(meta, dict) or not isinstance(meta.get("name"), str):
+                    self.bad(self.spec.kind, f"list item {i} has no metadata.name; skipped")
+                    continue
                 key = ObjectKey(meta.get("namespace", ""), meta.get("name", ""))
                 rv = meta.get("resourceVersion", "")
                 seen[key] = rv
@@ -518,18 +548,26 @@ class Reflector:
                 h.connected, h.stale_since = True, None
                 h.watches += 1
                 continue
-            typ, obj = ev.get("type"), ev.get("object") or {}
+            if isinstance(ev, BadLine):  # skipped; the next good event carries a later resourceVersion
+                h.bad_lines += 1
+                self.bad(self.spec.kind, ev.message)
+                continue
+            typ, obj = ev["type"], ev["object"]
             if typ == "ERROR":
                 detail = _status_message(json.dumps(obj).encode())
                 if obj.get("code") == 410:
                     raise Gone(detail)
                 raise KubeError(f"watch {self.spec.resource}: {detail}")
-            meta = obj.get("metadata") or {}
-            rv = meta.get("resourceVersion")
+            meta = obj.get("metadata") if isinstance(obj.get("metadata"), dict) else {}
+            rv = meta.get("resourceVersion") if isinstance(meta.get("resourceVersion"), str) else None
             if typ == "BOOKMARK":
                 h.bookmarks += 1
             elif typ in ("ADDED", "MODIFIED", "DELETED"):
-                key = ObjectKey(meta.get("namespace", ""), meta.get("name", ""))
+                if not isinstance(meta.get("name"), str) or not isinstance(meta.get("namespace", ""), str):
+                    h.bad_lines += 1
+                    self.bad(self.spec.kind, f"{typ} event without a metadata.name; skipped")
+                    continue
+                key = ObjectKey(meta.get("namespace", ""), meta["name"])
                 if typ == "DELETED":
                     self.known.pop(key, None)
                     self.apply(self.spec.kind, key, None, t)
@@ -581,7 +619,8 @@ class KubeSource:
             WatchSpec("nodes", "/api/v1/nodes", "Node", {"fieldSelector": f"metadata.name={self.node_name}"}),
             WatchSpec("pods", "/api/v1/pods", "Pod", {"fieldSelector": f"spec.nodeName={self.node_name}"}),
         ]
-        self.reflectors = {s.resource: Reflector(self.client, s, self._apply, self._stop, backoff(), watch_timeout)
+        self.reflectors = {s.resource: Reflector(self.client, s, self._apply, self._stop, backoff(), watch_timeout,
+                                                 bad=self._bad)
                            for s in specs}
 
     # -- lifecycle ------------------------------------------------------------------------------
@@ -612,7 +651,10 @@ class KubeSource:
     # -- applying objects -----------------------------------------------------------------------
     def _apply(self, kind: str, key: ObjectKey, obj: dict | None, arrived: float) -> None:
         if kind == "Node":
-            self._apply_node(obj)
+            try:
+                self._apply_node(obj)
+            except (AttributeError, TypeError) as e:  # a Node of an unforeseen shape: keep the last one
+                self._bad(kind, f"cannot decode: {type(e).__name__}: {e}")
         else:
             apply, parse = {
                 "Service": (self.state.apply_service, parse_service),
@@ -625,8 +667,10 @@ class KubeSource:
             else:
                 try:
                     parsed = parse(obj)
-                except InvalidObject as e:
+                except Exception as e:  # InvalidObject, or a shape the parser did not foresee
                     # Skip it; a previously good version stays (same rule as the manifest source).
+                    if not isinstance(e, InvalidObject):
+                        e = InvalidObject(kind, str(key), "-", f"cannot decode: {type(e).__name__}: {e}")
                     err = e.as_error("api")
                     self.invalid_objects[kind] += 1
                     self.invalid[(kind, key)] = err
@@ -638,6 +682,14 @@ class KubeSource:
                 apply(parsed.key, parsed)
         if self.on_applied:
             self.on_applied(kind, key, arrived)
+
+    def _bad(self, kind: str, message: str) -> None:
+        """A watch line or list item that could not be read as an object: skipped, counted, named."""
+        err = ObjectError("api", kind, "?", "-", message)
+        self.invalid_objects[kind] += 1
+        log.error("invalid object skipped: %s", err)
+        if self.on_error:
+            self.on_error(err)
 
     def _apply_node(self, obj: dict | None) -> None:
         if obj is None:

@@ -410,6 +410,12 @@ class FakeApiServer:
             self._record(_Event(self._rv, rt.plural, kind_of_write, obj, old))
             return copy.deepcopy(_with_kind(rt, obj))
 
+    def inject_watch_line(self, plural: str, line: bytes) -> None:
+        """Send `line` as-is to every watcher of `plural` (a broken server or proxy: a line that is
+        not JSON, or JSON that is not an event). Changes no object and no resourceVersion."""
+        with self._lock:
+            self._record(_Event(self._rv, plural, "RAW", {"raw": line}, None))
+
     def _record(self, ev: _Event) -> None:
         self._history.append(ev)
         self._history_rvs.append(ev.rv)
@@ -537,7 +543,10 @@ class _Handler(BaseHTTPRequestHandler):
 
     # -- watch ----------------------------------------------------------------------------------
     def _chunk(self, line: dict) -> None:
-        data = json.dumps(line, separators=(",", ":")).encode() + b"\n"
+        self._raw_chunk(json.dumps(line, separators=(",", ":")).encode())
+
+    def _raw_chunk(self, line: bytes) -> None:
+        data = line + b"\n"
         self.wfile.write(b"%x\r\n%s\r\n" % (len(data), data))
         self.wfile.flush()
 
@@ -608,6 +617,10 @@ class _Handler(BaseHTTPRequestHandler):
                     self._chunk({"type": "ERROR", "object": expired})
                     return self._end()
                 for ev in events:
+                    if ev.type == "RAW":
+                        if ev.resource == rt.plural:
+                            self._raw_chunk(ev.obj["raw"])
+                        continue
                     out = _translate(ev, rt, sel)
                     if out:
                         self._chunk({"type": out, "object": _with_kind(rt, ev.obj)})
