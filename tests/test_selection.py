@@ -160,3 +160,42 @@ def test_externalname_gets_no_frontend():
     svc = service("x", ["10.96.0.5"])
     svc["spec"] = {"type": "ExternalName", "externalName": "example.org", "ports": svc["spec"]["ports"]}
     assert service_frontends(parse_service(svc), []) == []
+
+
+def _zone_state(zone_flag=""):
+    from agent.model.objects import Objects
+    from agent.model.parse import parse_node
+    from agent.state import ClusterState
+
+    st = ClusterState("node-a", zone_flag)
+    svc = service("z", ["10.96.0.6"])
+    svc["spec"]["trafficDistribution"] = "PreferClose"
+    sl = endpoint_slice("z", ["10.0.0.1", "10.0.0.2"])
+    for e, z in zip(sl["endpoints"], ("zone-1", "zone-2")):
+        e["zone"] = z
+    s, p = parse_service(svc), parse_endpoint_slice(sl)
+    node = parse_node({"kind": "Node", "metadata": {"name": "node-a",
+                                                    "labels": {"topology.kubernetes.io/zone": "zone-2"}}})
+    st.replace(Objects(services={s.key: s}, slices={p.key: p}))
+    return st, node
+
+
+def test_this_nodes_node_object_sets_the_zone_and_recomputes_topology():
+    from agent.model.objects import Objects
+
+    st, node = _zone_state()
+    [fe] = st.all_frontends()[next(iter(st.services))]
+    assert len(fe.backends) == 2  # zone unknown: hints ignored
+    objs = Objects(services=dict(st.services), slices=dict(st.slices), nodes={node.key: node})
+    st.replace(objs)
+    assert st.zone == "zone-2"
+    [fe] = st.take_dirty()[next(iter(st.services))]
+    assert fe.backends == (Backend("10.0.0.2", 8080, "TCP"),)
+
+
+def test_zone_flag_wins_over_the_node_object():
+    st, node = _zone_state("zone-1")
+    st.apply_node(node.key, node)
+    assert st.zone == "zone-1"
+    [fe] = st.all_frontends()[next(iter(st.services))]
+    assert fe.backends == (Backend("10.0.0.1", 8080, "TCP"),)

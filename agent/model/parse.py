@@ -11,8 +11,8 @@ import sys
 from typing import Any
 
 from .objects import (
-    SCTP, SERVICE_NAME_LABEL, TCP, UDP, Endpoint, EndpointPort, EndpointSlice, ObjectError, ObjectKey,
-    Pod, Service, ServicePort,
+    SCTP, SERVICE_NAME_LABEL, TCP, UDP, ZONE_LABEL, Endpoint, EndpointPort, EndpointSlice, Node, ObjectError,
+    ObjectKey, Pod, Service, ServicePort,
 )
 
 PROTOCOLS = (TCP, UDP, SCTP)
@@ -275,4 +275,16 @@ def parse_pod(obj: Any) -> Pod:
     )
 
 
-PARSERS = {"Service": parse_service, "EndpointSlice": parse_endpoint_slice, "Pod": parse_pod}
+def parse_node(obj: Any) -> Node:
+    r = _Reader("Node", obj)
+    _kind_check(r, obj, "Node")
+    labels = dict(r.labels(obj["metadata"]))
+    status = r.get(obj, "status", "status", dict, default={})
+    addrs = []
+    for i, a in enumerate(r.get(status, "addresses", "status.addresses", list, default=[])):
+        path = f"status.addresses[{i}]"
+        addrs.append((r.word(a, "type", f"{path}.type"), r.get(a, "address", f"{path}.address", str, default="")))
+    return Node(ObjectKey("", r.object_key.name), sys.intern(labels.get(ZONE_LABEL, "")), tuple(addrs))
+
+
+PARSERS = {"Service": parse_service, "EndpointSlice": parse_endpoint_slice, "Pod": parse_pod, "Node": parse_node}
