@@ -108,7 +108,8 @@ def tracepoint_id(tracepoint: str, tracefs: str = TRACEFS) -> int:
 def attach_tracepoint(prog_fd: int, tracepoint: str, pin: str | None = None) -> int:
     """Link a TRACEPOINT program to "category:name" on every CPU. Returns the link fd; with pin, the
     link is also pinned there, so it outlives this process until the pin is removed. A pin that
-    already holds a link is replaced (the old link detaches when its pin goes)."""
+    already holds a link is replaced; the old link detaches when its pin goes, which the kernel
+    completes from a work queue, so for a moment both programs may run."""
     perf = bpfsys.perf_event_open_tracepoint(tracepoint_id(tracepoint), tracepoint)
     try:
         link = bpfsys.link_create_perf_event(prog_fd, perf, tracepoint)
