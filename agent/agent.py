@@ -42,7 +42,7 @@ class Agent:
     def __init__(self, cfg: AgentConfig):
         cfg.validate()
         self.cfg = cfg
-        self.state = ClusterState(cfg.node_name)
+        self.state = ClusterState(cfg.node_name, cfg.zone)
         self.stop = threading.Event()
         self.started = time.time()
         self.object_errors: deque[str] = deque(maxlen=200)
@@ -299,6 +299,7 @@ class Agent:
             "started": self.started,
             "cgroup": self.cgroup,
             "pin_dir": self.cfg.pin_dir,
+            "node": {"name": self.cfg.node_name, "zone": self.state.zone},
             "programs": self.programs,
             "privileges": self.privileges,
             "maps": {m.name: {"entries": self._entries(m.name), "capacity": m.capacity}

@@ -29,6 +29,7 @@ class AgentConfig:
     sizes: MapSizes = field(default_factory=MapSizes)
     poll_interval: float = 0.2
     node_name: str = field(default_factory=lambda: os.environ.get("NODE_NAME") or os.uname().nodename)
+    zone: str = ""  # this node's zone for topology hints ("": from its Node object's topology.kubernetes.io/zone)
     observe: bool = True              # per-pod network observability (agent/observe)
     veth_netns: str | None = None     # netns holding the pods' node-side veths (None: the agent's own)
     max_series: int = 10000           # cap on the observer's exported series

@@ -39,7 +39,7 @@ from urllib.parse import urlencode, urlsplit
 import yaml
 
 from ..model.objects import ObjectError, ObjectKey
-from ..model.parse import InvalidObject, parse_endpoint_slice, parse_pod, parse_service
+from ..model.parse import InvalidObject, parse_endpoint_slice, parse_node, parse_pod, parse_service
 from ..state import ClusterState
 
 log = logging.getLogger("nodewire.kube")
@@ -800,9 +800,15 @@ class KubeSource:
             self.on_error(err)
 
     def _apply_node(self, obj: dict | None) -> None:
+        key = ObjectKey("", self.node_name)
         if obj is None:
             self.node = NodeInfo(self.node_name)
+            self.state.apply_node(key, None)
             return
+        try:
+            self.state.apply_node(key, parse_node(obj))  # its zone drives topology hints
+        except InvalidObject as e:
+            log.error("invalid object skipped: %s", e.as_error("api"))
         meta, status = obj.get("metadata") or {}, obj.get("status") or {}
         labels = meta.get("labels") or {}
         addrs = tuple((a.get("type", ""), a.get("address", "")) for a in status.get("addresses") or []

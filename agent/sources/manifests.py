@@ -285,7 +285,7 @@ class ManifestSource:
 
     def objects(self) -> Objects:
         out = Objects()
-        by_kind = {"Service": out.services, "EndpointSlice": out.slices, "Pod": out.pods}
+        by_kind = {"Service": out.services, "EndpointSlice": out.slices, "Pod": out.pods, "Node": out.nodes}
         for p in sorted(self.files):
             for (kind, key), obj in self.files[p].objects.items():
                 by_kind[kind][key] = obj
