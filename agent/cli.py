@@ -246,18 +246,14 @@ def cleanup(pin_dir, cgroup) -> None:
     import shutil
 
     from .datapath.attach import detach_sock_lb, detect_cgroup2_root
+    from .datapath.loader import remove_pins
 
     st = _load_status(pin_dir) or {}
     cg = cgroup or st.get("cgroup") or detect_cgroup2_root()
     n = detach_sock_lb(cg) if os.path.isdir(cg) else 0
-    removed = 0
-    if os.path.isdir(pin_dir):
-        for name in os.listdir(pin_dir):
-            os.unlink(os.path.join(pin_dir, name))
-            removed += 1
-        os.rmdir(pin_dir)
+    removed = remove_pins(pin_dir)
     shutil.rmtree(state_dir_for(pin_dir), ignore_errors=True)
-    click.echo(f"detached {n} programs from {cg}; unpinned {removed} maps from {pin_dir}")
+    click.echo(f"detached {n} programs from {cg}; unpinned {removed} maps, programs and links from {pin_dir}")
 
 
 # Commands that live next to their feature, registered here so `nodewire --help` lists them all.
