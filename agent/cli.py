@@ -35,6 +35,7 @@ def main(debug: bool) -> None:
 @click.option("--map-size", "map_sizes", multiple=True, metavar="MAP=N",
               help="Map capacity override, e.g. services=2097152 (maps: services, backends, revnat, lb_stats).")
 @click.option("--node-name", default=None, help="This node's name [default: $NODE_NAME or the hostname].")
+@click.option("--zone", default="", help="This node's zone for topology hints [default: its Node object's topology.kubernetes.io/zone label].")
 @click.option("--observe/--no-observe", default=True, show_default=True, help="Per-pod network observability.")
 @click.option("--veth-netns", default=None, help="Network namespace holding the pods' node-side veths [default: the agent's].")
 @click.option("--max-series", default=10000, show_default=True, help="Cap on per-pod/peer series the observer exports.")
@@ -44,7 +45,7 @@ def main(debug: bool) -> None:
               help="Verbs latency tracing (uprobes) for pods annotated nodewire.io/rdma-trace=\"true\".")
 @click.option("--peer-cidr", "peer_cidrs", multiple=True, metavar="CIDR",
               help="Label unknown remote peers by these CIDRs (repeatable) [default: the private ranges].")
-def run(manifests, kube, kubeconfig, api_server, cgroup, pin_dir, metrics_addr, map_sizes, node_name,
+def run(manifests, kube, kubeconfig, api_server, cgroup, pin_dir, metrics_addr, map_sizes, node_name, zone,
         observe, veth_netns, max_series, peer_cidrs, rdma, rdma_trace) -> None:
     """Run the agent: keep the BPF service maps equal to the cluster state."""
     from dataclasses import replace
@@ -65,7 +66,7 @@ def run(manifests, kube, kubeconfig, api_server, cgroup, pin_dir, metrics_addr, 
     cfg = AgentConfig(manifests=manifests, kube=kube, kubeconfig=kubeconfig, api_server=api_server, cgroup=cgroup,
                       pin_dir=pin_dir, metrics_addr=metrics_addr, sizes=sizes,
                       observe=observe, veth_netns=veth_netns, max_series=max_series, peer_cidrs=tuple(peer_cidrs),
-                      rdma=rdma, rdma_trace=rdma_trace)
+                      rdma=rdma, rdma_trace=rdma_trace, zone=zone)
     if node_name:
         cfg.node_name = node_name
     from .sources.kube import KubeError
@@ -169,18 +170,14 @@ def cleanup(pin_dir, cgroup) -> None:
     import shutil
 
     from .datapath.attach import detach_sock_lb, detect_cgroup2_root
+    from .datapath.loader import remove_pins
 
     st = _load_status(pin_dir) or {}
     cg = cgroup or st.get("cgroup") or detect_cgroup2_root()
     n = detach_sock_lb(cg) if os.path.isdir(cg) else 0
-    removed = 0
-    if os.path.isdir(pin_dir):
-        for name in os.listdir(pin_dir):
-            os.unlink(os.path.join(pin_dir, name))
-            removed += 1
-        os.rmdir(pin_dir)
+    removed = remove_pins(pin_dir)
     shutil.rmtree(state_dir_for(pin_dir), ignore_errors=True)
-    click.echo(f"detached {n} programs from {cg}; unpinned {removed} maps from {pin_dir}")
+    click.echo(f"detached {n} programs from {cg}; unpinned {removed} maps, programs and links from {pin_dir}")
 
 
 # Commands that live next to their feature, registered here so `nodewire --help` lists them all.

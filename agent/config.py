@@ -29,16 +29,22 @@ class AgentConfig:
     sizes: MapSizes = field(default_factory=MapSizes)
     poll_interval: float = 0.2
     node_name: str = field(default_factory=lambda: os.environ.get("NODE_NAME") or os.uname().nodename)
+    zone: str = ""  # this node's zone for topology hints ("": from its Node object's topology.kubernetes.io/zone)
     observe: bool = True              # per-pod network observability (agent/observe)
     veth_netns: str | None = None     # netns holding the pods' node-side veths (None: the agent's own)
     max_series: int = 10000           # cap on the observer's exported series
     peer_cidrs: tuple[str, ...] = ()  # buckets for unknown remote peers (empty: the private ranges)
     rdma: bool = True                 # RDMA port counters and GPU↔NIC topology (sysfs, read at scrape)
     rdma_trace: bool = False          # verbs latency tracer, for pods annotated nodewire.io/rdma-trace
+    api_socket: str | None = None     # the agent's unix-socket API (None: api.sock in the state dir)
 
     @property
     def state_dir(self) -> str:
         return state_dir_for(self.pin_dir)
+
+    @property
+    def api_socket_path(self) -> str:
+        return self.api_socket or os.path.join(self.state_dir, "api.sock")
 
     def validate(self) -> None:
         if self.kube and self.manifests is not None:

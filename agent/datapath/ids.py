@@ -22,6 +22,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..model.objects import ObjectKey
+from .abi import PROTO_NAMES
 
 # A 20-byte identity, viewed as three integers for hashing and exact comparison.
 KEY = np.dtype([("a", "<u8"), ("b", "<u8"), ("c", "<u4")])
@@ -35,7 +36,6 @@ BACKEND_IDENT = np.dtype({"names": ["address", "port", "proto", "flags"],
 NO_SLOT = 0             # in a frontend's slot list: the kernel holds no entry at this slot
 INVALID = 0xFFFFFFFF    # … holds one pointing at a backend id the backend map does not have
 SLOT_DTYPE = np.dtype("<u4")
-PROTO_NAMES = {6: "TCP", 17: "UDP"}
 _V4MAPPED = b"\0" * 10 + b"\xff\xff"
 
 

@@ -23,18 +23,17 @@ import numpy as np
 
 from ..model.frontends import Frontend
 from ..model.objects import ObjectKey
+from .abi import PROTO_NUMBERS, SVC_F_AFFINITY
 from .ids import INVALID, KEY, NO_SLOT, SLOT_DTYPE, IdRegistry, _hash, as_keys
 
-PROTO_NUMBERS = {"TCP": 6, "UDP": 17}
 MAX_BACKENDS_PER_FRONTEND = 65535  # the slot-0 count is a __u16
-AFFINITY_FLAG = 1                  # NW_SVC_F_AFFINITY in bpf/lib/lb.h
 
 CLASH, MAP_FULL, TOO_MANY_BACKENDS = "clash", "map-full", "too-many-backends"
 
 
 def frontend_flags(fe: Frontend) -> int:
     """The slot-0 flags of a frontend (NW_SVC_F_* in bpf/lib/lb.h); the one place new flags go."""
-    return AFFINITY_FLAG if fe.affinity_timeout else 0
+    return SVC_F_AFFINITY if fe.affinity_timeout else 0
 
 
 @dataclass(frozen=True)

@@ -15,20 +15,20 @@ from collections import deque
 
 from opentelemetry.metrics import CallbackOptions, Observation
 
+from ..datapath.abi import LB_OUTCOMES
 from ..datapath.maps import MapFull
 from ..model.objects import ObjectKey
 from ..state import ClusterState
 from .drop_reasons import load_drop_reasons, reason_name
 from .histogram import Log2Histogram
 from .identity import Identity, ObserveConfig
-from .kernel import HIST_CONNECT, HIST_SRTT, PodTraffic, TcpObserver, dump_percpu
+from .kernel import HIST_CONNECT, HIST_SRTT, PodTraffic, TcpObserver
 from .series import Reading, SeriesBook
 
 log = logging.getLogger("nodewire.observe")
 
 # Pod annotation naming the node-side veth (written by the CNI plugin, or by hand in manifests).
 HOST_VETH_ANNOTATION = "nodewire.io/host-veth"
-LB_OUTCOMES = {0: "forwarded", 1: "no_backend", 2: "bad_slot"}  # NW_LB_* in bpf/lib/lb.h
 
 
 class Observer:
@@ -179,14 +179,14 @@ class Observer:
 
     def _read_lb(self, r: Reading) -> None:
         snap = self.reconciler.snapshot() if self.reconciler is not None else None
-        keys, vals = dump_percpu(self.lb.lb_stats, "nodewire_lb_stats_v1")
+        keys, vals = self.lb.lb_stats.dump_summed()
         for k, v in zip(keys, vals):
             sid, bid, outcome = int(k["service_id"]), int(k["backend_id"]), int(k["outcome"])
             info = snap.frontend(sid) if snap is not None else None
             if info is None:
                 continue  # a frontend removed since: its series goes with it
             backend = self._backend_name(snap, bid)
-            value = self._since_owner((sid, bid, outcome), (str(info.service), info.frontend, backend), int(v[0]))
+            value = self._since_owner((sid, bid, outcome), (str(info.service), info.frontend, backend), int(v))
             attrs = {"k8s.namespace.name": info.service.namespace, "k8s.service.name": info.service.name,
                      "nodewire.service.port": info.port_name or info.frontend,
                      "k8s.node.name": self.cfg.node_name}
