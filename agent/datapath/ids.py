@@ -200,8 +200,12 @@ class BackendTable(KeyIndex):
     def on_grow(self, n: int) -> None:
         self.refs = np.concatenate([self.refs, np.zeros(n - len(self.refs), np.int32)])
 
-    def ref_counts(self, ids: np.ndarray) -> np.ndarray:
-        return self.refs[ids]
+    def count_refs(self, ids: np.ndarray, delta: int) -> None:
+        if len(ids) > 4096:
+            n = self.size
+            self.refs[:n] += (delta * np.bincount(ids, minlength=n)[:n]).astype(np.int32)
+        elif len(ids):
+            np.add.at(self.refs, ids, delta)
 
 
 class FrontendTable(KeyIndex):
@@ -337,16 +341,18 @@ class IdRegistry:
             fe.owner[sids] = np.array([intern(s) for s in svcs], np.int32) if svcs else 0
             for s, n in zip(sids.tolist(), names):
                 fe.port_name[s] = n
-            n = be.size
-            be.refs[:n] += (np.bincount(p.refs_gained, minlength=n)[:n]
-                            - np.bincount(p.refs_lost, minlength=n)[:n]).astype(np.int32)
+            be.count_refs(p.refs_gained, +1)
+            be.count_refs(p.refs_lost, -1)
             fe.remove(p.removed_frontends)
             be.remove(p.backend_deletes["id"])
             self.svc_entries += p.entry_delta
-            owning = set(np.unique(fe.owner[fe.live]).tolist())
-            for svc in p.applied_services:
-                idx = self.service_index.get(svc)
-                if idx is not None and idx not in owning:
+            idxs = [i for i in map(self.service_index.get, p.applied_services) if i is not None]
+            owning = np.zeros(len(self.services), bool)
+            owners = fe.owner[fe.live]
+            owning[owners[owners >= 0]] = True
+            for idx in idxs:
+                if not owning[idx]:
+                    svc = self.services[idx]
                     del self.service_index[svc]
                     self.services[idx] = None
                     self._free_services.append(idx)

@@ -508,14 +508,16 @@ def _u32(a: array) -> np.ndarray:
 def _unreferenced(reg: IdRegistry, gained: np.ndarray, lost: np.ndarray, full: bool) -> np.ndarray:
     """Backend ids no slot refers to once the plan is written (full: also ones left from before)."""
     be = reg.backends
-    n = max(be.size, int(gained.max()) + 1 if len(gained) else 0)
-    delta = np.bincount(gained, minlength=n)[:n].astype(np.int64) - np.bincount(lost, minlength=n)[:n]
-    refs = np.zeros(n, np.int64)
-    refs[:len(be.refs)] = be.refs[:n]
-    after = refs + delta
-    live = np.zeros(n, bool)
-    live[:len(be.live)] = be.live[:n]
     if full:
-        return np.nonzero(live & (after <= 0))[0].astype(np.uint32)
-    touched = np.unique(lost)
-    return touched[live[touched] & (after[touched] <= 0)].astype(np.uint32)
+        n = be.size
+        after = be.refs[:n].astype(np.int64) + np.bincount(gained, minlength=n)[:n] - np.bincount(lost, minlength=n)[:n]
+        return np.nonzero(be.live[:n] & (after <= 0))[0].astype(np.uint32)
+    touched, lost_n = np.unique(lost, return_counts=True)
+    gained_n = np.zeros(len(touched), np.int64)
+    if len(gained) and len(touched):
+        g, gn = np.unique(gained, return_counts=True)
+        at = np.searchsorted(g, touched)
+        hit = (at < len(g)) & (g[np.minimum(at, len(g) - 1)] == touched)
+        gained_n[hit] = gn[at[hit]]
+    after = be.refs[touched].astype(np.int64) + gained_n - lost_n
+    return touched[be.live[touched] & (after <= 0)].astype(np.uint32)
