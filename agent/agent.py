@@ -66,6 +66,7 @@ class Agent:
         self.telemetry = None
         self.api: ApiServer | None = None  # local API; features add methods with self.api.register
         self.observer = None
+        self.cni = None  # CniPods: pods told by nodewire-cni (agent/cni/pods.py)
         self.privileges: dict = {}  # what privileges.drop() did
         self.rdma = None  # RdmaService: counters, topology, and (opt-in) the verbs tracer
         self._pods_seen = -1  # ClusterState.revision the RDMA opt-ins were last computed at
@@ -81,12 +82,12 @@ class Agent:
             kube_cfg = load_config(cfg.kubeconfig, cfg.api_server)
         self.cgroup = cfg.cgroup or detect_cgroup2_root()
         os.makedirs(cfg.state_dir, exist_ok=True)
-        self.api = ApiServer(cfg.api_socket_path).start()
         t0 = time.perf_counter()
         self.lb = SockLB(cfg.pin_dir, cfg.sizes)
         self.programs = attach_sock_lb(self.lb, self.cgroup)
         self.reconciler = Reconciler(self.lb.services, self.lb.backends)
         self.privileges = drop_capabilities()  # before any thread of ours starts (capabilities are per thread)
+        self.api = ApiServer(cfg.api_socket_path).start()  # its threads start with the reduced set
         log.info("datapath ready cgroup=%s pin_dir=%s programs=%d load_seconds=%.3f preexisting_entries=%d",
                  self.cgroup, cfg.pin_dir, len(self.programs), time.perf_counter() - t0,
                  self.reconciler.svc_entries)
@@ -116,6 +117,8 @@ class Agent:
                                          self.lb, self.reconciler).start()
             except Exception as e:
                 log.error("observer failed to start, running without observability err=%s", e)
+        from .cni.pods import start_for_agent
+        self.cni = start_for_agent(self)
         if cfg.rdma:
             from .rdma.service import RdmaService
             try:  # like the observer: optional, never at the datapath's expense
@@ -282,6 +285,8 @@ class Agent:
     def close(self) -> None:
         if self.api is not None:
             self.api.close()
+        if self.cni is not None:
+            self.cni.close()
         if self.kube is not None:
             self.kube.stop()
         if self.observer is not None:
