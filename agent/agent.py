@@ -66,6 +66,7 @@ class Agent:
         self.telemetry = None
         self.api: ApiServer | None = None  # local API; features add methods with self.api.register
         self.observer = None
+        self.cni = None  # CniPods: pods told by nodewire-cni (agent/cni/pods.py)
         self.privileges: dict = {}  # what privileges.drop() did
         self.rdma = None  # RdmaService: counters, topology, and (opt-in) the verbs tracer
         self._pods_seen = -1  # ClusterState.revision the RDMA opt-ins were last computed at
@@ -81,12 +82,12 @@ class Agent:
             kube_cfg = load_config(cfg.kubeconfig, cfg.api_server)
         self.cgroup = cfg.cgroup or detect_cgroup2_root()
         os.makedirs(cfg.state_dir, exist_ok=True)
-        self.api = ApiServer(cfg.api_socket_path).start()
         t0 = time.perf_counter()
         self.lb = SockLB(cfg.pin_dir, cfg.sizes)
         self.programs = attach_sock_lb(self.lb, self.cgroup)
         self.reconciler = Reconciler(self.lb.services, self.lb.backends)
         self.privileges = drop_capabilities()  # before any thread of ours starts (capabilities are per thread)
+        self.api = ApiServer(cfg.api_socket_path).start()  # its threads start with the reduced set
         log.info("datapath ready cgroup=%s pin_dir=%s programs=%d load_seconds=%.3f preexisting_entries=%d",
                  self.cgroup, cfg.pin_dir, len(self.programs), time.perf_counter() - t0,
                  self.reconciler.svc_entries)
@@ -116,6 +117,8 @@ class Agent:
                                          self.lb, self.reconciler).start()
             except Exception as e:
                 log.error("observer failed to start, running without observability err=%s", e)
+        from .cni.pods import start_for_agent
+        self.cni = start_for_agent(self)
         if cfg.rdma:
             from .rdma.service import RdmaService
             try:  # like the observer: optional, never at the datapath's expense
@@ -157,7 +160,7 @@ class Agent:
 
     def _entries(self, name: str) -> int:
         rec = self.reconciler
-        return rec.svc_entries if name == self.lb.services.name else len(rec.backend_id)
+        return rec.svc_entries if name == self.lb.services.name else rec.backend_entries
 
     # -- loop ----------------------------------------------------------------------------------
     def sync_once(self, full: bool = False) -> SyncResult | None:
@@ -282,6 +285,8 @@ class Agent:
     def close(self) -> None:
         if self.api is not None:
             self.api.close()
+        if self.cni is not None:
+            self.cni.close()
         if self.kube is not None:
             self.kube.stop()
         if self.observer is not None:
@@ -318,10 +323,9 @@ class Agent:
     def write_status(self) -> None:
         path = os.path.join(self.cfg.state_dir, "status.json")
         tmp = path + ".tmp"
-        with self._lock:  # only copies under the lock; the formatting (~10 ms at 10k) is done after
-            sid_info = dict(self.reconciler.sid_info)
+        with self._lock:  # the names come from a snapshot taken under the registry's own lock
             st = self.status(names=False)
-        st["service_names"] = {str(k): v for k, v in self.reconciler.service_names(sid_info).items()}
+        st["service_names"] = {str(k): v for k, v in self.reconciler.service_names().items()}
         with open(tmp, "w") as f:
             json.dump(st, f)
         os.replace(tmp, path)
