@@ -1,14 +1,18 @@
-"""The kernel side of observability: compile, probe, attach and read bpf/tcp_latency.c and bpf/pod_tc.c.
+"""The kernel side of observability: compile, attach and read bpf/tcp_latency.c and bpf/pod_tc.c.
 
-Tracepoints are probed before compiling; a missing one is compiled out (-DNW_WITHOUT_…), logged,
-and reported in `probes` (exported as nodewire.observer.probe.status) — never a crash. tc programs go
-on the node side of each pod's veth, in whatever network namespace holds those veths (the host on a
-real node, the sandbox's node namespace in tests). Maps are read with BPF_MAP_LOOKUP_BATCH; per-CPU
-maps are summed over CPUs here.
+bpf/tcp_latency.c's sock_ops program goes on the cgroup the socket LB is attached to (the node's
+cgroup root on a real node, the sandbox's cgroup in tests): it sees the connects, state changes and
+retransmits of every socket made below it. skb:kfree_skb is probed before compiling; when missing it
+is compiled out (-DNW_WITHOUT_KFREE_SKB), logged and reported in `probes` (exported as
+nodewire.observer.probe.status) — never a crash. tcp:tcp_probe (per ACK) only with tcp_probe=True.
+bpf/pod_tc.c (opt-in, PodTraffic) goes on the node side of each pod's veth. Maps are read with
+BPF_MAP_LOOKUP_BATCH (per-CPU ones through PercpuMap).
+
+compile_programs() is the one place that builds these programs, so moving it to the out-of-process
+loader is a change of that function only.
 """
 from __future__ import annotations
 
-import ctypes as ct
 import errno
 import logging
 import os
@@ -16,81 +20,69 @@ import threading
 
 import numpy as np
 
-from ..datapath.loader import compile_program
-from ..datapath.maps import (MapFull, RawMap, addr16, addr_str, lookup_batch_raw, pack_rows, packing_dtype,
-                             unpack_rows)
-from .histogram import HIST_SLOTS
+from ..datapath.loader import MapSizes, compile_program
+from ..datapath.maps import MapFull, RawMap, addr16, addr_str, pack_rows, port_host, unpack_rows
+from .histogram import hist_cflags
+from .percpu import PercpuMap
 
 log = logging.getLogger("nodewire.observe")
 
-TRACEPOINTS = {  # tracepoint -> the macro that compiles its probe out
-    "sock:inet_sock_set_state": "NW_WITHOUT_INET_SOCK_SET_STATE",
-    "tcp:tcp_probe": "NW_WITHOUT_TCP_PROBE",
-    "tcp:tcp_retransmit_skb": "NW_WITHOUT_TCP_RETRANSMIT_SKB",
-    "skb:kfree_skb": "NW_WITHOUT_KFREE_SKB",
-}
-HIST_CONNECT, HIST_SRTT = 0, 1          # hist_key.metric in bpf/tcp_latency.c
+HIST_CONNECT, HIST_SRTT, HIST_SRTT_ACK = 0, 1, 2   # hist_key.metric in bpf/tcp_latency.c
+SOCK_OPS = "sock_ops"
 DIR_NAMES = {0: "transmit", 1: "receive"}  # pod_traffic_key.direction in bpf/pod_tc.c
 TC_PRIO = 0xc0de & 0x7fff               # our filters' priority, so we delete only our own
 TC_INGRESS, TC_EGRESS = "ffff:fff2", "ffff:fff3"
 
 
-def dump_percpu(table, name: str) -> tuple[np.ndarray, np.ndarray]:
-    """(keys as the key dtype, values summed over CPUs as uint64 [n, words]) of a per-CPU hash."""
-    from bcc.utils import get_possible_cpus
+def compile_tcp(pin_dir: str, tcp_probe: bool, sizes: MapSizes = MapSizes()):
+    """BCC-compile bpf/tcp_latency.c; returns (module, probes status)."""
+    from bcc import BPF
 
-    ncpu = len(get_possible_cpus())
-    leaf = getattr(table, "sLeaf", table.Leaf)
-    elem = (ct.sizeof(leaf) + 7) // 8 * 8  # the kernel rounds each CPU's value up to 8 bytes
-    ksize = ct.sizeof(table.Key)
-    kraw, vraw = lookup_batch_raw(table.map_fd, ksize, elem * ncpu, name, chunk=4096)
-    kdt = packing_dtype(table.Key)
-    n = len(kraw) // ksize
-    k = np.frombuffer(kraw, dtype=kdt) if n else np.zeros(0, dtype=kdt)
-    v = np.frombuffer(vraw, dtype=np.uint64).reshape(n, ncpu, elem // 8).sum(axis=1) if n else \
-        np.zeros((0, elem // 8), dtype=np.uint64)
-    return k, v
-
-
-def update_percpu_zeroed(table, keys: list[bytes], name: str) -> None:
-    """Create per-CPU entries with an all-zero value on every CPU (BPF_MAP_UPDATE_BATCH)."""
-    from bcc.libbcc import lib
-    from bcc.utils import get_possible_cpus
-
-    if not keys:
-        return
-    leaf = getattr(table, "sLeaf", table.Leaf)
-    size = (ct.sizeof(leaf) + 7) // 8 * 8 * len(get_possible_cpus())
-    count = ct.c_uint32(len(keys))
-    if lib.bpf_update_batch(table.map_fd, b"".join(keys), bytes(size * len(keys)), ct.byref(count)) != 0:
-        err = ct.get_errno()
-        if err in (errno.E2BIG, errno.ENOSPC, errno.ENOMEM):
-            raise MapFull(f"{name}: full ({table.max_entries} entries)")
-        raise OSError(err, f"{name}: BPF_MAP_UPDATE_BATCH: {os.strerror(err)}")
+    probes, flags = {SOCK_OPS: "attached"}, list(hist_cflags())
+    if BPF.tracepoint_exists("skb", "kfree_skb"):
+        probes["skb:kfree_skb"] = "attached"
+    else:
+        probes["skb:kfree_skb"] = "missing"
+        flags.append("-DNW_WITHOUT_KFREE_SKB")
+        log.warning("tracepoint missing, its metrics are off tracepoint=skb:kfree_skb")
+    if tcp_probe:
+        if BPF.tracepoint_exists("tcp", "tcp_probe"):
+            probes["tcp:tcp_probe"] = "attached"
+            flags.append("-DNW_TCP_PROBE")
+        else:
+            probes["tcp:tcp_probe"] = "missing"
+            log.warning("tracepoint missing, per-ACK srtt is off tracepoint=tcp:tcp_probe")
+    return compile_program("tcp_latency.c", pin_dir, sizes, extra_cflags=flags), probes
 
 
 class TcpObserver:
-    """bpf/tcp_latency.c: connect latency and srtt histograms, retransmits, drops."""
+    """bpf/tcp_latency.c: connect latency and srtt histograms per pod and per Service backend,
+    retransmits, drops."""
 
-    def __init__(self, pin_dir: str):
-        from bcc import BPF
+    def __init__(self, pin_dir: str, cgroup: str | None, tcp_probe: bool = False,
+                 sizes: MapSizes = MapSizes()):
+        from bcc import BPF, BPFAttachType
 
-        self.probes: dict[str, str] = {}
-        missing = []
-        for tp, macro in TRACEPOINTS.items():
-            cat, event = tp.split(":")
-            if BPF.tracepoint_exists(cat, event):
-                self.probes[tp] = "attached"
-            else:
-                self.probes[tp] = "missing"
-                missing.append(f"-D{macro}")
-                log.warning("tracepoint missing, its metrics are off tracepoint=%s", tp)
-        self.bpf = compile_program("tcp_latency.c", pin_dir, extra_cflags=missing)
+        self.bpf, self.probes = compile_tcp(pin_dir, tcp_probe, sizes)
+        self.metrics = (HIST_CONNECT, HIST_SRTT) + ((HIST_SRTT_ACK,) if self.probes.get("tcp:tcp_probe") == "attached" else ())
         self.watch = RawMap(self.bpf["nodewire_obs_watch_v1"], "nodewire_obs_watch_v1")
-        self.hist_table = self.bpf["nodewire_obs_hist_v1"]  # per-CPU: read with dump_percpu
+        self.hist = PercpuMap(self.bpf["nodewire_obs_hist_v1"], "nodewire_obs_hist_v1")
+        self.svc_hist = PercpuMap(self.bpf["nodewire_obs_svc_hist_v1"], "nodewire_obs_svc_hist_v1")
         self.retrans = RawMap(self.bpf["nodewire_obs_retrans_v1"], "nodewire_obs_retrans_v1")
         self.drops = RawMap(self.bpf["nodewire_obs_drops_v1"], "nodewire_obs_drops_v1")
         self._watched: dict[bytes, int] = {}
+        self.cgroup_fd = None
+        self._attach_type = BPFAttachType.CGROUP_SOCK_OPS
+        self.fn = self.bpf.load_func("nw_sockops", BPF.SOCK_OPS)
+        if cgroup is None:
+            self.probes[SOCK_OPS] = "detached"
+            return
+        self.cgroup_fd = os.open(cgroup, os.O_RDONLY)
+        try:
+            self.bpf.attach_func(self.fn, self.cgroup_fd, self._attach_type)
+        except Exception as e:
+            self.probes[SOCK_OPS] = "missing"
+            log.error("sock_ops attach failed, TCP telemetry is off cgroup=%s err=%s", cgroup, e)
 
     def set_watched(self, ips: list[str]) -> None:
         """Make the kernel's set of observed local addresses equal to ips: their watch entries and
@@ -99,16 +91,14 @@ class TcpObserver:
         want = {addr16(ip): i for i, ip in enumerate(sorted(set(ips)))}
         gone = [k for k in self._watched if k not in want]
         new = [k for k in want if k not in self._watched]
-        hist = RawMap(self.hist_table, "nodewire_obs_hist_v1")
-        kdt = hist.key_dtype
+        kdt = self.hist.key_dtype
         if gone:
             self.watch.delete(gone)
             gone_set = set(gone)
-            hist.delete([pack_rows(kdt, [(a, m)])[0] for a in gone for m in (HIST_CONNECT, HIST_SRTT)])
+            self.hist.delete(pack_rows(kdt, [(a, m) for a in gone for m in self.metrics]))
             self.retrans.delete([k for k in self.retrans.dump() if k[:16] in gone_set])
         if new:
-            keys = pack_rows(kdt, [(a, m) for a in new for m in (HIST_CONNECT, HIST_SRTT)])
-            update_percpu_zeroed(self.hist_table, keys, "nodewire_obs_hist_v1")
+            self.hist.create_zeroed(pack_rows(kdt, [(a, m) for a in new for m in self.metrics]))
             self.watch.update([(k, np.array([want[k]], dtype=np.uint32).tobytes()) for k in new])
         self._watched = want
 
@@ -116,10 +106,24 @@ class TcpObserver:
         """(local ip, metric, per-slot counts, sum) per histogram with at least one sample, summed
         over CPUs. (Every watched pod has its histograms created up front; the empty ones of idle
         pods are not worth a series.)"""
-        keys, vals = dump_percpu(self.hist_table, "nodewire_obs_hist_v1")
-        used = vals[:, :HIST_SLOTS].any(axis=1) if len(vals) else []
-        return [(addr_str(k["address"]), int(k["metric"]), v[:HIST_SLOTS], int(v[HIST_SLOTS]))
-                for k, v, u in zip(keys, vals, used) if u]
+        keys, v = self.hist.read()
+        slots, sums = v["slots"], v["sum"]
+        return [(addr_str(k["address"]), int(k["metric"]), slots[i], int(sums[i]))
+                for i, k in enumerate(keys) if slots[i].any()]
+
+    def read_service_histograms(self) -> list[tuple[tuple[str, int], tuple[str, int], int, np.ndarray, int]]:
+        """((vip, port), (backend ip, port), metric, per-slot counts, sum) per Service backend."""
+        keys, v = self.svc_hist.read()
+        return [((addr_str(k["vip"]), port_host(k["vport"])), (addr_str(k["backend"]), port_host(k["bport"])),
+                 int(k["metric"]), v["slots"][i], int(v["sum"][i])) for i, k in enumerate(keys)]
+
+    def forget_services(self, keep) -> None:
+        """Delete the per-Service histograms whose (vip, port, backend, port) keep() rejects
+        (a removed frontend or backend), at sync time: a scrape never changes kernel state."""
+        keys, _ = self.svc_hist.read()
+        gone = [k.tobytes() for k in keys
+                if not keep((addr_str(k["vip"]), port_host(k["vport"])), (addr_str(k["backend"]), port_host(k["bport"])))]
+        self.svc_hist.delete(gone)
 
     def read_retransmits(self) -> list[tuple[str, str, int]]:
         raw = self.retrans.dump()
@@ -133,11 +137,20 @@ class TcpObserver:
                 for k, v in raw.items()}
 
     def close(self) -> None:
+        if self.cgroup_fd is not None:
+            try:
+                self.bpf.detach_func(self.fn, self.cgroup_fd, self._attach_type)
+            except Exception as e:  # already replaced or the cgroup is gone
+                log.info("sock_ops detach err=%s", e)
+            os.close(self.cgroup_fd)
+            self.cgroup_fd = None
         self.bpf.cleanup()
 
 
 class PodTraffic:
-    """bpf/pod_tc.c on the node-side veths, all in one network namespace (None = this one)."""
+    """bpf/pod_tc.c on the node-side veths, all in one network namespace (None = this one). Opt-in
+    (--pod-tc): it adds per-segment packet counts of GSO frames, which interface counters count as
+    one packet each; bytes are the same as the interface counters'."""
 
     def __init__(self, pin_dir: str, netns: str | None = None):
         from bcc import BPF
@@ -146,6 +159,7 @@ class PodTraffic:
         self.fn_tx = self.bpf.load_func("nw_pod_tx", BPF.SCHED_CLS)
         self.fn_rx = self.bpf.load_func("nw_pod_rx", BPF.SCHED_CLS)
         self.table = self.bpf["nodewire_pod_traffic_v1"]
+        self.counts = PercpuMap(self.table, "nodewire_pod_traffic_v1")
         self.netns = netns
         self._ipr = None
         self._lock = threading.Lock()
@@ -186,29 +200,6 @@ class PodTraffic:
             self.attached[ifname] = idx
             return idx
 
-    def routed_veth(self, ip: str) -> str | None:
-        """The veth a routed CNI (Calico, Cilium, the ptp plugin) sends this pod address to: the
-        output device of the node's route to it, when that device is a veth. None for bridged
-        pods (the route goes to the bridge) and unknown addresses."""
-        from pyroute2.netlink.exceptions import NetlinkError
-
-        with self._lock:
-            ipr = self._nl()
-            try:
-                routes = ipr.route("get", dst=ip)
-            except NetlinkError:
-                return None
-            oif = routes[0].get_attr("RTA_OIF") if routes else None
-            if not oif:
-                return None
-            links = ipr.get_links(oif)
-            if not links:
-                return None
-            info = links[0].get_attr("IFLA_LINKINFO")
-            if info is None or info.get_attr("IFLA_INFO_KIND") != "veth":
-                return None
-            return links[0].get_attr("IFLA_IFNAME")
-
     def detach(self, ifname: str) -> None:
         from pyroute2.netlink.exceptions import NetlinkError
 
@@ -233,9 +224,9 @@ class PodTraffic:
 
     def read(self) -> dict[tuple[int, str], tuple[int, int]]:
         """(ifindex, direction) -> (packets, bytes)."""
-        keys, vals = dump_percpu(self.table, "nodewire_pod_traffic_v1")
-        return {(int(k["ifindex"]), DIR_NAMES.get(int(k["direction"]), "?")): (int(v[0]), int(v[1]))
-                for k, v in zip(keys, vals)}
+        keys, v = self.counts.read()
+        return {(int(k["ifindex"]), DIR_NAMES.get(int(k["direction"]), "?")): (int(v["packets"][i]), int(v["bytes"][i]))
+                for i, k in enumerate(keys)}
 
     def close(self) -> None:
         for ifname in list(self.attached):
