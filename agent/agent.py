@@ -16,12 +16,14 @@ import threading
 import time
 from collections import deque
 
+from .api import ApiServer
 from .config import AgentConfig
 from .datapath.attach import attach_sock_lb, detect_cgroup2_root
 from .datapath.loader import SockLB
 from .datapath.reconciler import Reconciler, SyncResult
 from .export.telemetry import start_telemetry
 from .model.objects import ObjectError
+from .privileges import drop as drop_capabilities
 from .sources.manifests import ManifestSource
 from .state import ClusterState
 
@@ -40,7 +42,7 @@ class Agent:
     def __init__(self, cfg: AgentConfig):
         cfg.validate()
         self.cfg = cfg
-        self.state = ClusterState(cfg.node_name)
+        self.state = ClusterState(cfg.node_name, cfg.zone)
         self.stop = threading.Event()
         self.started = time.time()
         self.object_errors: deque[str] = deque(maxlen=200)
@@ -62,13 +64,17 @@ class Agent:
         self.reconciler: Reconciler | None = None
         self.programs: list[str] = []
         self.telemetry = None
+        self.api: ApiServer | None = None  # local API; features add methods with self.api.register
         self.observer = None
+        self.cni = None  # CniPods: pods told by nodewire-cni (agent/cni/pods.py)
+        self.privileges: dict = {}  # what privileges.drop() did
         self.rdma = None  # RdmaService: counters, topology, and (opt-in) the verbs tracer
         self._pods_seen = -1  # ClusterState.revision the RDMA opt-ins were last computed at
 
     # -- start-up ------------------------------------------------------------------------------
     def start(self) -> None:
         cfg = self.cfg
+        os.umask(0o022)  # pins, status files and sockets never world-writable, whatever umask we inherit
         kube_cfg = None
         if cfg.kube:  # a credentials/config error stops start-up before the datapath is touched
             from .sources.kube import load_config
@@ -80,6 +86,8 @@ class Agent:
         self.lb = SockLB(cfg.pin_dir, cfg.sizes)
         self.programs = attach_sock_lb(self.lb, self.cgroup)
         self.reconciler = Reconciler(self.lb.services, self.lb.backends)
+        self.privileges = drop_capabilities()  # before any thread of ours starts (capabilities are per thread)
+        self.api = ApiServer(cfg.api_socket_path).start()  # its threads start with the reduced set
         log.info("datapath ready cgroup=%s pin_dir=%s programs=%d load_seconds=%.3f preexisting_entries=%d",
                  self.cgroup, cfg.pin_dir, len(self.programs), time.perf_counter() - t0,
                  self.reconciler.svc_entries)
@@ -109,6 +117,8 @@ class Agent:
                                          self.lb, self.reconciler, self.cgroup).start()
             except Exception as e:
                 log.error("observer failed to start, running without observability err=%s", e)
+        from .cni.pods import start_for_agent
+        self.cni = start_for_agent(self)
         if cfg.rdma:
             from .rdma.service import RdmaService
             try:  # like the observer: optional, never at the datapath's expense
@@ -273,6 +283,10 @@ class Agent:
         signal.signal(signal.SIGINT, handler)
 
     def close(self) -> None:
+        if self.api is not None:
+            self.api.close()
+        if self.cni is not None:
+            self.cni.close()
         if self.kube is not None:
             self.kube.stop()
         if self.observer is not None:
@@ -290,7 +304,9 @@ class Agent:
             "started": self.started,
             "cgroup": self.cgroup,
             "pin_dir": self.cfg.pin_dir,
+            "node": {"name": self.cfg.node_name, "zone": self.state.zone},
             "programs": self.programs,
+            "privileges": self.privileges,
             "maps": {m.name: {"entries": self._entries(m.name), "capacity": m.capacity}
                      for m in (lb.services, lb.backends)},
             "services": len(rec.owned),

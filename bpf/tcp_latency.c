@@ -12,8 +12,9 @@
  *                             once, when it leaves ESTABLISHED (close, FIN received, reset)
  *   RETRANS_CB                a retransmitted segment, as it happens, per (local, remote) address
  *
- * No program runs per ACK. tcp:tcp_probe (srtt at every ACK) is compiled in only with -DNW_TCP_PROBE
- * (opt-in), into its own histogram. Histograms are aggregated here (lib/hist.h), never shipped per
+ * No program runs per ACK. tcp:tcp_probe (srtt at every ACK) is compiled in only with
+ * -DNW_WITH_TCP_PROBE (opt-in), into its own histogram; skb:kfree_skb with -DNW_WITH_KFREE_SKB (when
+ * the kernel has it). Histograms are aggregated here (lib/hist.h), never shipped per
  * event. Only local addresses of this node's pods are recorded per pod (user space creates their
  * histograms and lists them in nodewire_obs_watch_v1); per-Service histograms are made on first use.
  */
@@ -240,8 +241,11 @@ int nw_sockops(struct bpf_sock_ops *skops)
 	return 1;
 }
 
-#ifdef NW_TCP_PROBE
-TRACEPOINT_PROBE(tcp, tcp_probe)
+/* Tracepoint programs are linked by the agent (agent/datapath/attach.py), not by BCC: they are named
+ * nw_* (BCC would attach tracepoint__* functions itself, in the compile child that then exits) and
+ * take BCC's args struct, which it builds from the running kernel's format file. */
+#ifdef NW_WITH_TCP_PROBE
+int nw_tcp_probe(struct tracepoint__tcp__tcp_probe *args)
 {
 	/* saddr is a struct sockaddr_in / sockaddr_in6 image: family(2) port(2) then the address
 	 * (v4 at offset 4; v6 at offset 8, after flowinfo). */
@@ -257,13 +261,13 @@ TRACEPOINT_PROBE(tcp, tcp_probe)
 }
 #endif
 
-#ifndef NW_WITHOUT_KFREE_SKB
+#ifdef NW_WITH_KFREE_SKB
 /* BCC declares the args struct from the format file, which types `reason` as the kernel's enum; the
  * uapi headers we compile against do not define it, so give it a body (only its size, 4, matters;
  * the names come from the format file at start-up). */
 enum skb_drop_reason { NW_SKB_DROP_REASON_ANY = 0 };
 
-TRACEPOINT_PROBE(skb, kfree_skb)
+int nw_kfree_skb(struct tracepoint__skb__kfree_skb *args)
 {
 	__u32 reason = (__u32)args->reason;
 	__u64 zero = 0;

@@ -23,13 +23,11 @@ import numpy as np
 
 from ..model.frontends import Backend, Frontend
 from ..model.objects import ObjectKey
+from .abi import PROTO_NAMES, PROTO_NUMBERS, SVC_F_AFFINITY
 from .maps import RawMap, addr16, port_be, port_host
 
 log = logging.getLogger("nodewire.reconciler")
-PROTO_NUMBERS = {"TCP": 6, "UDP": 17}
-PROTO_NAMES = {v: k for k, v in PROTO_NUMBERS.items()}
 MAX_BACKENDS_PER_FRONTEND = 65535  # the slot-0 count is a __u16
-AFFINITY_FLAG = 1  # NW_SVC_F_AFFINITY in bpf/lib/lb.h
 
 
 class Prefix(NamedTuple):
@@ -341,7 +339,7 @@ class Reconciler:
             values["count"] = [r[1] for r in rows]
             values["service_id"] = [r[2] for r in rows]
             values["affinity_timeout"] = [r[3] for r in rows]
-            values["flags"] = [AFFINITY_FLAG if r[3] else 0 for r in rows]
+            values["flags"] = [SVC_F_AFFINITY if r[3] else 0 for r in rows]
         return keys, values
 
     def _backend_rows(self, rows: list[tuple[int, Backend]]):

@@ -1,15 +1,14 @@
-"""The kernel side of observability: compile, attach and read bpf/tcp_latency.c and bpf/pod_tc.c.
+"""The kernel side of observability: load, attach and read bpf/tcp_latency.c and bpf/pod_tc.c.
 
+Both go through the loader (agent/datapath/loader.py): compiled in a short-lived child, pinned under
+the pin dir, opened here with raw bpf() calls — the agent never imports BCC for observability.
 bpf/tcp_latency.c's sock_ops program goes on the cgroup the socket LB is attached to (the node's
 cgroup root on a real node, the sandbox's cgroup in tests): it sees the connects, state changes and
-retransmits of every socket made below it. skb:kfree_skb is probed before compiling; when missing it
-is compiled out (-DNW_WITHOUT_KFREE_SKB), logged and reported in `probes` (exported as
-nodewire.observer.probe.status) — never a crash. tcp:tcp_probe (per ACK) only with tcp_probe=True.
-bpf/pod_tc.c (opt-in, PodTraffic) goes on the node side of each pod's veth. Maps are read with
-BPF_MAP_LOOKUP_BATCH (per-CPU ones through PercpuMap).
-
-compile_programs() is the one place that builds these programs, so moving it to the out-of-process
-loader is a change of that function only.
+retransmits of every socket made below it. skb:kfree_skb is probed in tracefs before linking; when
+missing it is left out, logged and reported in `probes` (exported as nodewire.observer.probe.status)
+— never a crash. tcp:tcp_probe (per ACK) only with tcp_probe=True. bpf/pod_tc.c (opt-in,
+PodTraffic) goes on the node side of each pod's veth. Maps are read with BPF_MAP_LOOKUP_BATCH, per-CPU
+ones summed field by field (RawMap.dump_summed), layouts from BCC's ctypes of the C structs.
 """
 from __future__ import annotations
 
@@ -20,39 +19,37 @@ import threading
 
 import numpy as np
 
-from ..datapath.loader import MapSizes, compile_program
-from ..datapath.maps import MapFull, RawMap, addr16, addr_str, pack_rows, port_host, unpack_rows
+from ..datapath import abi
+from ..datapath.attach import TRACEFS, attach_cgroup, attach_tracepoint, detach_cgroup
+from ..datapath.loader import MapSizes, ProgramSpec, load
+from ..datapath.maps import addr16, addr_str, pack_rows, port_host
 from .histogram import hist_cflags
-from .percpu import PercpuMap
 
 log = logging.getLogger("nodewire.observe")
 
 HIST_CONNECT, HIST_SRTT, HIST_SRTT_ACK = 0, 1, 2   # hist_key.metric in bpf/tcp_latency.c
 SOCK_OPS = "sock_ops"
+TCP_MAPS = ("nodewire_obs_watch_v1", "nodewire_obs_hist_v1", "nodewire_obs_svc_hist_v1",
+            "nodewire_obs_retrans_v1", "nodewire_obs_drops_v1")
+TRACEPOINT_PROGRAMS = {"skb:kfree_skb": "nw_kfree_skb", "tcp:tcp_probe": "nw_tcp_probe"}
 DIR_NAMES = {0: "transmit", 1: "receive"}  # pod_traffic_key.direction in bpf/pod_tc.c
 TC_PRIO = 0xc0de & 0x7fff               # our filters' priority, so we delete only our own
 TC_INGRESS, TC_EGRESS = "ffff:fff2", "ffff:fff3"
 
 
-def compile_tcp(pin_dir: str, tcp_probe: bool, sizes: MapSizes = MapSizes()):
-    """BCC-compile bpf/tcp_latency.c; returns (module, probes status)."""
-    from bcc import BPF
+def tracepoint_exists(tp: str, tracefs: str = TRACEFS) -> bool:
+    cat, _, name = tp.partition(":")
+    return os.path.isdir(os.path.join(tracefs, "events", cat, name))
 
-    probes, flags = {SOCK_OPS: "attached"}, list(hist_cflags())
-    if BPF.tracepoint_exists("skb", "kfree_skb"):
-        probes["skb:kfree_skb"] = "attached"
-    else:
-        probes["skb:kfree_skb"] = "missing"
-        flags.append("-DNW_WITHOUT_KFREE_SKB")
-        log.warning("tracepoint missing, its metrics are off tracepoint=skb:kfree_skb")
-    if tcp_probe:
-        if BPF.tracepoint_exists("tcp", "tcp_probe"):
-            probes["tcp:tcp_probe"] = "attached"
-            flags.append("-DNW_TCP_PROBE")
-        else:
-            probes["tcp:tcp_probe"] = "missing"
-            log.warning("tracepoint missing, per-ACK srtt is off tracepoint=tcp:tcp_probe")
-    return compile_program("tcp_latency.c", pin_dir, sizes, extra_cflags=flags), probes
+
+def tcp_spec(tracepoints: tuple[str, ...], sizes: MapSizes = MapSizes()) -> ProgramSpec:
+    """bpf/tcp_latency.c with the tracepoint programs asked for (each compiled in by its -D).
+    The one place that says how it is built. lb_defines: it reads the socket LB's revnat map."""
+    flags = [*hist_cflags(), *abi.lb_defines(sizes)]
+    flags += [f"-DNW_WITH_{TRACEPOINT_PROGRAMS[tp][3:].upper()}" for tp in tracepoints]
+    programs = [("nw_sockops", "SOCK_OPS", "CGROUP_SOCK_OPS")]
+    programs += [(TRACEPOINT_PROGRAMS[tp], "TRACEPOINT", None) for tp in tracepoints]
+    return ProgramSpec(source="tcp_latency.c", cflags=tuple(flags), programs=tuple(programs), maps=TCP_MAPS)
 
 
 class TcpObserver:
@@ -60,27 +57,35 @@ class TcpObserver:
     retransmits, drops."""
 
     def __init__(self, pin_dir: str, cgroup: str | None, tcp_probe: bool = False,
-                 sizes: MapSizes = MapSizes()):
-        from bcc import BPF, BPFAttachType
-
-        self.bpf, self.probes = compile_tcp(pin_dir, tcp_probe, sizes)
-        self.metrics = (HIST_CONNECT, HIST_SRTT) + ((HIST_SRTT_ACK,) if self.probes.get("tcp:tcp_probe") == "attached" else ())
-        self.watch = RawMap(self.bpf["nodewire_obs_watch_v1"], "nodewire_obs_watch_v1")
-        self.hist = PercpuMap(self.bpf["nodewire_obs_hist_v1"], "nodewire_obs_hist_v1")
-        self.svc_hist = PercpuMap(self.bpf["nodewire_obs_svc_hist_v1"], "nodewire_obs_svc_hist_v1")
-        self.retrans = RawMap(self.bpf["nodewire_obs_retrans_v1"], "nodewire_obs_retrans_v1")
-        self.drops = RawMap(self.bpf["nodewire_obs_drops_v1"], "nodewire_obs_drops_v1")
-        self._watched: dict[bytes, int] = {}
-        self.cgroup_fd = None
-        self._attach_type = BPFAttachType.CGROUP_SOCK_OPS
-        self.fn = self.bpf.load_func("nw_sockops", BPF.SOCK_OPS)
+                 sizes: MapSizes = MapSizes(), state_dir: str | None = None):
+        self.probes: dict[str, str] = {SOCK_OPS: "attached"}
+        wanted = ["skb:kfree_skb"] + (["tcp:tcp_probe"] if tcp_probe else [])
+        present = []
+        for tp in wanted:
+            if tracepoint_exists(tp):
+                present.append(tp)
+            else:
+                self.probes[tp] = "missing"
+                log.warning("tracepoint missing, its metrics are off tracepoint=%s", tp)
+        self.loaded = load(tcp_spec(tuple(present), sizes), pin_dir, state_dir)
+        m = self.loaded.maps
+        self.watch, self.hist, self.svc_hist = m["nodewire_obs_watch_v1"], m["nodewire_obs_hist_v1"], m["nodewire_obs_svc_hist_v1"]
+        self.retrans, self.drops = m["nodewire_obs_retrans_v1"], m["nodewire_obs_drops_v1"]
+        self.metrics = (HIST_CONNECT, HIST_SRTT) + ((HIST_SRTT_ACK,) if "tcp:tcp_probe" in present else ())
+        # pinned maps outlive a restart: what is watched already keeps its histograms
+        self._watched: dict[bytes, int] = {k: 0 for k in self.watch.dump()}
+        self.links: dict[str, int] = {}
+        for tp in present:
+            self.links[tp] = attach_tracepoint(self.loaded.prog_fd(TRACEPOINT_PROGRAMS[tp]), tp)
+            self.probes[tp] = "attached"
+        self.cgroup = cgroup
+        self.sock_ops_fd = self.loaded.prog_fd("nw_sockops")
         if cgroup is None:
             self.probes[SOCK_OPS] = "detached"
             return
-        self.cgroup_fd = os.open(cgroup, os.O_RDONLY)
         try:
-            self.bpf.attach_func(self.fn, self.cgroup_fd, self._attach_type)
-        except Exception as e:
+            attach_cgroup(self.sock_ops_fd, cgroup, "CGROUP_SOCK_OPS")
+        except OSError as e:
             self.probes[SOCK_OPS] = "missing"
             log.error("sock_ops attach failed, TCP telemetry is off cgroup=%s err=%s", cgroup, e)
 
@@ -98,7 +103,8 @@ class TcpObserver:
             self.hist.delete(pack_rows(kdt, [(a, m) for a in gone for m in self.metrics]))
             self.retrans.delete([k for k in self.retrans.dump() if k[:16] in gone_set])
         if new:
-            self.hist.create_zeroed(pack_rows(kdt, [(a, m) for a in new for m in self.metrics]))
+            hk = pack_rows(kdt, [(a, m) for a in new for m in self.metrics])
+            self.hist.update_arrays(np.frombuffer(b"".join(hk), dtype=kdt), np.zeros(len(hk), dtype=self.hist.value_dtype))
             self.watch.update([(k, np.array([want[k]], dtype=np.uint32).tobytes()) for k in new])
         self._watched = want
 
@@ -106,45 +112,61 @@ class TcpObserver:
         """(local ip, metric, per-slot counts, sum) per histogram with at least one sample, summed
         over CPUs. (Every watched pod has its histograms created up front; the empty ones of idle
         pods are not worth a series.)"""
-        keys, v = self.hist.read()
+        keys, v = self.hist.dump_summed()
         slots, sums = v["slots"], v["sum"]
         return [(addr_str(k["address"]), int(k["metric"]), slots[i], int(sums[i]))
                 for i, k in enumerate(keys) if slots[i].any()]
 
     def read_service_histograms(self) -> list[tuple[tuple[str, int], tuple[str, int], int, np.ndarray, int]]:
         """((vip, port), (backend ip, port), metric, per-slot counts, sum) per Service backend."""
-        keys, v = self.svc_hist.read()
+        keys, v = self.svc_hist.dump_summed()
         return [((addr_str(k["vip"]), port_host(k["vport"])), (addr_str(k["backend"]), port_host(k["bport"])),
                  int(k["metric"]), v["slots"][i], int(v["sum"][i])) for i, k in enumerate(keys)]
 
     def forget_services(self, keep) -> None:
         """Delete the per-Service histograms whose (vip, port, backend, port) keep() rejects
         (a removed frontend or backend), at sync time: a scrape never changes kernel state."""
-        keys, _ = self.svc_hist.read()
+        keys, _ = self.svc_hist.dump_arrays()
         gone = [k.tobytes() for k in keys
                 if not keep((addr_str(k["vip"]), port_host(k["vport"])), (addr_str(k["backend"]), port_host(k["bport"])))]
         self.svc_hist.delete(gone)
 
     def read_retransmits(self) -> list[tuple[str, str, int]]:
-        raw = self.retrans.dump()
-        rows = unpack_rows(self.retrans.key_dtype, list(raw))
-        vals = np.frombuffer(b"".join(raw.values()), dtype=np.uint64) if raw else []
-        return [(addr_str(r["local"]), addr_str(r["remote"]), int(v)) for r, v in zip(rows, vals)]
+        keys, vals = self.retrans.dump_arrays()
+        return [(addr_str(k["local"]), addr_str(k["remote"]), int(v)) for k, v in zip(keys, vals)]
 
     def read_drops(self) -> dict[int, int]:
-        raw = self.drops.dump()
-        return {int(np.frombuffer(k, dtype=np.uint32)[0]): int(np.frombuffer(v, dtype=np.uint64)[0])
-                for k, v in raw.items()}
+        keys, vals = self.drops.dump_arrays()
+        return {int(k): int(v) for k, v in zip(keys, vals)}
+
+    def program_fds(self) -> dict[str, int]:
+        """function name → program fd, for run-time statistics (bench)."""
+        return {fn: self.loaded.prog_fd(fn) for fn in self.loaded.program_pins}
+
+    def set_active(self, on: bool) -> None:
+        """Attach or detach every program without reloading (bench on/off windows)."""
+        if self.cgroup is not None and self.probes[SOCK_OPS] == "attached":
+            if on:
+                attach_cgroup(self.sock_ops_fd, self.cgroup, "CGROUP_SOCK_OPS")
+            else:
+                detach_cgroup(self.cgroup, "CGROUP_SOCK_OPS", self.sock_ops_fd)
+        for tp in [tp for tp, st in self.probes.items() if ":" in tp and st == "attached"]:
+            if on and tp not in self.links:
+                self.links[tp] = attach_tracepoint(self.loaded.prog_fd(TRACEPOINT_PROGRAMS[tp]), tp)
+            elif not on and tp in self.links:
+                os.close(self.links.pop(tp))
 
     def close(self) -> None:
-        if self.cgroup_fd is not None:
+        """Detach (the programs and maps stay pinned: a restart reuses them and their counts)."""
+        if self.cgroup is not None and self.probes[SOCK_OPS] == "attached":
             try:
-                self.bpf.detach_func(self.fn, self.cgroup_fd, self._attach_type)
-            except Exception as e:  # already replaced or the cgroup is gone
+                detach_cgroup(self.cgroup, "CGROUP_SOCK_OPS", self.sock_ops_fd)
+            except OSError as e:  # the cgroup is gone, or another agent replaced us
                 log.info("sock_ops detach err=%s", e)
-            os.close(self.cgroup_fd)
-            self.cgroup_fd = None
-        self.bpf.cleanup()
+        for fd in self.links.values():
+            os.close(fd)
+        self.links.clear()
+        self.loaded.close()
 
 
 class PodTraffic:
@@ -152,14 +174,13 @@ class PodTraffic:
     (--pod-tc): it adds per-segment packet counts of GSO frames, which interface counters count as
     one packet each; bytes are the same as the interface counters'."""
 
-    def __init__(self, pin_dir: str, netns: str | None = None):
-        from bcc import BPF
+    SPEC = ProgramSpec(source="pod_tc.c", programs=(("nw_pod_tx", "SCHED_CLS", None), ("nw_pod_rx", "SCHED_CLS", None)),
+                       maps=("nodewire_pod_traffic_v1",))
 
-        self.bpf = compile_program("pod_tc.c", pin_dir)
-        self.fn_tx = self.bpf.load_func("nw_pod_tx", BPF.SCHED_CLS)
-        self.fn_rx = self.bpf.load_func("nw_pod_rx", BPF.SCHED_CLS)
-        self.table = self.bpf["nodewire_pod_traffic_v1"]
-        self.counts = PercpuMap(self.table, "nodewire_pod_traffic_v1")
+    def __init__(self, pin_dir: str, netns: str | None = None, state_dir: str | None = None):
+        self.loaded = load(self.SPEC, pin_dir, state_dir)
+        self.progs = {fn: self.loaded.prog_fd(fn) for fn in ("nw_pod_tx", "nw_pod_rx")}
+        self.counts = self.loaded.maps["nodewire_pod_traffic_v1"]
         self.netns = netns
         self._ipr = None
         self._lock = threading.Lock()
@@ -194,8 +215,8 @@ class PodTraffic:
             except NetlinkError as e:
                 if e.code != errno.EEXIST:
                     raise
-            for fn, parent in ((self.fn_tx, TC_INGRESS), (self.fn_rx, TC_EGRESS)):
-                ipr.tc("replace-filter", "bpf", idx, ":1", fd=fn.fd, name=fn.name, parent=parent,
+            for fn, parent in (("nw_pod_tx", TC_INGRESS), ("nw_pod_rx", TC_EGRESS)):
+                ipr.tc("replace-filter", "bpf", idx, ":1", fd=self.progs[fn], name=fn, parent=parent,
                        prio=TC_PRIO, classid=1, direct_action=True)
             self.attached[ifname] = idx
             return idx
@@ -215,16 +236,11 @@ class PodTraffic:
             self._forget(idx)
 
     def _forget(self, ifindex: int) -> None:
-        for d in DIR_NAMES:
-            key = self.table.Key(ifindex, d)
-            try:
-                del self.table[key]
-            except KeyError:
-                pass
+        self.counts.delete(pack_rows(self.counts.key_dtype, [(ifindex, d) for d in DIR_NAMES]))
 
     def read(self) -> dict[tuple[int, str], tuple[int, int]]:
         """(ifindex, direction) -> (packets, bytes)."""
-        keys, v = self.counts.read()
+        keys, v = self.counts.dump_summed()
         return {(int(k["ifindex"]), DIR_NAMES.get(int(k["direction"]), "?")): (int(v["packets"][i]), int(v["bytes"][i]))
                 for i, k in enumerate(keys)}
 
@@ -233,4 +249,4 @@ class PodTraffic:
             self.detach(ifname)
         if self._ipr is not None:
             self._ipr.close()
-        self.bpf.cleanup()
+        self.loaded.close()

@@ -17,6 +17,7 @@ from collections import deque
 
 from opentelemetry.metrics import CallbackOptions, Observation
 
+from ..datapath.abi import LB_OUTCOMES
 from ..datapath.loader import MapSizes
 from ..datapath.maps import MapFull
 from ..model.objects import ObjectKey
@@ -26,14 +27,12 @@ from .histogram import Log2Histogram
 from .identity import Identity, ObserveConfig, port_label
 from .kernel import HIST_CONNECT, HIST_SRTT, HIST_SRTT_ACK, PodTraffic, TcpObserver
 from .links import LinkStats
-from .percpu import PercpuMap
 from .series import Reading, SeriesBook
 
 log = logging.getLogger("nodewire.observe")
 
 # Pod annotation naming the node-side veth (written by the CNI plugin, or by hand in manifests).
 HOST_VETH_ANNOTATION = "nodewire.io/host-veth"
-LB_OUTCOMES = {0: "forwarded", 1: "no_backend", 2: "bad_slot"}  # NW_LB_* in bpf/lib/lb.h
 HIST_NAMES = {HIST_CONNECT: "connect", HIST_SRTT: "srtt", HIST_SRTT_ACK: "srtt_ack"}
 
 
@@ -54,7 +53,7 @@ class Observer:
         self.tcp: TcpObserver | None = None
         self.links: LinkStats | None = None
         self.traffic: PodTraffic | None = None   # opt-in (cfg.pod_tc)
-        self.lb_stats = PercpuMap(lb.lb_stats, "nodewire_lb_stats_v1") if lb is not None else None
+
         self.drop_reasons: dict[int, str] = {}
         self.errors: deque[str] = deque(maxlen=100)  # last errors, for status
         self._lock = threading.RLock()
@@ -67,7 +66,7 @@ class Observer:
         self.links = LinkStats(self.veth_netns)  # netlink first: see PodTraffic._nl
         if self.cfg.pod_tc:
             self.traffic = PodTraffic(self.pin_dir, self.veth_netns)
-        sizes = MapSizes(revnat=self.lb.revnat.max_entries) if self.lb is not None else MapSizes()
+        sizes = MapSizes(revnat=self.lb.revnat.capacity) if self.lb is not None else MapSizes()
         self.tcp = TcpObserver(self.pin_dir, self.cgroup, self.cfg.tcp_probe, sizes)
         if self.telemetry is not None:
             # Instruments live as long as the MeterProvider; a later Observer on the same telemetry
@@ -226,8 +225,8 @@ class Observer:
     def _read_lb(self, r: Reading) -> None:
         names = self.reconciler.service_names() if self.reconciler is not None else {}
         backends = self._backend_names()
-        keys, vals = self.lb_stats.read()
-        for k, v in zip(keys, vals["value"]):
+        keys, vals = self.lb.lb_stats.dump_summed()
+        for k, v in zip(keys, vals):
             sid, bid, outcome = int(k["service_id"]), int(k["backend_id"]), int(k["outcome"])
             info = names.get(sid)
             if info is None:

@@ -67,9 +67,9 @@ def _prog_id(fd: int) -> int:
 
 def prog_stats(obs) -> dict[str, tuple[int, int]]:
     """program name → (run_time_ns, run_cnt) for the observer's programs."""
-    fds = {n.decode() if isinstance(n, bytes) else n: f.fd for n, f in obs.tcp.bpf.funcs.items()}
+    fds = obs.tcp.program_fds()
     if obs.traffic is not None:
-        fds.update({"nw_pod_tx": obs.traffic.fn_tx.fd, "nw_pod_rx": obs.traffic.fn_rx.fd})
+        fds.update(obs.traffic.progs)
     out = {}
     for name, fd in fds.items():
         info = json.loads(subprocess.run(["bpftool", "-j", "prog", "show", "id", str(_prog_id(fd))],
@@ -81,18 +81,9 @@ def prog_stats(obs) -> dict[str, tuple[int, int]]:
 def _set_active(obs, pods, on: bool) -> None:
     """Attach or detach all of the observer's programs without recompiling (a few ms), so the
     on and off windows can alternate quickly inside one continuous traffic run."""
-    t = obs.tcp
-    for tp, status in t.probes.items():
-        key = tp.encode()
-        if ":" not in tp or status != "attached" or (key in t.bpf.tracepoint_fds) == on:
-            continue
-        if on:
-            t.bpf.attach_tracepoint(tp=key, fn_name=("tracepoint__" + tp.replace(":", "__")).encode())
-        else:
-            t.bpf.detach_tracepoint(key)
-    if getattr(t, "bench_on", True) != on:  # attached by the observer at start
-        (t.bpf.attach_func if on else t.bpf.detach_func)(t.fn, t.cgroup_fd, t._attach_type)
-        t.bench_on = on
+    if getattr(obs, "bench_on", True) != on:  # attached by the observer at start
+        obs.tcp.set_active(on)
+        obs.bench_on = on
     for p in pods if obs.traffic is not None else ():
         if on:
             obs.traffic.attach(p.host_veth)
@@ -131,7 +122,7 @@ print(n, flush=True)
             "agent_cpu_percent_per_10k_connections_s": cpu / (cps / 1e4) if cps else None}
 
 
-def run_bench(rounds: int, seconds: float, pods: int) -> dict:
+def run_bench(rounds: int, seconds: float, pods: int, pod_tc: bool = False, tcp_probe: bool = False) -> dict:
     import psutil
 
     from agent.export.telemetry import start_telemetry
@@ -145,7 +136,7 @@ def run_bench(rounds: int, seconds: float, pods: int) -> dict:
         raise click.ClickException("sockperf not found (apt-get install sockperf; scripts/install.sh does it)")
     proc = psutil.Process()
     net = f"10.{random.randrange(100, 200)}.{random.randrange(256)}"
-    result: dict = {"rounds": rounds, "seconds_per_round": seconds}
+    result: dict = {"rounds": rounds, "seconds_per_round": seconds, "pod_tc": pod_tc, "tcp_probe": tcp_probe}
     with Sandbox(subnet4=f"{net}.0/24") as sb:
         pin = f"/sys/fs/bpf/{sb.prefix}"
         client, server = sb.add_pod("client"), sb.add_pod("server")
@@ -168,7 +159,8 @@ def run_bench(rounds: int, seconds: float, pods: int) -> dict:
         try:
             from pyroute2 import NetNS
             nl = NetNS(sb.node_netns)  # before the observer: its helper process must not hold BPF fds
-            obs = Observer(state, tel, ObserveConfig(node_name="bench"), pin, sb.node_netns, cgroup=sb.cgroup).start()
+            obs = Observer(state, tel, ObserveConfig(node_name="bench", pod_tc=pod_tc, tcp_probe=tcp_probe), pin,
+                           sb.node_netns, cgroup=sb.cgroup).start()
             runner = None
             try:
                 for p in pods_:
@@ -266,7 +258,7 @@ for ip in {ips!r}:
     # retransmits and state changes; tc and tcp_probe only when opted in); kfree_skb fires for the
     # whole machine's drops and is reported per run only. Measured with statistics on, which adds
     # their own clock reads.
-    per_msg = ("nw_sockops", "nw_pod_tx", "nw_pod_rx", "tracepoint__tcp__tcp_probe")
+    per_msg = ("nw_sockops", "nw_pod_tx", "nw_pod_rx", "nw_tcp_probe")
     bpf_total_ns = sum(ns for n, (ns, _) in bpf_ns.items() if n in per_msg)
     result.update({
         "bpf_ns_per_run": {n: (ns / cnt if cnt else None) for n, (ns, cnt) in bpf_ns.items()},
@@ -294,12 +286,13 @@ for ip in {ips!r}:
 @click.option("--rounds", default=20, show_default=True, help="Pairs of off/on windows (order alternates).")
 @click.option("--seconds", default=0.5, show_default=True, help="Seconds per window.")
 @click.option("--pods", default=1000, show_default=True, help="Pods in the state for the RSS measurement.")
-@click.option("-o", "--output", type=click.Choice(["text", "json"]), default="text")
+@click.option("-o", "--output", type=click.Choice(["text", "json", "yaml"]), default="text")
 def bench_observe(rounds, seconds, pods, output) -> None:
     """Cost of per-pod observability: request/response rate on vs off (ratio), agent CPU, RSS."""
     res = run_bench(rounds, seconds, pods)
-    if output == "json":
-        click.echo(json.dumps(res, indent=2))
+    if output != "text":
+        from agent.output import emit
+        emit(res, output)
         return
     click.echo(f"TCP request/response (sockperf pp, 64 B): off {statistics.median(res['rr_per_s_off']):,.0f}/s  "
                f"on {statistics.median(res['rr_per_s_on']):,.0f}/s  ratio on/off {res['rr_ratio_on_off']:.3f} "
