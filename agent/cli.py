@@ -245,12 +245,12 @@ def cleanup(pin_dir, cgroup) -> None:
     """Detach nodewire's programs and unpin its maps."""
     import shutil
 
-    from .datapath.attach import detach_sock_lb, detect_cgroup2_root
+    from .datapath.attach import detach_loaded, detect_cgroup2_root
     from .datapath.loader import remove_pins
 
     st = _load_status(pin_dir) or {}
     cg = cgroup or st.get("cgroup") or detect_cgroup2_root()
-    n = detach_sock_lb(cg) if os.path.isdir(cg) else 0
+    n = detach_loaded(cg, pin_dir) if os.path.isdir(cg) else 0
     removed = remove_pins(pin_dir)
     shutil.rmtree(state_dir_for(pin_dir), ignore_errors=True)
     click.echo(f"detached {n} programs from {cg}; unpinned {removed} maps, programs and links from {pin_dir}")

@@ -125,9 +125,9 @@ class Observer:
                 self.errors.append(str(e))
                 log.error("watching pod addresses failed err=%s", e)
             fronts = self.identity.frontends
-            backends = set(self._backend_names().values())
+            backends = self._backends()
             try:  # per-Service histograms of frontends and backends that are gone
-                self.tcp.forget_services(lambda fe, be: fe in fronts and _hostport(*be) in backends)
+                self.tcp.forget_services(lambda fe, be: fe in fronts and be in backends)
             except OSError as e:
                 self.errors.append(str(e))
             observed = {ref.key for ref in self.identity.local.values()}
@@ -223,25 +223,22 @@ class Observer:
             r.hist(name, attrs).add_counts(counts, total)
 
     def _read_lb(self, r: Reading) -> None:
-        names = self.reconciler.service_names() if self.reconciler is not None else {}
-        backends = self._backend_names()
+        snap = self.reconciler.snapshot() if self.reconciler is not None else None
         keys, vals = self.lb.lb_stats.dump_summed()
         for k, v in zip(keys, vals):
             sid, bid, outcome = int(k["service_id"]), int(k["backend_id"]), int(k["outcome"])
-            info = names.get(sid)
+            info = snap.frontend(sid) if snap is not None else None
             if info is None:
                 continue  # a frontend removed since: its series goes with it
-            value = self._since_owner((sid, bid, outcome), (info["service"], info["frontend"], backends.get(bid)),
-                                      int(v))
-            ns, _, name = info["service"].partition("/")
-            port = port_label(info["port_name"], *info["frontend"].rsplit(":", 1)[1].split("/"))
-            attrs = {"k8s.namespace.name": ns, "k8s.service.name": name, "nodewire.service.port": port,
+            backend = snap.backend(bid)  # (ip, port, protocol) or None
+            value = self._since_owner((sid, bid, outcome), (str(info.service), info.frontend, backend), int(v))
+            attrs = {"k8s.namespace.name": info.service.namespace, "k8s.service.name": info.service.name,
+                     "nodewire.service.port": port_label(info.port_name, info.port, info.protocol),
                      "k8s.node.name": self.cfg.node_name}
             if LB_OUTCOMES.get(outcome) == "forwarded":
-                if bid not in backends:
+                if backend is None:
                     continue  # the backend is gone: its series goes with it, like a deleted pod's
-                bip, _, bport = backends[bid].rpartition(":")
-                r.count("svc_connects", {**attrs, **self.identity.backend(bip.strip("[]"), int(bport))}, value)
+                r.count("svc_connects", {**attrs, **self.identity.backend(backend[0], backend[1])}, value)
             else:
                 r.count("svc_refusals", {**attrs, "nodewire.refusal.reason": LB_OUTCOMES.get(outcome, str(outcome))},
                         value)
@@ -263,11 +260,12 @@ class Observer:
         self._lb_owner[key] = (owner, base, value)
         return value - base
 
-    def _backend_names(self) -> dict[int, str]:
-        """backend_id → "ip:port", from the reconciler's record of what it wrote."""
+    def _backends(self) -> set[tuple[str, int]]:
+        """(ip, port) of every backend the reconciler wrote (a snapshot of its id registry)."""
         if self.reconciler is None:
-            return {}
-        return {bid: _hostport(be.ip, be.port) for be, bid in list(self.reconciler.backend_id.items())}
+            return set()
+        snap = self.reconciler.snapshot()
+        return {snap.backend(bid)[:2] for bid in snap.backend_ids()}
 
     def metrics(self):
         """OTel Metric objects for the telemetry producer hook (one kernel read per call)."""
@@ -299,6 +297,3 @@ class Observer:
         """The labelled kernel histograms (for the terminal views)."""
         return self.read().histograms
 
-
-def _hostport(ip: str, port: int) -> str:
-    return (f"[{ip}]" if ":" in ip else ip) + f":{port}"
