@@ -120,7 +120,7 @@ class Agent:
                 if cfg.peer_cidrs:
                     ocfg = replace(ocfg, peer_cidrs=tuple(cfg.peer_cidrs))
                 self.observer = Observer(self.state, self.telemetry, ocfg, cfg.pin_dir, cfg.veth_netns,
-                                         self.lb, self.reconciler).start()
+                                         self.lb, self.reconciler, self.cgroup).start()
             except Exception as e:
                 log.error("observer failed to start, running without observability err=%s", e)
         from .cni.pods import start_for_agent
