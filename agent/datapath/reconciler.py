@@ -31,6 +31,8 @@ class SyncResult:
     refusals: list[Refusal] = field(default_factory=list)
     write_error: str | None = None
     seconds: float = 0.0
+    plan_seconds: float = 0.0   # of which: planning (pure Python/numpy)
+    write_seconds: float = 0.0  # … and the batch syscalls (with packing the rows)
 
     @property
     def errors(self) -> list[str]:
@@ -65,9 +67,10 @@ class Reconciler:
         if self._retry:
             changes = {**self._retry, **changes}
         p = plan(changes, self.registry, self.capacities, full=full)
-        res = SyncResult(services=len(changes), refusals=p.refusals)
+        res = SyncResult(services=len(changes), refusals=p.refusals, plan_seconds=time.perf_counter() - t0)
         try:
             write(p, self.maps)
+            res.write_seconds = time.perf_counter() - t0 - res.plan_seconds
         except Exception as e:  # the kernel holds part of the plan: learn it back, retry next time
             res.write_error = f"writing the service maps failed ({e}); re-read them, retrying those Services"
             old, self.registry = self.registry, self._restore()
