@@ -160,6 +160,16 @@ def test_slots_orphaned_by_a_crash_mid_delete_are_removed_by_the_next_full_sync(
     assert len(d.services.entries) == 3 and len(d.backends.entries) == 2
 
 
+def test_a_slot_missing_under_a_header_is_rewritten_alone():
+    d = MapsDouble(64, 32)
+    want = dict([fe("a", "10.96.0.1", "10.0.0.1", "10.0.0.2", "10.0.0.3")])
+    applied(d, *want.items())
+    keys, _ = d.services.dump_arrays()
+    d.services.entries.pop(keys[keys["slot"] == 2].tobytes())
+    res = Reconciler(d.services, d.backends).apply(want, full=True)
+    assert (res.written, res.deleted) == (1, 0) and list(d.frontends().values())[0][0] == 3
+
+
 def test_an_orphaned_frontend_claimed_again_gets_a_header_and_only_the_slots_that_differ():
     d = MapsDouble(64, 32)
     applied(d, fe("b", "10.96.0.2", "10.0.0.3", "10.0.0.4"))

@@ -190,11 +190,11 @@ class KeyIndex:
             self._merge()
 
     def _merge(self) -> None:
+        """The overlay into the large arrays, dropping removed entries (both sorted: linear)."""
         keep = self._hid != 0
-        h = np.concatenate([self._h[keep], self._oh])
-        hid = np.concatenate([self._hid[keep], self._ohid])
-        order = np.argsort(h, kind="stable")
-        self._h, self._hid = h[order], hid[order]
+        h, hid = self._h[keep], self._hid[keep]
+        at = np.searchsorted(h, self._oh)
+        self._h, self._hid = np.insert(h, at, self._oh), np.insert(hid, at, self._ohid)
         self._oh, self._ohid = np.zeros(0, np.uint64), np.zeros(0, np.uint32)
         self._dead = 0
 
@@ -244,6 +244,28 @@ class BackendTable(KeyIndex):
             self.refs[:n] += (delta * np.bincount(ids, minlength=n)[:n]).astype(np.int32)
         elif len(ids):
             np.add.at(self.refs, ids, delta)
+
+
+def _set_slots(fe: "FrontendTable", sids: np.ndarray, slot_no: np.ndarray, bids: np.ndarray) -> None:
+    """Each frontend's slot list from rows sorted by (service id, slot): one slice of one buffer per
+    frontend when its slots are 1..m without a gap (the rule), a gap-filled list otherwise."""
+    if not len(sids):
+        return
+    starts = np.concatenate([[0], np.nonzero(np.diff(sids))[0] + 1])
+    ends = np.append(starts[1:], len(sids))
+    expected = np.arange(len(sids)) - np.repeat(starts, ends - starts) + 1
+    gappy = np.zeros(len(starts), bool)
+    bad = np.nonzero(slot_no != expected)[0]
+    gappy[np.searchsorted(starts, bad, side="right") - 1] = True
+    buf = bids.astype(SLOT_DTYPE).tobytes()
+    w = SLOT_DTYPE.itemsize
+    for sid, lo, hi, gap in zip(sids[starts].tolist(), starts.tolist(), ends.tolist(), gappy.tolist()):
+        if not gap:
+            fe.slots[sid] = buf[lo * w:hi * w]
+        else:
+            dense = np.zeros(int(slot_no[hi - 1]), SLOT_DTYPE)
+            dense[slot_no[lo:hi] - 1] = bids[lo:hi]
+            fe.slots[sid] = dense.tobytes()
 
 
 class FrontendTable(KeyIndex):
@@ -455,13 +477,7 @@ class IdRegistry:
         slot_no = sk["slot"][slot_rows].astype(np.int64)
         order = np.lexsort((slot_no, owner_sid))
         owner_sid, slot_no, bids = owner_sid[order], slot_no[order], bids[order]
-        cuts = np.nonzero(np.diff(owner_sid))[0] + 1
-        for sid, sl, b in zip(np.split(owner_sid, cuts), np.split(slot_no, cuts), np.split(bids, cuts)):
-            if not len(sid):
-                continue
-            dense = np.zeros(int(sl[-1]), SLOT_DTYPE)
-            dense[sl - 1] = b
-            fe.slots[int(sid[0])] = dense.tobytes()
+        _set_slots(fe, owner_sid, slot_no, bids)
         valid = bids[bids != INVALID]
         n = reg.backends.size
         reg.backends.refs[:n] += np.bincount(valid, minlength=n)[:n].astype(np.int32)

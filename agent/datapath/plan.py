@@ -349,9 +349,12 @@ def _capacity(d: Desired, fe_sid: np.ndarray, fresh: "_Fresh", reg: IdRegistry, 
 
 # -- the plan -----------------------------------------------------------------------------------
 def plan(changes: dict[ObjectKey, list[Frontend]], reg: IdRegistry, caps: Capacities,
-         full: bool = False) -> WritePlan:
+         full: bool = False, sweep: bool | None = None) -> WritePlan:
     """The writes that make the maps hold `changes` (Service → its frontends; [] removes it).
-    full=True: `changes` is the whole desired state; everything else the registry knows goes."""
+    full=True: `changes` is the whole desired state; everything else the registry knows goes.
+    sweep (default: full): also remove frontends no Service owns (found in the maps at start-up)
+    and backends no slot refers to."""
+    sweep = full if sweep is None else sweep
     d = flatten(changes)
     get = reg.service_index.get
     d.svc_idx = np.array([get(s, -1) for s in d.services], np.int64)
@@ -375,7 +378,7 @@ def plan(changes: dict[ObjectKey, list[Frontend]], reg: IdRegistry, caps: Capaci
         refusals += full_maps
         if not full_maps:
             break
-    return _diff(d, fe_sid, be_id, fresh, reg, refused, refusals, full)
+    return _diff(d, fe_sid, be_id, fresh, reg, refused, refusals, sweep)
 
 
 class _Fresh:
@@ -390,7 +393,7 @@ class _Fresh:
             self.first, self.inverse = np.zeros(0, np.int64), np.zeros(0, np.int64)
 
 
-def _diff(d: Desired, fe_sid, be_id, fresh: _Fresh, reg: IdRegistry, refused, refusals, full) -> WritePlan:
+def _diff(d: Desired, fe_sid, be_id, fresh: _Fresh, reg: IdRegistry, refused, refusals, sweep) -> WritePlan:
     fe = reg.frontends
     fe_svc = _svc_of_fe(d)
     take = ~refused[fe_svc]                      # frontends applied
@@ -431,7 +434,7 @@ def _diff(d: Desired, fe_sid, be_id, fresh: _Fresh, reg: IdRegistry, refused, re
     # frontends no applied Service claims any more
     idx = d.svc_idx[~refused]
     candidates = fe.live & np.isin(fe.owner, idx[idx >= 0])
-    if full:
+    if sweep:
         candidates |= fe.live & (fe.owner < 0)
     candidates[a_old] = False
     removed = np.nonzero(candidates)[0].astype(np.uint32)
@@ -455,7 +458,7 @@ def _diff(d: Desired, fe_sid, be_id, fresh: _Fresh, reg: IdRegistry, refused, re
                        "flags": d.fe_flags[hw], "service_id": sid[hw], "affinity": d.fe_affinity[hw]},
         header_deletes={"ident": fe.keys[rm_head]},
         slot_deletes={"ident": fe.keys[sdel], "slot": rows.array(rows.del_slot, np.uint16)},
-        backend_deletes={"id": _unreferenced(reg, gained, lost, full)},
+        backend_deletes={"id": _unreferenced(reg, gained, lost, sweep)},
         refusals=refusals,
         new_frontends=(new_sids, d.fe_keys[new_fe]),
         written=FrontendWrite(sid[ch], d.fe_count[ch].astype(np.uint16), d.fe_flags[ch],
