@@ -1,18 +1,29 @@
 # Two commands do all the set-up on a fresh Debian 12 machine (as root): `make demo`, `make test`.
-.PHONY: install demo test test-unit bench clean
+.PHONY: install demo test test-unit test-image image bench clean
 
 install:
-	bash scripts/install.sh
+	bash scripts/install.sh all
 
-demo: install
+demo:
+	bash scripts/install.sh demo
 	.venv/bin/nodewire demo $(DEMO_ARGS)
 
-# The test command CI runs (see .ci/run).
-test: install
+# The test command CI runs (see .ci/run). The image test is not in it (building takes minutes): make test-image.
+test:
+	bash scripts/install.sh test
 	.venv/bin/python -m pytest -q -p no:cacheprovider tests
 
-test-unit: install
+test-unit:
+	bash scripts/install.sh test
 	.venv/bin/python -m pytest -q -m "not root" tests
+
+# The agent image (deploy/Containerfile) with buildah on a debootstrap base; prints its size.
+image:
+	bash scripts/install.sh image
+	bash scripts/build-image.sh
+
+test-image: image
+	NODEWIRE_IMAGE_TEST=1 .venv/bin/python -m pytest -q -p no:cacheprovider tests/test_image.py
 
 bench: install
 	.venv/bin/nodewire bench connect --services 1000,10000,100000
