@@ -3,7 +3,9 @@
 - ADD latency of nodewire-cni alone (the installed one-file plugin, `python3 -IS`), against a running
   agent, with the real prevResult of Debian's bridge + host-local; side by side, interleaved, with the
   venv's console script (.venv/bin/nodewire-cni) and the bare interpreter start (`python3 -IS -c pass`)
-  as the floor. DEL after each ADD is not timed.
+  as the floor, and the agent API's round trip from an in-process client. DEL after each ADD is not
+  timed; `--gap` spaces the ADDs (default 0.2 s; 0 is back to back, the agent still busy with the
+  previous pod).
 - ADD → first exported per-pod series: real chain ADD of a fresh pod, then one ping a round from the
   pod and a scrape of /metrics until `k8s_pod_network_io_bytes_total` for the pod is there.
 """
@@ -22,6 +24,7 @@ from pathlib import Path
 
 import click
 
+from agent.api import call
 from agent.cni.install import PluginSettings, install_binary, install_conf
 from agent.config import state_dir_for
 
@@ -53,7 +56,7 @@ def _series(port: int, pod: str) -> bool:
         return f'k8s_pod_name="{pod}"' in r.read().decode() and True
 
 
-def run_bench(runs: int, series_pods: int) -> dict:
+def run_bench(runs: int, series_pods: int, gap: float = 0.2) -> dict:
     net = f"10.{random.randrange(100, 200)}.{random.randrange(0, 256)}"
     with Sandbox(subnet4=f"{net}.0/24") as sb, tempfile.TemporaryDirectory() as tmpd:
         tmp = Path(tmpd)
@@ -77,7 +80,7 @@ def run_bench(runs: int, series_pods: int) -> dict:
             binary = install_binary(str(tmp / "bin"))
             conflist = json.loads(install_conf(str(tmp / "net.d"), PluginSettings(socket=sock)).read_text())
             rt = Runtime(conflist, [str(tmp / "bin"), DEBIAN_CNI], f"/var/run/netns/{sb.node_netns}")
-            add_ms = _add_latency(rt, conflist, binary, tmp, mounts, runs)
+            add_ms = _add_latency(rt, conflist, binary, tmp, mounts, runs, gap, sock)
             first = _first_series(rt, tmp, mounts, port, net, series_pods)
         finally:
             agent.terminate()
@@ -85,10 +88,10 @@ def run_bench(runs: int, series_pods: int) -> dict:
             subprocess.run([NODEWIRE, "cleanup", "--pin-dir", pin, "--cgroup", sb.cgroup], capture_output=True)
             for m in mounts:
                 subprocess.run(["umount", m], capture_output=True)
-        return {"add": add_ms, "add_to_first_series_s": first}
+        return {"add": add_ms, "add_to_first_series_s": first, "gap_s": gap}
 
 
-def _add_latency(rt, conflist, binary, tmp, mounts, runs) -> dict:
+def _add_latency(rt, conflist, binary, tmp, mounts, runs, gap, sock) -> dict:
     ns = _netns(tmp / "netns", "lat")
     mounts.append(ns)
     pod = ("bench", "lat", "u")
@@ -97,8 +100,12 @@ def _add_latency(rt, conflist, binary, tmp, mounts, runs) -> dict:
     venv_plugin = str(Path(sys.executable).with_name("nodewire-cni"))
     variants = {"installed (python3 -IS)": [str(binary)], "venv console script": [venv_plugin]}
     times: dict[str, list[float]] = {k: [] for k in variants}
-    floor = []
+    floor, api = [], []
     for i in range(runs):
+        time.sleep(gap)  # pods arrive at most 1/gap per second: the agent is done with the last one
+        t0 = time.perf_counter()
+        call(sock, "ping")
+        api.append((time.perf_counter() - t0) * 1000)
         for name, argv in variants.items():
             cid = secrets.token_hex(32)
             env = pod_env(cid, ns, ("bench", f"p{i}", "u"))
@@ -113,6 +120,7 @@ def _add_latency(rt, conflist, binary, tmp, mounts, runs) -> dict:
         floor.append((time.perf_counter() - t0) * 1000)
     out = {k: _summary(v) for k, v in times.items()}
     out["python3 -IS -c pass (floor)"] = _summary(floor)
+    out["agent API round trip (in-process client)"] = _summary(api)
     return out
 
 
@@ -127,7 +135,7 @@ def _first_series(rt, tmp, mounts, port, net, pods) -> dict:
         if r.code != 0:
             raise click.ClickException(f"chain ADD failed: {r}")
         while not _series(port, name):
-            subprocess.run(["nsenter", f"--net={ns}", "ping", "-c", "1", "-W", "1", f"{net}.1"], capture_output=True)
+            subprocess.run(["nsenter", f"--net={ns}", "ping", "-c", "1", "-W", "0.1", f"{net}.1"], capture_output=True)
             if time.monotonic() - t0 > 30:
                 raise click.ClickException(f"no series for {name} after 30 s")
         got.append(time.monotonic() - t0)
@@ -160,10 +168,11 @@ def _wait_synced(pin: str, proc) -> None:
 @click.command("cni")
 @click.option("--runs", default=200, show_default=True, help="ADD invocations per variant.")
 @click.option("--series-pods", default=5, show_default=True, help="Pods timed from ADD to their first series.")
+@click.option("--gap", default=0.2, show_default=True, help="Seconds between ADDs (0: back to back).")
 @click.option("-o", "--output", type=click.Choice(["table", "json", "yaml"]), default="table", show_default=True)
-def bench_cni(runs, series_pods, output) -> None:
+def bench_cni(runs, series_pods, gap, output) -> None:
     """nodewire-cni ADD latency (p50/p99) and ADD → first exported per-pod series."""
-    res = run_bench(runs, series_pods)
+    res = run_bench(runs, series_pods, gap)
     if output != "table":
         from agent.output import emit
         emit(res, output)
