@@ -1,5 +1,5 @@
 # Two commands do all the set-up on a fresh Debian 12 machine (as root): `make demo`, `make test`.
-.PHONY: install demo test test-unit test-image image bench clean
+.PHONY: install demo test test-unit test-image image fuzz bench clean
 
 install:
 	bash scripts/install.sh all
@@ -24,6 +24,11 @@ image:
 
 test-image: image
 	NODEWIRE_IMAGE_TEST=1 .venv/bin/python -m pytest -q -p no:cacheprovider tests/test_image.py
+
+# The fuzzed decoders with many more examples than `make test` runs (a few minutes).
+fuzz:
+	bash scripts/install.sh test
+	.venv/bin/python -m pytest -q -p no:cacheprovider --hypothesis-profile=long --hypothesis-show-statistics tests/test_fuzz_*.py
 
 bench: install
 	.venv/bin/nodewire bench connect --services 1000,10000,100000

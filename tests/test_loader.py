@@ -11,7 +11,7 @@ import pytest
 
 from agent.datapath import bpfsys
 from agent.datapath.attach import (attach_cgroup, attach_sock_lb, attach_tracepoint, cgroup_programs,
-                                   detach_sock_lb, detect_cgroup2_root)
+                                   detach_loaded, detach_sock_lb, detect_cgroup2_root, pinned_program_ids)
 from agent.datapath.loader import LoadError, MapSizes, ProgramSpec, SockLB, load, remove_pins
 from tests.conftest import wait_for
 from tests.manifests import endpoint_slice, service, write
@@ -152,6 +152,22 @@ def test_socket_lb_attaches_by_fd_replaces_on_reattach_and_detaches_by_name(pin_
     again = cgroup_programs(child_cgroup)
     assert len(again) == len(names) and {p["attach_type"]: p["id"] for p in again} == first
     assert detach_sock_lb(child_cgroup) == len(names)
+    assert cgroup_programs(child_cgroup) == []
+
+
+@pytest.mark.root
+def test_cleanup_detaches_what_the_pins_name_and_the_lb_by_name_once_pins_are_gone(pin_dir, child_cgroup):
+    pin, state = pin_dir
+    lb = SockLB(pin, MapSizes(services=16, backends=8, revnat=64, lb_stats=64), state_dir=state)
+    attach_sock_lb(lb, child_cgroup)
+    assert {p["id"] for p in cgroup_programs(child_cgroup)} == pinned_program_ids(pin)
+    assert detach_loaded(child_cgroup, pin) == len(SockLB.HOOKS)
+    assert cgroup_programs(child_cgroup) == []
+    attach_sock_lb(lb, child_cgroup)
+    lb.close()
+    remove_pins(pin)  # attached programs outlive their pins
+    assert len(cgroup_programs(child_cgroup)) == len(SockLB.HOOKS)
+    assert detach_loaded(child_cgroup, pin) == len(SockLB.HOOKS)
     assert cgroup_programs(child_cgroup) == []
 
 

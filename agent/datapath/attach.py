@@ -79,23 +79,23 @@ def _prog_name(prog_id: int) -> str:
         os.close(fd)
 
 
+def _detach_id(cgroup_path: str, attach_type: str, prog_id: int) -> bool:
+    try:
+        fd = bpfsys.prog_fd_by_id(prog_id)
+    except OSError:
+        return False  # gone since the query
+    try:
+        return detach_cgroup(cgroup_path, attach_type, fd)
+    finally:
+        os.close(fd)
+
+
 def detach_named(cgroup_path: str, hooks) -> int:
     """Detach from each (function name, attach type) hook the program of that name. Programs of other
     names are left alone. Returns how many were detached."""
-    n = 0
     names = {at: fn[:bpfsys.BPF_OBJ_NAME_LEN - 1] for fn, at in hooks}
-    for p in cgroup_programs(cgroup_path, list(names)):
-        if p["name"] != names[p["attach_type"]]:
-            continue
-        try:
-            fd = bpfsys.prog_fd_by_id(p["id"])
-        except OSError:
-            continue
-        try:
-            n += detach_cgroup(cgroup_path, p["attach_type"], fd)
-        finally:
-            os.close(fd)
-    return n
+    return sum(_detach_id(cgroup_path, p["attach_type"], p["id"])
+               for p in cgroup_programs(cgroup_path, list(names)) if p["name"] == names[p["attach_type"]])
 
 
 def tracepoint_id(tracepoint: str, tracefs: str = TRACEFS) -> int:
@@ -142,6 +142,30 @@ def detach_sock_lb(cgroup_path: str) -> int:
     from .loader import SockLB
 
     return detach_named(cgroup_path, SockLB.HOOKS)
+
+
+def pinned_program_ids(pin_dir: str) -> set[int]:
+    """Ids of the programs pinned under <pin dir>/progs (every spec the loader loaded there)."""
+    ids = set()
+    for root, _dirs, files in os.walk(os.path.join(pin_dir, "progs")):
+        for name in files:
+            try:
+                fd = bpfsys.obj_get(os.path.join(root, name))
+            except OSError:
+                continue
+            try:
+                ids.add(bpfsys.prog_info(fd).id)
+            finally:
+                os.close(fd)
+    return ids
+
+
+def detach_loaded(cgroup_path: str, pin_dir: str) -> int:
+    """Detach from the cgroup every program loaded under pin_dir (by the ids of its pins), and the
+    socket LB's by name when its pins are already gone. Returns how many."""
+    ids = pinned_program_ids(pin_dir)
+    n = sum(_detach_id(cgroup_path, p["attach_type"], p["id"]) for p in cgroup_programs(cgroup_path) if p["id"] in ids)
+    return n + detach_sock_lb(cgroup_path)
 
 
 def attached_programs(cgroup_path: str) -> list[dict]:
