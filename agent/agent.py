@@ -65,6 +65,7 @@ class Agent:
         self.observer = None
         self.rdma = None  # RdmaService: counters, topology, and (opt-in) the verbs tracer
         self._pods_seen = -1  # ClusterState.revision the RDMA opt-ins were last computed at
+        self.northsouth = None  # NorthSouthService: NodePort/ExternalIP/LB on the node devices (--devices)
 
     # -- start-up ------------------------------------------------------------------------------
     def start(self) -> None:
@@ -83,6 +84,12 @@ class Agent:
         log.info("datapath ready cgroup=%s pin_dir=%s programs=%d load_seconds=%.3f preexisting_entries=%d",
                  self.cgroup, cfg.pin_dir, len(self.programs), time.perf_counter() - t0,
                  self.reconciler.svc_entries)
+        if cfg.devices:
+            from .northsouth import NorthSouthService
+
+            self.northsouth = NorthSouthService(self.state, cfg.node_name, cfg.devices, cfg.pin_dir, cfg.sizes,
+                                                cfg.nodeport_range, cfg.maglev_table_size, cfg.healthz_port,
+                                                self.ready)
         if cfg.manifests is not None:
             self.source = ManifestSource(cfg.manifests, on_error=self._object_error)
             self.sources["manifests"] = {"path": cfg.manifests, "healthy": True}
@@ -173,7 +180,12 @@ class Agent:
                 self._status_changed()
             return None
         with self._lock:
+            if self.northsouth is not None:
+                self.northsouth.extend(changes)
             res = self.reconciler.apply(changes, full=full)
+            if self.northsouth is not None:
+                ns = self.northsouth.apply(full=full)
+                res.errors.extend(ns.errors)
         if changes and not full:
             self.last_change = time.time()
         self.counters["syncs"] += 1
@@ -279,6 +291,8 @@ class Agent:
             self.observer.close()
         if self.rdma is not None:
             self.rdma.close()
+        if self.northsouth is not None:
+            self.northsouth.close()
         if self.telemetry is not None:
             self.telemetry.shutdown()
 
@@ -302,6 +316,7 @@ class Agent:
             "object_errors": list(self.object_errors)[-20:],
             "sync_errors": list(self.sync_errors)[-20:],
             **({"service_names": {str(k): v for k, v in rec.service_names().items()}} if names else {}),
+            **({"northsouth": self.northsouth.status()} if self.northsouth is not None else {}),
         }
 
     def write_status(self) -> None:

@@ -44,8 +44,18 @@ def main(debug: bool) -> None:
               help="Verbs latency tracing (uprobes) for pods annotated nodewire.io/rdma-trace=\"true\".")
 @click.option("--peer-cidr", "peer_cidrs", multiple=True, metavar="CIDR",
               help="Label unknown remote peers by these CIDRs (repeatable) [default: the private ranges].")
+@click.option("--devices", default="", metavar="auto|DEV[,DEV…]",
+              help="Serve NodePort, externalIPs and LoadBalancer IPs (tc) on these devices; 'auto': every "
+                   "interface with a node address or a default route [default: off].")
+@click.option("--nodeport-range", default="30000-32767", show_default=True, metavar="LO-HI",
+              help="NodePort range (as kube-apiserver's --service-node-port-range).")
+@click.option("--maglev-table-size", default=16381, show_default=True, type=int,
+              help="Maglev lookup table size per Service port (a prime).")
+@click.option("--healthz-port", default=10256, show_default=True, type=int,
+              help="kube-proxy's node /healthz port, served with --devices (0: off).")
 def run(manifests, kube, kubeconfig, api_server, cgroup, pin_dir, metrics_addr, map_sizes, node_name,
-        observe, veth_netns, max_series, peer_cidrs, rdma, rdma_trace) -> None:
+        observe, veth_netns, max_series, peer_cidrs, rdma, rdma_trace, devices, nodeport_range,
+        maglev_table_size, healthz_port) -> None:
     """Run the agent: keep the BPF service maps equal to the cluster state."""
     from dataclasses import replace
 
@@ -65,7 +75,10 @@ def run(manifests, kube, kubeconfig, api_server, cgroup, pin_dir, metrics_addr, 
     cfg = AgentConfig(manifests=manifests, kube=kube, kubeconfig=kubeconfig, api_server=api_server, cgroup=cgroup,
                       pin_dir=pin_dir, metrics_addr=metrics_addr, sizes=sizes,
                       observe=observe, veth_netns=veth_netns, max_series=max_series, peer_cidrs=tuple(peer_cidrs),
-                      rdma=rdma, rdma_trace=rdma_trace)
+                      rdma=rdma, rdma_trace=rdma_trace,
+                      devices=tuple(d.strip() for d in devices.split(",") if d.strip()),
+                      nodeport_range=_port_range(nodeport_range), maglev_table_size=maglev_table_size,
+                      healthz_port=healthz_port)
     if node_name:
         cfg.node_name = node_name
     from .sources.kube import KubeError
@@ -83,6 +96,13 @@ def run(manifests, kube, kubeconfig, api_server, cgroup, pin_dir, metrics_addr, 
         agent.run()
     finally:
         agent.close()
+
+
+def _port_range(text: str) -> tuple[int, int]:
+    lo, sep, hi = text.partition("-")
+    if not sep or not lo.strip().isdigit() or not hi.strip().isdigit():
+        raise click.BadParameter(f"{text!r}: expected LO-HI, e.g. 30000-32767", param_hint="--nodeport-range")
+    return int(lo), int(hi)
 
 
 def _load_status(pin_dir: str) -> dict | None:
@@ -173,6 +193,10 @@ def cleanup(pin_dir, cgroup) -> None:
     st = _load_status(pin_dir) or {}
     cg = cgroup or st.get("cgroup") or detect_cgroup2_root()
     n = detach_sock_lb(cg) if os.path.isdir(cg) else 0
+    devices = list((st.get("northsouth") or {}).get("devices") or {})
+    if devices:  # tc filters on the node devices (in this network namespace)
+        from .datapath.nodeport import detach
+        n += detach(devices)
     removed = 0
     if os.path.isdir(pin_dir):
         for name in os.listdir(pin_dir):

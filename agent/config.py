@@ -35,6 +35,10 @@ class AgentConfig:
     peer_cidrs: tuple[str, ...] = ()  # buckets for unknown remote peers (empty: the private ranges)
     rdma: bool = True                 # RDMA port counters and GPU↔NIC topology (sysfs, read at scrape)
     rdma_trace: bool = False          # verbs latency tracer, for pods annotated nodewire.io/rdma-trace
+    devices: tuple[str, ...] = ()     # north-south (NodePort/ExternalIP/LB) on these devices; ("auto",) detects
+    nodeport_range: tuple[int, int] = (30000, 32767)
+    maglev_table_size: int = 16381    # a prime (Cilium's default)
+    healthz_port: int = 10256         # kube-proxy's node /healthz; 0: off (only with devices)
 
     @property
     def state_dir(self) -> str:
@@ -59,6 +63,14 @@ class AgentConfig:
                 raise ValueError(f"--peer-cidr: {c!r}: {e}") from None
         if not self.pin_dir.startswith("/sys/fs/bpf"):
             raise ValueError(f"--pin-dir: {self.pin_dir} must be under /sys/fs/bpf (a bpffs mount)")
+        lo, hi = self.nodeport_range
+        if not 1 <= lo <= hi <= 65535 or hi >= 61000:
+            raise ValueError(f"--nodeport-range: {lo}-{hi} must lie within 1-60999 "
+                             "(61000-65535 are the north-south SNAT ports)")
+        from .model.maglev import check_table_size
+        check_table_size(self.maglev_table_size)
+        if not 0 <= self.healthz_port <= 65535:
+            raise ValueError(f"--healthz-port: {self.healthz_port} out of range (0-65535)")
         for name in ("services", "backends", "revnat", "lb_stats"):
             v = getattr(self.sizes, name)
             if not 1 <= v <= 1 << 26:

@@ -43,6 +43,9 @@ class Service:
     session_affinity_timeout: int = 10800
     internal_traffic_policy: str = "Cluster"
     external_traffic_policy: str = "Cluster"
+    load_balancer_ips: tuple[str, ...] = ()            # status.loadBalancer.ingress[].ip
+    load_balancer_source_ranges: tuple[str, ...] = ()  # spec.loadBalancerSourceRanges (CIDRs)
+    health_check_node_port: int = 0                    # spec.healthCheckNodePort (LoadBalancer, eTP=Local)
 
     @property
     def headless(self) -> bool:
