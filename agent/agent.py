@@ -16,12 +16,15 @@ import threading
 import time
 from collections import deque
 
+from .api import ApiServer
 from .config import AgentConfig
 from .datapath.attach import attach_sock_lb, detect_cgroup2_root
 from .datapath.loader import SockLB
 from .datapath.reconciler import Reconciler, SyncResult
+from .datapath.stale_sockets import StaleSockets, listed_addresses
 from .export.telemetry import start_telemetry
 from .model.objects import ObjectError
+from .privileges import drop as drop_capabilities
 from .sources.manifests import ManifestSource
 from .state import ClusterState
 
@@ -40,12 +43,13 @@ class Agent:
     def __init__(self, cfg: AgentConfig):
         cfg.validate()
         self.cfg = cfg
-        self.state = ClusterState(cfg.node_name)
+        self.state = ClusterState(cfg.node_name, cfg.zone)
         self.stop = threading.Event()
         self.started = time.time()
         self.object_errors: deque[str] = deque(maxlen=200)
         self.sync_errors: deque[str] = deque(maxlen=200)
-        self.counters = {"syncs": 0, "object_errors": 0, "sync_errors": 0, "written": 0, "deleted": 0}
+        self.counters = {"syncs": 0, "object_errors": 0, "sync_errors": 0, "written": 0, "deleted": 0,
+                         "sockets_destroyed": 0}
         self.last_sync: dict | None = None
         self.last_change = 0.0  # when a source change was last taken in (and applied)
         self.first_sync: dict | None = None
@@ -60,9 +64,13 @@ class Agent:
         self._status_thread: threading.Thread | None = None
         self.lb: SockLB | None = None
         self.reconciler: Reconciler | None = None
+        self.stale_sockets: StaleSockets | None = None
         self.programs: list[str] = []
         self.telemetry = None
+        self.api: ApiServer | None = None  # local API; features add methods with self.api.register
         self.observer = None
+        self.cni = None  # CniPods: pods told by nodewire-cni (agent/cni/pods.py)
+        self.privileges: dict = {}  # what privileges.drop() did
         self.rdma = None  # RdmaService: counters, topology, and (opt-in) the verbs tracer
         self._pods_seen = -1  # ClusterState.revision the RDMA opt-ins were last computed at
         self.northsouth = None  # NorthSouthService: NodePort/ExternalIP/LB on the node devices (--devices)
@@ -70,6 +78,7 @@ class Agent:
     # -- start-up ------------------------------------------------------------------------------
     def start(self) -> None:
         cfg = self.cfg
+        os.umask(0o022)  # pins, status files and sockets never world-writable, whatever umask we inherit
         kube_cfg = None
         if cfg.kube:  # a credentials/config error stops start-up before the datapath is touched
             from .sources.kube import load_config
@@ -81,14 +90,19 @@ class Agent:
         self.lb = SockLB(cfg.pin_dir, cfg.sizes)
         self.programs = attach_sock_lb(self.lb, self.cgroup)
         self.reconciler = Reconciler(self.lb.services, self.lb.backends)
+        self.stale_sockets = StaleSockets(self.cgroup, self.lb.services, self.lb.backends,
+                                          self.lb.revnat,
+                                          lambda: listed_addresses(list(self.state.slices.values())))
+        self.privileges = drop_capabilities()  # before any thread of ours starts (capabilities are per thread)
+        self.api = ApiServer(cfg.api_socket_path).start()  # its threads start with the reduced set
         log.info("datapath ready cgroup=%s pin_dir=%s programs=%d load_seconds=%.3f preexisting_entries=%d",
                  self.cgroup, cfg.pin_dir, len(self.programs), time.perf_counter() - t0,
                  self.reconciler.svc_entries)
         if cfg.devices:
             from .northsouth import NorthSouthService
 
-            self.northsouth = NorthSouthService(self.state, cfg.node_name, cfg.devices, cfg.pin_dir, cfg.sizes,
-                                                cfg.nodeport_range, cfg.maglev_table_size, cfg.healthz_port,
+            self.northsouth = NorthSouthService(self.state, cfg.node_name, cfg.device_list, cfg.pin_dir, cfg.sizes,
+                                                cfg.nodeport_bounds, cfg.maglev_table_size, cfg.healthz_port,
                                                 self.ready)
         if cfg.manifests is not None:
             self.source = ManifestSource(cfg.manifests, on_error=self._object_error)
@@ -113,9 +127,11 @@ class Agent:
                 if cfg.peer_cidrs:
                     ocfg = replace(ocfg, peer_cidrs=tuple(cfg.peer_cidrs))
                 self.observer = Observer(self.state, self.telemetry, ocfg, cfg.pin_dir, cfg.veth_netns,
-                                         self.lb, self.reconciler).start()
+                                         self.lb, self.reconciler, self.cgroup).start()
             except Exception as e:
                 log.error("observer failed to start, running without observability err=%s", e)
+        from .cni.pods import start_for_agent
+        self.cni = start_for_agent(self)
         if cfg.rdma:
             from .rdma.service import RdmaService
             try:  # like the observer: optional, never at the datapath's expense
@@ -157,7 +173,7 @@ class Agent:
 
     def _entries(self, name: str) -> int:
         rec = self.reconciler
-        return rec.svc_entries if name == self.lb.services.name else len(rec.backend_id)
+        return rec.svc_entries if name == self.lb.services.name else rec.backend_entries
 
     # -- loop ----------------------------------------------------------------------------------
     def sync_once(self, full: bool = False) -> SyncResult | None:
@@ -185,7 +201,8 @@ class Agent:
             res = self.reconciler.apply(changes, full=full)
             if self.northsouth is not None:
                 ns = self.northsouth.apply(full=full)
-                res.errors.extend(ns.errors)
+                res.refusals.extend(ns.refusals)
+        self._sweep_sockets()
         if changes and not full:
             self.last_change = time.time()
         self.counters["syncs"] += 1
@@ -207,6 +224,20 @@ class Agent:
                       res.deleted, res.seconds)
         self._status_changed()
         return res
+
+    def _sweep_sockets(self) -> None:
+        """Destroy sockets connected through a Service to a backend that left it (stale_sockets.py)."""
+        if self.stale_sockets is None:
+            return
+        try:
+            res = self.stale_sockets.sweep()
+        except OSError as e:  # the datapath is written; a failed sweep is retried after the next change
+            log.error("socket sweep failed err=%s", e)
+            return
+        self.counters["sockets_destroyed"] = self.stale_sockets.destroyed_total
+        if res.destroyed:
+            log.debug("socket sweep namespaces=%d checked=%d destroyed=%d seconds=%.4f",
+                      res.namespaces, res.checked, len(res.destroyed), res.seconds)
 
     def _status_changed(self) -> None:
         if self._status_thread is not None:
@@ -285,6 +316,10 @@ class Agent:
         signal.signal(signal.SIGINT, handler)
 
     def close(self) -> None:
+        if self.api is not None:
+            self.api.close()
+        if self.cni is not None:
+            self.cni.close()
         if self.kube is not None:
             self.kube.stop()
         if self.observer is not None:
@@ -304,7 +339,9 @@ class Agent:
             "started": self.started,
             "cgroup": self.cgroup,
             "pin_dir": self.cfg.pin_dir,
+            "node": {"name": self.cfg.node_name, "zone": self.state.zone},
             "programs": self.programs,
+            "privileges": self.privileges,
             "maps": {m.name: {"entries": self._entries(m.name), "capacity": m.capacity}
                      for m in (lb.services, lb.backends)},
             "services": len(rec.owned),
@@ -322,10 +359,9 @@ class Agent:
     def write_status(self) -> None:
         path = os.path.join(self.cfg.state_dir, "status.json")
         tmp = path + ".tmp"
-        with self._lock:  # only copies under the lock; the formatting (~10 ms at 10k) is done after
-            sid_info = dict(self.reconciler.sid_info)
+        with self._lock:  # the names come from a snapshot taken under the registry's own lock
             st = self.status(names=False)
-        st["service_names"] = {str(k): v for k, v in self.reconciler.service_names(sid_info).items()}
+        st["service_names"] = {str(k): v for k, v in self.reconciler.service_names().items()}
         with open(tmp, "w") as f:
             json.dump(st, f)
         os.replace(tmp, path)

@@ -9,12 +9,16 @@ import threading
 from collections import defaultdict
 
 from .model.frontends import Frontend, service_frontends
-from .model.objects import EndpointSlice, ObjectKey, Objects, Pod, Service
+from .model.objects import EndpointSlice, Node, ObjectKey, Objects, Pod, Service
 
 
 class ClusterState:
-    def __init__(self, node_name: str | None = None) -> None:
-        self.node_name = node_name  # for internalTrafficPolicy: Local
+    def __init__(self, node_name: str | None = None, zone: str = "") -> None:
+        self.node_name = node_name  # for internalTrafficPolicy: Local and node hints
+        # This node's topology.kubernetes.io/zone, for zone hints: --zone when given, else its Node object's.
+        self.zone = zone
+        self._zone_fixed = bool(zone)
+        self.nodes: dict[ObjectKey, Node] = {}
         self.services: dict[ObjectKey, Service] = {}
         self.slices: dict[ObjectKey, EndpointSlice] = {}
         self.pods: dict[ObjectKey, Pod] = {}
@@ -66,6 +70,22 @@ class ClusterState:
             self.revision += 1
             self.changed.set()
 
+    def apply_node(self, key: ObjectKey, node: Node | None) -> None:
+        """A Node object; this node's own sets the zone (unless --zone fixed it)."""
+        with self._lock:
+            if node is None:
+                self.nodes.pop(key, None)
+            else:
+                self.nodes[key] = node
+            if key.name == self.node_name and not self._zone_fixed:
+                self._set_zone(node.zone if node else "")
+
+    def _set_zone(self, zone: str) -> None:
+        if zone != self.zone:  # topology changes for every Service
+            self.zone = zone
+            for key in self.services:
+                self._mark(key)
+
     def replace(self, objs: Objects) -> None:
         """Make the state equal to objs (a full list), applying only the differences."""
         for key in set(self.services) - set(objs.services):
@@ -74,6 +94,10 @@ class ClusterState:
             self.apply_slice(key, None)
         for key in set(self.pods) - set(objs.pods):
             self.apply_pod(key, None)
+        for key in set(self.nodes) - set(objs.nodes):
+            self.apply_node(key, None)
+        for key, node in objs.nodes.items():
+            self.apply_node(key, node)
         for key, svc in objs.services.items():
             self.apply_service(key, svc)
         for key, sl in objs.slices.items():
@@ -108,4 +132,5 @@ class ClusterState:
         svc = self.services.get(key)
         if svc is None:
             return []
-        return service_frontends(svc, (self.slices[k] for k in self._slices_by_service.get(key, ())), self.node_name)
+        return service_frontends(svc, (self.slices[k] for k in self._slices_by_service.get(key, ())), self.node_name,
+                                 self.zone)

@@ -467,3 +467,23 @@ def test_standalone_fake_server_follows_a_manifest_directory(tmp_path, api, sour
     (d / "web.json").unlink()
     _sync_directory(api, d, held)
     eventually(lambda: not src.state.services, what="file removal deleted the objects")
+
+
+def test_undecodable_watch_lines_are_skipped_and_the_watch_goes_on(api, source):
+    """One bad line (not JSON, too deep, not an event, an object of the wrong shape) never stops the
+    reflector: each is named and counted, and the next good event still applies."""
+    api.create(service("web", "10.96.0.10"))
+    src = source()
+    watches = src.status()["resources"]["services"]["watches"]
+    for line in (b"{not json", b"[" * 200_000, b"\xff\xfe", b"5", b'{"type": "ADDED", "object": 7}',
+                 b'{"type": "ADDED", "object": {"metadata": {"name": ["x"]}}}',
+                 b'{"type": "MODIFIED", "object": {"kind": "Service", "metadata": {"name": "web", "namespace": "default",'
+                 b' "resourceVersion": "1"}, "spec": {"ports": {"a": 1}, "clusterIP": 5}}}'):
+        api.inject_watch_line("services", line)
+    api.create(service("after", "10.96.0.11"))
+    eventually(lambda: ObjectKey("default", "after") in src.state.services, what="event after bad lines applied")
+    assert src.status()["resources"]["services"]["bad_lines"] == 6
+    assert src.status()["resources"]["services"]["watches"] == watches  # same stream, never re-opened
+    assert src.invalid_objects["Service"] == 7
+    assert any("default/web: spec.clusterIP: expected str" in str(e) for e in src.errors), src.errors
+    assert src.state.services[ObjectKey("default", "web")].cluster_ips == ("10.96.0.10",)  # last good kept

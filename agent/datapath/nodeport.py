@@ -15,6 +15,7 @@ import ctypes as ct
 import errno
 import ipaddress
 import logging
+import os
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -22,9 +23,11 @@ import numpy as np
 from ..model.maglev import build_tables
 from ..model.northsouth import GroupKey, NorthSouth
 from ..model.objects import ObjectKey
-from .loader import MapSizes, compile_program
-from .maps import RawMap, addr16, pack_rows, port_be
-from .reconciler import PROTO_NUMBERS, Reconciler, SyncResult, _Ids
+from . import abi, bpfsys
+from .ids import BACKEND_IDENT, as_keys
+from .loader import MapSizes, ProgramSpec, load
+from .maps import addr16, pack_rows, port_be
+from .reconciler import Reconciler, SyncResult
 
 log = logging.getLogger("nodewire.nodeport")
 
@@ -33,35 +36,61 @@ TC_INGRESS, TC_EGRESS = "ffff:fff2", "ffff:fff3"
 F_DROP_EMPTY, F_SOURCE_RANGES, F_MAGLEV = 1, 2, 4  # NP_F_* in bpf/nodeport.c
 OUTCOMES = ("local", "remote", "reply", "established", "reject", "drop_no_local", "drop_source_range",
             "drop_error")  # NW_NP_* in bpf/nodeport.c
-BPF_MAP_TYPE_ARRAY = 2
+PROGRAMS = ("nw_np_ingress", "nw_np_egress")
+MAPS = ("nodewire_np_services_v1", "nodewire_np_backends_v1", "nodewire_np_policy_v1", "nodewire_np_local_v1",
+        "nodewire_np_ranges_v1", "nodewire_np_affinity_v1", "nodewire_np_snat_v1", "nodewire_np_stats_v1",
+        "nodewire_np_maglev_v1", "nodewire_ct_v1")
+BPF_MAP_CREATE, BPF_MAP_TYPE_ARRAY = 0, 2
+
+
+class _MapCreate(ct.Structure):
+    """The head of union bpf_attr for BPF_MAP_CREATE (include/uapi/linux/bpf.h)."""
+    _fields_ = [("map_type", ct.c_uint32), ("key_size", ct.c_uint32), ("value_size", ct.c_uint32),
+                ("max_entries", ct.c_uint32), ("map_flags", ct.c_uint32), ("inner_map_fd", ct.c_uint32),
+                ("numa_node", ct.c_uint32), ("map_name", ct.c_char * 16)]
+
+
+class _Ids:
+    """Small integer ids from 1, lowest released first."""
+
+    def __init__(self, used=()):
+        self.used = set(used)
+
+    def take(self) -> int:
+        i = 1
+        while i in self.used:
+            i += 1
+        self.used.add(i)
+        return i
+
+    def release(self, i: int) -> None:
+        self.used.discard(i)
 
 
 @dataclass
 class _Owned:
     """What one Service put in the side maps."""
     policy: set[bytes] = field(default_factory=set)
-    ranges: set[tuple[int, int, bytes]] = field(default_factory=set)
+    ranges: set[bytes] = field(default_factory=set)
     local: frozenset[str] = frozenset()
     groups: set[int] = field(default_factory=set)
 
 
+def spec(sizes: MapSizes, maglev_size: int) -> ProgramSpec:
+    return ProgramSpec(source="nodeport.c", cflags=(*abi.lb_defines(sizes), f"-DNW_MAGLEV_M={maglev_size}"),
+                       programs=tuple((fn, "SCHED_CLS", None) for fn in PROGRAMS), maps=MAPS, name="nodeport")
+
+
 class NodePortDatapath:
     def __init__(self, pin_dir: str, sizes: MapSizes = MapSizes(), maglev_size: int = 16381):
-        from bcc import BPF
-
         self.maglev_size = maglev_size
-        self.bpf = compile_program("nodeport.c", pin_dir, sizes, extra_cflags=(f"-DNW_MAGLEV_M={maglev_size}",))
-        self.fn_ingress = self.bpf.load_func("nw_np_ingress", BPF.SCHED_CLS)
-        self.fn_egress = self.bpf.load_func("nw_np_egress", BPF.SCHED_CLS)
-        t = lambda n: self.bpf[n.encode()]  # noqa: E731
-        self.services = RawMap(t("nodewire_np_services_v1"), "nodewire_np_services_v1")
-        self.backends = RawMap(t("nodewire_np_backends_v1"), "nodewire_np_backends_v1")
-        self.policy = RawMap(t("nodewire_np_policy_v1"), "nodewire_np_policy_v1")
-        self.local = RawMap(t("nodewire_np_local_v1"), "nodewire_np_local_v1")
-        self.ranges = t("nodewire_np_ranges_v1")
-        self.snat = t("nodewire_np_snat_v1")
-        self.maglev = t("nodewire_np_maglev_v1")
-        self.stats = t("nodewire_np_stats_v1")
+        self.loaded = load(spec(sizes, maglev_size), pin_dir)
+        m = self.loaded.maps
+        self.services, self.backends = m["nodewire_np_services_v1"], m["nodewire_np_backends_v1"]
+        self.policy, self.local = m["nodewire_np_policy_v1"], m["nodewire_np_local_v1"]
+        self.ranges, self.snat = m["nodewire_np_ranges_v1"], m["nodewire_np_snat_v1"]
+        self.maglev, self.stats = m["nodewire_np_maglev_v1"], m["nodewire_np_stats_v1"]
+        self.conntrack = m["nodewire_ct_v1"]
         self.reconciler = Reconciler(self.services, self.backends)
         self.devices: dict[str, int] = {}
         self._learn()
@@ -72,13 +101,13 @@ class NodePortDatapath:
         vdt = self.policy.value_dtype
         self.kernel_group: dict[bytes, int] = {
             k: int(np.frombuffer(v, dtype=vdt)["group"][0]) for k, v in self.pol.items()}
-        self.groups = _Ids(set(self.kernel_group.values()))
+        self.groups = _Ids(self.kernel_group.values())
         self.group_id: dict[GroupKey, int] = {}
         self.local_have: set[bytes] = set(self.local.dump())
         self.local_refs: dict[str, int] = {}
-        self.ranges_have = {(k.prefixlen, k.group, bytes(k.address)) for k in self.ranges.keys()}
+        self.ranges_have: set[bytes] = set(self.ranges.keys())
         self.maglev_have: dict[int, tuple[int, ...]] = {}  # group -> backend ids it was built from
-        self.maglev_groups = {k.value for k in self.maglev.keys()}
+        self.maglev_groups = {int.from_bytes(k, "little") for k in self.maglev.keys()}
         self.owned: dict[ObjectKey, _Owned] = {}
 
     def attach(self, devices: list[str]) -> None:
@@ -97,8 +126,8 @@ class NodePortDatapath:
                 except NetlinkError as e:
                     if e.code != errno.EEXIST:
                         raise
-                for fn, parent in ((self.fn_ingress, TC_INGRESS), (self.fn_egress, TC_EGRESS)):
-                    ipr.tc("replace-filter", "bpf", idx, ":1", fd=fn.fd, name=fn.name, parent=parent,
+                for fn, parent in zip(PROGRAMS, (TC_INGRESS, TC_EGRESS)):
+                    ipr.tc("replace-filter", "bpf", idx, ":1", fd=self.loaded.prog_fd(fn), name=fn, parent=parent,
                            prio=TC_PRIO, classid=1, direct_action=True)
                 self.devices[dev] = idx
 
@@ -107,11 +136,10 @@ class NodePortDatapath:
         chosen = {}
         for fam, slot in ((4, 0), (6, 1)):
             ip = next((a for a in addresses if (":" in a) == (fam == 6)), None)
-            leaf = self.snat.Leaf()
             if ip:
-                ct.memmove(ct.addressof(leaf), addr16(ip), 16)
                 chosen[f"ipv{fam}"] = ip
-            self.snat[ct.c_uint32(slot)] = leaf
+            bpfsys.update_elem(self.snat.fd, slot.to_bytes(4, "little"), addr16(ip) if ip else bytes(16),
+                               self.snat.name)
         return chosen
 
     # -- apply ------------------------------------------------------------------------------------
@@ -126,7 +154,7 @@ class NodePortDatapath:
             o = want[svc] = _Owned(local=ns.local_addresses)
             for ef in ns.external:
                 fe = ef.frontend
-                key = pack_rows(self.policy.key_dtype, [(addr16(fe.ip), port_be(fe.port), PROTO_NUMBERS[fe.protocol])])[0]
+                key = pack_rows(self.policy.key_dtype, [(addr16(fe.ip), port_be(fe.port), abi.PROTO_NUMBERS[fe.protocol])])[0]
                 gid = self._group(ef.group, key)
                 flags = (F_DROP_EMPTY if ef.drop_empty else 0) | (F_SOURCE_RANGES if ef.source_ranges is not None else 0)
                 maglev = F_MAGLEV if fe.backends else 0
@@ -143,10 +171,8 @@ class NodePortDatapath:
         self._write_side(pre_pol, want, changes)
         fe_changes = {svc: [ef.frontend for ef in ns.external] for svc, ns in changes.items()}
         res = self.reconciler.apply(fe_changes, full=full)
-        for err in res.errors:  # a refused Service keeps its old entries; keep its side entries too
-            svc_name = err.split(" ", 2)[1].rstrip(":")
-            for svc in [s for s in want if str(s) == svc_name]:
-                want.pop(svc)
+        for r in res.refusals:  # a refused Service keeps its old entries; keep its side entries too
+            want.pop(r.service, None)
         self._write_maglev(group_backends)
         self._update_policy({k: v for k, v in final_pol.items() if self.pol.get(k) != v})
         self._remove_stale(want)
@@ -162,18 +188,20 @@ class NodePortDatapath:
         return gid
 
     @staticmethod
-    def _range_key(gid: int, cidr: str) -> tuple[int, int, bytes]:
+    def _range_key(gid: int, cidr: str) -> bytes:
+        """struct np_range_key: prefix length over (group, address), the group always matched."""
         net = ipaddress.ip_network(cidr)
         plen = net.prefixlen + (96 if net.version == 4 else 0)
-        return 32 + plen, gid, addr16(str(net.network_address))
+        return (32 + plen).to_bytes(4, "little") + gid.to_bytes(4, "little") + addr16(str(net.network_address))
+
+    def _del(self, m, key: bytes) -> None:
+        bpfsys.delete_elem(m.fd, key, m.name)
 
     def _write_side(self, pre_pol: dict[bytes, bytes], want: dict[ObjectKey, _Owned], changes) -> None:
         self._update_policy({k: v for k, v in pre_pol.items() if self.pol.get(k) != v})
         for o in want.values():
             for rk in o.ranges - self.ranges_have:
-                k = self.ranges.Key(rk[0], rk[1])
-                ct.memmove(ct.addressof(k) + 8, rk[2], 16)
-                self.ranges[k] = ct.c_uint8(1)
+                bpfsys.update_elem(self.ranges.fd, rk, b"\1", self.ranges.name)
                 self.ranges_have.add(rk)
         add = []
         for svc, o in want.items():
@@ -198,9 +226,16 @@ class NodePortDatapath:
         for gid, backends in group_backends.items():
             if not backends:
                 continue
-            ids = tuple(rec.backend_id[b] for b in sorted(backends, key=_name))
+            ordered = sorted(backends, key=_name)
+            rows = np.zeros(len(ordered), BACKEND_IDENT)
+            rows["address"] = np.frombuffer(b"".join(addr16(b.ip) for b in ordered), dtype="V16")
+            rows["port"] = [port_be(b.port) for b in ordered]
+            rows["proto"] = [abi.PROTO_NUMBERS[b.protocol] for b in ordered]
+            ids = tuple(rec.registry.backends.lookup(as_keys(rows)).tolist())
+            if 0 in ids:  # a backend the reconciler refused (a full map): no table for it yet
+                continue
             if self.maglev_have.get(gid) != ids:
-                todo.append((gid, ids, [_name(b) for b in backends]))
+                todo.append((gid, ids, [_name(b) for b in ordered]))
         if not todo:
             return
         tables = build_tables([names for _, _, names in todo], self.maglev_size)
@@ -211,21 +246,14 @@ class NodePortDatapath:
             self.maglev_groups.add(gid)
 
     def _swap_table(self, gid: int, values: np.ndarray) -> None:
-        from bcc.libbcc import lib
-
-        create = lib.bcc_create_map
-        create.restype, create.argtypes = ct.c_int, [ct.c_int, ct.c_char_p, ct.c_int, ct.c_int, ct.c_int, ct.c_int]
-        fd = create(BPF_MAP_TYPE_ARRAY, b"nw_np_maglev", 4, 4, self.maglev_size, 0)
-        if fd < 0:
-            raise OSError(ct.get_errno(), f"nodewire_np_maglev_v1: cannot create a table for group {gid}")
+        attr = _MapCreate(BPF_MAP_TYPE_ARRAY, 4, 4, self.maglev_size, 0, 0, 0, b"nw_np_maglev")
+        fd = bpfsys.bpf(BPF_MAP_CREATE, attr, f"nodewire_np_maglev_v1: table of group {gid}")
         try:
             keys = np.arange(len(values), dtype=np.uint32)
-            count = ct.c_uint32(len(values))
-            if lib.bpf_update_batch(fd, keys.ctypes.data, values.ctypes.data, ct.byref(count)) != 0:
-                raise OSError(ct.get_errno(), f"nodewire_np_maglev_v1: cannot fill the table of group {gid}")
-            self.maglev[ct.c_uint32(gid)] = ct.c_int(fd)
+            bpfsys.update_batch(fd, keys.tobytes(), values.astype(np.uint32).tobytes(), len(values),
+                                f"nodewire_np_maglev_v1: table of group {gid}")
+            bpfsys.update_elem(self.maglev.fd, gid.to_bytes(4, "little"), fd.to_bytes(4, "little"), self.maglev.name)
         finally:
-            import os
             os.close(fd)  # the outer map holds the table now
 
     def _remove_stale(self, want: dict[ObjectKey, _Owned]) -> None:
@@ -234,12 +262,7 @@ class NodePortDatapath:
             old = self.owned.get(svc, _Owned())
             dead_pol += [k for k in old.policy - o.policy if not self._still_used(k, svc, want)]
             for rk in old.ranges - o.ranges:
-                k = self.ranges.Key(rk[0], rk[1])
-                ct.memmove(ct.addressof(k) + 8, rk[2], 16)
-                try:
-                    del self.ranges[k]
-                except KeyError:
-                    pass
+                self._del(self.ranges, rk)
                 self.ranges_have.discard(rk)
             for ip in old.local - o.local:
                 self.local_refs[ip] -= 1
@@ -247,10 +270,7 @@ class NodePortDatapath:
                     del self.local_refs[ip]
                     dead_local.append(addr16(ip))
             for gid in old.groups - o.groups:
-                try:
-                    del self.maglev[ct.c_uint32(gid)]
-                except KeyError:
-                    pass
+                self._del(self.maglev, gid.to_bytes(4, "little"))
                 self.maglev_have.pop(gid, None)
                 self.maglev_groups.discard(gid)
                 self.groups.release(gid)
@@ -277,20 +297,12 @@ class NodePortDatapath:
         for k in dead:
             del self.pol[k]
         for rk in self.ranges_have - ranges:
-            k = self.ranges.Key(rk[0], rk[1])
-            ct.memmove(ct.addressof(k) + 8, rk[2], 16)
-            try:
-                del self.ranges[k]
-            except KeyError:
-                pass
+            self._del(self.ranges, rk)
         self.ranges_have &= ranges
         self.local.delete(list(self.local_have - local))
         self.local_have &= local
         for gid in self.maglev_groups - groups:
-            try:
-                del self.maglev[ct.c_uint32(gid)]
-            except KeyError:
-                pass
+            self._del(self.maglev, gid.to_bytes(4, "little"))
         self.maglev_groups &= groups
         self.kernel_group.clear()
         self.groups = _Ids(groups)
@@ -301,10 +313,12 @@ class NodePortDatapath:
     # -- views ------------------------------------------------------------------------------------
     def counters(self) -> dict[str, int]:
         """Packets per outcome since the maps were created (summed over CPUs)."""
-        out = {}
-        for i, name in enumerate(OUTCOMES):
-            out[name] = int(sum(v.value for v in self.stats[ct.c_uint32(i)]))
-        return out
+        keys, values = self.stats.dump_summed()
+        by_index = dict(zip(keys.tolist(), values.tolist()))
+        return {name: int(by_index.get(i, 0)) for i, name in enumerate(OUTCOMES)}
+
+    def close(self) -> None:
+        self.loaded.close()
 
 
 def _name(b) -> str:

@@ -9,6 +9,7 @@ import ipaddress
 from typing import Iterable, NamedTuple
 
 from .objects import PROXY_NAME_LABEL, SCTP, EndpointSlice, ObjectKey, Service, ServicePort
+from .selection import Place, internal_endpoints
 
 # Protocols the socket datapath handles (this kernel has no SCTP; see ENVIRONMENT.md).
 SUPPORTED_PROTOCOLS = ("TCP", "UDP")
@@ -61,38 +62,43 @@ def skip_reason(svc: Service) -> str | None:
     """Why this Service gets no frontend at all, or None."""
     if svc.label(PROXY_NAME_LABEL):
         return f"owned by proxy {svc.label(PROXY_NAME_LABEL)!r}"
+    if svc.type == "ExternalName":  # a DNS alias: nothing to balance (kube-proxy writes no rules)
+        return "ExternalName"
     if svc.headless:
         return "headless"
     return None
 
 
-def service_frontends(svc: Service, slices: Iterable[EndpointSlice], node_name: str | None = None) -> list[Frontend]:
-    """All frontends of one Service. Only ready endpoints serve; SCTP ports are left out.
+def service_frontends(svc: Service, slices: Iterable[EndpointSlice], node_name: str | None = None,
+                      zone: str = "") -> list[Frontend]:
+    """All frontends of one Service; SCTP ports are left out.
 
-    internalTrafficPolicy: Local keeps only the endpoints on this node (node_name), as kube-proxy
-    does; with none there, connects are refused.
+    Backends are the endpoints kube-proxy would use for traffic to the ClusterIP from this node
+    (selection.internal_endpoints: readiness, terminating fall-back, internalTrafficPolicy, topology).
+    Without a node name (None) internalTrafficPolicy: Local cannot be honoured and counts as Cluster.
     """
     if skip_reason(svc):
         return []
-    local_only = svc.internal_traffic_policy == "Local" and node_name is not None
+    itp = svc.internal_traffic_policy if node_name is not None else "Cluster"
+    place = Place(node_name or "", zone)
     slices = list(slices)
+    affinity = svc.session_affinity_timeout if svc.session_affinity == "ClientIP" else 0
     out = []
     for vip in svc.cluster_ips:
-        family = "IPv4" if ipaddress.ip_address(vip).version == 4 else "IPv6"
+        family = "IPv4" if ":" not in vip else "IPv6"
         for sp in svc.ports:
             if sp.protocol == SCTP:
                 continue
-            backends = set()
+            endpoints, ports = [], []
             for sl in slices:
                 if sl.address_type != family:
                     continue
                 port = _slice_port(sp, sl)
-                if port is None:
-                    continue
-                for ep in sl.endpoints:
-                    if ep.ready and (not local_only or ep.node_name == node_name):
-                        # Kubernetes uses only the first address of an endpoint.
-                        backends.add(Backend(ep.addresses[0], port, sp.protocol))
-            affinity = svc.session_affinity_timeout if svc.session_affinity == "ClientIP" else 0
+                if port is not None:
+                    endpoints.extend(sl.endpoints)
+                    ports.extend([port] * len(sl.endpoints))
+            chosen = internal_endpoints(endpoints, place, itp, svc.traffic_distribution)
+            # Kubernetes uses only the first address of an endpoint.
+            backends = {Backend(endpoints[i].addresses[0], ports[i], sp.protocol) for i in chosen}
             out.append(Frontend(vip, sp.port, sp.protocol, svc.key, sp.name, tuple(sorted(backends)), affinity))
     return out

@@ -11,6 +11,7 @@ SCTP = "SCTP"
 PROXY_NAME_LABEL = "service.kubernetes.io/service-proxy-name"
 # endpointslice.kubernetes.io/managed-by / kubernetes.io/service-name tie a slice to its Service.
 SERVICE_NAME_LABEL = "kubernetes.io/service-name"
+ZONE_LABEL = "topology.kubernetes.io/zone"
 
 
 @dataclass(frozen=True, slots=True)
@@ -43,6 +44,7 @@ class Service:
     session_affinity_timeout: int = 10800
     internal_traffic_policy: str = "Cluster"
     external_traffic_policy: str = "Cluster"
+    traffic_distribution: str = ""  # spec.trafficDistribution (PreferClose, PreferSameZone, PreferSameNode)
     load_balancer_ips: tuple[str, ...] = ()            # status.loadBalancer.ingress[].ip
     load_balancer_source_ranges: tuple[str, ...] = ()  # spec.loadBalancerSourceRanges (CIDRs)
     health_check_node_port: int = 0                    # spec.healthCheckNodePort (LoadBalancer, eTP=Local)
@@ -64,6 +66,8 @@ class Endpoint:
     node_name: str = ""
     zone: str = ""
     target: str = ""  # "namespace/pod" of the targetRef, when it is a Pod
+    zone_hints: tuple[str, ...] = ()  # hints.forZones[].name
+    node_hints: tuple[str, ...] = ()  # hints.forNodes[].name
 
 
 @dataclass(frozen=True, slots=True)
@@ -94,6 +98,16 @@ class Pod:
     labels: tuple[tuple[str, str], ...] = ()
     annotations: tuple[tuple[str, str], ...] = ()
     uid: str = ""
+    owners: tuple[tuple[str, str], ...] = ()  # (kind, name) of metadata.ownerReferences, controller first
+
+
+@dataclass(frozen=True, slots=True)
+class Node:
+    """A Node: cluster-scoped (its key's namespace is ""); the agent reads its own for its zone."""
+
+    key: ObjectKey
+    zone: str = ""  # the topology.kubernetes.io/zone label
+    addresses: tuple[tuple[str, str], ...] = ()  # (type, address) from status.addresses
 
 
 @dataclass(frozen=True, slots=True)
@@ -118,3 +132,4 @@ class Objects:
     services: dict[ObjectKey, Service] = field(default_factory=dict)
     slices: dict[ObjectKey, EndpointSlice] = field(default_factory=dict)
     pods: dict[ObjectKey, Pod] = field(default_factory=dict)
+    nodes: dict[ObjectKey, Node] = field(default_factory=dict)

@@ -12,8 +12,8 @@ import sys
 from typing import Any
 
 from .objects import (
-    SCTP, SERVICE_NAME_LABEL, TCP, UDP, Endpoint, EndpointPort, EndpointSlice, ObjectError, ObjectKey,
-    Pod, Service, ServicePort,
+    SCTP, SERVICE_NAME_LABEL, TCP, UDP, ZONE_LABEL, Endpoint, EndpointPort, EndpointSlice, Node, ObjectError,
+    ObjectKey, Pod, Service, ServicePort,
 )
 
 PROTOCOLS = (TCP, UDP, SCTP)
@@ -175,11 +175,14 @@ def parse_service(obj: Any) -> Service:
     for val, path in ((itp, "spec.internalTrafficPolicy"), (etp, "spec.externalTrafficPolicy")):
         if val not in ("Cluster", "Local"):
             raise r.fail(path, f"unknown value {val!r} (expected Cluster or Local)")
+    # Any value is kept: kube-proxy never reads the field (it follows the hints the controller writes),
+    # and a value newer than this agent must not take the Service down; selection acts on known ones.
+    distribution = r.word(spec, "trafficDistribution", "spec.trafficDistribution")
     lb_ips, ranges, hc_port = _load_balancer(r, obj, spec)
     return Service(
         key=r.object_key, cluster_ips=ips, ports=tuple(ports), type=svc_type, labels=r.labels(meta),
         external_ips=external_ips, session_affinity=affinity, session_affinity_timeout=timeout,
-        internal_traffic_policy=itp, external_traffic_policy=etp,
+        internal_traffic_policy=itp, external_traffic_policy=etp, traffic_distribution=distribution,
         load_balancer_ips=lb_ips, load_balancer_source_ranges=ranges, health_check_node_port=hc_port,
     )
 
@@ -237,9 +240,10 @@ def parse_endpoint_slice(obj: Any) -> EndpointSlice:
                 raise r.fail(f"{path}.addresses[{j}]", f"{ip} is not an {atype} address")
             addrs.append(ip)
         cond = r.get(e, "conditions", f"{path}.conditions", dict, default={})
-        # Kubernetes: a nil "ready" means ready; nil "serving" means the same as ready.
+        # A nil "ready" or "serving" means true, a nil "terminating" false (kube-proxy's
+        # pkg/proxy/endpointslicecache.go reads the conditions this way).
         ready = r.get(cond, "ready", f"{path}.conditions.ready", bool, default=True)
-        serving = r.get(cond, "serving", f"{path}.conditions.serving", bool, default=ready)
+        serving = r.get(cond, "serving", f"{path}.conditions.serving", bool, default=True)
         terminating = r.get(cond, "terminating", f"{path}.conditions.terminating", bool, default=False)
         ref = e.get("targetRef") if isinstance(e.get("targetRef"), dict) else {}
         target = ""
@@ -249,6 +253,7 @@ def parse_endpoint_slice(obj: Any) -> EndpointSlice:
             addresses=tuple(addrs), ready=ready, serving=serving, terminating=terminating,
             node_name=r.word(e, "nodeName", f"{path}.nodeName"),
             zone=r.word(e, "zone", f"{path}.zone"), target=target,
+            zone_hints=_hint_names(r, e, "forZones", path), node_hints=_hint_names(r, e, "forNodes", path),
         ))
 
     ports = []
@@ -263,6 +268,18 @@ def parse_endpoint_slice(obj: Any) -> EndpointSlice:
         seen.add(name)
         ports.append(EndpointPort(name, r.port(p, "port", f"{path}.port"), r.protocol(p, f"{path}.protocol")))
     return EndpointSlice(r.object_key, service, atype, tuple(endpoints), tuple(ports))
+
+
+def _hint_names(r: _Reader, endpoint: dict, which: str, path: str) -> tuple[str, ...]:
+    """hints.forZones[].name or hints.forNodes[].name of one endpoint (topology-aware routing)."""
+    hints = r.get(endpoint, "hints", f"{path}.hints", dict, default={})
+    names = []
+    for i, h in enumerate(r.get(hints, which, f"{path}.hints.{which}", list, default=[])):
+        name = r.word(h, "name", f"{path}.hints.{which}[{i}].name")
+        if not name:
+            raise r.fail(f"{path}.hints.{which}[{i}].name", "required")
+        names.append(name)
+    return tuple(names)
 
 
 def parse_pod(obj: Any) -> Pod:
@@ -280,7 +297,27 @@ def parse_pod(obj: Any) -> Pod:
         node_name=r.get(spec, "nodeName", "spec.nodeName", str, default=""),
         labels=r.labels(meta), annotations=r.labels(meta, "annotations"),
         uid=str(meta.get("uid", "")),
+        owners=_owners(meta),
     )
 
 
-PARSERS = {"Service": parse_service, "EndpointSlice": parse_endpoint_slice, "Pod": parse_pod}
+def _owners(meta: dict) -> tuple[tuple[str, str], ...]:
+    """(kind, name) of each ownerReference, the controller first (workload identity, agent/observe)."""
+    refs = [o for o in meta.get("ownerReferences") or () if isinstance(o, dict) and o.get("kind") and o.get("name")]
+    refs.sort(key=lambda o: not o.get("controller"))
+    return tuple((str(o["kind"]), str(o["name"])) for o in refs)
+
+
+def parse_node(obj: Any) -> Node:
+    r = _Reader("Node", obj)
+    _kind_check(r, obj, "Node")
+    labels = dict(r.labels(obj["metadata"]))
+    status = r.get(obj, "status", "status", dict, default={})
+    addrs = []
+    for i, a in enumerate(r.get(status, "addresses", "status.addresses", list, default=[])):
+        path = f"status.addresses[{i}]"
+        addrs.append((r.word(a, "type", f"{path}.type"), r.get(a, "address", f"{path}.address", str, default="")))
+    return Node(ObjectKey("", r.object_key.name), sys.intern(labels.get(ZONE_LABEL, "")), tuple(addrs))
+
+
+PARSERS = {"Service": parse_service, "EndpointSlice": parse_endpoint_slice, "Pod": parse_pod, "Node": parse_node}
