@@ -44,7 +44,7 @@ struct pkt {
 /* 0: a TCP or UDP packet we may handle, *p filled in; -1: anything else (left alone). */
 static __always_inline int pkt_parse(struct __sk_buff *skb, struct pkt *p)
 {
-	__u8 l4[14];
+	__u8 l4[4];
 	if (skb->protocol == bpf_htons(ETH_P_IP)) {
 		struct iphdr ip;
 		if (bpf_skb_load_bytes(skb, NW_ETH_LEN, &ip, sizeof(ip)))
@@ -72,11 +72,13 @@ static __always_inline int pkt_parse(struct __sk_buff *skb, struct pkt *p)
 	}
 	if (p->proto != IPPROTO_TCP && p->proto != IPPROTO_UDP)
 		return -1;
-	if (bpf_skb_load_bytes(skb, p->l4off, l4, sizeof(l4)))
+	if (bpf_skb_load_bytes(skb, p->l4off, l4, 4))  /* a short UDP datagram has only 8 + n bytes */
 		return -1;
 	__builtin_memcpy(&p->sport, &l4[0], 2);
 	__builtin_memcpy(&p->dport, &l4[2], 2);
-	p->tcp_flags = p->proto == IPPROTO_TCP ? l4[13] : 0;
+	p->tcp_flags = 0;
+	if (p->proto == IPPROTO_TCP && bpf_skb_load_bytes(skb, p->l4off + 13, &p->tcp_flags, 1))
+		return -1;
 	return 0;
 }
 
