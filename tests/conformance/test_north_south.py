@@ -244,7 +244,7 @@ def test_sigkill_under_nodeport_load_keeps_established_flows(env):
     """SIGKILL node 1's agent while long-lived flows run through its NodePort (to local and remote
     pods): every established flow keeps answering, new flows work while it is down and after it
     restarts, and the restarted agent rewrites nothing (it adopts the pinned state)."""
-    s_target = (env.n1.addr4, 30095)
+    s_target = (env.n1.addr4, 30097)
     code = f"""
 import socket, time, json, sys
 conns = [socket.create_connection({s_target!r}, timeout=2) for _ in range(12)]
@@ -260,7 +260,7 @@ while time.time() < deadline:
     time.sleep(0.05)
 print(json.dumps({{"ok": ok, "fail": fail}}))
 """
-    s, _ = svc(env, "restart", "10.96.12.11", node_port=30095)
+    s, _ = svc(env, "restart", "10.96.12.11", node_port=30097)
     s["spec"]["ports"][0]["targetPort"] = ECHO_PORT
     sl = endpoint_slice("restart", [env.pod("a1").ip4, env.pod("b1").ip4], port=ECHO_PORT)
     sl["endpoints"][0]["nodeName"], sl["endpoints"][1]["nodeName"] = env.n1.name, env.n2.name
@@ -270,7 +270,7 @@ print(json.dumps({{"ok": ok, "fail": fail}}))
     time.sleep(1)
     agent = env.agents[0]
     agent.kill(signal.SIGKILL)
-    answered = lambda: {k.split()[0] for k in env.replies("tcp", env.n1.addr4, 30095, count=4)}  # noqa: E731
+    answered = lambda: {k.split()[0] for k in env.replies("tcp", env.n1.addr4, 30097, count=4)}  # noqa: E731
     assert answered() <= {"a1", "b1"}  # new flows while the agent is down (echo pods answer "name data")
     written_before = agent.status().get("counters", {}).get("written")
     agent.start()
