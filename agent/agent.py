@@ -74,6 +74,7 @@ class Agent:
         self.privileges: dict = {}  # what privileges.drop() did
         self.rdma = None  # RdmaService: counters, topology, and (opt-in) the verbs tracer
         self._pods_seen = -1  # ClusterState.revision the RDMA opt-ins were last computed at
+        self.northsouth = None  # NorthSouthService: NodePort/ExternalIP/LB on the node devices (--devices)
 
     # -- start-up ------------------------------------------------------------------------------
     def start(self) -> None:
@@ -98,6 +99,12 @@ class Agent:
         log.info("datapath ready cgroup=%s pin_dir=%s programs=%d load_seconds=%.3f preexisting_entries=%d",
                  self.cgroup, cfg.pin_dir, len(self.programs), time.perf_counter() - t0,
                  self.reconciler.svc_entries)
+        if cfg.devices:
+            from .northsouth import NorthSouthService
+
+            self.northsouth = NorthSouthService(self.state, cfg.node_name, cfg.device_list, cfg.pin_dir, cfg.sizes,
+                                                cfg.nodeport_bounds, cfg.maglev_table_size, cfg.healthz_port,
+                                                self.ready)
         if cfg.manifests is not None:
             self.source = ManifestSource(cfg.manifests, on_error=self._object_error)
             self.sources["manifests"] = {"path": cfg.manifests, "healthy": True}
@@ -192,7 +199,12 @@ class Agent:
                 self._status_changed()
             return None
         with self._lock, self.proxy_metrics.sync(changes, self.state):
+            if self.northsouth is not None:
+                self.northsouth.extend(changes)
             res = self.reconciler.apply(changes, full=full)
+            if self.northsouth is not None:
+                ns = self.northsouth.apply(full=full)
+                res.refusals.extend(ns.refusals)
         self._sweep_sockets()
         if changes and not full:
             self.last_change = time.time()
@@ -317,6 +329,8 @@ class Agent:
             self.observer.close()
         if self.rdma is not None:
             self.rdma.close()
+        if self.northsouth is not None:
+            self.northsouth.close()
         if self.telemetry is not None:
             self.telemetry.shutdown()
 
@@ -342,6 +356,7 @@ class Agent:
             "object_errors": list(self.object_errors)[-20:],
             "sync_errors": list(self.sync_errors)[-20:],
             **({"service_names": {str(k): v for k, v in rec.service_names().items()}} if names else {}),
+            **({"northsouth": self.northsouth.status()} if self.northsouth is not None else {}),
         }
 
     def write_status(self) -> None:

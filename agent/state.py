@@ -132,6 +132,11 @@ class ClusterState:
             self._dirty.clear()
             return {key: self._frontends(key) for key in self.services}
 
+    def service_inputs(self, key: ObjectKey) -> tuple[Service | None, list[EndpointSlice]]:
+        """A Service and its slices, for models beside the socket path's (north-south)."""
+        with self._lock:
+            return self.services.get(key), [self.slices[k] for k in self._slices_by_service.get(key, ())]
+
     def _frontends(self, key: ObjectKey) -> list[Frontend]:
         svc = self.services.get(key)
         if svc is None:
