@@ -5,6 +5,8 @@ changed Service is recomputed without touching the others.
 """
 from __future__ import annotations
 
+import bisect
+import functools
 import ipaddress
 from typing import Iterable, NamedTuple
 
@@ -69,6 +71,11 @@ def skip_reason(svc: Service) -> str | None:
     return None
 
 
+@functools.lru_cache(maxsize=8)
+def _place(node: str, zone: str) -> Place:
+    return Place(node, zone)  # one per node, not one per Service (a frozen dataclass is slow to make)
+
+
 def service_frontends(svc: Service, slices: Iterable[EndpointSlice], node_name: str | None = None,
                       zone: str = "") -> list[Frontend]:
     """All frontends of one Service; SCTP ports are left out.
@@ -80,7 +87,7 @@ def service_frontends(svc: Service, slices: Iterable[EndpointSlice], node_name: 
     if skip_reason(svc):
         return []
     itp = svc.internal_traffic_policy if node_name is not None else "Cluster"
-    place = Place(node_name or "", zone)
+    place = _place(node_name or "", zone)
     slices = list(slices)
     affinity = svc.session_affinity_timeout if svc.session_affinity == "ClientIP" else 0
     out = []
@@ -89,16 +96,22 @@ def service_frontends(svc: Service, slices: Iterable[EndpointSlice], node_name: 
         for sp in svc.ports:
             if sp.protocol == SCTP:
                 continue
-            endpoints, ports = [], []
+            endpoints: list = []
+            ends, ports = [], []  # per contributing slice: where its endpoints end, its backend port
             for sl in slices:
                 if sl.address_type != family:
                     continue
                 port = _slice_port(sp, sl)
                 if port is not None:
                     endpoints.extend(sl.endpoints)
-                    ports.extend([port] * len(sl.endpoints))
+                    ends.append(len(endpoints))
+                    ports.append(port)
             chosen = internal_endpoints(endpoints, place, itp, svc.traffic_distribution)
             # Kubernetes uses only the first address of an endpoint.
-            backends = {Backend(endpoints[i].addresses[0], ports[i], sp.protocol) for i in chosen}
+            if len(ports) == 1:
+                backends = {Backend(endpoints[i].addresses[0], ports[0], sp.protocol) for i in chosen}
+            else:
+                backends = {Backend(endpoints[i].addresses[0], ports[bisect.bisect_right(ends, i)], sp.protocol)
+                            for i in chosen}
             out.append(Frontend(vip, sp.port, sp.protocol, svc.key, sp.name, tuple(sorted(backends)), affinity))
     return out
