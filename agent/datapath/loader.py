@@ -194,7 +194,7 @@ def _run_child(spec: ProgramSpec, pin_dir: str) -> dict:
         raise LoadError(f"bpf/{spec.source}: the compile child did not finish in 600 s") from None
     if out.returncode != 0:
         raise LoadError(f"bpf/{spec.source}: compile/load failed: {out.stderr.strip()[-4000:]}")
-    rec = json.loads(out.stdout)
+    rec = json.loads(out.stdout.strip().splitlines()[-1])  # the report is the last line
     rec["map_pins"] = {name: os.path.join(pin_dir, name) for name in rec["maps"]}
     return rec
 
