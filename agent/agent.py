@@ -21,6 +21,7 @@ from .config import AgentConfig
 from .datapath.attach import attach_sock_lb, detect_cgroup2_root
 from .datapath.loader import SockLB
 from .datapath.reconciler import Reconciler, SyncResult
+from .datapath.stale_sockets import StaleSockets, listed_addresses
 from .export.telemetry import start_telemetry
 from .model.objects import ObjectError
 from .privileges import drop as drop_capabilities
@@ -47,7 +48,8 @@ class Agent:
         self.started = time.time()
         self.object_errors: deque[str] = deque(maxlen=200)
         self.sync_errors: deque[str] = deque(maxlen=200)
-        self.counters = {"syncs": 0, "object_errors": 0, "sync_errors": 0, "written": 0, "deleted": 0}
+        self.counters = {"syncs": 0, "object_errors": 0, "sync_errors": 0, "written": 0, "deleted": 0,
+                         "sockets_destroyed": 0}
         self.last_sync: dict | None = None
         self.last_change = 0.0  # when a source change was last taken in (and applied)
         self.first_sync: dict | None = None
@@ -62,6 +64,7 @@ class Agent:
         self._status_thread: threading.Thread | None = None
         self.lb: SockLB | None = None
         self.reconciler: Reconciler | None = None
+        self.stale_sockets: StaleSockets | None = None
         self.programs: list[str] = []
         self.telemetry = None
         self.api: ApiServer | None = None  # local API; features add methods with self.api.register
@@ -86,6 +89,9 @@ class Agent:
         self.lb = SockLB(cfg.pin_dir, cfg.sizes)
         self.programs = attach_sock_lb(self.lb, self.cgroup)
         self.reconciler = Reconciler(self.lb.services, self.lb.backends)
+        self.stale_sockets = StaleSockets(self.cgroup, self.lb.services, self.lb.backends,
+                                          self.lb.revnat,
+                                          lambda: listed_addresses(list(self.state.slices.values())))
         self.privileges = drop_capabilities()  # before any thread of ours starts (capabilities are per thread)
         self.api = ApiServer(cfg.api_socket_path).start()  # its threads start with the reduced set
         log.info("datapath ready cgroup=%s pin_dir=%s programs=%d load_seconds=%.3f preexisting_entries=%d",
@@ -114,7 +120,7 @@ class Agent:
                 if cfg.peer_cidrs:
                     ocfg = replace(ocfg, peer_cidrs=tuple(cfg.peer_cidrs))
                 self.observer = Observer(self.state, self.telemetry, ocfg, cfg.pin_dir, cfg.veth_netns,
-                                         self.lb, self.reconciler).start()
+                                         self.lb, self.reconciler, self.cgroup).start()
             except Exception as e:
                 log.error("observer failed to start, running without observability err=%s", e)
         from .cni.pods import start_for_agent
@@ -184,6 +190,7 @@ class Agent:
             return None
         with self._lock:
             res = self.reconciler.apply(changes, full=full)
+        self._sweep_sockets()
         if changes and not full:
             self.last_change = time.time()
         self.counters["syncs"] += 1
@@ -205,6 +212,20 @@ class Agent:
                       res.deleted, res.seconds)
         self._status_changed()
         return res
+
+    def _sweep_sockets(self) -> None:
+        """Destroy sockets connected through a Service to a backend that left it (stale_sockets.py)."""
+        if self.stale_sockets is None:
+            return
+        try:
+            res = self.stale_sockets.sweep()
+        except OSError as e:  # the datapath is written; a failed sweep is retried after the next change
+            log.error("socket sweep failed err=%s", e)
+            return
+        self.counters["sockets_destroyed"] = self.stale_sockets.destroyed_total
+        if res.destroyed:
+            log.debug("socket sweep namespaces=%d checked=%d destroyed=%d seconds=%.4f",
+                      res.namespaces, res.checked, len(res.destroyed), res.seconds)
 
     def _status_changed(self) -> None:
         if self._status_thread is not None:

@@ -241,9 +241,16 @@ def status(pin_dir, output) -> None:
 @main.command()
 @pin_dir_option
 @click.option("--cgroup", type=click.Path(file_okay=False), help="cgroup to detach from [default: the one in the agent's status].")
-def cleanup(pin_dir, cgroup) -> None:
-    """Detach nodewire's programs and unpin its maps."""
+@click.option("--kube-proxy", "kube_proxy", is_flag=True,
+              help="Instead: remove kube-proxy's leftovers (KUBE-* chains and jumps, iptables legacy and nft, "
+                   "IPv4 and IPv6; the kube-proxy nftables tables), as `kube-proxy --cleanup` does.")
+def cleanup(pin_dir, cgroup, kube_proxy) -> None:
+    """Detach nodewire's programs and unpin its maps (or, with --kube-proxy, remove kube-proxy's rules)."""
     import shutil
+
+    if kube_proxy:
+        _cleanup_kube_proxy()
+        return
 
     from .datapath.attach import detach_loaded, detect_cgroup2_root
     from .datapath.loader import remove_pins
@@ -254,6 +261,28 @@ def cleanup(pin_dir, cgroup) -> None:
     removed = remove_pins(pin_dir)
     shutil.rmtree(state_dir_for(pin_dir), ignore_errors=True)
     click.echo(f"detached {n} programs from {cg}; unpinned {removed} maps, programs and links from {pin_dir}")
+
+
+def _cleanup_kube_proxy() -> None:
+    from .kube_proxy_cleanup import cleanup_kube_proxy
+
+    try:
+        rep = cleanup_kube_proxy()
+    except RuntimeError as e:
+        raise click.ClickException(str(e)) from None
+    for where, chains in rep.removed_chains.items():
+        click.echo(f"{where}: removed {len(chains)} chains, {rep.removed_jumps.get(where, 0)} jumps")
+    for where, n in rep.removed_jumps.items():
+        if where not in rep.removed_chains:
+            click.echo(f"{where}: removed {n} jumps")
+    for t in rep.removed_nft_tables:
+        click.echo(f"nft: removed table {t}")
+    for where, chains in rep.kept_referenced.items():
+        click.echo(f"{where}: kept {', '.join(chains)} (a chain that is not kube-proxy's jumps to it)")
+    if rep.skipped:
+        click.echo(f"not available here: {'; '.join(rep.skipped)}")
+    if not rep.changed:
+        click.echo("no kube-proxy rules found")
 
 
 # Commands that live next to their feature, registered here so `nodewire --help` lists them all.

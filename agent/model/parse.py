@@ -272,7 +272,15 @@ def parse_pod(obj: Any) -> Pod:
         node_name=r.get(spec, "nodeName", "spec.nodeName", str, default=""),
         labels=r.labels(meta), annotations=r.labels(meta, "annotations"),
         uid=str(meta.get("uid", "")),
+        owners=_owners(meta),
     )
+
+
+def _owners(meta: dict) -> tuple[tuple[str, str], ...]:
+    """(kind, name) of each ownerReference, the controller first (workload identity, agent/observe)."""
+    refs = [o for o in meta.get("ownerReferences") or () if isinstance(o, dict) and o.get("kind") and o.get("name")]
+    refs.sort(key=lambda o: not o.get("controller"))
+    return tuple((str(o["kind"]), str(o["name"])) for o in refs)
 
 
 def parse_node(obj: Any) -> Node:

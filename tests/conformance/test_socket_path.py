@@ -1,7 +1,7 @@
 """Kubernetes Service behaviours on the socket path, one row each, real packets in the sandbox.
 
 Every row is named after the Kubernetes behaviour it checks and builds its own Service (own VIP) on
-one shared sandbox (a client pod, three backend pods) and one agent running as node "node-a" in zone
+one shared sandbox (a client pod, backend pods b1-b3 and "solo") and one agent running as node "node-a" in zone
 "zone-a". A row is either a declarative case (objects, one probe, the expected answer) or a scenario
 with steps (edits between probes). A failing row's id names the broken behaviour.
 """
@@ -21,7 +21,7 @@ pytestmark = pytest.mark.root
 
 NODE, ZONE = "node-a", "zone-a"
 NO_ROUTE4, NO_ROUTE6 = "10.96.11.0/24", "fd00:10:96::11:0/112"
-TCP_PORT, UDP_PORT = 8080, 5353
+TCP_PORT, UDP_PORT, ECHO_PORT = 8080, 5353, 7000
 
 
 @dataclass
@@ -50,9 +50,9 @@ def env(sandbox, agent_factory, tmp_path_factory):
     # (EHOSTUNREACH) instead of timing out, and is told apart from a refused one (ECONNREFUSED).
     for net in (NO_ROUTE4, NO_ROUTE6):
         subprocess.run(["ip", "-n", client.netns, "route", "add", "unreachable", net], check=True)
-    pods = {n: sandbox.add_pod(n) for n in ("b1", "b2", "b3")}
+    pods = {n: sandbox.add_pod(n) for n in ("b1", "b2", "b3", "solo")}  # solo: one row's alone
     for p in pods.values():
-        p.serve(tcp_ports=[TCP_PORT], udp_ports=[UDP_PORT])
+        p.serve(tcp_ports=[TCP_PORT], udp_ports=[UDP_PORT], echo_ports=[ECHO_PORT])
     agent = agent_factory(tmp_path_factory.mktemp("conformance"), extra=[
         "--node-name", NODE, "--zone", ZONE, "--no-observe", "--no-rdma"]).start()
     return Env(client, pods, agent)
@@ -245,7 +245,123 @@ def hairpin_pod_reaches_itself_through_its_service(env: Env) -> None:
     assert env.replies("tcp", vip, 80, 3, pod=env.pods["b3"]) == {"b3": 3}
 
 
+# A client holding one connected socket through a VIP: it prints the backend that answered, then on
+# each line of stdin sends again and prints the outcome (reply or errno name); after an error it
+# reconnects through the VIP once, as a DNS resolver or any retrying client does, and tries again.
+HOLDER = """
+import errno, json, socket, sys
+kind, vip, port = sys.argv[1], sys.argv[2], int(sys.argv[3])
+def dial():
+    s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM if kind == "udp" else socket.SOCK_STREAM)
+    s.settimeout(2)
+    s.connect((vip, port))
+    return s
+def ask(s):
+    s.send(b"q")
+    return s.recv(256).decode().split()[0]
+s = dial()
+print(json.dumps([ask(s)]), flush=True)
+for _ in sys.stdin:
+    out = []
+    try:
+        out.append(ask(s))
+    except OSError as e:
+        out.append("error:" + errno.errorcode.get(e.errno, str(e)))
+        try:
+            s.close()
+            s = dial()
+            out.append(ask(s))
+        except OSError as e:
+            out.append("error:" + errno.errorcode.get(e.errno, str(e)))
+    print(json.dumps(out), flush=True)
+"""
+
+
+class Holder:
+    def __init__(self, env: Env, kind: str, vip: str, port: int):
+        import sys
+        self.p = env.client.popen([sys.executable, "-c", HOLDER, kind, vip, str(port)], stdin=subprocess.PIPE)
+        self.first = self.read()[0]
+
+    def read(self) -> list[str]:
+        import json
+        line = self.p.stdout.readline()
+        assert line, f"holder exited: {self.p.stderr.read()[-500:]}"
+        return json.loads(line)
+
+    def again(self) -> list[str]:
+        self.p.stdin.write("\n")
+        self.p.stdin.flush()
+        return self.read()
+
+    def close(self) -> None:
+        self.p.kill()
+        self.p.wait()
+
+
+def _connected(env: Env, name: str, vip: str, kind: str, members: list[str]) -> tuple[Holder, str]:
+    proto, port = ("UDP", 53) if kind == "udp" else ("TCP", 80)
+    objs = [svc(name, [vip], proto), eps(name, env, [{"pod": m} for m in members], protocol=proto)]
+    if kind == "tcp":  # the echo port keeps its connections open
+        objs[0]["spec"]["ports"][0]["targetPort"] = ECHO_PORT
+        objs[1]["ports"][0]["port"] = ECHO_PORT
+    env.apply(f"{name}.json", *objs)
+    h = Holder(env, kind, vip, port)
+    assert h.first in members
+    return h, h.first
+
+
+def connected_udp_moves_off_removed_backend(env: Env) -> None:
+    vip = _v(27)
+    h, first = _connected(env, "cudp", vip, "udp", ["b1", "b2"])
+    try:
+        other = "b2" if first == "b1" else "b1"
+        env.apply("cudp.json", svc("cudp", [vip], "UDP"), eps("cudp", env, [{"pod": other}], protocol="UDP"))
+        got = h.again()
+        # The old backend still runs: only destroying the socket keeps the client off it.
+        assert got[-1] == other and first not in got, got
+        assert got[0] in (other, "error:ECONNABORTED", "error:EDESTADDRREQ"), got
+        assert h.again() == [other]
+    finally:
+        h.close()
+
+
+def connected_udp_refused_when_the_last_backend_leaves(env: Env) -> None:
+    vip = _v(28)
+    h, first = _connected(env, "cudpn", vip, "udp", ["b3"])
+    try:
+        env.apply("cudpn.json", svc("cudpn", [vip], "UDP"), eps("cudpn", env, [{"pod": "b3", "ready": False}],
+                                                                protocol="UDP"))
+        got = h.again()
+        assert got[0] in ("error:ECONNABORTED", "error:EDESTADDRREQ") and got[-1] == "error:ECONNREFUSED", got
+    finally:
+        h.close()
+
+
+def tcp_to_removed_backend_kept_while_it_exists(env: Env) -> None:
+    vip = _v(29)
+    h, first = _connected(env, "ctcp", vip, "tcp", ["b1"])
+    try:
+        env.apply("ctcp.json", svc("ctcp", [vip]), eps("ctcp", env, [{"pod": "b1", **TERMINATING}, {"pod": "b2"}]))
+        assert h.again() == ["b1"]  # the established connection keeps its (terminating) backend
+    finally:
+        h.close()
+
+
+def tcp_to_backend_gone_from_the_cluster_is_reset(env: Env) -> None:
+    vip = _v(30)
+    h, first = _connected(env, "ctcpg", vip, "tcp", ["solo"])  # no other Service lists solo
+    try:
+        env.apply("ctcpg.json", svc("ctcpg", [vip]), eps("ctcpg", env, [{"pod": "b3"}]))
+        got = h.again()
+        assert got == ["error:ECONNABORTED", "b3"], got
+    finally:
+        h.close()
+
+
 SCENARIOS = [Scenario(f.__name__, f) for f in (
+    connected_udp_moves_off_removed_backend, connected_udp_refused_when_the_last_backend_leaves,
+    tcp_to_removed_backend_kept_while_it_exists, tcp_to_backend_gone_from_the_cluster_is_reset,
     externalname_removes_frontend, type_changes_keep_the_cluster_ip_frontend,
     same_port_tcp_udp_remove_one_protocol, service_port_edit_moves_the_frontend,
     udp_connect_without_endpoints_refused, dual_stack_service_serves_both_families,
