@@ -213,17 +213,6 @@ def _open(spec_name: str, pin_dir: str, rec: dict) -> Loaded:
                   child={k: rec[k] for k in ("seconds", "peak_rss_kib") if k in rec})
 
 
-def compile_program(source: str, pin_dir: str, sizes: MapSizes = MapSizes(), extra_cflags=()):
-    """BCC-compile one bpf/ program in this process (agent/observe's programs, until they move to
-    load(): that keeps LLVM in the agent for its whole life)."""
-    from bcc import BPF
-
-    ensure_mounts()
-    os.makedirs(pin_dir, exist_ok=True)
-    cflags = [f"-I{BPF_DIR}", f'-DNW_PIN_DIR="{pin_dir}"', "-Wno-unused-function", *extra_cflags]
-    return BPF(text=program_text(source).encode(), cflags=cflags)
-
-
 class SockLB:
     """The socket load balancer: its pinned hook programs and map views (bpf/sock_lb.c)."""
 
