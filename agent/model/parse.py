@@ -89,7 +89,7 @@ class _Reader:
         family = socket.AF_INET6 if ":" in value else socket.AF_INET
         try:
             return socket.inet_ntop(family, socket.inet_pton(family, value))
-        except OSError:
+        except (OSError, ValueError):  # ValueError: a NUL or a lone surrogate (both valid JSON escapes)
             raise self.fail(path, f"{value!r} is not a valid IP address") from None
 
     def labels(self, meta: dict, name: str = "labels") -> tuple[tuple[str, str], ...]:
