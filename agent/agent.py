@@ -24,6 +24,7 @@ from .datapath.check import PeriodicCheck
 from .datapath.reconciler import Reconciler, SyncResult
 from .datapath.stale_sockets import StaleSockets, listed_addresses
 from .export.drift import register_drift_metrics
+from .export.kubeproxy import ProxyMetrics
 from .export.telemetry import start_telemetry
 from .model.objects import ObjectError
 from .privileges import drop as drop_capabilities
@@ -111,12 +112,13 @@ class Agent:
             from .sources.kube import KubeSource
 
             self.kube = KubeSource(kube_cfg, self.state, node=cfg.node_name, on_error=self._object_error).start()
-        self.telemetry = start_telemetry(cfg.metrics_addr, cfg.node_name)
+        self.telemetry = start_telemetry(cfg.metrics_addr, cfg.node_name, max_series=cfg.max_series)
         self.telemetry.add_check("/healthz", self.healthy)
         self.telemetry.add_check("/readyz", self.ready)
         self._instruments()
         if self.drift_check is not None:
             register_drift_metrics(self.telemetry.meter(), self.drift_check)
+        self.proxy_metrics = ProxyMetrics(self.telemetry.meter("kubeproxy"), self.state.pending)
         if self.kube is not None:
             self.kube.register_metrics(self.telemetry.meter())
         if cfg.observe:
@@ -125,7 +127,8 @@ class Agent:
             from .observe.identity import ObserveConfig
             from .observe.observer import Observer
             try:  # observability is not worth losing the datapath over: run without it
-                ocfg = ObserveConfig(node_name=cfg.node_name, max_series=cfg.max_series)
+                ocfg = ObserveConfig(node_name=cfg.node_name, max_series=cfg.max_series, aggregate_by=cfg.aggregate_by,
+                                     pod_tc=cfg.pod_tc, tcp_probe=cfg.tcp_probe)
                 if cfg.peer_cidrs:
                     ocfg = replace(ocfg, peer_cidrs=tuple(cfg.peer_cidrs))
                 self.observer = Observer(self.state, self.telemetry, ocfg, cfg.pin_dir, cfg.veth_netns,
@@ -197,7 +200,7 @@ class Agent:
             if polled:  # files changed but no frontend did (e.g. only errors): still show it
                 self._status_changed()
             return None
-        with self._lock:
+        with self._lock, self.proxy_metrics.sync(changes, self.state):
             res = self.reconciler.apply(changes, full=full)
         self._sweep_sockets()
         self._refused = (set() if full else self._refused - set(changes)) | {r.service for r in res.refusals}

@@ -118,6 +118,15 @@ class ClusterState:
             self.changed.clear()
             return {key: self._frontends(key) for key in dirty}
 
+    def pending(self) -> int:
+        """Services changed since the last take_dirty() (kube-proxy's pending changes)."""
+        with self._lock:
+            return len(self._dirty)
+
+    def slices_of(self, svc_key: ObjectKey) -> list[tuple[ObjectKey, EndpointSlice]]:
+        with self._lock:
+            return [(k, self.slices[k]) for k in self._slices_by_service.get(svc_key, ()) if k in self.slices]
+
     def all_frontends(self) -> dict[ObjectKey, list[Frontend]]:
         with self._lock:
             self._dirty.clear()

@@ -11,6 +11,8 @@ SCTP = "SCTP"
 PROXY_NAME_LABEL = "service.kubernetes.io/service-proxy-name"
 # endpointslice.kubernetes.io/managed-by / kubernetes.io/service-name tie a slice to its Service.
 SERVICE_NAME_LABEL = "kubernetes.io/service-name"
+# Set by the endpoints controller on EndpointSlices: when the change they carry was triggered.
+TRIGGER_TIME_ANNOTATION = "endpoints.kubernetes.io/last-change-trigger-time"
 ZONE_LABEL = "topology.kubernetes.io/zone"
 
 
@@ -81,6 +83,7 @@ class EndpointSlice:
     address_type: str  # IPv4 | IPv6 | FQDN
     endpoints: tuple[Endpoint, ...]
     ports: tuple[EndpointPort, ...]
+    trigger_time: float | None = None  # endpoints.kubernetes.io/last-change-trigger-time (Unix s)
 
     @property
     def service_key(self) -> ObjectKey:

@@ -8,10 +8,11 @@ from __future__ import annotations
 
 import socket
 import sys
+from datetime import datetime
 from typing import Any
 
 from .objects import (
-    SCTP, SERVICE_NAME_LABEL, TCP, UDP, ZONE_LABEL, Endpoint, EndpointPort, EndpointSlice, Node, ObjectError,
+    SCTP, SERVICE_NAME_LABEL, TCP, TRIGGER_TIME_ANNOTATION, UDP, ZONE_LABEL, Endpoint, EndpointPort, EndpointSlice, Node, ObjectError,
     ObjectKey, Pod, Service, ServicePort,
 )
 
@@ -242,7 +243,19 @@ def parse_endpoint_slice(obj: Any) -> EndpointSlice:
             raise r.fail(f"{path}.name", f"duplicate port name {name!r}")
         seen.add(name)
         ports.append(EndpointPort(name, r.port(p, "port", f"{path}.port"), r.protocol(p, f"{path}.protocol")))
-    return EndpointSlice(r.object_key, service, atype, tuple(endpoints), tuple(ports))
+    return EndpointSlice(r.object_key, service, atype, tuple(endpoints), tuple(ports),
+                         _trigger_time(dict(r.labels(meta, "annotations")).get(TRIGGER_TIME_ANNOTATION)))
+
+
+def _trigger_time(value: str | None) -> float | None:
+    """The annotation's RFC 3339 time as Unix seconds. Telemetry only (programming latency): an
+    unreadable value is ignored rather than costing the slice its place in the datapath."""
+    if not value:
+        return None
+    try:
+        return datetime.fromisoformat(value.replace("Z", "+00:00")).timestamp()
+    except ValueError:
+        return None
 
 
 def _hint_names(r: _Reader, endpoint: dict, which: str, path: str) -> tuple[str, ...]:
