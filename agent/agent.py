@@ -79,6 +79,7 @@ class Agent:
         self._next_check = 0.0
         self.rdma = None  # RdmaService: counters, topology, and (opt-in) the verbs tracer
         self._pods_seen = -1  # ClusterState.revision the RDMA opt-ins were last computed at
+        self.northsouth = None  # NorthSouthService: NodePort/ExternalIP/LB on the node devices (--devices)
 
     # -- start-up ------------------------------------------------------------------------------
     def start(self) -> None:
@@ -105,6 +106,12 @@ class Agent:
         log.info("datapath ready cgroup=%s pin_dir=%s programs=%d load_seconds=%.3f preexisting_entries=%d",
                  self.cgroup, cfg.pin_dir, len(self.programs), time.perf_counter() - t0,
                  self.reconciler.svc_entries)
+        if cfg.devices:
+            from .northsouth import NorthSouthService
+
+            self.northsouth = NorthSouthService(self.state, cfg.node_name, cfg.device_list, cfg.pin_dir, cfg.sizes,
+                                                cfg.nodeport_bounds, cfg.maglev_table_size, cfg.healthz_port,
+                                                self.ready)
         if cfg.manifests is not None:
             self.source = ManifestSource(cfg.manifests, on_error=self._object_error)
             self.sources["manifests"] = {"path": cfg.manifests, "healthy": True}
@@ -201,7 +208,12 @@ class Agent:
                 self._status_changed()
             return None
         with self._lock, self.proxy_metrics.sync(changes, self.state):
+            if self.northsouth is not None:
+                self.northsouth.extend(changes)
             res = self.reconciler.apply(changes, full=full)
+            if self.northsouth is not None:
+                ns = self.northsouth.apply(full=full)
+                res.refusals.extend(ns.refusals)
         self._sweep_sockets()
         self._refused = (set() if full else self._refused - set(changes)) | {r.service for r in res.refusals}
         if changes and not full:
@@ -338,6 +350,8 @@ class Agent:
             self.observer.close()
         if self.rdma is not None:
             self.rdma.close()
+        if self.northsouth is not None:
+            self.northsouth.close()
         if self.telemetry is not None:
             self.telemetry.shutdown()
 
@@ -366,6 +380,7 @@ class Agent:
                        "last": self.drift_check.last.as_dict() if self.drift_check.last else None}
                       if self.drift_check else None),
             **({"service_names": {str(k): v for k, v in rec.service_names().items()}} if names else {}),
+            **({"northsouth": self.northsouth.status()} if self.northsouth is not None else {}),
         }
 
     def write_status(self) -> None:

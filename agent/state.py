@@ -142,6 +142,11 @@ class ClusterState:
         with self._lock:
             return {k: self._frontends(k) for k in keys if k not in self._dirty}
 
+    def service_inputs(self, key: ObjectKey) -> tuple[Service | None, list[EndpointSlice]]:
+        """A Service and its slices, for models beside the socket path's (north-south)."""
+        with self._lock:
+            return self.services.get(key), [self.slices[k] for k in self._slices_by_service.get(key, ())]
+
     def _frontends(self, key: ObjectKey) -> list[Frontend]:
         svc = self.services.get(key)
         if svc is None:
