@@ -118,10 +118,34 @@ class ClusterState:
             self.changed.clear()
             return {key: self._frontends(key) for key in dirty}
 
+    def pending(self) -> int:
+        """Services changed since the last take_dirty() (kube-proxy's pending changes)."""
+        with self._lock:
+            return len(self._dirty)
+
+    def slices_of(self, svc_key: ObjectKey) -> list[tuple[ObjectKey, EndpointSlice]]:
+        with self._lock:
+            return [(k, self.slices[k]) for k in self._slices_by_service.get(svc_key, ()) if k in self.slices]
+
     def all_frontends(self) -> dict[ObjectKey, list[Frontend]]:
         with self._lock:
             self._dirty.clear()
             return {key: self._frontends(key) for key in self.services}
+
+    def service_keys(self) -> list[ObjectKey]:
+        with self._lock:
+            return list(self.services)
+
+    def frontends_of(self, keys) -> dict[ObjectKey, list[Frontend]]:
+        """Current frontends of some Services, the dirty set untouched; Services changed since the
+        last take_dirty() are left out (not synced yet: the drift check would call them drift)."""
+        with self._lock:
+            return {k: self._frontends(k) for k in keys if k not in self._dirty}
+
+    def service_inputs(self, key: ObjectKey) -> tuple[Service | None, list[EndpointSlice]]:
+        """A Service and its slices, for models beside the socket path's (north-south)."""
+        with self._lock:
+            return self.services.get(key), [self.slices[k] for k in self._slices_by_service.get(key, ())]
 
     def _frontends(self, key: ObjectKey) -> list[Frontend]:
         svc = self.services.get(key)

@@ -11,6 +11,8 @@ SCTP = "SCTP"
 PROXY_NAME_LABEL = "service.kubernetes.io/service-proxy-name"
 # endpointslice.kubernetes.io/managed-by / kubernetes.io/service-name tie a slice to its Service.
 SERVICE_NAME_LABEL = "kubernetes.io/service-name"
+# Set by the endpoints controller on EndpointSlices: when the change they carry was triggered.
+TRIGGER_TIME_ANNOTATION = "endpoints.kubernetes.io/last-change-trigger-time"
 ZONE_LABEL = "topology.kubernetes.io/zone"
 
 
@@ -45,6 +47,9 @@ class Service:
     internal_traffic_policy: str = "Cluster"
     external_traffic_policy: str = "Cluster"
     traffic_distribution: str = ""  # spec.trafficDistribution (PreferClose, PreferSameZone, PreferSameNode)
+    load_balancer_ips: tuple[str, ...] = ()            # status.loadBalancer.ingress[].ip
+    load_balancer_source_ranges: tuple[str, ...] = ()  # spec.loadBalancerSourceRanges (CIDRs)
+    health_check_node_port: int = 0                    # spec.healthCheckNodePort (LoadBalancer, eTP=Local)
 
     @property
     def headless(self) -> bool:
@@ -81,6 +86,7 @@ class EndpointSlice:
     address_type: str  # IPv4 | IPv6 | FQDN
     endpoints: tuple[Endpoint, ...]
     ports: tuple[EndpointPort, ...]
+    trigger_time: float | None = None  # endpoints.kubernetes.io/last-change-trigger-time (Unix s)
 
     @property
     def service_key(self) -> ObjectKey:
