@@ -11,18 +11,21 @@ from .bench.cni import bench_cni
 from .bench.compare import compare as bench_compare
 from .bench.observe import bench_observe
 from .bench.rdma import rdma_bench
+from .bench.reconciler import reconciler as bench_reconciler
 from .bench.watch import watch as bench_watch
 
 bench.add_command(bench_compare)
 bench.add_command(bench_watch)
 bench.add_command(bench_observe, "observe")
 bench.add_command(rdma_bench)
+bench.add_command(bench_reconciler)
 bench.add_command(bench_cni)
 
 
 @click.command()
 @click.option("--duration", type=float, default=None, help="Seconds to run [default: until Ctrl-C].")
-@click.option("--metrics-addr", default=None, help="Serve the agent's /metrics here while the demo runs.")
+@click.option("--metrics-addr", default=None, help="Serve the agent's /metrics here while the demo runs "
+                                                   "[default: 127.0.0.1:9966 when free, else a free local port; \"\": off].")
 @click.option("-o", "--output", type=click.Choice(["live", "json", "yaml"]), default="live",
               help="json/yaml: print the final per-Service tally after the run.")
 def demo(duration, metrics_addr, output) -> None:
