@@ -1,8 +1,8 @@
 """`nodewire bench loader`: what compiling out of the agent buys. The agent with the load balancer
-alone (`--no-observe --no-rdma`) from this checkout, and optionally from another commit (`--against`,
+alone (`--no-observe --no-rdma`; `--default-flags`: observe and rdma on) from this checkout, and optionally from another commit (`--against`,
 e.g. one that still compiled with BCC in-process), started cold (no pins) and restarted (pins kept),
-interleaved round by round: RSS after the first sync, datapath load time, start → first sync, the
-compile child's peak RSS and time."""
+interleaved round by round: RSS after the first sync (the agent's, and its child processes' if it
+keeps any), datapath load time, start → first sync, the compile child's peak RSS and time."""
 from __future__ import annotations
 
 import json
@@ -39,9 +39,15 @@ def _rss_mib(pid: int) -> float:
         return next(int(line.split()[1]) / 1024 for line in f if line.startswith("VmRSS"))
 
 
+def _children(pid: int) -> list[int]:
+    with open(f"/proc/{pid}/task/{pid}/children") as f:
+        return [int(p) for p in f.read().split()]
+
+
 class _Agent:
-    def __init__(self, tree: Path, manifests: Path, cgroup: str, pin_dir: str, log: Path):
+    def __init__(self, tree: Path, manifests: Path, cgroup: str, pin_dir: str, log: Path, flags: list[str]):
         self.tree, self.manifests, self.cgroup, self.pin_dir, self.log = tree, manifests, cgroup, pin_dir, log
+        self.flags = flags
         self.env = dict(os.environ, PYTHONPATH=str(tree))
 
     def cli(self, *args: str, **kw) -> subprocess.Popen | subprocess.CompletedProcess:
@@ -54,7 +60,7 @@ class _Agent:
         t0 = time.monotonic()
         with open(self.log, "a") as logf:
             proc = subprocess.Popen([sys.executable, "-c", RUN, "run", "--manifests", str(self.manifests),
-                                     "--cgroup", self.cgroup, "--pin-dir", self.pin_dir, "--no-observe", "--no-rdma"],
+                                     "--cgroup", self.cgroup, "--pin-dir", self.pin_dir, *self.flags],
                                     cwd=self.tree, env=self.env, stdout=logf, stderr=subprocess.STDOUT)
         try:
             while time.monotonic() - t0 < timeout:
@@ -71,7 +77,8 @@ class _Agent:
             time.sleep(2)  # let the start-up heap settle (malloc_trim after the first sync)
             loads = re.findall(r"load_seconds=([0-9.]+)", self.log.read_text())
             return {"start_to_synced_s": round(synced, 2), "load_s": float(loads[-1]) if loads else None,
-                    "agent_rss_mib": round(_rss_mib(proc.pid), 1), "written": first["written"]}
+                    "agent_rss_mib": round(_rss_mib(proc.pid), 1), "written": first["written"],
+                    "helpers_rss_mib": round(sum(_rss_mib(c) for c in _children(proc.pid)), 1)}
         finally:
             proc.send_signal(signal.SIGTERM)
             proc.wait(timeout=60)
@@ -85,7 +92,8 @@ def _child(pin_dir: str) -> dict:
     return {"child_s": r.get("seconds"), "child_peak_rss_mib": round(r.get("peak_rss_kib", 0) / 1024, 1)}
 
 
-def run(services: list[int], against: str | None = None, rounds: int = 2) -> list[dict]:
+def run(services: list[int], against: str | None = None, rounds: int = 2, default_flags: bool = False) -> list[dict]:
+    flags = ["--metrics-addr", "127.0.0.1:0", *([] if default_flags else ["--no-observe", "--no-rdma"])]
     work = Path(tempfile.mkdtemp(prefix="nodewire-bench-loader-"))
     trees = {"this": CHECKOUT}
     if against:
@@ -101,7 +109,7 @@ def run(services: list[int], against: str | None = None, rounds: int = 2) -> lis
                 tag = f"nwbench-loader-{secrets.token_hex(3)}"
                 cgroup, pin = os.path.join(root, tag), f"/sys/fs/bpf/{tag}"
                 os.mkdir(cgroup)
-                agent = _Agent(tree, manifests, cgroup, pin, work / f"{tag}.log")
+                agent = _Agent(tree, manifests, cgroup, pin, work / f"{tag}.log", flags)
                 try:
                     for phase in ("cold", "restart"):
                         row = {"tree": label, "services": n, "round": rnd, "phase": phase,
@@ -116,10 +124,11 @@ def run(services: list[int], against: str | None = None, rounds: int = 2) -> lis
 
 
 def table(rows: list[dict]) -> str:
-    head = "| tree | Services | round | phase | agent RSS MiB | load s | start→synced s | child peak MiB | child s |"
-    lines = [head, "|" + "---|" * 9]
+    head = ("| tree | Services | round | phase | agent RSS MiB | helpers RSS MiB | load s | start→synced s "
+            "| child peak MiB | child s |")
+    lines = [head, "|" + "---|" * 10]
     for r in rows:
-        lines.append(f"| {r['tree']} | {r['services']} | {r['round']} | {r['phase']} | {r['agent_rss_mib']} | "
+        lines.append(f"| {r['tree']} | {r['services']} | {r['round']} | {r['phase']} | {r['agent_rss_mib']} | {r['helpers_rss_mib']} | "
                      f"{r['load_s']} | {r['start_to_synced_s']} | {r.get('child_peak_rss_mib', '–')} | "
                      f"{r.get('child_s', '–')} |")
     return "\n".join(lines)
