@@ -85,13 +85,19 @@ def run(manifests, kube, kubeconfig, api_server, cgroup, pin_dir, metrics_addr, 
         agent.close()
 
 
-def _load_status(pin_dir: str) -> dict | None:
-    path = os.path.join(state_dir_for(pin_dir), "status.json")
+def _service_names(pin_dir: str, ids: list[int]) -> dict | None:
+    """id → Service name, asked from the running agent (None when it does not answer)."""
+    from .api import ApiError, call
+    from .config import AgentConfig
+
+    path = AgentConfig(pin_dir=pin_dir).api_socket_path
+    names: dict = {}
     try:
-        with open(path) as f:
-            return json.load(f)
-    except FileNotFoundError:
+        for i in range(0, len(ids), 5000):
+            names.update(call(path, "services.names", {"ids": ids[i:i + 5000]}, timeout=30))
+    except (OSError, ApiError):
         return None
+    return names
 
 
 def _alive(pid: int) -> bool:
@@ -109,11 +115,16 @@ def services(pin_dir, output) -> None:
     """List what the kernel holds: frontend → backends (read from the pinned maps)."""
     from .datapath.inspect import read_services
 
-    st = _load_status(pin_dir) or {}
     try:
-        rows = read_services(pin_dir, st.get("service_names"))
+        rows = read_services(pin_dir)
     except FileNotFoundError as e:
         raise click.ClickException(str(e)) from None
+    names = _service_names(pin_dir, [r["id"] for r in rows])
+    if names is None:
+        click.echo("(the agent does not answer: Service names unknown; the kernel holds ids only)", err=True)
+    for r in rows:
+        label = (names or {}).get(str(r["id"]), {})
+        r["service"], r["port_name"] = label.get("service", ""), label.get("port_name", "")
     if output == "json":
         click.echo(json.dumps(rows, indent=2))
         return
@@ -129,35 +140,38 @@ def services(pin_dir, output) -> None:
 @output_option
 def status(pin_dir, output) -> None:
     """Agent status: programs attached, map fill, last sync, errors."""
-    from .datapath.attach import attached_programs
+    from dataclasses import asdict
 
-    st = _load_status(pin_dir)
+    from .datapath.attach import attached_programs
+    from .status import read_status
+
+    st = read_status(pin_dir)
     if st is None:
         raise click.ClickException(f"no agent status for --pin-dir {pin_dir} (the agent has not run with it)")
-    st["agent_running"] = _alive(st["pid"])
-    st["attached"] = [p.get("name") for p in attached_programs(st["cgroup"])]
+    running = _alive(st.pid)
+    attached = [p.get("name") for p in attached_programs(st.cgroup)]
     if output == "json":
-        click.echo(json.dumps(st, indent=2))
+        click.echo(json.dumps(dict(asdict(st), agent_running=running, attached=attached), indent=2))
         return
     import time
 
-    last = st.get("last_sync") or {}
-    click.echo(f"agent:     {'running' if st['agent_running'] else 'NOT running'} (pid {st['pid']})")
-    click.echo(f"cgroup:    {st['cgroup']}")
-    click.echo(f"programs:  {len(st['attached'])} attached ({', '.join(st['attached'])})")
-    for name, m in st["maps"].items():
-        click.echo(f"map:       {name} {m['entries']}/{m['capacity']} ({100 * m['entries'] / m['capacity']:.1f}%)")
-    click.echo(f"services:  {st['services']}")
+    last = st.last_sync
+    click.echo(f"agent:     {'running' if running else 'NOT running'} (pid {st.pid})")
+    click.echo(f"cgroup:    {st.cgroup}")
+    click.echo(f"programs:  {len(attached)} attached ({', '.join(attached)})")
+    for name, m in st.maps.items():
+        click.echo(f"map:       {name} {m.entries}/{m.capacity} ({100 * m.entries / m.capacity:.1f}%)")
+    click.echo(f"services:  {st.services}")
     if last:
-        click.echo(f"last sync: {time.time() - last['time']:.1f}s ago, {last['seconds'] * 1000:.1f} ms, "
-                   f"{last['written']} written, {last['deleted']} deleted")
-    c = st["counters"]
-    click.echo(f"errors:    {c['object_errors']} bad objects, {c['sync_errors']} refused services")
-    for e in st["object_errors"][-5:] + st["sync_errors"][-5:]:
+        click.echo(f"last sync: {time.time() - last.time:.1f}s ago, {last.seconds * 1000:.1f} ms, "
+                   f"{last.written} written, {last.deleted} deleted")
+    c = st.counters
+    click.echo(f"errors:    {c.object_errors} bad objects, {c.sync_errors} refused services")
+    for e in st.object_errors[-5:] + st.sync_errors[-5:]:
         click.echo(f"  - {e}")
-    for name, src in st.get("sources", {}).items():
-        state = "healthy" if src.get("healthy") else f"STALE since {src.get('stale_since') or 'start'}"
-        err = f" (last error: {src['last_error']})" if src.get("last_error") and not src.get("healthy") else ""
+    for name, src in st.sources.items():
+        state = "healthy" if src.healthy else f"STALE since {src.stale_since or 'start'}"
+        err = f" (last error: {src.last_error})" if src.last_error and not src.healthy else ""
         click.echo(f"source:    {name} {state}{err}")
 
 
@@ -170,8 +184,10 @@ def cleanup(pin_dir, cgroup) -> None:
 
     from .datapath.attach import detach_sock_lb, detect_cgroup2_root
 
-    st = _load_status(pin_dir) or {}
-    cg = cgroup or st.get("cgroup") or detect_cgroup2_root()
+    from .status import read_status
+
+    st = read_status(pin_dir)
+    cg = cgroup or (st.cgroup if st else None) or detect_cgroup2_root()
     n = detach_sock_lb(cg) if os.path.isdir(cg) else 0
     removed = 0
     if os.path.isdir(pin_dir):

@@ -6,12 +6,14 @@ changed Service is recomputed without touching the others.
 from __future__ import annotations
 
 import ipaddress
+import socket
 from typing import Iterable, NamedTuple
 
-from .objects import PROXY_NAME_LABEL, SCTP, EndpointSlice, ObjectKey, Service, ServicePort
+from .objects import PROXY_NAME_LABEL, READY, SCTP, EndpointSlice, ObjectKey, Service, ServicePort
 
 # Protocols the socket datapath handles (this kernel has no SCTP; see ENVIRONMENT.md).
 SUPPORTED_PROTOCOLS = ("TCP", "UDP")
+_FAMILY = {"IPv4": socket.AF_INET, "IPv6": socket.AF_INET6}
 
 
 class Backend(NamedTuple):
@@ -66,6 +68,20 @@ def skip_reason(svc: Service) -> str | None:
     return None
 
 
+def ready_addresses(sl: EndpointSlice, node_name: str | None = None) -> list[str]:
+    """Addresses of the slice's ready endpoints (on node_name only, when given), read from its
+    packed columns: no object per endpoint."""
+    family = _FAMILY.get(sl.address_type)
+    if family is None:
+        return []
+    width = 4 if family == socket.AF_INET else 16
+    addrs, nodes, ntop = sl.addresses, sl.node_names, socket.inet_ntop
+    if node_name is not None and not nodes:
+        return []
+    return [ntop(family, addrs[i * width:(i + 1) * width]) for i, c in enumerate(sl.conditions)
+            if c & READY and (node_name is None or nodes[i] == node_name)]
+
+
 def service_frontends(svc: Service, slices: Iterable[EndpointSlice], node_name: str | None = None) -> list[Frontend]:
     """All frontends of one Service. Only ready endpoints serve; SCTP ports are left out.
 
@@ -74,25 +90,25 @@ def service_frontends(svc: Service, slices: Iterable[EndpointSlice], node_name: 
     """
     if skip_reason(svc):
         return []
-    local_only = svc.internal_traffic_policy == "Local" and node_name is not None
+    local = node_name if svc.internal_traffic_policy == "Local" else None
     slices = list(slices)
+    ready = {}  # slice index → its ready addresses, computed once for all of the Service's ports
+    affinity = svc.session_affinity_timeout if svc.session_affinity == "ClientIP" else 0
     out = []
     for vip in svc.cluster_ips:
-        family = "IPv4" if ipaddress.ip_address(vip).version == 4 else "IPv6"
+        family = "IPv6" if ":" in vip else "IPv4"
         for sp in svc.ports:
             if sp.protocol == SCTP:
                 continue
             backends = set()
-            for sl in slices:
+            for n, sl in enumerate(slices):
                 if sl.address_type != family:
                     continue
                 port = _slice_port(sp, sl)
                 if port is None:
                     continue
-                for ep in sl.endpoints:
-                    if ep.ready and (not local_only or ep.node_name == node_name):
-                        # Kubernetes uses only the first address of an endpoint.
-                        backends.add(Backend(ep.addresses[0], port, sp.protocol))
-            affinity = svc.session_affinity_timeout if svc.session_affinity == "ClientIP" else 0
+                if n not in ready:
+                    ready[n] = ready_addresses(sl, local)
+                backends.update(Backend(ip, port, sp.protocol) for ip in ready[n])
             out.append(Frontend(vip, sp.port, sp.protocol, svc.key, sp.name, tuple(sorted(backends)), affinity))
     return out

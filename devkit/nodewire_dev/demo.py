@@ -17,7 +17,7 @@ import time
 from collections import Counter, defaultdict
 from pathlib import Path
 
-from agent.config import state_dir_for
+from agent.status import AgentStatus, read_status, status_path
 from .sandbox import Sandbox
 from .sandbox.cluster import PROBE
 
@@ -68,7 +68,7 @@ def _set_web3_ready(manifests: Path, ready: bool) -> None:
     tmp.rename(path)
 
 
-def _render(tally: Tally, status: dict, elapsed: float):
+def _render(tally: Tally, status: AgentStatus | None, elapsed: float):
     from rich.console import Group
     from rich.table import Table
 
@@ -82,14 +82,14 @@ def _render(tally: Tally, status: dict, elapsed: float):
             errors = ", ".join(f"{k}: {v}" for k, v in sorted(tally.errors[name].items())) or "-"
             t.add_row(name, replies, errors)
         events = list(tally.events[-6:])
-    maps = status.get("maps", {})
-    last = status.get("last_sync") or {}
     info = Table.grid(padding=(0, 2))
-    info.add_row("agent", f"pid {status.get('pid', '?')}, {len(status.get('programs', []))} socket programs on the sandbox cgroup")
-    for name, m in maps.items():
-        info.add_row("map", f"{name}: {m['entries']} entries")
-    if last:
-        info.add_row("last sync", f"{last['written']} written, {last['deleted']} deleted in {last['seconds'] * 1000:.2f} ms")
+    if status is not None:
+        info.add_row("agent", f"pid {status.pid}, {len(status.programs)} socket programs on the sandbox cgroup")
+        for name, m in status.maps.items():
+            info.add_row("map", f"{name}: {m.entries} entries")
+        last = status.last_sync
+        if last:
+            info.add_row("last sync", f"{last.written} written, {last.deleted} deleted in {last.seconds * 1000:.2f} ms")
     ev = Table.grid()
     for e in events:
         ev.add_row(e)
@@ -107,7 +107,7 @@ def run_demo(duration: float | None, metrics_addr: str | None, interval: float =
     shutil.copytree(EXAMPLES, manifests, ignore=shutil.ignore_patterns("*.md"))
     agent = None
     tally = Tally()
-    status: dict = {}
+    status: AgentStatus | None = None
     start = time.time()
     with Sandbox() as sb:
         pin_dir = f"/sys/fs/bpf/nodewire-demo-{sb.prefix}"
@@ -123,7 +123,7 @@ def run_demo(duration: float | None, metrics_addr: str | None, interval: float =
             if metrics_addr:
                 cmd += ["--metrics-addr", metrics_addr]
             agent = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=open(tmp / "agent.log", "w"))
-            status_file = Path(state_dir_for(pin_dir), "status.json")
+            status_file = Path(status_path(pin_dir))
             deadline = time.time() + 60
             while not status_file.exists():
                 if agent.poll() is not None or time.time() > deadline:
@@ -148,10 +148,7 @@ def run_demo(duration: float | None, metrics_addr: str | None, interval: float =
                         ready = int(elapsed) % 60 != 15
                         _set_web3_ready(manifests, ready)
                         tally.event("web-3 marked ready again" if ready else "web-3 marked NOT ready")
-                    try:
-                        status = json.loads(status_file.read_text())
-                    except (OSError, json.JSONDecodeError):
-                        pass
+                    status = read_status(pin_dir) or status
                     live.update(_render(tally, status, elapsed))
                     time.sleep(0.25)
         except KeyboardInterrupt:
