@@ -22,6 +22,7 @@ from .config import AgentConfig
 from .datapath.attach import attach_sock_lb, detect_cgroup2_root
 from .datapath.loader import SockLB
 from .datapath.reconciler import Reconciler, SyncResult
+from .datapath.stale_sockets import StaleSockets, listed_addresses
 from .errorlog import ErrorLog
 from .export.agent_metrics import register_agent_metrics
 from .export.telemetry import start_telemetry
@@ -41,7 +42,7 @@ class Agent:
     def __init__(self, cfg: AgentConfig):
         cfg.validate()
         self.cfg = cfg
-        self.state = ClusterState(cfg.node_name)
+        self.state = ClusterState(cfg.node_name, cfg.zone)
         self.stop = threading.Event()
         self.started = time.time()
         self.object_errors = ErrorLog(log, "bad object")
@@ -65,10 +66,12 @@ class Agent:
         self._written: AgentStatus | None = None  # what status.json holds
         self.lb: SockLB | None = None
         self.reconciler: Reconciler | None = None
+        self.stale_sockets: StaleSockets | None = None
         self.programs: list[str] = []
         self.telemetry = None
         self.api: ApiServer | None = None  # local API; features add methods with self.api.register
         self.observer = None
+        self.cni = None  # CniPods: pods told by nodewire-cni (agent/cni/pods.py)
         self.privileges: dict = {}  # what privileges.drop() did
         self.rdma = None  # RdmaService: counters, topology, and (opt-in) the verbs tracer
         self._pods_seen = -1  # ClusterState.identity_revision the RDMA opt-ins were last computed at
@@ -85,12 +88,15 @@ class Agent:
             kube_cfg = load_config(cfg.kubeconfig, cfg.api_server)
         self.cgroup = cfg.cgroup or detect_cgroup2_root()
         os.makedirs(cfg.state_dir, exist_ok=True)
-        self.api = ApiServer(cfg.api_socket_path).start()
         t0 = time.perf_counter()
         self.lb = SockLB(cfg.pin_dir, cfg.sizes)
         self.programs = attach_sock_lb(self.lb, self.cgroup)
         self.reconciler = Reconciler(self.lb.services, self.lb.backends)
+        self.stale_sockets = StaleSockets(self.cgroup, self.lb.services, self.lb.backends,
+                                          self.lb.revnat,
+                                          lambda: listed_addresses(list(self.state.slices.values())))
         self.privileges = drop_capabilities()  # before any thread of ours starts (capabilities are per thread)
+        self.api = ApiServer(cfg.api_socket_path).start()  # its threads start with the reduced set
         log.info("datapath ready cgroup=%s pin_dir=%s programs=%d load_seconds=%.3f preexisting_entries=%d",
                  self.cgroup, cfg.pin_dir, len(self.programs), time.perf_counter() - t0,
                  self.reconciler.svc_entries)
@@ -118,9 +124,11 @@ class Agent:
                 if cfg.peer_cidrs:
                     ocfg = replace(ocfg, peer_cidrs=tuple(cfg.peer_cidrs))
                 self.observer = Observer(self.state, self.telemetry, ocfg, cfg.pin_dir, cfg.veth_netns,
-                                         self.lb, self.reconciler).start()
+                                         self.lb, self.reconciler, self.cgroup).start()
             except Exception as e:
                 log.error("observer failed to start, running without observability err=%s", e)
+        from .cni.pods import start_for_agent
+        self.cni = start_for_agent(self)
         if cfg.rdma:
             from .rdma.service import RdmaService
             try:  # like the observer: optional, never at the datapath's expense
@@ -144,9 +152,8 @@ class Agent:
     def _note_fill(self) -> None:
         """Map fill and Service count, taken on the loop thread after each sync (readers use these)."""
         rec, lb = self.reconciler, self.lb
-        backends = rec.backend_entries if hasattr(rec, "backend_entries") else len(rec.backend_id)
         self._fill = {lb.services.name: MapFill(rec.svc_entries, lb.services.capacity),
-                      lb.backends.name: MapFill(backends, lb.backends.capacity)}
+                      lb.backends.name: MapFill(rec.backend_entries, lb.backends.capacity)}
         self._services = len(rec.owned)
 
     def _service_names(self, params: dict) -> dict:
@@ -168,6 +175,7 @@ class Agent:
             return None
         with self._lock:
             res = self.reconciler.apply(changes, full=full)
+        self._sweep_sockets()
         now = time.time()
         c = self.counters
         c.syncs += 1
@@ -188,6 +196,20 @@ class Agent:
                       res.deleted, res.seconds)
         self._status_due.set()
         return res
+
+    def _sweep_sockets(self) -> None:
+        """Destroy sockets connected through a Service to a backend that left it (stale_sockets.py)."""
+        if self.stale_sockets is None:
+            return
+        try:
+            res = self.stale_sockets.sweep()
+        except OSError as e:  # the datapath is written; a failed sweep is retried after the next change
+            log.error("socket sweep failed err=%s", e)
+            return
+        self.counters.sockets_destroyed = self.stale_sockets.destroyed_total
+        if res.destroyed:
+            log.debug("socket sweep namespaces=%d checked=%d destroyed=%d seconds=%.4f",
+                      res.namespaces, res.checked, len(res.destroyed), res.seconds)
 
     def _wait_synced(self) -> None:
         """A full sync from an empty state would delete what the pinned maps hold: wait for each
@@ -250,6 +272,7 @@ class Agent:
                                                "kind", "healthy", "synced", "stale_since", "last_error")})
         return AgentStatus(
             pid=os.getpid(), started=self.started, cgroup=self.cgroup, pin_dir=self.cfg.pin_dir,
+            node={"name": self.cfg.node_name, "zone": self.state.zone},
             programs=list(self.programs), privileges=self.privileges, maps=dict(self._fill),
             services=self._services, first_sync=self.first_sync, last_sync=self.last_sync,
             last_change=self.last_change, counters=replace(self.counters), sources=sources,
@@ -310,6 +333,8 @@ class Agent:
             self.api.close()
         if self.source is not None:
             self.source.stop()
+        if self.cni is not None:
+            self.cni.close()
         if self.kube is not None:
             self.kube.stop()
         if self.observer is not None:

@@ -188,7 +188,10 @@ def call(path: str, method: str, params: dict | None = None, timeout: float = 5.
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
         s.settimeout(timeout)
         s.connect(path)
-        s.sendall(json.dumps({"method": method, "params": params or {}}).encode() + b"\n")
+        try:
+            s.sendall(json.dumps({"method": method, "params": params or {}}).encode() + b"\n")
+        except BrokenPipeError:
+            pass  # the agent answered before reading (a refused peer) and closed: its answer is still readable
         answer = json.loads(s.makefile("rb").readline(MAX_LINE + 1) or b"null")
     if not isinstance(answer, dict):
         raise ApiError("bad_answer", f"{method}: the agent closed the connection without an answer")

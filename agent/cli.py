@@ -1,73 +1,116 @@
 """The `nodewire` command line."""
 from __future__ import annotations
 
-import json
 import logging
 import os
 import sys
 
 import click
 
-from .config import DEFAULT_PIN_DIR, AgentConfig, state_dir_for
+from . import config as configuration
+from .config import DEFAULT_CONFIG_FILE, DEFAULT_PIN_DIR, LOG_LEVELS, state_dir_for
+from .output import emit, output_option
 
 pin_dir_option = click.option("--pin-dir", default=DEFAULT_PIN_DIR, show_default=True,
                               help="bpffs directory where nodewire pins its maps.")
-output_option = click.option("-o", "--output", type=click.Choice(["table", "json"]), default="table",
-                             show_default=True)
+config_file_option = click.option(
+    "--config", "config_path", envvar="NODEWIRE_CONFIG", default=DEFAULT_CONFIG_FILE, show_default=True,
+    type=click.Path(dir_okay=False), help="YAML config file; keys are the flags without -- (see `nodewire config view`).")
+LOG_FORMAT = "ts=%(asctime)s level=%(levelname)s logger=%(name)s msg=%(message)s"
+
+
+def config_options(command: str):
+    """The flags of every config key of `command`, from the one table in config.py. Defaults are not
+    set here (None): a flag only wins when given, so the file and NODEWIRE_* show through."""
+    def decorate(fn):
+        for k in reversed(list(configuration.keys().values())):
+            if k.command != command:
+                continue
+            hint = f" [default: {k.default!r}; env {k.env}]" if k.default not in (None, ()) else f" [env {k.env}]"
+            param = k.name.replace("-", "_")
+            if k.kind == "bool":
+                opt = click.option(f"--{k.name}/--no-{k.name}", param, default=None, help=k.help + hint)
+            elif k.kind in ("list", "mapsizes"):
+                opt = click.option(f"--{k.name}", param, multiple=True, help=k.help + hint + " (repeatable)",
+                                   metavar="MAP=N" if k.kind == "mapsizes" else "VALUE")
+            else:
+                t = {"int": int, "float": float}.get(k.kind, click.Choice(k.choices) if k.choices else str)
+                opt = click.option(f"--{k.name}", param, type=t, default=None, help=k.help + hint)
+            fn = opt(fn)
+        return fn
+    return decorate
+
+
+def given_flags(command: str, kwargs: dict) -> dict:
+    """The config flags actually given on the command line, by key name."""
+    out = {}
+    for k in configuration.keys().values():
+        v = kwargs.get(k.name.replace("-", "_"))
+        if k.command == command and v is not None and v != ():
+            out[k.name] = v
+    return out
+
+
+def load_config(ctx: click.Context, config_path: str, flags: dict) -> configuration.AgentConfig:
+    """File < NODEWIRE_* < flags; a bad value is a usage error naming the key."""
+    from click.core import ParameterSource
+
+    explicit = ctx.get_parameter_source("config_path") in (ParameterSource.COMMANDLINE, ParameterSource.ENVIRONMENT)
+    log_flag = (ctx.obj or {}).get("log_level")
+    if log_flag:
+        flags = dict(flags, **{"log-level": log_flag})
+    try:
+        cfg = configuration.load(config_path, flags, os.environ, path_required=explicit)
+    except configuration.ConfigError as e:
+        raise click.UsageError(str(e)) from None
+    logging.getLogger().setLevel(cfg.log_level.upper())
+    return cfg
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("nodewire")
+    except PackageNotFoundError:
+        return "unknown"
 
 
 @click.group()
-@click.option("--debug", is_flag=True, help="Verbose, structured logs.")
-def main(debug: bool) -> None:
+@click.version_option(_version(), "--version", prog_name="nodewire", message="%(prog)s %(version)s")
+@click.option("--log-level", type=click.Choice(LOG_LEVELS), default=None, envvar="NODEWIRE_LOG_LEVEL",
+              help="Log level [default: info, or the config file's log-level].")
+@click.option("--debug", is_flag=True, help="Verbose, structured logs (--log-level debug).")
+@click.pass_context
+def main(ctx: click.Context, log_level: str | None, debug: bool) -> None:
     """nodewire: BPF socket load balancing and per-pod network telemetry for Kubernetes nodes."""
-    logging.basicConfig(level=logging.DEBUG if debug else logging.INFO, stream=sys.stderr,
-                        format="ts=%(asctime)s level=%(levelname)s logger=%(name)s msg=%(message)s")
+    level = "debug" if debug else log_level
+    ctx.obj = {"log_level": level}
+    logging.basicConfig(level=(level or "info").upper(), stream=sys.stderr, format=LOG_FORMAT)
 
 
 @main.command()
-@click.option("--manifests", type=click.Path(file_okay=False), help="Directory of Service/EndpointSlice/Pod manifests (watched).")
-@click.option("--cgroup", type=click.Path(file_okay=False), help="cgroup v2 directory to attach to [default: the node's cgroup v2 root].")
-@click.option("--kube", is_flag=True, help="List+watch the Kubernetes API [default when in a pod and no --manifests].")
-@click.option("--kubeconfig", type=click.Path(dir_okay=False), help="kubeconfig file for --kube [default: $KUBECONFIG, else in-cluster].")
-@click.option("--api-server", help="API server URL for --kube, e.g. https://10.0.0.1:6443 (when the kubernetes ClusterIP is not served yet).")
-@pin_dir_option
-@click.option("--metrics-addr", default=None, help="HOST:PORT for the Prometheus /metrics endpoint (e.g. :9965).")
-@click.option("--map-size", "map_sizes", multiple=True, metavar="MAP=N",
-              help="Map capacity override, e.g. services=2097152 (maps: services, backends, revnat, lb_stats).")
-@click.option("--node-name", default=None, help="This node's name [default: $NODE_NAME or the hostname].")
-@click.option("--observe/--no-observe", default=True, show_default=True, help="Per-pod network observability.")
-@click.option("--veth-netns", default=None, help="Network namespace holding the pods' node-side veths [default: the agent's].")
-@click.option("--max-series", default=10000, show_default=True, help="Cap on per-pod/peer series the observer exports.")
-@click.option("--rdma/--no-rdma", default=True, show_default=True,
-              help="RDMA port counters and GPU↔NIC topology metrics (sysfs, read at scrape time).")
-@click.option("--rdma-trace", is_flag=True,
-              help="Verbs latency tracing (uprobes) for pods annotated nodewire.io/rdma-trace=\"true\".")
-@click.option("--peer-cidr", "peer_cidrs", multiple=True, metavar="CIDR",
-              help="Label unknown remote peers by these CIDRs (repeatable) [default: the private ranges].")
-def run(manifests, kube, kubeconfig, api_server, cgroup, pin_dir, metrics_addr, map_sizes, node_name,
-        observe, veth_netns, max_series, peer_cidrs, rdma, rdma_trace) -> None:
-    """Run the agent: keep the BPF service maps equal to the cluster state."""
-    from dataclasses import replace
+def version() -> None:
+    """Print nodewire's version."""
+    click.echo(f"nodewire {_version()}")
 
+
+@main.command()
+@config_file_option
+@config_options("run")
+@click.pass_context
+def run(ctx, config_path, **kwargs) -> None:
+    """Run the agent: keep the BPF service maps equal to the cluster state.
+
+    Settings come from the config file, then NODEWIRE_* variables, then these flags."""
     from .agent import Agent
-    from .datapath.loader import MapSizes
 
-    sizes = MapSizes()
-    for item in map_sizes:
-        name, _, value = item.partition("=")
-        if name not in MapSizes.__dataclass_fields__ or not value.isdigit():
-            raise click.BadParameter(f"{item!r}: expected MAP=N with MAP one of services, backends, revnat, lb_stats",
-                                     param_hint="--map-size")
-        sizes = replace(sizes, **{name: int(value)})
-    kube = kube or bool(kubeconfig or api_server) or (manifests is None and "KUBERNETES_SERVICE_HOST" in os.environ)
-    if manifests is None and not kube:
+    cfg = load_config(ctx, config_path, given_flags("run", kwargs))
+    if not cfg.kube and (cfg.kubeconfig or cfg.api_server or
+                         (cfg.manifests is None and "KUBERNETES_SERVICE_HOST" in os.environ)):
+        cfg.kube = True
+    if cfg.manifests is None and not cfg.kube:
         raise click.UsageError("no source: pass --manifests DIR or --kube")
-    cfg = AgentConfig(manifests=manifests, kube=kube, kubeconfig=kubeconfig, api_server=api_server, cgroup=cgroup,
-                      pin_dir=pin_dir, metrics_addr=metrics_addr, sizes=sizes,
-                      observe=observe, veth_netns=veth_netns, max_series=max_series, peer_cidrs=tuple(peer_cidrs),
-                      rdma=rdma, rdma_trace=rdma_trace)
-    if node_name:
-        cfg.node_name = node_name
     from .sources.kube import KubeError
 
     try:
@@ -83,6 +126,39 @@ def run(manifests, kube, kubeconfig, api_server, cgroup, pin_dir, metrics_addr, 
         agent.run()
     finally:
         agent.close()
+
+
+@main.group("config")
+def config_group() -> None:
+    """The configuration: check a file, show the effective settings."""
+
+
+@config_group.command("view")
+@config_file_option
+@output_option(default="yaml")
+@click.pass_context
+def config_view(ctx, config_path, output) -> None:
+    """Print the effective configuration (file < NODEWIRE_* ), checked, as config-file keys."""
+    cfg = load_config(ctx, config_path, {})
+    try:
+        configuration.check_values(cfg)
+    except configuration.ConfigError as e:
+        raise click.UsageError(str(e)) from None
+    emit(configuration.as_file(cfg), output)
+
+
+SHELLS = ("bash", "zsh", "fish")
+
+
+@main.command()
+@click.argument("shell", type=click.Choice(SHELLS))
+def completion(shell) -> None:
+    """Print the shell completion script: `source <(nodewire completion bash)`, or save it to
+    /etc/bash_completion.d/nodewire (zsh: a file in $fpath named _nodewire; fish: ~/.config/fish/completions)."""
+    from click.shell_completion import get_completion_class
+
+    comp = get_completion_class(shell)(main, {}, "nodewire", "_NODEWIRE_COMPLETE")
+    click.echo(comp.source())
 
 
 def _service_names(pin_dir: str, ids: list[int]) -> dict | None:
@@ -110,7 +186,7 @@ def _alive(pid: int) -> bool:
 
 @main.command()
 @pin_dir_option
-@output_option
+@output_option()
 def services(pin_dir, output) -> None:
     """List what the kernel holds: frontend → backends (read from the pinned maps)."""
     from .datapath.inspect import read_services
@@ -125,8 +201,8 @@ def services(pin_dir, output) -> None:
     for r in rows:
         label = (names or {}).get(str(r["id"]), {})
         r["service"], r["port_name"] = label.get("service", ""), label.get("port_name", "")
-    if output == "json":
-        click.echo(json.dumps(rows, indent=2))
+    if output != "table":
+        emit(rows, output)
         return
     click.echo(f"{'ID':>5}  {'FRONTEND':<30} {'PROTO':<5} {'SERVICE':<30} BACKENDS")
     for r in rows:
@@ -137,7 +213,7 @@ def services(pin_dir, output) -> None:
 
 @main.command()
 @pin_dir_option
-@output_option
+@output_option()
 def status(pin_dir, output) -> None:
     """Agent status: programs attached, map fill, last sync, errors."""
     from dataclasses import asdict
@@ -150,8 +226,8 @@ def status(pin_dir, output) -> None:
         raise click.ClickException(f"no agent status for --pin-dir {pin_dir} (the agent has not run with it)")
     running = _alive(st.pid)
     attached = [p.get("name") for p in attached_programs(st.cgroup)]
-    if output == "json":
-        click.echo(json.dumps(dict(asdict(st), agent_running=running, attached=attached), indent=2))
+    if output != "table":
+        emit(dict(asdict(st), agent_running=running, attached=attached), output)
         return
     import time
 
@@ -178,32 +254,58 @@ def status(pin_dir, output) -> None:
 @main.command()
 @pin_dir_option
 @click.option("--cgroup", type=click.Path(file_okay=False), help="cgroup to detach from [default: the one in the agent's status].")
-def cleanup(pin_dir, cgroup) -> None:
-    """Detach nodewire's programs and unpin its maps."""
+@click.option("--kube-proxy", "kube_proxy", is_flag=True,
+              help="Instead: remove kube-proxy's leftovers (KUBE-* chains and jumps, iptables legacy and nft, "
+                   "IPv4 and IPv6; the kube-proxy nftables tables), as `kube-proxy --cleanup` does.")
+def cleanup(pin_dir, cgroup, kube_proxy) -> None:
+    """Detach nodewire's programs and unpin its maps (or, with --kube-proxy, remove kube-proxy's rules)."""
     import shutil
 
-    from .datapath.attach import detach_sock_lb, detect_cgroup2_root
+    if kube_proxy:
+        _cleanup_kube_proxy()
+        return
+
+    from .datapath.attach import detach_loaded, detect_cgroup2_root
+    from .datapath.loader import remove_pins
 
     from .status import read_status
 
     st = read_status(pin_dir)
     cg = cgroup or (st.cgroup if st else None) or detect_cgroup2_root()
-    n = detach_sock_lb(cg) if os.path.isdir(cg) else 0
-    removed = 0
-    if os.path.isdir(pin_dir):
-        for name in os.listdir(pin_dir):
-            os.unlink(os.path.join(pin_dir, name))
-            removed += 1
-        os.rmdir(pin_dir)
+    n = detach_loaded(cg, pin_dir) if os.path.isdir(cg) else 0
+    removed = remove_pins(pin_dir)
     shutil.rmtree(state_dir_for(pin_dir), ignore_errors=True)
-    click.echo(f"detached {n} programs from {cg}; unpinned {removed} maps from {pin_dir}")
+    click.echo(f"detached {n} programs from {cg}; unpinned {removed} maps, programs and links from {pin_dir}")
+
+
+def _cleanup_kube_proxy() -> None:
+    from .kube_proxy_cleanup import cleanup_kube_proxy
+
+    try:
+        rep = cleanup_kube_proxy()
+    except RuntimeError as e:
+        raise click.ClickException(str(e)) from None
+    for where, chains in rep.removed_chains.items():
+        click.echo(f"{where}: removed {len(chains)} chains, {rep.removed_jumps.get(where, 0)} jumps")
+    for where, n in rep.removed_jumps.items():
+        if where not in rep.removed_chains:
+            click.echo(f"{where}: removed {n} jumps")
+    for t in rep.removed_nft_tables:
+        click.echo(f"nft: removed table {t}")
+    for where, chains in rep.kept_referenced.items():
+        click.echo(f"{where}: kept {', '.join(chains)} (a chain that is not kube-proxy's jumps to it)")
+    if rep.skipped:
+        click.echo(f"not available here: {'; '.join(rep.skipped)}")
+    if not rep.changed:
+        click.echo("no kube-proxy rules found")
 
 
 # Commands that live next to their feature, registered here so `nodewire --help` lists them all.
 from .observe.cli import latency, top  # noqa: E402
 from .rdma.cli import rdma as rdma_command, topo  # noqa: E402
+from .cni.cli import cni as cni_command  # noqa: E402
 
-for _command in (top, latency, topo, rdma_command):
+for _command in (top, latency, topo, rdma_command, cni_command):
     main.add_command(_command)
 
 

@@ -1,14 +1,30 @@
-"""One typed configuration for the agent, validated at start-up."""
+"""One typed configuration for the agent: a YAML file, NODEWIRE_* environment variables and flags, in
+that order of precedence (a flag beats the environment, which beats the file), validated at start-up
+with errors naming the key and where its value came from.
+
+Every key is one field of AgentConfig below; its file key, environment variable and flag derive
+from the field: `max_series` is `max-series:` in the file, NODEWIRE_MAX_SERIES, and --max-series.
+Adding a key is adding one `key(...)` field (and, when it has rules, a line in `check_values`):
+
+    zone: str | None = key(None, "This node's topology zone [default: the Node's label].")
+"""
 from __future__ import annotations
 
+import difflib
 import ipaddress
 import os
 import re
-from dataclasses import dataclass, field
+from dataclasses import MISSING, dataclass, field, fields, replace
+from typing import Any, Mapping
 
 from .datapath.loader import MapSizes
 
 DEFAULT_PIN_DIR = "/sys/fs/bpf/nodewire"
+DEFAULT_CONFIG_FILE = "/etc/nodewire/config.yaml"
+# Not Hubble's 9965 (nor Cilium's agent/operator/envoy 9962-9964): the next port up.
+DEFAULT_METRICS_PORT = 9966
+ENV_PREFIX = "NODEWIRE_"
+LOG_LEVELS = ("debug", "info", "warning", "error")
 
 
 def state_dir_for(pin_dir: str) -> str:
@@ -17,25 +33,59 @@ def state_dir_for(pin_dir: str) -> str:
     return os.path.join("/run/nodewire", re.sub(r"[^A-Za-z0-9_.-]", "_", pin_dir.strip("/")) or "root")
 
 
+def key(default: Any = None, help: str = "", *, kind: str | None = None, name: str | None = None,
+        choices: tuple[str, ...] = (), factory=None, command: str = "run"):
+    """A config key. kind: str | int | float | bool | list | mapsizes (derived from the default when
+    omitted); name: its file key/flag when not the field's name in kebab case; command: which
+    command's flags it appears on ("" for file and environment only)."""
+    if kind is None:
+        kind = {bool: "bool", int: "int", float: "float"}.get(type(default), "str")
+    meta = {"help": help, "kind": kind, "name": name, "choices": choices, "command": command}
+    if factory is not None:
+        return field(default_factory=factory, metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+class ConfigError(ValueError):
+    def __init__(self, key_name: str, source: str, message: str):
+        super().__init__(f"config key {key_name} ({source}): {message}")
+        self.key, self.source, self.message = key_name, source, message
+
+
 @dataclass
 class AgentConfig:
-    manifests: str | None = None
-    kube: bool = False  # list+watch the Kubernetes API (in-cluster config, or kubeconfig/api_server)
-    kubeconfig: str | None = None
-    api_server: str | None = None
-    cgroup: str | None = None  # None: the node's cgroup v2 root, detected
-    pin_dir: str = DEFAULT_PIN_DIR
-    metrics_addr: str | None = None
-    sizes: MapSizes = field(default_factory=MapSizes)
-    poll_interval: float = 0.2
-    node_name: str = field(default_factory=lambda: os.environ.get("NODE_NAME") or os.uname().nodename)
-    observe: bool = True              # per-pod network observability (agent/observe)
-    veth_netns: str | None = None     # netns holding the pods' node-side veths (None: the agent's own)
-    max_series: int = 10000           # cap on the observer's exported series
-    peer_cidrs: tuple[str, ...] = ()  # buckets for unknown remote peers (empty: the private ranges)
-    rdma: bool = True                 # RDMA port counters and GPU↔NIC topology (sysfs, read at scrape)
-    rdma_trace: bool = False          # verbs latency tracer, for pods annotated nodewire.io/rdma-trace
-    api_socket: str | None = None     # the agent's unix-socket API (None: api.sock in the state dir)
+    manifests: str | None = key(None, "Directory of Service/EndpointSlice/Pod manifests (watched).")
+    kube: bool = key(False, "List+watch the Kubernetes API [default when in a pod and no manifests].")
+    kubeconfig: str | None = key(None, "kubeconfig file for kube [default: $KUBECONFIG, else in-cluster].")
+    api_server: str | None = key(None, "API server URL, e.g. https://10.0.0.1:6443 (kube-proxy replacement: "
+                                       "the `kubernetes` ClusterIP is served by nodewire itself).")
+    cgroup: str | None = key(None, "cgroup v2 directory to attach to [default: the node's cgroup v2 root].")
+    pin_dir: str = key(DEFAULT_PIN_DIR, "bpffs directory where nodewire pins its maps.")
+    metrics_addr: str = key(f":{DEFAULT_METRICS_PORT}", "HOST:PORT of /metrics, /healthz, /readyz (\"\" turns it off).")
+    sizes: MapSizes = key(None, "Map capacity, MAP=N (maps: services, backends, revnat, lb_stats).",
+                          kind="mapsizes", name="map-size", factory=MapSizes)
+    poll_interval: float = key(0.2, "Seconds between manifest directory polls.", command="")
+    node_name: str = key(None, "This node's name [default: $NODE_NAME or the hostname].",
+                         factory=lambda: os.environ.get("NODE_NAME") or os.uname().nodename)
+    zone: str = key("", "This node's zone for topology hints [default: its Node object's "
+                        "topology.kubernetes.io/zone label].")
+    observe: bool = key(True, "Per-pod network observability.")
+    veth_netns: str | None = key(None, "Network namespace holding the pods' node-side veths [default: the agent's].")
+    max_series: int = key(10000, "Cap on per-pod/peer series the observer exports.")
+    peer_cidrs: tuple[str, ...] = key((), "Label unknown remote peers by these CIDRs [default: the private ranges].",
+                                      kind="list", name="peer-cidr")
+    rdma: bool = key(True, "RDMA port counters and GPU↔NIC topology metrics (sysfs, read at scrape time).")
+    rdma_trace: bool = key(False, "Verbs latency tracing for pods annotated nodewire.io/rdma-trace=\"true\".")
+    netns_dir: str = key("/var/run/netns", "Where pods' network namespaces are mounted (recovery of pods "
+                                           "that started before the agent).")
+    api_socket: str | None = key(None, "The agent's unix-socket API [default: api.sock in the state dir].")
+    log_level: str = key("info", "Log level.", choices=LOG_LEVELS, command="")
+    # Read by `nodewire cni install` (the DaemonSet's init container), so one file configures both.
+    cni_bin_dir: str = key("/opt/cni/bin", "Where the runtime finds CNI plugins.", command="cni")
+    cni_conf_dir: str = key("/etc/cni/net.d", "The node's CNI network configurations.", command="cni")
+    cni_fail_open: bool = key(True, "ADD passes through (with a warning) while the agent is down.", command="cni")
+    cni_log_file: str | None = key(None, "nodewire-cni's log file [default: stderr, which the runtime logs].",
+                                   command="cni")
 
     @property
     def state_dir(self) -> str:
@@ -46,25 +96,227 @@ class AgentConfig:
         return self.api_socket or os.path.join(self.state_dir, "api.sock")
 
     def validate(self) -> None:
-        if self.kube and self.manifests is not None:
-            raise ValueError("--manifests and --kube are two sources of the same objects: pass one")
+        """Everything, including what the host must have (directories, netns)."""
+        check_values(self)
+        self._check_host()
+
+    def _check_host(self) -> None:
+        err = lambda k, m: ConfigError(k, _source(self, k), m)  # noqa: E731
         if self.manifests is not None and not os.path.isdir(self.manifests):
-            raise ValueError(f"--manifests: {self.manifests} is not a directory")
+            raise err("manifests", f"{self.manifests} is not a directory")
         if self.cgroup is not None and not os.path.isfile(os.path.join(self.cgroup, "cgroup.procs")):
-            raise ValueError(f"--cgroup: {self.cgroup} is not a cgroup v2 directory")
+            raise err("cgroup", f"{self.cgroup} is not a cgroup v2 directory")
         if self.veth_netns is not None and not os.path.exists(
                 self.veth_netns if "/" in self.veth_netns else f"/var/run/netns/{self.veth_netns}"):
-            raise ValueError(f"--veth-netns: network namespace {self.veth_netns} not found")
-        if self.max_series < 1:
-            raise ValueError(f"--max-series: {self.max_series} must be at least 1")
-        for c in self.peer_cidrs:
-            try:
-                ipaddress.ip_network(c, strict=False)
-            except ValueError as e:
-                raise ValueError(f"--peer-cidr: {c!r}: {e}") from None
-        if not self.pin_dir.startswith("/sys/fs/bpf"):
-            raise ValueError(f"--pin-dir: {self.pin_dir} must be under /sys/fs/bpf (a bpffs mount)")
-        for name in ("services", "backends", "revnat", "lb_stats"):
-            v = getattr(self.sizes, name)
-            if not 1 <= v <= 1 << 26:
-                raise ValueError(f"map size {name}: {v} out of range (1..{1 << 26})")
+            raise err("veth-netns", f"network namespace {self.veth_netns} not found")
+
+
+# -- the table -------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Key:
+    attr: str       # AgentConfig field
+    name: str       # file key and flag (without --)
+    kind: str
+    help: str
+    default: Any
+    choices: tuple[str, ...]
+    command: str
+
+    @property
+    def env(self) -> str:
+        return ENV_PREFIX + self.name.upper().replace("-", "_")
+
+
+def keys() -> dict[str, Key]:
+    """Every config key by its file/flag name."""
+    out = {}
+    for f in fields(AgentConfig):
+        m = f.metadata
+        default = f.default if f.default is not MISSING else None
+        name = m["name"] or f.name.replace("_", "-")
+        out[name] = Key(f.name, name, m["kind"], m["help"], default, m["choices"], m["command"])
+    return out
+
+
+# -- reading values --------------------------------------------------------------------------------
+_TRUE, _FALSE = {"true", "yes", "on", "1"}, {"false", "no", "off", "0"}
+
+
+def coerce(k: Key, value: Any, source: str) -> Any:
+    """A value from YAML (typed) or the environment (text) → the key's type."""
+    bad = lambda what: ConfigError(k.name, source, f"{value!r} is not {what}")  # noqa: E731
+    if value is None:
+        return None
+    if k.kind == "bool":
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.strip().lower() in _TRUE | _FALSE:
+            return value.strip().lower() in _TRUE
+        raise bad("a boolean (true/false)")
+    if k.kind in ("int", "float"):
+        if isinstance(value, bool):
+            raise bad(f"a number ({k.kind})")
+        try:
+            return int(value) if k.kind == "int" else float(value)
+        except (TypeError, ValueError):
+            raise bad(f"a number ({k.kind})") from None
+    if k.kind == "list":
+        items = value.split(",") if isinstance(value, str) else value
+        if not isinstance(items, (list, tuple)) or not all(isinstance(i, str) for i in items):
+            raise bad("a list of strings")
+        return tuple(i.strip() for i in items if i.strip())
+    if k.kind == "mapsizes":
+        return _map_sizes(k, value, source)
+    if not isinstance(value, str):
+        raise bad("a string")
+    if k.choices and value not in k.choices:
+        raise ConfigError(k.name, source, f"{value!r} is not one of {', '.join(k.choices)}")
+    return value
+
+
+def _map_sizes(k: Key, value: Any, source: str) -> MapSizes:
+    """{services: N, ...} in the file; "services=N,backends=M" (or a list of MAP=N) elsewhere."""
+    if isinstance(value, str):
+        value = [v for v in value.split(",") if v.strip()]
+    if isinstance(value, (list, tuple)):
+        pairs = {}
+        for item in value:
+            name, sep, n = str(item).partition("=")
+            if not sep or not n.strip().isdigit():
+                raise ConfigError(k.name, source, f"{item!r}: expected MAP=N")
+            pairs[name.strip()] = int(n)
+        value = pairs
+    if not isinstance(value, dict):
+        raise ConfigError(k.name, source, f"{value!r}: expected a mapping of map name to capacity")
+    known = set(MapSizes.__dataclass_fields__)
+    for name, n in value.items():
+        if name not in known:
+            raise ConfigError(k.name, source, f"unknown map {name!r} (maps: {', '.join(sorted(known))})")
+        if isinstance(n, bool) or not isinstance(n, int):
+            raise ConfigError(k.name, source, f"{name}: {n!r} is not an integer")
+    return replace(MapSizes(), **value)
+
+
+def _unknown(name: str, source: str) -> ConfigError:
+    close = difflib.get_close_matches(name, list(keys()), n=1)
+    hint = f" (did you mean {close[0]}?)" if close else ""
+    return ConfigError(name, source, f"unknown key{hint}")
+
+
+def read_file(path: str) -> dict[str, Any]:
+    """The file's keys, checked against the table (an unknown key is an error naming it)."""
+    import yaml
+
+    try:
+        with open(path) as f:
+            data = yaml.load(f, Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader))
+    except yaml.YAMLError as e:
+        raise ConfigError("-", f"file {path}", f"not YAML: {e}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError("-", f"file {path}", "the config file is a mapping of key: value")
+    table = keys()
+    out = {}
+    for name, value in data.items():
+        if name not in table:
+            raise _unknown(str(name), f"file {path}")
+        out[name] = coerce(table[name], value, f"file {path}")
+    return out
+
+
+def read_env(env: Mapping[str, str]) -> dict[str, Any]:
+    table = keys()
+    out = {}
+    by_env = {k.env: k for k in table.values()}
+    for var, value in env.items():
+        if not var.startswith(ENV_PREFIX) or var == ENV_PREFIX + "CONFIG":
+            continue
+        if var not in by_env:
+            if var in ("NODEWIRE_BPF_DIR",):  # read by the loader itself, not a key
+                continue
+            raise _unknown(var[len(ENV_PREFIX):].lower().replace("_", "-"), f"env {var}")
+        out[by_env[var].name] = coerce(by_env[var], value, f"env {var}")
+    return out
+
+
+def load(path: str | None = DEFAULT_CONFIG_FILE, flags: Mapping[str, Any] | None = None,
+         env: Mapping[str, str] = os.environ, path_required: bool = False) -> AgentConfig:
+    """defaults < file < NODEWIRE_* < flags (flags keyed by file/flag name, only those given)."""
+    layers: list[tuple[str, dict]] = []
+    if path and (path_required or os.path.exists(path)):
+        if not os.path.isfile(path):
+            raise ConfigError("config", "flag --config", f"{path} does not exist")
+        layers.append((f"file {path}", read_file(path)))
+    layers.append(("env", read_env(env)))
+    table = keys()
+    given = {}
+    for name, value in (flags or {}).items():
+        if name not in table:
+            raise _unknown(name, "flag")
+        given[name] = coerce(table[name], value, f"flag --{name}")
+    layers.append(("flag", given))
+    values, sources = {}, {}
+    for source, layer in layers:
+        for name, value in layer.items():
+            values[table[name].attr] = value
+            sources[name] = f"env {table[name].env}" if source == "env" else (
+                f"flag --{name}" if source == "flag" else source)
+    cfg = AgentConfig(**values)
+    cfg._sources = sources  # for error messages: where each key's value came from
+    return cfg
+
+
+def _source(cfg: AgentConfig, name: str) -> str:
+    return getattr(cfg, "_sources", {}).get(name, "default")
+
+
+def check_values(cfg: AgentConfig) -> None:
+    """The rules that need no host: ranges, formats, keys that exclude each other."""
+    err = lambda k, m: ConfigError(k, _source(cfg, k), m)  # noqa: E731
+    if cfg.kube and cfg.manifests is not None:
+        raise err("manifests", "manifests and kube are two sources of the same objects: pass one")
+    if cfg.max_series < 1:
+        raise err("max-series", f"{cfg.max_series} must be at least 1")
+    if cfg.poll_interval <= 0:
+        raise err("poll-interval", f"{cfg.poll_interval} must be above 0")
+    for c in cfg.peer_cidrs:
+        try:
+            ipaddress.ip_network(c, strict=False)
+        except ValueError as e:
+            raise err("peer-cidr", f"{c!r}: {e}") from None
+    if not cfg.pin_dir.startswith("/sys/fs/bpf"):
+        raise err("pin-dir", f"{cfg.pin_dir} must be under /sys/fs/bpf (a bpffs mount)")
+    if cfg.metrics_addr:
+        _check_addr(cfg.metrics_addr, err)
+    if cfg.api_server is not None and not re.match(r"^https?://[^/\s]+", cfg.api_server):
+        raise err("api-server", f"{cfg.api_server!r} is not an http(s) URL")
+    for name in ("services", "backends", "revnat", "lb_stats"):
+        v = getattr(cfg.sizes, name)
+        if not 1 <= v <= 1 << 26:
+            raise err("map-size", f"{name}: {v} out of range (1..{1 << 26})")
+
+
+def _check_addr(addr: str, err) -> None:
+    host, sep, port = addr.rpartition(":")
+    if not sep or not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise err("metrics-addr", f"{addr!r} is not HOST:PORT (port 0..65535)")
+    host = host.strip("[]")
+    if host and host != "localhost":
+        try:
+            ipaddress.ip_address(host)
+        except ValueError:
+            raise err("metrics-addr", f"{addr!r}: host {host!r} is not an address") from None
+
+
+def as_file(cfg: AgentConfig) -> dict[str, Any]:
+    """The config as file keys (what `nodewire config view` prints; read back by read_file)."""
+    out = {}
+    for k in keys().values():
+        v = getattr(cfg, k.attr)
+        if isinstance(v, MapSizes):
+            v = {n: getattr(v, n) for n in MapSizes.__dataclass_fields__}
+        elif isinstance(v, tuple):
+            v = list(v)
+        out[k.name] = v
+    return out

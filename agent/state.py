@@ -6,6 +6,8 @@ for a batch under one lock; that is the one write path for every kind. The agent
 recomputed. An EndpointSlice change dirties only its own Service. The objects are the compact
 records of agent/model/objects.py; frontends are computed from them per dirty Service, on demand.
 
+A Node object sets this node's zone (topology hints), unless the configuration fixed it.
+
 Readers on other threads (the observer's pod identity, the RDMA opt-ins) read `pods` and `services`
 (plain dicts; copy them with list(d.items()), which is atomic under the GIL) and compare
 `identity_revision`, which moves only when a Pod or a Service changes (not on endpoint churn).
@@ -16,19 +18,23 @@ import threading
 from typing import Any, Iterable
 
 from .model.frontends import Frontend, service_frontends
-from .model.objects import EndpointSlice, ObjectKey, Pod, Service
+from .model.objects import EndpointSlice, Node, ObjectKey, Objects, Pod, Service
 
-KINDS = ("Service", "EndpointSlice", "Pod")
+KINDS = ("Service", "EndpointSlice", "Pod", "Node")
 
 
 class ClusterState:
-    def __init__(self, node_name: str | None = None) -> None:
-        self.node_name = node_name  # for internalTrafficPolicy: Local
+    def __init__(self, node_name: str | None = None, zone: str = "") -> None:
+        self.node_name = node_name  # for internalTrafficPolicy: Local and node hints
+        # This node's topology.kubernetes.io/zone, for zone hints: --zone when given, else its Node object's.
+        self.zone = zone
+        self._zone_fixed = bool(zone)
         self.services: dict[ObjectKey, Service] = {}
         self.slices: dict[ObjectKey, EndpointSlice] = {}
         self.pods: dict[ObjectKey, Pod] = {}
+        self.nodes: dict[ObjectKey, Node] = {}
         self.tables: dict[str, dict[ObjectKey, Any]] = {
-            "Service": self.services, "EndpointSlice": self.slices, "Pod": self.pods}
+            "Service": self.services, "EndpointSlice": self.slices, "Pod": self.pods, "Node": self.nodes}
         # Service → its slice key, or a tuple of them when it has several (most have one; a container
         # per Service costs ~60 bytes, 6 MiB at 100k).
         self._slices_of: dict[ObjectKey, ObjectKey | tuple[ObjectKey, ...]] = {}
@@ -65,6 +71,17 @@ class ClusterState:
     def apply_pod(self, key: ObjectKey, pod: Pod | None) -> bool:
         return self.apply("Pod", key, pod)
 
+    def apply_node(self, key: ObjectKey, node: Node | None) -> bool:
+        return self.apply("Node", key, node)
+
+    def replace(self, objs: Objects) -> None:
+        """Make the state equal to a full set of objects (tests, one-shot loads): the differences only."""
+        want = {"Service": objs.services, "EndpointSlice": objs.slices, "Pod": objs.pods, "Node": objs.nodes}
+        self.apply_all([(kind, key, None) for kind, table in self.tables.items() for key in table
+                        if key not in want[kind]]
+                       + [(kind, key, obj) for kind in ("Node", "Service", "EndpointSlice", "Pod")
+                          for key, obj in want[kind].items()])
+
     def _apply(self, kind: str, key: ObjectKey, obj: Any | None) -> bool:
         table = self.tables[kind]
         old = table.get(key)
@@ -76,12 +93,20 @@ class ClusterState:
             table[key] = obj
         if kind == "EndpointSlice":
             self._move_slice(key, old, obj)
+        elif kind == "Node":
+            if key.name == self.node_name and not self._zone_fixed:
+                self._set_zone(obj.zone if obj else "")
         else:
             if kind == "Service":
                 self._dirty.add(key)
             self.identity_revision += 1
         self.revision += 1
         return True
+
+    def _set_zone(self, zone: str) -> None:
+        if zone != self.zone:  # topology changes for every Service
+            self.zone = zone
+            self._dirty.update(self.services)
 
     def _move_slice(self, key: ObjectKey, old: EndpointSlice | None, new: EndpointSlice | None) -> None:
         if old is not None:
@@ -139,4 +164,4 @@ class ClusterState:
         svc = self.services.get(key)
         if svc is None:
             return []
-        return service_frontends(svc, self._slices(key), self.node_name)
+        return service_frontends(svc, self._slices(key), self.node_name, self.zone)

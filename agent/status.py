@@ -41,6 +41,7 @@ class Counters:
     sync_errors: int = 0
     written: int = 0
     deleted: int = 0
+    sockets_destroyed: int = 0  # connected sockets closed because their backend left the Service
 
 
 @dataclass
@@ -60,6 +61,7 @@ class AgentStatus:
     started: float
     cgroup: str
     pin_dir: str
+    node: dict = field(default_factory=dict)  # {"name", "zone"}
     programs: list[str] = field(default_factory=list)
     privileges: dict = field(default_factory=dict)
     maps: dict[str, MapFill] = field(default_factory=dict)

@@ -42,10 +42,15 @@ class AgentProcess:
         self._logf = open(self.log, "a")
         self.proc = subprocess.Popen(
             [NODEWIRE, "--debug", "run", "--manifests", str(self.manifests), "--cgroup", self.cgroup,
-             "--pin-dir", self.pin_dir, *self.extra],
+             "--pin-dir", self.pin_dir, *self.metrics_off(), *self.extra],
             stdout=self._logf, stderr=subprocess.STDOUT)
         wait_for(lambda: self.status().first_sync or self._died(), 60, what="agent first sync")
         return self
+
+    def metrics_off(self) -> list[str]:
+        """The agent serves metrics on :9966 by default; parallel test agents turn it off unless
+        a test asks for an address."""
+        return [] if any(str(a).startswith("--metrics-addr") for a in self.extra) else ["--metrics-addr", ""]
 
     def _died(self):
         if self.proc.poll() is not None:

@@ -38,4 +38,4 @@ def test_kubeconfig_error_names_file_and_field(tmp_path):
 
 def test_manifests_and_kube_together_are_refused(tmp_path):
     r = run(["--manifests", str(tmp_path), "--kube"], {})
-    assert r.exit_code == 2 and "--manifests and --kube are two sources" in r.output
+    assert r.exit_code == 2 and "manifests and kube are two sources" in r.output

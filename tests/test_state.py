@@ -114,3 +114,35 @@ def test_internal_traffic_policy_local_reads_the_node_column():
     st.apply("EndpointSlice", ObjectKey("default", "web-ipv4"), parse_endpoint_slice(raw))
     [fe] = st.take_dirty()[WEB]
     assert [b.ip for b in fe.backends] == ["10.0.0.1"]
+
+
+def test_column_selection_equals_selection_py_without_topology():
+    """service_frontends reads slices without hints from their columns; selection.py is the rule.
+    On random endpoints (readiness, serving, terminating, nodes) and both traffic policies, the two agree."""
+    from hypothesis import given, settings, strategies as hs
+
+    from agent.model import frontends
+    from agent.model.frontends import _by_selection, _by_slice_columns
+
+    endpoint = hs.fixed_dictionaries({"ready": hs.booleans(), "serving": hs.booleans(), "terminating": hs.booleans(),
+                                      "node": hs.sampled_from(["", "node-a", "node-b"])})
+
+    @settings(max_examples=300, deadline=None)
+    @given(hs.lists(hs.lists(endpoint, max_size=4), min_size=1, max_size=3), hs.sampled_from(["Cluster", "Local"]),
+           hs.sampled_from([None, "", "node-a"]))
+    def agree(slices, itp, node):
+        parsed = []
+        for n, eps in enumerate(slices):
+            raw = endpoint_slice("web", [f"10.0.{n}.{i + 1}" for i in range(len(eps))], suffix=f"-{n}")
+            for e, spec in zip(raw["endpoints"], eps):
+                e["conditions"] = {k: spec[k] for k in ("ready", "serving", "terminating")}
+                if spec["node"]:
+                    e["nodeName"] = spec["node"]
+            parsed.append((parse_endpoint_slice(raw), 8080))
+        svc = parse_service(service("web", ["10.96.0.1"]))
+        policy = itp if node is not None else "Cluster"
+        assert sorted(_by_slice_columns(parsed, svc, policy, node, "")) == \
+            sorted(_by_selection(parsed, svc, policy, node, ""))
+
+    assert frontends.CLOSE_DISTRIBUTIONS
+    agree()

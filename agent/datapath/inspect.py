@@ -1,12 +1,9 @@
 """Read what the kernel really holds in the pinned service maps, for `nodewire services`."""
 from __future__ import annotations
 
-import os
-
-from .loader import MAP_NAMES, SockLB
+from .abi import PROTO_NAMES
+from .loader import SockLB
 from .maps import addr_str, port_host, unpack_rows
-
-PROTO_NAMES = {6: "TCP", 17: "UDP"}
 
 
 def _fmt(ip: str, port: int) -> str:
@@ -15,11 +12,12 @@ def _fmt(ip: str, port: int) -> str:
 
 def read_services(pin_dir: str, names: dict | None = None) -> list[dict]:
     """Frontend → backends as decoded from the pinned maps (names: service_id → agent's labels)."""
-    if not os.path.exists(os.path.join(pin_dir, MAP_NAMES["services"])):
-        raise FileNotFoundError(f"no nodewire maps pinned under {pin_dir} (is the agent running with --pin-dir {pin_dir}?)")
-    lb = SockLB(pin_dir)
-    svc = lb.services.dump()
-    bes = lb.backends.dump()
+    lb = SockLB.open(pin_dir)  # FileNotFoundError when no agent loaded it there
+    try:
+        svc = lb.services.dump()
+        bes = lb.backends.dump()
+    finally:
+        lb.close()
     kd, vd = lb.services.key_dtype, lb.services.value_dtype
     backends = {}
     for k, v in bes.items():

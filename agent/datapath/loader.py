@@ -1,28 +1,41 @@
-"""Compile bpf/sock_lb.c with BCC once, with map sizes and the pin directory from config.
+"""Compile bpf/ programs out of the long-lived process, pin them, and open the pins without BCC.
 
-Maps are declared BPF_TABLE_PINNED, so a second agent process (after a restart or crash) opens the
-maps the first one pinned instead of creating empty ones: the datapath keeps its state.
+    spec = ProgramSpec(source="sock_lb.c", cflags=("-DNW_X=1",),
+                       programs=(("nw_connect4", "CGROUP_SOCK_ADDR", "CGROUP_INET4_CONNECT"),),
+                       maps=("nodewire_services_v1",))
+    loaded = load(spec, pin_dir)          # compiles in a child only when source or cflags changed
+    loaded.maps["nodewire_services_v1"]   # a RawMap (maps.py): batch ops, layout from the C
+    loaded.prog_fd("nw_connect4")         # an fd of the pinned program, for attach.py:
+    attach_cgroup(fd, cgroup, "CGROUP_INET4_CONNECT") / attach_tracepoint(fd, "sock:inet_sock_set_state",
+    pin=...) / pyroute2 `tc(..., "bpf", fd=fd, name=fn, direct_action=True)` for SCHED_CLS.
+
+Program types and attach types are BCC's names (`BPF.<prog type>`, `BPFAttachType.<attach type>`).
+`load` runs `python -m agent.datapath.compile` (compile.py), the only process that imports BCC: it
+compiles, loads, pins every map the spec names at `<pin dir>/<map>` (the C declares them
+BPF_TABLE_PINNED, so a recompile reuses the maps and their entries) and every program at
+`<pin dir>/progs/<spec name>/<function>`, reports the maps' layouts, and exits. The report and a
+digest of (program text with its headers, cflags, programs, maps, pin dir) are kept in
+`<state dir>/programs/<spec name>.json`: a restart with the same digest and all pins present opens the
+pins and compiles nothing. A changed program is pinned over the old one; attaching it replaces the
+old attachment atomically (cgroup hooks without flags). `open_loaded` opens what an agent loaded,
+for readers such as `nodewire services`, without ever compiling.
 """
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 import re
 import subprocess
-from dataclasses import dataclass
+import sys
+from dataclasses import dataclass, field
 from pathlib import Path
 
-from .maps import RawMap
+from . import abi, bpfsys
+from .maps import RawMap, dtype_from_json
 
 # agent/bpf is the top-level bpf/ (a link in the checkout, package data in a wheel)
 BPF_DIR = Path(os.environ.get("NODEWIRE_BPF_DIR", Path(__file__).resolve().parents[1] / "bpf"))
-
-MAP_NAMES = {
-    "services": "nodewire_services_v1",
-    "backends": "nodewire_backends_v1",
-    "revnat": "nodewire_revnat_v1",
-    "lb_stats": "nodewire_lb_stats_v1",
-    "affinity": "nodewire_affinity_v1",
-}
 
 
 @dataclass(frozen=True)
@@ -31,6 +44,55 @@ class MapSizes:
     backends: int = 1 << 20
     revnat: int = 1 << 18
     lb_stats: int = 1 << 16
+    affinity: int = 1 << 16   # (client pod, Service) pairs with session affinity
+
+
+class LoadError(RuntimeError):
+    """A program could not be compiled, loaded or pinned; the message names it and says why."""
+
+
+@dataclass(frozen=True)
+class ProgramSpec:
+    source: str                                  # a file in bpf/
+    cflags: tuple[str, ...] = ()
+    programs: tuple[tuple[str, str, str | None], ...] = ()  # (function, BCC prog type, attach type)
+    maps: tuple[str, ...] = ()
+    name: str = ""                               # pins and record; default: the source's stem
+
+    @property
+    def key(self) -> str:
+        return self.name or Path(self.source).stem
+
+    def digest(self, pin_dir: str) -> str:
+        h = hashlib.sha256(program_text(self.source).encode())
+        h.update(json.dumps([list(self.cflags), [list(p) for p in self.programs], list(self.maps), pin_dir]).encode())
+        return h.hexdigest()
+
+
+@dataclass
+class Loaded:
+    """One program's maps (opened) and pinned programs (opened on demand)."""
+    spec_name: str
+    pin_dir: str
+    maps: dict[str, RawMap]
+    program_pins: dict[str, str]
+    compiled: bool = False        # True when this load ran the compile child
+    child: dict = field(default_factory=dict)  # the child's seconds and peak_rss_kib
+    _prog_fds: dict[str, int] = field(default_factory=dict)
+
+    def prog_fd(self, function: str) -> int:
+        if function not in self._prog_fds:
+            if function not in self.program_pins:
+                raise KeyError(f"{self.spec_name}: no program {function} (has: {', '.join(self.program_pins)})")
+            self._prog_fds[function] = bpfsys.obj_get(self.program_pins[function])
+        return self._prog_fds[function]
+
+    def close(self) -> None:
+        for fd in self._prog_fds.values():
+            os.close(fd)
+        self._prog_fds.clear()
+        for m in self.maps.values():
+            m.close()
 
 
 def ensure_mounts() -> None:
@@ -67,28 +129,105 @@ def program_text(source: str) -> str:
     return expand((BPF_DIR / source).read_text())
 
 
+def _record_path(spec_name: str, state_dir: str) -> Path:
+    return Path(state_dir, "programs", f"{spec_name}.json")
+
+
+def _default_state_dir(pin_dir: str) -> str:
+    from ..config import state_dir_for  # config imports this module (MapSizes)
+
+    return state_dir_for(pin_dir)
+
+
+def _pins_present(rec: dict) -> bool:
+    return all(os.path.exists(p) for p in [*rec["programs"].values(), *rec["map_pins"].values()])
+
+
+def load(spec: ProgramSpec, pin_dir: str, state_dir: str | None = None) -> Loaded:
+    """The spec's programs and maps, pinned under pin_dir: reused as they are when nothing changed,
+    else compiled and pinned by the compile child. Raises LoadError naming the program."""
+    ensure_mounts()
+    state_dir = state_dir or _default_state_dir(pin_dir)
+    path = _record_path(spec.key, state_dir)
+    digest = spec.digest(pin_dir)
+    rec = _read_record(path)
+    compiled = not (rec and rec.get("digest") == digest and _pins_present(rec))
+    if compiled:
+        rec = _run_child(spec, pin_dir)
+        rec["digest"] = digest
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(rec))
+        os.replace(tmp, path)
+    loaded = _open(spec.key, pin_dir, rec)
+    loaded.compiled = compiled
+    return loaded
+
+
+def open_loaded(spec_name: str, pin_dir: str, state_dir: str | None = None) -> Loaded:
+    """What an agent loaded under pin_dir, opened from its pins; never compiles.
+    FileNotFoundError when nothing was loaded there."""
+    path = _record_path(spec_name, state_dir or _default_state_dir(pin_dir))
+    rec = _read_record(path)
+    if rec is None or not _pins_present(rec):
+        raise FileNotFoundError(f"no nodewire {spec_name} programs pinned under {pin_dir} "
+                                f"(is the agent running with --pin-dir {pin_dir}?)")
+    return _open(spec_name, pin_dir, rec)
+
+
+def _read_record(path: Path) -> dict | None:
+    try:
+        return json.loads(path.read_text())
+    except (FileNotFoundError, json.JSONDecodeError):
+        return None
+
+
+def _run_child(spec: ProgramSpec, pin_dir: str) -> dict:
+    prog_dir = os.path.join(pin_dir, "progs", spec.key)
+    request = {"source": spec.source, "cflags": list(spec.cflags), "programs": [list(p) for p in spec.programs],
+               "maps": list(spec.maps), "pin_dir": pin_dir, "prog_dir": prog_dir}
+    env = dict(os.environ, NODEWIRE_BPF_DIR=str(BPF_DIR))
+    try:
+        out = subprocess.run([sys.executable, "-m", "agent.datapath.compile"], input=json.dumps(request),
+                             capture_output=True, text=True, timeout=600, env=env)
+    except subprocess.TimeoutExpired:
+        raise LoadError(f"bpf/{spec.source}: the compile child did not finish in 600 s") from None
+    if out.returncode != 0:
+        raise LoadError(f"bpf/{spec.source}: compile/load failed: {out.stderr.strip()[-4000:]}")
+    rec = json.loads(out.stdout)
+    rec["map_pins"] = {name: os.path.join(pin_dir, name) for name in rec["maps"]}
+    return rec
+
+
+def _open(spec_name: str, pin_dir: str, rec: dict) -> Loaded:
+    maps: dict[str, RawMap] = {}
+    try:
+        for name, layout in rec["maps"].items():
+            maps[name] = RawMap.open_pinned(rec["map_pins"][name], dtype_from_json(layout["key"]),
+                                            dtype_from_json(layout["value"]), name)
+    except Exception:
+        for m in maps.values():
+            m.close()
+        raise
+    return Loaded(spec_name, pin_dir, maps, dict(rec["programs"]),
+                  child={k: rec[k] for k in ("seconds", "peak_rss_kib") if k in rec})
+
+
 def compile_program(source: str, pin_dir: str, sizes: MapSizes = MapSizes(), extra_cflags=()):
-    """BCC-compile one bpf/ program with its maps pinned under pin_dir."""
+    """BCC-compile one bpf/ program in this process (agent/observe's programs, until they move to
+    load(): that keeps LLVM in the agent for its whole life)."""
     from bcc import BPF
 
     ensure_mounts()
     os.makedirs(pin_dir, exist_ok=True)
-    cflags = [
-        f"-I{BPF_DIR}",
-        f'-DNW_PIN_DIR="{pin_dir}"',
-        f"-DNW_SERVICES_MAX={sizes.services}",
-        f"-DNW_BACKENDS_MAX={sizes.backends}",
-        f"-DNW_REVNAT_MAX={sizes.revnat}",
-        f"-DNW_STATS_MAX={sizes.lb_stats}",
-        "-Wno-unused-function",
-        *extra_cflags,
-    ]
+    cflags = [f"-I{BPF_DIR}", f'-DNW_PIN_DIR="{pin_dir}"', "-Wno-unused-function", *extra_cflags]
     return BPF(text=program_text(source).encode(), cflags=cflags)
 
 
 class SockLB:
-    """The socket load balancer: its BCC module, map views and hook programs."""
+    """The socket load balancer: its pinned hook programs and map views (bpf/sock_lb.c)."""
 
+    SPEC_NAME = "sock_lb"
     HOOKS = (
         ("nw_connect4", "CGROUP_INET4_CONNECT"),
         ("nw_connect6", "CGROUP_INET6_CONNECT"),
@@ -100,20 +239,44 @@ class SockLB:
         ("nw_getpeername6", "CGROUP_INET6_GETPEERNAME"),
     )
 
-    def __init__(self, pin_dir: str, sizes: MapSizes = MapSizes()):
+    def __init__(self, pin_dir: str, sizes: MapSizes = MapSizes(), state_dir: str | None = None,
+                 loaded: Loaded | None = None):
         self.pin_dir = pin_dir
-        self.bpf = compile_program("sock_lb.c", pin_dir, sizes)
-        self.services = RawMap(self.bpf[MAP_NAMES["services"].encode()], MAP_NAMES["services"])
-        self.backends = RawMap(self.bpf[MAP_NAMES["backends"].encode()], MAP_NAMES["backends"])
-        self.lb_stats = self.bpf[MAP_NAMES["lb_stats"].encode()]
-        self.revnat = self.bpf[MAP_NAMES["revnat"].encode()]
+        self.loaded = loaded or load(self.spec(sizes), pin_dir, state_dir)
+        m = self.loaded.maps
+        self.services, self.backends = m[abi.SERVICES_MAP], m[abi.BACKENDS_MAP]
+        self.revnat, self.lb_stats, self.affinity = m[abi.REVNAT_MAP], m[abi.LB_STATS_MAP], m[abi.AFFINITY_MAP]
 
-    def programs(self):
-        """(function, attach type) for every hook, loaded into the kernel."""
-        from bcc import BPF, BPFAttachType
+    @classmethod
+    def spec(cls, sizes: MapSizes = MapSizes()) -> ProgramSpec:
+        return ProgramSpec(source="sock_lb.c", cflags=tuple(abi.lb_defines(sizes)), maps=abi.LB_MAPS,
+                           programs=tuple((fn, "CGROUP_SOCK_ADDR", at) for fn, at in cls.HOOKS),
+                           name=cls.SPEC_NAME)
 
-        out = []
-        for fname, atype in self.HOOKS:
-            at = getattr(BPFAttachType, atype)
-            out.append((self.bpf.load_func(fname, BPF.CGROUP_SOCK_ADDR, attach_type=at), at))
-        return out
+    @classmethod
+    def open(cls, pin_dir: str, state_dir: str | None = None) -> "SockLB":
+        """The maps and programs a running (or killed) agent pinned, without compiling."""
+        return cls(pin_dir, loaded=open_loaded(cls.SPEC_NAME, pin_dir, state_dir))
+
+    def programs(self) -> list[tuple[str, int, str]]:
+        """(function, program fd, attach type) for every hook."""
+        return [(fn, self.loaded.prog_fd(fn), at) for fn, at in self.HOOKS]
+
+    def close(self) -> None:
+        self.loaded.close()
+
+
+def remove_pins(pin_dir: str) -> int:
+    """Unpin everything under pin_dir (maps, programs, links) and remove it. Returns how many pins.
+    A pinned object goes away once nothing else holds it (an attached program stays attached)."""
+    if not os.path.isdir(pin_dir):
+        return 0
+    n = 0
+    for root, dirs, files in os.walk(pin_dir, topdown=False):
+        for name in files:
+            os.unlink(os.path.join(root, name))
+            n += 1
+        for name in dirs:
+            os.rmdir(os.path.join(root, name))
+    os.rmdir(pin_dir)
+    return n

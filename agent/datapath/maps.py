@@ -1,24 +1,22 @@
-"""Raw, batched access to BPF hash maps, with layouts taken from BCC's ctypes of the C structs.
+"""Raw, batched access to pinned BPF maps, with layouts taken from BCC's ctypes of the C structs.
 
-Entries travel as bytes (a key's exact bytes → a value's exact bytes) so that the reconciler can diff
-hundreds of thousands of entries with plain dict operations, and pack them with numpy in one pass.
-The numpy dtypes are derived from BCC's generated ctypes classes (table.Key / table.Leaf): the C
-header stays the only source of truth for every layout.
+Entries travel as bytes (a key's exact bytes → a value's exact bytes) or as numpy structured arrays,
+so that the reconciler can diff hundreds of thousands of entries with plain dict operations and pack
+them in one pass. The numpy dtypes come from BCC's generated ctypes classes (table.Key / table.Leaf)
+in the compile child (agent/datapath/compile.py), which passes them here as JSON (dtype_to_json):
+the C header stays the only source of every layout, and the agent never imports BCC. The map
+itself is opened from its pin with the raw bpf() syscall (bpfsys.py); its kind, sizes and capacity
+come from the kernel (BPF_OBJ_GET_INFO_BY_FD) and are checked against the layout.
 """
 from __future__ import annotations
 
-import ctypes as ct
-import errno
 import ipaddress
 import os
 import socket
 
 import numpy as np
 
-try:  # BCC comes from Debian's python3-bpfcc, not PyPI
-    from bcc.libbcc import lib
-except ImportError:  # pragma: no cover - only the pure parts of the package work without BCC
-    lib = None
+from . import bpfsys
 
 
 def packing_dtype(ctype) -> np.dtype:
@@ -78,27 +76,30 @@ def port_host(be: int) -> int:
     return socket.ntohs(int(be))
 
 
+def dtype_to_json(dt: np.dtype):
+    """A dtype as JSON (the compile child's report): a type string, [element, shape] for an array,
+    or a struct with offsets."""
+    if dt.subdtype is not None:
+        return [dtype_to_json(dt.subdtype[0]), list(dt.subdtype[1])]
+    if dt.names is None:
+        return dt.str
+    return {"names": list(dt.names), "formats": [dtype_to_json(dt.fields[n][0]) for n in dt.names],
+            "offsets": [dt.fields[n][1] for n in dt.names], "itemsize": dt.itemsize}
+
+
+def dtype_from_json(js) -> np.dtype:
+    if isinstance(js, str):
+        return np.dtype(js)
+    if isinstance(js, list):
+        return np.dtype((dtype_from_json(js[0]), tuple(js[1])))
+    return np.dtype({"names": js["names"], "formats": [dtype_from_json(f) for f in js["formats"]],
+                     "offsets": js["offsets"], "itemsize": js["itemsize"]})
+
+
 def lookup_batch_raw(fd: int, key_size: int, value_size: int, name: str, chunk: int = 16384) -> tuple[bytes, bytes]:
     """All keys and values of a hash map as two byte strings, read with BPF_MAP_LOOKUP_BATCH.
     value_size is per element as the kernel returns it (for per-CPU maps: rounded size × CPUs)."""
-    keys = ct.create_string_buffer(key_size * chunk)
-    values = ct.create_string_buffer(value_size * chunk)
-    kparts, vparts = [], []
-    in_batch, out_batch = ct.c_uint32(0), ct.c_uint32(0)
-    first = True
-    while True:
-        count = ct.c_uint32(chunk)
-        res = lib.bpf_lookup_batch(fd, None if first else ct.byref(in_batch), ct.byref(out_batch),
-                                   keys, values, ct.byref(count))
-        err = ct.get_errno()
-        if res != 0 and err != errno.ENOENT:
-            raise OSError(err, f"{name}: BPF_MAP_LOOKUP_BATCH: {os.strerror(err)}")
-        kparts.append(keys.raw[:count.value * key_size])
-        vparts.append(values.raw[:count.value * value_size])
-        if res != 0:  # ENOENT: that was the last batch
-            return b"".join(kparts), b"".join(vparts)
-        in_batch.value = out_batch.value
-        first = False
+    return bpfsys.lookup_batch(fd, key_size, value_size, name, chunk)
 
 
 class MapFull(Exception):
@@ -106,39 +107,121 @@ class MapFull(Exception):
 
 
 class RawMap:
-    """Batched byte-level operations on one BPF hash map (by fd)."""
+    """Batched byte-level operations on one BPF map (by fd), in its C layout.
 
-    def __init__(self, table, name: str):
-        self.table = table
-        self.name = name
-        self.fd = table.map_fd
-        self.key_dtype = packing_dtype(table.Key)
-        self.value_dtype = packing_dtype(table.Leaf)
-        self.key_size = ct.sizeof(table.Key)
-        self.value_size = ct.sizeof(table.Leaf)
-        self.capacity = table.max_entries
+    For a per-CPU map every value is `ncpu` slots of `value_stride` bytes (the C value rounded up to
+    8): dump_arrays() gives values shaped (n, ncpu), update_arrays() takes the same (or (n,), then
+    every CPU's slot is set to that value), dump_summed() adds the CPUs up field by field.
+    """
+
+    def __init__(self, fd: int, name: str, key_layout: np.dtype, value_layout: np.dtype):
+        """key_layout / value_layout: the C structs as numpy dtypes (arrays as subarrays; for a
+        per-CPU map, one CPU's value). key_dtype / value_dtype pack array fields as opaque bytes."""
+        info = bpfsys.map_info(fd, name)
+        self.fd, self.name = fd, name
+        self.map_type = info.type
+        self.capacity = info.max_entries
+        self.percpu = info.type in bpfsys.PERCPU_MAP_TYPES
+        self.value_layout = value_layout
+        self.key_dtype, self.value_dtype = packing_dtype(key_layout), packing_dtype(value_layout)
+        self.key_size = self.key_dtype.itemsize
+        self.value_size = self.value_dtype.itemsize  # one CPU's value, as the C declares it
+        if (info.key_size, info.value_size) != (self.key_size, self.value_size):
+            raise ValueError(f"{name}: the pinned map has key/value sizes {info.key_size}/{info.value_size}, "
+                             f"the program's layout {self.key_size}/{self.value_size}: a layout change needs "
+                             f"a new map version (run `nodewire cleanup` to drop the old maps)")
+        self.ncpu = bpfsys.possible_cpus() if self.percpu else 1
+        self.value_stride = (self.value_size + 7) // 8 * 8 if self.percpu else self.value_size
+        self._slot_dtype = _padded(self.value_dtype, self.value_stride) if self.percpu else self.value_dtype
+
+    @classmethod
+    def open_pinned(cls, path: str, key_layout: np.dtype, value_layout: np.dtype, name: str | None = None) -> "RawMap":
+        fd = bpfsys.obj_get(path)
+        try:
+            return cls(fd, name or os.path.basename(path), key_layout, value_layout)
+        except Exception:
+            os.close(fd)
+            raise
+
+    @classmethod
+    def from_bcc(cls, table, name: str) -> "RawMap":
+        """A view of a map BCC created in this process (for programs still compiled in-process)."""
+        leaf = getattr(table, "sLeaf", table.Leaf)
+        return cls(os.dup(table.map_fd), name, np.dtype(table.Key), np.dtype(leaf))
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+    @property
+    def elem_size(self) -> int:
+        """Bytes per value as the kernel exchanges it (all CPUs for a per-CPU map)."""
+        return self.value_stride * self.ncpu
 
     def dump_arrays(self) -> tuple[np.ndarray, np.ndarray]:
         """Every entry as (keys, values) numpy arrays, read with BPF_MAP_LOOKUP_BATCH."""
-        kraw, vraw = lookup_batch_raw(self.fd, self.key_size, self.value_size, self.name)
-        return np.frombuffer(kraw, dtype=self.key_dtype), np.frombuffer(vraw, dtype=self.value_dtype)
+        kraw, vraw = bpfsys.lookup_batch(self.fd, self.key_size, self.elem_size, self.name,
+                                         chunk=4096 if self.percpu else 16384)
+        keys = np.frombuffer(kraw, dtype=self.key_dtype)
+        if not self.percpu:
+            return keys, np.frombuffer(vraw, dtype=self.value_dtype)
+        slots = np.frombuffer(vraw, dtype=self._slot_dtype).reshape(len(keys), self.ncpu)
+        return keys, (slots["v"] if self.value_dtype.names is None else slots)
+
+    def dump_summed(self) -> tuple[np.ndarray, np.ndarray]:
+        """(keys, values in value_layout, arrays included) with every field summed over the CPUs of
+        a per-CPU map; a plain map's values as they are."""
+        keys, values = self.dump_arrays()
+        layout = self.value_layout
+        if not self.percpu:
+            return keys, values.view(layout)
+        if layout.names is None:
+            return keys, values.sum(axis=1, dtype=layout)
+        natural = values.view(_padded(layout, self.value_stride))
+        out = np.zeros(len(keys), dtype=layout)
+        for f in layout.names:
+            out[f] = natural[f].sum(axis=1)
+        return keys, out
 
     def dump(self) -> dict[bytes, bytes]:
         """Every entry as {key bytes: value bytes} (for inspection and tests; small maps)."""
         k, v = self.dump_arrays()
-        ks, vs = self.key_size, self.value_size
+        ks, vs = self.key_size, self.elem_size
         kb, vb = k.tobytes(), v.tobytes()
         return {kb[i * ks:(i + 1) * ks]: vb[i * vs:(i + 1) * vs] for i in range(len(k))}
 
+    def lookup(self, key: bytes) -> bytes | None:
+        return bpfsys.lookup_elem(self.fd, key, self.elem_size, self.name)
+
+    def keys(self):
+        """Every key (BPF_MAP_GET_NEXT_KEY): for map kinds without batch operations."""
+        k = bpfsys.next_key(self.fd, None, self.key_size, self.name)
+        while k is not None:
+            yield k
+            k = bpfsys.next_key(self.fd, k, self.key_size, self.name)
+
     def update_arrays(self, keys: np.ndarray, values: np.ndarray) -> None:
         if len(keys):
-            self._update(keys.tobytes(), values.tobytes(), len(keys))
+            self._update(keys.tobytes(), self._values_bytes(values), len(keys))
+
+    def _values_bytes(self, values: np.ndarray) -> bytes:
+        if not self.percpu:
+            return np.ascontiguousarray(values, dtype=self.value_dtype).tobytes()
+        v = np.asarray(values, dtype=self.value_dtype)
+        if v.ndim == 1:  # one value for every CPU
+            v = np.repeat(v[:, None], self.ncpu, axis=1)
+        slots = np.zeros(v.shape, dtype=self._slot_dtype)
+        for f in self.value_dtype.names or ("v",):
+            slots[f] = v if self.value_dtype.names is None else v[f]
+        return slots.tobytes()
 
     def delete_array(self, keys: np.ndarray) -> None:
         if len(keys):
             self._delete(keys.tobytes(), len(keys))
 
     def update(self, items: list[tuple[bytes, bytes]]) -> None:
+        """(key bytes, value bytes) pairs; a per-CPU value's bytes are all its CPUs' slots."""
         if items:
             self._update(b"".join(k for k, _ in items), b"".join(v for _, v in items), len(items))
 
@@ -147,22 +230,20 @@ class RawMap:
             self._delete(b"".join(keys), len(keys))
 
     def _update(self, keys: bytes, values: bytes, n: int) -> None:
-        count = ct.c_uint32(n)
-        res = lib.bpf_update_batch(self.fd, keys, values, ct.byref(count))
-        if res != 0:
-            err = ct.get_errno()
-            if err in (errno.E2BIG, errno.ENOSPC, errno.ENOMEM):
-                raise MapFull(f"{self.name}: full ({self.capacity} entries)")
-            raise OSError(err, f"{self.name}: BPF_MAP_UPDATE_BATCH: {os.strerror(err)}")
+        if bpfsys.update_batch(self.fd, keys, values, n, self.name) < 0:
+            raise MapFull(f"{self.name}: full ({self.capacity} entries)")
 
     def _delete(self, keys: bytes, n: int) -> None:
-        count = ct.c_uint32(n)
-        res = lib.bpf_delete_batch(self.fd, keys, ct.byref(count))
-        if res != 0:
-            err = ct.get_errno()
-            if err != errno.ENOENT:
-                raise OSError(err, f"{self.name}: BPF_MAP_DELETE_BATCH: {os.strerror(err)}")
-            # a key was already gone: delete the rest one by one
+        if bpfsys.delete_batch(self.fd, keys, n, self.name) < 0:
+            # a key was already gone: the kernel stopped there, so delete the rest one by one
             ks = self.key_size
             for i in range(n):
-                lib.bpf_delete_elem(self.fd, ct.create_string_buffer(keys[i * ks:(i + 1) * ks], ks))
+                bpfsys.delete_elem(self.fd, keys[i * ks:(i + 1) * ks], self.name)
+
+
+def _padded(dt: np.dtype, itemsize: int) -> np.dtype:
+    """dt as a struct padded to itemsize (one per-CPU slot); a scalar value becomes field "v"."""
+    if dt.names is None:
+        return np.dtype({"names": ["v"], "formats": [dt], "offsets": [0], "itemsize": itemsize})
+    return np.dtype({"names": list(dt.names), "formats": [dt.fields[n][0] for n in dt.names],
+                     "offsets": [dt.fields[n][1] for n in dt.names], "itemsize": itemsize})

@@ -42,7 +42,7 @@ Producer = Callable[[], Iterable[Metric]]
 PRODUCER_SCOPE = InstrumentationScope("nodewire.kernel", "1")
 
 
-def parse_addr(addr: str, default_port: int = 9965) -> tuple[str, int]:
+def parse_addr(addr: str, default_port: int = 9966) -> tuple[str, int]:
     """"HOST:PORT", ":PORT" or "[v6]:PORT" → (host, port). Empty host means all addresses."""
     host, _, port = addr.rpartition(":")
     if not _:

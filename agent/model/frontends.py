@@ -9,7 +9,8 @@ import ipaddress
 import socket
 from typing import Iterable, NamedTuple
 
-from .objects import PROXY_NAME_LABEL, READY, SCTP, EndpointSlice, ObjectKey, Service, ServicePort
+from .objects import PROXY_NAME_LABEL, READY, SCTP, SERVING, TERMINATING, EndpointSlice, ObjectKey, Service, ServicePort
+from .selection import CLOSE_DISTRIBUTIONS, Place, internal_endpoints
 
 # Protocols the socket datapath handles (this kernel has no SCTP; see ENVIRONMENT.md).
 SUPPORTED_PROTOCOLS = ("TCP", "UDP")
@@ -63,52 +64,88 @@ def skip_reason(svc: Service) -> str | None:
     """Why this Service gets no frontend at all, or None."""
     if svc.label(PROXY_NAME_LABEL):
         return f"owned by proxy {svc.label(PROXY_NAME_LABEL)!r}"
+    if svc.type == "ExternalName":  # a DNS alias: nothing to balance (kube-proxy writes no rules)
+        return "ExternalName"
     if svc.headless:
         return "headless"
     return None
 
 
-def ready_addresses(sl: EndpointSlice, node_name: str | None = None) -> list[str]:
-    """Addresses of the slice's ready endpoints (on node_name only, when given), read from its
-    packed columns: no object per endpoint."""
-    family = _FAMILY.get(sl.address_type)
-    if family is None:
-        return []
-    width = 4 if family == socket.AF_INET else 16
-    addrs, nodes, ntop = sl.addresses, sl.node_names, socket.inet_ntop
-    if node_name is not None and not nodes:
-        return []
-    return [ntop(family, addrs[i * width:(i + 1) * width]) for i, c in enumerate(sl.conditions)
-            if c & READY and (node_name is None or nodes[i] == node_name)]
+def _addresses(sl: EndpointSlice, positions: list[int]) -> list[str]:
+    family = _FAMILY[sl.address_type]
+    width, addrs, ntop = (4 if family == socket.AF_INET else 16), sl.addresses, socket.inet_ntop
+    return [ntop(family, addrs[i * width:(i + 1) * width]) for i in positions]
 
 
-def service_frontends(svc: Service, slices: Iterable[EndpointSlice], node_name: str | None = None) -> list[Frontend]:
-    """All frontends of one Service. Only ready endpoints serve; SCTP ports are left out.
+def _by_columns(sl: EndpointSlice, node: str | None) -> tuple[list[int], list[int]]:
+    """(ready, serving-and-terminating) positions of a slice's endpoints, on `node` only when given,
+    read from the condition and node columns without an object per endpoint."""
+    if node is not None and not sl.node_names:
+        return [], []
+    nodes, ready, fallback = sl.node_names, [], []
+    both = SERVING | TERMINATING
+    for i, c in enumerate(sl.conditions):
+        if node is not None and nodes[i] != node:
+            continue
+        if c & READY:
+            ready.append(i)
+        elif c & both == both:
+            fallback.append(i)
+    return ready, fallback
 
-    internalTrafficPolicy: Local keeps only the endpoints on this node (node_name), as kube-proxy
-    does; with none there, connects are refused.
+
+def _uses_topology(svc: Service, slices: list[EndpointSlice]) -> bool:
+    return svc.traffic_distribution in CLOSE_DISTRIBUTIONS or any(sl.zone_hints or sl.node_hints for sl in slices)
+
+
+def service_frontends(svc: Service, slices: Iterable[EndpointSlice], node_name: str | None = None,
+                      zone: str = "") -> list[Frontend]:
+    """All frontends of one Service; SCTP ports are left out.
+
+    Backends are the endpoints kube-proxy would use for traffic to the ClusterIP from this node
+    (selection.internal_endpoints: readiness, terminating fall-back, internalTrafficPolicy, topology).
+    Without a node name (None) internalTrafficPolicy: Local cannot be honoured and counts as Cluster.
+    Slices without topology hints (and Services without trafficDistribution) are read straight from
+    their columns: the same rules, restricted to what is left without topology (tested equal).
     """
     if skip_reason(svc):
         return []
-    local = node_name if svc.internal_traffic_policy == "Local" else None
+    itp = svc.internal_traffic_policy if node_name is not None else "Cluster"
     slices = list(slices)
-    ready = {}  # slice index → its ready addresses, computed once for all of the Service's ports
     affinity = svc.session_affinity_timeout if svc.session_affinity == "ClientIP" else 0
+    pick = _by_selection if _uses_topology(svc, slices) else _by_slice_columns
     out = []
     for vip in svc.cluster_ips:
-        family = "IPv6" if ":" in vip else "IPv4"
+        family = "IPv4" if ":" not in vip else "IPv6"
         for sp in svc.ports:
             if sp.protocol == SCTP:
                 continue
-            backends = set()
-            for n, sl in enumerate(slices):
-                if sl.address_type != family:
-                    continue
-                port = _slice_port(sp, sl)
-                if port is None:
-                    continue
-                if n not in ready:
-                    ready[n] = ready_addresses(sl, local)
-                backends.update(Backend(ip, port, sp.protocol) for ip in ready[n])
+            with_port = [(sl, port) for sl in slices if sl.address_type == family
+                         for port in (_slice_port(sp, sl),) if port is not None]
+            backends = {Backend(ip, port, sp.protocol)
+                        for ip, port in pick(with_port, svc, itp, node_name, zone)}
             out.append(Frontend(vip, sp.port, sp.protocol, svc.key, sp.name, tuple(sorted(backends)), affinity))
     return out
+
+
+def _by_slice_columns(with_port, svc, itp, node_name, zone) -> list[tuple[str, int]]:
+    """No topology: the ready endpoints (on this node for Local), else the serving-and-terminating ones."""
+    node = node_name if itp == "Local" else None
+    if node == "":
+        return []
+    picked = [(sl, port, *_by_columns(sl, node)) for sl, port in with_port]
+    use_ready = any(ready for _, _, ready, _ in picked)
+    return [(ip, port) for sl, port, ready, fallback in picked
+            for ip in _addresses(sl, ready if use_ready else fallback)]
+
+
+def _by_selection(with_port, svc, itp, node_name, zone) -> list[tuple[str, int]]:
+    """Topology in play: transient endpoint views of this one Service, chosen by selection.py."""
+    endpoints, ports = [], []
+    for sl, port in with_port:
+        views = sl.endpoints
+        endpoints.extend(views)
+        ports.extend([port] * len(views))
+    chosen = internal_endpoints(endpoints, Place(node_name or "", zone), itp, svc.traffic_distribution)
+    # Kubernetes uses only the first address of an endpoint.
+    return [(endpoints[i].addresses[0], ports[i]) for i in chosen]

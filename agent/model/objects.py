@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import socket
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 TCP = "TCP"
 UDP = "UDP"
@@ -12,6 +12,7 @@ SCTP = "SCTP"
 PROXY_NAME_LABEL = "service.kubernetes.io/service-proxy-name"
 # endpointslice.kubernetes.io/managed-by / kubernetes.io/service-name tie a slice to its Service.
 SERVICE_NAME_LABEL = "kubernetes.io/service-name"
+ZONE_LABEL = "topology.kubernetes.io/zone"
 
 
 @dataclass(frozen=True, slots=True)
@@ -44,6 +45,7 @@ class Service:
     session_affinity_timeout: int = 10800
     internal_traffic_policy: str = "Cluster"
     external_traffic_policy: str = "Cluster"
+    traffic_distribution: str = ""  # spec.trafficDistribution (PreferClose, PreferSameZone, PreferSameNode)
 
     @property
     def headless(self) -> bool:
@@ -67,6 +69,8 @@ class Endpoint:
     terminating: bool = False
     node_name: str = ""
     zone: str = ""
+    zone_hints: tuple[str, ...] = ()  # hints.forZones[].name
+    node_hints: tuple[str, ...] = ()  # hints.forNodes[].name
 
 
 @dataclass(frozen=True, slots=True)
@@ -93,6 +97,8 @@ class EndpointSlice:
     ports: tuple[EndpointPort, ...]
     node_names: tuple[str, ...] = ()  # per endpoint; () when no endpoint names a node
     zones: tuple[str, ...] = ()       # per endpoint; () when no endpoint names a zone
+    zone_hints: tuple[tuple[str, ...], ...] = ()  # per endpoint hints.forZones names; () when none has any
+    node_hints: tuple[tuple[str, ...], ...] = ()  # per endpoint hints.forNodes names; () when none has any
 
     @property
     def service_key(self) -> ObjectKey:
@@ -118,8 +124,10 @@ class EndpointSlice:
     def endpoints(self) -> tuple[Endpoint, ...]:
         """Transient per-endpoint views (for tests and readers that want objects)."""
         c = self.conditions
+        zh, nh = self.zone_hints, self.node_hints
         return tuple(Endpoint((self.address(i),), bool(c[i] & READY), bool(c[i] & SERVING),
-                              bool(c[i] & TERMINATING), self.node_name(i), self.zone(i)) for i in range(len(c)))
+                              bool(c[i] & TERMINATING), self.node_name(i), self.zone(i),
+                              zh[i] if zh else (), nh[i] if nh else ()) for i in range(len(c)))
 
 
 @dataclass(frozen=True, slots=True)
@@ -130,6 +138,15 @@ class Pod:
     labels: tuple[tuple[str, str], ...] = ()
     annotations: tuple[tuple[str, str], ...] = ()
     uid: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class Node:
+    """A Node: cluster-scoped (its key's namespace is ""); the agent reads its own for its zone."""
+
+    key: ObjectKey
+    zone: str = ""  # the topology.kubernetes.io/zone label
+    addresses: tuple[tuple[str, str], ...] = ()  # (type, address) from status.addresses
 
 
 @dataclass(frozen=True, slots=True)
@@ -145,3 +162,13 @@ class ObjectError:
     def __str__(self) -> str:
         where = f"{self.source}: " if self.source else ""
         return f"{where}{self.kind} {self.key}: {self.field}: {self.message}"
+
+
+@dataclass
+class Objects:
+    """A bag of parsed objects (tests and one-shot loads hand it to ClusterState.replace)."""
+
+    services: dict[ObjectKey, Service] = field(default_factory=dict)
+    slices: dict[ObjectKey, EndpointSlice] = field(default_factory=dict)
+    pods: dict[ObjectKey, Pod] = field(default_factory=dict)
+    nodes: dict[ObjectKey, Node] = field(default_factory=dict)

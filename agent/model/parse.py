@@ -12,7 +12,8 @@ from sys import intern
 from typing import Any
 
 from .objects import (
-    READY, SCTP, SERVICE_NAME_LABEL, SERVING, TCP, TERMINATING, UDP, EndpointPort, EndpointSlice, ObjectError,
+    READY, SCTP, SERVICE_NAME_LABEL, SERVING, TCP, TERMINATING, UDP, ZONE_LABEL, EndpointPort, EndpointSlice, Node,
+    ObjectError,
     ObjectKey, Pod, Service, ServicePort,
 )
 
@@ -203,10 +204,13 @@ def parse_service(obj: Any) -> Service:
     for val, path in ((itp, "spec.internalTrafficPolicy"), (etp, "spec.externalTrafficPolicy")):
         if val not in ("Cluster", "Local"):
             raise r.fail(path, f"unknown value {val!r} (expected Cluster or Local)")
+    # Any value is kept: kube-proxy never reads the field (it follows the hints the controller writes),
+    # and a value newer than this agent must not take the Service down; selection acts on known ones.
+    distribution = r.word(spec, "trafficDistribution", "spec.trafficDistribution")
     return Service(
         key=r.object_key, cluster_ips=ips, ports=shared(tuple(ports)), type=svc_type, labels=r.labels(meta),
         external_ips=external_ips, session_affinity=affinity, session_affinity_timeout=timeout,
-        internal_traffic_policy=itp, external_traffic_policy=etp,
+        internal_traffic_policy=itp, external_traffic_policy=etp, traffic_distribution=distribution,
     )
 
 
@@ -227,6 +231,8 @@ def parse_endpoint_slice(obj: Any) -> EndpointSlice:
     conds = bytearray()
     nodes: list[str] = []
     zones: list[str] = []
+    zone_hints: list[tuple[str, ...]] = []
+    node_hints: list[tuple[str, ...]] = []
     pton = socket.inet_pton
     for i, e in enumerate(r.get(obj, "endpoints", "endpoints", list, default=[])):
         # The common shapes are checked inline (this loop runs 500k times for 100k Services × 5);
@@ -254,6 +260,13 @@ def parse_endpoint_slice(obj: Any) -> EndpointSlice:
                      else r.word(e, "nodeName", f"endpoints[{i}].nodeName"))
         zones.append("" if zone is None else intern(zone) if type(zone) is str
                      else r.word(e, "zone", f"endpoints[{i}].zone"))
+        hints = e.get("hints")
+        if hints is None:
+            zone_hints.append(())
+            node_hints.append(())
+        else:
+            zone_hints.append(shared(_hint_names(r, e, "forZones", f"endpoints[{i}]")))
+            node_hints.append(shared(_hint_names(r, e, "forNodes", f"endpoints[{i}]")))
 
     ports = []
     seen: set[str] = set()
@@ -268,27 +281,38 @@ def parse_endpoint_slice(obj: Any) -> EndpointSlice:
         ports.append(EndpointPort(name, r.port(p, "port", f"{path}.port"), r.protocol(p, f"{path}.protocol")))
     packed_addrs = "\n".join(addrs).encode() if family is None else b"".join(addrs)
     return EndpointSlice(r.object_key, sys.intern(service), atype, packed_addrs, bytes(conds), shared(tuple(ports)),
-                         _column(nodes), _column(zones))
+                         _column(nodes), _column(zones), _column(zone_hints), _column(node_hints))
 
 
 def _conditions(r: _Reader, cond: Any, path: str) -> int:
-    """The READY | SERVING | TERMINATING bits of one endpoint's conditions.
-    Kubernetes: a nil "ready" means ready; nil "serving" means the same as ready."""
+    """The READY | SERVING | TERMINATING bits of one endpoint's conditions. A nil "ready" or "serving"
+    means true, a nil "terminating" false (kube-proxy's pkg/proxy/endpointslicecache.go reads them so)."""
     if type(cond) is not dict:
         raise r.fail(path, f"expected dict, got {type(cond).__name__} {cond!r}")
-    ready, serving, terminating = cond.get("ready", True), cond.get("serving"), cond.get("terminating", False)
-    if type(ready) is bool and type(terminating) is bool and (serving is None or type(serving) is bool):
-        serving = ready if serving is None else serving
+    ready, serving, terminating = cond.get("ready", True), cond.get("serving", True), cond.get("terminating", False)
+    if type(ready) is bool and type(serving) is bool and type(terminating) is bool:
         return ready * READY | serving * SERVING | terminating * TERMINATING
     ready = r.get(cond, "ready", f"{path}.ready", bool, default=True)
-    serving = r.get(cond, "serving", f"{path}.serving", bool, default=ready)
+    serving = r.get(cond, "serving", f"{path}.serving", bool, default=True)
     terminating = r.get(cond, "terminating", f"{path}.terminating", bool, default=False)
     return ready * READY | serving * SERVING | terminating * TERMINATING
 
 
-def _column(values: list[str]) -> tuple[str, ...]:
-    """A per-endpoint string column: () when every value is empty, else one shared tuple."""
+def _column(values: list) -> tuple:
+    """A per-endpoint column: () when every value is empty, else one shared tuple."""
     return shared(tuple(values)) if any(values) else ()
+
+
+def _hint_names(r: _Reader, endpoint: dict, which: str, path: str) -> tuple[str, ...]:
+    """hints.forZones[].name or hints.forNodes[].name of one endpoint (topology-aware routing)."""
+    hints = r.get(endpoint, "hints", f"{path}.hints", dict, default={})
+    names = []
+    for i, h in enumerate(r.get(hints, which, f"{path}.hints.{which}", list, default=[])):
+        name = r.word(h, "name", f"{path}.hints.{which}[{i}].name")
+        if not name:
+            raise r.fail(f"{path}.hints.{which}[{i}].name", "required")
+        names.append(name)
+    return tuple(names)
 
 
 def parse_pod(obj: Any) -> Pod:
@@ -309,4 +333,16 @@ def parse_pod(obj: Any) -> Pod:
     )
 
 
-PARSERS = {"Service": parse_service, "EndpointSlice": parse_endpoint_slice, "Pod": parse_pod}
+def parse_node(obj: Any) -> Node:
+    r = _Reader("Node", obj)
+    _kind_check(r, obj, "Node")
+    labels = dict(r.labels(obj["metadata"]))
+    status = r.get(obj, "status", "status", dict, default={})
+    addrs = []
+    for i, a in enumerate(r.get(status, "addresses", "status.addresses", list, default=[])):
+        path = f"status.addresses[{i}]"
+        addrs.append((r.word(a, "type", f"{path}.type"), r.get(a, "address", f"{path}.address", str, default="")))
+    return Node(ObjectKey("", r.object_key.name), sys.intern(labels.get(ZONE_LABEL, "")), tuple(addrs))
+
+
+PARSERS = {"Service": parse_service, "EndpointSlice": parse_endpoint_slice, "Pod": parse_pod, "Node": parse_node}

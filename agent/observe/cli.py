@@ -7,7 +7,7 @@ import click
 
 __all__ = ["top", "latency"]
 
-metrics_addr_option = click.option("--metrics-addr", default="127.0.0.1:9965", show_default=True,
+metrics_addr_option = click.option("--metrics-addr", default="127.0.0.1:9966", show_default=True,
                                    help="The agent's metrics endpoint (as given to `nodewire run`).")
 
 

@@ -86,10 +86,11 @@ class TcpObserver:
                 missing.append(f"-D{macro}")
                 log.warning("tracepoint missing, its metrics are off tracepoint=%s", tp)
         self.bpf = compile_program("tcp_latency.c", pin_dir, extra_cflags=missing)
-        self.watch = RawMap(self.bpf["nodewire_obs_watch_v1"], "nodewire_obs_watch_v1")
+        self.watch = RawMap.from_bcc(self.bpf["nodewire_obs_watch_v1"], "nodewire_obs_watch_v1")
         self.hist_table = self.bpf["nodewire_obs_hist_v1"]  # per-CPU: read with dump_percpu
-        self.retrans = RawMap(self.bpf["nodewire_obs_retrans_v1"], "nodewire_obs_retrans_v1")
-        self.drops = RawMap(self.bpf["nodewire_obs_drops_v1"], "nodewire_obs_drops_v1")
+        self.hist = RawMap.from_bcc(self.hist_table, "nodewire_obs_hist_v1")
+        self.retrans = RawMap.from_bcc(self.bpf["nodewire_obs_retrans_v1"], "nodewire_obs_retrans_v1")
+        self.drops = RawMap.from_bcc(self.bpf["nodewire_obs_drops_v1"], "nodewire_obs_drops_v1")
         self._watched: dict[bytes, int] = {}
 
     def set_watched(self, ips: list[str]) -> None:
@@ -99,7 +100,7 @@ class TcpObserver:
         want = {addr16(ip): i for i, ip in enumerate(sorted(set(ips)))}
         gone = [k for k in self._watched if k not in want]
         new = [k for k in want if k not in self._watched]
-        hist = RawMap(self.hist_table, "nodewire_obs_hist_v1")
+        hist = self.hist
         kdt = hist.key_dtype
         if gone:
             self.watch.delete(gone)

@@ -15,20 +15,20 @@ from collections import deque
 
 from opentelemetry.metrics import CallbackOptions, Observation
 
+from ..datapath.abi import LB_OUTCOMES
 from ..datapath.maps import MapFull
 from ..model.objects import ObjectKey
 from ..state import ClusterState
 from .drop_reasons import load_drop_reasons, reason_name
 from .histogram import Log2Histogram
 from .identity import Identity, ObserveConfig
-from .kernel import HIST_CONNECT, HIST_SRTT, PodTraffic, TcpObserver, dump_percpu
+from .kernel import HIST_CONNECT, HIST_SRTT, PodTraffic, TcpObserver
 from .series import Reading, SeriesBook
 
 log = logging.getLogger("nodewire.observe")
 
 # Pod annotation naming the node-side veth (written by the CNI plugin, or by hand in manifests).
 HOST_VETH_ANNOTATION = "nodewire.io/host-veth"
-LB_OUTCOMES = {0: "forwarded", 1: "no_backend", 2: "bad_slot"}  # NW_LB_* in bpf/lib/lb.h
 
 
 class Observer:
@@ -178,24 +178,22 @@ class Observer:
             return r
 
     def _read_lb(self, r: Reading) -> None:
-        names = self.reconciler.service_names() if self.reconciler is not None else {}
-        backends = self._backend_names()
-        keys, vals = dump_percpu(self.lb.lb_stats, "nodewire_lb_stats_v1")
+        snap = self.reconciler.snapshot() if self.reconciler is not None else None
+        keys, vals = self.lb.lb_stats.dump_summed()
         for k, v in zip(keys, vals):
             sid, bid, outcome = int(k["service_id"]), int(k["backend_id"]), int(k["outcome"])
-            info = names.get(sid)
+            info = snap.frontend(sid) if snap is not None else None
             if info is None:
                 continue  # a frontend removed since: its series goes with it
-            value = self._since_owner((sid, bid, outcome), (info["service"], info["frontend"], backends.get(bid)),
-                                      int(v[0]))
-            ns, _, name = info["service"].partition("/")
-            attrs = {"k8s.namespace.name": ns, "k8s.service.name": name,
-                     "nodewire.service.port": info["port_name"] or info["frontend"],
+            backend = self._backend_name(snap, bid)
+            value = self._since_owner((sid, bid, outcome), (str(info.service), info.frontend, backend), int(v))
+            attrs = {"k8s.namespace.name": info.service.namespace, "k8s.service.name": info.service.name,
+                     "nodewire.service.port": info.port_name or info.frontend,
                      "k8s.node.name": self.cfg.node_name}
             if LB_OUTCOMES.get(outcome) == "forwarded":
-                if bid not in backends:
+                if backend is None:
                     continue  # the backend is gone: its series goes with it, like a deleted pod's
-                r.count("svc_connects", {**attrs, "nodewire.backend.address": backends[bid]}, value)
+                r.count("svc_connects", {**attrs, "nodewire.backend.address": backend}, value)
             else:
                 r.count("svc_refusals", {**attrs, "nodewire.refusal.reason": LB_OUTCOMES.get(outcome, str(outcome))},
                         value)
@@ -217,12 +215,13 @@ class Observer:
         self._lb_owner[key] = (owner, base, value)
         return value - base
 
-    def _backend_names(self) -> dict[int, str]:
-        """backend_id → "ip:port", from the reconciler's record of what it wrote."""
-        if self.reconciler is None:
-            return {}
-        return {bid: (f"[{be.ip}]" if ":" in be.ip else be.ip) + f":{be.port}"
-                for be, bid in list(self.reconciler.backend_id.items())}
+    @staticmethod
+    def _backend_name(snap, bid: int) -> str | None:
+        """backend_id → "ip:port", from a snapshot of the reconciler's id registry."""
+        be = snap.backend(bid)
+        if be is None:
+            return None
+        return (f"[{be[0]}]" if ":" in be[0] else be[0]) + f":{be[1]}"
 
     def metrics(self):
         """OTel Metric objects for the telemetry producer hook (one kernel read per call)."""

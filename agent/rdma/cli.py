@@ -13,7 +13,7 @@ from .topology import TopologyError, build_topology, render_table
 @click.command()
 @click.option("--sysfs-root", default="/sys", show_default=True, type=click.Path(file_okay=False),
               help="Read sysfs from here (a fixture tree in tests).")
-@click.option("-o", "--output", type=click.Choice(["table", "json", "resourceslice"]), default="table",
+@click.option("-o", "--output", type=click.Choice(["table", "json", "yaml", "resourceslice"]), default="table",
               show_default=True, help="resourceslice: the devices as a resource.k8s.io/v1 ResourceSlice (JSON).")
 @click.option("--node-name", default=None, help="Node name for -o resourceslice [default: hostname].")
 def topo(sysfs_root: str, output: str, node_name: str | None) -> None:
@@ -30,6 +30,9 @@ def topo(sysfs_root: str, output: str, node_name: str | None) -> None:
     elif output == "json":
         json.dump(t.to_json(), sys.stdout, indent=2, sort_keys=True)
         sys.stdout.write("\n")
+    elif output == "yaml":
+        from ..output import emit
+        emit(t.to_json(), "yaml")
     else:
         click.echo(render_table(t))
 
@@ -104,7 +107,7 @@ def render(snap, ports):
 @click.option("--sysfs-root", default="/sys", show_default=True, type=click.Path(file_okay=False))
 @click.option("--interval", default=1.0, show_default=True, help="Refresh every N seconds.")
 @click.option("--duration", type=float, default=None, help="Stop after N seconds and print once.")
-@click.option("-o", "--output", type=click.Choice(["table", "json"]), default="table", show_default=True)
+@click.option("-o", "--output", type=click.Choice(["table", "json", "yaml"]), default="table", show_default=True)
 def rdma(libs, cgroups, duty, time_box, sysfs_root, interval, duration, output) -> None:
     """Live per-QP verbs latency and errors, and RDMA port counters."""
     import time
@@ -124,11 +127,12 @@ def rdma(libs, cgroups, duty, time_box, sysfs_root, interval, duration, output) 
     with tracer:
         tracer.start()
         end = time.monotonic() + duration if duration is not None else None
-        if output == "json" or end is not None or not sys.stdout.isatty():
+        if output != "table" or end is not None or not sys.stdout.isatty():
             time.sleep(max(0.0, end - time.monotonic()) if end else interval)
             snap, pc = tracer.snapshot(), ports.read()
-            if output == "json":
-                click.echo(json.dumps(snapshot_json(snap, pc, kernel_tp), indent=2))
+            if output != "table":
+                from ..output import emit
+                emit(snapshot_json(snap, pc, kernel_tp), output)
             else:
                 from rich.console import Console
                 Console().print(render(snap, pc))

@@ -38,13 +38,21 @@ import yaml
 
 from .. import memory
 from ..model.objects import ObjectError, ObjectKey
-from ..model.parse import PARSERS, InvalidObject
+from ..model.parse import PARSERS, InvalidObject, parse_node
 from ..state import ClusterState
 
 log = logging.getLogger("nodewire.kube")
 SERVICE_ACCOUNT_DIR = "/var/run/secrets/kubernetes.io/serviceaccount"
 ZONE_LABEL = "topology.kubernetes.io/zone"
 PAGE_SIZE = 500  # client-go's reflector pages initial lists by 500 items
+# One watch line is one object: etcd refuses values over 1.5 MiB (its default --max-request-bytes),
+# so 16 MiB is far above any real event and still bounds what a broken server can make us buffer.
+MAX_WATCH_LINE = 16 << 20
+# A healthy watch that allowed bookmarks hears from kube-apiserver at least once a minute
+# (bookmarkFrequency in staging/src/k8s.io/apiserver/pkg/storage/cacher/cacher.go); a stream silent for
+# 2.5 times that is taken as stalled and watched again from the last resourceVersion.
+WATCH_STALL_SECONDS = 150.0
+RETRY_AFTER_MAX = 120.0  # seconds; a larger Retry-After is capped (a stale source is kept meanwhile)
 
 
 class KubeError(Exception):
@@ -57,6 +65,14 @@ class Gone(KubeError):
 
 class ContinueExpired(Gone):
     """410 on a list's continue token: the snapshot the pages were read from is gone."""
+
+
+class RetryAfter(KubeError):
+    """429 (API Priority and Fairness) or a 5xx with Retry-After: wait at least `seconds` before retrying."""
+
+    def __init__(self, message: str, seconds: float):
+        super().__init__(message)
+        self.seconds = seconds
 
 
 class AuthError(KubeError):
@@ -225,6 +241,7 @@ class ApiClient:
             conn.close()
             raise KubeError(f"TLS verification of {self.cfg.server} failed: {e.verify_message}") from None
         conn.sock.settimeout(read_timeout)
+        _keepalive(conn.sock)
         # http.client drops conn.sock when a response takes the connection over; keep our own handle
         # so that close_all() can always cut a blocked read.
         conn._nodewire_sock = conn.sock
@@ -281,11 +298,11 @@ class ApiClient:
                 self._forget(conn)
             self._local.conn = None
             raise
-        if resp.status == 410:
-            raise Gone(_status_message(data))
-        if resp.status != 200:
-            raise KubeError(f"GET {path}: HTTP {resp.status}: {_status_message(data)}")
-        return json.loads(data)
+        _check_response(resp, data, f"GET {path}")
+        page = json.loads(data)
+        if not isinstance(page, dict):
+            raise KubeError(f"GET {path}: the body is a JSON {type(page).__name__}, not an object")
+        return page
 
     def release(self) -> None:
         """Close this thread's list connection: lists are rare, and an idle keep-alive connection the
@@ -300,15 +317,15 @@ class ApiClient:
         conn = self._connect(read_timeout)
         try:
             resp = self._request(conn, path, params)
-            if resp.status == 410:
-                raise Gone(_status_message(resp.read()))
-            if resp.status != 200:
-                raise KubeError(f"watch {path}: HTTP {resp.status}: {_status_message(resp.read())}")
+            _check_response(resp, None if resp.status == 200 else resp.read(), f"watch {path}")
             yield time.monotonic(), None  # accepted
             while True:
-                line = resp.readline()
+                line = resp.readline(MAX_WATCH_LINE + 1)
                 if not line:
                     return
+                if not line.endswith(b"\n"):  # never decode a fragment as if it were a whole event
+                    what = "is longer than %d bytes" % MAX_WATCH_LINE if len(line) > MAX_WATCH_LINE else "ended mid-line"
+                    raise KubeError(f"watch {path}: the stream {what}; watching again")
                 t = time.monotonic()
                 if line.strip():
                     yield t, _decode_event(line)
@@ -333,13 +350,56 @@ def _decode_event(line: bytes) -> dict | BadLine:
     return ev
 
 
+def _keepalive(sock: socket.socket) -> None:
+    """TCP keepalive: a peer that vanished (no RST) is noticed in ~1 min, as client-go's HTTP/2 ping
+    health check (ReadIdleTimeout 30 s + PingTimeout 15 s) would; a live but silent server is the
+    read timeout's job."""
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+    for opt, value in (("TCP_KEEPIDLE", 30), ("TCP_KEEPINTVL", 10), ("TCP_KEEPCNT", 3)):
+        if hasattr(socket, opt):
+            sock.setsockopt(socket.IPPROTO_TCP, getattr(socket, opt), value)
+
+
+def _check_response(resp: http.client.HTTPResponse, data: bytes | None, what: str) -> None:
+    """Raise the error a non-200 answer (or a 200 that is not JSON, e.g. a proxy's HTML page) means."""
+    ctype = (resp.getheader("Content-Type") or "").split(";")[0].strip().lower()
+    if resp.status == 200:
+        if ctype and "json" not in ctype:
+            raise KubeError(f"{what}: HTTP 200 with Content-Type {ctype}, not JSON"
+                            + (f": {_status_message(data)}" if data else ""))
+        return
+    detail = _status_message(data or b"")
+    if resp.status == 410:
+        raise Gone(detail)
+    retry = _retry_after(resp.getheader("Retry-After"))
+    if resp.status == 429 or (resp.status >= 500 and retry is not None):
+        raise RetryAfter(f"{what}: HTTP {resp.status}: {detail} (retry after {retry or 1:g}s)", retry or 1.0)
+    raise KubeError(f"{what}: HTTP {resp.status}: {detail}")
+
+
+def _retry_after(value: str | None) -> float | None:
+    """Retry-After as seconds (RFC 9110: delay-seconds or an HTTP-date), capped; None when absent."""
+    if not value:
+        return None
+    try:
+        secs = float(value.strip())
+    except ValueError:
+        from email.utils import parsedate_to_datetime
+        try:
+            secs = parsedate_to_datetime(value).timestamp() - time.time()
+        except (TypeError, ValueError, OverflowError):
+            return None
+    return min(max(secs, 0.0), RETRY_AFTER_MAX) if secs == secs else None  # NaN → None
+
+
 def _status_message(data: bytes) -> str:
     try:
         st = json.loads(data)
         reason, message = st.get("reason", ""), st.get("message", "")
-        return message if not reason or reason == message else f"{reason}: {message}"
-    except (ValueError, AttributeError):
-        return data[:200].decode(errors="replace")
+        return str(message) if not reason or reason == message else f"{reason}: {message}"
+    except (ValueError, AttributeError, RecursionError):
+        text = data[:200].decode(errors="replace")
+        return " ".join(text.split())  # an HTML page on one line
 
 
 # -- per-resource loop -------------------------------------------------------------------------------
@@ -363,6 +423,24 @@ class Backoff:
         self._next = 0.0
 
 
+class RelistLimiter:
+    """A token bucket for re-lists (client-side rate limiting, as client-go's flowcontrol buckets):
+    a few re-lists at once (a genuine 410 is answered at once), then at most one per `every` seconds,
+    so a server that expires every watch is not hammered with full lists."""
+
+    def __init__(self, burst: int = 3, every: float = 10.0, clock: Callable[[], float] = time.monotonic):
+        self.burst, self.every, self.clock = burst, every, clock
+        self.tokens, self.stamp = float(burst), clock()
+
+    def delay(self) -> float:
+        """Take a token; return how long to wait first (0 when one was available)."""
+        now = self.clock()
+        self.tokens = min(self.burst, self.tokens + (now - self.stamp) / self.every)
+        self.stamp = now
+        self.tokens -= 1
+        return 0.0 if self.tokens >= 0 else -self.tokens * self.every
+
+
 @dataclass
 class ResourceHealth:
     resource: str
@@ -378,6 +456,8 @@ class ResourceHealth:
     events: int = 0
     bookmarks: int = 0
     bad_lines: int = 0  # watch lines skipped as undecodable or not an event
+    relists_delayed: int = 0  # re-lists held back by the client-side rate limit
+    retry_after: int = 0  # 429/5xx answers whose Retry-After was waited out
 
     def as_dict(self) -> dict:
         d = dict(self.__dict__)
@@ -406,6 +486,8 @@ class Reflector:
         self.backoff = backoff
         self.watch_timeout = watch_timeout
         self.short_watch = 1.0  # seconds: a stream that ends sooner with no event is backed off
+        self.stall_timeout = WATCH_STALL_SECONDS  # no byte for this long: the watch is stalled
+        self.relists = RelistLimiter()
         self.health = ResourceHealth(spec.resource)
         self.known: dict[ObjectKey, str] = {}  # every object the API holds → its resourceVersion
         self.rv: str | None = None
@@ -416,6 +498,7 @@ class Reflector:
         while not self.stop.is_set():
             try:
                 if self.rv is None:
+                    self._wait_relist()
                     self.list()
                 started, seen = time.monotonic(), self.health.events + self.health.bookmarks
                 self.watch()
@@ -430,6 +513,10 @@ class Reflector:
                          self.spec.resource, self.rv, str(e))
                 self.health.relists_gone += 1
                 self.rv = None
+            except RetryAfter as e:  # the server said when: never sooner (and never sooner than back-off)
+                self._broken(e)
+                self.health.retry_after += 1
+                self.stop.wait(max(e.seconds, self.backoff.next()))
             except (KubeError, OSError, http.client.HTTPException, ValueError) as e:
                 if self.stop.is_set():
                     break
@@ -440,6 +527,13 @@ class Reflector:
                 self._broken(e)
                 self.stop.wait(self.backoff.next())
         self.health.connected = False
+
+    def _wait_relist(self) -> None:
+        delay = self.relists.delay()
+        if delay > 0:
+            self.health.relists_delayed += 1
+            log.info("re-list rate-limited resource=%s wait_seconds=%.1f", self.spec.resource, delay)
+            self.stop.wait(delay)
 
     def _broken(self, e: Exception) -> None:
         h = self.health
@@ -476,6 +570,7 @@ class Reflector:
                     raise ContinueExpired(str(e)) from None
                 raise
             t = time.monotonic()
+            page_meta = _list_metadata(page, self.spec.resource)
             items = page.get("items") or []
             if not isinstance(items, list):
                 raise KubeError(f"list {self.spec.resource}: items is a {type(items).__name__}, not a list")
@@ -490,14 +585,14 @@ class Reflector:
                 if self.known.get(key) != rv:
                     item.setdefault("kind", self.spec.kind)
                     self.apply(self.spec.kind, key, item, t)
-            cont = (page.get("metadata") or {}).get("continue")
+            cont = page_meta.get("continue")
             if not cont:
                 break
         t = time.monotonic()
         for key in set(self.known) - set(seen):
             self.apply(self.spec.kind, key, None, t)
         self.known = seen
-        self.rv = page["metadata"]["resourceVersion"]
+        self.rv = page_meta["resourceVersion"]
         self.health.lists += 1
         self.health.synced = True
         self.health.resource_version = self.rv
@@ -509,7 +604,8 @@ class Reflector:
         params = dict(self.spec.params, watch="1", resourceVersion=self.rv, allowWatchBookmarks="true",
                       timeoutSeconds=str(random.randint(*self.watch_timeout)))
         h = self.health
-        for t, ev in self.client.watch(self.spec.path, params, read_timeout=int(params["timeoutSeconds"]) + 30):
+        for t, ev in self.client.watch(self.spec.path, params,
+                                       read_timeout=min(int(params["timeoutSeconds"]) + 30, self.stall_timeout)):
             if ev is None:  # the server accepted the watch: the source is live again
                 h.connected, h.stale_since = True, None
                 h.watches += 1
@@ -546,6 +642,18 @@ class Reflector:
             if rv:
                 self.rv = h.resource_version = rv
         # The stream ended (server-side timeout or a dropped connection): watch again from self.rv.
+
+
+def _list_metadata(page: dict, resource: str) -> dict:
+    """A list page's metadata, checked before any of its items is used (names the bad field)."""
+    meta = page.get("metadata")
+    if not isinstance(meta, dict):
+        raise KubeError(f"list {resource}: metadata is a {type(meta).__name__}, not an object")
+    if not isinstance(meta.get("resourceVersion"), str) or not meta["resourceVersion"]:
+        raise KubeError(f"list {resource}: metadata.resourceVersion is missing or not a string")
+    if not isinstance(meta.get("continue", ""), str):
+        raise KubeError(f"list {resource}: metadata.continue is not a string")
+    return meta
 
 
 # -- the source --------------------------------------------------------------------------------------
@@ -636,9 +744,7 @@ class KubeSource:
                     err = e.as_error("api")
                     self.invalid_objects[kind] += 1
                     self.invalid[(kind, key)] = err
-                    log.error("invalid object skipped: %s", err)
-                    if self.on_error:
-                        self.on_error(err)
+                    self._report(err)
                     return
                 self.invalid.pop((kind, key), None)
                 self.state.apply(kind, parsed.key, parsed)
@@ -649,14 +755,25 @@ class KubeSource:
         """A watch line or list item that could not be read as an object: skipped, counted, named."""
         err = ObjectError("api", kind, "?", "-", message)
         self.invalid_objects[kind] += 1
-        log.error("invalid object skipped: %s", err)
+        self._report(err)
+
+    def _report(self, err: ObjectError) -> None:
+        """To on_error (the agent logs them, summarized when they repeat), else to the log."""
         if self.on_error:
             self.on_error(err)
+        else:
+            log.error("invalid object skipped: %s", err)
 
     def _apply_node(self, obj: dict | None) -> None:
+        key = ObjectKey("", self.node_name)
         if obj is None:
             self.node = NodeInfo(self.node_name)
+            self.state.apply_node(key, None)
             return
+        try:
+            self.state.apply_node(key, parse_node(obj))  # its zone drives topology hints
+        except InvalidObject as e:
+            log.error("invalid object skipped: %s", e.as_error("api"))
         meta, status = obj.get("metadata") or {}, obj.get("status") or {}
         labels = meta.get("labels") or {}
         addrs = tuple((a.get("type", ""), a.get("address", "")) for a in status.get("addresses") or []

@@ -26,13 +26,13 @@ from typing import Any, Callable
 
 import yaml
 
-from ..model.objects import EndpointSlice, ObjectError, ObjectKey, Pod, Service
+from ..model.objects import EndpointSlice, Node, ObjectError, ObjectKey, Pod, Service
 from ..model.parse import PARSERS, InvalidObject
 from .. import memory
 from ..state import ClusterState
 
 log = logging.getLogger("nodewire.manifests")
-PARSED = (Service, EndpointSlice, Pod)
+PARSED = (Service, EndpointSlice, Pod, Node)
 SUFFIXES = (".yaml", ".yml", ".json")
 _Loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
 # A 100k-Service × 5-endpoint JSON file is ~80 MiB; past this a file is refused, not read into memory.

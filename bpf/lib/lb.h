@@ -18,26 +18,14 @@
 #ifndef NODEWIRE_LB_H
 #define NODEWIRE_LB_H
 
-#ifndef NW_PIN_DIR
-#define NW_PIN_DIR "/sys/fs/bpf/nodewire"
+/* Numbers shared with the agent come from agent/datapath/abi.py as -D defines (lb_defines()):
+ * capacities, flags, outcomes, errno. None has a default here, so the two sides cannot drift. */
+#if !defined(NW_PIN_DIR) || !defined(NW_SERVICES_MAX) || !defined(NW_BACKENDS_MAX) || \
+    !defined(NW_REVNAT_MAX) || !defined(NW_STATS_MAX) || !defined(NW_AFFINITY_MAX) || \
+    !defined(NW_SVC_F_AFFINITY) || !defined(NW_LB_FORWARDED) || !defined(NW_LB_NO_BACKEND) || \
+    !defined(NW_LB_BAD_SLOT) || !defined(NW_ECONNREFUSED)
+#error "compile through agent/datapath/loader.py: it passes the defines of agent/datapath/abi.py"
 #endif
-#ifndef NW_SERVICES_MAX
-#define NW_SERVICES_MAX 65536
-#endif
-#ifndef NW_BACKENDS_MAX
-#define NW_BACKENDS_MAX 65536
-#endif
-#ifndef NW_REVNAT_MAX
-#define NW_REVNAT_MAX 262144
-#endif
-#ifndef NW_STATS_MAX
-#define NW_STATS_MAX 65536
-#endif
-#ifndef NW_AFFINITY_MAX
-#define NW_AFFINITY_MAX 65536  /* (client pod, Service) pairs with session affinity */
-#endif
-
-#define NW_ECONNREFUSED 111
 
 /* BCC 0.26's helpers.h predates bpf_set_retval (kernel 5.18); the helper id comes from the uapi enum. */
 static long (*nw_set_retval)(int retval) = (void *)BPF_FUNC_set_retval;
@@ -45,10 +33,8 @@ static long (*nw_set_retval)(int retval) = (void *)BPF_FUNC_set_retval;
 /* The second-to-last 32-bit word of an IPv4-mapped IPv6 address (::ffff:0:0/96), in network order. */
 #define NW_V4MAPPED_WORD __builtin_bswap32(0x0000ffff)
 
-/* outcome in nodewire_lb_stats_v1 */
-#define NW_LB_FORWARDED 0
-#define NW_LB_NO_BACKEND 1   /* the Service has no ready endpoint: connect refused */
-#define NW_LB_BAD_SLOT 2     /* a slot or backend was missing (should never happen): refused */
+/* outcome in nodewire_lb_stats_v1: NW_LB_FORWARDED, NW_LB_NO_BACKEND (the Service has no ready
+ * endpoint: connect refused), NW_LB_BAD_SLOT (a slot or backend was missing, never expected: refused) */
 
 struct lb_service_key {
 	__u32 address[4];
@@ -67,7 +53,7 @@ struct lb_service_value {
 	__u32 affinity_timeout;  /* slot 0: seconds, with NW_SVC_F_AFFINITY */
 };
 
-#define NW_SVC_F_AFFINITY 1  /* sessionAffinity: ClientIP */
+/* lb_service_value.flags: NW_SVC_F_AFFINITY = sessionAffinity: ClientIP */
 
 struct lb_backend {
 	__u32 address[4];

@@ -21,15 +21,16 @@ bench.add_command(rdma_bench)
 @click.command()
 @click.option("--duration", type=float, default=None, help="Seconds to run [default: until Ctrl-C].")
 @click.option("--metrics-addr", default=None, help="Serve the agent's /metrics here while the demo runs.")
-@click.option("-o", "--output", type=click.Choice(["live", "json"]), default="live",
-              help="json: print the final per-Service tally as JSON after the run.")
+@click.option("-o", "--output", type=click.Choice(["live", "json", "yaml"]), default="live",
+              help="json/yaml: print the final per-Service tally after the run.")
 def demo(duration, metrics_addr, output) -> None:
     """A sandbox cluster (netns pods) with the agent load-balancing ClusterIP traffic, shown live."""
     from .demo import run_demo
 
     result = run_demo(duration, metrics_addr)
-    if output == "json":
-        click.echo(json.dumps(result))
+    if output != "live":
+        from agent.output import render
+        click.echo(json.dumps(result) if output == "json" else render(result, "yaml"))
 
 
 __all__ = ["bench", "demo"]

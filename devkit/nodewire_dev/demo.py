@@ -120,8 +120,7 @@ def run_demo(duration: float | None, metrics_addr: str | None, interval: float =
             tally.event(f"sandbox {sb.prefix}: {len(pods)} pods up (netns + veth on a bridge, one cgroup each)")
             cmd = [NODEWIRE, "run", "--manifests", str(manifests), "--cgroup", sb.cgroup, "--pin-dir", pin_dir,
                    "--node-name", "sandbox", "--veth-netns", sb.node_netns]
-            if metrics_addr:
-                cmd += ["--metrics-addr", metrics_addr]
+            cmd += ["--metrics-addr", metrics_addr or ""]  # "": off (the agent's default is :9966)
             agent = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=open(tmp / "agent.log", "w"))
             status_file = Path(status_path(pin_dir))
             deadline = time.time() + 60

@@ -15,7 +15,10 @@ Kubernetes documentation describes it:
     ERROR event carrying a `Status` with code 410 (or an HTTP 410, selectable, as some servers answer);
   - bearer-token authentication (401) and per-user, per-resource authorization (403), with `Status`
     bodies; dropping every watch connection, or stopping and restarting the whole server, on demand;
-    injected 5xx answers (`fail_next`) and expired continue tokens (`expire_continue`).
+    injected answers (`fail_next`: a status code, or a `Fault` with any body, Content-Type and headers,
+    e.g. 429 + Retry-After or a proxy's HTML 502 page), expired continue tokens (`expire_continue`),
+    and watch faults (`watch_faults`): a stream that stalls without a byte, one cut in the middle of a
+    chunk, every watch expired at once (`expire_watches`).
 Objects are validated against the real Kubernetes 1.34 OpenAPI schemas (kubernetes-validate, strict:
 unknown fields are errors) when they are stored, so a test cannot feed a shape a real server never sends.
 """
@@ -64,6 +67,20 @@ RESOURCES = {
     )
 }
 BY_KIND = {r.kind: r for r in RESOURCES.values()}
+
+
+@dataclass
+class Fault:
+    """One injected HTTP answer."""
+    code: int
+    body: bytes | None = None  # None: a Status object for the code
+    content_type: str = "application/json"
+    headers: dict | None = None
+    match: str = ""  # only for a request whose path?query contains this (e.g. "/services?limit")
+    served: int | None = None  # index in FakeApiServer.requests of the request it answered
+
+
+STALL, CUT = "stall", "cut"  # watch faults
 
 
 class SchemaError(ValueError):
@@ -229,7 +246,10 @@ class FakeApiServer:
         self._httpd: ThreadingHTTPServer | None = None
         self._thread: threading.Thread | None = None
         self.requests: list[tuple[str, str]] = []  # (method, path?query) of every request, for assertions
-        self.fail_next: list[int] = []  # HTTP codes to answer the next requests with (500, 503, …)
+        self.request_times: list[float] = []  # time.monotonic() of each entry of `requests`
+        self.fail_next: list[int | Fault] = []  # answers for the next requests (500, 503, Fault(429, …))
+        self.watch_faults: list[str] = []  # for the next watches, one each: STALL or CUT
+        self.expire_watches = False  # answer every watch with an ERROR 410 event at once
         self.expire_continue = False  # answer every continue token with 410, as after a compaction
 
     # -- lifecycle ------------------------------------------------------------------------------
@@ -509,10 +529,21 @@ class _Handler(BaseHTTPRequestHandler):
         api = self.api
         url = urlsplit(self.path)
         api.requests.append(("GET", self.path))
+        api.request_times.append(time.monotonic())
         q = {k: v[-1] for k, v in parse_qs(url.query).items()}
-        if api.fail_next:
-            code = api.fail_next.pop(0)
-            return self._send_json(code, status_object(code, "InternalError", "injected failure"))
+        f = next((f for f in api.fail_next if not isinstance(f, Fault) or f.match in self.path), None)
+        if f is not None:
+            api.fail_next.remove(f)
+            f = f if isinstance(f, Fault) else Fault(f)
+            f.served = len(api.requests) - 1
+            body = f.body if f.body is not None else _encode(status_object(f.code, "InternalError", "injected failure"))
+            self.send_response(f.code)
+            self.send_header("Content-Type", f.content_type)
+            for k, v in (f.headers or {}).items():
+                self.send_header(k, v)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            return self.wfile.write(body)
         if url.path == "/version":
             return self._send_json(200, {"major": "1", "minor": "34", "gitVersion": "v1.34.0-fake"})
         route = _route(url.path)
@@ -550,6 +581,21 @@ class _Handler(BaseHTTPRequestHandler):
         self.wfile.write(b"%x\r\n%s\r\n" % (len(data), data))
         self.wfile.flush()
 
+    def _fault(self, fault: str, drop_gen: int) -> None:
+        """Play one injected watch fault; the stream is over afterwards."""
+        api = self.api
+        if fault == STALL:  # headers sent, then silence until the watch is dropped or the server stops
+            with api._lock:
+                while api._drop_gen == drop_gen and api._httpd is not None:
+                    api._lock.wait(0.2)
+        elif fault == CUT:  # a chunk that announces a whole event, half of it, then the connection goes
+            data = _encode({"type": "BOOKMARK", "object": {"metadata": {"resourceVersion": "1"}}}) + b"\n"
+            self.wfile.write(b"%x\r\n%s" % (len(data), data[: len(data) // 2]))
+            self.wfile.flush()
+            self.connection.shutdown(socket.SHUT_RDWR)
+        else:
+            raise ValueError(f"unknown watch fault {fault!r}")
+
     def _watch(self, rt: ResourceType, sel: Selector, q: dict) -> None:
         api = self.api
         bookmarks = q.get("allowWatchBookmarks") in ("1", "true")
@@ -583,9 +629,15 @@ class _Handler(BaseHTTPRequestHandler):
             self.send_header("Content-Type", "application/json")
             self.send_header("Transfer-Encoding", "chunked")
             self.end_headers()
+            if api.expire_watches:
+                initial_error = status_object(410, "Expired", "too old resource version (injected)")
             if initial_error:
                 self._chunk({"type": "ERROR", "object": initial_error})
                 return self._end()
+            with api._lock:
+                fault = api.watch_faults.pop(0) if api.watch_faults else None
+            if fault is not None:
+                return self._fault(fault, drop_gen)
             for o in initial:
                 self._chunk({"type": "ADDED", "object": _with_kind(rt, o)})
             deadline = time.monotonic() + timeout

@@ -5,6 +5,8 @@ import json
 
 import click
 
+from agent.output import render
+
 
 @click.group()
 def bench() -> None:
@@ -15,7 +17,7 @@ def bench() -> None:
 @click.option("--services", default="1000,10000,100000", show_default=True,
               help="Comma-separated Service counts (N Services × 5 endpoints each).")
 @click.option("--connects", default=2000, show_default=True, help="Connects per series per N.")
-@click.option("-o", "--output", type=click.Choice(["table", "json"]), default="table", show_default=True)
+@click.option("-o", "--output", type=click.Choice(["table", "json", "yaml"]), default="table", show_default=True)
 def connect(services, connects, output) -> None:
     """TCP connect latency through a ClusterIP vs directly, full-sync time and agent RSS."""
     from .connect import run_one, table
@@ -29,4 +31,4 @@ def connect(services, connects, output) -> None:
         rows.append(run_one(n, connects))
         if output == "table":
             click.echo(f"N={n:,} done", err=True)
-    click.echo(json.dumps(rows, indent=2) if output == "json" else table(rows))
+    click.echo(render(rows, output) if output != "table" else table(rows))

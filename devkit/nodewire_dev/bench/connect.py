@@ -75,7 +75,7 @@ def run_one(n: int, connects: int, timeout: float = 900) -> dict:
             sizes = [f"services={max(1024, int(entries * 1.25))}", f"backends={max(1024, int(n * ENDPOINTS * 1.25))}"]
             # The load balancer alone: observability's cost is measured by `nodewire bench observe`.
             cmd = [NODEWIRE, "run", "--manifests", str(tmp / "manifests"), "--cgroup", sb.cgroup, "--pin-dir", pin,
-                   "--no-observe", "--no-rdma"]
+                   "--no-observe", "--no-rdma", "--metrics-addr", ""]
             for s in sizes:
                 cmd += ["--map-size", s]
             t0 = time.time()

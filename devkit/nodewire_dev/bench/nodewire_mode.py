@@ -73,7 +73,7 @@ class NodewireMode:
         self.log = open(self.dir / "agent.log.txt", "w")
         t0 = time.perf_counter()
         self.proc = subprocess.Popen([*_CLI, "run", "--manifests", str(self.dir), "--cgroup", self.sb.cgroup,
-                                      "--pin-dir", self.pin_dir], stdout=self.log, stderr=subprocess.STDOUT)
+                                      "--pin-dir", self.pin_dir, "--metrics-addr", ""], stdout=self.log, stderr=subprocess.STDOUT)
         ps = psutil.Process(self.proc.pid)
         while True:
             st = self._status()

@@ -245,12 +245,13 @@ for ip in {ips!r}:
 @click.option("--rounds", default=20, show_default=True, help="Pairs of off/on windows (order alternates).")
 @click.option("--seconds", default=0.5, show_default=True, help="Seconds per window.")
 @click.option("--pods", default=1000, show_default=True, help="Pods in the state for the RSS measurement.")
-@click.option("-o", "--output", type=click.Choice(["text", "json"]), default="text")
+@click.option("-o", "--output", type=click.Choice(["text", "json", "yaml"]), default="text")
 def bench_observe(rounds, seconds, pods, output) -> None:
     """Cost of per-pod observability: request/response rate on vs off (ratio), agent CPU, RSS."""
     res = run_bench(rounds, seconds, pods)
-    if output == "json":
-        click.echo(json.dumps(res, indent=2))
+    if output != "text":
+        from agent.output import emit
+        emit(res, output)
         return
     click.echo(f"TCP request/response (sockperf pp, 64 B): off {statistics.median(res['rr_per_s_off']):,.0f}/s  "
                f"on {statistics.median(res['rr_per_s_on']):,.0f}/s  ratio on/off {res['rr_ratio_on_off']:.3f} "

@@ -101,12 +101,13 @@ def run(wrs: int = 200_000, rate: int = 100_000, rate_ms: int = 5000,
 @click.option("--rate-ms", default=5000, show_default=True, help="Paced run length (ms).")
 @click.option("--duty", "duties", multiple=True, default=("0.05/5", "0.05/20"), show_default=True,
               help="Duty cycles ON/PERIOD to measure under the paced load.")
-@click.option("-o", "--output", type=click.Choice(["table", "json"]), default="table", show_default=True)
+@click.option("-o", "--output", type=click.Choice(["table", "json", "yaml"]), default="table", show_default=True)
 def rdma_bench(wrs, rate, rate_ms, duties, output) -> None:
     """Cost of verbs tracing on the mock verbs stack: per-probe overhead, throughput on/off, duty cycles."""
     res = run(wrs, rate, rate_ms, tuple(parse_duty(d) for d in duties))
-    if output == "json":
-        click.echo(json.dumps(res, indent=2))
+    if output != "table":
+        from agent.output import emit
+        emit(res, output)
         return
     click.echo(f"unpaced, chain 1: {res['off_ns_per_wr_chain1']:.0f} ns/WR off, "
                f"{res['on_ns_per_wr_chain1']:.0f} ns/WR traced → throughput ×{res['throughput_ratio_on_off_chain1']:.4f}; "

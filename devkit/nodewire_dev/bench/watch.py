@@ -216,7 +216,7 @@ def list_to_synced(n: int, endpoints: int, workdir: str) -> dict:
             Path(status_path(pin)).unlink(missing_ok=True)
             log = open(Path(workdir, "agent-list.log"), "w")
             proc = subprocess.Popen([nodewire, "run", "--kubeconfig", str(server.kubeconfig), "--cgroup", sb.cgroup,
-                                     "--pin-dir", pin], stdout=log, stderr=subprocess.STDOUT,
+                                     "--pin-dir", pin, "--metrics-addr", ""], stdout=log, stderr=subprocess.STDOUT,
                                     env=dict(os.environ, NODE_NAME="bench-node"))
             try:
                 ps = psutil.Process(proc.pid)

@@ -1,0 +1,437 @@
+"""The id registry: service ids and backend ids, what each stands for, and backend refcounts.
+
+The kernel maps hold only small integers (a frontend's service id, a slot's backend id); this module
+remembers what each one means, learned back from the pinned maps at start-up so a restarted agent
+computes the same entries and rewrites nothing that is right (after Cilium's BPFOps, which restores
+its id allocators and backend refcounts from the maps).
+
+It is compact on purpose (100k Services × 5 endpoints = 100k frontends, 500k backends): identities
+are fixed-size 20-byte keys in one numpy array indexed by id, found through a sorted array of their
+64-bit hashes, so there is no dict and no Python object per backend. Tables that can be derived
+(a Service's frontends: the ids whose owner is that Service) are derived, not kept twice.
+
+One thread (the agent loop) plans and commits; readers on other threads take `snapshot()`, a copy
+made under the registry's lock.
+"""
+from __future__ import annotations
+
+import socket
+import threading
+from dataclasses import dataclass
+
+import numpy as np
+
+from ..model.objects import ObjectKey
+from .abi import PROTO_NAMES
+
+# A 20-byte identity, viewed as three integers for hashing and exact comparison.
+KEY = np.dtype([("a", "<u8"), ("b", "<u8"), ("c", "<u4")])
+# What a frontend is to the service map (every lb_service_key field but the slot) and what a backend
+# is to the backend map (every lb_backend field but the padding): 16 + 2 + 1 + 1 bytes, the fields
+# named as in bpf/lib/lb.h, so they are copied by name from BCC-derived rows.
+FRONTEND_IDENT = np.dtype({"names": ["address", "port", "proto", "scope"],
+                           "formats": ["V16", "<u2", "u1", "u1"], "offsets": [0, 16, 18, 19], "itemsize": 20})
+BACKEND_IDENT = np.dtype({"names": ["address", "port", "proto", "flags"],
+                          "formats": ["V16", "<u2", "u1", "u1"], "offsets": [0, 16, 18, 19], "itemsize": 20})
+NO_SLOT = 0             # in a frontend's slot list: the kernel holds no entry at this slot
+INVALID = 0xFFFFFFFF    # … holds one pointing at a backend id the backend map does not have
+SLOT_DTYPE = np.dtype("<u4")
+_V4MAPPED = b"\0" * 10 + b"\xff\xff"
+
+
+def _hash(keys: np.ndarray) -> np.ndarray:
+    """64-bit mix of each key (multiply-xorshift, as in splitmix64); equal keys, equal hashes."""
+    with np.errstate(over="ignore"):
+        h = keys["a"] * np.uint64(0x9E3779B97F4A7C15)
+        h ^= keys["b"] * np.uint64(0xC2B2AE3D27D4EB4F)
+        h ^= keys["c"].astype(np.uint64) * np.uint64(0x165667B19E3779F9)
+        h ^= h >> np.uint64(31)
+        h *= np.uint64(0xBF58476D1CE4E5B9)
+        h ^= h >> np.uint64(29)
+    return h
+
+
+def _copy_fields(rows: np.ndarray, ident: np.ndarray) -> np.ndarray:
+    out = np.zeros(len(rows), ident)
+    for name in ident.names:
+        out[name] = rows[name]
+    return out
+
+
+def be_live(table: "KeyIndex", ids: np.ndarray) -> np.ndarray:
+    inside = ids < len(table.live)
+    return inside & table.live[np.where(inside, ids, 0)]
+
+
+def as_keys(idents: np.ndarray) -> np.ndarray:
+    """FRONTEND_IDENT / BACKEND_IDENT rows (or 20-byte strings) as KEY rows."""
+    return np.ascontiguousarray(idents).view(KEY)
+
+
+def ip_str(address: bytes) -> str:
+    if address[:12] == _V4MAPPED:
+        return socket.inet_ntop(socket.AF_INET, address[12:])
+    return socket.inet_ntop(socket.AF_INET6, address)
+
+
+def ident_text(key: bytes) -> tuple[str, int, str]:
+    """(ip, port, protocol) of a 20-byte frontend or backend identity."""
+    return ip_str(key[:16]), int.from_bytes(key[16:18], "big"), PROTO_NAMES.get(key[18], str(key[18]))
+
+
+class KeyIndex:
+    """20-byte keys ↔ ids from 1 (0 is "none"), lowest free id reused first.
+
+    keys[id] holds each live key; `_h`/`_hid` are the live keys' hashes in sorted order with their ids.
+    All operations take and return numpy arrays, so a full sync costs a few vector passes."""
+
+    def __init__(self):
+        self.keys = np.zeros(1, KEY)
+        self.live = np.zeros(1, bool)
+        self._h = np.zeros(0, np.uint64)
+        self._hid = np.zeros(0, np.uint32)
+        self._free = np.zeros(0, np.uint32)   # released ids, as a stack: smallest on top
+        self._next = 1
+        self.count = 0
+
+    @property
+    def size(self) -> int:
+        """One past the largest id ever handed out (the length id-indexed arrays need)."""
+        return self._next
+
+    def _grow(self, top: int) -> None:
+        if top < len(self.keys):
+            return
+        n = max(top + 1, len(self.keys) + len(self.keys) // 4 + 16)
+        self.keys = np.resize(self.keys, n)
+        self.keys[self._next:] = 0
+        live = np.zeros(n, bool)
+        live[:len(self.live)] = self.live
+        self.live = live
+        self.on_grow(n)
+
+    def on_grow(self, n: int) -> None:
+        """Subclasses grow their own id-indexed arrays to n."""
+
+    # -- lookups -------------------------------------------------------------------------------
+    def lookup(self, keys: np.ndarray) -> np.ndarray:
+        """The id of each key (0: unknown)."""
+        keys = keys.view(KEY) if keys.dtype != KEY else keys
+        out = np.zeros(len(keys), np.uint32)
+        if not len(keys) or not len(self._h):
+            return out
+        h = _hash(keys)
+        pos = np.searchsorted(self._h, h)
+        inside = pos < len(self._h)
+        pos = np.where(inside, pos, 0)
+        hit = inside & (self._h[pos] == h)
+        cand = self._hid[pos]
+        same = hit & (self.keys[cand] == keys)
+        out[same] = cand[same]
+        for i in np.nonzero(hit & ~same)[0]:  # another key with the same hash sits first: walk the run
+            j = pos[i]
+            while j < len(self._h) and self._h[j] == h[i]:
+                if self.keys[self._hid[j]] == keys[i]:
+                    out[i] = self._hid[j]
+                    break
+                j += 1
+        return out
+
+    # -- allocation ----------------------------------------------------------------------------
+    def reserve(self, n: int) -> np.ndarray:
+        """The n ids that take(n) will hand out next (the planner's view; nothing changes)."""
+        from_free = self._free[::-1][:n]
+        rest = np.arange(self._next, self._next + n - len(from_free), dtype=np.uint32)
+        return np.concatenate([from_free, rest]).astype(np.uint32)
+
+    def add(self, ids: np.ndarray, keys: np.ndarray) -> None:
+        """Make keys[i] live under ids[i] (ids from reserve(), or read back from a map)."""
+        if not len(ids):
+            return
+        ids = np.asarray(ids, np.uint32)
+        top = int(ids.max())
+        self._grow(top)
+        self._next = max(self._next, top + 1)
+        if len(self._free):
+            self._free = self._free[~np.isin(self._free, ids)]
+        self.keys[ids] = keys.view(KEY) if keys.dtype != KEY else keys
+        self.live[ids] = True
+        self.count += len(ids)
+        h = _hash(self.keys[ids])
+        order = np.argsort(h, kind="stable")
+        h, ids = h[order], ids[order]
+        at = np.searchsorted(self._h, h)
+        self._h = np.insert(self._h, at, h)
+        self._hid = np.insert(self._hid, at, ids)
+
+    def remove(self, ids: np.ndarray) -> None:
+        """Release ids (for reuse, smallest first)."""
+        if not len(ids):
+            return
+        ids = np.unique(np.asarray(ids, np.uint32))
+        h = _hash(self.keys[ids])
+        at = np.searchsorted(self._h, h)
+        for k in np.nonzero(self._hid[np.minimum(at, len(self._hid) - 1)] != ids)[0]:
+            j = at[k]  # equal hashes: find this id in its run
+            while self._hid[j] != ids[k]:
+                j += 1
+            at[k] = j
+        self._h = np.delete(self._h, at)
+        self._hid = np.delete(self._hid, at)
+        self.keys[ids] = 0
+        self.live[ids] = False
+        self.count -= len(ids)
+        self._free = np.sort(np.concatenate([self._free, ids]))[::-1].copy()
+
+    def live_ids(self) -> np.ndarray:
+        return np.nonzero(self.live)[0].astype(np.uint32)
+
+    def key_bytes(self, i: int) -> bytes:
+        return self.keys[i].tobytes()
+
+
+class BackendTable(KeyIndex):
+    """Backend identities by backend id, with how many slots refer to each."""
+
+    def __init__(self):
+        super().__init__()
+        self.refs = np.zeros(1, np.int32)
+
+    def on_grow(self, n: int) -> None:
+        self.refs = np.concatenate([self.refs, np.zeros(n - len(self.refs), np.int32)])
+
+    def count_refs(self, ids: np.ndarray, delta: int) -> None:
+        if len(ids) > 4096:
+            n = self.size
+            self.refs[:n] += (delta * np.bincount(ids, minlength=n)[:n]).astype(np.int32)
+        elif len(ids):
+            np.add.at(self.refs, ids, delta)
+
+
+class FrontendTable(KeyIndex):
+    """Frontends by service id: the slot-0 header the kernel holds, the backend id at each slot,
+    the Service owning it (-1: none, e.g. restored and not yet claimed) and its port name."""
+
+    def __init__(self):
+        super().__init__()
+        self.count_ = np.zeros(1, np.uint16)
+        self.flags = np.zeros(1, np.uint16)
+        self.affinity = np.zeros(1, np.uint32)
+        self.owner = np.full(1, -1, np.int32)
+        self.has_header = np.zeros(1, bool)
+        self.slots: list[bytes] = [b""]      # SLOT_DTYPE backend ids of slots 1..m, as the kernel holds them
+        self.port_name: list[str] = [""]
+
+    def on_grow(self, n: int) -> None:
+        grow = n - len(self.count_)
+        self.count_ = np.concatenate([self.count_, np.zeros(grow, np.uint16)])
+        self.flags = np.concatenate([self.flags, np.zeros(grow, np.uint16)])
+        self.affinity = np.concatenate([self.affinity, np.zeros(grow, np.uint32)])
+        self.owner = np.concatenate([self.owner, np.full(grow, -1, np.int32)])
+        self.has_header = np.concatenate([self.has_header, np.zeros(grow, bool)])
+        self.slots.extend([b""] * grow)
+        self.port_name.extend([""] * grow)
+
+    def remove(self, ids: np.ndarray) -> None:
+        super().remove(ids)
+        self.owner[ids] = -1
+        self.has_header[ids] = False
+        self.count_[ids] = 0
+        for i in ids.tolist():
+            self.slots[i] = b""
+            self.port_name[i] = ""
+
+    def slot_ids(self, sid: int) -> np.ndarray:
+        return np.frombuffer(self.slots[sid], SLOT_DTYPE)
+
+
+@dataclass(frozen=True)
+class FrontendInfo:
+    service: ObjectKey | None
+    ip: str
+    port: int
+    protocol: str
+    port_name: str
+
+    @property
+    def frontend(self) -> str:
+        return f"{self.ip}:{self.port}/{self.protocol}"
+
+
+class Snapshot:
+    """A consistent copy of what the ids stand for, for readers on other threads (observer, status)."""
+
+    def __init__(self, reg: "IdRegistry"):
+        fe, be = reg.frontends, reg.backends
+        self._sids = fe.live_ids()
+        self._fe_keys = fe.keys.copy()
+        self._owner = fe.owner.copy()
+        self._port_name = list(fe.port_name)
+        self._services = list(reg.services)
+        self._be_keys = be.keys.copy()
+        self._be_live = be.live.copy()
+
+    def service_ids(self) -> list[int]:
+        return [int(s) for s in self._sids if self._owner[s] >= 0]
+
+    def frontend(self, sid: int) -> FrontendInfo | None:
+        """What a service id stands for, or None (unknown, or restored and owned by no Service)."""
+        if not 0 < sid < len(self._owner) or self._owner[sid] < 0:
+            return None
+        ip, port, proto = ident_text(self._fe_keys[sid].tobytes())
+        return FrontendInfo(self._services[self._owner[sid]], ip, port, proto, self._port_name[sid])
+
+    def backend(self, bid: int) -> tuple[str, int, str] | None:
+        """(ip, port, protocol) of a backend id, or None."""
+        if not 0 < bid < len(self._be_live) or not self._be_live[bid]:
+            return None
+        return ident_text(self._be_keys[bid].tobytes())
+
+    def backend_ids(self) -> list[int]:
+        return np.nonzero(self._be_live)[0].tolist()
+
+
+class IdRegistry:
+    """Service ids (one per frontend), backend ids and refcounts, and which Service owns what."""
+
+    def __init__(self):
+        self.frontends = FrontendTable()
+        self.backends = BackendTable()
+        self.services: list[ObjectKey | None] = []   # service index → key (owner values)
+        self.service_index: dict[ObjectKey, int] = {}
+        self._free_services: list[int] = []
+        self.svc_entries = 0                           # entries in the service map
+        self.lock = threading.Lock()
+
+    # -- queries (planner, agent thread) -------------------------------------------------------
+    def index_of(self, svc: ObjectKey) -> int:
+        return self.service_index.get(svc, -1)
+
+    def frontends_of(self, idx: int) -> np.ndarray:
+        """Service ids of the frontends a Service (by index) owns."""
+        return np.nonzero(self.frontends.owner == idx)[0].astype(np.uint32) if idx >= 0 else np.zeros(0, np.uint32)
+
+    def owned_services(self) -> list[ObjectKey]:
+        owners = np.unique(self.frontends.owner[self.frontends.live])
+        return [self.services[i] for i in owners.tolist() if i >= 0]
+
+    def service_count(self) -> int:
+        return len(np.unique(self.frontends.owner[self.frontends.live & (self.frontends.owner >= 0)]))
+
+    def snapshot(self) -> Snapshot:
+        with self.lock:
+            return Snapshot(self)
+
+    # -- changes (agent thread) ----------------------------------------------------------------
+    def commit(self, p) -> None:
+        """Record a WritePlan (agent/datapath/plan.py) as written: called once the writes succeeded."""
+        fe, be = self.frontends, self.backends
+        with self.lock:
+            be.add(p.new_backends["id"], p.new_backends["ident"])
+            fe.add(*p.new_frontends)
+            w = p.written
+            fe.count_[w.sids] = w.count
+            fe.flags[w.sids] = w.flags
+            fe.affinity[w.sids] = w.affinity
+            fe.has_header[w.sids] = True
+            for s, b in zip(w.sids.tolist(), w.slots):
+                fe.slots[s] = b
+            sids, svcs, names = p.owners
+            intern = self.intern_service
+            fe.owner[sids] = np.array([intern(s) for s in svcs], np.int32) if svcs else 0
+            for s, n in zip(sids.tolist(), names):
+                fe.port_name[s] = n
+            be.count_refs(p.refs_gained, +1)
+            be.count_refs(p.refs_lost, -1)
+            fe.remove(p.removed_frontends)
+            be.remove(p.backend_deletes["id"])
+            self.svc_entries += p.entry_delta
+            idxs = [i for i in map(self.service_index.get, p.applied_services) if i is not None]
+            owning = np.zeros(len(self.services), bool)
+            owners = fe.owner[fe.live]
+            owning[owners[owners >= 0]] = True
+            for idx in idxs:
+                if not owning[idx]:
+                    svc = self.services[idx]
+                    del self.service_index[svc]
+                    self.services[idx] = None
+                    self._free_services.append(idx)
+
+    def adopt_owners(self, old: "IdRegistry") -> None:
+        """Take the Service owners of frontends `old` knew (after re-reading the maps on a failed write)."""
+        sids = self.frontends.live_ids()
+        was = old.frontends.lookup(self.frontends.keys[sids])
+        for sid, o in zip(sids.tolist(), was.tolist()):
+            idx = int(old.frontends.owner[o]) if o else -1
+            if idx >= 0:
+                self.frontends.owner[sid] = self.intern_service(old.services[idx])
+                self.frontends.port_name[sid] = old.frontends.port_name[o]
+
+    # -- start-up: what the pinned maps already hold -------------------------------------------
+    @classmethod
+    def restore(cls, services: tuple[np.ndarray, np.ndarray], backends: tuple[np.ndarray, np.ndarray]) -> "IdRegistry":
+        """The registry of maps already holding `services` and `backends` ((keys, values) rows as
+        dump_arrays() returns them). Headers keep their service ids; slots with no header (a crash
+        mid-delete) become frontends owned by no Service, removed by the next full sync unless claimed."""
+        reg = cls()
+        bk, bv = backends
+        reg.backends.add(np.asarray(bk, np.uint32), as_keys(_copy_fields(bv, BACKEND_IDENT)))
+        sk, sv = services
+        reg.svc_entries = len(sk)
+        keys = as_keys(_copy_fields(sk, FRONTEND_IDENT))
+        head = np.nonzero(sk["slot"] == 0)[0]
+        fe = reg.frontends
+        sids = sv["service_id"][head].astype(np.uint32)
+        _, first = np.unique(sids, return_index=True)
+        good = np.zeros(len(head), bool)
+        good[first] = True
+        good &= sids > 0
+        fe.add(sids[good], keys[head[good]])
+        odd = head[~good]  # a header with id 0 or a duplicate id: a fresh id, and rewritten when claimed
+        odd_sids = fe.reserve(len(odd))
+        fe.add(odd_sids, keys[odd])
+        hs = np.concatenate([sids[good], odd_sids])
+        rows = np.concatenate([head[good], odd])
+        fe.count_[hs] = sv["count"][rows]
+        fe.flags[hs] = sv["flags"][rows]
+        fe.flags[odd_sids] = 0xFFFF  # never a wanted value: forces a header write
+        fe.affinity[hs] = sv["affinity_timeout"][rows]
+        fe.has_header[hs] = True
+        slot_rows = np.nonzero(sk["slot"] != 0)[0]
+        owner_sid = fe.lookup(keys[slot_rows])
+        orphan = slot_rows[owner_sid == 0]
+        if len(orphan):
+            o_keys = keys[orphan]
+            _, first = np.unique(_hash(o_keys), return_index=True)
+            orphan_sids = fe.reserve(len(first))
+            fe.add(orphan_sids, o_keys[first])
+            owner_sid = fe.lookup(keys[slot_rows])
+        bids = sv["backend_id"][slot_rows].astype(np.uint32)
+        bids = np.where(be_live(reg.backends, bids), bids, INVALID).astype(np.uint32)
+        slot_no = sk["slot"][slot_rows].astype(np.int64)
+        order = np.lexsort((slot_no, owner_sid))
+        owner_sid, slot_no, bids = owner_sid[order], slot_no[order], bids[order]
+        cuts = np.nonzero(np.diff(owner_sid))[0] + 1
+        for sid, sl, b in zip(np.split(owner_sid, cuts), np.split(slot_no, cuts), np.split(bids, cuts)):
+            if not len(sid):
+                continue
+            dense = np.zeros(int(sl[-1]), SLOT_DTYPE)
+            dense[sl - 1] = b
+            fe.slots[int(sid[0])] = dense.tobytes()
+        valid = bids[bids != INVALID]
+        n = reg.backends.size
+        reg.backends.refs[:n] += np.bincount(valid, minlength=n)[:n].astype(np.int32)
+        return reg
+
+    # -- service keys --------------------------------------------------------------------------
+    def intern_service(self, svc: ObjectKey) -> int:
+        idx = self.service_index.get(svc)
+        if idx is None:
+            if self._free_services:
+                idx = self._free_services.pop()
+                self.services[idx] = svc
+            else:
+                idx = len(self.services)
+                self.services.append(svc)
+            self.service_index[svc] = idx
+        return idx

@@ -1,0 +1,152 @@
+"""`nodewire bench reconciler`: the reconciler alone against real pinned maps (root), side by side.
+
+For each implementation (this checkout's, and optionally another file such as main's old
+reconciler.py) a child process builds N Services × E endpoints as Frontends, then measures into a
+scratch pin dir under /sys/fs/bpf/nw-planner-*: the first full sync into empty maps, a second full
+sync with nothing changed, a restart (registry restored from the maps + full sync), and one endpoint
+change at a time (p50/p99). Memory: what the reconciler keeps after the first sync (tracemalloc,
+the desired state excluded), its peak during that sync, and the child's RSS before and after.
+Figures are printed, never asserted.
+"""
+from __future__ import annotations
+
+import gc
+import importlib.util
+import json
+import os
+import resource
+import secrets
+import statistics
+import subprocess
+import sys
+import time
+import tracemalloc
+
+import click
+
+from agent.model.frontends import Backend, Frontend
+from agent.model.objects import ObjectKey
+
+
+def _ip(prefix: int, i: int) -> str:
+    return f"{prefix}.{(i >> 16) & 255}.{(i >> 8) & 255}.{i & 255}"
+
+
+def desired(n: int, endpoints: int) -> dict[ObjectKey, list[Frontend]]:
+    """N Services, one TCP port each, `endpoints` distinct backends each (N × E backends)."""
+    out = {}
+    for s in range(n):
+        key = ObjectKey("bench", f"svc-{s}")
+        bes = tuple(sorted(Backend(_ip(10, s * endpoints + e + 1), 8080, "TCP") for e in range(endpoints)))
+        out[key] = [Frontend(_ip(172, s + 1), 80, "TCP", key, "http", bes)]
+    return out
+
+
+def _rss_mib() -> float:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    return 0.0
+
+
+def _load(impl: str):
+    if impl == "new":
+        from agent.datapath.reconciler import Reconciler
+        return Reconciler
+    spec = importlib.util.spec_from_file_location("agent.datapath._bench_other", impl)
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = mod
+    spec.loader.exec_module(mod)
+    return mod.Reconciler
+
+
+def measure(impl: str, n: int, endpoints: int, changes: int) -> dict:
+    from agent.datapath.loader import MapSizes, SockLB, remove_pins
+
+    Reconciler = _load(impl)
+    want = desired(n, endpoints)
+    pin = f"/sys/fs/bpf/nw-planner-{secrets.token_hex(3)}"
+    lb = SockLB(pin, MapSizes(services=1 << 20, backends=1 << 20), state_dir=f"/tmp/{os.path.basename(pin)}")
+    try:
+        gc.collect()
+        gc.disable()
+        rss0 = _rss_mib()
+        tracemalloc.start()
+        base = tracemalloc.get_traced_memory()[0]
+        rec = Reconciler(lb.services, lb.backends)
+        t = time.perf_counter()
+        r1 = rec.apply(want, full=True)
+        first = time.perf_counter() - t
+        gc.enable()
+        gc.collect()
+        kept, peak = tracemalloc.get_traced_memory()
+        tracemalloc.stop()
+        rss1 = _rss_mib()
+        t = time.perf_counter()
+        r2 = rec.apply(want, full=True)
+        again = time.perf_counter() - t
+        t = time.perf_counter()
+        rec2 = Reconciler(lb.services, lb.backends)
+        r3 = rec2.apply(want, full=True)
+        restart = time.perf_counter() - t
+        del rec
+        gc.collect()
+        lat = []
+        keys = list(want)
+        for i in range(changes):  # replace one endpoint of one Service, then put it back
+            key = keys[(i * 7919) % n]
+            fe = want[key][0]
+            moved = fe._replace(backends=tuple(sorted(fe.backends[1:] + (Backend(_ip(11, i + 1), 8080, "TCP"),))))
+            for version in (moved, fe):
+                t = time.perf_counter()
+                rec2.apply({key: [version]})
+                lat.append(time.perf_counter() - t)
+        lat.sort()
+        return {
+            "impl": impl, "services": n, "endpoints": endpoints,
+            "first_sync_s": round(first, 3), "written": r1.written, "errors": len(r1.errors),
+            "resync_s": round(again, 3), "resync_written": r2.written,
+            "restart_s": round(restart, 3), "restart_written": r3.written + r3.deleted,
+            "change_p50_ms": round(statistics.median(lat) * 1000, 3),
+            "change_p99_ms": round(lat[int(len(lat) * 0.99) - 1] * 1000, 3),
+            "kept_mib": round((kept - base) / 2**20, 1), "peak_mib": round((peak - base) / 2**20, 1),
+            "rss_before_mib": round(rss0, 1), "rss_after_mib": round(rss1, 1),
+            "max_rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+        }
+    finally:
+        lb.close()
+        remove_pins(pin)
+
+
+COLUMNS = ["impl", "first_sync_s", "resync_s", "restart_s", "restart_written", "change_p50_ms", "change_p99_ms",
+           "kept_mib", "peak_mib", "rss_before_mib", "rss_after_mib", "max_rss_mib"]
+
+
+@click.command()
+@click.option("--services", default=100_000, show_default=True)
+@click.option("--endpoints", default=5, show_default=True)
+@click.option("--changes", default=200, show_default=True, help="Single-endpoint changes timed (×2: out and back).")
+@click.option("--compare", "others", multiple=True, help="Another reconciler.py to run side by side (e.g. main's).")
+@click.option("--child", hidden=True, default=None)
+def reconciler(services, endpoints, changes, others, child) -> None:
+    """Reconciler alone into real pinned maps: sync time, change latency, memory kept."""
+    if child:
+        click.echo(json.dumps(measure(child, services, endpoints, changes)))
+        return
+    rows = []
+    for impl in (*others, "new"):
+        out = subprocess.run([sys.executable, "-m", "nodewire_dev.bench.reconciler", "--services", str(services),
+                              "--endpoints", str(endpoints), "--changes", str(changes), "--child", impl],
+                             capture_output=True, text=True)
+        if out.returncode != 0:
+            raise click.ClickException(out.stderr[-2000:])
+        rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
+    click.echo(" | ".join(COLUMNS))
+    for r in rows:
+        click.echo(" | ".join(str(r[c]) for c in COLUMNS))
+    click.echo(json.dumps(rows))
+
+
+if __name__ == "__main__":
+    reconciler()
