@@ -150,6 +150,8 @@ class ApiServer:
                     request = json.loads(line)
                 except ValueError as e:
                     answer = _error("bad_request", f"not JSON: {e}")
+                except RecursionError:  # not a ValueError: it would end this thread without an answer
+                    answer = _error("bad_request", "not JSON: nested too deeply")
                 else:
                     answer = self.dispatch(request)
                 if not _send(conn, answer):

@@ -11,11 +11,13 @@
  * poll side: poll_cq's entry remembers the wc array; its return reads the `ret` completions and
  *            turns (now - stamp) into a log2 histogram slot per (tgid, qp, direction); completions
  *            with a non-zero status are counted per (tgid, qp, status) whether or not they match.
- * Histogram slots: slot s holds 2^(s-1) < v <= 2^s µs, upper-inclusive like OTel's explicit bucket
- * bounds (the convention of the observability histograms), so slots export bucket for bucket.
+ * Histogram slots: lib/hist.h (slot s holds 2^(s-1) < v <= 2^s µs), shared with the observability
+ * programs, so slots export bucket for bucket.
  * Maps are not pinned: the uprobes die with the agent's perf fds, so their state goes too.
  */
 #include <uapi/linux/ptrace.h>
+/* NW_HIST_SLOTS comes from agent/observe/histogram.py (-D) */
+#include "lib/hist.h"
 
 #ifndef NW_CHAIN_MAX
 #define NW_CHAIN_MAX 16          /* WRs of one chain walked per post (bounded loop) */
@@ -26,7 +28,6 @@
 #ifndef NW_POSTS_MAX
 #define NW_POSTS_MAX 65536
 #endif
-#define NW_HIST_SLOTS 40
 #define NW_HIST_SUM_SLOT 255     /* the slot that holds the sum of the values (µs) */
 
 struct nw_post_key { u32 tgid; u32 qp_num; u64 wr_id; u32 recv; u32 pad; };
@@ -252,9 +253,7 @@ int nw_poll_ret(struct pt_regs *ctx)
 			continue;
 		}
 		u64 us = (now - t) / 1000;
-		u32 slot = us <= 1 ? 0 : bpf_log2l(us - 1);
-		if (slot >= NW_HIST_SLOTS)
-			slot = NW_HIST_SLOTS - 1;
+		u32 slot = nw_hist_slot(us);
 		struct nw_lat_key lk = { .tgid = tgid, .qp_num = k.qp_num, .recv = k.recv, .slot = slot };
 		nw_rdma_lat_v1.increment(lk);
 		lk.slot = NW_HIST_SUM_SLOT;

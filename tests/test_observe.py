@@ -1,5 +1,5 @@
-"""Per-pod observability in the real kernel: sandbox pods, real tracepoints and tc programs, the real
-socket LB, a real Prometheus scraping the agent's endpoint and a test OTLP/HTTP receiver decoding the
+"""Per-pod observability in the real kernel: sandbox pods, the real sock_ops program on the sandbox
+cgroup, veth interface counters (and the opt-in tc program), the real socket LB, a real Prometheus scraping the agent's endpoint and a test OTLP/HTTP receiver decoding the
 real OTLP protobufs.
 
 The module's sandbox runs IPv4 only (IPv6 disabled on the bridge and pod links) so that no router
@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 
 from agent.datapath.attach import attach_sock_lb, detach_sock_lb
-from agent.datapath.loader import SockLB
+from agent.datapath.loader import SockLB, remove_pins
 from agent.datapath.reconciler import Reconciler
 from agent.export.telemetry import start_telemetry
 from agent.model.objects import ObjectKey, Pod
@@ -76,7 +76,7 @@ def env(tmp_path_factory):
                 "OTEL_METRIC_EXPORT_INTERVAL": "3600000"})  # exports happen on force_flush()
             stack.append(tel.shutdown)
             obs = Observer(state, tel, ObserveConfig(node_name=NODE, max_series=2000), pin,
-                           veth_netns=sb.node_netns, lb=lb, reconciler=rec).start()
+                           veth_netns=sb.node_netns, lb=lb, reconciler=rec, cgroup=sb.cgroup).start()
             stack.append(obs.close)
             for p in pods.values():
                 obs.set_pod_interface(ObjectKey(p.namespace, p.name), p.host_veth)
@@ -130,32 +130,29 @@ def delta(before, after):
 
 
 # -- kernel probes -------------------------------------------------------------------------------
-def test_all_tracepoints_attached_and_exported_as_status(env):
-    assert env["obs"].tcp.probes == {tp: "attached" for tp in
-                                     ("sock:inet_sock_set_state", "tcp:tcp_probe", "tcp:tcp_retransmit_skb",
-                                      "skb:kfree_skb")}
+def test_sock_ops_and_drop_tracepoint_attached_and_exported_as_status(env):
+    assert env["obs"].tcp.probes == {"sock_ops": "attached", "skb:kfree_skb": "attached"}
     s = samples(scrape(env), "nodewire_observer_probe_status")
-    assert len(s) == 4 and set(s.values()) == {1.0}
+    assert len(s) == 2 and set(s.values()) == {1.0}
+    # no per-ACK program by default: tcp_probe is opt-in
+    assert set(env["obs"].tcp.links) == {"skb:kfree_skb"}
 
 
-def test_a_missing_tracepoint_is_compiled_out_and_reported(monkeypatch, tmp_path):
-    from bcc import BPF
+def test_a_missing_tracepoint_is_left_out_and_reported(monkeypatch, tmp_path):
+    import agent.observe.kernel as kernel
 
-    from agent.observe.kernel import TcpObserver
-
-    real = BPF.tracepoint_exists
-    monkeypatch.setattr(BPF, "tracepoint_exists",
-                        staticmethod(lambda cat, ev: False if ev == "tcp_probe" else real(cat, ev)))
+    real = kernel.tracepoint_exists
+    monkeypatch.setattr(kernel, "tracepoint_exists", lambda tp: False if tp == "skb:kfree_skb" else real(tp))
     pin = f"/sys/fs/bpf/nwobs-probe-{os.getpid()}"
-    t = TcpObserver(pin)
+    t = kernel.TcpObserver(pin, None, tcp_probe=True, state_dir=str(tmp_path))
     try:
-        assert t.probes["tcp:tcp_probe"] == "missing"
-        assert t.probes["sock:inet_sock_set_state"] == "attached"
-        attached = {tp.decode() if isinstance(tp, bytes) else tp for tp in t.bpf.tracepoint_fds}
-        assert attached == {"sock:inet_sock_set_state", "tcp:tcp_retransmit_skb", "skb:kfree_skb"}
+        assert t.probes["skb:kfree_skb"] == "missing"
+        assert t.probes["tcp:tcp_probe"] == "attached"  # opt-in, asked for here
+        assert set(t.links) == {"tcp:tcp_probe"}
+        assert set(t.loaded.program_pins) == {"nw_sockops", "nw_tcp_probe"}  # kfree_skb not even compiled
     finally:
         t.close()
-        shutil.rmtree(pin, ignore_errors=True)
+        remove_pins(pin)
 
 
 # -- per-pod bytes and packets -------------------------------------------------------------------
@@ -289,6 +286,102 @@ for _ in range(7):
     assert counter(env, "drops", **{"nodewire.drop.reason": "UDP_CSUM"}) - before == 7
 
 
+def svc_hist(env, metric: str, service: str) -> dict[str, tuple[list[int], int]]:
+    """backend pod → (slot counts, sum) of a per-Service histogram."""
+    out = {}
+    for attrs, h in env["obs"].read().histograms.get(metric, {}).items():
+        a = dict(attrs)
+        if a["k8s.service.name"] == service:
+            out[a.get("nodewire.backend.pod", a.get("nodewire.backend.address"))] = (list(h.counts), h.total)
+    return out
+
+
+def apply_service(env, name: str, vip: str, backends: list[str], port_name: str = "", target_port: int = 8080):
+    key = ObjectKey("default", name)
+    env["state"].apply_service(key, parse_service(service(name, [vip], port_name=port_name, target_port=target_port)))
+    sl = endpoint_slice(name, backends, port=target_port, port_name=port_name)
+    env["state"].apply_slice(ObjectKey("default", sl["metadata"]["name"]), parse_endpoint_slice(sl))
+    assert not env["rec"].apply(env["state"].take_dirty()).errors
+
+
+def test_connect_latency_per_service_backend_lands_in_the_delayed_backends_bucket(env):
+    """Service "slow" has backends b and c; b drops the first SYN it gets (1 s RTO on the client).
+    The one delayed connect is in b's histogram in the slot of its measured time; every connect to
+    c, and b's others, are fast; the per-backend sample counts equal the connects each one served."""
+    a, b, c = (env["pods"][n] for n in "abc")
+    b.serve(tcp_ports=[9005])
+    c.serve(tcp_ports=[9005])
+    apply_service(env, "slow", "10.96.7.9", [b.ip4, c.ip4], port_name="web", target_port=9005)
+    nft(b.netns, """
+table inet nwtest {
+  chain input { type filter hook input priority 0;
+    tcp dport 9005 tcp flags & (syn | ack) == syn quota until 100 bytes counter drop
+  }
+}
+""")
+    try:
+        out = a.python("""
+import socket, time
+seen = {"b": [], "c": []}
+while not (seen["b"] and seen["c"]) and len(seen["b"]) + len(seen["c"]) < 200:
+    t = time.monotonic(); s = socket.create_connection(("10.96.7.9", 80), timeout=5); took = time.monotonic() - t
+    s.sendall(b"x"); seen[s.recv(100).decode().strip()].append(took); s.close()
+print(repr(seen))
+""")
+    finally:
+        nft(b.netns, "delete table inet nwtest")
+    seen = eval(out)
+    h = svc_hist(env, "svc_connect", "slow")
+    assert set(h) == {"default/b", "default/c"}
+    (bc, _), (cc, _) = h["default/b"], h["default/c"]
+    assert sum(bc) == len(seen["b"]) and sum(cc) == len(seen["c"])
+    took = seen["b"][0]
+    assert took >= 1.0, f"first connect to b took {took}s: the SYN drop did not behave as designed"
+    slow = [s for s, n in enumerate(bc) if n and s >= 20]
+    assert slow in ([slot_of(int(took * 1e6))], [slot_of(int((took - 0.005) * 1e6))]), (bc, took)
+    assert bc[slow[0]] == 1 and not any(cc[20:])   # c never saw a delay
+    text = scrape(env)  # and the Prometheus series carry Service, port name and backend pod
+    got = samples(text, "nodewire_service_connect_duration_seconds_count", k8s_service_name="slow",
+                  nodewire_service_port="web", nodewire_backend_pod="default/b")
+    assert list(got.values()) == [len(seen["b"])]
+
+
+def test_srtt_of_a_connection_is_its_tcp_info_rtt_just_before_close(env):
+    a, b = env["pods"]["a"], env["pods"]["b"]
+    b.serve(tcp_ports=[9006])
+    s0, t0 = hist(env, "srtt", "a")
+    rtt = int(a.python(f"""
+import socket, struct
+s = socket.create_connection(("{b.ip4}", 9006), timeout=5); s.sendall(b"x" * 100); s.recv(100)
+info = s.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 104)
+print(struct.unpack_from("I", info, 68)[0])   # tcpi_rtt (µs): srtt_us >> 3
+s.close()
+"""))
+    s1, t1 = hist(env, "srtt", "a")
+    assert sum(s1) - sum(s0) == 1 and t1 - t0 == rtt
+    assert [n1 - n0 for n0, n1 in zip(s0, s1)].index(1) == slot_of(rtt)
+
+
+def test_pod_tc_opt_in_counts_the_same_frames_as_the_interface_counters(env, tmp_path):
+    """--pod-tc: the tc program on the veth, for what interface counters cannot give (segments of
+    GSO frames). For non-GSO traffic (ping) both count exactly the same frames."""
+    from agent.observe.kernel import PodTraffic
+
+    a, b = env["pods"]["a"], env["pods"]["b"]
+    tc = PodTraffic(f"/sys/fs/bpf/{env['sb'].prefix}", env["sb"].node_netns)
+    try:
+        idx = tc.attach(a.host_veth)
+        a.run(["ping", "-c", "1", "-W", "2", b.ip4])
+        before, tc0 = traffic(env, "a", "transmit"), tc.read().get((idx, "transmit"), (0, 0))
+        a.run(["ping", "-c", "4", "-i", "0.2", "-s", "100", "-W", "2", b.ip4])
+        after, tc1 = traffic(env, "a", "transmit"), tc.read()[(idx, "transmit")]
+    finally:
+        tc.close()
+    frame = ETH + IP4 + ICMP + 100
+    assert (after[0] - before[0], after[1] - before[1]) == (4, 4 * frame)
+    assert (tc1[0] - tc0[0], tc1[1] - tc0[1]) == (4, 4 * frame)
+
+
 # -- service datapath counters -------------------------------------------------------------------
 def test_service_connects_per_backend_and_refusals(env):
     a, b, c = (env["pods"][n] for n in "abc")
@@ -318,6 +411,10 @@ for _ in range(3):
     refused = samples(text, "nodewire_service_refusals_total", k8s_service_name="empty")
     assert list(refused.values()) == [3.0]
     assert dict(list(refused)[0])["nodewire_refusal_reason"] == "no_backend"
+    # one spelling of the port everywhere: the name, or "<port>/<protocol>" for an unnamed port
+    assert dict(list(got)[0])["nodewire_service_port"] == "http"
+    assert dict(list(refused)[0])["nodewire_service_port"] == "80/TCP"
+    assert dict(list(got)[0])["nodewire_backend_pod"] == "default/c"
 
     # "web" goes away and "api" comes with the same backend: the reconciler may hand "api" web's
     # service id, so the kernel's counter for that id already holds 4; api's series must start at 0
@@ -382,7 +479,7 @@ def test_deleting_a_pod_removes_its_series_at_the_next_collection(env):
     try:
         text = scrape(env)
         assert not [l for l in text.splitlines() if 'k8s_pod_name="c"' in l]
-        assert c.host_veth not in env["obs"].traffic.attached  # its tc programs are gone too
+        assert key not in env["obs"]._pod_ifnames  # its veth is no longer read
         assert samples(text, "k8s_pod_network_io_bytes_total", k8s_pod_name="a")
     finally:
         env["state"].apply_pod(key, pod_object(c))
@@ -395,11 +492,11 @@ def test_opt_out_annotation_removes_a_pod(env):
     try:
         text = scrape(env)
         assert not [l for l in text.splitlines() if 'k8s_pod_name="b"' in l]
-        assert b.host_veth not in env["obs"].traffic.attached
+        assert key not in env["obs"]._pod_ifnames
     finally:
         env["state"].apply_pod(key, pod_object(b))
     env["obs"].sync()
-    assert b.host_veth in env["obs"].traffic.attached
+    assert env["obs"]._pod_ifnames[key] == b.host_veth
 
 
 def test_series_cap_holds_under_1000_short_lived_pods(env):
@@ -494,7 +591,7 @@ s = socket.create_connection(("{b.ip6}", 9003), timeout=5); s.sendall(b"x" * 100
     c1, _ = hist(env, "connect", "a")
     s1, _ = hist(env, "srtt", "a")
     assert sum(c1) - sum(c0) == 1   # the one v6 connect, attributed to pod a through its v6 address
-    assert sum(s1) > sum(s0)        # tcp_probe's sockaddr_in6 image read at the v6 offset
+    assert sum(s1) - sum(s0) == 1   # its srtt, recorded when a's close() left ESTABLISHED
 
 
 def test_a_routed_pod_veth_is_found_from_the_node_route(env):
@@ -521,7 +618,7 @@ route add default dev eth0
 """)
         env["state"].apply_pod(key, Pod(key, (ip,), NODE))
         env["obs"].sync()
-        assert env["obs"].traffic.attached.get(node_if)
+        assert env["obs"]._pod_ifnames.get(key) == node_if
         assert "a" not in [k.name for k, v in env["obs"]._pod_ifnames.items() if v == node_if]
         a.run(["ping", "-c", "3", "-i", "0.2", "-W", "2", ip])
         received = counter(env, "pod_packets", **{"k8s.pod.name": "routed", "network.io.direction": "receive"})
@@ -531,4 +628,4 @@ route add default dev eth0
         env["state"].apply_pod(key, None)
         env["obs"].sync()
         subprocess.run(["ip", "netns", "del", ns])
-    assert node_if not in env["obs"].traffic.attached
+    assert key not in env["obs"]._pod_ifnames

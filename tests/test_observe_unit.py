@@ -165,3 +165,51 @@ def test_views_compute_rates_and_bucket_quantiles_from_two_scrapes():
     assert quantile(bucket_delta(b, b), 0.5) is None  # nothing new in the interval
     (row,) = top_rows(prev, cur, 2.0)
     assert row.pod == ("ns", "p") and row.rx == 1000.0 and row.tx == 0.0
+
+
+def test_workload_labels_from_owner_references_and_pod_template_hash():
+    from agent.model.parse import parse_pod
+
+    def pod(name, owners, labels=None):
+        return parse_pod({"apiVersion": "v1", "kind": "Pod",
+                          "metadata": {"name": name, "namespace": "shop", "labels": labels or {},
+                                       "ownerReferences": owners},
+                          "spec": {"nodeName": "n1"}, "status": {"podIP": "10.1.0.%d" % len(name)}})
+
+    rs = pod("web-5d8f9-abcde", [{"apiVersion": "v1", "kind": "Node", "name": "n1"},  # not the controller
+                                 {"apiVersion": "apps/v1", "kind": "ReplicaSet", "name": "web-5d8f9", "controller": True}],
+             {"pod-template-hash": "5d8f9"})
+    assert rs.owners[0] == ("ReplicaSet", "web-5d8f9")
+    sts = pod("db-0", [{"apiVersion": "apps/v1", "kind": "StatefulSet", "name": "db", "controller": True}])
+    bare_rs = pod("x-1", [{"apiVersion": "apps/v1", "kind": "ReplicaSet", "name": "x", "controller": True}])
+    bare = pod("lonely", [])
+    st = ClusterState()
+    for p in (rs, sts, bare_rs, bare):
+        st.apply_pod(p.key, p)
+    ident = Identity.from_state(st, ObserveConfig(node_name="n1"))
+    attrs = lambda p: ident.pod_of(p.ips[0]).attributes()  # noqa: E731
+    assert attrs(rs)["k8s.deployment.name"] == "web" and attrs(rs)["k8s.replicaset.name"] == "web-5d8f9"
+    assert attrs(sts)["k8s.statefulset.name"] == "db" and "k8s.deployment.name" not in attrs(sts)
+    assert "k8s.deployment.name" not in attrs(bare_rs)  # no pod-template-hash: a ReplicaSet of its own
+    assert not {k for k in attrs(bare) if k.startswith("k8s.") and k.endswith(("set.name", "ment.name"))}
+    # peers and backends: by pod, or by workload to bound cardinality under IP churn
+    assert ident.peer(rs.ips[0]) == {"nodewire.peer.kind": "pod", "nodewire.peer.name": "shop/web-5d8f9-abcde"}
+    by_wl = Identity.from_state(st, ObserveConfig(node_name="n1", aggregate_by="workload"))
+    assert by_wl.peer(rs.ips[0]) == {"nodewire.peer.kind": "workload", "nodewire.peer.name": "shop/Deployment/web"}
+    assert by_wl.backend(sts.ips[0], 5432) == {"nodewire.backend.workload": "shop/StatefulSet/db"}
+    assert by_wl.backend(bare.ips[0], 80) == {"nodewire.backend.address": f"{bare.ips[0]}:80",
+                                              "nodewire.backend.pod": "shop/lonely"}
+
+
+def test_one_quantile_function_and_the_scale_0_exponential_form():
+    from agent.observe.histogram import bucket_quantile, slot_quantile
+
+    assert bucket_quantile([(1.0, 0), (2.0, 3), (4.0, 1)], 0.5) == 2.0
+    assert bucket_quantile([(1.0, 0)], 0.5) is None
+    assert slot_quantile([0, 0, 5, 0, 5], 0.99) == 16 and slot_quantile([0] * HIST_SLOTS, 0.5) == 0
+    h = Log2Histogram()
+    for v in (3, 4, 1000):
+        h.add_slot(slot_of(v), 1)
+    offset, counts, zero = h.exponential()
+    # scale 0: index i covers (2^i, 2^(i+1)]; 3 and 4 are in (2, 4] = index 1, 1000 in (512, 1024] = 9
+    assert offset == 1 and counts[0] == 2 and counts[9 - offset] == 1 and sum(counts) == 3 and zero == 0

@@ -2,8 +2,11 @@
 from __future__ import annotations
 
 import numpy as np
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
-from agent.datapath.ids import IdRegistry
+from agent.datapath import ids as ids_mod
+from agent.datapath.ids import KEY, IdRegistry, KeyIndex
 from agent.datapath.plan import CLASH, MAP_FULL, TOO_MANY_BACKENDS, Capacities, Limit, plan, summarize
 from agent.datapath.reconciler import Reconciler
 from agent.model.frontends import Backend, Frontend
@@ -157,6 +160,16 @@ def test_slots_orphaned_by_a_crash_mid_delete_are_removed_by_the_next_full_sync(
     assert len(d.services.entries) == 3 and len(d.backends.entries) == 2
 
 
+def test_a_slot_missing_under_a_header_is_rewritten_alone():
+    d = MapsDouble(64, 32)
+    want = dict([fe("a", "10.96.0.1", "10.0.0.1", "10.0.0.2", "10.0.0.3")])
+    applied(d, *want.items())
+    keys, _ = d.services.dump_arrays()
+    d.services.entries.pop(keys[keys["slot"] == 2].tobytes())
+    res = Reconciler(d.services, d.backends).apply(want, full=True)
+    assert (res.written, res.deleted) == (1, 0) and list(d.frontends().values())[0][0] == 3
+
+
 def test_an_orphaned_frontend_claimed_again_gets_a_header_and_only_the_slots_that_differ():
     d = MapsDouble(64, 32)
     applied(d, fe("b", "10.96.0.2", "10.0.0.3", "10.0.0.4"))
@@ -166,3 +179,41 @@ def test_an_orphaned_frontend_claimed_again_gets_a_header_and_only_the_slots_tha
     res = rec.apply(dict([fe("b", "10.96.0.2", "10.0.0.3", "10.0.0.4")]))
     assert (res.written, res.deleted) == (1, 0)  # the header only
     assert list(d.frontends().values())[0][0] == 2
+
+
+@settings(max_examples=40, deadline=None)
+@given(ops=st.lists(st.tuples(st.booleans(), st.lists(st.integers(0, 40), max_size=6)), max_size=25),
+       collide=st.booleans())
+def test_the_key_index_finds_every_live_key_through_merges_removals_and_equal_hashes(ops, collide):
+    """KeyIndex against a dict: additions go to the overlay, merged past MERGE_AT; removals leave
+    tombstones; with `collide`, every key hashes alike, so runs of equal hashes are walked."""
+    index = KeyIndex()
+    index.MERGE_AT = 3
+    model: dict[int, int] = {}  # key number → id
+    orig = ids_mod._hash
+    if collide:
+        ids_mod._hash = lambda keys: np.zeros(len(keys), np.uint64)
+    try:
+        for add, numbers in ops:
+            numbers = sorted(set(numbers))
+            if add:
+                new = [n for n in numbers if n not in model]
+                got = index.reserve(len(new))
+                index.add(got, _keys(new))
+                model.update(zip(new, got.tolist()))
+            else:
+                gone = [n for n in numbers if n in model]
+                index.remove(np.array([model.pop(n) for n in gone], np.uint32))
+            probe = list(range(41))
+            assert index.lookup(_keys(probe)).tolist() == [model.get(n, 0) for n in probe]
+            assert index.count == len(model) and sorted(index.live_ids().tolist()) == sorted(model.values())
+    finally:
+        ids_mod._hash = orig
+    assert len(set(model.values())) == len(model)
+
+
+def _keys(numbers) -> np.ndarray:
+    k = np.zeros(len(numbers), KEY)
+    k["b"] = np.array(numbers, np.uint64) + 1
+    k["c"] = 6
+    return k

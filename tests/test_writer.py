@@ -11,6 +11,7 @@ from hypothesis import strategies as st
 
 from agent.datapath.maps import addr16, port_be
 from agent.datapath.plan import CLASH, MAP_FULL
+from agent.datapath import reconciler as reconciler_mod
 from agent.datapath.reconciler import Reconciler
 from agent.model.frontends import Backend, Frontend
 from agent.model.objects import ObjectKey
@@ -133,10 +134,20 @@ def admit(model, changes, res, full):
     return {s: fes for s, fes in new.items() if fes}
 
 
-@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=80, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(steps=st.lists(step_st, min_size=1, max_size=6), services_cap=st.sampled_from([6, 12, 64]),
-       backends_cap=st.sampled_from([4, 10, 64]))
-def test_random_desired_states_reach_the_maps_and_no_reader_ever_sees_a_gap(steps, services_cap, backends_cap):
+       backends_cap=st.sampled_from([4, 10, 64]), chunk=st.sampled_from([2, 20_000]))
+def test_random_desired_states_reach_the_maps_and_no_reader_ever_sees_a_gap(steps, services_cap, backends_cap,
+                                                                          chunk):
+    """chunk: Services per plan of a full sync (2: every full sync runs in parts)."""
+    reconciler_mod.FULL_SYNC_CHUNK = chunk
+    try:
+        _random_states(steps, services_cap, backends_cap)
+    finally:
+        reconciler_mod.FULL_SYNC_CHUNK = 20_000
+
+
+def _random_states(steps, services_cap, backends_cap):
     gaps: list = []
     d = MapsDouble(services_cap, backends_cap, check=lambda m: gaps.extend(m.dangling()))
     rec = Reconciler(d.services, d.backends)

@@ -82,14 +82,21 @@ def ident_text(key: bytes) -> tuple[str, int, str]:
 class KeyIndex:
     """20-byte keys ↔ ids from 1 (0 is "none"), lowest free id reused first.
 
-    keys[id] holds each live key; `_h`/`_hid` are the live keys' hashes in sorted order with their ids.
-    All operations take and return numpy arrays, so a full sync costs a few vector passes."""
+    keys[id] holds each live key. They are found by hash: a large sorted array (`_h`, `_hid`; a
+    removed entry's id set to 0) plus a small sorted overlay taking additions, merged into the large
+    one when it grows past MERGE_AT, so one change costs a few small-array operations, not a copy of
+    the whole index. All operations take numpy arrays: a full sync is a few vector passes."""
+
+    MERGE_AT = 4096
 
     def __init__(self):
         self.keys = np.zeros(1, KEY)
         self.live = np.zeros(1, bool)
         self._h = np.zeros(0, np.uint64)
         self._hid = np.zeros(0, np.uint32)
+        self._oh = np.zeros(0, np.uint64)   # the overlay
+        self._ohid = np.zeros(0, np.uint32)
+        self._dead = 0                      # removed entries still in _h
         self._free = np.zeros(0, np.uint32)   # released ids, as a stack: smallest on top
         self._next = 1
         self.count = 0
@@ -103,8 +110,9 @@ class KeyIndex:
         if top < len(self.keys):
             return
         n = max(top + 1, len(self.keys) + len(self.keys) // 4 + 16)
-        self.keys = np.resize(self.keys, n)
-        self.keys[self._next:] = 0
+        keys = np.zeros(n, KEY)
+        keys[:len(self.keys)] = self.keys
+        self.keys = keys
         live = np.zeros(n, bool)
         live[:len(self.live)] = self.live
         self.live = live
@@ -118,28 +126,43 @@ class KeyIndex:
         """The id of each key (0: unknown)."""
         keys = keys.view(KEY) if keys.dtype != KEY else keys
         out = np.zeros(len(keys), np.uint32)
-        if not len(keys) or not len(self._h):
+        if not len(keys) or not self.count:
             return out
         h = _hash(keys)
-        pos = np.searchsorted(self._h, h)
-        inside = pos < len(self._h)
+        self._find(self._h, self._hid, keys, h, out)
+        if len(self._oh):
+            miss = np.nonzero(out == 0)[0]
+            sub = np.zeros(len(miss), np.uint32)
+            self._find(self._oh, self._ohid, keys[miss], h[miss], sub)
+            out[miss] = sub
+        return out
+
+    def _find(self, hs: np.ndarray, hid: np.ndarray, keys: np.ndarray, h: np.ndarray, out: np.ndarray) -> None:
+        if not len(hs):
+            return
+        if len(h) > 4096:  # many queries: search them in order (cache-friendly), then put back
+            order = np.argsort(h)
+            pos = np.empty(len(h), np.int64)
+            pos[order] = np.searchsorted(hs, h[order])
+        else:
+            pos = np.searchsorted(hs, h)
+        inside = pos < len(hs)
         pos = np.where(inside, pos, 0)
-        hit = inside & (self._h[pos] == h)
-        cand = self._hid[pos]
-        same = hit & (self.keys[cand] == keys)
+        hit = inside & (hs[pos] == h)
+        cand = hid[pos]
+        same = hit & (self.keys[cand] == keys)  # keys[0] is all zeros, never a real identity
         out[same] = cand[same]
-        for i in np.nonzero(hit & ~same)[0]:  # another key with the same hash sits first: walk the run
+        for i in np.nonzero(hit & ~same)[0]:  # another key (or a removed one) with the same hash first
             j = pos[i]
-            while j < len(self._h) and self._h[j] == h[i]:
-                if self.keys[self._hid[j]] == keys[i]:
-                    out[i] = self._hid[j]
+            while j < len(hs) and hs[j] == h[i]:
+                if hid[j] and self.keys[hid[j]] == keys[i]:
+                    out[i] = hid[j]
                     break
                 j += 1
-        return out
 
     # -- allocation ----------------------------------------------------------------------------
     def reserve(self, n: int) -> np.ndarray:
-        """The n ids that take(n) will hand out next (the planner's view; nothing changes)."""
+        """The n ids that add() of new keys should use next (the planner's view; nothing changes)."""
         from_free = self._free[::-1][:n]
         rest = np.arange(self._next, self._next + n - len(from_free), dtype=np.uint32)
         return np.concatenate([from_free, rest]).astype(np.uint32)
@@ -160,9 +183,20 @@ class KeyIndex:
         h = _hash(self.keys[ids])
         order = np.argsort(h, kind="stable")
         h, ids = h[order], ids[order]
-        at = np.searchsorted(self._h, h)
-        self._h = np.insert(self._h, at, h)
-        self._hid = np.insert(self._hid, at, ids)
+        at = np.searchsorted(self._oh, h)
+        self._oh = np.insert(self._oh, at, h)
+        self._ohid = np.insert(self._ohid, at, ids)
+        if len(self._oh) > self.MERGE_AT:
+            self._merge()
+
+    def _merge(self) -> None:
+        """The overlay into the large arrays, dropping removed entries (both sorted: linear)."""
+        keep = self._hid != 0
+        h, hid = self._h[keep], self._hid[keep]
+        at = np.searchsorted(h, self._oh)
+        self._h, self._hid = np.insert(h, at, self._oh), np.insert(hid, at, self._ohid)
+        self._oh, self._ohid = np.zeros(0, np.uint64), np.zeros(0, np.uint32)
+        self._dead = 0
 
     def remove(self, ids: np.ndarray) -> None:
         """Release ids (for reuse, smallest first)."""
@@ -170,24 +204,28 @@ class KeyIndex:
             return
         ids = np.unique(np.asarray(ids, np.uint32))
         h = _hash(self.keys[ids])
-        at = np.searchsorted(self._h, h)
-        for k in np.nonzero(self._hid[np.minimum(at, len(self._hid) - 1)] != ids)[0]:
+        in_overlay = np.isin(ids, self._ohid)
+        if in_overlay.any():
+            keep = ~np.isin(self._ohid, ids)
+            self._oh, self._ohid = self._oh[keep], self._ohid[keep]
+        rest, hr = ids[~in_overlay], h[~in_overlay]
+        at = np.searchsorted(self._h, hr)
+        for k in np.nonzero(self._hid[np.minimum(at, len(self._hid) - 1)] != rest)[0]:
             j = at[k]  # equal hashes: find this id in its run
-            while self._hid[j] != ids[k]:
+            while self._hid[j] != rest[k]:
                 j += 1
             at[k] = j
-        self._h = np.delete(self._h, at)
-        self._hid = np.delete(self._hid, at)
+        self._hid[at] = 0
+        self._dead += len(rest)
         self.keys[ids] = 0
         self.live[ids] = False
         self.count -= len(ids)
         self._free = np.sort(np.concatenate([self._free, ids]))[::-1].copy()
+        if self._dead > max(self.MERGE_AT, len(self._h) // 4):
+            self._merge()
 
     def live_ids(self) -> np.ndarray:
         return np.nonzero(self.live)[0].astype(np.uint32)
-
-    def key_bytes(self, i: int) -> bytes:
-        return self.keys[i].tobytes()
 
 
 class BackendTable(KeyIndex):
@@ -206,6 +244,28 @@ class BackendTable(KeyIndex):
             self.refs[:n] += (delta * np.bincount(ids, minlength=n)[:n]).astype(np.int32)
         elif len(ids):
             np.add.at(self.refs, ids, delta)
+
+
+def _set_slots(fe: "FrontendTable", sids: np.ndarray, slot_no: np.ndarray, bids: np.ndarray) -> None:
+    """Each frontend's slot list from rows sorted by (service id, slot): one slice of one buffer per
+    frontend when its slots are 1..m without a gap (the rule), a gap-filled list otherwise."""
+    if not len(sids):
+        return
+    starts = np.concatenate([[0], np.nonzero(np.diff(sids))[0] + 1])
+    ends = np.append(starts[1:], len(sids))
+    expected = np.arange(len(sids)) - np.repeat(starts, ends - starts) + 1
+    gappy = np.zeros(len(starts), bool)
+    bad = np.nonzero(slot_no != expected)[0]
+    gappy[np.searchsorted(starts, bad, side="right") - 1] = True
+    buf = bids.astype(SLOT_DTYPE).tobytes()
+    w = SLOT_DTYPE.itemsize
+    for sid, lo, hi, gap in zip(sids[starts].tolist(), starts.tolist(), ends.tolist(), gappy.tolist()):
+        if not gap:
+            fe.slots[sid] = buf[lo * w:hi * w]
+        else:
+            dense = np.zeros(int(slot_no[hi - 1]), SLOT_DTYPE)
+            dense[slot_no[lo:hi] - 1] = bids[lo:hi]
+            fe.slots[sid] = dense.tobytes()
 
 
 class FrontendTable(KeyIndex):
@@ -336,22 +396,28 @@ class IdRegistry:
             fe.has_header[w.sids] = True
             for s, b in zip(w.sids.tolist(), w.slots):
                 fe.slots[s] = b
-            sids, svcs, names = p.owners
-            intern = self.intern_service
-            fe.owner[sids] = np.array([intern(s) for s in svcs], np.int32) if svcs else 0
-            for s, n in zip(sids.tolist(), names):
+            o = p.owners
+            idx = o.known_index.copy()
+            for s in np.unique(o.service_of[idx[o.service_of] < 0]).tolist():  # new owners
+                idx[s] = self.intern_service(o.services[s])
+            fe.owner[o.sids] = idx[o.service_of]
+            for s, n in zip(o.sids.tolist(), o.port_names):
                 fe.port_name[s] = n
             be.count_refs(p.refs_gained, +1)
             be.count_refs(p.refs_lost, -1)
             fe.remove(p.removed_frontends)
             be.remove(p.backend_deletes["id"])
             self.svc_entries += p.entry_delta
-            idxs = [i for i in map(self.service_index.get, p.applied_services) if i is not None]
-            owning = np.zeros(len(self.services), bool)
-            owners = fe.owner[fe.live]
-            owning[owners[owners >= 0]] = True
+            idxs = o.known_index[o.applied]
+            idxs = idxs[idxs >= 0].tolist()  # Services that may have lost their last frontend
+            if len(idxs) > 16:
+                owning = np.zeros(len(self.services), bool)
+                owning[fe.owner[fe.live & (fe.owner >= 0)]] = True
+                owns = owning.__getitem__
+            else:
+                owns = lambda i: bool((fe.owner == i).any())  # noqa: E731
             for idx in idxs:
-                if not owning[idx]:
+                if not owns(idx):
                     svc = self.services[idx]
                     del self.service_index[svc]
                     self.services[idx] = None
@@ -411,13 +477,7 @@ class IdRegistry:
         slot_no = sk["slot"][slot_rows].astype(np.int64)
         order = np.lexsort((slot_no, owner_sid))
         owner_sid, slot_no, bids = owner_sid[order], slot_no[order], bids[order]
-        cuts = np.nonzero(np.diff(owner_sid))[0] + 1
-        for sid, sl, b in zip(np.split(owner_sid, cuts), np.split(slot_no, cuts), np.split(bids, cuts)):
-            if not len(sid):
-                continue
-            dense = np.zeros(int(sl[-1]), SLOT_DTYPE)
-            dense[sl - 1] = b
-            fe.slots[int(sid[0])] = dense.tobytes()
+        _set_slots(fe, owner_sid, slot_no, bids)
         valid = bids[bids != INVALID]
         n = reg.backends.size
         reg.backends.refs[:n] += np.bincount(valid, minlength=n)[:n].astype(np.int32)
@@ -425,13 +485,13 @@ class IdRegistry:
 
     # -- service keys --------------------------------------------------------------------------
     def intern_service(self, svc: ObjectKey) -> int:
-        idx = self.service_index.get(svc)
-        if idx is None:
+        """The Service's index (owner values), given one if it has none."""
+        new = self._free_services[-1] if self._free_services else len(self.services)
+        idx = self.service_index.setdefault(svc, new)  # one hash of the key
+        if idx == new:
             if self._free_services:
-                idx = self._free_services.pop()
+                self._free_services.pop()
                 self.services[idx] = svc
             else:
-                idx = len(self.services)
                 self.services.append(svc)
-            self.service_index[svc] = idx
         return idx

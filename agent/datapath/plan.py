@@ -14,17 +14,18 @@ by one.
 """
 from __future__ import annotations
 
+import functools
 import socket
-import struct
 from array import array
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import numpy as np
 
 from ..model.frontends import Frontend
 from ..model.objects import ObjectKey
 from .abi import PROTO_NUMBERS, SVC_F_AFFINITY
-from .ids import INVALID, KEY, NO_SLOT, SLOT_DTYPE, IdRegistry, _hash, as_keys
+from .ids import FRONTEND_IDENT, INVALID, KEY, NO_SLOT, SLOT_DTYPE, IdRegistry, _hash, as_keys
 
 MAX_BACKENDS_PER_FRONTEND = 65535  # the slot-0 count is a __u16
 
@@ -48,8 +49,7 @@ class Capacities:
     backends: Limit
 
 
-@dataclass(frozen=True)
-class Refusal:
+class Refusal(NamedTuple):
     """A Service not applied (its old entries stay). kind: CLASH (other: the holder), MAP_FULL
     (limit: the map), TOO_MANY_BACKENDS."""
     kind: str
@@ -122,13 +122,12 @@ class WritePlan:
     # registry changes, committed only after the writes succeeded
     new_frontends: tuple = (np.zeros(0, np.uint32), np.zeros(0, KEY))
     written: FrontendWrite | None = None
-    owners: tuple = ()       # (sids, Service per sid, port name per sid) of every applied frontend
+    owners: "Owners | None" = None  # which Service owns each applied frontend
     removed_frontends: np.ndarray = field(default_factory=lambda: np.zeros(0, np.uint32))
     refs_gained: np.ndarray = field(default_factory=lambda: np.zeros(0, np.uint32))
     refs_lost: np.ndarray = field(default_factory=lambda: np.zeros(0, np.uint32))
     entry_delta: int = 0     # change in the number of service-map entries
     services: int = 0
-    applied_services: list[ObjectKey] = field(default_factory=list)
 
     def phases(self) -> list[Phase]:
         return [
@@ -152,17 +151,6 @@ class WritePlan:
 
 # -- flattening the desired state ---------------------------------------------------------------
 _V4MAPPED = b"\0" * 10 + b"\xff\xff"
-_PP: dict[tuple, bytes] = {}
-
-
-def _tail(port: int, proto: str, extra: int) -> bytes:
-    """Bytes 16..19 of an identity: port (network order), protocol number, scope/flags."""
-    t = _PP.get((port, proto, extra))
-    if t is None:
-        t = _PP[(port, proto, extra)] = struct.pack("!HBB", port, PROTO_NUMBERS[proto], extra)
-    return t
-
-
 @dataclass
 class Desired:
     """The requested Services as columns: Service s has frontends fe_start[s]:fe_start[s+1], frontend
@@ -176,39 +164,62 @@ class Desired:
     port_names: list[str]
     be_start: np.ndarray
     be_keys: np.ndarray
+    svc_idx: np.ndarray | None = None  # the registry's index of each Service, -1 if it has none
+
+    def add_removals(self, services: list[ObjectKey], idx: np.ndarray) -> None:
+        """Append Services with no frontends (removed)."""
+        self.services = self.services + services
+        self.fe_start = np.concatenate([self.fe_start, np.full(len(services), self.fe_start[-1])])
+        self.svc_idx = np.concatenate([self.svc_idx, idx])
 
 
 def flatten(changes: dict[ObjectKey, list[Frontend]]) -> Desired:
-    fe_buf, be_buf = bytearray(), bytearray()
-    per_svc, nb, flags, aff, names = array("I"), array("I"), array("H"), array("I"), []
-    pton, v4, v6 = socket.inet_pton, socket.AF_INET, socket.AF_INET6
-    for svc, fes in changes.items():
-        if len(fes) > 1:  # one entry per frontend: the last one listed wins
-            fes = list({(f.ip, f.port, f.protocol, getattr(f, "scope", 0)): f for f in fes}.values())
-        per_svc.append(len(fes))
-        for fe in fes:
-            fe_buf += _V4MAPPED + pton(v4, fe.ip) if ":" not in fe.ip else pton(v6, fe.ip)
-            fe_buf += _tail(fe.port, fe.protocol, getattr(fe, "scope", 0))
-            bes = fe.backends
-            nb.append(len(bes))
-            flags.append(frontend_flags(fe))
-            aff.append(fe.affinity_timeout)
-            names.append(fe.port_name)
-            for b in bes:
-                ip = b.ip
-                if ":" in ip:
-                    be_buf += pton(v6, ip)
-                else:
-                    be_buf += _V4MAPPED
-                    be_buf += pton(v4, ip)
-                be_buf += _tail(b.port, b.protocol, 0)
-    n_svc = np.frombuffer(per_svc, np.uint32) if per_svc else np.zeros(0, np.uint32)
-    counts = np.frombuffer(nb, np.uint32) if nb else np.zeros(0, np.uint32)
+    """The requested Services as columns. The per-backend work is done by C-level loops (zip, map,
+    bytes.join) and numpy, never by a Python statement per backend: at 100k Services × 5 endpoints
+    that is most of a full sync's Python time."""
+    per_svc, fes = array("I"), []
+    for svc_fes in changes.values():
+        if len(svc_fes) > 1:  # one entry per frontend: the last one listed wins
+            svc_fes = list({(f.ip, f.port, f.protocol, getattr(f, "scope", 0)): f for f in svc_fes}.values())
+        per_svc.append(len(svc_fes))
+        fes.extend(svc_fes)
+    counts = np.fromiter((len(f.backends) for f in fes), np.uint32, len(fes))
+    backends = [b for f in fes for b in f.backends]
     return Desired(
-        services=list(changes), fe_start=_starts(n_svc), fe_keys=np.frombuffer(bytes(fe_buf), KEY),
-        fe_count=counts, fe_flags=np.frombuffer(flags, np.uint16) if flags else np.zeros(0, np.uint16),
-        fe_affinity=np.frombuffer(aff, np.uint32) if aff else np.zeros(0, np.uint32),
-        port_names=names, be_start=_starts(counts), be_keys=np.frombuffer(bytes(be_buf), KEY))
+        services=list(changes), fe_start=_starts(np.frombuffer(per_svc, np.uint32) if per_svc else np.zeros(0)),
+        fe_keys=_idents([f.ip for f in fes], [f.port for f in fes], [f.protocol for f in fes],
+                        [getattr(f, "scope", 0) for f in fes]),
+        fe_count=counts, fe_flags=np.fromiter(map(frontend_flags, fes), np.uint16, len(fes)),
+        fe_affinity=np.fromiter((f.affinity_timeout for f in fes), np.uint32, len(fes)),
+        port_names=[f.port_name for f in fes], be_start=_starts(counts),
+        be_keys=_idents(*zip(*backends), None) if backends else np.zeros(0, KEY))
+
+
+def _idents(ips, ports, protos, extra) -> np.ndarray:
+    """20-byte identities (address, port in network order, protocol number, scope/flags) as KEY rows."""
+    n = len(ips)
+    out = np.zeros(n, FRONTEND_IDENT)
+    if not n:
+        return out.view(KEY)
+    if ":" not in "".join(ips):  # all IPv4: IPv4-mapped IPv6, ::ffff:a.b.c.d
+        raw = np.zeros((n, 16), np.uint8)
+        raw[:, 10:12] = 0xFF
+        raw[:, 12:] = np.frombuffer(b"".join(map(_PTON4, ips)), np.uint8).reshape(n, 4)
+    else:
+        raw = np.frombuffer(b"".join(map(_addr16, ips)), np.uint8).reshape(n, 16)
+    out["address"] = raw.view("V16").ravel()
+    out["port"] = np.array(ports, np.uint16).byteswap()   # __be16: the bytes in network order
+    out["proto"] = np.fromiter(map(PROTO_NUMBERS.__getitem__, protos), np.uint8, n)
+    if extra is not None:
+        out["scope"] = np.array(extra, np.uint8)
+    return out.view(KEY)
+
+
+_PTON4 = functools.partial(socket.inet_pton, socket.AF_INET)
+
+
+def _addr16(ip: str) -> bytes:
+    return socket.inet_pton(socket.AF_INET6, ip) if ":" in ip else _V4MAPPED + _PTON4(ip)
 
 
 def _starts(lengths: np.ndarray) -> np.ndarray:
@@ -243,7 +254,7 @@ def _clashes(d: Desired, fe_sid: np.ndarray, reg: IdRegistry, refused: np.ndarra
     the current owner, then the first listed."""
     fe_svc = _svc_of_fe(d)
     owner = np.where(fe_sid > 0, reg.frontends.owner[fe_sid], -1)
-    my_idx = np.array([reg.index_of(s) for s in d.services], np.int64)
+    my_idx = d.svc_idx
     foreign = (owner >= 0) & (owner != my_idx[fe_svc])
     first, inverse = _unique_keys(d.fe_keys) if len(d.fe_keys) else (np.zeros(0, np.int64), np.zeros(0, np.int64))
     if not foreign.any() and len(first) == len(d.fe_keys):
@@ -286,7 +297,7 @@ def _clashes(d: Desired, fe_sid: np.ndarray, reg: IdRegistry, refused: np.ndarra
         out.extend(new)
 
 
-def _capacity(d: Desired, fe_sid: np.ndarray, be_id: np.ndarray, reg: IdRegistry, caps: Capacities,
+def _capacity(d: Desired, fe_sid: np.ndarray, fresh: "_Fresh", reg: IdRegistry, caps: Capacities,
               refused: np.ndarray) -> list[Refusal]:
     """Refuse Services whose new entries would not fit (first come, first served)."""
     fe = reg.frontends
@@ -295,75 +306,106 @@ def _capacity(d: Desired, fe_sid: np.ndarray, be_id: np.ndarray, reg: IdRegistry
     known = fe_sid > 0
     grow = np.where(known, np.maximum(0, d.fe_count.astype(np.int64) - old_m) + ~fe.has_header[fe_sid], 1 + d.fe_count)
     svc_grow = np.diff(_starts(grow)[d.fe_start])
-    fresh = be_id == 0
-    fresh_idx = np.nonzero(fresh)[0]
-    first, inverse = _unique_keys(d.be_keys[fresh_idx]) if len(fresh_idx) else (np.zeros(0, np.int64), np.zeros(0, np.int64))
+    fresh_idx, first, inverse = fresh.rows, fresh.first, fresh.inverse
     room = caps.services.capacity - reg.svc_entries
     be_room = caps.backends.capacity - reg.backends.count
     ok = ~refused
-    if svc_grow[ok].sum() <= room and len(first) <= be_room:
-        return []
-    # one by one: Service s's fresh backends are those in its range not counted yet
     be_svc = np.repeat(_svc_of_fe(d), np.diff(d.be_start))[fresh_idx] if len(fresh_idx) else np.zeros(0, np.int64)
-    bounds = np.searchsorted(be_svc, np.arange(len(d.services) + 1))
+    # fresh backends a Service brings, each counted for the first admissible Service using it
+    rows_ok = ok[be_svc]
+    _, first_ok = np.unique(inverse[rows_ok], return_index=True)
+    brings = np.bincount(be_svc[rows_ok][first_ok], minlength=len(d.services))
+    g, b = np.where(ok, svc_grow, 0), np.where(ok, brings, 0)
+    over = (np.cumsum(g) > room) | (np.cumsum(b) > be_room)
+    if not over.any():
+        return []
+    # Services before the first that does not fit all go in; from there, one by one
+    k = int(np.argmax(over))
+    room -= int(g[:k].sum())
+    be_room -= int(b[:k].sum())
     counted = np.zeros(len(first), bool)
+    counted[inverse[rows_ok & (be_svc < k)]] = True
+    bounds = np.searchsorted(be_svc, np.arange(len(d.services) + 1))
     out = []
-    grows = svc_grow.tolist()
-    for s in range(len(d.services)):
-        if refused[s]:
+    grows, refused_l = svc_grow.tolist(), refused.tolist()
+    for s in range(k, len(d.services)):
+        if refused_l[s]:
             continue
-        mine = inverse[bounds[s]:bounds[s + 1]]
-        new_be = np.unique(mine[~counted[mine]]) if len(mine) else mine
-        if grows[s] > room or len(new_be) > be_room:
-            refused[s] = True
-            out.append(Refusal(MAP_FULL, d.services[s],
-                               limit=caps.services if grows[s] > room else caps.backends))
-            continue
-        room -= grows[s]
-        be_room -= len(new_be)
-        counted[new_be] = True
+        if grows[s] > room:
+            limit = caps.services
+        else:
+            mine = inverse[bounds[s]:bounds[s + 1]]
+            new_be = np.unique(mine[~counted[mine]]) if len(mine) else mine
+            if len(new_be) <= be_room:
+                room -= grows[s]
+                be_room -= len(new_be)
+                counted[new_be] = True
+                continue
+            limit = caps.backends
+        refused[s] = True
+        out.append(Refusal(MAP_FULL, d.services[s], limit=limit))
     return out
 
 
 # -- the plan -----------------------------------------------------------------------------------
 def plan(changes: dict[ObjectKey, list[Frontend]], reg: IdRegistry, caps: Capacities,
-         full: bool = False) -> WritePlan:
+         full: bool = False, sweep: bool | None = None) -> WritePlan:
     """The writes that make the maps hold `changes` (Service → its frontends; [] removes it).
-    full=True: `changes` is the whole desired state; everything else the registry knows goes."""
-    if full:
-        gone = [s for s in reg.owned_services() if s not in changes]
-        changes = {**{s: [] for s in gone}, **changes}
+    full=True: `changes` is the whole desired state; everything else the registry knows goes.
+    sweep (default: full): also remove frontends no Service owns (found in the maps at start-up)
+    and backends no slot refers to."""
+    sweep = full if sweep is None else sweep
     d = flatten(changes)
+    get = reg.service_index.get
+    d.svc_idx = np.array([get(s, -1) for s in d.services], np.int64)
+    if full:  # Services the registry knows that are not asked for any more
+        fe = reg.frontends
+        owned = np.zeros(len(reg.services) + 1, bool)
+        owned[fe.owner[fe.live & (fe.owner >= 0)]] = True
+        owned[d.svc_idx[d.svc_idx >= 0]] = False
+        gone = np.nonzero(owned)[0]
+        d.add_removals([reg.services[i] for i in gone.tolist()], gone)
     fe_sid = reg.frontends.lookup(d.fe_keys)
     be_id = reg.backends.lookup(d.be_keys)
+    fresh = _Fresh(d, be_id)
     refused = np.zeros(len(d.services), bool)
-    refusals = [Refusal(TOO_MANY_BACKENDS, d.services[s]) for s in
-                np.unique(_svc_of_fe(d)[d.fe_count > MAX_BACKENDS_PER_FRONTEND]).tolist()]
-    refused[[d.services.index(r.service) for r in refusals]] = True
+    too_many = np.unique(_svc_of_fe(d)[d.fe_count > MAX_BACKENDS_PER_FRONTEND])
+    refused[too_many] = True
+    refusals = [Refusal(TOO_MANY_BACKENDS, d.services[s]) for s in too_many.tolist()]
     while True:  # a refused Service keeps its old frontends, which may now clash: until nothing moves
         refusals += _clashes(d, fe_sid, reg, refused)
-        full_maps = _capacity(d, fe_sid, be_id, reg, caps, refused)
+        full_maps = _capacity(d, fe_sid, fresh, reg, caps, refused)
         refusals += full_maps
         if not full_maps:
             break
-    return _diff(d, fe_sid, be_id, reg, refused, refusals, full)
+    return _diff(d, fe_sid, be_id, fresh, reg, refused, refusals, sweep)
 
 
-def _diff(d: Desired, fe_sid, be_id, reg: IdRegistry, refused, refusals, full) -> WritePlan:
+class _Fresh:
+    """The desired backends the registry has no id for: their rows, the distinct ones among them
+    (first row of each) and, per row, which distinct one it is."""
+
+    def __init__(self, d: Desired, be_id: np.ndarray):
+        self.rows = np.nonzero(be_id == 0)[0]
+        if len(self.rows):
+            self.first, self.inverse = _unique_keys(d.be_keys[self.rows])
+        else:
+            self.first, self.inverse = np.zeros(0, np.int64), np.zeros(0, np.int64)
+
+
+def _diff(d: Desired, fe_sid, be_id, fresh: _Fresh, reg: IdRegistry, refused, refusals, sweep) -> WritePlan:
     fe = reg.frontends
     fe_svc = _svc_of_fe(d)
     take = ~refused[fe_svc]                      # frontends applied
-    be_take = np.repeat(take, np.diff(d.be_start).astype(np.int64))
     # new backends: distinct fresh identities used by an applied frontend, ids in reserve order
-    fresh_idx = np.nonzero((be_id == 0) & be_take)[0]
-    new_bids = np.zeros(0, np.uint32)
-    new_idents = np.zeros(0, KEY)
-    if len(fresh_idx):
-        first, inverse = _unique_keys(d.be_keys[fresh_idx])
-        new_bids = reg.backends.reserve(len(first))
-        be_id = be_id.copy()
-        be_id[fresh_idx] = new_bids[inverse]
-        new_idents = d.be_keys[fresh_idx[first]]
+    be_svc_ok = np.repeat(take, np.diff(d.be_start))[fresh.rows]
+    used, where = np.unique(fresh.inverse[be_svc_ok], return_index=True)
+    new_bids = reg.backends.reserve(len(used))
+    new_idents = d.be_keys[fresh.rows[be_svc_ok][where]]
+    be_id = be_id.copy()
+    slot_of = np.zeros(len(fresh.first), np.uint32)
+    slot_of[used] = new_bids
+    be_id[fresh.rows] = slot_of[fresh.inverse]   # (0 for rows of refused Services: never written)
     # new frontends get fresh service ids
     new_fe = np.nonzero(take & (fe_sid == 0))[0]
     new_sids = reg.frontends.reserve(len(new_fe))
@@ -373,37 +415,26 @@ def _diff(d: Desired, fe_sid, be_id, reg: IdRegistry, refused, refusals, full) -
     applied = np.nonzero(take)[0]
     a_sid = sid[applied]
     a_old = fe_sid[applied]   # 0 (nothing held) for new frontends: index 0 is an empty record
-    ids_buf = be_id.astype(SLOT_DTYPE).tobytes()
-    starts = (d.be_start * SLOT_DTYPE.itemsize).tolist()
-    new_slots = [ids_buf[starts[f]:starts[f + 1]] for f in applied.tolist()]
+    count = d.fe_count[applied].astype(np.int64)
     old_slots = [fe.slots[s] for s in a_old.tolist()]
-    head_same = (fe.has_header[a_old] & (fe.count_[a_old] == d.fe_count[applied])
+    old_len = np.array([len(b) for b in old_slots], np.int64) // SLOT_DTYPE.itemsize
+    head_same = (fe.has_header[a_old] & (fe.count_[a_old] == count)
                  & (fe.flags[a_old] == d.fe_flags[applied]) & (fe.affinity[a_old] == d.fe_affinity[applied]))
+    slots_same = _same_slots(old_slots, old_len, count, applied, d, be_id)
+    changed = np.nonzero(~(slots_same & head_same))[0]
     rows = _SlotRows()
-    changed, head_w, fresh = [], [], []
-    entry_delta = 0
-    for i, hs in enumerate(head_same.tolist()):
-        old, new = old_slots[i], new_slots[i]
-        if old == new and hs:
-            continue
-        changed.append(i)
-        if not hs:
-            head_w.append(i)
-        if old == new:
-            continue
-        if not old:
-            fresh.append(i)  # nothing held yet: expanded in one vector step below
-            continue
-        entry_delta += rows.diff(int(applied[i]), int(a_sid[i]), np.frombuffer(old, SLOT_DTYPE),
-                                 np.frombuffer(new, SLOT_DTYPE))
-    if fresh:
-        f = applied[fresh]
-        entry_delta += rows.expand(f, d, be_id)
+    entry_delta = int((~fe.has_header[a_old[~head_same]]).sum())  # headers written where none was
+    grown = ~slots_same & (old_len == 0)
+    if grown.any():  # nothing held yet: every slot, in one vector step
+        entry_delta += rows.expand(applied[grown], d, be_id)
+    for i in np.nonzero(~slots_same & (old_len > 0))[0].tolist():
+        f = int(applied[i])
+        entry_delta += rows.diff(f, int(a_sid[i]), np.frombuffer(old_slots[i], SLOT_DTYPE),
+                                 be_id[d.be_start[f]:d.be_start[f + 1]].astype(SLOT_DTYPE))
     # frontends no applied Service claims any more
-    idx = np.array([reg.index_of(d.services[s]) for s in np.nonzero(~refused)[0].tolist()], np.int64)
-    idx = idx[idx >= 0]
-    candidates = fe.live & np.isin(fe.owner, idx)
-    if full:
+    idx = d.svc_idx[~refused]
+    candidates = fe.live & np.isin(fe.owner, idx[idx >= 0])
+    if sweep:
         candidates |= fe.live & (fe.owner < 0)
     candidates[a_old] = False
     removed = np.nonzero(candidates)[0].astype(np.uint32)
@@ -412,9 +443,9 @@ def _diff(d: Desired, fe_sid, be_id, reg: IdRegistry, refused, refusals, full) -
     for s in removed.tolist():
         entry_delta -= rows.drop(s, fe.slot_ids(s))
 
-    ch = applied[changed] if changed else np.zeros(0, np.int64)
-    hw = applied[head_w] if head_w else np.zeros(0, np.int64)
-    entry_delta += int((~fe.has_header[fe_sid[hw]]).sum()) if len(hw) else 0
+    ch, hw = applied[changed], applied[~head_same]
+    ids_buf = be_id.astype(SLOT_DTYPE).tobytes()
+    starts = (d.be_start * SLOT_DTYPE.itemsize).tolist()
     gained = _valid(np.concatenate(rows.gained)) if rows.gained else np.zeros(0, np.uint32)
     lost = _valid(np.concatenate(rows.lost)) if rows.lost else np.zeros(0, np.uint32)
     slot_f = rows.array(rows.fe, np.int64)
@@ -427,19 +458,43 @@ def _diff(d: Desired, fe_sid, be_id, reg: IdRegistry, refused, refusals, full) -
                        "flags": d.fe_flags[hw], "service_id": sid[hw], "affinity": d.fe_affinity[hw]},
         header_deletes={"ident": fe.keys[rm_head]},
         slot_deletes={"ident": fe.keys[sdel], "slot": rows.array(rows.del_slot, np.uint16)},
-        backend_deletes={"id": _unreferenced(reg, gained, lost, full)},
+        backend_deletes={"id": _unreferenced(reg, gained, lost, sweep)},
         refusals=refusals,
         new_frontends=(new_sids, d.fe_keys[new_fe]),
         written=FrontendWrite(sid[ch], d.fe_count[ch].astype(np.uint16), d.fe_flags[ch],
-                              d.fe_affinity[ch], [new_slots[i] for i in changed]),
-        owners=(a_sid, [d.services[s] for s in fe_svc[applied].tolist()],
-                [d.port_names[f] for f in applied.tolist()]),
+                              d.fe_affinity[ch], [ids_buf[starts[f]:starts[f + 1]] for f in ch.tolist()]),
+        owners=Owners(a_sid, fe_svc[applied], d.services, d.svc_idx, [d.port_names[f] for f in applied.tolist()],
+                      np.nonzero(~refused)[0]),
         removed_frontends=removed,
         refs_gained=gained, refs_lost=lost,
         entry_delta=entry_delta,
         services=len(d.services),
-        applied_services=[d.services[s] for s in np.nonzero(~refused)[0].tolist()],
     )
+
+
+def _same_slots(old_slots: list[bytes], old_len, count, applied, d: Desired, be_id) -> np.ndarray:
+    """Per applied frontend: does the kernel already hold exactly its backend ids in slots 1..n?"""
+    same = old_len == count
+    cand = np.nonzero(same & (count > 0))[0]
+    if len(cand):
+        held = np.frombuffer(b"".join([old_slots[i] for i in cand.tolist()]), SLOT_DTYPE)
+        n = count[cand]
+        at = _starts(n)
+        src = np.repeat(d.be_start[applied[cand]] - at[:-1], n) + np.arange(at[-1])
+        differs = np.add.reduceat((held != be_id[src]).astype(np.int64), at[:-1])
+        same[cand] = differs == 0
+    return same
+
+
+@dataclass
+class Owners:
+    """Which Service owns each applied frontend (for the registry), by position in the plan's list."""
+    sids: np.ndarray
+    service_of: np.ndarray      # per frontend: position in services
+    services: list[ObjectKey]
+    known_index: np.ndarray     # per Service: the registry's index, -1 if new
+    port_names: list[str]
+    applied: np.ndarray         # positions of the Services applied
 
 
 class _SlotRows:

@@ -17,10 +17,11 @@ from dataclasses import dataclass, field
 from ..model.frontends import Frontend
 from ..model.objects import ObjectKey
 from .ids import IdRegistry, Snapshot
-from .plan import Capacities, Limit, Refusal, plan, summarize
+from .plan import CLASH, Capacities, Limit, Refusal, plan, summarize
 from .writer import BatchMap, LBMaps, write
 
 log = logging.getLogger("nodewire.reconciler")
+FULL_SYNC_CHUNK = 20_000  # Services per plan in a large full sync: bounds its transient memory
 
 
 @dataclass
@@ -31,12 +32,23 @@ class SyncResult:
     refusals: list[Refusal] = field(default_factory=list)
     write_error: str | None = None
     seconds: float = 0.0
+    plan_seconds: float = 0.0   # of which: planning (pure Python/numpy)
+    write_seconds: float = 0.0  # … and the batch syscalls (with packing the rows)
 
     @property
     def errors(self) -> list[str]:
         """One message per refused Service (and the write error, if any)."""
         out = [str(r) for r in self.refusals]
         return out + [self.write_error] if self.write_error else out
+
+    def add(self, other: "SyncResult") -> None:
+        """Fold the result of one part of a sync into this one."""
+        self.written += other.written
+        self.deleted += other.deleted
+        self.refusals += other.refusals
+        self.write_error = self.write_error or other.write_error
+        self.plan_seconds += other.plan_seconds
+        self.write_seconds += other.write_seconds
 
     def summary(self) -> list[str]:
         """The refusals as one line per kind (count and first names), then the write error."""
@@ -64,23 +76,50 @@ class Reconciler:
         t0 = time.perf_counter()
         if self._retry:
             changes = {**self._retry, **changes}
-        p = plan(changes, self.registry, self.capacities, full=full)
-        res = SyncResult(services=len(changes), refusals=p.refusals)
+        if full and len(changes) > FULL_SYNC_CHUNK:
+            res = self._apply_in_chunks(changes)
+        else:
+            res = self._apply(changes, full=full)
+        res.seconds = time.perf_counter() - t0
+        for line in res.summary():
+            log.error("%s", line)
+        return res
+
+    def _apply(self, changes: dict[ObjectKey, list[Frontend]], full: bool = False,
+               sweep: bool | None = None) -> SyncResult:
+        t0 = time.perf_counter()
+        p = plan(changes, self.registry, self.capacities, full=full, sweep=sweep)
+        res = SyncResult(services=len(changes), refusals=p.refusals, plan_seconds=time.perf_counter() - t0)
         try:
             write(p, self.maps)
         except Exception as e:  # the kernel holds part of the plan: learn it back, retry next time
             res.write_error = f"writing the service maps failed ({e}); re-read them, retrying those Services"
             old, self.registry = self.registry, self._restore()
             self.registry.adopt_owners(old)
-            self._retry = dict(changes)
+            self._retry.update(changes)
         else:
             self.registry.commit(p)
-            self._retry = {}
+            for svc in changes:
+                self._retry.pop(svc, None)
             res.written, res.deleted = p.written_count, p.deleted_count
-        res.seconds = time.perf_counter() - t0
-        for line in res.summary():
-            log.error("%s", line)
+        res.write_seconds = time.perf_counter() - t0 - res.plan_seconds
         return res
+
+    def _apply_in_chunks(self, changes: dict[ObjectKey, list[Frontend]]) -> SyncResult:
+        """A large full sync as a row of smaller ones, so its transient arrays stay small: removals
+        first (they make room), then the Services FULL_SYNC_CHUNK at a time, then once more those
+        refused for a clash with a Service of a later chunk (which may have moved), then the sweep."""
+        gone = [s for s in self.registry.owned_services() if s not in changes]
+        items = [(s, []) for s in gone] + list(changes.items())
+        total = SyncResult(services=len(changes))
+        for lo in range(0, len(items), FULL_SYNC_CHUNK):
+            total.add(self._apply(dict(items[lo:lo + FULL_SYNC_CHUNK])))
+        clashed = {r.service: changes[r.service] for r in total.refusals if r.kind == CLASH}
+        if clashed:
+            total.refusals = [r for r in total.refusals if r.kind != CLASH]
+            total.add(self._apply(clashed))
+        total.add(self._apply({}, sweep=True))
+        return total
 
     # -- views (for the agent's gauges and status) ------------------------------------------------
     @property

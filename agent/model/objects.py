@@ -138,6 +138,7 @@ class Pod:
     labels: tuple[tuple[str, str], ...] = ()
     annotations: tuple[tuple[str, str], ...] = ()
     uid: str = ""
+    owners: tuple[tuple[str, str], ...] = ()  # (kind, name) of metadata.ownerReferences, controller first
 
 
 @dataclass(frozen=True, slots=True)

@@ -103,7 +103,7 @@ class _Reader:
         family = socket.AF_INET6 if ":" in value else socket.AF_INET
         try:
             return socket.inet_ntop(family, socket.inet_pton(family, value))
-        except OSError:
+        except (OSError, ValueError):  # ValueError: a NUL or a lone surrogate (both valid JSON escapes)
             raise self.fail(path, f"{value!r} is not a valid IP address") from None
 
     def packed_ip(self, value: Any, family: int | None, atype: str, path: str) -> bytes | str:
@@ -330,7 +330,15 @@ def parse_pod(obj: Any) -> Pod:
         node_name=r.get(spec, "nodeName", "spec.nodeName", str, default=""),
         labels=r.labels(meta), annotations=r.labels(meta, "annotations"),
         uid=str(meta.get("uid", "")),
+        owners=_owners(meta),
     )
+
+
+def _owners(meta: dict) -> tuple[tuple[str, str], ...]:
+    """(kind, name) of each ownerReference, the controller first (workload identity, agent/observe)."""
+    refs = [o for o in meta.get("ownerReferences") or () if isinstance(o, dict) and o.get("kind") and o.get("name")]
+    refs.sort(key=lambda o: not o.get("controller"))
+    return tuple((str(o["kind"]), str(o["name"])) for o in refs)
 
 
 def parse_node(obj: Any) -> Node:

@@ -1,14 +1,17 @@
-"""The kernel side of observability: compile, probe, attach and read bpf/tcp_latency.c and bpf/pod_tc.c.
+"""The kernel side of observability: load, attach and read bpf/tcp_latency.c and bpf/pod_tc.c.
 
-Tracepoints are probed before compiling; a missing one is compiled out (-DNW_WITHOUT_…), logged,
-and reported in `probes` (exported as nodewire.observer.probe.status) — never a crash. tc programs go
-on the node side of each pod's veth, in whatever network namespace holds those veths (the host on a
-real node, the sandbox's node namespace in tests). Maps are read with BPF_MAP_LOOKUP_BATCH; per-CPU
-maps are summed over CPUs here.
+Both go through the loader (agent/datapath/loader.py): compiled in a short-lived child, pinned under
+the pin dir, opened here with raw bpf() calls — the agent never imports BCC for observability.
+bpf/tcp_latency.c's sock_ops program goes on the cgroup the socket LB is attached to (the node's
+cgroup root on a real node, the sandbox's cgroup in tests): it sees the connects, state changes and
+retransmits of every socket made below it. skb:kfree_skb is probed in tracefs before linking; when
+missing it is left out, logged and reported in `probes` (exported as nodewire.observer.probe.status)
+— never a crash. tcp:tcp_probe (per ACK) only with tcp_probe=True. bpf/pod_tc.c (opt-in,
+PodTraffic) goes on the node side of each pod's veth. Maps are read with BPF_MAP_LOOKUP_BATCH, per-CPU
+ones summed field by field (RawMap.dump_summed), layouts from BCC's ctypes of the C structs.
 """
 from __future__ import annotations
 
-import ctypes as ct
 import errno
 import logging
 import os
@@ -16,82 +19,75 @@ import threading
 
 import numpy as np
 
-from ..datapath.loader import compile_program
-from ..datapath.maps import (MapFull, RawMap, addr16, addr_str, lookup_batch_raw, pack_rows, packing_dtype,
-                             unpack_rows)
-from .histogram import HIST_SLOTS
+from ..datapath import abi
+from ..datapath.attach import TRACEFS, attach_cgroup, attach_tracepoint, detach_cgroup
+from ..datapath.loader import MapSizes, ProgramSpec, load
+from ..datapath.maps import addr16, addr_str, pack_rows, port_host
+from .histogram import hist_cflags
 
 log = logging.getLogger("nodewire.observe")
 
-TRACEPOINTS = {  # tracepoint -> the macro that compiles its probe out
-    "sock:inet_sock_set_state": "NW_WITHOUT_INET_SOCK_SET_STATE",
-    "tcp:tcp_probe": "NW_WITHOUT_TCP_PROBE",
-    "tcp:tcp_retransmit_skb": "NW_WITHOUT_TCP_RETRANSMIT_SKB",
-    "skb:kfree_skb": "NW_WITHOUT_KFREE_SKB",
-}
-HIST_CONNECT, HIST_SRTT = 0, 1          # hist_key.metric in bpf/tcp_latency.c
+HIST_CONNECT, HIST_SRTT, HIST_SRTT_ACK = 0, 1, 2   # hist_key.metric in bpf/tcp_latency.c
+SOCK_OPS = "sock_ops"
+TCP_MAPS = ("nodewire_obs_watch_v1", "nodewire_obs_hist_v1", "nodewire_obs_svc_hist_v1",
+            "nodewire_obs_retrans_v1", "nodewire_obs_drops_v1")
+TRACEPOINT_PROGRAMS = {"skb:kfree_skb": "nw_kfree_skb", "tcp:tcp_probe": "nw_tcp_probe"}
 DIR_NAMES = {0: "transmit", 1: "receive"}  # pod_traffic_key.direction in bpf/pod_tc.c
 TC_PRIO = 0xc0de & 0x7fff               # our filters' priority, so we delete only our own
 TC_INGRESS, TC_EGRESS = "ffff:fff2", "ffff:fff3"
 
 
-def dump_percpu(table, name: str) -> tuple[np.ndarray, np.ndarray]:
-    """(keys as the key dtype, values summed over CPUs as uint64 [n, words]) of a per-CPU hash."""
-    from bcc.utils import get_possible_cpus
-
-    ncpu = len(get_possible_cpus())
-    leaf = getattr(table, "sLeaf", table.Leaf)
-    elem = (ct.sizeof(leaf) + 7) // 8 * 8  # the kernel rounds each CPU's value up to 8 bytes
-    ksize = ct.sizeof(table.Key)
-    kraw, vraw = lookup_batch_raw(table.map_fd, ksize, elem * ncpu, name, chunk=4096)
-    kdt = packing_dtype(table.Key)
-    n = len(kraw) // ksize
-    k = np.frombuffer(kraw, dtype=kdt) if n else np.zeros(0, dtype=kdt)
-    v = np.frombuffer(vraw, dtype=np.uint64).reshape(n, ncpu, elem // 8).sum(axis=1) if n else \
-        np.zeros((0, elem // 8), dtype=np.uint64)
-    return k, v
+def tracepoint_exists(tp: str, tracefs: str = TRACEFS) -> bool:
+    cat, _, name = tp.partition(":")
+    return os.path.isdir(os.path.join(tracefs, "events", cat, name))
 
 
-def update_percpu_zeroed(table, keys: list[bytes], name: str) -> None:
-    """Create per-CPU entries with an all-zero value on every CPU (BPF_MAP_UPDATE_BATCH)."""
-    from bcc.libbcc import lib
-    from bcc.utils import get_possible_cpus
-
-    if not keys:
-        return
-    leaf = getattr(table, "sLeaf", table.Leaf)
-    size = (ct.sizeof(leaf) + 7) // 8 * 8 * len(get_possible_cpus())
-    count = ct.c_uint32(len(keys))
-    if lib.bpf_update_batch(table.map_fd, b"".join(keys), bytes(size * len(keys)), ct.byref(count)) != 0:
-        err = ct.get_errno()
-        if err in (errno.E2BIG, errno.ENOSPC, errno.ENOMEM):
-            raise MapFull(f"{name}: full ({table.max_entries} entries)")
-        raise OSError(err, f"{name}: BPF_MAP_UPDATE_BATCH: {os.strerror(err)}")
+def tcp_spec(tracepoints: tuple[str, ...], sizes: MapSizes = MapSizes()) -> ProgramSpec:
+    """bpf/tcp_latency.c with the tracepoint programs asked for (each compiled in by its -D).
+    The one place that says how it is built. lb_defines: it reads the socket LB's revnat map."""
+    flags = [*hist_cflags(), *abi.lb_defines(sizes)]
+    flags += [f"-DNW_WITH_{TRACEPOINT_PROGRAMS[tp][3:].upper()}" for tp in tracepoints]
+    programs = [("nw_sockops", "SOCK_OPS", "CGROUP_SOCK_OPS")]
+    programs += [(TRACEPOINT_PROGRAMS[tp], "TRACEPOINT", None) for tp in tracepoints]
+    return ProgramSpec(source="tcp_latency.c", cflags=tuple(flags), programs=tuple(programs), maps=TCP_MAPS)
 
 
 class TcpObserver:
-    """bpf/tcp_latency.c: connect latency and srtt histograms, retransmits, drops."""
+    """bpf/tcp_latency.c: connect latency and srtt histograms per pod and per Service backend,
+    retransmits, drops."""
 
-    def __init__(self, pin_dir: str):
-        from bcc import BPF
-
-        self.probes: dict[str, str] = {}
-        missing = []
-        for tp, macro in TRACEPOINTS.items():
-            cat, event = tp.split(":")
-            if BPF.tracepoint_exists(cat, event):
-                self.probes[tp] = "attached"
+    def __init__(self, pin_dir: str, cgroup: str | None, tcp_probe: bool = False,
+                 sizes: MapSizes = MapSizes(), state_dir: str | None = None):
+        self.probes: dict[str, str] = {SOCK_OPS: "attached"}
+        wanted = ["skb:kfree_skb"] + (["tcp:tcp_probe"] if tcp_probe else [])
+        present = []
+        for tp in wanted:
+            if tracepoint_exists(tp):
+                present.append(tp)
             else:
                 self.probes[tp] = "missing"
-                missing.append(f"-D{macro}")
                 log.warning("tracepoint missing, its metrics are off tracepoint=%s", tp)
-        self.bpf = compile_program("tcp_latency.c", pin_dir, extra_cflags=missing)
-        self.watch = RawMap.from_bcc(self.bpf["nodewire_obs_watch_v1"], "nodewire_obs_watch_v1")
-        self.hist_table = self.bpf["nodewire_obs_hist_v1"]  # per-CPU: read with dump_percpu
-        self.hist = RawMap.from_bcc(self.hist_table, "nodewire_obs_hist_v1")
-        self.retrans = RawMap.from_bcc(self.bpf["nodewire_obs_retrans_v1"], "nodewire_obs_retrans_v1")
-        self.drops = RawMap.from_bcc(self.bpf["nodewire_obs_drops_v1"], "nodewire_obs_drops_v1")
-        self._watched: dict[bytes, int] = {}
+        self.loaded = load(tcp_spec(tuple(present), sizes), pin_dir, state_dir)
+        m = self.loaded.maps
+        self.watch, self.hist, self.svc_hist = m["nodewire_obs_watch_v1"], m["nodewire_obs_hist_v1"], m["nodewire_obs_svc_hist_v1"]
+        self.retrans, self.drops = m["nodewire_obs_retrans_v1"], m["nodewire_obs_drops_v1"]
+        self.metrics = (HIST_CONNECT, HIST_SRTT) + ((HIST_SRTT_ACK,) if "tcp:tcp_probe" in present else ())
+        # pinned maps outlive a restart: what is watched already keeps its histograms
+        self._watched: dict[bytes, int] = {k: 0 for k in self.watch.dump()}
+        self.links: dict[str, int] = {}
+        for tp in present:
+            self.links[tp] = attach_tracepoint(self.loaded.prog_fd(TRACEPOINT_PROGRAMS[tp]), tp)
+            self.probes[tp] = "attached"
+        self.cgroup = cgroup
+        self.sock_ops_fd = self.loaded.prog_fd("nw_sockops")
+        if cgroup is None:
+            self.probes[SOCK_OPS] = "detached"
+            return
+        try:
+            attach_cgroup(self.sock_ops_fd, cgroup, "CGROUP_SOCK_OPS")
+        except OSError as e:
+            self.probes[SOCK_OPS] = "missing"
+            log.error("sock_ops attach failed, TCP telemetry is off cgroup=%s err=%s", cgroup, e)
 
     def set_watched(self, ips: list[str]) -> None:
         """Make the kernel's set of observed local addresses equal to ips: their watch entries and
@@ -100,16 +96,15 @@ class TcpObserver:
         want = {addr16(ip): i for i, ip in enumerate(sorted(set(ips)))}
         gone = [k for k in self._watched if k not in want]
         new = [k for k in want if k not in self._watched]
-        hist = self.hist
-        kdt = hist.key_dtype
+        kdt = self.hist.key_dtype
         if gone:
             self.watch.delete(gone)
             gone_set = set(gone)
-            hist.delete([pack_rows(kdt, [(a, m)])[0] for a in gone for m in (HIST_CONNECT, HIST_SRTT)])
+            self.hist.delete(pack_rows(kdt, [(a, m) for a in gone for m in self.metrics]))
             self.retrans.delete([k for k in self.retrans.dump() if k[:16] in gone_set])
         if new:
-            keys = pack_rows(kdt, [(a, m) for a in new for m in (HIST_CONNECT, HIST_SRTT)])
-            update_percpu_zeroed(self.hist_table, keys, "nodewire_obs_hist_v1")
+            hk = pack_rows(kdt, [(a, m) for a in new for m in self.metrics])
+            self.hist.update_arrays(np.frombuffer(b"".join(hk), dtype=kdt), np.zeros(len(hk), dtype=self.hist.value_dtype))
             self.watch.update([(k, np.array([want[k]], dtype=np.uint32).tobytes()) for k in new])
         self._watched = want
 
@@ -117,36 +112,75 @@ class TcpObserver:
         """(local ip, metric, per-slot counts, sum) per histogram with at least one sample, summed
         over CPUs. (Every watched pod has its histograms created up front; the empty ones of idle
         pods are not worth a series.)"""
-        keys, vals = dump_percpu(self.hist_table, "nodewire_obs_hist_v1")
-        used = vals[:, :HIST_SLOTS].any(axis=1) if len(vals) else []
-        return [(addr_str(k["address"]), int(k["metric"]), v[:HIST_SLOTS], int(v[HIST_SLOTS]))
-                for k, v, u in zip(keys, vals, used) if u]
+        keys, v = self.hist.dump_summed()
+        slots, sums = v["slots"], v["sum"]
+        return [(addr_str(k["address"]), int(k["metric"]), slots[i], int(sums[i]))
+                for i, k in enumerate(keys) if slots[i].any()]
+
+    def read_service_histograms(self) -> list[tuple[tuple[str, int], tuple[str, int], int, np.ndarray, int]]:
+        """((vip, port), (backend ip, port), metric, per-slot counts, sum) per Service backend."""
+        keys, v = self.svc_hist.dump_summed()
+        return [((addr_str(k["vip"]), port_host(k["vport"])), (addr_str(k["backend"]), port_host(k["bport"])),
+                 int(k["metric"]), v["slots"][i], int(v["sum"][i])) for i, k in enumerate(keys)]
+
+    def forget_services(self, keep) -> None:
+        """Delete the per-Service histograms whose (vip, port, backend, port) keep() rejects
+        (a removed frontend or backend), at sync time: a scrape never changes kernel state."""
+        keys, _ = self.svc_hist.dump_arrays()
+        gone = [k.tobytes() for k in keys
+                if not keep((addr_str(k["vip"]), port_host(k["vport"])), (addr_str(k["backend"]), port_host(k["bport"])))]
+        self.svc_hist.delete(gone)
 
     def read_retransmits(self) -> list[tuple[str, str, int]]:
-        raw = self.retrans.dump()
-        rows = unpack_rows(self.retrans.key_dtype, list(raw))
-        vals = np.frombuffer(b"".join(raw.values()), dtype=np.uint64) if raw else []
-        return [(addr_str(r["local"]), addr_str(r["remote"]), int(v)) for r, v in zip(rows, vals)]
+        keys, vals = self.retrans.dump_arrays()
+        return [(addr_str(k["local"]), addr_str(k["remote"]), int(v)) for k, v in zip(keys, vals)]
 
     def read_drops(self) -> dict[int, int]:
-        raw = self.drops.dump()
-        return {int(np.frombuffer(k, dtype=np.uint32)[0]): int(np.frombuffer(v, dtype=np.uint64)[0])
-                for k, v in raw.items()}
+        keys, vals = self.drops.dump_arrays()
+        return {int(k): int(v) for k, v in zip(keys, vals)}
+
+    def program_fds(self) -> dict[str, int]:
+        """function name → program fd, for run-time statistics (bench)."""
+        return {fn: self.loaded.prog_fd(fn) for fn in self.loaded.program_pins}
+
+    def set_active(self, on: bool) -> None:
+        """Attach or detach every program without reloading (bench on/off windows)."""
+        if self.cgroup is not None and self.probes[SOCK_OPS] == "attached":
+            if on:
+                attach_cgroup(self.sock_ops_fd, self.cgroup, "CGROUP_SOCK_OPS")
+            else:
+                detach_cgroup(self.cgroup, "CGROUP_SOCK_OPS", self.sock_ops_fd)
+        for tp in [tp for tp, st in self.probes.items() if ":" in tp and st == "attached"]:
+            if on and tp not in self.links:
+                self.links[tp] = attach_tracepoint(self.loaded.prog_fd(TRACEPOINT_PROGRAMS[tp]), tp)
+            elif not on and tp in self.links:
+                os.close(self.links.pop(tp))
 
     def close(self) -> None:
-        self.bpf.cleanup()
+        """Detach (the programs and maps stay pinned: a restart reuses them and their counts)."""
+        if self.cgroup is not None and self.probes[SOCK_OPS] == "attached":
+            try:
+                detach_cgroup(self.cgroup, "CGROUP_SOCK_OPS", self.sock_ops_fd)
+            except OSError as e:  # the cgroup is gone, or another agent replaced us
+                log.info("sock_ops detach err=%s", e)
+        for fd in self.links.values():
+            os.close(fd)
+        self.links.clear()
+        self.loaded.close()
 
 
 class PodTraffic:
-    """bpf/pod_tc.c on the node-side veths, all in one network namespace (None = this one)."""
+    """bpf/pod_tc.c on the node-side veths, all in one network namespace (None = this one). Opt-in
+    (--pod-tc): it adds per-segment packet counts of GSO frames, which interface counters count as
+    one packet each; bytes are the same as the interface counters'."""
 
-    def __init__(self, pin_dir: str, netns: str | None = None):
-        from bcc import BPF
+    SPEC = ProgramSpec(source="pod_tc.c", programs=(("nw_pod_tx", "SCHED_CLS", None), ("nw_pod_rx", "SCHED_CLS", None)),
+                       maps=("nodewire_pod_traffic_v1",))
 
-        self.bpf = compile_program("pod_tc.c", pin_dir)
-        self.fn_tx = self.bpf.load_func("nw_pod_tx", BPF.SCHED_CLS)
-        self.fn_rx = self.bpf.load_func("nw_pod_rx", BPF.SCHED_CLS)
-        self.table = self.bpf["nodewire_pod_traffic_v1"]
+    def __init__(self, pin_dir: str, netns: str | None = None, state_dir: str | None = None):
+        self.loaded = load(self.SPEC, pin_dir, state_dir)
+        self.progs = {fn: self.loaded.prog_fd(fn) for fn in ("nw_pod_tx", "nw_pod_rx")}
+        self.counts = self.loaded.maps["nodewire_pod_traffic_v1"]
         self.netns = netns
         self._ipr = None
         self._lock = threading.Lock()
@@ -181,34 +215,11 @@ class PodTraffic:
             except NetlinkError as e:
                 if e.code != errno.EEXIST:
                     raise
-            for fn, parent in ((self.fn_tx, TC_INGRESS), (self.fn_rx, TC_EGRESS)):
-                ipr.tc("replace-filter", "bpf", idx, ":1", fd=fn.fd, name=fn.name, parent=parent,
+            for fn, parent in (("nw_pod_tx", TC_INGRESS), ("nw_pod_rx", TC_EGRESS)):
+                ipr.tc("replace-filter", "bpf", idx, ":1", fd=self.progs[fn], name=fn, parent=parent,
                        prio=TC_PRIO, classid=1, direct_action=True)
             self.attached[ifname] = idx
             return idx
-
-    def routed_veth(self, ip: str) -> str | None:
-        """The veth a routed CNI (Calico, Cilium, the ptp plugin) sends this pod address to: the
-        output device of the node's route to it, when that device is a veth. None for bridged
-        pods (the route goes to the bridge) and unknown addresses."""
-        from pyroute2.netlink.exceptions import NetlinkError
-
-        with self._lock:
-            ipr = self._nl()
-            try:
-                routes = ipr.route("get", dst=ip)
-            except NetlinkError:
-                return None
-            oif = routes[0].get_attr("RTA_OIF") if routes else None
-            if not oif:
-                return None
-            links = ipr.get_links(oif)
-            if not links:
-                return None
-            info = links[0].get_attr("IFLA_LINKINFO")
-            if info is None or info.get_attr("IFLA_INFO_KIND") != "veth":
-                return None
-            return links[0].get_attr("IFLA_IFNAME")
 
     def detach(self, ifname: str) -> None:
         from pyroute2.netlink.exceptions import NetlinkError
@@ -225,22 +236,17 @@ class PodTraffic:
             self._forget(idx)
 
     def _forget(self, ifindex: int) -> None:
-        for d in DIR_NAMES:
-            key = self.table.Key(ifindex, d)
-            try:
-                del self.table[key]
-            except KeyError:
-                pass
+        self.counts.delete(pack_rows(self.counts.key_dtype, [(ifindex, d) for d in DIR_NAMES]))
 
     def read(self) -> dict[tuple[int, str], tuple[int, int]]:
         """(ifindex, direction) -> (packets, bytes)."""
-        keys, vals = dump_percpu(self.table, "nodewire_pod_traffic_v1")
-        return {(int(k["ifindex"]), DIR_NAMES.get(int(k["direction"]), "?")): (int(v[0]), int(v[1]))
-                for k, v in zip(keys, vals)}
+        keys, v = self.counts.dump_summed()
+        return {(int(k["ifindex"]), DIR_NAMES.get(int(k["direction"]), "?")): (int(v["packets"][i]), int(v["bytes"][i]))
+                for i, k in enumerate(keys)}
 
     def close(self) -> None:
         for ifname in list(self.attached):
             self.detach(ifname)
         if self._ipr is not None:
             self._ipr.close()
-        self.bpf.cleanup()
+        self.loaded.close()

@@ -2,10 +2,12 @@
 state, and turns kernel counters and histograms into labelled OTel metrics when an exporter asks.
 
 Used by agent.py: `Observer(state, telemetry, ObserveConfig(node_name=...), pin_dir, veth_netns, lb,
-reconciler).start()`, `sync()` after each state change, `close()` at exit. A pod's node-side veth
-comes from `set_pod_interface(key, ifname)` (the CNI), the Pod's `nodewire.io/host-veth`
-annotation (manifests, the demo), or the node's route to the pod address (routed CNIs). Nothing here runs on a timer of its own: collection happens inside
-the exporter's collect (Prometheus scrape, OTLP export), one batched read per map.
+reconciler, cgroup).start()`, `sync()` after each state change, `close()` at exit. A pod's node-side
+veth comes from `set_pod_interface(key, ifname)` (the CNI), the Pod's `nodewire.io/host-veth`
+annotation (manifests, the demo), or the node's route to the pod address (routed CNIs); its bytes
+and packets are that veth's own interface counters. Nothing here runs on a timer of its own:
+collection happens inside the exporter's collect (Prometheus scrape, OTLP export), one netlink dump
+and one batched read per map.
 """
 from __future__ import annotations
 
@@ -16,37 +18,42 @@ from collections import deque
 from opentelemetry.metrics import CallbackOptions, Observation
 
 from ..datapath.abi import LB_OUTCOMES
+from ..datapath.loader import MapSizes
 from ..datapath.maps import MapFull
 from ..model.objects import ObjectKey
 from ..state import ClusterState
 from .drop_reasons import load_drop_reasons, reason_name
 from .histogram import Log2Histogram
-from .identity import Identity, ObserveConfig
-from .kernel import HIST_CONNECT, HIST_SRTT, PodTraffic, TcpObserver
+from .identity import Identity, ObserveConfig, port_label
+from .kernel import HIST_CONNECT, HIST_SRTT, HIST_SRTT_ACK, PodTraffic, TcpObserver
+from .links import LinkStats
 from .series import Reading, SeriesBook
 
 log = logging.getLogger("nodewire.observe")
 
 # Pod annotation naming the node-side veth (written by the CNI plugin, or by hand in manifests).
 HOST_VETH_ANNOTATION = "nodewire.io/host-veth"
+HIST_NAMES = {HIST_CONNECT: "connect", HIST_SRTT: "srtt", HIST_SRTT_ACK: "srtt_ack"}
 
 
 class Observer:
     def __init__(self, state: ClusterState, telemetry, cfg: ObserveConfig, pin_dir: str,
-                 veth_netns: str | None = None, lb=None, reconciler=None):
+                 veth_netns: str | None = None, lb=None, reconciler=None, cgroup: str | None = None):
         """veth_netns: the network namespace holding the pods' node-side veths (None: this one).
         lb / reconciler: the socket LB (its stats map) and the reconciler (id → Service/backend
-        names), both optional."""
+        names), both optional. cgroup: where the sock_ops program goes (the socket LB's cgroup)."""
         self.state, self.telemetry, self.cfg = state, telemetry, cfg
         self.pin_dir, self.veth_netns = pin_dir, veth_netns
-        self.lb, self.reconciler = lb, reconciler
+        self.lb, self.reconciler, self.cgroup = lb, reconciler, cgroup
         self.identity = Identity(cfg)
         self.book = SeriesBook(cfg.max_series)
         self.interfaces: dict[ObjectKey, str] = {}  # pod → node-side veth name, as told by the CNI
         self._pod_ifnames: dict[ObjectKey, str] = {}  # observed pod → veth, as of the last sync
         self._lb_owner: dict[tuple, tuple] = {}  # lb_stats key → (what it counted for, base, last value)
         self.tcp: TcpObserver | None = None
-        self.traffic: PodTraffic | None = None
+        self.links: LinkStats | None = None
+        self.traffic: PodTraffic | None = None   # opt-in (cfg.pod_tc)
+
         self.drop_reasons: dict[int, str] = {}
         self.errors: deque[str] = deque(maxlen=100)  # last errors, for status
         self._lock = threading.RLock()
@@ -56,8 +63,11 @@ class Observer:
         self.drop_reasons = load_drop_reasons()
         if not self.drop_reasons:
             log.warning("drop reason names unavailable, exporting numbers path=skb/kfree_skb/format")
-        self.traffic = PodTraffic(self.pin_dir, self.veth_netns)  # first: see PodTraffic._nl
-        self.tcp = TcpObserver(self.pin_dir)
+        self.links = LinkStats(self.veth_netns)  # netlink first: see PodTraffic._nl
+        if self.cfg.pod_tc:
+            self.traffic = PodTraffic(self.pin_dir, self.veth_netns)
+        sizes = MapSizes(revnat=self.lb.revnat.capacity) if self.lb is not None else MapSizes()
+        self.tcp = TcpObserver(self.pin_dir, self.cgroup, self.cfg.tcp_probe, sizes)
         if self.telemetry is not None:
             # Instruments live as long as the MeterProvider; a later Observer on the same telemetry
             # (bench rounds, restarts in tests) takes over the callbacks instead of re-creating them.
@@ -85,6 +95,9 @@ class Observer:
             if self.traffic is not None:
                 self.traffic.close()
                 self.traffic = None
+            if self.links is not None:
+                self.links.close()
+                self.links = None
             if self.tcp is not None:
                 self.tcp.close()
                 self.tcp = None
@@ -111,18 +124,27 @@ class Observer:
             except (OSError, MapFull) as e:  # a full map: keep going with what is watched already
                 self.errors.append(str(e))
                 log.error("watching pod addresses failed err=%s", e)
+            fronts = self.identity.frontends
+            backends = self._backends()
+            try:  # per-Service histograms of frontends and backends that are gone
+                self.tcp.forget_services(lambda fe, be: fe in fronts and be in backends)
+            except OSError as e:
+                self.errors.append(str(e))
             observed = {ref.key for ref in self.identity.local.values()}
             self._pod_ifnames = self._interfaces_of(observed)
-            want = set(self._pod_ifnames.values())
-            for ifname in set(self.traffic.attached) - want:
-                self.traffic.detach(ifname)
-            for ifname in want - set(self.traffic.attached):
-                try:
-                    self.traffic.attach(ifname)
-                except (LookupError, OSError) as e:  # one bad pod never stops the others
-                    msg = f"pod interface {ifname}: tc attach failed: {e}"
-                    self.errors.append(msg)
-                    log.error("tc attach failed ifname=%s err=%s", ifname, e)
+            if self.traffic is not None:
+                self._attach_tc(set(self._pod_ifnames.values()))
+
+    def _attach_tc(self, want: set[str]) -> None:
+        for ifname in set(self.traffic.attached) - want:
+            self.traffic.detach(ifname)
+        for ifname in want - set(self.traffic.attached):
+            try:
+                self.traffic.attach(ifname)
+            except (LookupError, OSError) as e:  # one bad pod never stops the others
+                msg = f"pod interface {ifname}: tc attach failed: {e}"
+                self.errors.append(msg)
+                log.error("tc attach failed ifname=%s err=%s", ifname, e)
 
     def _interfaces_of(self, observed: set[ObjectKey]) -> dict[ObjectKey, str]:
         """Pod → veth: set_pod_interface() wins, then the Pod's nodewire.io/host-veth annotation,
@@ -131,8 +153,8 @@ class Observer:
         for key in observed:
             pod = self.state.pods.get(key)
             ifname = self.interfaces.get(key) or (dict(pod.annotations).get(HOST_VETH_ANNOTATION) if pod else None)
-            if not ifname and pod is not None and self.traffic is not None:
-                ifname = next(filter(None, (self.traffic.routed_veth(ip) for ip in pod.ips)), None)
+            if not ifname and pod is not None and self.links is not None:
+                ifname = next(filter(None, (self.links.routed_veth(ip) for ip in pod.ips)), None)
             if ifname:
                 out[key] = ifname
         return out
@@ -144,27 +166,15 @@ class Observer:
             self.sync()
             r = Reading()
             ident = self.identity
-            if self.traffic is not None:
-                by_index = {idx: name for name, idx in self.traffic.attached.items()}
-                pod_by_if = {ifname: key for key, ifname in self._pod_ifnames.items()}
-                refs = {ref.key: ref for ref in ident.local.values()}
-                for (ifindex, direction), (packets, nbytes) in self.traffic.read().items():
-                    key = pod_by_if.get(by_index.get(ifindex, ""))
-                    ref = refs.get(key)
-                    if ref is None:
-                        continue
-                    attrs = {**ref.attributes(), "network.io.direction": direction,
-                             "network.interface.name": by_index[ifindex]}
-                    r.count("pod_bytes", attrs, nbytes)
-                    r.count("pod_packets", attrs, packets)
+            self._read_traffic(r)
             if self.tcp is not None:
                 for ip, metric, counts, total in self.tcp.read_histograms():
                     ref = ident.pod_of(ip)
                     if ref is None:
                         continue
-                    name = "connect" if metric == HIST_CONNECT else "srtt" if metric == HIST_SRTT else None
-                    if name:
-                        r.hist(name, ref.attributes()).add_counts(counts, total)
+                    if metric in HIST_NAMES:
+                        r.hist(HIST_NAMES[metric], ref.attributes()).add_counts(counts, total)
+                self._read_service_latency(r)
                 for local, remote, n in self.tcp.read_retransmits():
                     ref = ident.pod_of(local)
                     if ref is not None:
@@ -177,6 +187,41 @@ class Observer:
                 self._read_lb(r)
             return r
 
+    def _read_traffic(self, r: Reading) -> None:
+        """Per-pod bytes and packets: the veth's interface counters (or, with --pod-tc, the tc
+        program's per-segment counts)."""
+        refs = {ref.key: ref for ref in self.identity.local.values()}
+        if self.traffic is not None:
+            by_index = {idx: name for name, idx in self.traffic.attached.items()}
+            stats: dict[str, dict] = {}
+            for (ifindex, direction), pb in self.traffic.read().items():
+                if ifindex in by_index:
+                    stats.setdefault(by_index[ifindex], {})[direction] = pb
+        else:
+            stats = self.links.read() if self.links is not None else {}
+        for key, ifname in self._pod_ifnames.items():
+            ref = refs.get(key)
+            if ref is None or ifname not in stats:
+                continue
+            for direction, (packets, nbytes) in stats[ifname].items():
+                attrs = {**ref.attributes(), "network.io.direction": direction, "network.interface.name": ifname}
+                r.count("pod_bytes", attrs, nbytes)
+                r.count("pod_packets", attrs, packets)
+
+    def _read_service_latency(self, r: Reading) -> None:
+        """Connect latency and srtt per Service and backend: the kernel keys them by (VIP, port,
+        backend address, port), from the socket LB's record of what each socket dialled."""
+        ident = self.identity
+        for (vip, vport), (bip, bport), metric, counts, total in self.tcp.read_service_histograms():
+            front = ident.frontends.get((vip, vport))
+            name = {HIST_CONNECT: "svc_connect", HIST_SRTT: "svc_srtt"}.get(metric)
+            if front is None or name is None:
+                continue  # a frontend removed since: its series goes with it
+            svc, port = front
+            attrs = {"k8s.namespace.name": svc.namespace, "k8s.service.name": svc.name,
+                     "nodewire.service.port": port, "k8s.node.name": self.cfg.node_name, **ident.backend(bip, bport)}
+            r.hist(name, attrs).add_counts(counts, total)
+
     def _read_lb(self, r: Reading) -> None:
         snap = self.reconciler.snapshot() if self.reconciler is not None else None
         keys, vals = self.lb.lb_stats.dump_summed()
@@ -185,15 +230,15 @@ class Observer:
             info = snap.frontend(sid) if snap is not None else None
             if info is None:
                 continue  # a frontend removed since: its series goes with it
-            backend = self._backend_name(snap, bid)
+            backend = snap.backend(bid)  # (ip, port, protocol) or None
             value = self._since_owner((sid, bid, outcome), (str(info.service), info.frontend, backend), int(v))
             attrs = {"k8s.namespace.name": info.service.namespace, "k8s.service.name": info.service.name,
-                     "nodewire.service.port": info.port_name or info.frontend,
+                     "nodewire.service.port": port_label(info.port_name, info.port, info.protocol),
                      "k8s.node.name": self.cfg.node_name}
             if LB_OUTCOMES.get(outcome) == "forwarded":
                 if backend is None:
                     continue  # the backend is gone: its series goes with it, like a deleted pod's
-                r.count("svc_connects", {**attrs, "nodewire.backend.address": backend}, value)
+                r.count("svc_connects", {**attrs, **self.identity.backend(backend[0], backend[1])}, value)
             else:
                 r.count("svc_refusals", {**attrs, "nodewire.refusal.reason": LB_OUTCOMES.get(outcome, str(outcome))},
                         value)
@@ -215,13 +260,12 @@ class Observer:
         self._lb_owner[key] = (owner, base, value)
         return value - base
 
-    @staticmethod
-    def _backend_name(snap, bid: int) -> str | None:
-        """backend_id → "ip:port", from a snapshot of the reconciler's id registry."""
-        be = snap.backend(bid)
-        if be is None:
-            return None
-        return (f"[{be[0]}]" if ":" in be[0] else be[0]) + f":{be[1]}"
+    def _backends(self) -> set[tuple[str, int]]:
+        """(ip, port) of every backend the reconciler wrote (a snapshot of its id registry)."""
+        if self.reconciler is None:
+            return set()
+        snap = self.reconciler.snapshot()
+        return {snap.backend(bid)[:2] for bid in snap.backend_ids()}
 
     def metrics(self):
         """OTel Metric objects for the telemetry producer hook (one kernel read per call)."""
@@ -252,3 +296,4 @@ class Observer:
     def histograms(self) -> dict[str, dict[tuple, Log2Histogram]]:
         """The labelled kernel histograms (for the terminal views)."""
         return self.read().histograms
+

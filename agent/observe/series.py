@@ -36,7 +36,16 @@ SPECS = {
     "connect": MetricSpec("nodewire.tcp.connect.duration", "s",
                           "TCP connect latency (SYN_SENT to ESTABLISHED), kernel log2 buckets", "histogram"),
     "srtt": MetricSpec("nodewire.tcp.srtt", "s",
-                       "TCP smoothed RTT sampled at every ACK received, kernel log2 buckets", "histogram"),
+                       "TCP smoothed RTT of each connection when it leaves ESTABLISHED, kernel log2 buckets",
+                       "histogram"),
+    "srtt_ack": MetricSpec("nodewire.tcp.srtt.acks", "s",
+                           "TCP smoothed RTT at every ACK received (tcp_probe, opt-in), kernel log2 buckets",
+                           "histogram"),
+    "svc_connect": MetricSpec("nodewire.service.connect.duration", "s",
+                              "TCP connect latency through a Service, per backend, kernel log2 buckets", "histogram"),
+    "svc_srtt": MetricSpec("nodewire.service.srtt", "s",
+                           "Smoothed RTT of connections through a Service when they leave ESTABLISHED, per backend",
+                           "histogram"),
     "retrans": MetricSpec("nodewire.tcp.retransmits", "{segment}",
                           "TCP segments retransmitted, by local pod and remote peer", "counter"),
     "drops": MetricSpec("nodewire.skb.drops", "{packet}",
@@ -47,7 +56,8 @@ SPECS = {
                                "Connections refused by the socket load balancer (no usable backend)", "counter"),
 }
 # the order in which series are admitted under the cap: node-level and Service series first
-CAP_ORDER = ("drops", "svc_connects", "svc_refusals", "pod_bytes", "pod_packets", "connect", "srtt", "retrans")
+CAP_ORDER = ("drops", "svc_connects", "svc_refusals", "svc_connect", "svc_srtt", "pod_bytes", "pod_packets",
+             "connect", "srtt", "retrans", "srtt_ack")
 
 
 @dataclass

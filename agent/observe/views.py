@@ -15,6 +15,8 @@ from prometheus_client.parser import text_string_to_metric_families
 from rich.table import Table
 from rich.text import Text
 
+from .histogram import bucket_quantile
+
 PodId = tuple[str, str]  # (namespace, pod)
 
 
@@ -64,17 +66,7 @@ def bucket_delta(cur: dict[float, float], prev: dict[float, float] | None) -> li
     return out
 
 
-def quantile(buckets: list[tuple[float, float]], q: float) -> float | None:
-    """Upper bound of the bucket holding the q-quantile (exact to the kernel's bucket)."""
-    total = sum(n for _, n in buckets)
-    if total <= 0:
-        return None
-    seen = 0.0
-    for le, n in buckets:
-        seen += n
-        if seen >= q * total and n > 0:
-            return le
-    return buckets[-1][0]
+quantile = bucket_quantile  # exact to the kernel's bucket (agent/observe/histogram.py)
 
 
 def fmt_seconds(v: float | None) -> str:

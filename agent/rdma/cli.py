@@ -7,6 +7,7 @@ import sys
 
 import click
 
+from ..observe.histogram import slot_quantile
 from .topology import TopologyError, build_topology, render_table
 
 
@@ -49,22 +50,12 @@ def parse_duty(text: str | None):
     return on, period
 
 
-def _quantile_us(slots, q: float) -> int:
-    n = sum(slots)
-    seen = 0
-    for s, c in enumerate(slots):
-        seen += c
-        if c and seen >= q * n:
-            return 1 << s
-    return 0
-
-
 def snapshot_json(snap, ports, kernel_tracepoints=None) -> dict:
     return {
         "kernel_tracepoints": kernel_tracepoints or {},
         "qps": [{"pid": h.pid, "comm": h.comm, "device": h.device, "qp_num": h.qp_num,
                  "direction": h.direction, "count": h.count, "sum_us": h.sum_us,
-                 "p50_us_le": _quantile_us(h.slots, 0.5), "p99_us_le": _quantile_us(h.slots, 0.99),
+                 "p50_us_le": slot_quantile(h.slots, 0.5), "p99_us_le": slot_quantile(h.slots, 0.99),
                  "slots": {str(s): c for s, c in enumerate(h.slots) if c}} for h in snap.latency],
         "errors": [{"pid": e.pid, "comm": e.comm, "device": e.device, "qp_num": e.qp_num,
                     "status": e.status, "count": e.count} for e in snap.errors],
@@ -86,7 +77,7 @@ def render(snap, ports):
         errs.setdefault((e.pid, e.qp_num), []).append(f"{e.status}={e.count}")
     for h in snap.latency:
         qps.add_row(str(h.pid), h.comm, h.device, f"0x{h.qp_num:x}", h.direction, str(h.count),
-                    str(_quantile_us(h.slots, 0.5)), str(_quantile_us(h.slots, 0.99)),
+                    str(slot_quantile(h.slots, 0.5)), str(slot_quantile(h.slots, 0.99)),
                     " ".join(errs.get((h.pid, h.qp_num), [])) if h.direction == "send" else "")
     port_tbl = Table(title="RDMA port counters")
     for col in ("device", "port", "counter", "value"):

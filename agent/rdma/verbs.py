@@ -29,12 +29,12 @@ import threading
 import time
 from dataclasses import dataclass, field
 
+from ..observe.histogram import HIST_SLOTS, bounds, hist_cflags, slot_of  # noqa: F401 (slot_of: tests)
 from .elf import ElfError, read_elf
 from .layout import VerbsLayout, load_layout
 
 log = logging.getLogger("nodewire.rdma.verbs")
 
-HIST_SLOTS = 40          # NW_HIST_SLOTS in bpf/rdma.c (slot s: 2^(s-1) < v <= 2^s µs)
 HIST_SUM_SLOT = 255      # NW_HIST_SUM_SLOT
 STATS = ("posted", "completed", "matched", "stale", "chain_truncated", "wc_truncated")
 ROLES = ("post_recv", "post_send", "poll_cq")
@@ -43,13 +43,8 @@ PROBES = {  # role → [(bcc function, return probe?)]
     "post_recv": [("nw_post_recv", False)],
     "poll_cq": [("nw_poll_enter", False), ("nw_poll_ret", True)],
 }
-LATENCY_BOUNDS_S = tuple((1 << s) * 1e-6 for s in range(HIST_SLOTS - 1))
+LATENCY_BOUNDS_S = bounds(1e-6)
 LIBIBVERBS = re.compile(r"/libibverbs\.so[.\d]*$")
-
-
-def slot_of(us: int) -> int:
-    """The histogram slot the kernel uses for a latency in µs (mirror of bpf/rdma.c)."""
-    return 0 if us <= 1 else min((us - 1).bit_length(), HIST_SLOTS - 1)
 
 
 @dataclass(frozen=True)
@@ -648,4 +643,4 @@ def _compile(cflags: list[str]):
     from ..datapath.loader import ensure_mounts, program_text
 
     ensure_mounts()
-    return BPF(text=program_text("rdma.c"), cflags=cflags + ["-Wno-unused-function"])
+    return BPF(text=program_text("rdma.c"), cflags=cflags + hist_cflags() + ["-Wno-unused-function"])

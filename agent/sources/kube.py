@@ -336,6 +336,7 @@ class ApiClient:
 class BadLine(NamedTuple):
     """A watch line that is not a decodable event; the stream goes on with the next line."""
     message: str
+    field: str = "line"  # what was wrong: the line itself, its "type" or its "object"
 
 
 def _decode_event(line: bytes) -> dict | BadLine:
@@ -344,9 +345,9 @@ def _decode_event(line: bytes) -> dict | BadLine:
     except (ValueError, RecursionError) as e:  # UnicodeDecodeError is a ValueError
         return BadLine(f"undecodable watch line ({len(line)} bytes): {type(e).__name__}: {str(e)[:120]}")
     if not isinstance(ev, dict) or not isinstance(ev.get("type"), str):
-        return BadLine(f"watch line is not an event: {line[:80]!r}")
+        return BadLine(f"watch line is not an event (no string type): {line[:80]!r}", "type")
     if not isinstance(ev.get("object"), dict):
-        return BadLine(f"{ev['type']} event without an object: {line[:80]!r}")
+        return BadLine(f"{ev['type']!r} event without an object: {line[:80]!r}", "object")
     return ev
 
 
@@ -480,9 +481,9 @@ class Reflector:
 
     def __init__(self, client: ApiClient, spec: WatchSpec, apply: Callable[[str, ObjectKey, dict | None, float], None],
                  stop: threading.Event, backoff: Backoff, watch_timeout: tuple[int, int] = (300, 600),
-                 bad: Callable[[str, str], None] = lambda kind, msg: log.error("kube %s: %s", kind, msg)):
+                 bad: Callable[..., None] = lambda kind, msg, field="-": log.error("kube %s: %s: %s", kind, field, msg)):
         self.client, self.spec, self.apply, self.stop = client, spec, apply, stop
-        self.bad = bad  # (kind, message) of a line or list item that is skipped
+        self.bad = bad  # (kind, message, field) of a line or list item that is skipped
         self.backoff = backoff
         self.watch_timeout = watch_timeout
         self.short_watch = 1.0  # seconds: a stream that ends sooner with no event is backed off
@@ -577,7 +578,7 @@ class Reflector:
             for i, item in enumerate(items):
                 meta = item.get("metadata") if isinstance(item, dict) else None
                 if not isinstance(meta, dict) or not isinstance(meta.get("name"), str):
-                    self.bad(self.spec.kind, f"list item {i} has no metadata.name; skipped")
+                    self.bad(self.spec.kind, f"list item {i} has no metadata.name; skipped", f"items[{i}].metadata.name")
                     continue
                 key = ObjectKey(meta.get("namespace", ""), meta.get("name", ""))
                 rv = meta.get("resourceVersion", "")
@@ -612,7 +613,7 @@ class Reflector:
                 continue
             if isinstance(ev, BadLine):  # skipped; the next good event carries a later resourceVersion
                 h.bad_lines += 1
-                self.bad(self.spec.kind, ev.message)
+                self.bad(self.spec.kind, ev.message, ev.field)
                 continue
             typ, obj = ev["type"], ev["object"]
             if typ == "ERROR":
@@ -627,7 +628,7 @@ class Reflector:
             elif typ in ("ADDED", "MODIFIED", "DELETED"):
                 if not isinstance(meta.get("name"), str) or not isinstance(meta.get("namespace", ""), str):
                     h.bad_lines += 1
-                    self.bad(self.spec.kind, f"{typ} event without a metadata.name; skipped")
+                    self.bad(self.spec.kind, f"{typ} event without a metadata.name; skipped", "object.metadata.name")
                     continue
                 key = ObjectKey(meta.get("namespace", ""), meta["name"])
                 if typ == "DELETED":
@@ -751,9 +752,9 @@ class KubeSource:
         if self.on_applied:
             self.on_applied(kind, key, arrived)
 
-    def _bad(self, kind: str, message: str) -> None:
+    def _bad(self, kind: str, message: str, field: str = "-") -> None:
         """A watch line or list item that could not be read as an object: skipped, counted, named."""
-        err = ObjectError("api", kind, "?", "-", message)
+        err = ObjectError("api", kind, "?", field, message)
         self.invalid_objects[kind] += 1
         self._report(err)
 

@@ -100,14 +100,19 @@ struct lb_stats_key {
 	__u32 outcome;
 };
 
+/* NW_LB_REVNAT_ONLY: only the structs, the revnat map and its helpers (bpf/tcp_latency.c reads
+ * which VIP a socket dialled, keyed by its cookie, to attribute connect latency to the Service). */
+#ifndef NW_LB_REVNAT_ONLY
 /* Not preallocated (as Cilium's default, --preallocate-bpf-maps=false): kernel memory follows the
  * number of Services instead of the capacity (1M slots preallocated cost ~260 MiB of memlock). */
 BPF_TABLE_PINNED("hash", struct lb_service_key, struct lb_service_value, nodewire_services_v1,
 		 NW_SERVICES_MAX, NW_PIN_DIR "/nodewire_services_v1", BPF_F_NO_PREALLOC);
 BPF_TABLE_PINNED("hash", __u32, struct lb_backend, nodewire_backends_v1,
 		 NW_BACKENDS_MAX, NW_PIN_DIR "/nodewire_backends_v1", BPF_F_NO_PREALLOC);
+#endif
 BPF_TABLE_PINNED("lru_hash", struct lb_revnat_key, struct lb_revnat_value, nodewire_revnat_v1,
 		 NW_REVNAT_MAX, NW_PIN_DIR "/nodewire_revnat_v1");
+#ifndef NW_LB_REVNAT_ONLY
 BPF_TABLE_PINNED("lru_percpu_hash", struct lb_stats_key, __u64, nodewire_lb_stats_v1,
 		 NW_STATS_MAX, NW_PIN_DIR "/nodewire_lb_stats_v1");
 BPF_TABLE_PINNED("lru_hash", struct lb_affinity_key, struct lb_affinity_value, nodewire_affinity_v1,
@@ -191,6 +196,8 @@ static __always_inline int lb_select(void *ctx, struct lb_service_key *key, stru
 	*out = be;
 	return NW_SELECT_OK;
 }
+
+#endif /* NW_LB_REVNAT_ONLY */
 
 /* Remember, per socket, which VIP a backend stands for, so replies and getpeername show the VIP. */
 static __always_inline void lb_remember(__u64 cookie, const struct lb_backend *be,

@@ -1,8 +1,8 @@
 """`nodewire bench observe`: what per-pod observability costs, measured side by side in one run.
 
 - Request/response rate between two sandbox pods (one continuous sockperf TCP ping-pong, 64-byte
-  messages) in short windows with all observability on (tc on both veths, the four tracepoints)
-  and off, alternating (off/on, on/off, ...): programs are attached and detached between windows
+  messages) in short windows with the default observability on (the sock_ops program on the pods'
+  cgroup, skb:kfree_skb, veth interface counters read at each scrape) and off, alternating (off/on, on/off, ...): programs are attached and detached between windows
   without recompiling, so slow swings of the shared machine's load hit both sides of each pair.
   Transactions are counted from the client veth's own packet counter (one frame per request).
   Reported: the ratio of the medians and the median of the per-pair ratios, with their range.
@@ -12,9 +12,10 @@
   the bench holds the fd; not during the on/off windows, as the accounting costs time itself), each
   program's run_time_ns / run_cnt, and the BPF nanoseconds per transaction of the programs that run
   on every message, as a share of a transaction's time.
-- Agent CPU per 10k events/s: this process's CPU time for one scrape per "on" window (twice a
-  second: far more often than any Prometheus), divided by the BPF program runs in those windows
-  (program runs per transaction from the statistics window).
+- Agent CPU per 10k connections/s: this process's CPU time while a client pod opens and closes
+  short TCP connections as fast as it can, scraped twice a second (far more often than any
+  Prometheus); the kernel aggregates, so the agent's share is the scrapes'. Also the sock_ops
+  program's ns per run in that window (BPF run-time statistics).
 - RSS: before the observer, with it, and with N (default 1,000) pods, each with real kernel
   histograms, plus the scrape time and size then.
 """
@@ -27,6 +28,7 @@ import random
 import shutil
 import statistics
 import subprocess
+import sys
 import time
 import urllib.request
 
@@ -65,8 +67,9 @@ def _prog_id(fd: int) -> int:
 
 def prog_stats(obs) -> dict[str, tuple[int, int]]:
     """program name → (run_time_ns, run_cnt) for the observer's programs."""
-    fds = {n.decode() if isinstance(n, bytes) else n: f.fd for n, f in obs.tcp.bpf.funcs.items()}
-    fds.update({"nw_pod_tx": obs.traffic.fn_tx.fd, "nw_pod_rx": obs.traffic.fn_rx.fd})
+    fds = obs.tcp.program_fds()
+    if obs.traffic is not None:
+        fds.update(obs.traffic.progs)
     out = {}
     for name, fd in fds.items():
         info = json.loads(subprocess.run(["bpftool", "-j", "prog", "show", "id", str(_prog_id(fd))],
@@ -78,22 +81,48 @@ def prog_stats(obs) -> dict[str, tuple[int, int]]:
 def _set_active(obs, pods, on: bool) -> None:
     """Attach or detach all of the observer's programs without recompiling (a few ms), so the
     on and off windows can alternate quickly inside one continuous traffic run."""
-    for tp, status in obs.tcp.probes.items():
-        key = tp.encode()
-        if status != "attached" or (key in obs.tcp.bpf.tracepoint_fds) == on:
-            continue
-        if on:
-            obs.tcp.bpf.attach_tracepoint(tp=key, fn_name=("tracepoint__" + tp.replace(":", "__")).encode())
-        else:
-            obs.tcp.bpf.detach_tracepoint(key)
-    for p in pods:
+    if getattr(obs, "bench_on", True) != on:  # attached by the observer at start
+        obs.tcp.set_active(on)
+        obs.bench_on = on
+    for p in pods if obs.traffic is not None else ():
         if on:
             obs.traffic.attach(p.host_veth)
         else:
             obs.traffic.detach(p.host_veth)
 
 
-def run_bench(rounds: int, seconds: float, pods: int) -> dict:
+def _connection_window(obs, client, server, url: str, seconds: float) -> dict:
+    """Short connections client → server for `seconds`, scraped twice a second: connections/s,
+    this process's CPU share, and the sock_ops program's ns per run (statistics on)."""
+    import psutil
+
+    proc = psutil.Process()
+    loop = client.popen([sys.executable, "-c", f"""
+import socket, time
+end, n = time.monotonic() + {seconds}, 0
+while time.monotonic() < end:
+    s = socket.create_connection(("{server.ip4}", 11112)); s.close(); n += 1
+print(n, flush=True)
+"""], stdout=subprocess.PIPE, text=True)
+    stats_fd = enable_bpf_stats()
+    try:
+        s0, c0, t0 = prog_stats(obs), sum(proc.cpu_times()[:2]), time.monotonic()
+        while loop.poll() is None:
+            urllib.request.urlopen(url, timeout=10).read()
+            time.sleep(0.5)
+        s1, c1, t1 = prog_stats(obs), sum(proc.cpu_times()[:2]), time.monotonic()
+    finally:
+        os.close(stats_fd)
+    n = int(loop.stdout.read().split()[0])
+    ns, runs = (s1["nw_sockops"][i] - s0["nw_sockops"][i] for i in (0, 1))
+    cps = n / (t1 - t0)
+    cpu = 100 * (c1 - c0) / (t1 - t0)
+    return {"connections_per_s": cps, "agent_cpu_percent": cpu, "sock_ops_runs_per_connection": runs / max(n, 1),
+            "sock_ops_ns_per_run": ns / runs if runs else None,
+            "agent_cpu_percent_per_10k_connections_s": cpu / (cps / 1e4) if cps else None}
+
+
+def run_bench(rounds: int, seconds: float, pods: int, pod_tc: bool = False, tcp_probe: bool = False) -> dict:
     import psutil
 
     from agent.export.telemetry import start_telemetry
@@ -107,11 +136,12 @@ def run_bench(rounds: int, seconds: float, pods: int) -> dict:
         raise click.ClickException("sockperf not found (apt-get install sockperf; scripts/install.sh does it)")
     proc = psutil.Process()
     net = f"10.{random.randrange(100, 200)}.{random.randrange(256)}"
-    result: dict = {"rounds": rounds, "seconds_per_round": seconds}
+    result: dict = {"rounds": rounds, "seconds_per_round": seconds, "pod_tc": pod_tc, "tcp_probe": tcp_probe}
     with Sandbox(subnet4=f"{net}.0/24") as sb:
         pin = f"/sys/fs/bpf/{sb.prefix}"
         client, server = sb.add_pod("client"), sb.add_pod("server")
         server.popen(["sockperf", "sr", "--tcp", "-i", server.ip4, "-p", "11111"])
+        server.serve(tcp_ports=[11112])  # accepts and closes: the connection-rate window
         time.sleep(0.5)
         state = ClusterState()
         for p in (client, server):
@@ -129,7 +159,8 @@ def run_bench(rounds: int, seconds: float, pods: int) -> dict:
         try:
             from pyroute2 import NetNS
             nl = NetNS(sb.node_netns)  # before the observer: its helper process must not hold BPF fds
-            obs = Observer(state, tel, ObserveConfig(node_name="bench"), pin, sb.node_netns).start()
+            obs = Observer(state, tel, ObserveConfig(node_name="bench", pod_tc=pod_tc, tcp_probe=tcp_probe), pin,
+                           sb.node_netns, cgroup=sb.cgroup).start()
             runner = None
             try:
                 for p in pods_:
@@ -142,7 +173,13 @@ def run_bench(rounds: int, seconds: float, pods: int) -> dict:
 
                 runner = client.popen(["sockperf", "pp", "--tcp", "-i", server.ip4, "-p", "11111", "-t",
                                        str(int(rounds * 2 * (seconds + 0.3) + 10)), "-m", "64"])
-                time.sleep(1.5)  # sockperf's warm-up
+                time.sleep(1.5)  # sockperf's warm-up; then wait until its requests flow
+                deadline = time.monotonic() + 30
+                while time.monotonic() < deadline and runner.poll() is None:
+                    p0 = client_packets()
+                    time.sleep(0.2)
+                    if client_packets() - p0 > 100:
+                        break
                 for i in range(rounds):
                     for mode in (("off", "on") if i % 2 == 0 else ("on", "off")):
                         _set_active(obs, pods_, mode == "on")
@@ -174,6 +211,9 @@ def run_bench(rounds: int, seconds: float, pods: int) -> dict:
                 events = transactions * sum(cnt for _, cnt in bpf_ns.values()) / stats_tx
                 if runner.poll() is not None:
                     raise RuntimeError(f"sockperf stopped early: {runner.communicate()[1][-500:]}")
+                runner.terminate()
+                runner.communicate()
+                result["connections"] = _connection_window(obs, client, server, url, 4 * seconds + 2)
             finally:
                 if runner is not None and runner.poll() is None:
                     runner.terminate()
@@ -182,7 +222,8 @@ def run_bench(rounds: int, seconds: float, pods: int) -> dict:
                 obs.close()
             # RSS and collect cost with many pods, each with real kernel histograms: every pod's IP
             # is an address on the client pod's loopback and makes one TCP connect (connect + srtt)
-            obs = Observer(state, tel, ObserveConfig(node_name="bench", max_series=100000), pin, sb.node_netns).start()
+            obs = Observer(state, tel, ObserveConfig(node_name="bench", max_series=100000), pin, sb.node_netns,
+                           cgroup=sb.cgroup).start()
             try:
                 base = f"10.{(int(net.split('.')[1]) + 50) % 256}"
                 ips = [f"{base}.{i >> 8}.{i & 255}" for i in range(1, pods + 1)]
@@ -213,10 +254,11 @@ for ip in {ips!r}:
     off, on = statistics.median(rates["off"]), statistics.median(rates["on"])
     pairs = sorted(n / f for n, f in zip(rates["on"], rates["off"]))  # round i's on vs its own off
     ev_rate = events / on_time if on_time else 0.0
-    # Per transaction: the programs this traffic runs on every message (tc on both veths, tcp_probe
-    # on every segment received); the other tracepoints fire for the whole machine's traffic and
-    # are reported per run only. Measured with statistics on, which adds their own clock reads.
-    per_msg = ("nw_pod_tx", "nw_pod_rx", "tracepoint__tcp__tcp_probe")
+    # Per transaction: the programs this traffic runs on (sock_ops only on connection events,
+    # retransmits and state changes; tc and tcp_probe only when opted in); kfree_skb fires for the
+    # whole machine's drops and is reported per run only. Measured with statistics on, which adds
+    # their own clock reads.
+    per_msg = ("nw_sockops", "nw_pod_tx", "nw_pod_rx", "nw_tcp_probe")
     bpf_total_ns = sum(ns for n, (ns, _) in bpf_ns.items() if n in per_msg)
     result.update({
         "bpf_ns_per_run": {n: (ns / cnt if cnt else None) for n, (ns, cnt) in bpf_ns.items()},
@@ -232,7 +274,6 @@ for ip in {ips!r}:
         "rr_ratio_pairs_min_max": [pairs[0], pairs[-1]],
         "events_per_s": ev_rate,
         "agent_cpu_percent": 100 * cpu_s / on_time if on_time else 0.0,
-        "agent_cpu_percent_per_10k_events_s": (100 * cpu_s / on_time) / (ev_rate / 1e4) if ev_rate else None,
         "rss_mib_before_observer": rss_before / 2**20,
         "rss_mib_observer_on": rss_on / 2**20,
         f"rss_mib_with_{pods}_pods": rss_pods / 2**20,
@@ -263,8 +304,11 @@ def bench_observe(rounds, seconds, pods, output) -> None:
     click.echo("BPF ns per run: " + ", ".join(f"{n} {v:.0f}" for n, v in res["bpf_ns_per_run"].items() if v)
                + f"; per transaction {res['bpf_ns_per_transaction'] or 0:.0f} ns = "
                f"{100 * (res['bpf_share_of_transaction_time'] or 0):.2f}% of a transaction at the 'off' rate")
-    click.echo(f"kernel events {res['events_per_s']:,.0f}/s; agent CPU {res['agent_cpu_percent']:.2f}% "
-               f"= {res['agent_cpu_percent_per_10k_events_s'] or 0:.3f}% of a core per 10k events/s")
+    c = res["connections"]
+    click.echo(f"short connections {c['connections_per_s']:,.0f}/s: sock_ops {c['sock_ops_runs_per_connection']:.1f} "
+               f"runs/connection, {c['sock_ops_ns_per_run'] or 0:.0f} ns/run; agent CPU {c['agent_cpu_percent']:.2f}% "
+               f"= {c['agent_cpu_percent_per_10k_connections_s'] or 0:.3f}% of a core per 10k connections/s "
+               f"(scraped twice a second)")
     click.echo(f"RSS MiB: before observer {res['rss_mib_before_observer']:.0f}, with observer "
                f"{res['rss_mib_observer_on']:.0f}, with {pods} pods {res[f'rss_mib_with_{pods}_pods']:.0f} "
                f"(each with connect + srtt histograms: {res[f'series_with_{pods}_pods']} series, scrape "
