@@ -114,11 +114,11 @@ class _Reader:
             return value
         try:
             return socket.inet_pton(family, value)
-        except OSError:
+        except (OSError, ValueError):  # ValueError: a NUL or a lone surrogate (both valid JSON escapes)
             other = socket.AF_INET6 if family == socket.AF_INET else socket.AF_INET
             try:
                 socket.inet_pton(other, value)
-            except OSError:
+            except (OSError, ValueError):
                 raise self.fail(path, f"{value!r} is not a valid IP address") from None
             raise self.fail(path, f"{value} is not an {atype} address") from None
 
@@ -245,7 +245,7 @@ def parse_endpoint_slice(obj: Any) -> EndpointSlice:
             raise r.fail(f"endpoints[{i}].addresses", "must hold at least one address")
         try:
             first = pton(family, raw[0]) if family is not None and len(raw) == 1 else None
-        except (OSError, TypeError):
+        except (OSError, TypeError, ValueError):
             first = None
         if first is None:  # every address is checked; only the first is kept (see EndpointSlice)
             first = [r.packed_ip(a, family, atype, f"endpoints[{i}].addresses[{j}]") for j, a in enumerate(raw)][0]
