@@ -25,6 +25,7 @@ from .datapath.reconciler import Reconciler, SyncResult
 from .datapath.stale_sockets import StaleSockets, listed_addresses
 from .errorlog import ErrorLog
 from .export.agent_metrics import register_agent_metrics
+from .export.kubeproxy import ProxyMetrics
 from .export.telemetry import start_telemetry
 from .model.objects import ObjectError
 from .privileges import drop as drop_capabilities
@@ -67,6 +68,7 @@ class Agent:
         self.lb: SockLB | None = None
         self.reconciler: Reconciler | None = None
         self.stale_sockets: StaleSockets | None = None
+        self.proxy_metrics: ProxyMetrics | None = None
         self.programs: list[str] = []
         self.telemetry = None
         self.api: ApiServer | None = None  # local API; features add methods with self.api.register
@@ -110,17 +112,19 @@ class Agent:
             self.kube = KubeSource(kube_cfg, self.state, node=cfg.node_name,
                                    on_error=lambda e: self._object_errors([e])).start()
         self.api.register("services.names", self._service_names)
-        self.telemetry = start_telemetry(cfg.metrics_addr, cfg.node_name)
+        self.telemetry = start_telemetry(cfg.metrics_addr, cfg.node_name, max_series=cfg.max_series)
         self.telemetry.add_check("/healthz", self.healthy)
         self.telemetry.add_check("/readyz", self.ready)
         register_agent_metrics(self.telemetry.meter(), self)
+        self.proxy_metrics = ProxyMetrics(self.telemetry.meter("kubeproxy"), self.state.pending)
         if self.kube is not None:
             self.kube.register_metrics(self.telemetry.meter())
         if cfg.observe:
             from .observe.identity import ObserveConfig
             from .observe.observer import Observer
             try:  # observability is not worth losing the datapath over: run without it
-                ocfg = ObserveConfig(node_name=cfg.node_name, max_series=cfg.max_series)
+                ocfg = ObserveConfig(node_name=cfg.node_name, max_series=cfg.max_series, aggregate_by=cfg.aggregate_by,
+                                     pod_tc=cfg.pod_tc, tcp_probe=cfg.tcp_probe)
                 if cfg.peer_cidrs:
                     ocfg = replace(ocfg, peer_cidrs=tuple(cfg.peer_cidrs))
                 self.observer = Observer(self.state, self.telemetry, ocfg, cfg.pin_dir, cfg.veth_netns,
@@ -173,7 +177,7 @@ class Agent:
         changes = self.state.all_frontends() if full else self.state.take_dirty()
         if not changes and not full:
             return None
-        with self._lock:
+        with self._lock, self.proxy_metrics.sync(changes, self.state):
             res = self.reconciler.apply(changes, full=full)
         self._sweep_sockets()
         now = time.time()

@@ -72,6 +72,11 @@ class AgentConfig:
     observe: bool = key(True, "Per-pod network observability.")
     veth_netns: str | None = key(None, "Network namespace holding the pods' node-side veths [default: the agent's].")
     max_series: int = key(10000, "Cap on per-pod/peer series the observer exports.")
+    aggregate_by: str = key("pod", "Name peers and Service backends by pod, or by workload (bounded under IP "
+                                   "churn).", choices=("pod", "workload"))
+    pod_tc: bool = key(False, "Count pod traffic with a tc program on each veth (adds per-segment counts of "
+                              "GSO frames) instead of the veth's own counters.")
+    tcp_probe: bool = key(False, "Smoothed RTT at every ACK from tcp:tcp_probe (a program per ACK).")
     peer_cidrs: tuple[str, ...] = key((), "Label unknown remote peers by these CIDRs [default: the private ranges].",
                                       kind="list", name="peer-cidr")
     rdma: bool = key(True, "RDMA port counters and GPU↔NIC topology metrics (sysfs, read at scrape time).")

@@ -144,21 +144,28 @@ class ClusterState:
             self.changed.clear()
             return {key: self._frontends(key) for key in dirty}
 
+    def pending(self) -> int:
+        """Services changed since the last take_dirty() (kube-proxy's pending changes)."""
+        with self._lock:
+            return len(self._dirty)
+
     def all_frontends(self) -> dict[ObjectKey, list[Frontend]]:
         with self._lock:
             self._dirty.clear()
             self.changed.clear()
             return {key: self._frontends(key) for key in self.services}
 
-    def slices_of(self, key: ObjectKey) -> list[EndpointSlice]:
+    def slices_of(self, svc_key: ObjectKey) -> list[tuple[ObjectKey, EndpointSlice]]:
+        """(key, slice) of each EndpointSlice of a Service."""
         with self._lock:
-            return self._slices(key)
+            return [(k, self.slices[k]) for k in self._slice_keys(svc_key)]
+
+    def _slice_keys(self, key: ObjectKey) -> tuple[ObjectKey, ...]:
+        held = self._slices_of.get(key)
+        return () if held is None else held if isinstance(held, tuple) else (held,)
 
     def _slices(self, key: ObjectKey) -> list[EndpointSlice]:
-        held = self._slices_of.get(key)
-        if held is None:
-            return []
-        return [self.slices[k] for k in (held if isinstance(held, tuple) else (held,))]
+        return [self.slices[k] for k in self._slice_keys(key)]
 
     def _frontends(self, key: ObjectKey) -> list[Frontend]:
         svc = self.services.get(key)

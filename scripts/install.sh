@@ -5,13 +5,32 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-APT_PACKAGES=(
-  python3-bpfcc bpfcc-tools linux-headers-amd64 bpftool
-  iproute2 iputils-ping iptables nftables conntrack
-  python3-venv python3-dev gcc make
-  prometheus containernetworking-plugins
-  libibverbs-dev openssl sockperf
+# What to install: `agent` (run the agent), `demo` (+ the development kit's sandbox demo),
+# `test` (+ the tools only the tests and benchmarks use), `image` (only what `make image` needs),
+# `all` (the default: demo + test). This script only installs: it never stops a service or a process
+# (the tests start their own Prometheus on a free loopback port, beside any the machine runs).
+PROFILE=${1:-all}
+AGENT_APT=(python3-bpfcc bpfcc-tools linux-headers-amd64 bpftool iproute2 util-linux python3-venv python3-dev gcc make)
+DEMO_APT=()          # the demo needs nothing beyond the agent's packages (sandbox: iproute2, netns, cgroups)
+TEST_APT=(           # tests and benchmarks only
+  iputils-ping       # pings in the datapath/observer/CNI tests
+  iptables nftables conntrack   # kube-proxy rule layouts (bench compare, tests/test_bench_rules.py)
+  prometheus         # a real Prometheus checks the dashboards' queries (started by the tests on a free port)
+  containernetworking-plugins   # Debian's bridge/host-local/portmap: the CNI chain test
+  libibverbs-dev     # the mock verbs stack (devkit/nodewire_dev/mockverbs) is built against the real header
+  openssl            # TLS certificates of the API server double
+  sockperf           # bench observe
+  ruby               # `ruby -c Vagrantfile`
 )
+IMAGE_APT=(buildah debootstrap)  # make image
+case "$PROFILE" in
+  agent) APT_PACKAGES=("${AGENT_APT[@]}") ;;
+  demo)  APT_PACKAGES=("${AGENT_APT[@]}" "${DEMO_APT[@]}") ;;
+  test)  APT_PACKAGES=("${AGENT_APT[@]}" "${TEST_APT[@]}") ;;
+  image) APT_PACKAGES=("${IMAGE_APT[@]}") ;;
+  all)   APT_PACKAGES=("${AGENT_APT[@]}" "${DEMO_APT[@]}" "${TEST_APT[@]}") ;;
+  *) echo "install: unknown profile $PROFILE (agent, demo, test, image, all)" >&2; exit 2 ;;
+esac
 
 missing=()
 for p in "${APT_PACKAGES[@]}"; do
@@ -23,9 +42,7 @@ if [ "${#missing[@]}" -gt 0 ]; then
   apt-get update -qq
   apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
 fi
-# Debian's prometheus package starts a service on :9090; the tests run their own instance.
-if command -v systemctl >/dev/null 2>&1; then systemctl disable --now prometheus >/dev/null 2>&1 || true; fi
-pkill -x prometheus-node-exporter >/dev/null 2>&1 || true
+if [ "$PROFILE" = image ]; then echo "install: ready (image)"; exit 0; fi
 
 # BCC looks for kernel headers under /lib/modules/$(uname -r); link the Debian 6.1 headers there.
 K=$(uname -r)
@@ -46,10 +63,12 @@ if [ ! -x .venv/bin/python ]; then
 fi
 # The agent, the test tools, and the development kit (sandbox, API server double, benchmarks, demo),
 # which is a distribution of its own so the shipped agent never depends on it.
-stamp=.venv/.installed-$(cat pyproject.toml devkit/pyproject.toml | sha1sum | cut -c1-12)
+# (`agent`: the agent alone.)
+if [ "$PROFILE" = agent ]; then PIP_TARGETS=(-e .); else PIP_TARGETS=(-e '.[test]' -e ./devkit); fi
+stamp=.venv/.installed-$( (cat pyproject.toml devkit/pyproject.toml; echo "${PIP_TARGETS[*]}") | sha1sum | cut -c1-12)
 if [ ! -f "$stamp" ]; then
   .venv/bin/pip install -q --upgrade pip >/dev/null
-  .venv/bin/pip install -q -e '.[test]' -e ./devkit
+  .venv/bin/pip install -q "${PIP_TARGETS[@]}"
   rm -f .venv/.installed-*; touch "$stamp"
 fi
 echo "install: ready"

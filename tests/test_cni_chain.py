@@ -22,7 +22,7 @@ import pytest
 from agent.api import call
 from agent.cni.install import BACKUP_SUFFIX
 from agent.config import state_dir_for
-from tests.cni_runtime import Runtime, invoke, pod_env
+from nodewire_dev.cni_runtime import Runtime, invoke, pod_env
 from tests.conftest import wait_for
 from tests.manifests import write
 from tests.observe_helpers import free_port, samples

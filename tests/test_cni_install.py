@@ -40,11 +40,15 @@ def test_install_appends_once_and_uninstall_restores_byte_for_byte(tmp_path):
     assert json.loads((conf / "99-loopback.conf").read_text())["type"] == "loopback"  # not the primary: untouched
     plugin = bin_dir / "nodewire-cni"
     assert os.access(plugin, os.X_OK) and plugin.read_text().startswith("#!/usr/bin/python3 -IS\n")
+    assert list((bin_dir / ".nodewire-cni" / "__pycache__").glob("nodewire_cni.*.pyc"))  # compiled at install
+    out = subprocess.run([str(plugin)], env={"CNI_COMMAND": "VERSION"}, capture_output=True, text=True)
+    assert out.returncode == 0 and json.loads(out.stdout)["cniVersion"] == "1.1.0"
     assert sorted(p.name for p in conf.iterdir()) == ["10-flannel.conflist", f"10-flannel.conflist{BACKUP_SUFFIX}",
                                                       "99-loopback.conf"]  # no temp file left behind
     r = cli("cni", "uninstall", "--cni-bin-dir", str(bin_dir), "--cni-conf-dir", str(conf))
     assert r.exit_code == 0, r.output
     assert (conf / "10-flannel.conflist").read_text() == original and not plugin.exists()
+    assert not (bin_dir / ".nodewire-cni").exists()
     assert sorted(p.name for p in conf.iterdir()) == ["10-flannel.conflist", "99-loopback.conf"]
 
 
@@ -76,3 +80,15 @@ def test_the_plugin_imports_nothing_of_the_agent_or_bcc():
             "print(sorted(m for m in sys.modules if m.startswith(('agent', 'bcc', 'yaml', 'click', 'numpy'))))")
     out = subprocess.run([sys.executable, "-I", "-S", "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
+
+
+def test_install_reads_the_socket_path_from_the_config_file(tmp_path):
+    (tmp_path / "net.d").mkdir()
+    (tmp_path / "net.d" / "10-a.conflist").write_text(json.dumps(FLANNEL))
+    cfg = tmp_path / "config.yaml"
+    cfg.write_text(f"pin-dir: /sys/fs/bpf/other\ncni-bin-dir: {tmp_path / 'bin'}\ncni-conf-dir: {tmp_path / 'net.d'}\n"
+                   f"cni-log-file: /var/log/nw-cni.log\n")
+    r = cli("cni", "install", "--config", str(cfg))
+    assert r.exit_code == 0, r.output
+    entry = json.loads((tmp_path / "net.d" / "10-a.conflist").read_text())["plugins"][-1]
+    assert entry["socket"] == "/run/nodewire/sys_fs_bpf_other/api.sock" and entry["logFile"] == "/var/log/nw-cni.log"

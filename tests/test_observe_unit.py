@@ -213,3 +213,101 @@ def test_one_quantile_function_and_the_scale_0_exponential_form():
     offset, counts, zero = h.exponential()
     # scale 0: index i covers (2^i, 2^(i+1)]; 3 and 4 are in (2, 4] = index 1, 1000 in (512, 1024] = 9
     assert offset == 1 and counts[0] == 2 and counts[9 - offset] == 1 and sum(counts) == 3 and zero == 0
+
+
+def test_otlp_gets_scale_0_exponential_histograms_when_asked_and_one_cap_covers_all_producers():
+    """With OTEL_EXPORTER_OTLP_METRICS_DEFAULT_HISTOGRAM_AGGREGATION=base2_exponential_bucket_histogram
+    the real OTLP exporter sends the kernel histograms as exponential histograms of scale 0 in µs, bucket
+    for bucket; Prometheus keeps the explicit buckets. The series cap counts every producer's points
+    together, in the order they were added (the RDMA tracer's come after the observer's)."""
+    from opentelemetry.sdk.metrics.export import AggregationTemporality, Metric, NumberDataPoint
+
+    from agent.export.telemetry import start_telemetry
+    from tests.observe_helpers import OtlpReceiver
+
+    receiver = OtlpReceiver()
+    tel = start_telemetry(None, "n1", env={"OTEL_EXPORTER_OTLP_ENDPOINT": f"http://127.0.0.1:{receiver.port}",
+                                           "OTEL_METRIC_EXPORT_INTERVAL": "3600000",
+                                           "OTEL_EXPORTER_OTLP_METRICS_DEFAULT_HISTOGRAM_AGGREGATION":
+                                               "base2_exponential_bucket_histogram"}, max_series=2)
+    try:
+        r = Reading()
+        h = r.hist("connect", {"k8s.pod.name": "a"})
+        for us in (3, 4, 1000, 1_100_000):
+            h.add_slot(slot_of(us), 1)
+        h.total = 3 + 4 + 1000 + 1_100_000
+        book = SeriesBook(10)
+        rdma_point = NumberDataPoint(attributes={"rdma.qp_num": 7}, start_time_unix_nano=1, time_unix_nano=2, value=5)
+        rdma = Metric(name="nodewire.rdma.wr.completions", unit="1", description="", data=Sum(
+            data_points=[rdma_point] * 2, aggregation_temporality=AggregationTemporality.CUMULATIVE, is_monotonic=True))
+        tel.add_producer(lambda: book.to_metrics(r))   # the observer: 1 series
+        tel.add_producer(lambda: [rdma])               # the RDMA tracer: 2 series, 1 fits under the cap of 2
+        from opentelemetry.metrics import Observation
+        tel.meter("t").create_observable_gauge("t.up", [lambda _o: [Observation(1)]])  # a non-empty collection
+        tel.provider.force_flush()
+        _, _, req = receiver.requests[-1]
+        metrics = {m.name: m for rm in req.resource_metrics for sm in rm.scope_metrics for m in sm.metrics}
+        m = metrics["nodewire.tcp.connect.duration"]
+        assert m.unit == "us" and m.HasField("exponential_histogram")
+        [dp] = m.exponential_histogram.data_points
+        assert dp.scale == 0 and dp.count == 4 and dp.sum == h.total and dp.zero_count == 0
+        # index i covers (2^i, 2^(i+1)] µs: 3, 4 → 1; 1000 → 9; 1.1 s → 20
+        got = {dp.positive.offset + i: n for i, n in enumerate(dp.positive.bucket_counts) if n}
+        assert got == {1: 2, 9: 1, 20: 1}
+        assert len(metrics["nodewire.rdma.wr.completions"].sum.data_points) == 1 and tel.producers.dropped == 1
+    finally:
+        tel.shutdown()
+        receiver.close()
+
+
+def test_kube_proxy_programming_latency_moves_by_the_measured_amount_for_a_known_trigger_time():
+    """A slice whose endpoints.kubernetes.io/last-change-trigger-time is 7 s before the sync ends
+    adds exactly one 7 s sample (kube-proxy's bucket le=7); an unchanged slice adds none the next
+    time; a change without the annotation counts from when the loop took it in."""
+    import urllib.request
+
+    from agent.export.kubeproxy import ProxyMetrics
+    from agent.export.telemetry import start_telemetry
+    from agent.model.parse import parse_endpoint_slice, parse_service
+    from tests.manifests import endpoint_slice, service
+    from tests.observe_helpers import samples
+
+    now = [1_800_000_000.0]
+    st = ClusterState()
+    tel = start_telemetry("127.0.0.1:0", "n1")
+    try:
+        pm = ProxyMetrics(tel.meter("kubeproxy"), st.pending, clock=lambda: now[0])
+        sl = endpoint_slice("web", ["10.1.0.5"])
+        # 1_800_000_000 is 2027-01-15T08:00:00Z: the trigger is 7 s before the sync ends
+        sl["metadata"]["annotations"] = {"endpoints.kubernetes.io/last-change-trigger-time": "2027-01-15T07:59:53Z"}
+        st.apply_service(ObjectKey("default", "web"), parse_service(service("web", ["10.96.0.9"])))
+        st.apply_slice(ObjectKey("default", "web-ipv4"), parse_endpoint_slice(sl))
+        assert st.pending() == 1
+
+        def scrape():
+            with urllib.request.urlopen(f"http://127.0.0.1:{tel.port}/metrics", timeout=10) as r:
+                return r.read().decode()
+
+        with pm.sync(st.take_dirty(), st):
+            pass
+        text = scrape()
+        one = lambda name, **kw: list(samples(text, name, **kw).values())[0]  # noqa: E731
+        assert one("kubeproxy_network_programming_duration_seconds_count") == 1
+        assert one("kubeproxy_network_programming_duration_seconds_sum") == 7.0
+        assert one("kubeproxy_network_programming_duration_seconds_bucket", le="6.0") == 0
+        assert one("kubeproxy_network_programming_duration_seconds_bucket", le="7.0") == 1
+        assert one("kubeproxy_sync_proxy_rules_duration_seconds_count") == 1
+        assert one("kubeproxy_sync_proxy_rules_last_timestamp_seconds") == now[0]
+        assert one("kubeproxy_sync_proxy_rules_service_changes_pending") == 0
+        # the Service changes again, its slice (and annotation) does not: counted from the loop's take
+        st.apply_service(ObjectKey("default", "web"), parse_service(service("web", ["10.96.0.9"], port=81)))
+        changes = st.take_dirty()
+        now[0] += 0.5
+        with pm.sync(changes, st):
+            now[0] += 0.25   # the map write ends 0.25 s after the loop took the change in
+        text = scrape()
+        assert one("kubeproxy_network_programming_duration_seconds_count") == 2
+        assert one("kubeproxy_network_programming_duration_seconds_sum") == 7.25
+        assert one("kubeproxy_network_programming_duration_seconds_bucket", le="0.25") == 1
+    finally:
+        tel.shutdown()

@@ -17,8 +17,10 @@ def _cfg(ctx, config_path, flags):
 
 
 def _options(fn):
-    from ..cli import config_file_option, config_options, pin_dir_option
-    return config_file_option(pin_dir_option(config_options("cni")(fn)))
+    from ..cli import config_file_option, config_options
+    pin_dir = click.option("--pin-dir", default=None,
+                           help="The agent's pin dir, which names its API socket [default: the config's pin-dir].")
+    return config_file_option(pin_dir(config_options("cni")(fn)))
 
 
 @cni.command()
@@ -52,7 +54,7 @@ def uninstall(ctx, config_path, pin_dir, **kwargs) -> None:
     from ..cli import given_flags
     from .install import InstallError, uninstall as do_uninstall
 
-    cfg = _cfg(ctx, config_path, given_flags("cni", kwargs))
+    cfg = _cfg(ctx, config_path, dict(given_flags("cni", kwargs), **({"pin-dir": pin_dir} if pin_dir else {})))
     try:
         done = do_uninstall(cfg.cni_conf_dir, cfg.cni_bin_dir)
     except (InstallError, OSError) as e:

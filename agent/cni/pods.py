@@ -1,9 +1,10 @@
 """The agent side of nodewire-cni: pods' identity from CNI calls into ClusterState, per-pod observation
 start/stop hooks, CHECK, GC, and recovery of pods that existed before the agent started.
 
-The plugin's ADD is answered as soon as the attachment is recorded (in memory, in ClusterState and as
-a file under the state dir); finding the node-side veth and starting observation happen on this
-module's worker thread, so a slow netns read never delays a pod's creation. Records live in /run
+The plugin's ADD is answered as soon as the attachment is recorded (in memory and as a file under the
+state dir); putting the pod into ClusterState, finding its node-side veth and starting observation
+happen on this module's worker thread, so neither a netns read nor the agent's other threads (which
+the state change wakes) delay a pod's creation. Records live in /run
 (tmpfs), as the netns they describe do: after a reboot both are gone.
 
 Recovery at start: (1) the records written by the previous agent, kept while their netns exists;
@@ -136,8 +137,7 @@ class CniPods:
                 self._forget(old)
             self.attachments[att.id] = att
             self._save(att)
-            self._apply_pod(att)
-        self._work.put(att.id)
+        self._work.put(att.id)  # into the state, veth and hooks on the worker: the plugin is answered now
         log.info("cni add pod=%s container=%s ips=%s", att.key, att.container_id[:12], ",".join(att.ips))
         return {"pod": str(att.key)}
 
@@ -218,8 +218,9 @@ class CniPods:
                 return
             with self._lock:
                 att = self.attachments.get(item)
-            if att is None:
-                continue
+                if att is None:
+                    continue
+                self._apply_pod(att)
             try:
                 veth = att.host_veth or nsread.host_veth(att.netns, att.ifname, self.veth_netns, att.candidates)
             except (OSError, ValueError) as e:
@@ -274,7 +275,6 @@ class CniPods:
                 continue
             with self._lock:
                 self.attachments[att.id] = att
-                self._apply_pod(att)
             self._work.put(att.id)
         self._scanned = self._scan()
         log.info("cni recovery records=%d scanned_addresses=%d", len(self.attachments), len(self._scanned))

@@ -11,9 +11,12 @@ MetricProducer either. So the readers here accept *producers*: functions returni
 `Metric` objects (cumulative sums, explicit-bucket histograms with the kernel's own bucket counts)
 that are merged into every collection before export — Prometheus and OTLP see the same data.
 
-OTLP (HTTP/protobuf) is added when the standard OTEL_EXPORTER_OTLP_ENDPOINT or
+Producers share one series cap (the agent's --max-series), so no source of series (observer, RDMA
+tracer) bypasses it. OTLP (HTTP/protobuf) is added when the standard OTEL_EXPORTER_OTLP_ENDPOINT or
 OTEL_EXPORTER_OTLP_METRICS_ENDPOINT variable is set; the exporter reads the rest of the
-OTEL_EXPORTER_OTLP_* variables itself, and OTEL_METRIC_EXPORT_INTERVAL sets the period.
+OTEL_EXPORTER_OTLP_* variables itself, and OTEL_METRIC_EXPORT_INTERVAL sets the period;
+OTEL_EXPORTER_OTLP_METRICS_DEFAULT_HISTOGRAM_AGGREGATION=base2_exponential_bucket_histogram sends
+the kernel histograms as exponential histograms (export/histograms.py).
 """
 from __future__ import annotations
 
@@ -34,6 +37,9 @@ from opentelemetry.sdk.metrics.export import (
 from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.util.instrumentation import InstrumentationScope
 from prometheus_client import REGISTRY
+
+from . import kubeproxy
+from .histograms import cap_points, to_exponential, wants_exponential
 from prometheus_client.exposition import MetricsHandler
 
 log = logging.getLogger("nodewire.export")
@@ -58,11 +64,15 @@ def parse_addr(addr: str, default_port: int = 9966) -> tuple[str, int]:
 
 
 class Producers:
-    """The shared list of producers every reader merges in."""
+    """The shared list of producers every reader merges in, under one series cap: producers are
+    asked in the order they were added (the observer first, then RDMA), and data points past
+    max_series are left out of that collection (counted in `dropped`)."""
 
-    def __init__(self) -> None:
+    def __init__(self, max_series: int | None = None) -> None:
         self._items: list[Producer] = []
         self._lock = threading.Lock()
+        self.max_series = max_series
+        self.dropped = 0
 
     def add(self, p: Producer) -> None:
         with self._lock:
@@ -73,7 +83,9 @@ class Producers:
             if p in self._items:
                 self._items.remove(p)
 
-    def merge(self, data: MetricsData) -> MetricsData:
+    def merge(self, data: MetricsData, exponential: bool = False) -> MetricsData:
+        """data with every producer's metrics added (log2 kernel histograms in their exponential
+        form when `exponential`)."""
         with self._lock:
             items = list(self._items)
         extra = []
@@ -82,6 +94,12 @@ class Producers:
                 extra.extend(p())
             except Exception as e:  # a failing producer must not take the others' metrics down
                 log.error("metric producer failed producer=%s err=%s", getattr(p, "__qualname__", p), e)
+        if self.max_series is not None:
+            extra, self.dropped = cap_points(extra, self.max_series)
+            if self.dropped:
+                log.warning("series cap reached cap=%d dropped=%d", self.max_series, self.dropped)
+        if exponential:
+            extra = [to_exponential(m) for m in extra]
         if not extra or not data.resource_metrics:
             return data
         first, *rest = data.resource_metrics
@@ -99,12 +117,12 @@ class _MergingPrometheusReader(PrometheusMetricReader):
 
 
 class _MergingPeriodicReader(PeriodicExportingMetricReader):
-    def __init__(self, exporter, producers: Producers, **kw):
-        self._producers = producers
+    def __init__(self, exporter, producers: Producers, exponential: bool = False, **kw):
+        self._producers, self._exponential = producers, exponential
         super().__init__(exporter, **kw)
 
     def _receive_metrics(self, metrics_data, timeout_millis: float = 10_000, **kwargs) -> None:
-        super()._receive_metrics(self._producers.merge(metrics_data), timeout_millis, **kwargs)
+        super()._receive_metrics(self._producers.merge(metrics_data, self._exponential), timeout_millis, **kwargs)
 
 
 @dataclass
@@ -181,11 +199,12 @@ def otlp_endpoint_from_env(env=os.environ) -> str | None:
     return base.rstrip("/") + "/v1/metrics" if base else None
 
 
-def start_telemetry(metrics_addr: str | None, node_name: str | None = None, env=os.environ) -> Telemetry:
+def start_telemetry(metrics_addr: str | None, node_name: str | None = None, env=os.environ,
+                    max_series: int | None = None) -> Telemetry:
     """MeterProvider with a Prometheus reader (and an OTLP one when configured by environment);
-    serve /metrics on metrics_addr when given."""
+    serve /metrics on metrics_addr when given. max_series caps the producers' series together."""
     attrs = {"service.name": "nodewire", "k8s.node.name": node_name or socket.gethostname()}
-    producers = Producers()
+    producers = Producers(max_series)
     readers = [_MergingPrometheusReader(producers)]
     endpoint = otlp_endpoint_from_env(env)
     if endpoint:
@@ -194,10 +213,10 @@ def start_telemetry(metrics_addr: str | None, node_name: str | None = None, env=
             log.warning("OTLP protocol not supported, using http/protobuf protocol=%s", proto)
         from opentelemetry.exporter.otlp.proto.http.metric_exporter import OTLPMetricExporter
         interval = env.get("OTEL_METRIC_EXPORT_INTERVAL")
-        readers.append(_MergingPeriodicReader(OTLPMetricExporter(endpoint=endpoint), producers,
+        readers.append(_MergingPeriodicReader(OTLPMetricExporter(endpoint=endpoint), producers, wants_exponential(env),
                                               **({"export_interval_millis": float(interval)} if interval else {})))
         log.info("OTLP metrics export on endpoint=%s", endpoint)
-    provider = MeterProvider(resource=Resource.create(attrs), metric_readers=readers)
+    provider = MeterProvider(resource=Resource.create(attrs), metric_readers=readers, views=kubeproxy.views())
     tel = Telemetry(provider, producers=producers, otlp_endpoint=endpoint)
     if metrics_addr:
         host, port = parse_addr(metrics_addr)

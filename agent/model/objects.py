@@ -12,6 +12,8 @@ SCTP = "SCTP"
 PROXY_NAME_LABEL = "service.kubernetes.io/service-proxy-name"
 # endpointslice.kubernetes.io/managed-by / kubernetes.io/service-name tie a slice to its Service.
 SERVICE_NAME_LABEL = "kubernetes.io/service-name"
+# Set by the endpoints controller on EndpointSlices: when the change they carry was triggered.
+TRIGGER_TIME_ANNOTATION = "endpoints.kubernetes.io/last-change-trigger-time"
 ZONE_LABEL = "topology.kubernetes.io/zone"
 
 
@@ -99,6 +101,7 @@ class EndpointSlice:
     zones: tuple[str, ...] = ()       # per endpoint; () when no endpoint names a zone
     zone_hints: tuple[tuple[str, ...], ...] = ()  # per endpoint hints.forZones names; () when none has any
     node_hints: tuple[tuple[str, ...], ...] = ()  # per endpoint hints.forNodes names; () when none has any
+    trigger_time: float | None = None  # endpoints.kubernetes.io/last-change-trigger-time (Unix s)
 
     @property
     def service_key(self) -> ObjectKey:

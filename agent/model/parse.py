@@ -8,12 +8,13 @@ from __future__ import annotations
 
 import socket
 import sys
+from datetime import datetime
 from sys import intern
 from typing import Any
 
 from .objects import (
-    READY, SCTP, SERVICE_NAME_LABEL, SERVING, TCP, TERMINATING, UDP, ZONE_LABEL, EndpointPort, EndpointSlice, Node,
-    ObjectError,
+    READY, SCTP, SERVICE_NAME_LABEL, SERVING, TCP, TERMINATING, TRIGGER_TIME_ANNOTATION, UDP, ZONE_LABEL,
+    EndpointPort, EndpointSlice, Node, ObjectError,
     ObjectKey, Pod, Service, ServicePort,
 )
 
@@ -281,7 +282,8 @@ def parse_endpoint_slice(obj: Any) -> EndpointSlice:
         ports.append(EndpointPort(name, r.port(p, "port", f"{path}.port"), r.protocol(p, f"{path}.protocol")))
     packed_addrs = "\n".join(addrs).encode() if family is None else b"".join(addrs)
     return EndpointSlice(r.object_key, sys.intern(service), atype, packed_addrs, bytes(conds), shared(tuple(ports)),
-                         _column(nodes), _column(zones), _column(zone_hints), _column(node_hints))
+                         _column(nodes), _column(zones), _column(zone_hints), _column(node_hints),
+                         _trigger_time(meta.get("annotations")))
 
 
 def _conditions(r: _Reader, cond: Any, path: str) -> int:
@@ -301,6 +303,18 @@ def _conditions(r: _Reader, cond: Any, path: str) -> int:
 def _column(values: list) -> tuple:
     """A per-endpoint column: () when every value is empty, else one shared tuple."""
     return shared(tuple(values)) if any(values) else ()
+
+
+def _trigger_time(annotations: Any) -> float | None:
+    """The trigger-time annotation's RFC 3339 time as Unix seconds. Telemetry only (programming
+    latency): an unreadable value is ignored rather than costing the slice its place in the datapath."""
+    value = annotations.get(TRIGGER_TIME_ANNOTATION) if type(annotations) is dict else None
+    if not value or type(value) is not str:
+        return None
+    try:
+        return datetime.fromisoformat(value.replace("Z", "+00:00")).timestamp()
+    except ValueError:
+        return None
 
 
 def _hint_names(r: _Reader, endpoint: dict, which: str, path: str) -> tuple[str, ...]:

@@ -37,8 +37,8 @@ def topology_observations(sysfs_root: str = "/sys") -> list[tuple[int, dict]]:
 
 
 def register_rdma_metrics(telemetry, sysfs_root: str = "/sys", tracer=None) -> None:
-    """Instruments on telemetry's meter; the tracer's latency histograms go through the telemetry
-    producer hook (ready-made OTel histograms) where the export module has one."""
+    """Instruments on telemetry's meter (port counters and topology: bounded by the hardware); the
+    tracer's per-QP series go through the telemetry producer hook, under its series cap."""
     from opentelemetry.metrics import Observation
 
     meter = telemetry.meter("nodewire.rdma")
@@ -47,9 +47,5 @@ def register_rdma_metrics(telemetry, sysfs_root: str = "/sys", tracer=None) -> N
         "nodewire.gpu.nic.pcie_distance",
         [lambda _o: [Observation(v, a) for v, a in topology_observations(sysfs_root)]],
         unit="1", description="PCIe path class between a GPU and a NIC: 0 PIX, 1 PXB, 2 PHB, 3 NODE, 4 SYS")
-    if tracer is not None:
-        tracer.register(meter)
-        if hasattr(telemetry, "add_producer"):
-            telemetry.add_producer(tracer.latency_metrics)
-        else:
-            log.info("rdma latency histograms not exported: telemetry has no producer hook")
+    if tracer is not None:  # histograms and per-QP counters: producer series, under the series cap
+        telemetry.add_producer(tracer.metrics)

@@ -573,7 +573,7 @@ class VerbsTracer:
                 attributes={**self._attrs(h.pid, h.comm, h.device, h.qp_num), "rdma.direction": h.direction},
                 start_time_unix_nano=start, time_unix_nano=now, count=h.count, sum=h.sum_us * 1e-6,
                 bucket_counts=list(h.slots), explicit_bounds=LATENCY_BOUNDS_S, min=None, max=None))
-        for key in [k for k in self._series_start if k not in seen]:
+        for key in [k for k in self._series_start if len(k) == 3 and k not in seen]:  # (3: not error series)
             del self._series_start[key]
         if not points:
             return []
@@ -582,26 +582,39 @@ class VerbsTracer:
                        data=Histogram(data_points=points,
                                       aggregation_temporality=AggregationTemporality.CUMULATIVE))]
 
-    def register(self, meter) -> None:
-        """Completion and error counters per (process, device, qp) as OTel observable counters."""
-        from opentelemetry.metrics import Observation
+    def counter_metrics(self, snap: Snapshot | None = None, now_ns: int | None = None) -> list:
+        """Completion and error counters per (process, device, qp) as OTel cumulative sums, for a
+        Telemetry producer: like the histograms, under the telemetry's one series cap (an
+        observable counter would bypass it) and gone with their process."""
+        from opentelemetry.sdk.metrics.export import AggregationTemporality, Metric, NumberDataPoint, Sum
 
-        attrs = self._attrs
+        snap = snap or self.snapshot()
+        now = now_ns or time.time_ns()
 
-        def completions(_o):
-            return [Observation(q.count, {**attrs(q.pid, q.comm, q.device, q.qp_num),
-                                          "rdma.direction": q.direction})
-                    for q in self.snapshot().latency]
+        def point(key, attrs, value):
+            return NumberDataPoint(attributes=attrs, start_time_unix_nano=self._series_start.setdefault(key, now),
+                                   time_unix_nano=now, value=value)
 
-        def errors(_o):
-            return [Observation(e.count, {**attrs(e.pid, e.comm, e.device, e.qp_num),
-                                          "rdma.wc.status": e.status})
-                    for e in self.snapshot().errors]
+        done = [point((q.pid, q.qp_num, q.direction), {**self._attrs(q.pid, q.comm, q.device, q.qp_num),
+                                                       "rdma.direction": q.direction}, q.count) for q in snap.latency]
+        errs = [point(("err", e.pid, e.qp_num, e.status), {**self._attrs(e.pid, e.comm, e.device, e.qp_num),
+                                                    "rdma.wc.status": e.status}, e.count) for e in snap.errors]
+        live = {("err", e.pid, e.qp_num, e.status) for e in snap.errors}
+        for key in [k for k in self._series_start if len(k) == 4 and k not in live]:
+            del self._series_start[key]
+        out = []
+        for name, desc, pts in (("nodewire.rdma.wr.completions", "Timed work-request completions per QP", done),
+                                ("nodewire.rdma.wc.errors", "Completions with an error status, per QP and status", errs)):
+            if pts:
+                out.append(Metric(name=name, unit="{completion}", description=desc, data=Sum(
+                    data_points=pts, aggregation_temporality=AggregationTemporality.CUMULATIVE, is_monotonic=True)))
+        return out
 
-        meter.create_observable_counter("nodewire.rdma.wr.completions", [completions], unit="{completion}",
-                                        description="Timed work-request completions per QP")
-        meter.create_observable_counter("nodewire.rdma.wc.errors", [errors], unit="{completion}",
-                                        description="Completions with an error status, per QP and status")
+    def metrics(self) -> list:
+        """Every tracer series (histograms and counters) from one snapshot: the telemetry producer."""
+        snap = self.snapshot()
+        now = time.time_ns()
+        return self.latency_metrics(snap, now) + self.counter_metrics(snap, now)
 
 
 # Kernel RDMA tracepoint groups (drivers/infiniband): where a node has them, kernel-side verbs

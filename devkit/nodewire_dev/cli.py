@@ -7,6 +7,7 @@ import json
 import click
 
 from .bench.cli import bench
+from .bench.cni import bench_cni
 from .bench.compare import compare as bench_compare
 from .bench.observe import bench_observe
 from .bench.rdma import rdma_bench
@@ -16,6 +17,7 @@ bench.add_command(bench_compare)
 bench.add_command(bench_watch)
 bench.add_command(bench_observe, "observe")
 bench.add_command(rdma_bench)
+bench.add_command(bench_cni)
 
 
 @click.command()

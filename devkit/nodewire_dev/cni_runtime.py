@@ -1,5 +1,5 @@
-"""The part of a container runtime that runs CNI plugins (libcni's semantics, written from the CNI spec):
-each plugin of a .conflist executed with the spec's CNI_* environment and its network configuration
+"""A container runtime's CNI half (a double for tests and benchmarks), with libcni's semantics written
+from the CNI spec: each plugin of a .conflist executed with the spec's CNI_* environment and its network configuration
 on stdin, ADD's result threaded through as the next plugin's prevResult, DEL in reverse order with the
 cached ADD result, CHECK in order with it. Plugins run inside the "node" network namespace, as a
 runtime on a node runs them in the host's.

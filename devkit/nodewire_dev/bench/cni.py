@@ -1,0 +1,183 @@
+"""`nodewire bench cni`: what nodewire-cni adds to a pod's start-up.
+
+- ADD latency of nodewire-cni alone (the installed one-file plugin, `python3 -IS`), against a running
+  agent, with the real prevResult of Debian's bridge + host-local; side by side, interleaved, with the
+  venv's console script (.venv/bin/nodewire-cni) and the bare interpreter start (`python3 -IS -c pass`)
+  as the floor, and the agent API's round trip from an in-process client. DEL after each ADD is not
+  timed; `--gap` spaces the ADDs (default 0.2 s; 0 is back to back, the agent still busy with the
+  previous pod).
+- ADD → first exported per-pod series: real chain ADD of a fresh pod, then one ping a round from the
+  pod and a scrape of /metrics until `k8s_pod_network_io_bytes_total` for the pod is there.
+"""
+from __future__ import annotations
+
+import json
+import random
+import secrets
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+
+import click
+
+from agent.api import call
+from agent.cni.install import PluginSettings, install_binary, install_conf
+from agent.config import state_dir_for
+
+from ..cni_runtime import Runtime, invoke, pod_env
+from ..sandbox import Sandbox
+
+DEBIAN_CNI = "/usr/lib/cni"
+NODEWIRE = str(Path(sys.executable).with_name("nodewire"))
+
+
+def _pct(xs: list[float], q: float) -> float:
+    xs = sorted(xs)
+    return xs[min(len(xs) - 1, int(round(q * (len(xs) - 1))))]
+
+
+def _summary(ms: list[float]) -> dict:
+    return {"p50_ms": round(_pct(ms, 0.5), 2), "p99_ms": round(_pct(ms, 0.99), 2), "runs": len(ms)}
+
+
+def _netns(d: Path, name: str) -> str:
+    p = d / name
+    p.touch()
+    subprocess.run(["unshare", f"--net={p}", "true"], check=True)
+    return str(p)
+
+
+def _series(port: int, pod: str) -> bool:
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as r:
+        return f'k8s_pod_name="{pod}"' in r.read().decode() and True
+
+
+def run_bench(runs: int, series_pods: int, gap: float = 0.2) -> dict:
+    net = f"10.{random.randrange(100, 200)}.{random.randrange(0, 256)}"
+    with Sandbox(subnet4=f"{net}.0/24") as sb, tempfile.TemporaryDirectory() as tmpd:
+        tmp = Path(tmpd)
+        (tmp / "netns").mkdir()
+        (tmp / "net.d").mkdir()
+        (tmp / "m").mkdir()
+        pin = f"/sys/fs/bpf/{sb.prefix}-cnib"
+        port = _free_port()
+        log = open(tmp / "agent.log", "w")
+        agent = subprocess.Popen([NODEWIRE, "run", "--manifests", str(tmp / "m"), "--cgroup", sb.cgroup, "--pin-dir", pin,
+                                  "--veth-netns", sb.node_netns, "--netns-dir", str(tmp / "netns"), "--node-name", "bench-cni",
+                                  "--metrics-addr", f"127.0.0.1:{port}", "--no-rdma"], stdout=log, stderr=subprocess.STDOUT)
+        mounts = []
+        try:
+            _wait_synced(pin, agent)
+            sock = str(Path(state_dir_for(pin), "api.sock"))
+            (tmp / "net.d" / "10-b.conflist").write_text(json.dumps({"cniVersion": "1.0.0", "name": "b", "plugins": [
+                {"type": "bridge", "bridge": f"{sb.prefix}c0", "isGateway": True,
+                 "ipam": {"type": "host-local", "ranges": [[{"subnet": f"{net}.0/24"}]], "dataDir": str(tmp / "ipam")}},
+                {"type": "portmap", "capabilities": {"portMappings": True}}]}))
+            binary = install_binary(str(tmp / "bin"))
+            conflist = json.loads(install_conf(str(tmp / "net.d"), PluginSettings(socket=sock)).read_text())
+            rt = Runtime(conflist, [str(tmp / "bin"), DEBIAN_CNI], f"/var/run/netns/{sb.node_netns}")
+            add_ms = _add_latency(rt, conflist, binary, tmp, mounts, runs, gap, sock)
+            first = _first_series(rt, tmp, mounts, port, net, series_pods)
+        finally:
+            agent.terminate()
+            agent.wait(20)
+            subprocess.run([NODEWIRE, "cleanup", "--pin-dir", pin, "--cgroup", sb.cgroup], capture_output=True)
+            for m in mounts:
+                subprocess.run(["umount", m], capture_output=True)
+        return {"add": add_ms, "add_to_first_series_s": first, "gap_s": gap}
+
+
+def _add_latency(rt, conflist, binary, tmp, mounts, runs, gap, sock) -> dict:
+    ns = _netns(tmp / "netns", "lat")
+    mounts.append(ns)
+    pod = ("bench", "lat", "u")
+    prev = rt.add("lat" * 8, ns, pod).out  # the real prevResult nodewire-cni gets
+    conf = dict(conflist["plugins"][-1], cniVersion="1.0.0", name="b", prevResult=prev)
+    venv_plugin = str(Path(sys.executable).with_name("nodewire-cni"))
+    variants = {"installed (python3 -IS)": [str(binary)], "venv console script": [venv_plugin]}
+    times: dict[str, list[float]] = {k: [] for k in variants}
+    floor, api = [], []
+    for i in range(runs):
+        time.sleep(gap)  # pods arrive at most 1/gap per second: the agent is done with the last one
+        t0 = time.perf_counter()
+        call(sock, "ping")
+        api.append((time.perf_counter() - t0) * 1000)
+        for name, argv in variants.items():
+            cid = secrets.token_hex(32)
+            env = pod_env(cid, ns, ("bench", f"p{i}", "u"))
+            t0 = time.perf_counter()
+            r = invoke(argv[0], "ADD", conf, env)
+            times[name].append((time.perf_counter() - t0) * 1000)
+            if r.code != 0:
+                raise click.ClickException(f"ADD failed: {r}")
+            invoke(argv[0], "DEL", conf, env)
+        t0 = time.perf_counter()
+        subprocess.run(["/usr/bin/python3", "-IS", "-c", "pass"], check=True)
+        floor.append((time.perf_counter() - t0) * 1000)
+    out = {k: _summary(v) for k, v in times.items()}
+    out["python3 -IS -c pass (floor)"] = _summary(floor)
+    out["agent API round trip (in-process client)"] = _summary(api)
+    return out
+
+
+def _first_series(rt, tmp, mounts, port, net, pods) -> dict:
+    got = []
+    for i in range(pods):
+        name = f"first{i}"
+        ns = _netns(tmp / "netns", name)
+        mounts.append(ns)
+        t0 = time.monotonic()
+        r = rt.add(secrets.token_hex(32), ns, ("bench", name, "u"))
+        if r.code != 0:
+            raise click.ClickException(f"chain ADD failed: {r}")
+        while not _series(port, name):
+            subprocess.run(["nsenter", f"--net={ns}", "ping", "-c", "1", "-W", "0.1", f"{net}.1"], capture_output=True)
+            if time.monotonic() - t0 > 30:
+                raise click.ClickException(f"no series for {name} after 30 s")
+        got.append(time.monotonic() - t0)
+    return {"median": round(statistics.median(got), 3), "max": round(max(got), 3), "pods": pods,
+            "note": "includes the whole chain ADD (bridge, host-local, portmap, nodewire-cni) and the first ping"}
+
+
+def _free_port() -> int:
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _wait_synced(pin: str, proc) -> None:
+    status = Path(state_dir_for(pin), "status.json")
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise click.ClickException(f"agent exited {proc.returncode}")
+        try:
+            if json.loads(status.read_text()).get("first_sync"):
+                return
+        except (OSError, ValueError):
+            pass
+        time.sleep(0.1)
+    raise click.ClickException("agent did not sync in 120 s")
+
+
+@click.command("cni")
+@click.option("--runs", default=200, show_default=True, help="ADD invocations per variant.")
+@click.option("--series-pods", default=5, show_default=True, help="Pods timed from ADD to their first series.")
+@click.option("--gap", default=0.2, show_default=True, help="Seconds between ADDs (0: back to back).")
+@click.option("-o", "--output", type=click.Choice(["table", "json", "yaml"]), default="table", show_default=True)
+def bench_cni(runs, series_pods, gap, output) -> None:
+    """nodewire-cni ADD latency (p50/p99) and ADD → first exported per-pod series."""
+    res = run_bench(runs, series_pods, gap)
+    if output != "table":
+        from agent.output import emit
+        emit(res, output)
+        return
+    for name, s in res["add"].items():
+        click.echo(f"ADD {name:<30} p50 {s['p50_ms']:6.2f} ms  p99 {s['p99_ms']:6.2f} ms  ({s['runs']} runs)")
+    f = res["add_to_first_series_s"]
+    click.echo(f"ADD → first per-pod series: median {f['median']:.3f} s, max {f['max']:.3f} s over {f['pods']} pods ({f['note']})")
