@@ -77,6 +77,7 @@ class Agent:
         self.privileges: dict = {}  # what privileges.drop() did
         self.rdma = None  # RdmaService: counters, topology, and (opt-in) the verbs tracer
         self._pods_seen = -1  # ClusterState.identity_revision the RDMA opt-ins were last computed at
+        self.northsouth = None  # NorthSouthService: NodePort/ExternalIP/LB on the node devices (--devices)
 
     # -- start-up ------------------------------------------------------------------------------
     def start(self) -> None:
@@ -102,6 +103,12 @@ class Agent:
         log.info("datapath ready cgroup=%s pin_dir=%s programs=%d load_seconds=%.3f preexisting_entries=%d",
                  self.cgroup, cfg.pin_dir, len(self.programs), time.perf_counter() - t0,
                  self.reconciler.svc_entries)
+        if cfg.devices:
+            from .northsouth import NorthSouthService
+
+            self.northsouth = NorthSouthService(self.state, cfg.node_name, cfg.device_list, cfg.pin_dir, cfg.sizes,
+                                                cfg.nodeport_bounds, cfg.maglev_table_size, cfg.healthz_port,
+                                                self.ready)
         self._note_fill()
         if cfg.manifests is not None:
             self.source = ManifestSource(cfg.manifests, self.state, on_errors=self._object_errors,
@@ -178,7 +185,12 @@ class Agent:
         if not changes and not full:
             return None
         with self._lock, self.proxy_metrics.sync(changes, self.state):
+            if self.northsouth is not None:
+                self.northsouth.extend(changes)
             res = self.reconciler.apply(changes, full=full)
+            if self.northsouth is not None:
+                ns = self.northsouth.apply(full=full)
+                res.refusals.extend(ns.refusals)
         self._sweep_sockets()
         now = time.time()
         c = self.counters
@@ -280,7 +292,8 @@ class Agent:
             programs=list(self.programs), privileges=self.privileges, maps=dict(self._fill),
             services=self._services, first_sync=self.first_sync, last_sync=self.last_sync,
             last_change=self.last_change, counters=replace(self.counters), sources=sources,
-            object_errors=list(self.object_errors.recent)[-20:], sync_errors=list(self.sync_errors.recent)[-20:])
+            object_errors=list(self.object_errors.recent)[-20:], sync_errors=list(self.sync_errors.recent)[-20:],
+            northsouth=self.northsouth.status() if self.northsouth is not None else None)
 
     def _status_loop(self) -> None:
         """Writes status.json when something in it changed: at most once a second, and never when idle
@@ -345,5 +358,7 @@ class Agent:
             self.observer.close()
         if self.rdma is not None:
             self.rdma.close()
+        if self.northsouth is not None:
+            self.northsouth.close()
         if self.telemetry is not None:
             self.telemetry.shutdown()

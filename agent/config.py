@@ -81,6 +81,12 @@ class AgentConfig:
                                       kind="list", name="peer-cidr")
     rdma: bool = key(True, "RDMA port counters and GPU↔NIC topology metrics (sysfs, read at scrape time).")
     rdma_trace: bool = key(False, "Verbs latency tracing for pods annotated nodewire.io/rdma-trace=\"true\".")
+    devices: tuple[str, ...] = key((), "Serve NodePort, externalIPs and LoadBalancer IPs (tc) on these node "
+                                       "devices; 'auto': every interface with a node address or a default "
+                                       "route [default: off].", kind="list")
+    nodeport_range: str = key("30000-32767", "NodePort range LO-HI (as kube-apiserver's --service-node-port-range).")
+    maglev_table_size: int = key(16381, "Maglev lookup table size per Service port (a prime).")
+    healthz_port: int = key(10256, "kube-proxy's node /healthz port, served with devices (0: off).")
     netns_dir: str = key("/var/run/netns", "Where pods' network namespaces are mounted (recovery of pods "
                                            "that started before the agent).")
     api_socket: str | None = key(None, "The agent's unix-socket API [default: api.sock in the state dir].")
@@ -95,6 +101,15 @@ class AgentConfig:
     @property
     def state_dir(self) -> str:
         return state_dir_for(self.pin_dir)
+
+    @property
+    def device_list(self) -> tuple[str, ...]:
+        return tuple(d.strip() for item in self.devices for d in item.split(",") if d.strip())
+
+    @property
+    def nodeport_bounds(self) -> tuple[int, int]:
+        lo, _, hi = self.nodeport_range.partition("-")
+        return int(lo), int(hi)
 
     @property
     def api_socket_path(self) -> str:
@@ -296,10 +311,27 @@ def check_values(cfg: AgentConfig) -> None:
         _check_addr(cfg.metrics_addr, err)
     if cfg.api_server is not None and not re.match(r"^https?://[^/\s]+", cfg.api_server):
         raise err("api-server", f"{cfg.api_server!r} is not an http(s) URL")
+    _check_northsouth(cfg, err)
     for name in ("services", "backends", "revnat", "lb_stats"):
         v = getattr(cfg.sizes, name)
         if not 1 <= v <= 1 << 26:
             raise err("map-size", f"{name}: {v} out of range (1..{1 << 26})")
+
+
+def _check_northsouth(cfg: AgentConfig, err) -> None:
+    lo, sep, hi = cfg.nodeport_range.partition("-")
+    if not sep or not lo.strip().isdigit() or not hi.strip().isdigit():
+        raise err("nodeport-range", f"{cfg.nodeport_range!r} is not LO-HI, e.g. 30000-32767")
+    if not 1 <= int(lo) <= int(hi) < 61000:
+        raise err("nodeport-range", f"{cfg.nodeport_range} must lie within 1-60999 "
+                                    "(61000-65535 are the north-south SNAT ports)")
+    from .model.maglev import is_prime
+    if not is_prime(cfg.maglev_table_size) or not 3 <= cfg.maglev_table_size <= 1 << 20:
+        raise err("maglev-table-size", f"{cfg.maglev_table_size} is not a prime in 3..{1 << 20} (e.g. 16381)")
+    if not 0 <= cfg.healthz_port <= 65535:
+        raise err("healthz-port", f"{cfg.healthz_port} out of range (0-65535)")
+    if "auto" in cfg.device_list and len(cfg.device_list) > 1:
+        raise err("devices", "'auto' or a list of devices, not both")
 
 
 def _check_addr(addr: str, err) -> None:

@@ -167,6 +167,11 @@ class ClusterState:
     def _slices(self, key: ObjectKey) -> list[EndpointSlice]:
         return [self.slices[k] for k in self._slice_keys(key)]
 
+    def service_inputs(self, key: ObjectKey) -> tuple[Service | None, list[EndpointSlice]]:
+        """A Service and its slices, for models beside the socket path's (north-south)."""
+        with self._lock:
+            return self.services.get(key), self._slices(key)
+
     def _frontends(self, key: ObjectKey) -> list[Frontend]:
         svc = self.services.get(key)
         if svc is None:

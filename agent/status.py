@@ -73,6 +73,7 @@ class AgentStatus:
     sources: dict[str, SourceStatus] = field(default_factory=dict)
     object_errors: list[str] = field(default_factory=list)  # the most recent, newest last
     sync_errors: list[str] = field(default_factory=list)
+    northsouth: dict | None = None  # NodePort/ExternalIP/LB on the node devices, when --devices is given
     written_at: float = 0.0
 
     def to_json(self) -> str:

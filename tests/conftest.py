@@ -41,8 +41,10 @@ def wait_for(cond, timeout: float = 10.0, interval: float = 0.05, what: str = "c
 class AgentProcess:
     """`nodewire run` as a subprocess, attached to a sandbox's cgroup, with its own pin dir."""
 
-    def __init__(self, manifests: Path, cgroup: str, pin_dir: str, extra=()):
+    def __init__(self, manifests: Path, cgroup: str, pin_dir: str, extra=(), prefix=()):
+        """prefix: argv the agent runs under, e.g. nsenter into a sandbox node's network namespace."""
         self.manifests, self.cgroup, self.pin_dir, self.extra = manifests, cgroup, pin_dir, list(extra)
+        self.prefix = list(prefix)
         self.proc: subprocess.Popen | None = None
         self.log = manifests.parent / f"agent-{os.path.basename(pin_dir)}.log"
 
@@ -50,7 +52,7 @@ class AgentProcess:
         Path(status_path(self.pin_dir)).unlink(missing_ok=True)
         self._logf = open(self.log, "a")
         self.proc = subprocess.Popen(
-            [NODEWIRE, "--debug", "run", "--manifests", str(self.manifests), "--cgroup", self.cgroup,
+            [*self.prefix, NODEWIRE, "--debug", "run", "--manifests", str(self.manifests), "--cgroup", self.cgroup,
              "--pin-dir", self.pin_dir, *self.metrics_off(), *self.extra],
             stdout=self._logf, stderr=subprocess.STDOUT)
         wait_for(lambda: self.status().first_sync or self._died(), 60, what="agent first sync")
@@ -85,7 +87,7 @@ class AgentProcess:
 
     def cleanup(self) -> None:
         self.kill(signal.SIGTERM)
-        subprocess.run([NODEWIRE, "cleanup", "--pin-dir", self.pin_dir, "--cgroup", self.cgroup],
+        subprocess.run([*self.prefix, NODEWIRE, "cleanup", "--pin-dir", self.pin_dir, "--cgroup", self.cgroup],
                        capture_output=True, text=True)
         if getattr(self, "_logf", None):
             self._logf.close()

@@ -11,6 +11,7 @@ import math
 import re
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import pytest
@@ -65,13 +66,29 @@ while True:
             pass
     time.sleep(0.05)
 """], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    # an EndpointSlice change every second, so kube-proxy's programming-latency rates have data
+    stop = threading.Event()
+
+    def tick():
+        n = 0
+        while not stop.wait(1.0):
+            n += 1
+            write(agent.manifests / "tick.json", service("dtick", ["10.96.44.3"]),
+                  endpoint_slice("dtick", [f"10.244.99.{1 + n % 2}"]))
+
+    ticker = threading.Thread(target=tick, daemon=True)
+    ticker.start()
     prom = PrometheusServer(f"127.0.0.1:{port}", tmp_path_factory.mktemp("dash-prom"))
     try:
-        wait_for(lambda: prom.query(f'count(rate(nodewire_tcp_connect_duration_seconds_bucket[{RATE_INTERVAL}]) > 0)'),
-                 30, 0.5, "connect histogram rates in prometheus")
+        for metric in ("nodewire_tcp_connect_duration_seconds", "nodewire_service_connect_duration_seconds",
+                       "nodewire_service_srtt_seconds", "kubeproxy_network_programming_duration_seconds"):
+            wait_for(lambda: prom.query(f'count(rate({metric}_bucket[{RATE_INTERVAL}]) > 0)'),
+                     30, 0.5, f"{metric} rates in prometheus")
         prom.agent_url = f"http://127.0.0.1:{port}/metrics"
         yield prom
     finally:
+        stop.set()
+        ticker.join()
         load.kill()
         load.wait()
         prom.close()

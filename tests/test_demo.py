@@ -25,6 +25,11 @@ def test_demo_balances_refuses_and_cleans_up():
     billing = result["errors"]["billing (no ready endpoint)"]
     assert list(billing) == ["ECONNREFUSED"] and billing["ECONNREFUSED"] > 0
     assert result["replies"]["billing (no ready endpoint)"] == {}
+    # the telemetry half, on by default: /metrics on a local port, printed at start, read by the live view
+    assert f"metrics: http://{result['metrics_addr']}/metrics" in out.stdout
+    web = result["connect_seconds"]["default/web"]
+    assert web["p50"] is not None and set(web["backends"]) == {"default/web-1", "default/web-2", "default/web-3"}
+    assert result["pod_bytes"]["client"]["transmitted"] > 0 and result["pod_bytes"]["web-1"]["received"] > 0
     prefix = re.search(r"removed sandbox (\S+) ", out.stdout).group(1)
     netns = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
     assert prefix not in netns

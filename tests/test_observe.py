@@ -564,6 +564,7 @@ for _ in range(40):
     assert out.exit_code == 0, out.output
     row = [line for line in out.output.splitlines() if "default/a " in line]
     assert row and ("µs" in row[0] or "ms" in row[0]), out.output  # a's connect p50 in the interval
+    assert "per Service" in out.output and "connect p99" in out.output  # the Services table
     lat = CliRunner().invoke(main, ["latency", "--metrics-addr", addr, "--pod", "a"], terminal_width=160)
     assert lat.exit_code == 0, lat.output
     assert "default/a" in lat.output and "█" in lat.output

@@ -311,3 +311,32 @@ def test_kube_proxy_programming_latency_moves_by_the_measured_amount_for_a_known
         assert one("kubeproxy_network_programming_duration_seconds_bucket", le="0.25") == 1
     finally:
         tel.shutdown()
+
+
+SVC_SCRAPE = """# TYPE nodewire_service_connect_duration_seconds histogram
+nodewire_service_connect_duration_seconds_bucket{k8s_namespace_name="ns",k8s_service_name="web",nodewire_backend_pod="ns/a",le="0.001"} %(a1)d
+nodewire_service_connect_duration_seconds_bucket{k8s_namespace_name="ns",k8s_service_name="web",nodewire_backend_pod="ns/a",le="1.048576"} %(a1)d
+nodewire_service_connect_duration_seconds_bucket{k8s_namespace_name="ns",k8s_service_name="web",nodewire_backend_pod="ns/a",le="+Inf"} %(a1)d
+nodewire_service_connect_duration_seconds_bucket{k8s_namespace_name="ns",k8s_service_name="web",nodewire_backend_pod="ns/b",le="0.001"} %(b1)d
+nodewire_service_connect_duration_seconds_bucket{k8s_namespace_name="ns",k8s_service_name="web",nodewire_backend_pod="ns/b",le="1.048576"} %(b2)d
+nodewire_service_connect_duration_seconds_bucket{k8s_namespace_name="ns",k8s_service_name="web",nodewire_backend_pod="ns/b",le="+Inf"} %(b2)d
+# TYPE nodewire_service_connects_total counter
+nodewire_service_connects_total{k8s_namespace_name="ns",k8s_service_name="web",nodewire_backend_pod="ns/a"} %(a1)d
+nodewire_service_connects_total{k8s_namespace_name="ns",k8s_service_name="web",nodewire_backend_pod="ns/b"} %(b2)d
+"""
+
+
+def test_top_shows_per_service_connect_quantiles_and_the_backend_spread():
+    from agent.observe.views import parse, service_rows, services_table
+
+    prev = parse(SVC_SCRAPE % {"a1": 0, "b1": 0, "b2": 0})
+    cur = parse(SVC_SCRAPE % {"a1": 98, "b1": 0, "b2": 2})  # 98 fast connects to a, 2 slow ones to b
+    (row,) = service_rows(prev, cur, 2.0)
+    assert row.service == ("ns", "web") and row.cps == 50.0
+    assert row.p50 == 0.001 and row.p99 == 1.048576
+    assert row.backends == {"ns/a": 0.001, "ns/b": 1.048576}
+    from rich.console import Console
+    console = Console(width=160, record=True)
+    console.print(services_table([row], 2.0))
+    out = console.export_text()
+    assert "ns/web" in out and "1 ms – 1.05 s (ns/b)" in out

@@ -48,6 +48,9 @@ class Service:
     internal_traffic_policy: str = "Cluster"
     external_traffic_policy: str = "Cluster"
     traffic_distribution: str = ""  # spec.trafficDistribution (PreferClose, PreferSameZone, PreferSameNode)
+    load_balancer_ips: tuple[str, ...] = ()            # status.loadBalancer.ingress[].ip
+    load_balancer_source_ranges: tuple[str, ...] = ()  # spec.loadBalancerSourceRanges (CIDRs)
+    health_check_node_port: int = 0                    # spec.healthCheckNodePort (LoadBalancer, eTP=Local)
 
     @property
     def headless(self) -> bool:

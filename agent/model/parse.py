@@ -6,6 +6,7 @@ still carry semantic errors (port 0, duplicate port names) that would corrupt a 
 """
 from __future__ import annotations
 
+import ipaddress
 import socket
 import sys
 from datetime import datetime
@@ -208,11 +209,35 @@ def parse_service(obj: Any) -> Service:
     # Any value is kept: kube-proxy never reads the field (it follows the hints the controller writes),
     # and a value newer than this agent must not take the Service down; selection acts on known ones.
     distribution = r.word(spec, "trafficDistribution", "spec.trafficDistribution")
+    lb_ips, ranges, hc_port = _load_balancer(r, obj, spec)
     return Service(
         key=r.object_key, cluster_ips=ips, ports=shared(tuple(ports)), type=svc_type, labels=r.labels(meta),
         external_ips=external_ips, session_affinity=affinity, session_affinity_timeout=timeout,
         internal_traffic_policy=itp, external_traffic_policy=etp, traffic_distribution=distribution,
+        load_balancer_ips=lb_ips, load_balancer_source_ranges=ranges, health_check_node_port=hc_port,
     )
+
+
+def _load_balancer(r: _Reader, obj: dict, spec: dict) -> tuple[tuple[str, ...], tuple[str, ...], int]:
+    """status.loadBalancer.ingress[].ip (hostname-only entries carry no address: skipped),
+    spec.loadBalancerSourceRanges as canonical CIDRs, spec.healthCheckNodePort."""
+    status = r.get(obj, "status", "status", dict, default={})
+    lb = r.get(status, "loadBalancer", "status.loadBalancer", dict, default={})
+    ips = []
+    for i, ing in enumerate(r.get(lb, "ingress", "status.loadBalancer.ingress", list, default=[])):
+        path = f"status.loadBalancer.ingress[{i}]"
+        if not isinstance(ing, dict):
+            raise r.fail(path, "not an object")
+        if ing.get("ip") is not None:
+            ips.append(r.ip(ing["ip"], f"{path}.ip"))
+    ranges = []
+    for i, c in enumerate(r.get(spec, "loadBalancerSourceRanges", "spec.loadBalancerSourceRanges", list, default=[])):
+        try:
+            ranges.append(str(ipaddress.ip_network(str(c).strip(), strict=False)))
+        except ValueError:
+            raise r.fail(f"spec.loadBalancerSourceRanges[{i}]", f"{c!r} is not a CIDR") from None
+    hc = r.port(spec, "healthCheckNodePort", "spec.healthCheckNodePort", required=False, allow_zero=True)
+    return tuple(ips), tuple(ranges), hc
 
 
 def parse_endpoint_slice(obj: Any) -> EndpointSlice:

@@ -24,11 +24,12 @@ def _url(addr: str) -> str:
 @click.option("--interval", default=2.0, show_default=True, help="Seconds between refreshes.")
 @click.option("--once", is_flag=True, help="One interval, print the table, exit (no live screen).")
 def top(metrics_addr, interval, once) -> None:
-    """Live per-pod throughput, connect latency p50/p99, retransmits and drops."""
-    from rich.console import Console
+    """Live per-pod throughput, connect latency p50/p99, retransmits and drops; per-Service connect
+    latency p50/p99 and its spread across backends."""
+    from rich.console import Console, Group
     from rich.live import Live
 
-    from .views import fetch, top_rows, top_table
+    from .views import fetch, service_rows, services_table, top_rows, top_table
 
     url = _url(metrics_addr)
     try:
@@ -41,7 +42,8 @@ def top(metrics_addr, interval, once) -> None:
         nonlocal prev, t0
         time.sleep(interval)
         cur, t1 = fetch(url), time.monotonic()
-        table = top_table(top_rows(prev, cur, t1 - t0), prev, cur, t1 - t0)
+        dt = t1 - t0
+        table = Group(top_table(top_rows(prev, cur, dt), prev, cur, dt), services_table(service_rows(prev, cur, dt), dt))
         prev, t0 = cur, t1
         return table
 

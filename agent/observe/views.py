@@ -30,9 +30,17 @@ class Scrape:
     drops: dict[str, float] = field(default_factory=dict)                  # reason → packets
     # histogram → pod → {upper bound: cumulative count}
     buckets: dict[str, dict[PodId, dict[float, float]]] = field(default_factory=lambda: defaultdict(dict))
+    # Service connect latency: (namespace, service) → backend → {upper bound: cumulative count}
+    svc_buckets: dict[PodId, dict[str, dict[float, float]]] = field(default_factory=lambda: defaultdict(dict))
+    svc_connects: dict[PodId, float] = field(default_factory=lambda: defaultdict(float))
 
 
 HISTOGRAMS = {"connect": "nodewire_tcp_connect_duration_seconds", "srtt": "nodewire_tcp_srtt_seconds"}
+SVC_CONNECT = "nodewire_service_connect_duration_seconds_bucket"
+
+
+def _backend(lb: dict) -> str:
+    return lb.get("nodewire_backend_pod") or lb.get("nodewire_backend_workload") or lb.get("nodewire_backend_address", "?")
 
 
 def parse(text: str) -> Scrape:
@@ -47,6 +55,11 @@ def parse(text: str) -> Scrape:
                 s.packets[(pod, lb["network_io_direction"])] = smp.value
             elif smp.name == "nodewire_tcp_retransmits_total":
                 s.retrans[pod] += smp.value
+            elif smp.name == SVC_CONNECT:
+                svc = (lb.get("k8s_namespace_name", ""), lb.get("k8s_service_name", ""))
+                s.svc_buckets[svc].setdefault(_backend(lb), {})[float(lb["le"])] = smp.value
+            elif smp.name == "nodewire_service_connects_total":
+                s.svc_connects[(lb.get("k8s_namespace_name", ""), lb.get("k8s_service_name", ""))] += smp.value
             elif smp.name == "nodewire_skb_drops_total":
                 s.drops[lb["nodewire_drop_reason"]] = smp.value
             else:
@@ -74,6 +87,8 @@ def fmt_seconds(v: float | None) -> str:
         return "-"
     if math.isinf(v):
         return "+Inf"
+    if v >= 1:
+        return f"{v:.3g} s"
     return f"{v * 1e3:.3g} ms" if v >= 1e-3 else f"{v * 1e6:.3g} µs"
 
 
@@ -120,6 +135,42 @@ def top_table(rows: list[PodRow], prev: Scrape, cur: Scrape, dt: float) -> Table
     drops = sorted(((reason, (v - prev.drops.get(reason, 0.0)) / dt) for reason, v in cur.drops.items()),
                    key=lambda x: -x[1])
     t.caption = "drops/s: " + (", ".join(f"{r} {v:.1f}" for r, v in drops[:5] if v > 0) or "none")
+    return t
+
+
+@dataclass
+class ServiceRow:
+    service: PodId
+    cps: float                               # connections per second through the socket LB
+    p50: float | None                        # connect latency, all backends together
+    p99: float | None
+    backends: dict[str, float | None]        # backend → its connect p99 (the spread across backends)
+
+
+def service_rows(prev: Scrape, cur: Scrape, dt: float) -> list[ServiceRow]:
+    rows = []
+    for svc, per_backend in cur.svc_buckets.items():
+        gained = {be: bucket_delta(b, prev.svc_buckets.get(svc, {}).get(be)) for be, b in per_backend.items()}
+        total: dict[float, float] = defaultdict(float)
+        for buckets in gained.values():
+            for le, n in buckets:
+                total[le] += n
+        merged = sorted(total.items())
+        rows.append(ServiceRow(svc, (cur.svc_connects.get(svc, 0.0) - prev.svc_connects.get(svc, 0.0)) / dt,
+                               quantile(merged, 0.5), quantile(merged, 0.99),
+                               {be: quantile(b, 0.99) for be, b in gained.items()}))
+    return sorted(rows, key=lambda r: -r.cps)
+
+
+def services_table(rows: list[ServiceRow], dt: float) -> Table:
+    t = Table(title=f"per Service, last {dt:.1f} s", expand=False)
+    for col in ("namespace/service", "connects/s", "backends", "connect p50", "connect p99", "backend p99 spread"):
+        t.add_column(col, justify="left" if col == "namespace/service" else "right")
+    for r in rows:
+        active = sorted(((v, be) for be, v in r.backends.items() if v is not None), key=lambda x: x[0])
+        spread = f"{fmt_seconds(active[0][0])} – {fmt_seconds(active[-1][0])} ({active[-1][1]})" if active else "-"
+        t.add_row(f"{r.service[0]}/{r.service[1]}", f"{r.cps:.1f}", str(len(r.backends)), fmt_seconds(r.p50),
+                  fmt_seconds(r.p99), spread)
     return t
 
 

@@ -22,7 +22,8 @@ bench.add_command(bench_cni)
 
 @click.command()
 @click.option("--duration", type=float, default=None, help="Seconds to run [default: until Ctrl-C].")
-@click.option("--metrics-addr", default=None, help="Serve the agent's /metrics here while the demo runs.")
+@click.option("--metrics-addr", default=None, help="Serve the agent's /metrics here while the demo runs "
+                                                   "[default: 127.0.0.1:9966 when free, else a free local port; \"\": off].")
 @click.option("-o", "--output", type=click.Choice(["live", "json", "yaml"]), default="live",
               help="json/yaml: print the final per-Service tally after the run.")
 def demo(duration, metrics_addr, output) -> None:

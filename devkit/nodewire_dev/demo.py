@@ -4,11 +4,17 @@ Pods are network namespaces on a bridge in the sandbox's own node namespace; the
 to the sandbox's cgroup and pins under its own directory, so the demo never touches the host's
 datapath. Midway the demo marks web-3 not ready (by editing its manifest) and later ready again, so a
 person sees the datapath follow the manifests.
+
+The telemetry half is on by default: the agent serves /metrics on a local port (printed at start;
+127.0.0.1:9966 when free), and the live view reads it like Prometheus would — per-Service connect
+latency p50/p99 (from the socket LB's own record of which backend each connect went to) beside the
+backend counts, and per-pod bytes from the veths' own counters.
 """
 from __future__ import annotations
 
 import json
 import shutil
+import socket
 import subprocess
 import sys
 import tempfile
@@ -30,6 +36,58 @@ TARGETS = [
     ("billing (no ready endpoint)", "tcp:10.96.0.20:80"),
 ]
 POD_ORDER = ["client", "web-1", "web-2", "web-3", "dns-1", "dns-2"]  # fixes the addresses in examples/
+SERVICE_OF = {"web (IPv4)": ("default", "web"), "web (IPv6)": ("default", "web"), "dns (UDP)": ("default", "dns"),
+              "billing (no ready endpoint)": ("default", "billing")}
+
+
+def default_metrics_addr() -> str:
+    """127.0.0.1:9966 (the agent's port) when free, else any free local port."""
+    for port in (9966, 0):
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return f"127.0.0.1:{s.getsockname()[1]}"
+    raise RuntimeError("no free local port for the demo's /metrics")
+
+
+class Telemetry:
+    """The agent's /metrics as the live view shows it: since the demo's first scrape."""
+
+    def __init__(self, url: str | None):
+        self.url, self.first, self.last, self.t0, self.t1 = url, None, None, 0.0, 0.0
+
+    def refresh(self) -> None:
+        from agent.observe.views import fetch
+
+        if not self.url:
+            return
+        try:
+            cur = fetch(self.url)
+        except OSError:
+            return
+        if self.first is None:
+            self.first, self.t0 = cur, time.monotonic()
+        self.last, self.t1 = cur, time.monotonic()
+
+    def services(self) -> dict:
+        from agent.observe.views import service_rows
+
+        if self.last is None:
+            return {}
+        return {r.service: r for r in service_rows(self.first, self.last, max(self.t1 - self.t0, 1e-3))}
+
+    def pod_bytes(self) -> dict[str, tuple[float, float]]:
+        """pod → (received, transmitted) bytes since the first scrape."""
+        if self.last is None:
+            return {}
+        out = {}
+        for (pod, direction), v in self.last.bytes.items():
+            rx, tx = out.get(pod[1], (0.0, 0.0))
+            d = v - self.first.bytes.get((pod, direction), 0.0)
+            out[pod[1]] = (rx + d, tx) if direction == "receive" else (rx, tx + d)
+        return out
 
 
 class Tally:
@@ -68,20 +126,31 @@ def _set_web3_ready(manifests: Path, ready: bool) -> None:
     tmp.rename(path)
 
 
-def _render(tally: Tally, status: AgentStatus | None, elapsed: float):
+def _render(tally: Tally, status: AgentStatus | None, elapsed: float, tel: "Telemetry | None" = None):
     from rich.console import Group
     from rich.table import Table
 
+    from agent.observe.views import fmt_rate, fmt_seconds
+
+    svcs = tel.services() if tel else {}
     t = Table(title=f"nodewire demo: requests from pod 'client' to ClusterIPs ({elapsed:.0f}s)", expand=False)
     t.add_column("Service (ClusterIP)")
     t.add_column("answered by backend pod (count)")
     t.add_column("errors")
+    t.add_column("connect p50 / p99", justify="right")
     with tally.lock:
         for name, _ in TARGETS:
             replies = ", ".join(f"{k}: {v}" for k, v in sorted(tally.replies[name].items())) or "-"
             errors = ", ".join(f"{k}: {v}" for k, v in sorted(tally.errors[name].items())) or "-"
-            t.add_row(name, replies, errors)
+            row = svcs.get(SERVICE_OF[name])
+            lat = f"{fmt_seconds(row.p50)} / {fmt_seconds(row.p99)}" if row and row.p50 is not None else "-"
+            t.add_row(name, replies, errors, lat)
         events = list(tally.events[-6:])
+    pods = Table(title="per-pod bytes since start (the veths' own counters)", expand=False)
+    for col in ("pod", "received", "transmitted"):
+        pods.add_column(col, justify="left" if col == "pod" else "right")
+    for pod, (rx, tx) in sorted((tel.pod_bytes() if tel else {}).items()):
+        pods.add_row(pod, fmt_rate(rx, "B"), fmt_rate(tx, "B"))
     info = Table.grid(padding=(0, 2))
     if status is not None:
         info.add_row("agent", f"pid {status.pid}, {len(status.programs)} socket programs on the sandbox cgroup")
@@ -93,15 +162,19 @@ def _render(tally: Tally, status: AgentStatus | None, elapsed: float):
     ev = Table.grid()
     for e in events:
         ev.add_row(e)
-    return Group(t, info, ev)
+    return Group(t, pods, info, ev)
 
 
 def run_demo(duration: float | None, metrics_addr: str | None, interval: float = 0.1) -> dict:
-    """Run the demo; returns the final tally (used by the test and printed at the end)."""
+    """Run the demo; returns the final tally (used by the test and printed at the end).
+    metrics_addr: where the agent serves /metrics (None: a local port, "" : off)."""
     from rich.console import Console
     from rich.live import Live
 
     console = Console()
+    if metrics_addr is None:
+        metrics_addr = default_metrics_addr()
+    tel = Telemetry(f"http://{metrics_addr}/metrics" if metrics_addr else None)
     tmp = Path(tempfile.mkdtemp(prefix="nodewire-demo-"))
     manifests = tmp / "manifests"
     shutil.copytree(EXAMPLES, manifests, ignore=shutil.ignore_patterns("*.md"))
@@ -129,6 +202,8 @@ def run_demo(duration: float | None, metrics_addr: str | None, interval: float =
                     raise RuntimeError(f"agent did not start: {(tmp / 'agent.log').read_text()[-2000:]}")
                 time.sleep(0.1)
             tally.event(f"agent synced the manifests in {EXAMPLES.name}/ (metrics: {metrics_addr or 'off'})")
+            if metrics_addr:
+                console.print(f"metrics: http://{metrics_addr}/metrics  (try: nodewire top --metrics-addr {metrics_addr})")
             client = pods["client"].popen(
                 [sys.executable, str(PROBE), "stream", *[f"{n}={t}" for n, t in TARGETS], "--interval", str(interval)])
             threading.Thread(target=tally.read, args=(client.stdout,), daemon=True).start()
@@ -148,7 +223,8 @@ def run_demo(duration: float | None, metrics_addr: str | None, interval: float =
                         _set_web3_ready(manifests, ready)
                         tally.event("web-3 marked ready again" if ready else "web-3 marked NOT ready")
                     status = read_status(pin_dir) or status
-                    live.update(_render(tally, status, elapsed))
+                    tel.refresh()
+                    live.update(_render(tally, status, elapsed, tel))
                     time.sleep(0.25)
         except KeyboardInterrupt:
             pass
@@ -160,7 +236,12 @@ def run_demo(duration: float | None, metrics_addr: str | None, interval: float =
                            capture_output=True, text=True)
             shutil.rmtree(tmp, ignore_errors=True)
     if not console.is_terminal:
-        console.print(_render(tally, status, time.time() - start))
+        console.print(_render(tally, status, time.time() - start, tel))
     console.print(f"removed sandbox {sb.prefix} (namespaces, cgroups, pinned maps)")
+    svcs = tel.services()
     return {"replies": {k: dict(v) for k, v in tally.replies.items()},
-            "errors": {k: dict(v) for k, v in tally.errors.items()}, "events": tally.events}
+            "errors": {k: dict(v) for k, v in tally.errors.items()}, "events": tally.events,
+            "metrics_addr": metrics_addr,
+            "connect_seconds": {f"{ns}/{n}": {"p50": r.p50, "p99": r.p99, "backends": r.backends}
+                                for (ns, n), r in svcs.items()},
+            "pod_bytes": {pod: {"received": rx, "transmitted": tx} for pod, (rx, tx) in tel.pod_bytes().items()}}

@@ -13,6 +13,17 @@ def bench() -> None:
     """Reproducible benchmarks in the sandbox (ratios measured side by side in one run)."""
 
 
+@bench.command("udp-recovery")
+@click.option("--runs", default=100, show_default=True, help="Backend removals to time.")
+@click.option("-o", "--output", type=click.Choice(["table", "json", "yaml"]), default="table", show_default=True)
+def udp_recovery(runs, output) -> None:
+    """Connected-UDP recovery after a backend removal (socket destroyed → client on a live backend)."""
+    from .udp_recovery import run
+
+    row = run(runs)
+    click.echo(render(row, output) if output != "table" else "\n".join(f"{k}: {v}" for k, v in row.items()))
+
+
 @bench.command()
 @click.option("--services", default="1000,10000,100000", show_default=True,
               help="Comma-separated Service counts (N Services × 5 endpoints each).")

@@ -29,6 +29,17 @@ def _read_some(s: socket.socket) -> bytes:
         return b""
 
 
+def _unmapped(ip: str) -> str:
+    return ip[7:] if ip.startswith("::ffff:") else ip
+
+
+def _peer_ip(s: socket.socket) -> str:
+    try:
+        return _unmapped(s.getpeername()[0])
+    except OSError:
+        return "?"
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--name", required=True)
@@ -65,7 +76,9 @@ def main() -> None:
                 data = _read_some(s)
                 if data:
                     try:
-                        if data.startswith((b"GET", b"HEAD", b"POST")):
+                        if data.startswith(b"peer?"):  # who the pod saw: for source-address checks
+                            s.sendall(a.name.encode() + b" " + _peer_ip(s).encode() + b"\n")
+                        elif data.startswith((b"GET", b"HEAD", b"POST")):
                             s.sendall(b"HTTP/1.0 200 OK\r\nContent-Length: %d\r\n\r\n" % len(body) + body)
                         else:
                             s.sendall(body)
@@ -78,7 +91,8 @@ def main() -> None:
                     data, peer = s.recvfrom(65535)
                 except BlockingIOError:
                     continue
-                s.sendto(body, peer)
+                s.sendto(a.name.encode() + b" " + _unmapped(peer[0]).encode() + b"\n"
+                         if data.startswith(b"peer?") else body, peer)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,82 @@
+"""North-south in the agent loop: devices and node addresses, the model per changed Service, the
+extra socket-path frontends, the tc datapath, and the health servers.
+
+The agent calls extend() with the socket-path changes before its reconciler runs (so a node's own
+sockets reach NodePorts/external IPs at connect(), without tc), then apply() after it.
+"""
+from __future__ import annotations
+
+import logging
+import time
+
+from .datapath.devices import detect_devices, device_addresses
+from .datapath.loader import MapSizes
+from .datapath.reconciler import SyncResult
+from .export.lbhealth import LBHealth
+from .model.frontends import Frontend
+from .model.northsouth import NodeInfo, NorthSouth, service_northsouth
+from .model.objects import ObjectKey
+from .state import ClusterState
+
+log = logging.getLogger("nodewire.northsouth")
+
+
+class NorthSouthService:
+    def __init__(self, state: ClusterState, node_name: str, devices: tuple[str, ...], pin_dir: str,
+                 sizes: MapSizes, nodeport_range: tuple[int, int], maglev_size: int, healthz_port: int,
+                 healthy):
+        from pyroute2 import IPRoute
+
+        from .datapath.nodeport import NodePortDatapath
+
+        self.state = state
+        with IPRoute() as ipr:
+            devs = detect_devices(ipr) if tuple(devices) == ("auto",) else list(devices)
+            addresses = device_addresses(ipr, devs)
+        if not devs:
+            raise ValueError("--devices auto: no interface with a node address or a default route")
+        self.node = NodeInfo(node_name, tuple(addresses), nodeport_range)
+        self.datapath = NodePortDatapath(pin_dir, sizes, maglev_size)
+        self.datapath.attach(devs)
+        self.snat = self.datapath.set_snat_addresses(addresses)
+        self.health = LBHealth(healthy, healthz_port).start()
+        self.pending: dict[ObjectKey, NorthSouth] = {}
+        self.errors: list[str] = []
+        self.last: SyncResult | None = None
+        log.info("north-south ready devices=%s addresses=%s snat=%s", devs, addresses, self.snat)
+
+    def extend(self, changes: dict[ObjectKey, list[Frontend]]) -> None:
+        """Compute the north-south view of every changed Service; add its socket-path frontends."""
+        for key in changes:
+            svc, slices = self.state.service_inputs(key)
+            ns = service_northsouth(svc, slices, self.node) if svc is not None else NorthSouth()
+            self.pending[key] = ns
+            if ns.socket:
+                changes[key] = list(changes[key]) + list(ns.socket)
+            for err in ns.errors:
+                log.error("%s", err)
+                self.errors = (self.errors + [err])[-20:]
+
+    def apply(self, full: bool = False) -> SyncResult:
+        pending, self.pending = self.pending, {}
+        res = self.datapath.apply(pending, full=full)
+        for key, ns in pending.items():
+            self.health.update(key, ns.health_check_node_port, ns.local_endpoints)
+        self.health.synced()
+        self.last = res
+        return res
+
+    def status(self) -> dict:
+        dp = self.datapath
+        return {
+            "devices": dp.devices, "addresses": list(self.node.addresses), "snat": self.snat,
+            "nodeport_range": list(self.node.nodeport_range), "maglev_table_size": dp.maglev_size,
+            "frontends": dp.reconciler.svc_entries, "services": len(dp.reconciler.owned),
+            "counters": dp.counters(), "health": self.health.status(), "errors": self.errors,
+            "last_sync": None if self.last is None else {"seconds": self.last.seconds, "written": self.last.written,
+                                                          "deleted": self.last.deleted, "errors": self.last.errors,
+                                                          "time": time.time()},
+        }
+
+    def close(self) -> None:
+        self.health.close()

@@ -1,0 +1,297 @@
+/* North-south load balancing on the node's devices (tc clsact, direct action): NodePort,
+ * spec.externalIPs and status.loadBalancer.ingress[].ip for traffic that did not start in a local
+ * socket (local sockets are balanced at connect() by sock_lb.c, with these frontends added there).
+ *
+ * ingress: 1. a reply from a remote backend to one of our SNAT ports -> back to the client
+ *          2. a packet of a known flow -> its backend (conntrack, lib/ct.h)
+ *          3. a new flow to a frontend -> source ranges, reject/drop when no endpoint,
+ *             backend by session affinity, else Maglev, else flow hash; DNAT, plus SNAT to the
+ *             node address when the backend is on another node
+ * egress:  a local backend's reply to an external client -> the frontend's address as source
+ *
+ * Maps (pinned, family-neutral 16-byte addresses; the service and backend maps have the layout of
+ * lib/lb.h's and are written by the same reconciler):
+ *   nodewire_np_services_v1 / nodewire_np_backends_v1   frontend slots, backends
+ *   nodewire_np_policy_v1   frontend -> group (one per Service port), flags
+ *   nodewire_np_local_v1    addresses of this node's endpoints (no SNAT to them)
+ *   nodewire_np_ranges_v1   (group, source prefix) for loadBalancerSourceRanges  [LPM]
+ *   nodewire_np_affinity_v1 (client address, group) -> backend, last use          [LRU]
+ *   nodewire_np_maglev_v1   group -> Maglev lookup table of backend ids           [hash of arrays]
+ *   nodewire_np_snat_v1     [0] the node's IPv4 SNAT address, [1] its IPv6 one
+ *   nodewire_np_stats_v1    packets per outcome (NW_NP_*)                          [per-CPU]
+ */
+#include <uapi/linux/bpf.h>
+#include "lib/lb.h"
+#include "lib/pkt.h"
+#include "lib/ct.h"
+#include "lib/reject.h"
+
+#ifndef NW_NP_POLICY_MAX
+#define NW_NP_POLICY_MAX 65536
+#endif
+#ifndef NW_NP_GROUPS_MAX
+#define NW_NP_GROUPS_MAX 16384
+#endif
+#ifndef NW_MAGLEV_M
+#define NW_MAGLEV_M 16381
+#endif
+
+#define NP_F_DROP_EMPTY 1     /* eTP=Local with endpoints only elsewhere: drop (kube-proxy drops) */
+#define NP_F_SOURCE_RANGES 2  /* only sources in nodewire_np_ranges_v1 for this group */
+#define NP_F_MAGLEV 4         /* the group has a Maglev table */
+
+/* outcomes counted in nodewire_np_stats_v1 */
+#define NW_NP_LOCAL 0
+#define NW_NP_REMOTE 1
+#define NW_NP_REPLY 2
+#define NW_NP_ESTABLISHED 3
+#define NW_NP_REJECT 4
+#define NW_NP_DROP_NO_LOCAL 5
+#define NW_NP_DROP_SOURCE 6
+#define NW_NP_DROP_ERROR 7
+#define NW_NP_OUTCOMES 8
+
+struct np_frontend {
+	__u32 address[4];
+	__be16 port;
+	__u8 proto;
+	__u8 pad;
+};
+
+struct np_policy {
+	__u32 group;
+	__u32 flags;
+};
+
+struct np_addr {
+	__u32 address[4];
+};
+
+struct np_range_key {
+	__u32 prefixlen;  /* 32 (group) + the source prefix length in the 128-bit address */
+	__u32 group;
+	__u32 address[4];
+};
+
+struct np_affinity_key {
+	__u32 client[4];
+	__u32 group;
+};
+
+struct np_affinity_value {
+	__u64 last_used_ns;
+	__u32 backend_id;
+	__u32 pad;
+};
+
+BPF_TABLE_PINNED("hash", struct lb_service_key, struct lb_service_value, nodewire_np_services_v1,
+		 NW_SERVICES_MAX, NW_PIN_DIR "/nodewire_np_services_v1", BPF_F_NO_PREALLOC);
+BPF_TABLE_PINNED("hash", __u32, struct lb_backend, nodewire_np_backends_v1,
+		 NW_BACKENDS_MAX, NW_PIN_DIR "/nodewire_np_backends_v1", BPF_F_NO_PREALLOC);
+BPF_TABLE_PINNED("hash", struct np_frontend, struct np_policy, nodewire_np_policy_v1,
+		 NW_NP_POLICY_MAX, NW_PIN_DIR "/nodewire_np_policy_v1", BPF_F_NO_PREALLOC);
+BPF_TABLE_PINNED("hash", struct np_addr, __u8, nodewire_np_local_v1,
+		 NW_BACKENDS_MAX, NW_PIN_DIR "/nodewire_np_local_v1", BPF_F_NO_PREALLOC);
+BPF_TABLE_PINNED("lpm_trie", struct np_range_key, __u8, nodewire_np_ranges_v1,
+		 NW_NP_POLICY_MAX, NW_PIN_DIR "/nodewire_np_ranges_v1", BPF_F_NO_PREALLOC);
+BPF_TABLE_PINNED("lru_hash", struct np_affinity_key, struct np_affinity_value, nodewire_np_affinity_v1,
+		 NW_AFFINITY_MAX, NW_PIN_DIR "/nodewire_np_affinity_v1");
+BPF_TABLE_PINNED("array", __u32, struct np_addr, nodewire_np_snat_v1, 2, NW_PIN_DIR "/nodewire_np_snat_v1");
+BPF_TABLE_PINNED("percpu_array", __u32, __u64, nodewire_np_stats_v1, NW_NP_OUTCOMES,
+		 NW_PIN_DIR "/nodewire_np_stats_v1");
+BPF_ARRAY(nodewire_np_maglev_inner, __u32, NW_MAGLEV_M);
+BPF_TABLE_PINNED("hash_of_maps$nodewire_np_maglev_inner", __u32, int, nodewire_np_maglev_v1,
+		 NW_NP_GROUPS_MAX, NW_PIN_DIR "/nodewire_np_maglev_v1");
+
+static __always_inline void np_count(__u32 outcome)
+{
+	__u64 *v = nodewire_np_stats_v1.lookup(&outcome);
+	if (v)
+		*v += 1;
+}
+
+/* The same flow hashes the same on every node (no per-node seed): with the same Maglev table,
+ * every node picks the same backend for it. Murmur3's finaliser over the 5-tuple. */
+static __always_inline __u32 flow_hash(struct pkt *p)
+{
+	__u32 h = 0x9747b28c;
+#pragma unroll
+	for (int i = 0; i < 4; i++)
+		h = (h ^ p->src[i]) * 0xcc9e2d51 + (h >> 15);
+#pragma unroll
+	for (int i = 0; i < 4; i++)
+		h = (h ^ p->dst[i]) * 0x1b873593 + (h >> 13);
+	h ^= ((__u32)p->sport << 16) | p->dport;
+	h ^= (__u32)p->proto << 8;
+	h ^= h >> 16;
+	h *= 0x85ebca6b;
+	h ^= h >> 13;
+	h *= 0xc2b2ae35;
+	h ^= h >> 16;
+	return h;
+}
+
+static __always_inline int same_addr(const __u32 *a, const __u32 *b)
+{
+	return a[0] == b[0] && a[1] == b[1] && a[2] == b[2] && a[3] == b[3];
+}
+
+/* DNAT to the backend, and SNAT when it lives on another node; then on its way. */
+static __always_inline int np_forward(struct __sk_buff *skb, struct pkt *p, const __u32 *backend, __be16 bport,
+				      int snat, const __u32 *snat_addr, __be16 sport)
+{
+	if (pkt_set_addr(skb, p, 1, backend) || pkt_set_port(skb, p, 1, bport))
+		return TC_ACT_SHOT;
+	if (!snat)
+		return TC_ACT_OK;  /* a local pod: the stack routes it */
+	if (pkt_set_addr(skb, p, 0, snat_addr) || pkt_set_port(skb, p, 0, sport))
+		return TC_ACT_SHOT;
+	return pkt_route_out(skb, p);
+}
+
+static __always_inline __u32 pick_backend(struct pkt *p, struct lb_service_key *key, struct lb_service_value *svc,
+					  struct np_policy *pol, __u32 hash)
+{
+	__u32 group = pol ? pol->group : 0;
+	if ((svc->flags & NW_SVC_F_AFFINITY) && group) {
+		struct np_affinity_key ak = {};
+		__builtin_memcpy(ak.client, p->src, 16);
+		ak.group = group;
+		struct np_affinity_value *av = nodewire_np_affinity_v1.lookup(&ak);
+		__u64 now = bpf_ktime_get_ns();
+		if (av && now - av->last_used_ns <= (__u64)svc->affinity_timeout * 1000000000ULL) {
+			__u32 bid = av->backend_id;
+			if (nodewire_np_backends_v1.lookup(&bid))
+				return bid;
+		}
+	}
+	if (pol && (pol->flags & NP_F_MAGLEV)) {
+		void *table = nodewire_np_maglev_v1.lookup(&group);
+		if (table) {
+			__u32 idx = hash % NW_MAGLEV_M;
+			__u32 *bid = bpf_map_lookup_elem(table, &idx);
+			/* a table older than the backends (mid-update) falls back to the slots below */
+			if (bid && *bid && nodewire_np_backends_v1.lookup(bid))
+				return *bid;
+		}
+	}
+	key->slot = (hash % svc->count) + 1;
+	struct lb_service_value *slot = nodewire_np_services_v1.lookup(key);
+	return slot ? slot->backend_id : 0;
+}
+
+static __always_inline void remember_affinity(struct pkt *p, struct np_policy *pol, __u32 bid)
+{
+	struct np_affinity_key ak = {};
+	__builtin_memcpy(ak.client, p->src, 16);
+	ak.group = pol->group;
+	struct np_affinity_value av = {.last_used_ns = bpf_ktime_get_ns(), .backend_id = bid};
+	nodewire_np_affinity_v1.update(&ak, &av);
+}
+
+static __always_inline int new_flow(struct __sk_buff *skb, struct pkt *p)
+{
+	struct lb_service_key key = {};
+	__builtin_memcpy(key.address, p->dst, 16);
+	key.port = p->dport;
+	key.proto = p->proto;
+	struct lb_service_value *svc = nodewire_np_services_v1.lookup(&key);
+	if (!svc)
+		return TC_ACT_UNSPEC;
+	struct np_frontend fk = {};
+	__builtin_memcpy(fk.address, p->dst, 16);
+	fk.port = p->dport;
+	fk.proto = p->proto;
+	struct np_policy *pol = nodewire_np_policy_v1.lookup(&fk);
+	if (pol && (pol->flags & NP_F_SOURCE_RANGES)) {
+		struct np_range_key rk = {.prefixlen = 32 + 128, .group = pol->group};
+		__builtin_memcpy(rk.address, p->src, 16);
+		if (!nodewire_np_ranges_v1.lookup(&rk)) {
+			np_count(NW_NP_DROP_SOURCE);
+			return TC_ACT_SHOT;
+		}
+	}
+	if (svc->count == 0) {
+		if (pol && (pol->flags & NP_F_DROP_EMPTY)) {
+			np_count(NW_NP_DROP_NO_LOCAL);
+			return TC_ACT_SHOT;
+		}
+		np_count(NW_NP_REJECT);
+		return reject(skb, p);
+	}
+	__u32 hash = flow_hash(p);
+	__u32 bid = pick_backend(p, &key, svc, pol, hash);
+	int affinity = (svc->flags & NW_SVC_F_AFFINITY) && pol;
+	struct lb_backend *be = nodewire_np_backends_v1.lookup(&bid);
+	if (!be) {
+		np_count(NW_NP_DROP_ERROR);
+		return TC_ACT_SHOT;
+	}
+	if (affinity)
+		remember_affinity(p, pol, bid);
+	__u32 backend[4] = {be->address[0], be->address[1], be->address[2], be->address[3]};
+	__be16 bport = be->port;
+	struct np_addr local = {};
+	__builtin_memcpy(local.address, backend, 16);
+	int snat = 0;
+	__u32 snat_addr[4] = {};
+	if (!nodewire_np_local_v1.lookup(&local)) {
+		__u32 which = p->family == 4 ? 0 : 1;
+		struct np_addr *a = nodewire_np_snat_v1.lookup(&which);
+		if (!a || !(a->address[0] | a->address[1] | a->address[2] | a->address[3])) {
+			np_count(NW_NP_DROP_ERROR);
+			return TC_ACT_SHOT;
+		}
+		__builtin_memcpy(snat_addr, a->address, 16);
+		snat = 1;
+	}
+	__be16 sport = ct_create(p, backend, bport, bid, snat, snat_addr, hash);
+	if (!sport) {
+		np_count(NW_NP_DROP_ERROR);
+		return TC_ACT_SHOT;
+	}
+	np_count(snat ? NW_NP_REMOTE : NW_NP_LOCAL);
+	return np_forward(skb, p, backend, bport, snat, snat_addr, sport);
+}
+
+int nw_np_ingress(struct __sk_buff *skb)
+{
+	struct pkt p = {};
+	if (pkt_parse(skb, &p))
+		return TC_ACT_UNSPEC;
+	struct ct_entry *rev = ct_lookup(&p, NW_CT_REVERSE);
+	if (rev && (rev->flags & NW_CT_F_SNAT)) {
+		struct ct_entry r = *rev;
+		if (pkt_set_addr(skb, &p, 0, r.x) || pkt_set_port(skb, &p, 0, r.xport) ||
+		    pkt_set_addr(skb, &p, 1, r.y) || pkt_set_port(skb, &p, 1, r.yport))
+			return TC_ACT_SHOT;
+		np_count(NW_NP_REPLY);
+		return pkt_route_out(skb, &p);
+	}
+	struct ct_entry *fwd = ct_lookup(&p, NW_CT_FORWARD);
+	if (fwd) {
+		struct ct_entry f = *fwd;
+		struct lb_backend *be = nodewire_np_backends_v1.lookup(&f.backend_id);
+		/* a flow whose backend left the Service is balanced anew */
+		if (be && be->port == f.xport && same_addr(be->address, f.x)) {
+			np_count(NW_NP_ESTABLISHED);
+			return np_forward(skb, &p, f.x, f.xport, f.flags & NW_CT_F_SNAT, f.y, f.yport);
+		}
+	}
+	return new_flow(skb, &p);
+}
+
+int nw_np_egress(struct __sk_buff *skb)
+{
+	struct pkt p = {};
+	if (pkt_parse(skb, &p))
+		return TC_ACT_UNSPEC;
+	struct ct_entry *rev = ct_lookup(&p, NW_CT_REVERSE);
+	if (!rev || (rev->flags & NW_CT_F_SNAT))
+		return TC_ACT_UNSPEC;
+	struct ct_entry r = *rev;
+	if (pkt_set_addr(skb, &p, 0, r.x) || pkt_set_port(skb, &p, 0, r.xport))
+		return TC_ACT_SHOT;
+	np_count(NW_NP_REPLY);
+	return TC_ACT_OK;
+}
