@@ -273,7 +273,7 @@ def cleanup(pin_dir, cgroup, kube_proxy) -> None:
     st = read_status(pin_dir)
     cg = cgroup or (st.cgroup if st else None) or detect_cgroup2_root()
     n = detach_loaded(cg, pin_dir) if os.path.isdir(cg) else 0
-    devices = list((st.get("northsouth") or {}).get("devices") or {})
+    devices = list(((st.northsouth if st else None) or {}).get("devices") or {})
     if devices:  # tc filters on the node devices (in this network namespace)
         from .datapath.nodeport import detach
         n += detach(devices)
