@@ -21,10 +21,12 @@ from .api import ApiError, ApiServer
 from .config import AgentConfig
 from .datapath.attach import attach_sock_lb, detect_cgroup2_root
 from .datapath.loader import SockLB
+from .datapath.check import PeriodicCheck
 from .datapath.reconciler import Reconciler, SyncResult
 from .datapath.stale_sockets import StaleSockets, listed_addresses
 from .errorlog import ErrorLog
 from .export.agent_metrics import register_agent_metrics
+from .export.drift import register_drift_metrics
 from .export.kubeproxy import ProxyMetrics
 from .export.telemetry import start_telemetry
 from .model.objects import ObjectError
@@ -75,6 +77,9 @@ class Agent:
         self.observer = None
         self.cni = None  # CniPods: pods told by nodewire-cni (agent/cni/pods.py)
         self.privileges: dict = {}  # what privileges.drop() did
+        self.drift_check: PeriodicCheck | None = None  # the sampled kernel-vs-desired check
+        self._refused: set = set()  # Services the reconciler refuses now (kept out of the drift check)
+        self._next_check = 0.0
         self.rdma = None  # RdmaService: counters, topology, and (opt-in) the verbs tracer
         self._pods_seen = -1  # ClusterState.identity_revision the RDMA opt-ins were last computed at
         self.northsouth = None  # NorthSouthService: NodePort/ExternalIP/LB on the node devices (--devices)
@@ -95,6 +100,8 @@ class Agent:
         self.lb = SockLB(cfg.pin_dir, cfg.sizes)
         self.programs = attach_sock_lb(self.lb, self.cgroup)
         self.reconciler = Reconciler(self.lb.services, self.lb.backends)
+        if cfg.check_interval > 0:
+            self.drift_check = PeriodicCheck(self.state, self.lb.services, self.lb.backends, cfg.check_sample)
         self.stale_sockets = StaleSockets(self.cgroup, self.lb.services, self.lb.backends,
                                           self.lb.revnat,
                                           lambda: listed_addresses(list(self.state.slices.values())))
@@ -123,6 +130,8 @@ class Agent:
         self.telemetry.add_check("/healthz", self.healthy)
         self.telemetry.add_check("/readyz", self.ready)
         register_agent_metrics(self.telemetry.meter(), self)
+        if self.drift_check is not None:
+            register_drift_metrics(self.telemetry.meter(), self.drift_check)
         self.proxy_metrics = ProxyMetrics(self.telemetry.meter("kubeproxy"), self.state.pending)
         if self.kube is not None:
             self.kube.register_metrics(self.telemetry.meter())
@@ -192,6 +201,7 @@ class Agent:
                 ns = self.northsouth.apply(full=full)
                 res.refusals.extend(ns.refusals)
         self._sweep_sockets()
+        self._refused = (set() if full else self._refused - set(changes)) | {r.service for r in res.refusals}
         now = time.time()
         c = self.counters
         c.syncs += 1
@@ -254,6 +264,7 @@ class Agent:
                     source_seen = self.source.last_change  # files changed, maybe only their errors
                     self.last_change = max(self.last_change, time.time())
                     self._status_due.set()
+                self._maybe_check()
                 self._hooks()
             except Exception:  # one bad cycle must not end the agent; the next one retries
                 log.exception("sync failed; keeping the datapath as it is")
@@ -263,6 +274,16 @@ class Agent:
         self._status_thread = None
         self._write_status_if_changed()
         log.info("agent stopping; the datapath stays attached and pinned")
+
+    def _maybe_check(self) -> None:
+        """The sampled drift check, on the loop's thread (the only writer), between two syncs."""
+        if self.drift_check is None or time.monotonic() < self._next_check:
+            return
+        self._next_check = time.monotonic() + self.cfg.check_interval
+        with self._lock:
+            rep = self.drift_check.run(self._refused)
+        for d in rep.drift[:10]:
+            log.error("drift between the kernel and the cluster state: %s", d)
 
     def _hooks(self) -> None:
         """What follows a change: the observer's pod identity, the RDMA opt-ins (when pods changed)."""
@@ -293,7 +314,10 @@ class Agent:
             services=self._services, first_sync=self.first_sync, last_sync=self.last_sync,
             last_change=self.last_change, counters=replace(self.counters), sources=sources,
             object_errors=list(self.object_errors.recent)[-20:], sync_errors=list(self.sync_errors.recent)[-20:],
-            northsouth=self.northsouth.status() if self.northsouth is not None else None)
+            northsouth=self.northsouth.status() if self.northsouth is not None else None,
+            check=({"runs": self.drift_check.runs, "totals": dict(self.drift_check.totals),
+                    "last": self.drift_check.last.as_dict() if self.drift_check.last else None}
+                   if self.drift_check else None))
 
     def _status_loop(self) -> None:
         """Writes status.json when something in it changed: at most once a second, and never when idle

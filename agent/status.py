@@ -74,6 +74,7 @@ class AgentStatus:
     object_errors: list[str] = field(default_factory=list)  # the most recent, newest last
     sync_errors: list[str] = field(default_factory=list)
     northsouth: dict | None = None  # NodePort/ExternalIP/LB on the node devices, when --devices is given
+    check: dict | None = None  # the sampled kernel-vs-desired drift check: runs, totals, last report
     written_at: float = 0.0
 
     def to_json(self) -> str:

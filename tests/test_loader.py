@@ -177,10 +177,12 @@ def _children(pid: int) -> list[int]:
 
 
 @pytest.mark.root
-def test_the_agent_never_maps_bcc_or_llvm_and_keeps_no_compile_child(sandbox, agent_factory, tmp_path):
+def test_the_agent_with_default_flags_never_maps_bcc_or_llvm_and_keeps_no_compile_child(sandbox, agent_factory, tmp_path):
     write(tmp_path / "one.json", service("one", ["10.96.7.1"]), endpoint_slice("one", ["10.244.7.7"]))
-    agent = agent_factory(tmp_path, pin_suffix="-nobcc", extra=["--no-observe"]).start()
+    agent = agent_factory(tmp_path, pin_suffix="-nobcc").start()  # default flags: observe and rdma on
     wait_for(lambda: agent.services(), 10, what="the Service in the maps")
+    attached = {p["name"] for p in cgroup_programs(sandbox.cgroup)}
+    assert {"nw_connect4", "nw_sockops"} <= attached  # the LB and the observer really run in this agent
     with open(f"/proc/{agent.proc.pid}/maps") as f:
         mapped = {line.split()[-1] for line in f if "/" in line}
     assert not [m for m in mapped if "libbcc" in m or "LLVM" in m or "clang" in m], sorted(mapped)
