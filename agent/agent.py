@@ -107,9 +107,9 @@ class Agent:
                                           lambda: listed_addresses(list(self.state.slices.values())))
         self.privileges = drop_capabilities()  # before any thread of ours starts (capabilities are per thread)
         self.api = ApiServer(cfg.api_socket_path).start()  # its threads start with the reduced set
-        log.info("datapath ready cgroup=%s pin_dir=%s programs=%d load_seconds=%.3f preexisting_entries=%d",
-                 self.cgroup, cfg.pin_dir, len(self.programs), time.perf_counter() - t0,
-                 self.reconciler.svc_entries)
+        log.info("datapath ready cgroup=%s pin_dir=%s programs=%d load_seconds=%.3f compiled=%s "
+                 "preexisting_entries=%d", self.cgroup, cfg.pin_dir, len(self.programs), time.perf_counter() - t0,
+                 self.lb.loaded.compiled, self.reconciler.svc_entries)
         if cfg.devices:
             from .northsouth import NorthSouthService
 
