@@ -89,6 +89,7 @@ def test_commands_use_only_flags_that_exist_and_the_config_is_valid(d, tmp_path)
     assert cfg.kube and cfg.metrics_addr == f":{c.DEFAULT_METRICS_PORT}"
     if d.name == "kube-proxy-replacement":
         assert cfg.api_server and cfg.api_server.startswith("https://")
+        assert cfg.devices  # no kube-proxy: nodewire serves the NodePorts
 
 
 def test_config_keys_of_the_kube_proxy_replacement_match_the_vagrant_control_plane():
