@@ -159,7 +159,8 @@ COLUMNS = ["impl", "first_sync_s", "first_sync_cpu_s", "resync_s", "resync_cpu_s
 @click.option("--endpoints", default=5, show_default=True)
 @click.option("--changes", default=200, show_default=True, help="Single-endpoint changes timed (×2: out and back).")
 @click.option("--compare", "others", multiple=True,
-              help="Another reconciler.py to run side by side (e.g. from `git show 56679d1:agent/datapath/reconciler.py`).")
+              help="Another reconciler.py to run side by side "
+                   "(e.g. from `git show 56679d1:agent/datapath/reconciler.py`).")
 @click.option("--child", hidden=True, default=None)
 def reconciler(services, endpoints, changes, others, child) -> None:
     """Reconciler alone into real pinned maps: sync time, change latency, memory kept."""
