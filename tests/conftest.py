@@ -48,7 +48,7 @@ class AgentProcess:
         self.proc: subprocess.Popen | None = None
         self.log = manifests.parent / f"agent-{os.path.basename(pin_dir)}.log"
 
-    def start(self) -> "AgentProcess":
+    def start(self, timeout: float = 60) -> "AgentProcess":
         status = Path(state_dir_for(self.pin_dir), "status.json")
         status.unlink(missing_ok=True)
         self._logf = open(self.log, "a")
@@ -56,7 +56,7 @@ class AgentProcess:
             [*self.prefix, NODEWIRE, "--debug", "run", "--manifests", str(self.manifests), "--cgroup", self.cgroup,
              "--pin-dir", self.pin_dir, *self.metrics_off(), *self.extra],
             stdout=self._logf, stderr=subprocess.STDOUT)
-        wait_for(lambda: self.status().get("first_sync") or self._died(), 60, what="agent first sync")
+        wait_for(lambda: self.status().get("first_sync") or self._died(), timeout, what="agent first sync")
         return self
 
     def metrics_off(self) -> list[str]:

@@ -72,7 +72,7 @@ def test_sigkill_between_write_phases_then_restart_is_clean_and_never_refuses(po
     # Pause the first write after the full sync right after its 2nd phase (new slots written, headers
     # not yet): the kill lands between two phases every time.
     monkeypatch.setenv("NW_TEST_PAUSE_AFTER_PHASE", f"1:2:{marker}")
-    agent = agent_factory(manifests, pin_suffix="-kill", extra=LB_ONLY).start()
+    agent = agent_factory(manifests, pin_suffix="-kill", extra=LB_ONLY).start(timeout=600)
     monkeypatch.delenv("NW_TEST_PAUSE_AFTER_PHASE")
     assert check(manifests, agent.pin_dir, agent.cgroup)["clean"]
     targets = [f"{vip(i + 1)}:80" for i in (0, n // 2, n - 1)]
@@ -80,7 +80,7 @@ def test_sigkill_between_write_phases_then_restart_is_clean_and_never_refuses(po
         many_services(manifests / "all.json", n, [bes[1].ip4, bes[2].ip4])  # every Service's endpoints change
         wait_for(marker.exists, 300, what="the writer paused between two phases")
         agent.kill()  # SIGKILL
-        restarted = agent_factory(manifests, pin_suffix="-kill", extra=LB_ONLY).start()
+        restarted = agent_factory(manifests, pin_suffix="-kill", extra=LB_ONLY).start(timeout=600)
         rep = check(manifests, restarted.pin_dir, restarted.cgroup)
         time.sleep(1)  # traffic on the converged maps too
     r = traffic.report
