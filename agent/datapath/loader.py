@@ -14,7 +14,7 @@ Program types and attach types are BCC's names (`BPF.<prog type>`, `BPFAttachTyp
 compiles, loads, pins every map the spec names at `<pin dir>/<map>` (the C declares them
 BPF_TABLE_PINNED, so a recompile reuses the maps and their entries) and every program at
 `<pin dir>/progs/<spec name>/<function>`, reports the maps' layouts, and exits. The report and a
-digest of (program text with its headers, cflags, programs, maps, pin dir) are kept in
+digest of (program text with its headers, cflags, programs, maps, pin dir, compile.py) are kept in
 `<state dir>/programs/<spec name>.json`: a restart with the same digest and all pins present opens the
 pins and compiles nothing. A changed program is pinned over the old one; attaching it replaces the
 old attachment atomically (cgroup hooks without flags). `open_loaded` opens what an agent loaded,
@@ -64,7 +64,10 @@ class ProgramSpec:
         return self.name or Path(self.source).stem
 
     def digest(self, pin_dir: str) -> str:
+        """Changes with the program text (headers inlined), the flags, what is loaded and pinned, and
+        the compile child itself, so an agent upgrade that changes how programs load recompiles."""
         h = hashlib.sha256(program_text(self.source).encode())
+        h.update(Path(__file__).with_name("compile.py").read_bytes())
         h.update(json.dumps([list(self.cflags), [list(p) for p in self.programs], list(self.maps), pin_dir]).encode())
         return h.hexdigest()
 
@@ -194,7 +197,7 @@ def _run_child(spec: ProgramSpec, pin_dir: str) -> dict:
         raise LoadError(f"bpf/{spec.source}: the compile child did not finish in 600 s") from None
     if out.returncode != 0:
         raise LoadError(f"bpf/{spec.source}: compile/load failed: {out.stderr.strip()[-4000:]}")
-    rec = json.loads(out.stdout)
+    rec = json.loads(out.stdout.strip().splitlines()[-1])  # the report is the last line
     rec["map_pins"] = {name: os.path.join(pin_dir, name) for name in rec["maps"]}
     return rec
 
@@ -211,17 +214,6 @@ def _open(spec_name: str, pin_dir: str, rec: dict) -> Loaded:
         raise
     return Loaded(spec_name, pin_dir, maps, dict(rec["programs"]),
                   child={k: rec[k] for k in ("seconds", "peak_rss_kib") if k in rec})
-
-
-def compile_program(source: str, pin_dir: str, sizes: MapSizes = MapSizes(), extra_cflags=()):
-    """BCC-compile one bpf/ program in this process (agent/observe's programs, until they move to
-    load(): that keeps LLVM in the agent for its whole life)."""
-    from bcc import BPF
-
-    ensure_mounts()
-    os.makedirs(pin_dir, exist_ok=True)
-    cflags = [f"-I{BPF_DIR}", f'-DNW_PIN_DIR="{pin_dir}"', "-Wno-unused-function", *extra_cflags]
-    return BPF(text=program_text(source).encode(), cflags=cflags)
 
 
 class SockLB:

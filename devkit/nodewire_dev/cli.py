@@ -11,12 +11,14 @@ from .bench.cni import bench_cni
 from .bench.compare import compare as bench_compare
 from .bench.observe import bench_observe
 from .bench.rdma import rdma_bench
+from .bench.reconciler import reconciler as bench_reconciler
 from .bench.watch import watch as bench_watch
 
 bench.add_command(bench_compare)
 bench.add_command(bench_watch)
 bench.add_command(bench_observe, "observe")
 bench.add_command(rdma_bench)
+bench.add_command(bench_reconciler)
 bench.add_command(bench_cni)
 
 

@@ -46,6 +46,24 @@ def connect(services, connects, output) -> None:
 
 
 @bench.command()
+@click.option("--services", default="0,10000", show_default=True, help="Comma-separated Service counts (1 endpoint each).")
+@click.option("--against", metavar="COMMIT", help="Also run the agent as it was at this commit (e.g. one that compiled in-process).")
+@click.option("--rounds", default=2, show_default=True, help="Interleaved rounds per Service count.")
+@click.option("--default-flags", is_flag=True, help="Observe and rdma on (default: the load balancer alone).")
+@click.option("-o", "--output", type=click.Choice(["table", "json", "yaml"]), default="table", show_default=True)
+def loader(services, against, rounds, default_flags, output) -> None:
+    """Agent RSS and start-up with the load balancer alone: cold (compile child) vs restart (pins reused)."""
+    from .loader import run, table
+
+    try:
+        counts = [int(x) for x in services.split(",") if x]
+    except ValueError:
+        raise click.BadParameter(f"{services!r}: expected numbers like 0,10000", param_hint="--services")
+    rows = run(counts, against, rounds, default_flags)
+    click.echo(render(rows, output) if output != "table" else table(rows))
+
+
+@bench.command()
 @click.option("--services", default=10000, show_default=True, help="Services, 1-4 endpoints each.")
 @click.option("--rate", default=200.0, show_default=True, help="Endpoint updates per second.")
 @click.option("--seconds", default=300.0, show_default=True, help="How long the churn lasts.")
