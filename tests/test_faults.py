@@ -117,7 +117,7 @@ def test_map_at_capacity_names_the_service_and_others_keep_working(pods, agent_f
         wait_for(lambda: agent.synced_after(t), 20, what="big.json taken in")
         time.sleep(1)
     st = agent.status()
-    assert st["sync_errors"][0].startswith("Service default/big: map nodewire_services_v1 is full"), st["sync_errors"]
+    assert st.sync_errors[0].startswith("Service default/big: map nodewire_services_v1 is full"), st.sync_errors
     rep = check(tmp_path, agent.pin_dir, agent.cgroup, "--map-size", "services=8", "--map-size", "backends=8")
     assert rep["clean"] and any("default/big" in r for r in rep["refused"]), rep
     assert traffic.attempts > 50 and traffic.failed == 0, traffic.report
