@@ -20,8 +20,10 @@ from .api import ApiServer
 from .config import AgentConfig
 from .datapath.attach import attach_sock_lb, detect_cgroup2_root
 from .datapath.loader import SockLB
+from .datapath.check import PeriodicCheck
 from .datapath.reconciler import Reconciler, SyncResult
 from .datapath.stale_sockets import StaleSockets, listed_addresses
+from .export.drift import register_drift_metrics
 from .export.kubeproxy import ProxyMetrics
 from .export.telemetry import start_telemetry
 from .model.objects import ObjectError
@@ -72,6 +74,9 @@ class Agent:
         self.observer = None
         self.cni = None  # CniPods: pods told by nodewire-cni (agent/cni/pods.py)
         self.privileges: dict = {}  # what privileges.drop() did
+        self.drift_check: PeriodicCheck | None = None  # the sampled kernel-vs-desired check
+        self._refused: set = set()  # Services the reconciler refuses now (kept out of the drift check)
+        self._next_check = 0.0
         self.rdma = None  # RdmaService: counters, topology, and (opt-in) the verbs tracer
         self._pods_seen = -1  # ClusterState.revision the RDMA opt-ins were last computed at
         self.northsouth = None  # NorthSouthService: NodePort/ExternalIP/LB on the node devices (--devices)
@@ -91,14 +96,16 @@ class Agent:
         self.lb = SockLB(cfg.pin_dir, cfg.sizes)
         self.programs = attach_sock_lb(self.lb, self.cgroup)
         self.reconciler = Reconciler(self.lb.services, self.lb.backends)
+        if cfg.check_interval > 0:
+            self.drift_check = PeriodicCheck(self.state, self.lb.services, self.lb.backends, cfg.check_sample)
         self.stale_sockets = StaleSockets(self.cgroup, self.lb.services, self.lb.backends,
                                           self.lb.revnat,
                                           lambda: listed_addresses(list(self.state.slices.values())))
         self.privileges = drop_capabilities()  # before any thread of ours starts (capabilities are per thread)
         self.api = ApiServer(cfg.api_socket_path).start()  # its threads start with the reduced set
-        log.info("datapath ready cgroup=%s pin_dir=%s programs=%d load_seconds=%.3f preexisting_entries=%d",
-                 self.cgroup, cfg.pin_dir, len(self.programs), time.perf_counter() - t0,
-                 self.reconciler.svc_entries)
+        log.info("datapath ready cgroup=%s pin_dir=%s programs=%d load_seconds=%.3f compiled=%s "
+                 "preexisting_entries=%d", self.cgroup, cfg.pin_dir, len(self.programs), time.perf_counter() - t0,
+                 self.lb.loaded.compiled, self.reconciler.svc_entries)
         if cfg.devices:
             from .northsouth import NorthSouthService
 
@@ -116,6 +123,8 @@ class Agent:
         self.telemetry.add_check("/healthz", self.healthy)
         self.telemetry.add_check("/readyz", self.ready)
         self._instruments()
+        if self.drift_check is not None:
+            register_drift_metrics(self.telemetry.meter(), self.drift_check)
         self.proxy_metrics = ProxyMetrics(self.telemetry.meter("kubeproxy"), self.state.pending)
         if self.kube is not None:
             self.kube.register_metrics(self.telemetry.meter())
@@ -206,6 +215,7 @@ class Agent:
                 ns = self.northsouth.apply(full=full)
                 res.refusals.extend(ns.refusals)
         self._sweep_sockets()
+        self._refused = (set() if full else self._refused - set(changes)) | {r.service for r in res.refusals}
         if changes and not full:
             self.last_change = time.time()
         self.counters["syncs"] += 1
@@ -277,6 +287,7 @@ class Agent:
                 break
             try:
                 self.sync_once()
+                self._maybe_check()
                 if self.observer is not None:
                     self.observer.sync()
                 if self.rdma is not None and self.state.revision != self._pods_seen:
@@ -288,6 +299,16 @@ class Agent:
         self._status_thread = None
         self.write_status()
         log.info("agent stopping; the datapath stays attached and pinned")
+
+    def _maybe_check(self) -> None:
+        """The sampled drift check, on the loop's thread (the only writer), between two syncs."""
+        if self.drift_check is None or time.monotonic() < self._next_check:
+            return
+        self._next_check = time.monotonic() + self.cfg.check_interval
+        with self._lock:
+            rep = self.drift_check.run(self._refused)
+        for d in rep.drift[:10]:
+            log.error("drift between the kernel and the cluster state: %s", d)
 
     # -- probes (served on --metrics-addr) ---------------------------------------------------------
     LOOP_STALL_SECONDS = 30.0
@@ -355,6 +376,9 @@ class Agent:
             "sources": dict(self.sources, **({"kube": self.kube.status()} if self.kube else {})),
             "object_errors": list(self.object_errors)[-20:],
             "sync_errors": list(self.sync_errors)[-20:],
+            "check": ({"runs": self.drift_check.runs, "totals": dict(self.drift_check.totals),
+                       "last": self.drift_check.last.as_dict() if self.drift_check.last else None}
+                      if self.drift_check else None),
             **({"service_names": {str(k): v for k, v in rec.service_names().items()}} if names else {}),
             **({"northsouth": self.northsouth.status()} if self.northsouth is not None else {}),
         }

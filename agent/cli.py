@@ -202,6 +202,44 @@ def services(pin_dir, output) -> None:
 
 
 @main.command()
+@config_file_option
+@config_options("run")
+@output_option()
+@click.option("--timeout", "list_timeout", type=float, default=60.0, show_default=True,
+              help="Seconds to wait for the API source's first complete list.")
+@click.pass_context
+def check(ctx, config_path, output, list_timeout, **kwargs) -> None:
+    """Compare the kernel's service maps and hooks with the desired state computed from the same
+    sources and settings as `nodewire run`. Exit status: 0 clean, 1 drift, 2 cannot check."""
+    from .datapath.check import check_node
+    from .sources.kube import KubeError
+
+    cfg = load_config(ctx, config_path, given_flags("run", kwargs))
+    if not cfg.kube and (cfg.kubeconfig or cfg.api_server):
+        cfg.kube = True
+    if cfg.manifests is None and not cfg.kube:
+        raise click.UsageError("no source: pass --manifests DIR or --kube (the same as for `nodewire run`)")
+    st = _load_status(cfg.pin_dir) or {}
+    try:
+        rep = check_node(cfg, list_timeout, st.get("cgroup"))
+    except (FileNotFoundError, KubeError, OSError, ValueError) as e:
+        click.echo(f"Error: cannot check: {e}", err=True)
+        ctx.exit(2)
+    if output != "table":
+        emit(rep.as_dict(), output)
+    else:
+        for d in rep.drift:
+            click.echo(str(d))
+        for r in rep.refused:
+            click.echo(f"refused (not drift): {r}")
+        counts = ", ".join(f"{n} {k}" for k, n in rep.counts().items() if n) or "no drift"
+        click.echo(f"{'clean' if rep.clean else 'DRIFT'}: {rep.frontends_checked} frontends wanted, "
+                   f"{rep.kernel_frontends} in the kernel, {rep.kernel_backends} backends; {counts} "
+                   f"({rep.seconds:.2f}s)")
+    ctx.exit(0 if rep.clean else 1)
+
+
+@main.command()
 @pin_dir_option
 @output_option()
 def status(pin_dir, output) -> None:

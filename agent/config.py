@@ -90,6 +90,9 @@ class AgentConfig:
     netns_dir: str = key("/var/run/netns", "Where pods' network namespaces are mounted (recovery of pods "
                                            "that started before the agent).")
     api_socket: str | None = key(None, "The agent's unix-socket API [default: api.sock in the state dir].")
+    check_interval: float = key(30.0, "Seconds between the agent's own drift checks of a sample of Services "
+                                      "(0 turns them off; `nodewire check` checks everything).")
+    check_sample: int = key(512, "Services sampled by each of the agent's drift checks.")
     log_level: str = key("info", "Log level.", choices=LOG_LEVELS, command="")
     # Read by `nodewire cni install` (the DaemonSet's init container), so one file configures both.
     cni_bin_dir: str = key("/opt/cni/bin", "Where the runtime finds CNI plugins.", command="cni")

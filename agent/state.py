@@ -132,6 +132,16 @@ class ClusterState:
             self._dirty.clear()
             return {key: self._frontends(key) for key in self.services}
 
+    def service_keys(self) -> list[ObjectKey]:
+        with self._lock:
+            return list(self.services)
+
+    def frontends_of(self, keys) -> dict[ObjectKey, list[Frontend]]:
+        """Current frontends of some Services, the dirty set untouched; Services changed since the
+        last take_dirty() are left out (not synced yet: the drift check would call them drift)."""
+        with self._lock:
+            return {k: self._frontends(k) for k in keys if k not in self._dirty}
+
     def service_inputs(self, key: ObjectKey) -> tuple[Service | None, list[EndpointSlice]]:
         """A Service and its slices, for models beside the socket path's (north-south)."""
         with self._lock:

@@ -2,8 +2,9 @@
  * LB is attached to, and drop counting from skb:kfree_skb (drops only; a freed, delivered skb takes
  * consume_skb instead).
  *
- *   TCP_CONNECT_CB            connect() starts: stamp the socket (by cookie), ask for STATE and
- *                             RETRANS callbacks on it
+ *   TCP_CONNECT_CB            connect() starts: stamp the socket (socket storage) with the time and,
+ *                             when its address is not a pod's own, the connecting process's pod
+ *                             cgroup (hostNetwork pods); ask for STATE and RETRANS callbacks
  *   ACTIVE_ESTABLISHED_CB     connect latency (us), per local pod address and, when the connect went
  *                             through a ClusterIP, per (VIP, port, backend, port) from the socket LB's
  *                             revnat entry for this cookie (lib/lb.h)
@@ -49,9 +50,13 @@ struct obs_addr {
 	__u32 address[4];
 };
 
+/* A pod is its local address, or, where the address is shared (hostNetwork pods: the node's
+ * address), the cgroup of the process that connected (address zero, cgroup_id set). */
 struct hist_key {
 	__u32 address[4];
 	__u32 metric;
+	__u32 pad;
+	__u64 cgroup_id;
 };
 
 /* A Service frontend (VIP, port) and the backend a connect was sent to. */
@@ -72,16 +77,25 @@ struct hist_value {
 struct flow_key {
 	__u32 local[4];
 	__u32 remote[4];
+	__u64 cgroup_id;   /* 0, or the pod's cgroup as in hist_key */
+};
+
+/* Per socket, from connect() on (it dies with the socket). */
+struct sock_info {
+	__u64 start_ns;    /* connect() start; 0 once established */
+	__u64 cgroup_id;   /* the connecting process's cgroup when it is a watched pod's, else 0 */
 };
 
 /* user space: local addresses to observe -> pod index (unused by the kernel, handy for debugging) */
 BPF_HASH(nodewire_obs_watch_v1, struct obs_addr, __u32, NW_OBS_WATCH_MAX);
-BPF_TABLE("percpu_hash", struct hist_key, struct hist_value, nodewire_obs_hist_v1, NW_OBS_HIST_MAX);
+/* user space: cgroup ids (the pod's cgroup and every one below it) of pods whose address is shared */
+BPF_HASH(nodewire_obs_cgroups_v1, __u64, __u32, NW_OBS_WATCH_MAX);
+BPF_TABLE("percpu_hash", struct hist_key, struct hist_value, nodewire_obs_hist_v2, NW_OBS_HIST_MAX);
 BPF_TABLE("lru_percpu_hash", struct svc_hist_key, struct hist_value, nodewire_obs_svc_hist_v1,
 	  NW_OBS_SVC_HIST_MAX);
-BPF_TABLE("lru_hash", struct flow_key, __u64, nodewire_obs_retrans_v1, NW_OBS_FLOWS_MAX);
+BPF_TABLE("lru_hash", struct flow_key, __u64, nodewire_obs_retrans_v2, NW_OBS_FLOWS_MAX);
 BPF_HASH(nodewire_obs_drops_v1, __u32, __u64, 1024);
-BPF_TABLE("lru_hash", __u64, __u64, nodewire_obs_connecting_v1, NW_OBS_FLOWS_MAX); /* cookie -> start ns */
+BPF_SK_STORAGE(nodewire_obs_sock_v1, struct sock_info);
 
 static __always_inline void add(__u64 *v, __u64 n)
 {
@@ -98,11 +112,12 @@ static __always_inline void hist_add(struct hist_value *h, __u64 value)
 
 /* User space creates the (address, metric) histograms of the pods it watches, so the lookup is
  * the filter too: any other address (host traffic) costs this one lookup and leaves nothing. */
-static __always_inline void hist_record(const __u32 *addr, __u32 metric, __u64 value)
+static __always_inline void hist_record(const __u32 *addr, __u64 cgroup_id, __u32 metric, __u64 value)
 {
-	struct hist_key k = {.metric = metric};
-	__builtin_memcpy(k.address, addr, 16);
-	struct hist_value *h = nodewire_obs_hist_v1.lookup(&k);
+	struct hist_key k = {.metric = metric, .cgroup_id = cgroup_id};
+	if (!cgroup_id)
+		__builtin_memcpy(k.address, addr, 16);
+	struct hist_value *h = nodewire_obs_hist_v2.lookup(&k);
 	if (h)
 		hist_add(h, value);
 }
@@ -169,35 +184,56 @@ static __always_inline void watch_events(struct bpf_sock_ops *skops)
 				  BPF_SOCK_OPS_RETRANS_CB_FLAG);
 }
 
-static __always_inline void connected(struct bpf_sock_ops *skops)
+static __always_inline struct sock_info *sock_info(struct bpf_sock_ops *skops, __u64 flags)
 {
-	__u64 cookie = bpf_get_socket_cookie(skops);
-	__u64 *start = nodewire_obs_connecting_v1.lookup(&cookie);
-	if (!start)
+	struct bpf_sock *sk = skops->sk;
+	if (!sk)
+		return NULL;
+	return nodewire_obs_sock_v1.sk_storage_get(sk, 0, flags);
+}
+
+/* connect(): in the connecting process's context, so its cgroup names a pod whose address does not */
+static __always_inline void connecting(struct bpf_sock_ops *skops)
+{
+	struct sock_info *info = sock_info(skops, BPF_SK_STORAGE_GET_F_CREATE);
+	if (!info)
 		return;
-	__u64 us = (bpf_ktime_get_ns() - *start) / 1000;
-	nodewire_obs_connecting_v1.delete(&cookie);
+	info->start_ns = bpf_ktime_get_ns();
+	info->cgroup_id = 0;
 	__u32 local[4];
 	sockops_local(skops, local);
-	hist_record(local, NW_HIST_CONNECT, us);
+	if (!nodewire_obs_watch_v1.lookup((struct obs_addr *)local)) {
+		__u64 cg = bpf_get_current_cgroup_id();
+		if (nodewire_obs_cgroups_v1.lookup(&cg))
+			info->cgroup_id = cg;
+	}
+}
+
+static __always_inline void connected(struct bpf_sock_ops *skops)
+{
+	struct sock_info *info = sock_info(skops, 0);
+	if (!info || !info->start_ns)
+		return;
+	__u64 us = (bpf_ktime_get_ns() - info->start_ns) / 1000;
+	info->start_ns = 0;
+	__u32 local[4];
+	sockops_local(skops, local);
+	hist_record(local, info->cgroup_id, NW_HIST_CONNECT, us);
 	svc_record(skops, NW_HIST_CONNECT, us);
 }
 
 static __always_inline void state_changed(struct bpf_sock_ops *skops)
 {
-	__u32 old = NW_CTX(args[0]), new = NW_CTX(args[1]);
-	if (old != NW_TCP_ESTABLISHED) {
-		if (new == NW_TCP_CLOSE) {   /* a connect that failed: forget its stamp */
-			__u64 cookie = bpf_get_socket_cookie(skops);
-			nodewire_obs_connecting_v1.delete(&cookie);
-		}
+	if (NW_CTX(args[0]) != NW_TCP_ESTABLISHED)
 		return;
-	}
+	struct sock_info *info = sock_info(skops, 0);
 	__u64 srtt = NW_CTX(srtt_us) >> 3;
 	__u32 local[4];
 	sockops_local(skops, local);
-	hist_record(local, NW_HIST_SRTT, srtt);
+	hist_record(local, info ? info->cgroup_id : 0, NW_HIST_SRTT, srtt);
 	svc_record(skops, NW_HIST_SRTT, srtt);
+	/* recorded once: the later state changes (FIN_WAIT2, TIME_WAIT, CLOSE...) need no program run */
+	bpf_sock_ops_cb_flags_set(skops, skops->bpf_sock_ops_cb_flags & ~BPF_SOCK_OPS_STATE_CB_FLAG);
 }
 
 static __always_inline void retransmitted(struct bpf_sock_ops *skops)
@@ -207,10 +243,15 @@ static __always_inline void retransmitted(struct bpf_sock_ops *skops)
 	struct flow_key k = {};
 	sockops_local(skops, k.local);
 	sockops_remote(skops, k.remote);
-	if (!nodewire_obs_watch_v1.lookup((struct obs_addr *)k.local))
+	struct sock_info *info = sock_info(skops, 0);
+	if (info && info->cgroup_id) {
+		k.cgroup_id = info->cgroup_id;
+		__builtin_memset(k.local, 0, sizeof(k.local));
+	} else if (!nodewire_obs_watch_v1.lookup((struct obs_addr *)k.local)) {
 		return;
+	}
 	__u64 zero = 0;
-	__u64 *c = nodewire_obs_retrans_v1.lookup_or_try_init(&k, &zero);
+	__u64 *c = nodewire_obs_retrans_v2.lookup_or_try_init(&k, &zero);
 	if (c)
 		add(c, 1);
 }
@@ -218,13 +259,10 @@ static __always_inline void retransmitted(struct bpf_sock_ops *skops)
 int nw_sockops(struct bpf_sock_ops *skops)
 {
 	switch (skops->op) {
-	case BPF_SOCK_OPS_TCP_CONNECT_CB: {
-		__u64 cookie = bpf_get_socket_cookie(skops);
-		__u64 now = bpf_ktime_get_ns();
-		nodewire_obs_connecting_v1.update(&cookie, &now);
+	case BPF_SOCK_OPS_TCP_CONNECT_CB:
+		connecting(skops);
 		watch_events(skops);
 		break;
-	}
 	case BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB:
 		connected(skops);
 		break;
@@ -256,7 +294,7 @@ int nw_tcp_probe(struct tracepoint__tcp__tcp_probe *args)
 		nw_addr_v6(local.address, &args->saddr[8]);
 	else
 		return 0;
-	hist_record(local.address, NW_HIST_SRTT_ACK, args->srtt);
+	hist_record(local.address, 0, NW_HIST_SRTT_ACK, args->srtt);
 	return 0;
 }
 #endif

@@ -1,6 +1,7 @@
 """The socket load balancer in the real kernel: a sandbox of netns pods, the real agent, real packets."""
 from __future__ import annotations
 
+import os
 import signal
 import subprocess
 import sys
@@ -182,8 +183,11 @@ def test_status_reports_programs_maps_and_sync(cluster):
                           agent.pin_dir], capture_output=True, text=True, check=True)
     st = __import__("json").loads(out.stdout)
     assert st["agent_running"] is True
-    assert sorted(st["attached"]) == sorted(["nw_connect4", "nw_connect6", "nw_sendmsg4", "nw_sendmsg6",
-                                             "nw_recvmsg4", "nw_recvmsg6", "nw_getpeername4", "nw_getpeername6"])
+    lb_hooks = {"nw_connect4", "nw_connect6", "nw_sendmsg4", "nw_sendmsg6",
+                "nw_recvmsg4", "nw_recvmsg6", "nw_getpeername4", "nw_getpeername6"}
+    loaded = {fn for _root, _dirs, files in os.walk(os.path.join(agent.pin_dir, "progs")) for fn in files}
+    assert lb_hooks <= set(st["attached"])  # and the observer's sock_ops, with observe on (the default)
+    assert set(st["attached"]) <= loaded, "something not loaded by this agent is listed as attached"
     services_map = st["maps"]["nodewire_services_v1"]
     assert services_map["entries"] == sum(1 + len(s["backends"]) for s in agent.services())
     assert st["last_sync"]["seconds"] > 0

@@ -96,6 +96,22 @@ print(loaded.compiled, "bcc" in sys.modules)
 
 
 @pytest.mark.root
+def test_per_cpu_values_are_one_slot_per_possible_cpu_in_the_c_layout(pin_dir):
+    pin, state = pin_dir
+    calls = load(counter_spec(1), pin, state).maps["nwtest_calls_v1"]
+    ncpu = bpfsys.possible_cpus()
+    assert (calls.percpu, calls.ncpu, calls.value_stride, calls.elem_size) == (True, ncpu, 8, 8 * ncpu)
+    key = np.zeros(1, dtype=calls.key_dtype)
+    calls.update_arrays(key, np.array([7], dtype=np.uint64))  # one value: every CPU's slot
+    _, per_cpu = calls.dump_arrays()
+    assert per_cpu.shape == (1, ncpu) and per_cpu.tolist() == [[7] * ncpu]
+    calls.update_arrays(key, np.arange(1, ncpu + 1, dtype=np.uint64).reshape(1, ncpu))  # one per CPU
+    assert int(calls.dump_summed()[1][0]) == ncpu * (ncpu + 1) // 2
+    assert np.frombuffer(calls.lookup(key.tobytes()), dtype=np.uint64).tolist() == list(range(1, ncpu + 1))
+    assert list(calls.keys()) == [key.tobytes()]  # an array of one entry
+
+
+@pytest.mark.root
 def test_a_changed_program_is_recompiled_and_replaces_the_old_keeping_map_contents(pin_dir):
     pin, state = pin_dir
     link = f"{pin}/nwtest_link"
@@ -177,10 +193,12 @@ def _children(pid: int) -> list[int]:
 
 
 @pytest.mark.root
-def test_the_agent_never_maps_bcc_or_llvm_and_keeps_no_compile_child(sandbox, agent_factory, tmp_path):
+def test_the_agent_with_default_flags_never_maps_bcc_or_llvm_and_keeps_no_compile_child(sandbox, agent_factory, tmp_path):
     write(tmp_path / "one.json", service("one", ["10.96.7.1"]), endpoint_slice("one", ["10.244.7.7"]))
-    agent = agent_factory(tmp_path, pin_suffix="-nobcc", extra=["--no-observe"]).start()
+    agent = agent_factory(tmp_path, pin_suffix="-nobcc").start()  # default flags: observe and rdma on
     wait_for(lambda: agent.services(), 10, what="the Service in the maps")
+    attached = {p["name"] for p in cgroup_programs(sandbox.cgroup)}
+    assert {"nw_connect4", "nw_sockops"} <= attached  # the LB and the observer really run in this agent
     with open(f"/proc/{agent.proc.pid}/maps") as f:
         mapped = {line.split()[-1] for line in f if "/" in line}
     assert not [m for m in mapped if "libbcc" in m or "LLVM" in m or "clang" in m], sorted(mapped)

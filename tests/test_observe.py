@@ -630,3 +630,41 @@ route add default dev eth0
         env["obs"].sync()
         subprocess.run(["ip", "netns", "del", ns])
     assert key not in env["obs"]._pod_ifnames
+
+
+def test_host_network_pods_sharing_the_node_address_are_told_apart_by_cgroup(env):
+    """Two hostNetwork pods share the (sandbox) node's address; each one's processes run in its own
+    cgroup. Their connects are counted per pod, from the cgroup of the process that connected."""
+    sb, b = env["sb"], env["pods"]["b"]
+    b.serve(tcp_ports=[9007])
+    node_ip = sb.gateway4
+    made = []
+    try:
+        for name in ("h1", "h2"):
+            cg = os.path.join(sb.cgroup, f"pod-{name}")
+            os.makedirs(os.path.join(cg, "container"), exist_ok=True)  # processes sit in a container's cgroup
+            made.append(cg)
+            key = ObjectKey("default", name)
+            env["state"].apply_pod(key, Pod(key, (node_ip,), NODE, annotations=(("nodewire.io/cgroup", cg),),
+                                            host_network=True))
+        env["obs"].sync()
+        before = {n: sum(hist(env, "connect", n)[0]) for n in ("h1", "h2")}
+        for name, n in (("h1", 2), ("h2", 3)):
+            procs = os.path.join(sb.cgroup, f"pod-{name}", "container", "cgroup.procs")
+            subprocess.run(["ip", "netns", "exec", sb.node_netns, sys.executable, "-c", f"""
+import socket
+for _ in range({n}):
+    s = socket.create_connection(("{b.ip4}", 9007), timeout=5); s.close()
+"""], check=True, preexec_fn=lambda p=procs: open(p, "w").write(str(os.getpid())))
+        after = {n: sum(hist(env, "connect", n)[0]) for n in ("h1", "h2")}
+        assert (after["h1"] - before["h1"], after["h2"] - before["h2"]) == (2, 3)
+    finally:
+        for name in ("h1", "h2"):
+            env["state"].apply_pod(ObjectKey("default", name), None)
+        env["obs"].sync()
+        for cg in made:
+            for d in (os.path.join(cg, "container"), cg):
+                try:
+                    os.rmdir(d)
+                except OSError:
+                    pass

@@ -7,7 +7,7 @@ from BCC's ctypes of the C structs, and exits: the pins keep the kernel objects 
 which opens them with the raw bpf() syscall (loader.py, bpfsys.py).
 
 Input (stdin): {"source", "cflags", "programs": [[function, prog type, attach type or null]],
-"maps": [name], "pin_dir", "prog_dir"}. Output (stdout): {"maps": {name: {"key", "value"}},
+"maps": [name], "pin_dir", "prog_dir"}. Output (the last line of stdout): {"maps": {name: {"key", "value"}},
 "programs": {function: pin path}, "seconds", "peak_rss_kib"}. A failure exits 1 with the reason
 (BCC's compiler messages included) on stderr.
 """
@@ -93,7 +93,7 @@ def main() -> int:
     except Exception as e:  # the parent turns this into a LoadError naming the program
         print(f"{type(e).__name__}: {e}", file=sys.stderr)
         return 1
-    json.dump(result, sys.stdout)
+    print(json.dumps(result))  # one line, the last: anything BCC prints comes before it
     return 0
 
 

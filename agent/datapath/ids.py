@@ -332,7 +332,8 @@ class Snapshot:
         self._be_live = be.live.copy()
 
     def service_ids(self) -> list[int]:
-        return [int(s) for s in self._sids if self._owner[s] >= 0]
+        """Service ids of the frontends some Service owns."""
+        return self._sids[self._owner[self._sids] >= 0].tolist()
 
     def frontend(self, sid: int) -> FrontendInfo | None:
         """What a service id stands for, or None (unknown, or restored and owned by no Service)."""

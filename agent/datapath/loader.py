@@ -194,7 +194,7 @@ def _run_child(spec: ProgramSpec, pin_dir: str) -> dict:
         raise LoadError(f"bpf/{spec.source}: the compile child did not finish in 600 s") from None
     if out.returncode != 0:
         raise LoadError(f"bpf/{spec.source}: compile/load failed: {out.stderr.strip()[-4000:]}")
-    rec = json.loads(out.stdout)
+    rec = json.loads(out.stdout.strip().splitlines()[-1])  # the report is the last line
     rec["map_pins"] = {name: os.path.join(pin_dir, name) for name in rec["maps"]}
     return rec
 
@@ -211,17 +211,6 @@ def _open(spec_name: str, pin_dir: str, rec: dict) -> Loaded:
         raise
     return Loaded(spec_name, pin_dir, maps, dict(rec["programs"]),
                   child={k: rec[k] for k in ("seconds", "peak_rss_kib") if k in rec})
-
-
-def compile_program(source: str, pin_dir: str, sizes: MapSizes = MapSizes(), extra_cflags=()):
-    """BCC-compile one bpf/ program in this process (agent/observe's programs, until they move to
-    load(): that keeps LLVM in the agent for its whole life)."""
-    from bcc import BPF
-
-    ensure_mounts()
-    os.makedirs(pin_dir, exist_ok=True)
-    cflags = [f"-I{BPF_DIR}", f'-DNW_PIN_DIR="{pin_dir}"', "-Wno-unused-function", *extra_cflags]
-    return BPF(text=program_text(source).encode(), cflags=cflags)
 
 
 class SockLB:

@@ -20,7 +20,7 @@ from . import bpfsys
 
 
 def packing_dtype(ctype) -> np.dtype:
-    """The numpy dtype of a ctypes struct, with array fields (addresses) as opaque byte strings,
+    """The numpy dtype of a ctypes struct (or of a dtype), with array fields (addresses) as opaque byte strings,
     so rows can be built from tuples like (address_bytes16, port, ...)."""
     base = np.dtype(ctype)
     if base.names is None:  # a scalar key such as __u32
@@ -96,12 +96,6 @@ def dtype_from_json(js) -> np.dtype:
                      "offsets": js["offsets"], "itemsize": js["itemsize"]})
 
 
-def lookup_batch_raw(fd: int, key_size: int, value_size: int, name: str, chunk: int = 16384) -> tuple[bytes, bytes]:
-    """All keys and values of a hash map as two byte strings, read with BPF_MAP_LOOKUP_BATCH.
-    value_size is per element as the kernel returns it (for per-CPU maps: rounded size × CPUs)."""
-    return bpfsys.lookup_batch(fd, key_size, value_size, name, chunk)
-
-
 class MapFull(Exception):
     pass
 
@@ -142,12 +136,6 @@ class RawMap:
         except Exception:
             os.close(fd)
             raise
-
-    @classmethod
-    def from_bcc(cls, table, name: str) -> "RawMap":
-        """A view of a map BCC created in this process (for programs still compiled in-process)."""
-        leaf = getattr(table, "sLeaf", table.Leaf)
-        return cls(os.dup(table.map_fd), name, np.dtype(table.Key), np.dtype(leaf))
 
     def close(self) -> None:
         if self.fd >= 0:

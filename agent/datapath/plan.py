@@ -15,6 +15,8 @@ by one.
 from __future__ import annotations
 
 import functools
+import itertools
+import operator
 import socket
 from array import array
 from dataclasses import dataclass, field
@@ -22,7 +24,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-from ..model.frontends import Frontend
+from ..model.frontends import Backend, Frontend
 from ..model.objects import ObjectKey
 from .abi import PROTO_NUMBERS, SVC_F_AFFINITY
 from .ids import FRONTEND_IDENT, INVALID, KEY, NO_SLOT, SLOT_DTYPE, IdRegistry, _hash, as_keys
@@ -32,9 +34,11 @@ MAX_BACKENDS_PER_FRONTEND = 65535  # the slot-0 count is a __u16
 CLASH, MAP_FULL, TOO_MANY_BACKENDS = "clash", "map-full", "too-many-backends"
 
 
-def frontend_flags(fe: Frontend) -> int:
-    """The slot-0 flags of a frontend (NW_SVC_F_* in bpf/lib/lb.h); the one place new flags go."""
-    return SVC_F_AFFINITY if fe.affinity_timeout else 0
+def frontend_flags(col: dict[str, tuple]) -> np.ndarray:
+    """The slot-0 flags of each frontend (NW_SVC_F_* in bpf/lib/lb.h) from the Frontend columns:
+    the one place new flags go."""
+    affinity = np.array(col["affinity_timeout"], np.uint32)
+    return np.where(affinity > 0, SVC_F_AFFINITY, 0).astype(np.uint16)
 
 
 @dataclass(frozen=True)
@@ -173,26 +177,32 @@ class Desired:
         self.svc_idx = np.concatenate([self.svc_idx, idx])
 
 
-def flatten(changes: dict[ObjectKey, list[Frontend]]) -> Desired:
-    """The requested Services as columns. The per-backend work is done by C-level loops (zip, map,
-    bytes.join) and numpy, never by a Python statement per backend: at 100k Services × 5 endpoints
-    that is most of a full sync's Python time."""
-    per_svc, fes = array("I"), []
-    for svc_fes in changes.values():
-        if len(svc_fes) > 1:  # one entry per frontend: the last one listed wins
-            svc_fes = list({(f.ip, f.port, f.protocol, getattr(f, "scope", 0)): f for f in svc_fes}.values())
-        per_svc.append(len(svc_fes))
-        fes.extend(svc_fes)
-    counts = np.fromiter((len(f.backends) for f in fes), np.uint32, len(fes))
-    backends = [b for f in fes for b in f.backends]
+def flatten(changes) -> Desired:
+    """The requested Services (a dict, or (Service, frontends) pairs) as columns. Per-frontend and
+    per-backend work is done by C-level loops (zip, map, chain, bytes.join) and numpy, never by a
+    Python statement per backend: at 100k Services × 5 endpoints that is most of a sync's Python time."""
+    services, lists = (list(changes), list(changes.values())) if isinstance(changes, dict) else (
+        [s for s, _ in changes], [f for _, f in changes])
+    for i in np.nonzero(np.fromiter(map(len, lists), np.int64, len(lists)) > 1)[0].tolist():
+        # one entry per frontend: the last one listed wins
+        lists[i] = list({(f.ip, f.port, f.protocol, getattr(f, "scope", 0)): f for f in lists[i]}.values())
+    per_svc = np.fromiter(map(len, lists), np.int64, len(lists))
+    fes = list(itertools.chain.from_iterable(lists))
+    col = _columns(fes, Frontend._fields)
+    counts = np.fromiter(map(len, col["backends"]), np.uint32, len(fes))
+    backends = list(itertools.chain.from_iterable(col["backends"]))
+    be = _columns(backends, Backend._fields)
     return Desired(
-        services=list(changes), fe_start=_starts(np.frombuffer(per_svc, np.uint32) if per_svc else np.zeros(0)),
-        fe_keys=_idents([f.ip for f in fes], [f.port for f in fes], [f.protocol for f in fes],
-                        [getattr(f, "scope", 0) for f in fes]),
-        fe_count=counts, fe_flags=np.fromiter(map(frontend_flags, fes), np.uint16, len(fes)),
-        fe_affinity=np.fromiter((f.affinity_timeout for f in fes), np.uint32, len(fes)),
-        port_names=[f.port_name for f in fes], be_start=_starts(counts),
-        be_keys=_idents(*zip(*backends), None) if backends else np.zeros(0, KEY))
+        services=services, fe_start=_starts(per_svc),
+        fe_keys=_idents(col["ip"], col["port"], col["protocol"], col.get("scope")),
+        fe_count=counts, fe_flags=frontend_flags(col),
+        fe_affinity=np.array(col["affinity_timeout"], np.uint32), port_names=col["port_name"],
+        be_start=_starts(counts), be_keys=_idents(be["ip"], be["port"], be["protocol"], None))
+
+
+def _columns(rows: list, fields: tuple[str, ...]) -> dict[str, list]:
+    """NamedTuple rows as one list per field (map with itemgetter: a C loop per field)."""
+    return {name: list(map(operator.itemgetter(i), rows)) for i, name in enumerate(fields)}
 
 
 def _idents(ips, ports, protos, extra) -> np.ndarray:
@@ -208,8 +218,12 @@ def _idents(ips, ports, protos, extra) -> np.ndarray:
     else:
         raw = np.frombuffer(b"".join(map(_addr16, ips)), np.uint8).reshape(n, 16)
     out["address"] = raw.view("V16").ravel()
-    out["port"] = np.array(ports, np.uint16).byteswap()   # __be16: the bytes in network order
-    out["proto"] = np.fromiter(map(PROTO_NUMBERS.__getitem__, protos), np.uint8, n)
+    out["port"] = np.frombuffer(array("H", ports), np.uint16).byteswap()  # __be16: bytes in network order
+    kinds = set(protos)
+    if len(kinds) == 1:
+        out["proto"] = PROTO_NUMBERS[kinds.pop()]
+    else:
+        out["proto"] = np.fromiter(map(PROTO_NUMBERS.__getitem__, protos), np.uint8, n)
     if extra is not None:
         out["scope"] = np.array(extra, np.uint8)
     return out.view(KEY)
@@ -357,7 +371,7 @@ def plan(changes: dict[ObjectKey, list[Frontend]], reg: IdRegistry, caps: Capaci
     sweep = full if sweep is None else sweep
     d = flatten(changes)
     get = reg.service_index.get
-    d.svc_idx = np.array([get(s, -1) for s in d.services], np.int64)
+    d.svc_idx = np.fromiter((get(s, -1) for s in d.services), np.int64, len(d.services))
     if full:  # Services the registry knows that are not asked for any more
         fe = reg.frontends
         owned = np.zeros(len(reg.services) + 1, bool)

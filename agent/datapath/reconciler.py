@@ -21,7 +21,9 @@ from .plan import CLASH, Capacities, Limit, Refusal, plan, summarize
 from .writer import BatchMap, LBMaps, write
 
 log = logging.getLogger("nodewire.reconciler")
-FULL_SYNC_CHUNK = 20_000  # Services per plan in a large full sync: bounds its transient memory
+# Services per plan in a large full sync: bounds its transient memory; at least 1/8 of the sync, as
+# every part costs a pass over the registry's arrays
+FULL_SYNC_CHUNK = 20_000
 
 
 @dataclass
@@ -94,15 +96,17 @@ class Reconciler:
             write(p, self.maps)
         except Exception as e:  # the kernel holds part of the plan: learn it back, retry next time
             res.write_error = f"writing the service maps failed ({e}); re-read them, retrying those Services"
-            old, self.registry = self.registry, self._restore()
-            self.registry.adopt_owners(old)
-            self._retry.update(changes)
+            fresh = self._restore()
+            fresh.adopt_owners(self.registry)
+            self.registry = fresh
+            self._retry.update(changes)  # a dict or (Service, frontends) pairs
         else:
             self.registry.commit(p)
-            for svc in changes:
-                self._retry.pop(svc, None)
+            if self._retry:
+                for svc in (changes if isinstance(changes, dict) else dict(changes)):
+                    self._retry.pop(svc, None)
             res.written, res.deleted = p.written_count, p.deleted_count
-        res.write_seconds = time.perf_counter() - t0 - res.plan_seconds
+        res.write_seconds = time.perf_counter() - t0 - res.plan_seconds  # with the registry commit
         return res
 
     def _apply_in_chunks(self, changes: dict[ObjectKey, list[Frontend]]) -> SyncResult:
@@ -112,8 +116,9 @@ class Reconciler:
         gone = [s for s in self.registry.owned_services() if s not in changes]
         items = [(s, []) for s in gone] + list(changes.items())
         total = SyncResult(services=len(changes))
-        for lo in range(0, len(items), FULL_SYNC_CHUNK):
-            total.add(self._apply(dict(items[lo:lo + FULL_SYNC_CHUNK])))
+        step = max(FULL_SYNC_CHUNK, len(items) // 8)
+        for lo in range(0, len(items), step):
+            total.add(self._apply(items[lo:lo + step]))  # pairs: no dict to hash them into
         clashed = {r.service: changes[r.service] for r in total.refusals if r.kind == CLASH}
         if clashed:
             total.refusals = [r for r in total.refusals if r.kind != CLASH]
@@ -131,9 +136,10 @@ class Reconciler:
         return self.registry.backends.count
 
     @property
-    def owned(self) -> list[ObjectKey]:
-        """The Services that have frontends in the maps."""
-        return self.registry.owned_services()
+    def owned(self):
+        """The Services that have frontends in the maps (a live view: len() is O(1); iterate it only
+        on the agent thread, or take snapshot())."""
+        return self.registry.service_index.keys()
 
     def snapshot(self) -> Snapshot:
         return self.registry.snapshot()

@@ -20,6 +20,7 @@ from __future__ import annotations
 import logging
 import os
 import socket
+import sys
 import time
 from dataclasses import dataclass, field
 from typing import Callable, Iterable
@@ -83,15 +84,19 @@ class StaleSockets:
         self.services, self.backends, self.revnat = _Lookup(services), _Lookup(backends), revnat
         self.listed = listed  # the addresses still in the cluster; called only when a TCP socket is stale
         self.destroyed_total = 0
+        self._kept: set[bytes] = set()  # reverse-NAT keys of sockets checked and left alone (TCP)
+        kf, vf = revnat.key_dtype.fields, revnat.value_dtype.fields
+        self._k_addr, self._k_port = kf["address"][1], kf["port"][1]
+        self._v_addr, self._v_port = vf["address"][1], vf["port"][1]
 
-    def _behind(self, vip: bytes, vport: int, proto: int, cache: dict) -> set[tuple[bytes, int]]:
-        """(address, port) of every backend in the frontend's slots now."""
+    def _behind(self, vip: bytes, vport: int, proto: int, cache: dict) -> set[tuple[bytes, int]] | None:
+        """(address, port) of every backend in the frontend's slots now; None: no such frontend."""
         k = (vip, vport, proto)
         if k in cache:
             return cache[k]
         dt = self.services.m.key_dtype
         head = self.services.get(pack_rows(dt, [(vip, vport, proto, 0, 0)])[0])
-        out = set()
+        out = None if head is None else set()
         for slot in range(1, int(head["count"]) + 1 if head is not None else 1):
             v = self.services.get(pack_rows(dt, [(vip, vport, proto, 0, slot)])[0])
             be = self.backends.get(pack_rows(self.backends.m.key_dtype, [(int(v["backend_id"]),)])[0]) \
@@ -101,45 +106,66 @@ class StaleSockets:
         cache[k] = out
         return out
 
+    def _stale_keys(self, revnat: dict[bytes, bytes], cache: dict) -> set[bytes]:
+        """Reverse-NAT keys whose backend is behind no frontend at their VIP:port any more. The entry has
+        no protocol, so a backend still behind the TCP or the UDP frontend of the port counts as there."""
+        def field(raw: bytes, at: int, size: int) -> bytes:
+            return raw[at:at + size]
+
+        combos: dict[tuple[bytes, bytes, bytes, bytes], list[bytes]] = {}
+        for k, v in revnat.items():
+            if k not in self._kept:
+                combos.setdefault((field(v, self._v_addr, 16), field(v, self._v_port, 2),
+                                   field(k, self._k_addr, 16), field(k, self._k_port, 2)), []).append(k)
+        stale = set()
+        for (vip, vport, baddr, bport), keys in combos.items():
+            # ports as stored (network order bytes), read as the native integers the dtypes give
+            vport_n, be = int.from_bytes(vport, sys.byteorder), (baddr, int.from_bytes(bport, sys.byteorder))
+            fronts = [self._behind(vip, vport_n, p, cache) for p in PROTO]
+            if not any(f is not None and be in f for f in fronts):
+                stale.update(keys)
+        return stale
+
     def sweep(self) -> SweepResult:
+        """Visit the pods' namespaces only when some reverse-NAT entry names a backend that left."""
         t0 = time.perf_counter()
         res = SweepResult()
         revnat = self.revnat.dump()
-        if not revnat:
+        self._kept &= revnat.keys()
+        cache: dict = {}
+        stale = self._stale_keys(revnat, cache)
+        if not stale:
             return res
         rdt = self.revnat.key_dtype
-        cache: dict = {}
         listed: set[str] | None = None
         diag = diag_sockets_in(netns_paths(self.cgroup))
         res.namespaces = len(diag)
-        doomed_keys = []
         try:
             for ds in diag.values():
                 for proto, states in ((socket.IPPROTO_UDP, UDP_CONNECTED), (socket.IPPROTO_TCP, TCP_LIVE)):
                     for sid in ds.sockets(socket.AF_INET, proto, states) + ds.sockets(socket.AF_INET6, proto, states):
                         if not sid.dport:
                             continue
-                        dst = addr16(sid.dst_ip)
-                        key = pack_rows(rdt, [(sid.cookie, dst, port_be(sid.dport))])[0]
-                        via = revnat.get(key)
-                        if via is None:
-                            continue  # not a socket the load balancer translated
-                        res.checked += 1
-                        v = unpack_rows(self.revnat.value_dtype, [via])[0]
-                        vip, vport = bytes(v["address"]), int(v["port"])
-                        if (dst, port_be(sid.dport)) in self._behind(vip, vport, proto, cache):
+                        key = pack_rows(rdt, [(sid.cookie, addr16(sid.dst_ip), port_be(sid.dport))])[0]
+                        if key not in stale:
                             continue
+                        res.checked += 1
+                        v = unpack_rows(self.revnat.value_dtype, [revnat[key]])[0]
+                        vip, vport = bytes(v["address"]), int(v["port"])
                         if proto == socket.IPPROTO_TCP:
                             listed = self.listed() if listed is None else listed
                             if sid.dst_ip in listed:
-                                continue  # kube-proxy leaves TCP to a removed but existing endpoint alone
+                                stale.discard(key)  # kube-proxy leaves TCP to an endpoint that still exists
+                                self._kept.add(key)
+                                continue
                         if ds.destroy(sid):
                             res.destroyed.append(_describe(sid, vip, vport))
-                        doomed_keys.append(key)
         finally:
             for ds in diag.values():
                 ds.close()
-        self.revnat.delete(doomed_keys)
+        # Destroyed sockets, closed ones and unconnected UDP ones (which re-learn their entry at the
+        # next sendmsg) lose the entries that named the departed backend.
+        self.revnat.delete(sorted(stale))
         self.destroyed_total += len(res.destroyed)
         res.seconds = time.perf_counter() - t0
         for d in res.destroyed:

@@ -102,6 +102,7 @@ class Pod:
     annotations: tuple[tuple[str, str], ...] = ()
     uid: str = ""
     owners: tuple[tuple[str, str], ...] = ()  # (kind, name) of metadata.ownerReferences, controller first
+    host_network: bool = False  # spec.hostNetwork: its IPs are the node's (telemetry names it by cgroup)
 
 
 @dataclass(frozen=True, slots=True)

@@ -311,6 +311,7 @@ def parse_pod(obj: Any) -> Pod:
         labels=r.labels(meta), annotations=r.labels(meta, "annotations"),
         uid=str(meta.get("uid", "")),
         owners=_owners(meta),
+        host_network=r.get(spec, "hostNetwork", "spec.hostNetwork", bool, default=False),
     )
 
 

@@ -73,9 +73,9 @@ class _Hints:
         return (ep.node_name,) if self.implied_nodes and ep.ready and ep.node_name else ()
 
 
-def topology_mode(endpoints: Sequence[Endpoint], place: Place, hints: _Hints) -> str:
-    """"" (no topology), PREFER_SAME_NODE or PREFER_SAME_ZONE, with kube-proxy's fall-backs."""
-    ready = [ep for ep in endpoints if ep.ready]
+def topology_mode(ready: Sequence[Endpoint], place: Place, hints: _Hints) -> str:
+    """"" (no topology), PREFER_SAME_NODE or PREFER_SAME_ZONE for these ready endpoints, with
+    kube-proxy's fall-backs."""
     if not ready:
         return ""
     # all() stops at the first endpoint without a hint: Services without hints cost one look each.
@@ -94,13 +94,14 @@ def categorize(endpoints: Sequence[Endpoint], place: Place, traffic_distribution
     has_any = False
     if uses_cluster:
         hints = _Hints(endpoints, traffic_distribution)
-        mode = topology_mode(endpoints, place, hints)
+        ready = tuple(i for i, ep in enumerate(endpoints) if ep.ready)
+        mode = topology_mode([endpoints[i] for i in ready], place, hints)
         if mode == PREFER_SAME_NODE:
-            cluster = tuple(i for i, ep in enumerate(endpoints) if ep.ready and place.node in hints.nodes(ep))
+            cluster = tuple(i for i in ready if place.node in hints.nodes(endpoints[i]))
         elif mode == PREFER_SAME_ZONE:
-            cluster = tuple(i for i, ep in enumerate(endpoints) if ep.ready and place.zone in hints.zones(ep))
+            cluster = tuple(i for i in ready if place.zone in hints.zones(endpoints[i]))
         else:
-            cluster = tuple(i for i, ep in enumerate(endpoints) if ep.ready)
+            cluster = ready
         if not cluster:  # no ready endpoint anywhere (topology never empties a list that had some)
             cluster = tuple(i for i, ep in enumerate(endpoints) if ep.serving and ep.terminating)
         has_any = bool(cluster)

@@ -112,6 +112,7 @@ class Identity:
     pods: dict[str, ObjectKey] = field(default_factory=dict)      # ip → any known pod
     services: dict[str, ObjectKey] = field(default_factory=dict)  # cluster/external IP → Service
     frontends: dict[tuple[str, int], tuple[ObjectKey, str]] = field(default_factory=dict)  # (VIP, port) → Service, port
+    shared: list[PodRef] = field(default_factory=list)    # observed local hostNetwork pods: named by cgroup
     workloads: dict[ObjectKey, str] = field(default_factory=dict)  # pod → "Kind/name" of its workload
     revision: int = -1
     _nets: list = field(default_factory=list)
@@ -121,7 +122,7 @@ class Identity:
         ident = cls(cfg=cfg, revision=state.revision)
         ident._nets = [ipaddress.ip_network(c, strict=False) for c in cfg.peer_cidrs]
         for key, pod in list(state.pods.items()):
-            for ip in pod.ips:
+            for ip in () if pod.host_network else pod.ips:  # a node address names no one pod
                 ident.pods[canonical_ip(ip)] = key
             wl = workload_name(pod)
             if wl:
@@ -130,6 +131,9 @@ class Identity:
             if local and observed(pod, cfg):
                 ref = PodRef(key, pod.node_name or cfg.node_name, tuple(canonical_ip(i) for i in pod.ips),
                              tuple(sorted(workload_of(pod).items())))
+                if pod.host_network:  # its address is the node's: the kernel names it by its cgroup
+                    ident.shared.append(ref)
+                    continue
                 for ip in ref.ips:
                     ident.local[ip] = ref
         for key, svc in list(state.services.items()):

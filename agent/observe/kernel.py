@@ -29,8 +29,9 @@ log = logging.getLogger("nodewire.observe")
 
 HIST_CONNECT, HIST_SRTT, HIST_SRTT_ACK = 0, 1, 2   # hist_key.metric in bpf/tcp_latency.c
 SOCK_OPS = "sock_ops"
-TCP_MAPS = ("nodewire_obs_watch_v1", "nodewire_obs_hist_v1", "nodewire_obs_svc_hist_v1",
-            "nodewire_obs_retrans_v1", "nodewire_obs_drops_v1")
+TCP_MAPS = ("nodewire_obs_watch_v1", "nodewire_obs_cgroups_v1", "nodewire_obs_hist_v2", "nodewire_obs_svc_hist_v1",
+            "nodewire_obs_retrans_v2", "nodewire_obs_drops_v1")
+NO_ADDRESS = bytes(16)
 TRACEPOINT_PROGRAMS = {"skb:kfree_skb": "nw_kfree_skb", "tcp:tcp_probe": "nw_tcp_probe"}
 DIR_NAMES = {0: "transmit", 1: "receive"}  # pod_traffic_key.direction in bpf/pod_tc.c
 TC_PRIO = 0xc0de & 0x7fff               # our filters' priority, so we delete only our own
@@ -69,11 +70,13 @@ class TcpObserver:
                 log.warning("tracepoint missing, its metrics are off tracepoint=%s", tp)
         self.loaded = load(tcp_spec(tuple(present), sizes), pin_dir, state_dir)
         m = self.loaded.maps
-        self.watch, self.hist, self.svc_hist = m["nodewire_obs_watch_v1"], m["nodewire_obs_hist_v1"], m["nodewire_obs_svc_hist_v1"]
-        self.retrans, self.drops = m["nodewire_obs_retrans_v1"], m["nodewire_obs_drops_v1"]
+        self.watch, self.cgroups = m["nodewire_obs_watch_v1"], m["nodewire_obs_cgroups_v1"]
+        self.hist, self.svc_hist = m["nodewire_obs_hist_v2"], m["nodewire_obs_svc_hist_v1"]
+        self.retrans, self.drops = m["nodewire_obs_retrans_v2"], m["nodewire_obs_drops_v1"]
         self.metrics = (HIST_CONNECT, HIST_SRTT) + ((HIST_SRTT_ACK,) if "tcp:tcp_probe" in present else ())
         # pinned maps outlive a restart: what is watched already keeps its histograms
         self._watched: dict[bytes, int] = {k: 0 for k in self.watch.dump()}
+        self._cgroups: set[int] = {int(k) for k in self.cgroups.dump_arrays()[0]}
         self.links: dict[str, int] = {}
         for tp in present:
             self.links[tp] = attach_tracepoint(self.loaded.prog_fd(TRACEPOINT_PROGRAMS[tp]), tp)
@@ -89,32 +92,39 @@ class TcpObserver:
             self.probes[SOCK_OPS] = "missing"
             log.error("sock_ops attach failed, TCP telemetry is off cgroup=%s err=%s", cgroup, e)
 
-    def set_watched(self, ips: list[str]) -> None:
-        """Make the kernel's set of observed local addresses equal to ips: their watch entries and
-        (zeroed) histograms are created, those of addresses no longer watched deleted, so a re-used
-        IP starts from zero."""
+    def set_watched(self, ips: list[str], cgroups=()) -> None:
+        """Make the kernel's set of observed pods equal to these local addresses and cgroup ids
+        (pods whose address is shared): their watch entries and (zeroed) histograms are created,
+        those no longer watched deleted, so a re-used IP or cgroup id starts from zero."""
         want = {addr16(ip): i for i, ip in enumerate(sorted(set(ips)))}
         gone = [k for k in self._watched if k not in want]
         new = [k for k in want if k not in self._watched]
         kdt = self.hist.key_dtype
-        if gone:
+        rows = lambda addrs, cgs: [(a, m, 0, 0) for a in addrs for m in self.metrics] + \
+            [(NO_ADDRESS, m, 0, cg) for cg in cgs for m in self.metrics]  # noqa: E731
+        want_cg = set(cgroups)
+        gone_cg, new_cg = self._cgroups - want_cg, want_cg - self._cgroups
+        if gone or gone_cg:
             self.watch.delete(gone)
+            self.cgroups.delete(pack_rows(self.cgroups.key_dtype, [(cg,) for cg in gone_cg]))
+            self.hist.delete(pack_rows(kdt, rows(gone, gone_cg)))
+            keys, _ = self.retrans.dump_arrays()
             gone_set = set(gone)
-            self.hist.delete(pack_rows(kdt, [(a, m) for a in gone for m in self.metrics]))
-            self.retrans.delete([k for k in self.retrans.dump() if k[:16] in gone_set])
-        if new:
-            hk = pack_rows(kdt, [(a, m) for a in new for m in self.metrics])
+            self.retrans.delete([k.tobytes() for k in keys if bytes(k["local"]) in gone_set or int(k["cgroup_id"]) in gone_cg])
+        if new or new_cg:
+            hk = pack_rows(kdt, rows(new, new_cg))
             self.hist.update_arrays(np.frombuffer(b"".join(hk), dtype=kdt), np.zeros(len(hk), dtype=self.hist.value_dtype))
             self.watch.update([(k, np.array([want[k]], dtype=np.uint32).tobytes()) for k in new])
-        self._watched = want
+            self.cgroups.update([(np.uint64(cg).tobytes(), np.uint32(0).tobytes()) for cg in new_cg])
+        self._watched, self._cgroups = want, want_cg
 
-    def read_histograms(self) -> list[tuple[str, int, np.ndarray, int]]:
-        """(local ip, metric, per-slot counts, sum) per histogram with at least one sample, summed
-        over CPUs. (Every watched pod has its histograms created up front; the empty ones of idle
-        pods are not worth a series.)"""
+    def read_histograms(self) -> list[tuple[str | int, int, np.ndarray, int]]:
+        """(local ip, or cgroup id for a pod named by its cgroup; metric; per-slot counts; sum) per
+        histogram with at least one sample, summed over CPUs. (Every watched pod has its histograms
+        created up front; the empty ones of idle pods are not worth a series.)"""
         keys, v = self.hist.dump_summed()
         slots, sums = v["slots"], v["sum"]
-        return [(addr_str(k["address"]), int(k["metric"]), slots[i], int(sums[i]))
+        return [(int(k["cgroup_id"]) or addr_str(k["address"]), int(k["metric"]), slots[i], int(sums[i]))
                 for i, k in enumerate(keys) if slots[i].any()]
 
     def read_service_histograms(self) -> list[tuple[tuple[str, int], tuple[str, int], int, np.ndarray, int]]:
@@ -131,9 +141,10 @@ class TcpObserver:
                 if not keep((addr_str(k["vip"]), port_host(k["vport"])), (addr_str(k["backend"]), port_host(k["bport"])))]
         self.svc_hist.delete(gone)
 
-    def read_retransmits(self) -> list[tuple[str, str, int]]:
+    def read_retransmits(self) -> list[tuple[str | int, str, int]]:
+        """(local ip or cgroup id, remote ip, retransmitted segments)."""
         keys, vals = self.retrans.dump_arrays()
-        return [(addr_str(k["local"]), addr_str(k["remote"]), int(v)) for k, v in zip(keys, vals)]
+        return [(int(k["cgroup_id"]) or addr_str(k["local"]), addr_str(k["remote"]), int(v)) for k, v in zip(keys, vals)]
 
     def read_drops(self) -> dict[int, int]:
         keys, vals = self.drops.dump_arrays()

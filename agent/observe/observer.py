@@ -12,6 +12,7 @@ and one batched read per map.
 from __future__ import annotations
 
 import logging
+import os
 import threading
 from collections import deque
 
@@ -24,7 +25,9 @@ from ..model.objects import ObjectKey
 from ..state import ClusterState
 from .drop_reasons import load_drop_reasons, reason_name
 from .histogram import Log2Histogram
-from .identity import Identity, ObserveConfig, port_label
+from ..datapath.attach import detect_cgroup2_root
+from ..rdma.optin import pod_cgroup
+from .identity import Identity, ObserveConfig, PodRef, port_label
 from .kernel import HIST_CONNECT, HIST_SRTT, HIST_SRTT_ACK, PodTraffic, TcpObserver
 from .links import LinkStats
 from .series import Reading, SeriesBook
@@ -33,6 +36,8 @@ log = logging.getLogger("nodewire.observe")
 
 # Pod annotation naming the node-side veth (written by the CNI plugin, or by hand in manifests).
 HOST_VETH_ANNOTATION = "nodewire.io/host-veth"
+# Pod annotation naming its cgroup directory, for hostNetwork pods outside the kubelet's layout (tests, demo).
+CGROUP_ANNOTATION = "nodewire.io/cgroup"
 HIST_NAMES = {HIST_CONNECT: "connect", HIST_SRTT: "srtt", HIST_SRTT_ACK: "srtt_ack"}
 
 
@@ -45,6 +50,8 @@ class Observer:
         self.state, self.telemetry, self.cfg = state, telemetry, cfg
         self.pin_dir, self.veth_netns = pin_dir, veth_netns
         self.lb, self.reconciler, self.cgroup = lb, reconciler, cgroup
+        self.cgroup_root = detect_cgroup2_root()
+        self._by_cgroup: dict[int, PodRef] = {}  # cgroup id → hostNetwork pod, as of the last sync
         self.identity = Identity(cfg)
         self.book = SeriesBook(cfg.max_series)
         self.interfaces: dict[ObjectKey, str] = {}  # pod → node-side veth name, as told by the CNI
@@ -119,8 +126,9 @@ class Observer:
             self.identity = Identity.from_state(self.state, self.cfg)
             if self.tcp is None:
                 return
+            self._by_cgroup = self._cgroups_of(self.identity.shared)
             try:
-                self.tcp.set_watched(list(self.identity.local))
+                self.tcp.set_watched(list(self.identity.local), self._by_cgroup)
             except (OSError, MapFull) as e:  # a full map: keep going with what is watched already
                 self.errors.append(str(e))
                 log.error("watching pod addresses failed err=%s", e)
@@ -146,6 +154,24 @@ class Observer:
                 self.errors.append(msg)
                 log.error("tc attach failed ifname=%s err=%s", ifname, e)
 
+    def _cgroups_of(self, pods) -> dict[int, "PodRef"]:
+        """cgroup id → hostNetwork pod, for its cgroup directory and every one below it (a process
+        is in a container's cgroup under the pod's): the Pod's nodewire.io/cgroup annotation, else
+        the kubelet's directory for its UID."""
+        out = {}
+        for ref in pods:
+            pod = self.state.pods.get(ref.key)
+            path = dict(pod.annotations).get(CGROUP_ANNOTATION) if pod else None
+            path = path or (pod_cgroup(self.cgroup_root, pod.uid) if pod else None)
+            if not path:
+                continue
+            for d, _subdirs, _files in os.walk(path):
+                try:
+                    out[os.stat(d).st_ino] = ref  # a cgroup v2 directory's inode number is its cgroup id
+                except OSError:
+                    pass  # went away while walking
+        return out
+
     def _interfaces_of(self, observed: set[ObjectKey]) -> dict[ObjectKey, str]:
         """Pod → veth: set_pod_interface() wins, then the Pod's nodewire.io/host-veth annotation,
         then the node's route to the pod's address when it leads to a veth (routed CNIs)."""
@@ -168,15 +194,15 @@ class Observer:
             ident = self.identity
             self._read_traffic(r)
             if self.tcp is not None:
-                for ip, metric, counts, total in self.tcp.read_histograms():
-                    ref = ident.pod_of(ip)
+                for who, metric, counts, total in self.tcp.read_histograms():
+                    ref = self._pod_of(who)
                     if ref is None:
                         continue
                     if metric in HIST_NAMES:
                         r.hist(HIST_NAMES[metric], ref.attributes()).add_counts(counts, total)
                 self._read_service_latency(r)
                 for local, remote, n in self.tcp.read_retransmits():
-                    ref = ident.pod_of(local)
+                    ref = self._pod_of(local)
                     if ref is not None:
                         r.count("retrans", {**ref.attributes(), **ident.peer(remote)}, n)
                 node = self.cfg.node_name
@@ -186,6 +212,10 @@ class Observer:
             if self.lb is not None:
                 self._read_lb(r)
             return r
+
+    def _pod_of(self, who):
+        """A kernel key's pod: by local address, or by cgroup id (an int) for hostNetwork pods."""
+        return self._by_cgroup.get(who) if isinstance(who, int) else self.identity.pod_of(who)
 
     def _read_traffic(self, r: Reading) -> None:
         """Per-pod bytes and packets: the veth's interface counters (or, with --pod-tc, the tc

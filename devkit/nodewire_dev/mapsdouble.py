@@ -76,6 +76,9 @@ class DictMap:
             del self.entries[k]
             self.on_change()
 
+    def lookup(self, key: bytes) -> bytes | None:
+        return self.entries.get(key)
+
     def dump_arrays(self) -> tuple[np.ndarray, np.ndarray]:
         keys = b"".join(self.entries)
         values = b"".join(self.entries.values())

@@ -13,6 +13,17 @@ def bench() -> None:
     """Reproducible benchmarks in the sandbox (ratios measured side by side in one run)."""
 
 
+@bench.command("udp-recovery")
+@click.option("--runs", default=100, show_default=True, help="Backend removals to time.")
+@click.option("-o", "--output", type=click.Choice(["table", "json", "yaml"]), default="table", show_default=True)
+def udp_recovery(runs, output) -> None:
+    """Connected-UDP recovery after a backend removal (socket destroyed → client on a live backend)."""
+    from .udp_recovery import run
+
+    row = run(runs)
+    click.echo(render(row, output) if output != "table" else "\n".join(f"{k}: {v}" for k, v in row.items()))
+
+
 @bench.command()
 @click.option("--services", default="1000,10000,100000", show_default=True,
               help="Comma-separated Service counts (N Services × 5 endpoints each).")
@@ -31,4 +42,22 @@ def connect(services, connects, output) -> None:
         rows.append(run_one(n, connects))
         if output == "table":
             click.echo(f"N={n:,} done", err=True)
+    click.echo(render(rows, output) if output != "table" else table(rows))
+
+
+@bench.command()
+@click.option("--services", default="0,10000", show_default=True, help="Comma-separated Service counts (1 endpoint each).")
+@click.option("--against", metavar="COMMIT", help="Also run the agent as it was at this commit (e.g. one that compiled in-process).")
+@click.option("--rounds", default=2, show_default=True, help="Interleaved rounds per Service count.")
+@click.option("--default-flags", is_flag=True, help="Observe and rdma on (default: the load balancer alone).")
+@click.option("-o", "--output", type=click.Choice(["table", "json", "yaml"]), default="table", show_default=True)
+def loader(services, against, rounds, default_flags, output) -> None:
+    """Agent RSS and start-up with the load balancer alone: cold (compile child) vs restart (pins reused)."""
+    from .loader import run, table
+
+    try:
+        counts = [int(x) for x in services.split(",") if x]
+    except ValueError:
+        raise click.BadParameter(f"{services!r}: expected numbers like 0,10000", param_hint="--services")
+    rows = run(counts, against, rounds, default_flags)
     click.echo(render(rows, output) if output != "table" else table(rows))

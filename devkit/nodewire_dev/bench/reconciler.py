@@ -4,7 +4,8 @@ For each implementation (this checkout's, and optionally another file such as ma
 reconciler.py) a child process builds N Services × E endpoints as Frontends, then measures into a
 scratch pin dir under /sys/fs/bpf/nw-planner-*: the first full sync into empty maps, a second full
 sync with nothing changed, a restart (registry restored from the maps + full sync), and one endpoint
-change at a time (p50/p99). Memory: the child's RSS before and after the first sync and its peak;
+change at a time (p50/p99), wall and CPU seconds (CPU time is steadier on a shared machine). Memory:
+the child's RSS before the first sync, its peak during it, and after it (heap trimmed, as the agent does);
 what a reconciler keeps (tracemalloc over a restart: restore + a full sync changing nothing; the
 desired state excluded) and the peak of that restart.
 Figures are printed, never asserted.
@@ -71,6 +72,17 @@ def _load(impl: str):
     return mod.Reconciler
 
 
+def _timed(rec, changes, full=False):
+    """(result, seconds) of one apply, the cyclic GC off as the agent has it around a sync."""
+    gc.disable()
+    try:
+        t = time.perf_counter()
+        r = rec.apply(changes, full=full)
+        return r, time.perf_counter() - t
+    finally:
+        gc.enable()
+
+
 def measure(impl: str, n: int, endpoints: int, changes: int) -> dict:
     from agent.datapath.loader import MapSizes, SockLB, remove_pins
 
@@ -83,21 +95,24 @@ def measure(impl: str, n: int, endpoints: int, changes: int) -> dict:
         gc.disable()  # as the agent does around a sync (agent.py)
         rss0 = _rss_mib()
         rec = Reconciler(lb.services, lb.backends)
-        t = time.perf_counter()
+        t, cpu = time.perf_counter(), time.process_time()
         r1 = rec.apply(want, full=True)
-        first = time.perf_counter() - t
+        first, first_cpu = time.perf_counter() - t, time.process_time() - cpu
+        peak_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
         gc.enable()
         gc.collect()
         _trim()  # as the agent does after its first sync: free heap goes back to the system
         rss1 = _rss_mib()
-        t = time.perf_counter()
-        r2 = rec.apply(want, full=True)
-        again = time.perf_counter() - t
+        cpu = time.process_time()
+        r2, again = _timed(rec, want, full=True)
+        again_cpu = time.process_time() - cpu
         del rec
         gc.collect()
+        gc.disable()
         t = time.perf_counter()
         r3 = Reconciler(lb.services, lb.backends).apply(want, full=True)
         restart = time.perf_counter() - t
+        gc.enable()
         # what a reconciler keeps: one restored from the maps, after a full sync that changes nothing
         tracemalloc.start()
         base = tracemalloc.get_traced_memory()[0]
@@ -113,37 +128,38 @@ def measure(impl: str, n: int, endpoints: int, changes: int) -> dict:
             fe = want[key][0]
             moved = fe._replace(backends=tuple(sorted(fe.backends[1:] + (Backend(_ip(11, i + 1), 8080, "TCP"),))))
             for version in (moved, fe):
-                t = time.perf_counter()
-                rec2.apply({key: [version]})
-                lat.append(time.perf_counter() - t)
+                lat.append(_timed(rec2, {key: [version]})[1])
         lat.sort()
         return {
             "impl": impl, "services": n, "endpoints": endpoints,
-            "first_sync_s": round(first, 3), "written": r1.written, "errors": len(r1.errors),
+            "first_sync_s": round(first, 3), "first_sync_cpu_s": round(first_cpu, 3),
+            "written": r1.written, "errors": len(r1.errors),
             **({"first_plan_s": round(r1.plan_seconds, 3), "first_write_s": round(r1.write_seconds, 3)}
                if hasattr(r1, "plan_seconds") else {}),
-            "resync_s": round(again, 3), "resync_written": r2.written,
+            "resync_s": round(again, 3), "resync_cpu_s": round(again_cpu, 3), "resync_written": r2.written,
             "restart_s": round(restart, 3), "restart_written": r3.written + r3.deleted,
             "change_p50_ms": round(statistics.median(lat) * 1000, 3),
             "change_p99_ms": round(lat[int(len(lat) * 0.99) - 1] * 1000, 3),
             "kept_mib": round((kept - base) / 2**20, 1), "restart_peak_mib": round((peak - base) / 2**20, 1),
             "rss_before_mib": round(rss0, 1), "rss_after_mib": round(rss1, 1),
-            "max_rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+            "first_sync_peak_rss_mib": round(peak_rss, 1),
         }
     finally:
         lb.close()
         remove_pins(pin)
 
 
-COLUMNS = ["impl", "first_sync_s", "resync_s", "restart_s", "restart_written", "change_p50_ms", "change_p99_ms",
-           "kept_mib", "restart_peak_mib", "rss_before_mib", "rss_after_mib", "max_rss_mib"]
+COLUMNS = ["impl", "first_sync_s", "first_sync_cpu_s", "resync_s", "resync_cpu_s", "restart_s", "restart_written",
+           "change_p50_ms", "change_p99_ms", "kept_mib", "restart_peak_mib", "rss_before_mib",
+           "first_sync_peak_rss_mib", "rss_after_mib", "errors"]
 
 
 @click.command()
 @click.option("--services", default=100_000, show_default=True)
 @click.option("--endpoints", default=5, show_default=True)
 @click.option("--changes", default=200, show_default=True, help="Single-endpoint changes timed (×2: out and back).")
-@click.option("--compare", "others", multiple=True, help="Another reconciler.py to run side by side (e.g. main's).")
+@click.option("--compare", "others", multiple=True,
+              help="Another reconciler.py to run side by side (e.g. from `git show 56679d1:agent/datapath/reconciler.py`).")
 @click.option("--child", hidden=True, default=None)
 def reconciler(services, endpoints, changes, others, child) -> None:
     """Reconciler alone into real pinned maps: sync time, change latency, memory kept."""
