@@ -1,28 +1,31 @@
-"""The agent loop: sources → ClusterState → model → reconciler → BPF maps, plus status and metrics.
+"""The agent loop: sources → ClusterState → model → reconciler → BPF maps, then hooks and status.
 
-One thread owns the reconciler. Sources either are polled here (manifests) or push into ClusterState
-from their own thread and wake this loop through ClusterState.changed. The first sync after start is
-a full sync against what the pinned maps already hold, so a restart rewrites nothing that is right.
+Each source runs on its own thread and pushes objects into ClusterState (the manifest directory
+through inotify or polling, the Kubernetes API through one reflector per resource). The loop, on one
+thread that alone owns the reconciler, is: wait for a change → take the dirty Services' frontends →
+Reconciler.apply → hooks (observer, RDMA opt-ins) → status, rewritten only when something in it
+changed. The first sync after start is a full sync against what the pinned maps already hold, so a
+restart rewrites nothing that is right.
 """
 from __future__ import annotations
 
-import ctypes
-import gc
-import json
 import logging
 import os
 import signal
 import threading
 import time
-from collections import deque
+from dataclasses import replace
 
-from .api import ApiServer
+from . import memory
+from .api import ApiError, ApiServer
 from .config import AgentConfig
 from .datapath.attach import attach_sock_lb, detect_cgroup2_root
 from .datapath.loader import SockLB
 from .datapath.check import PeriodicCheck
 from .datapath.reconciler import Reconciler, SyncResult
 from .datapath.stale_sockets import StaleSockets, listed_addresses
+from .errorlog import ErrorLog
+from .export.agent_metrics import register_agent_metrics
 from .export.drift import register_drift_metrics
 from .export.kubeproxy import ProxyMetrics
 from .export.telemetry import start_telemetry
@@ -30,16 +33,12 @@ from .model.objects import ObjectError
 from .privileges import drop as drop_capabilities
 from .sources.manifests import ManifestSource
 from .state import ClusterState
+from .status import AgentStatus, Counters, MapFill, SourceStatus, SyncInfo, status_path, write_status
 
 log = logging.getLogger("nodewire.agent")
-
-
-def _return_free_memory() -> None:
-    """Give the heap freed after the initial parse (JSON text, decoded dicts) back to the OS."""
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
+HEARTBEAT_SECONDS = 5.0  # the loop turns at least this often when idle (/healthz)
+STATUS_CHECK_SECONDS = 5.0  # how often source health is looked at for the status, when nothing else woke it
+NAMES_PAGE = 5000  # `services.names`: at most this many ids per answer (the API's line limit is 1 MiB)
 
 
 class Agent:
@@ -49,25 +48,29 @@ class Agent:
         self.state = ClusterState(cfg.node_name, cfg.zone)
         self.stop = threading.Event()
         self.started = time.time()
-        self.object_errors: deque[str] = deque(maxlen=200)
-        self.sync_errors: deque[str] = deque(maxlen=200)
-        self.counters = {"syncs": 0, "object_errors": 0, "sync_errors": 0, "written": 0, "deleted": 0,
-                         "sockets_destroyed": 0}
-        self.last_sync: dict | None = None
+        self.object_errors = ErrorLog(log, "bad object")
+        self.sync_errors = ErrorLog(log, "sync refused")
+        self.counters = Counters()
+        self.first_sync: SyncInfo | None = None
+        self.last_sync: SyncInfo | None = None
         self.last_change = 0.0  # when a source change was last taken in (and applied)
-        self.first_sync: dict | None = None
-        self.sources: dict[str, dict] = {}
         self.source: ManifestSource | None = None
         self.kube = None  # KubeSource: pushes into self.state from its own threads
         self.heartbeat: float | None = None  # monotonic time the agent loop last turned
-        # status.json is written by its own thread so that a change never waits behind it (at 10k
-        # Services one write took ~25 ms); _lock keeps it from reading the reconciler mid-sync.
+        self.cgroup = ""
+        # The reconciler is used by the loop thread; _lock keeps the API's name lookups and the
+        # status thread from reading it mid-apply.
         self._lock = threading.Lock()
+        self._fill: dict[str, MapFill] = {}
+        self._services = 0
+        self._names: tuple[int, dict[int, dict]] | None = None  # (syncs when built, id → name)
         self._status_due = threading.Event()
         self._status_thread: threading.Thread | None = None
+        self._written: AgentStatus | None = None  # what status.json holds
         self.lb: SockLB | None = None
         self.reconciler: Reconciler | None = None
         self.stale_sockets: StaleSockets | None = None
+        self.proxy_metrics: ProxyMetrics | None = None
         self.programs: list[str] = []
         self.telemetry = None
         self.api: ApiServer | None = None  # local API; features add methods with self.api.register
@@ -78,12 +81,13 @@ class Agent:
         self._refused: set = set()  # Services the reconciler refuses now (kept out of the drift check)
         self._next_check = 0.0
         self.rdma = None  # RdmaService: counters, topology, and (opt-in) the verbs tracer
-        self._pods_seen = -1  # ClusterState.revision the RDMA opt-ins were last computed at
+        self._pods_seen = -1  # ClusterState.identity_revision the RDMA opt-ins were last computed at
         self.northsouth = None  # NorthSouthService: NodePort/ExternalIP/LB on the node devices (--devices)
 
     # -- start-up ------------------------------------------------------------------------------
     def start(self) -> None:
         cfg = self.cfg
+        memory.configure()
         os.umask(0o022)  # pins, status files and sockets never world-writable, whatever umask we inherit
         kube_cfg = None
         if cfg.kube:  # a credentials/config error stops start-up before the datapath is touched
@@ -112,25 +116,26 @@ class Agent:
             self.northsouth = NorthSouthService(self.state, cfg.node_name, cfg.device_list, cfg.pin_dir, cfg.sizes,
                                                 cfg.nodeport_bounds, cfg.maglev_table_size, cfg.healthz_port,
                                                 self.ready)
+        self._note_fill()
         if cfg.manifests is not None:
-            self.source = ManifestSource(cfg.manifests, on_error=self._object_error)
-            self.sources["manifests"] = {"path": cfg.manifests, "healthy": True}
+            self.source = ManifestSource(cfg.manifests, self.state, on_errors=self._object_errors,
+                                         poll_interval=cfg.poll_interval).start()
         if kube_cfg is not None:
             from .sources.kube import KubeSource
 
-            self.kube = KubeSource(kube_cfg, self.state, node=cfg.node_name, on_error=self._object_error).start()
+            self.kube = KubeSource(kube_cfg, self.state, node=cfg.node_name,
+                                   on_error=lambda e: self._object_errors([e])).start()
+        self.api.register("services.names", self._service_names)
         self.telemetry = start_telemetry(cfg.metrics_addr, cfg.node_name, max_series=cfg.max_series)
         self.telemetry.add_check("/healthz", self.healthy)
         self.telemetry.add_check("/readyz", self.ready)
-        self._instruments()
+        register_agent_metrics(self.telemetry.meter(), self)
         if self.drift_check is not None:
             register_drift_metrics(self.telemetry.meter(), self.drift_check)
         self.proxy_metrics = ProxyMetrics(self.telemetry.meter("kubeproxy"), self.state.pending)
         if self.kube is not None:
             self.kube.register_metrics(self.telemetry.meter())
         if cfg.observe:
-            from dataclasses import replace
-
             from .observe.identity import ObserveConfig
             from .observe.observer import Observer
             try:  # observability is not worth losing the datapath over: run without it
@@ -151,61 +156,42 @@ class Agent:
             except Exception as e:
                 log.error("rdma failed to start, running without it err=%s", e)
 
-    def _object_error(self, err: ObjectError) -> None:
-        self.counters["object_errors"] += 1
-        self.object_errors.append(str(err))
-        log.error("bad object: %s", err)
+    def _object_errors(self, errors: list[ObjectError]) -> None:
+        """From a source's thread: a batch (one file) or one object (the API)."""
+        self.counters.object_errors += len(errors)
+        self.object_errors.add([str(e) for e in errors])
+        self._status_due.set()
 
-    def _instruments(self) -> None:
-        from opentelemetry.metrics import Observation
+    # -- views of the datapath (agent_metrics.AgentView) ----------------------------------------
+    def map_fill(self) -> dict[str, MapFill]:
+        return self._fill
 
-        m = self.telemetry.meter()
-        maps = lambda: {self.lb.services.name: self.lb.services, self.lb.backends.name: self.lb.backends}  # noqa: E731
-        m.create_observable_gauge(
-            "nodewire.map.entries", unit="1", description="Entries in each service-datapath map",
-            callbacks=[lambda _o: [Observation(self._entries(n), {"map": n}) for n in maps()]])
-        m.create_observable_gauge(
-            "nodewire.map.capacity", unit="1", description="Capacity (max_entries) of each map",
-            callbacks=[lambda _o: [Observation(mp.capacity, {"map": n}) for n, mp in maps().items()]])
-        m.create_observable_counter(
-            "nodewire.sync.runs", unit="1", description="Reconciler runs",
-            callbacks=[lambda _o: [Observation(self.counters["syncs"])]])
-        m.create_observable_counter(
-            "nodewire.sync.errors", unit="1", description="Services refused by the reconciler (full map, clash)",
-            callbacks=[lambda _o: [Observation(self.counters["sync_errors"])]])
-        m.create_observable_counter(
-            "nodewire.object.errors", unit="1", description="Objects rejected by validation",
-            callbacks=[lambda _o: [Observation(self.counters["object_errors"])]])
-        m.create_observable_gauge(
-            "nodewire.sync.last_duration", unit="s", description="Duration of the last reconciler run",
-            callbacks=[lambda _o: [Observation(self.last_sync["seconds"] if self.last_sync else 0.0)]])
-        m.create_observable_gauge(
-            "nodewire.services", unit="1", description="Services in the datapath",
-            callbacks=[lambda _o: [Observation(len(self.reconciler.owned))]])
+    def service_count(self) -> int:
+        return self._services
 
-    def _entries(self, name: str) -> int:
-        rec = self.reconciler
-        return rec.svc_entries if name == self.lb.services.name else rec.backend_entries
+    def _note_fill(self) -> None:
+        """Map fill and Service count, taken on the loop thread after each sync (readers use these)."""
+        rec, lb = self.reconciler, self.lb
+        self._fill = {lb.services.name: MapFill(rec.svc_entries, lb.services.capacity),
+                      lb.backends.name: MapFill(rec.backend_entries, lb.backends.capacity)}
+        self._services = len(rec.owned)
+
+    def _service_names(self, params: dict) -> dict:
+        """API `services.names`: {"ids": [...]} → {id: {service, port_name, frontend}}, at most
+        NAMES_PAGE ids an answer (`nodewire services` pages through them). Built once per sync."""
+        ids = params.get("ids")
+        if not isinstance(ids, list) or len(ids) > NAMES_PAGE or not all(isinstance(i, int) for i in ids):
+            raise ApiError("bad_request", f"params.ids: a list of at most {NAMES_PAGE} service ids")
+        with self._lock:
+            if self._names is None or self._names[0] != self.counters.syncs:
+                self._names = (self.counters.syncs, self.reconciler.service_names())
+            names = self._names[1]
+        return {str(i): names[i] for i in ids if i in names}
 
     # -- loop ----------------------------------------------------------------------------------
     def sync_once(self, full: bool = False) -> SyncResult | None:
-        # Bulk parsing and map packing make millions of short-lived, acyclic objects: the cyclic GC
-        # would rescan the whole heap many times over (about 1.7 s of a 100k-Service sync).
-        gc.disable()
-        try:
-            return self._sync(full)
-        finally:
-            gc.enable()
-
-    def _sync(self, full: bool) -> SyncResult | None:
-        polled = self.source is not None and self.source.poll()
-        if polled:
-            self.state.replace(self.source.objects())
-            self.last_change = time.time()
         changes = self.state.all_frontends() if full else self.state.take_dirty()
         if not changes and not full:
-            if polled:  # files changed but no frontend did (e.g. only errors): still show it
-                self._status_changed()
             return None
         with self._lock, self.proxy_metrics.sync(changes, self.state):
             if self.northsouth is not None:
@@ -216,26 +202,25 @@ class Agent:
                 res.refusals.extend(ns.refusals)
         self._sweep_sockets()
         self._refused = (set() if full else self._refused - set(changes)) | {r.service for r in res.refusals}
-        if changes and not full:
-            self.last_change = time.time()
-        self.counters["syncs"] += 1
-        self.counters["written"] += res.written
-        self.counters["deleted"] += res.deleted
-        self.counters["sync_errors"] += len(res.errors)
-        self.sync_errors.extend(res.errors)
-        self.last_sync = {"time": time.time(), "seconds": res.seconds, "services": res.services,
-                          "written": res.written, "deleted": res.deleted, "full": full}
+        now = time.time()
+        c = self.counters
+        c.syncs += 1
+        c.written += res.written
+        c.deleted += res.deleted
+        c.sync_errors += len(res.errors)
+        self.sync_errors.add(res.errors, logged=False)  # the reconciler logs them, summarized
+        self.last_sync = SyncInfo(now, res.seconds, res.services, res.written, res.deleted, full)
+        self.last_change = now
+        self._note_fill()
         if full and self.first_sync is None:
-            gc.collect()
-            gc.freeze()  # the long-lived cluster state is never rescanned from here on
-            _return_free_memory()
-            self.first_sync = dict(self.last_sync, since_start=time.time() - self.started)
-            log.info("full sync done services=%d written=%d deleted=%d seconds=%.3f", len(self.reconciler.owned),
+            memory.settle()  # the long-lived state is never rescanned from here on
+            self.first_sync = replace(self.last_sync, since_start=time.time() - self.started)
+            log.info("full sync done services=%d written=%d deleted=%d seconds=%.3f", self._services,
                      res.written, res.deleted, res.seconds)
         else:
             log.debug("sync services=%d written=%d deleted=%d seconds=%.4f", res.services, res.written,
                       res.deleted, res.seconds)
-        self._status_changed()
+        self._status_due.set()
         return res
 
     def _sweep_sockets(self) -> None:
@@ -247,57 +232,47 @@ class Agent:
         except OSError as e:  # the datapath is written; a failed sweep is retried after the next change
             log.error("socket sweep failed err=%s", e)
             return
-        self.counters["sockets_destroyed"] = self.stale_sockets.destroyed_total
+        self.counters.sockets_destroyed = self.stale_sockets.destroyed_total
         if res.destroyed:
             log.debug("socket sweep namespaces=%d checked=%d destroyed=%d seconds=%.4f",
                       res.namespaces, res.checked, len(res.destroyed), res.seconds)
 
-    def _status_changed(self) -> None:
-        if self._status_thread is not None:
-            self._status_due.set()
-        else:
-            self.write_status()
-
-    def _status_loop(self) -> None:
-        """At most one write a second (each takes the reconciler lock and the GIL for ~10-25 ms at 10k
-        Services), and at least one: source health changes without a sync."""
-        last = 0.0
-        while not self.stop.is_set():
-            self._status_due.wait(1.0)
-            self.stop.wait(max(0.0, last + 1.0 - time.monotonic()))
-            self._status_due.clear()
-            last = time.monotonic()
-            try:
-                self.write_status()
-            except OSError as e:
-                log.error("cannot write status: %s", e)
+    def _wait_synced(self) -> None:
+        """A full sync from an empty state would delete what the pinned maps hold: wait for each
+        source's first complete read (the datapath keeps serving what it had meanwhile)."""
+        for src in filter(None, (self.source, self.kube)):
+            while not src.wait_synced(1.0) and not self.stop.is_set():
+                self._write_status_if_changed()
 
     def run(self) -> None:
-        # A full sync from an empty state would delete what the pinned maps hold: with the API source,
-        # wait for its first complete list (the datapath keeps serving what it had meanwhile).
-        while self.kube is not None and not self.kube.wait_synced(1.0) and not self.stop.is_set():
-            self.write_status()
-        self.sync_once(full=True)
+        self._wait_synced()
+        if self.stop.is_set():
+            return
+        with memory.bulk():
+            self.sync_once(full=True)
         self._status_thread = threading.Thread(target=self._status_loop, name="status-writer", daemon=True)
         self._status_thread.start()
+        source_seen = self.source.last_change if self.source else 0.0
         while not self.stop.is_set():
             self.heartbeat = time.monotonic()
-            self.state.changed.wait(self.cfg.poll_interval)
+            self.state.changed.wait(HEARTBEAT_SECONDS)
             if self.stop.is_set():
                 break
             try:
                 self.sync_once()
+                if self.source is not None and self.source.last_change != source_seen:
+                    source_seen = self.source.last_change  # files changed, maybe only their errors
+                    self.last_change = max(self.last_change, time.time())
+                    self._status_due.set()
                 self._maybe_check()
-                if self.observer is not None:
-                    self.observer.sync()
-                if self.rdma is not None and self.state.revision != self._pods_seen:
-                    self._pods_seen = self.state.revision
-                    self.rdma.update_pods(list(self.state.pods.values()))
+                self._hooks()
             except Exception:  # one bad cycle must not end the agent; the next one retries
                 log.exception("sync failed; keeping the datapath as it is")
+            self.object_errors.flush()
+        self._status_due.set()
         self._status_thread.join(5)
         self._status_thread = None
-        self.write_status()
+        self._write_status_if_changed()
         log.info("agent stopping; the datapath stays attached and pinned")
 
     def _maybe_check(self) -> None:
@@ -309,6 +284,61 @@ class Agent:
             rep = self.drift_check.run(self._refused)
         for d in rep.drift[:10]:
             log.error("drift between the kernel and the cluster state: %s", d)
+
+    def _hooks(self) -> None:
+        """What follows a change: the observer's pod identity, the RDMA opt-ins (when pods changed)."""
+        if self.observer is not None:
+            self.observer.sync()
+        if self.rdma is not None and self.state.identity_revision != self._pods_seen:
+            self._pods_seen = self.state.identity_revision
+            self.rdma.update_pods(list(self.state.pods.values()))
+
+    # -- status --------------------------------------------------------------------------------
+    def status(self) -> AgentStatus:
+        sources = {}
+        if self.source is not None:
+            src = self.source
+            sources["manifests"] = SourceStatus(
+                "manifests", healthy=True, synced=src.synced.is_set(),
+                detail={"path": str(src.directory), "files": len(src.files), "watcher": src.watcher,
+                        "errors": len(src.errors)})
+        if self.kube is not None:
+            k = self.kube.status()
+            sources["kube"] = SourceStatus("kube", k["healthy"], k["synced"], k["stale_since"], k["last_error"],
+                                           detail={n: v for n, v in k.items() if n not in (
+                                               "kind", "healthy", "synced", "stale_since", "last_error")})
+        return AgentStatus(
+            pid=os.getpid(), started=self.started, cgroup=self.cgroup, pin_dir=self.cfg.pin_dir,
+            node={"name": self.cfg.node_name, "zone": self.state.zone},
+            programs=list(self.programs), privileges=self.privileges, maps=dict(self._fill),
+            services=self._services, first_sync=self.first_sync, last_sync=self.last_sync,
+            last_change=self.last_change, counters=replace(self.counters), sources=sources,
+            object_errors=list(self.object_errors.recent)[-20:], sync_errors=list(self.sync_errors.recent)[-20:],
+            northsouth=self.northsouth.status() if self.northsouth is not None else None,
+            check=({"runs": self.drift_check.runs, "totals": dict(self.drift_check.totals),
+                    "last": self.drift_check.last.as_dict() if self.drift_check.last else None}
+                   if self.drift_check else None))
+
+    def _status_loop(self) -> None:
+        """Writes status.json when something in it changed: at most once a second, and never when idle
+        (source health is looked at every STATUS_CHECK_SECONDS, a comparison of a few fields)."""
+        last = 0.0
+        while not self.stop.is_set():
+            self._status_due.wait(STATUS_CHECK_SECONDS)
+            self.stop.wait(max(0.0, last + 1.0 - time.monotonic()))
+            self._status_due.clear()
+            last = time.monotonic()
+            self._write_status_if_changed()
+
+    def _write_status_if_changed(self) -> None:
+        st = self.status()
+        if self._written is not None and replace(st, written_at=self._written.written_at) == self._written:
+            return
+        try:
+            write_status(status_path(self.cfg.pin_dir), st)
+            self._written = st
+        except OSError as e:
+            log.error("cannot write status: %s", e)
 
     # -- probes (served on --metrics-addr) ---------------------------------------------------------
     LOOP_STALL_SECONDS = 30.0
@@ -330,7 +360,7 @@ class Agent:
             if not st["healthy"]:
                 return False, (f"kube source stale since {st['stale_since'] or 'start'}"
                                f" (last error: {st['last_error']}); serving the last synced state")
-        return True, f"{len(self.reconciler.owned)} services synced"
+        return True, f"{self._services} services synced"
 
     def install_signal_handlers(self) -> None:
         def handler(_sig, _frame):
@@ -342,6 +372,8 @@ class Agent:
     def close(self) -> None:
         if self.api is not None:
             self.api.close()
+        if self.source is not None:
+            self.source.stop()
         if self.cni is not None:
             self.cni.close()
         if self.kube is not None:
@@ -354,41 +386,3 @@ class Agent:
             self.northsouth.close()
         if self.telemetry is not None:
             self.telemetry.shutdown()
-
-    # -- status --------------------------------------------------------------------------------
-    def status(self, names: bool = True) -> dict:
-        lb, rec = self.lb, self.reconciler
-        return {
-            "pid": os.getpid(),
-            "started": self.started,
-            "cgroup": self.cgroup,
-            "pin_dir": self.cfg.pin_dir,
-            "node": {"name": self.cfg.node_name, "zone": self.state.zone},
-            "programs": self.programs,
-            "privileges": self.privileges,
-            "maps": {m.name: {"entries": self._entries(m.name), "capacity": m.capacity}
-                     for m in (lb.services, lb.backends)},
-            "services": len(rec.owned),
-            "first_sync": self.first_sync,
-            "last_sync": self.last_sync,
-            "last_change": self.last_change,
-            "counters": self.counters,
-            "sources": dict(self.sources, **({"kube": self.kube.status()} if self.kube else {})),
-            "object_errors": list(self.object_errors)[-20:],
-            "sync_errors": list(self.sync_errors)[-20:],
-            "check": ({"runs": self.drift_check.runs, "totals": dict(self.drift_check.totals),
-                       "last": self.drift_check.last.as_dict() if self.drift_check.last else None}
-                      if self.drift_check else None),
-            **({"service_names": {str(k): v for k, v in rec.service_names().items()}} if names else {}),
-            **({"northsouth": self.northsouth.status()} if self.northsouth is not None else {}),
-        }
-
-    def write_status(self) -> None:
-        path = os.path.join(self.cfg.state_dir, "status.json")
-        tmp = path + ".tmp"
-        with self._lock:  # the names come from a snapshot taken under the registry's own lock
-            st = self.status(names=False)
-        st["service_names"] = {str(k): v for k, v in self.reconciler.service_names().items()}
-        with open(tmp, "w") as f:
-            json.dump(st, f)
-        os.replace(tmp, path)

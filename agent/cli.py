@@ -1,7 +1,6 @@
 """The `nodewire` command line."""
 from __future__ import annotations
 
-import json
 import logging
 import os
 import sys
@@ -162,13 +161,19 @@ def completion(shell) -> None:
     click.echo(comp.source())
 
 
-def _load_status(pin_dir: str) -> dict | None:
-    path = os.path.join(state_dir_for(pin_dir), "status.json")
+def _service_names(pin_dir: str, ids: list[int]) -> dict | None:
+    """id → Service name, asked from the running agent (None when it does not answer)."""
+    from .api import ApiError, call
+    from .config import AgentConfig
+
+    path = AgentConfig(pin_dir=pin_dir).api_socket_path
+    names: dict = {}
     try:
-        with open(path) as f:
-            return json.load(f)
-    except FileNotFoundError:
+        for i in range(0, len(ids), 5000):
+            names.update(call(path, "services.names", {"ids": ids[i:i + 5000]}, timeout=30))
+    except (OSError, ApiError):
         return None
+    return names
 
 
 def _alive(pid: int) -> bool:
@@ -186,11 +191,16 @@ def services(pin_dir, output) -> None:
     """List what the kernel holds: frontend → backends (read from the pinned maps)."""
     from .datapath.inspect import read_services
 
-    st = _load_status(pin_dir) or {}
     try:
-        rows = read_services(pin_dir, st.get("service_names"))
+        rows = read_services(pin_dir)
     except FileNotFoundError as e:
         raise click.ClickException(str(e)) from None
+    names = _service_names(pin_dir, [r["id"] for r in rows])
+    if names is None:
+        click.echo("(the agent does not answer: Service names unknown; the kernel holds ids only)", err=True)
+    for r in rows:
+        label = (names or {}).get(str(r["id"]), {})
+        r["service"], r["port_name"] = label.get("service", ""), label.get("port_name", "")
     if output != "table":
         emit(rows, output)
         return
@@ -219,9 +229,11 @@ def check(ctx, config_path, output, list_timeout, **kwargs) -> None:
         cfg.kube = True
     if cfg.manifests is None and not cfg.kube:
         raise click.UsageError("no source: pass --manifests DIR or --kube (the same as for `nodewire run`)")
-    st = _load_status(cfg.pin_dir) or {}
+    from .status import read_status
+
+    st = read_status(cfg.pin_dir)
     try:
-        rep = check_node(cfg, list_timeout, st.get("cgroup"))
+        rep = check_node(cfg, list_timeout, st.cgroup if st else None)
     except (FileNotFoundError, KubeError, OSError, ValueError) as e:
         click.echo(f"Error: cannot check: {e}", err=True)
         ctx.exit(2)
@@ -244,35 +256,38 @@ def check(ctx, config_path, output, list_timeout, **kwargs) -> None:
 @output_option()
 def status(pin_dir, output) -> None:
     """Agent status: programs attached, map fill, last sync, errors."""
-    from .datapath.attach import attached_programs
+    from dataclasses import asdict
 
-    st = _load_status(pin_dir)
+    from .datapath.attach import attached_programs
+    from .status import read_status
+
+    st = read_status(pin_dir)
     if st is None:
         raise click.ClickException(f"no agent status for --pin-dir {pin_dir} (the agent has not run with it)")
-    st["agent_running"] = _alive(st["pid"])
-    st["attached"] = [p.get("name") for p in attached_programs(st["cgroup"])]
+    running = _alive(st.pid)
+    attached = [p.get("name") for p in attached_programs(st.cgroup)]
     if output != "table":
-        emit(st, output)
+        emit(dict(asdict(st), agent_running=running, attached=attached), output)
         return
     import time
 
-    last = st.get("last_sync") or {}
-    click.echo(f"agent:     {'running' if st['agent_running'] else 'NOT running'} (pid {st['pid']})")
-    click.echo(f"cgroup:    {st['cgroup']}")
-    click.echo(f"programs:  {len(st['attached'])} attached ({', '.join(st['attached'])})")
-    for name, m in st["maps"].items():
-        click.echo(f"map:       {name} {m['entries']}/{m['capacity']} ({100 * m['entries'] / m['capacity']:.1f}%)")
-    click.echo(f"services:  {st['services']}")
+    last = st.last_sync
+    click.echo(f"agent:     {'running' if running else 'NOT running'} (pid {st.pid})")
+    click.echo(f"cgroup:    {st.cgroup}")
+    click.echo(f"programs:  {len(attached)} attached ({', '.join(attached)})")
+    for name, m in st.maps.items():
+        click.echo(f"map:       {name} {m.entries}/{m.capacity} ({100 * m.entries / m.capacity:.1f}%)")
+    click.echo(f"services:  {st.services}")
     if last:
-        click.echo(f"last sync: {time.time() - last['time']:.1f}s ago, {last['seconds'] * 1000:.1f} ms, "
-                   f"{last['written']} written, {last['deleted']} deleted")
-    c = st["counters"]
-    click.echo(f"errors:    {c['object_errors']} bad objects, {c['sync_errors']} refused services")
-    for e in st["object_errors"][-5:] + st["sync_errors"][-5:]:
+        click.echo(f"last sync: {time.time() - last.time:.1f}s ago, {last.seconds * 1000:.1f} ms, "
+                   f"{last.written} written, {last.deleted} deleted")
+    c = st.counters
+    click.echo(f"errors:    {c.object_errors} bad objects, {c.sync_errors} refused services")
+    for e in st.object_errors[-5:] + st.sync_errors[-5:]:
         click.echo(f"  - {e}")
-    for name, src in st.get("sources", {}).items():
-        state = "healthy" if src.get("healthy") else f"STALE since {src.get('stale_since') or 'start'}"
-        err = f" (last error: {src['last_error']})" if src.get("last_error") and not src.get("healthy") else ""
+    for name, src in st.sources.items():
+        state = "healthy" if src.healthy else f"STALE since {src.stale_since or 'start'}"
+        err = f" (last error: {src.last_error})" if src.last_error and not src.healthy else ""
         click.echo(f"source:    {name} {state}{err}")
 
 
@@ -293,10 +308,12 @@ def cleanup(pin_dir, cgroup, kube_proxy) -> None:
     from .datapath.attach import detach_loaded, detect_cgroup2_root
     from .datapath.loader import remove_pins
 
-    st = _load_status(pin_dir) or {}
-    cg = cgroup or st.get("cgroup") or detect_cgroup2_root()
+    from .status import read_status
+
+    st = read_status(pin_dir)
+    cg = cgroup or (st.cgroup if st else None) or detect_cgroup2_root()
     n = detach_loaded(cg, pin_dir) if os.path.isdir(cg) else 0
-    devices = list((st.get("northsouth") or {}).get("devices") or {})
+    devices = list(((st.northsouth if st else None) or {}).get("devices") or {})
     if devices:  # tc filters on the node devices (in this network namespace); the pins go regardless
         from .datapath.nodeport import detach
         try:

@@ -1,15 +1,26 @@
-"""ClusterState: the typed objects every source feeds, and which Services changed since the last sync.
+"""ClusterState: the parsed objects every source feeds, and which Services changed since the last sync.
 
-Sources call apply() with whole objects (or None for a deletion); the agent asks take_dirty() for the
-Services whose frontends must be recomputed. An EndpointSlice change dirties only its own Service.
+Every source, on its own thread, calls apply(kind, key, obj) (obj None for a deletion), or apply_all()
+for a batch under one lock; that is the one write path for every kind. The agent loop waits on
+`changed`, then asks take_dirty() for the frontends of the Services whose frontends must be
+recomputed. An EndpointSlice change dirties only its own Service. The objects are the compact
+records of agent/model/objects.py; frontends are computed from them per dirty Service, on demand.
+
+A Node object sets this node's zone (topology hints), unless the configuration fixed it.
+
+Readers on other threads (the observer's pod identity, the RDMA opt-ins) read `pods` and `services`
+(plain dicts; copy them with list(d.items()), which is atomic under the GIL) and compare
+`identity_revision`, which moves only when a Pod or a Service changes (not on endpoint churn).
 """
 from __future__ import annotations
 
 import threading
-from collections import defaultdict
+from typing import Any, Iterable
 
 from .model.frontends import Frontend, service_frontends
 from .model.objects import EndpointSlice, Node, ObjectKey, Objects, Pod, Service
+
+KINDS = ("Service", "EndpointSlice", "Pod", "Node")
 
 
 class ClusterState:
@@ -18,97 +29,112 @@ class ClusterState:
         # This node's topology.kubernetes.io/zone, for zone hints: --zone when given, else its Node object's.
         self.zone = zone
         self._zone_fixed = bool(zone)
-        self.nodes: dict[ObjectKey, Node] = {}
         self.services: dict[ObjectKey, Service] = {}
         self.slices: dict[ObjectKey, EndpointSlice] = {}
         self.pods: dict[ObjectKey, Pod] = {}
-        # Service → its slices; a list, not a set: a Service has a few slices, and 100k sets cost ~20 MiB.
-        self._slices_by_service: dict[ObjectKey, list[ObjectKey]] = defaultdict(list)
+        self.nodes: dict[ObjectKey, Node] = {}
+        self.tables: dict[str, dict[ObjectKey, Any]] = {
+            "Service": self.services, "EndpointSlice": self.slices, "Pod": self.pods, "Node": self.nodes}
+        # Service → its slice key, or a tuple of them when it has several (most have one; a container
+        # per Service costs ~60 bytes, 6 MiB at 100k).
+        self._slices_of: dict[ObjectKey, ObjectKey | tuple[ObjectKey, ...]] = {}
         self._dirty: set[ObjectKey] = set()
         self._lock = threading.Lock()
         self.changed = threading.Event()
-        self.revision = 0
+        self.revision = 0  # every change
+        self.identity_revision = 0  # changes of Pods and Services only
 
     # -- writes (from sources) -------------------------------------------------------------------
-    def apply_service(self, key: ObjectKey, svc: Service | None) -> None:
+    def apply(self, kind: str, key: ObjectKey, obj: Any | None) -> bool:
+        """Make `key` of `kind` equal to obj (None: deleted). True when something changed."""
         with self._lock:
-            if self.services.get(key) == svc:
-                return
-            if svc is None:
-                self.services.pop(key, None)
-            else:
-                self.services[key] = svc
-            self._mark(key)
-
-    def apply_slice(self, key: ObjectKey, sl: EndpointSlice | None) -> None:
-        with self._lock:
-            old = self.slices.get(key)
-            if old == sl:
-                return
-            if old is not None:
-                owned = self._slices_by_service[old.service_key]
-                if key in owned:
-                    owned.remove(key)
-                self._mark(old.service_key)
-            if sl is None:
-                self.slices.pop(key, None)
-            else:
-                self.slices[key] = sl
-                owned = self._slices_by_service[sl.service_key]
-                if key not in owned:
-                    owned.append(key)
-                self._mark(sl.service_key)
-
-    def apply_pod(self, key: ObjectKey, pod: Pod | None) -> None:
-        with self._lock:
-            if self.pods.get(key) == pod:
-                return
-            if pod is None:
-                self.pods.pop(key, None)
-            else:
-                self.pods[key] = pod
-            self.revision += 1
+            changed = self._apply(kind, key, obj)
+        if changed:
             self.changed.set()
+        return changed
 
-    def apply_node(self, key: ObjectKey, node: Node | None) -> None:
-        """A Node object; this node's own sets the zone (unless --zone fixed it)."""
+    def apply_all(self, changes: Iterable[tuple[str, ObjectKey, Any | None]]) -> int:
+        """Several apply()s under one lock (a manifest file, a page of a list); the number that changed."""
         with self._lock:
-            if node is None:
-                self.nodes.pop(key, None)
-            else:
-                self.nodes[key] = node
+            n = sum(self._apply(kind, key, obj) for kind, key, obj in changes)
+        if n:
+            self.changed.set()
+        return n
+
+    # Shorthands of apply() for one kind (the CNI pod source, benchmarks, tests).
+    def apply_service(self, key: ObjectKey, svc: Service | None) -> bool:
+        return self.apply("Service", key, svc)
+
+    def apply_slice(self, key: ObjectKey, sl: EndpointSlice | None) -> bool:
+        return self.apply("EndpointSlice", key, sl)
+
+    def apply_pod(self, key: ObjectKey, pod: Pod | None) -> bool:
+        return self.apply("Pod", key, pod)
+
+    def apply_node(self, key: ObjectKey, node: Node | None) -> bool:
+        return self.apply("Node", key, node)
+
+    def replace(self, objs: Objects) -> None:
+        """Make the state equal to a full set of objects (tests, one-shot loads): the differences only."""
+        want = {"Service": objs.services, "EndpointSlice": objs.slices, "Pod": objs.pods, "Node": objs.nodes}
+        self.apply_all([(kind, key, None) for kind, table in self.tables.items() for key in table
+                        if key not in want[kind]]
+                       + [(kind, key, obj) for kind in ("Node", "Service", "EndpointSlice", "Pod")
+                          for key, obj in want[kind].items()])
+
+    def _apply(self, kind: str, key: ObjectKey, obj: Any | None) -> bool:
+        table = self.tables[kind]
+        old = table.get(key)
+        if old == obj:
+            return False
+        if obj is None:
+            del table[key]
+        else:
+            table[key] = obj
+        if kind == "EndpointSlice":
+            self._move_slice(key, old, obj)
+        elif kind == "Node":
             if key.name == self.node_name and not self._zone_fixed:
-                self._set_zone(node.zone if node else "")
+                self._set_zone(obj.zone if obj else "")
+        else:
+            if kind == "Service":
+                self._dirty.add(key)
+            self.identity_revision += 1
+        self.revision += 1
+        return True
 
     def _set_zone(self, zone: str) -> None:
         if zone != self.zone:  # topology changes for every Service
             self.zone = zone
-            for key in self.services:
-                self._mark(key)
+            self._dirty.update(self.services)
 
-    def replace(self, objs: Objects) -> None:
-        """Make the state equal to objs (a full list), applying only the differences."""
-        for key in set(self.services) - set(objs.services):
-            self.apply_service(key, None)
-        for key in set(self.slices) - set(objs.slices):
-            self.apply_slice(key, None)
-        for key in set(self.pods) - set(objs.pods):
-            self.apply_pod(key, None)
-        for key in set(self.nodes) - set(objs.nodes):
-            self.apply_node(key, None)
-        for key, node in objs.nodes.items():
-            self.apply_node(key, node)
-        for key, svc in objs.services.items():
-            self.apply_service(key, svc)
-        for key, sl in objs.slices.items():
-            self.apply_slice(key, sl)
-        for key, pod in objs.pods.items():
-            self.apply_pod(key, pod)
+    def _move_slice(self, key: ObjectKey, old: EndpointSlice | None, new: EndpointSlice | None) -> None:
+        if old is not None:
+            svc = self._service_key(old)
+            held = self._slices_of.get(svc)
+            if held == key:
+                del self._slices_of[svc]
+            elif isinstance(held, tuple):
+                rest = tuple(k for k in held if k != key)
+                self._slices_of[svc] = rest[0] if len(rest) == 1 else rest
+            self._dirty.add(svc)
+        if new is not None:
+            svc = self._service_key(new)
+            held = self._slices_of.get(svc)
+            if held is None:
+                self._slices_of[svc] = key
+            elif isinstance(held, tuple):
+                if key not in held:
+                    self._slices_of[svc] = held + (key,)
+            elif held != key:
+                self._slices_of[svc] = (held, key)
+            self._dirty.add(svc)
 
-    def _mark(self, svc_key: ObjectKey) -> None:
-        self._dirty.add(svc_key)
-        self.revision += 1
-        self.changed.set()
+    def _service_key(self, sl: EndpointSlice) -> ObjectKey:
+        """The owning Service's key; the Service's own key object when it exists (one copy, not two)."""
+        k = sl.service_key
+        svc = self.services.get(k)
+        return svc.key if svc is not None else k
 
     # -- reads (from the agent loop) -------------------------------------------------------------
     def take_dirty(self) -> dict[ObjectKey, list[Frontend]]:
@@ -123,14 +149,23 @@ class ClusterState:
         with self._lock:
             return len(self._dirty)
 
-    def slices_of(self, svc_key: ObjectKey) -> list[tuple[ObjectKey, EndpointSlice]]:
-        with self._lock:
-            return [(k, self.slices[k]) for k in self._slices_by_service.get(svc_key, ()) if k in self.slices]
-
     def all_frontends(self) -> dict[ObjectKey, list[Frontend]]:
         with self._lock:
             self._dirty.clear()
+            self.changed.clear()
             return {key: self._frontends(key) for key in self.services}
+
+    def slices_of(self, svc_key: ObjectKey) -> list[tuple[ObjectKey, EndpointSlice]]:
+        """(key, slice) of each EndpointSlice of a Service."""
+        with self._lock:
+            return [(k, self.slices[k]) for k in self._slice_keys(svc_key)]
+
+    def _slice_keys(self, key: ObjectKey) -> tuple[ObjectKey, ...]:
+        held = self._slices_of.get(key)
+        return () if held is None else held if isinstance(held, tuple) else (held,)
+
+    def _slices(self, key: ObjectKey) -> list[EndpointSlice]:
+        return [self.slices[k] for k in self._slice_keys(key)]
 
     def service_keys(self) -> list[ObjectKey]:
         with self._lock:
@@ -145,11 +180,10 @@ class ClusterState:
     def service_inputs(self, key: ObjectKey) -> tuple[Service | None, list[EndpointSlice]]:
         """A Service and its slices, for models beside the socket path's (north-south)."""
         with self._lock:
-            return self.services.get(key), [self.slices[k] for k in self._slices_by_service.get(key, ())]
+            return self.services.get(key), self._slices(key)
 
     def _frontends(self, key: ObjectKey) -> list[Frontend]:
         svc = self.services.get(key)
         if svc is None:
             return []
-        return service_frontends(svc, (self.slices[k] for k in self._slices_by_service.get(key, ())), self.node_name,
-                                 self.zone)
+        return service_frontends(svc, self._slices(key), self.node_name, self.zone)

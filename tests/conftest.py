@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 from hypothesis import HealthCheck, settings
 
-from agent.config import state_dir_for
+from agent.status import AgentStatus, read_status, status_path
 from nodewire_dev.sandbox import Sandbox
 
 NODEWIRE = str(Path(sys.executable).with_name("nodewire"))
@@ -49,14 +49,13 @@ class AgentProcess:
         self.log = manifests.parent / f"agent-{os.path.basename(pin_dir)}.log"
 
     def start(self) -> "AgentProcess":
-        status = Path(state_dir_for(self.pin_dir), "status.json")
-        status.unlink(missing_ok=True)
+        Path(status_path(self.pin_dir)).unlink(missing_ok=True)
         self._logf = open(self.log, "a")
         self.proc = subprocess.Popen(
             [*self.prefix, NODEWIRE, "--debug", "run", "--manifests", str(self.manifests), "--cgroup", self.cgroup,
              "--pin-dir", self.pin_dir, *self.metrics_off(), *self.extra],
             stdout=self._logf, stderr=subprocess.STDOUT)
-        wait_for(lambda: self.status().get("first_sync") or self._died(), 60, what="agent first sync")
+        wait_for(lambda: self.status().first_sync or self._died(), 60, what="agent first sync")
         return self
 
     def metrics_off(self) -> list[str]:
@@ -68,15 +67,13 @@ class AgentProcess:
         if self.proc.poll() is not None:
             pytest.fail(f"agent exited {self.proc.returncode}: {self.log.read_text()[-3000:]}")
 
-    def status(self) -> dict:
-        try:
-            return json.loads(Path(state_dir_for(self.pin_dir), "status.json").read_text())
-        except (FileNotFoundError, json.JSONDecodeError):
-            return {}
+    def status(self) -> AgentStatus:
+        """What the agent last wrote (an empty status before it wrote one)."""
+        return read_status(self.pin_dir) or AgentStatus(pid=0, started=0.0, cgroup="", pin_dir=self.pin_dir)
 
     def synced_after(self, t: float) -> bool:
         """True once the agent has taken in (and applied) a source change made after time t."""
-        return self.status().get("last_change", 0) > t
+        return self.status().last_change > t
 
     def services(self) -> list[dict]:
         out = subprocess.run([NODEWIRE, "services", "-o", "json", "--pin-dir", self.pin_dir],

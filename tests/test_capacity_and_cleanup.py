@@ -25,8 +25,8 @@ def test_full_map_is_named_and_counted_then_cleanup_removes_everything(sandbox, 
     write(tmp_path / "big.json", service("big", ["10.96.2.2"]), endpoint_slice("big", big))
     wait_for(lambda: agent.synced_after(t), 10, what="agent took in big.json")
     st = agent.status()
-    assert st["counters"]["sync_errors"] == 1
-    assert st["sync_errors"][0].startswith("Service default/big: map nodewire_services_v1 is full")
+    assert st.counters.sync_errors == 1
+    assert st.sync_errors[0].startswith("Service default/big: map nodewire_services_v1 is full")
     assert client.probe("tcp", "10.96.2.1", 80)["replies"] == {"b1": 1}
     assert {s["frontend"] for s in agent.services()} == {"10.96.2.1:80"}
 

@@ -43,8 +43,8 @@ def test_check_is_clean_then_names_a_deleted_slot_and_a_detached_hook(sandbox, a
                                  "--no-rdma"]).start()
     code, rep = nodewire_check(agent)
     assert (code, rep["clean"], rep["frontends_checked"], rep["kernel_frontends"]) == (0, True, 2, 2), rep
-    wait_for(lambda: (agent.status().get("check") or {}).get("runs", 0) >= 1, 20, what="the agent's own check")
-    assert agent.status()["check"]["last"]["clean"]
+    wait_for(lambda: (agent.status().check or {}).get("runs", 0) >= 1, 20, what="the agent's own check")
+    assert agent.status().check["last"]["clean"]
 
     lb = SockLB.open(agent.pin_dir)
     try:  # slot 2 of 10.96.50.1:80 disappears behind the agent's back
@@ -63,7 +63,7 @@ def test_check_is_clean_then_names_a_deleted_slot_and_a_detached_hook(sandbox, a
     assert table.returncode == 1 and "slot-count: 10.96.50.1:80/TCP (default/ck): slot 0 says 3 backends" in table.stdout
 
     # The agent's sampled check sees it too, and exports it.
-    wait_for(lambda: (agent.status()["check"]["totals"].get("slot-count", 0) >= 1), 20, what="agent check drift")
+    wait_for(lambda: ((agent.status().check or {"totals": {}})["totals"].get("slot-count", 0) >= 1), 20, what="agent check drift")
     metrics = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics").read().decode()
     assert 'nodewire_check_drift{kind="slot-count"} 1' in metrics
 

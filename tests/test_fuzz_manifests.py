@@ -16,6 +16,7 @@ from hypothesis import given, strategies as st
 from agent.model.objects import ObjectKey
 from agent.model.parse import PARSERS, InvalidObject
 from agent.sources.manifests import ManifestSource
+from agent.state import ClusterState
 from tests.fuzz_strategies import JSON, dotted, one_wrong_field, paths, replace_at, valid_objects
 from tests.manifests import endpoint_slice, service, write
 
@@ -62,7 +63,7 @@ def test_regression_nul_or_surrogate_in_an_address_names_the_field(tmp_path):
     eps["endpoints"][0]["addresses"] = ["10.0.0.1\x00"]
     reported = []
     write(tmp_path / "x.json", service("good", ["10.96.0.1"]), eps)
-    ManifestSource(tmp_path, on_error=reported.append).poll()
+    ManifestSource(tmp_path, ClusterState(), on_errors=reported.extend).poll()
     assert [str(e).split(": ", 1)[1] for e in reported] == [
         "EndpointSlice default/good-ipv4: endpoints[0].addresses[0]: '10.0.0.1\\x00' is not a valid IP address"]
 
@@ -98,9 +99,9 @@ def _check_poll(d: Path, bad: Path, make_bad) -> None:
     reported = []
     write(d / "good.json", service("good", ["10.96.0.1"]), endpoint_slice("good", ["10.0.0.1"]))
     make_bad(bad)
-    src = ManifestSource(d, on_error=reported.append)
+    src = ManifestSource(d, ClusterState(), on_errors=reported.extend)
     src.poll()
-    assert GOOD in src.objects().services
+    assert GOOD in src.state.services
     for e in reported:
         assert e.source == str(bad), e  # the good file is never blamed
         assert e.field and e.key, e
@@ -112,7 +113,7 @@ def _check_poll(d: Path, bad: Path, make_bad) -> None:
     bad.write_text(_mine())
     os.utime(bad, ns=(1, 1))  # a new stamp even within the same timestamp tick
     src.poll()
-    objs = src.objects().services
+    objs = src.state.services
     assert GOOD in objs and MINE in objs
 
 

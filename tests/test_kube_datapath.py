@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from agent.config import state_dir_for
+from agent.status import status_path
 from nodewire_dev.fake_apiserver import FakeApiServer, endpoint_slice, service
 from tests.conftest import NODEWIRE, AgentProcess, wait_for
 from tests.observe_helpers import free_port
@@ -33,7 +33,7 @@ class KubeAgent(AgentProcess):
         self.metrics_port = free_port()
 
     def start(self, wait: bool = True) -> "KubeAgent":
-        Path(state_dir_for(self.pin_dir), "status.json").unlink(missing_ok=True)
+        Path(status_path(self.pin_dir)).unlink(missing_ok=True)
         self._logf = open(self.log, "a")
         self.proc = subprocess.Popen(
             [NODEWIRE, "--debug", "run", "--kube", "--kubeconfig", str(self.kubeconfig), "--cgroup", self.cgroup,
@@ -41,7 +41,7 @@ class KubeAgent(AgentProcess):
             stdout=self._logf, stderr=subprocess.STDOUT,
             env=dict(os.environ, NODE_NAME="node-a"))
         if wait:
-            wait_for(lambda: self.status().get("first_sync") or self._died(), 60, what="agent first sync")
+            wait_for(lambda: self.status().first_sync or self._died(), 60, what="agent first sync")
         return self
 
     def probe(self, path: str) -> tuple[int, str]:
@@ -53,7 +53,9 @@ class KubeAgent(AgentProcess):
             return e.code, e.read().decode()
 
     def kube(self) -> dict:
-        return self.status().get("sources", {}).get("kube", {})
+        src = self.status().sources.get("kube")
+        return {} if src is None else {**src.detail, "healthy": src.healthy, "synced": src.synced,
+                                       "stale_since": src.stale_since, "last_error": src.last_error}
 
     def backends(self, vip: str, port: int = 80) -> set[str] | None:
         for row in self.services():
@@ -186,14 +188,14 @@ def test_wrong_token_clear_error_and_datapath_kept(env):
 
 def test_malformed_objects_skipped_counted_others_apply(env):
     api, agent, client, ip, _token = env
-    before = agent.status()["counters"]["object_errors"]
+    before = agent.status().counters.object_errors
     api.create(service("dupnames", "10.96.7.7", [("http", 80, 8080), ("http", 81, 8081)]))
     api.create(service("fine", "10.96.7.8"))
     api.create(endpoint_slice("fine-x1", "fine", [ip["k3"]]))
     api.create(endpoint_slice("fine-x2", "fine", [ip["k1"]], ports=[("http", 0)]))
     wait_for(lambda: agent.backends("10.96.7.8") == {ip["k3"]}, what="good objects applied")
-    wait_for(lambda: agent.status()["counters"]["object_errors"] == before + 2, what="two bad objects counted")
-    errs = agent.status()["object_errors"]
+    wait_for(lambda: agent.status().counters.object_errors == before + 2, what="two bad objects counted")
+    errs = agent.status().object_errors
     assert "api: Service default/dupnames: spec.ports[1].name: duplicate port name 'http'" in errs
     assert "api: EndpointSlice default/fine-x2: ports[0].port: 0 out of range (1-65535)" in errs
     assert agent.backends("10.96.7.7") is None
@@ -223,12 +225,12 @@ def test_restart_while_api_down_keeps_pinned_maps_until_first_list(env):
     try:
         agent.start(wait=False)
         wait_for(lambda: agent.kube().get("last_error") or agent._died(), 30, what="new agent cannot reach the API")
-        assert agent.status().get("first_sync") is None  # it waits for a list instead of syncing from nothing
+        assert agent.status().first_sync is None  # it waits for a list instead of syncing from nothing
         assert agent.backends("10.96.7.10") == {ip["k1"]}
         assert replies(client, "10.96.7.10") == {"k1": 10}
         api.update(endpoint_slice("restart-x1", "restart", [ip["k2"]]))
     finally:
         api.start()
-    wait_for(lambda: agent.status().get("first_sync"), 30, what="first sync once the API is back")
+    wait_for(lambda: agent.status().first_sync, 30, what="first sync once the API is back")
     wait_for(lambda: agent.backends("10.96.7.10") == {ip["k2"]}, what="converged")
     assert replies(client, "10.96.7.10") == {"k2": 10}

@@ -11,6 +11,7 @@ import pytest
 from agent.model.objects import ObjectKey
 from agent.sources import manifests
 from agent.sources.manifests import ManifestSource
+from agent.state import ClusterState
 from tests.manifests import endpoint_slice, service, write
 
 GOOD = ObjectKey("default", "good")
@@ -93,9 +94,9 @@ def test_a_bad_file_is_one_error_and_edits_of_other_files_still_apply(tmp_path: 
     write(tmp_path / "other.json", service("other", ["10.96.0.2"]))
     bad = tmp_path / f"x{SUFFIX.get(case, '.json')}"
     BAD[case](bad)
-    src = ManifestSource(tmp_path, on_error=reported.append)
+    src = ManifestSource(tmp_path, ClusterState(), on_errors=reported.extend)
     assert src.poll() is True
-    assert {GOOD, ObjectKey("default", "other")} <= set(src.objects().services)
+    assert {GOOD, ObjectKey("default", "other")} <= set(src.state.services)
     from_bad = [e for e in reported if e.source == str(bad)]
     assert from_bad, f"no error names {bad}: {reported}"
     assert all(e.source == str(bad) for e in reported), reported
@@ -103,7 +104,7 @@ def test_a_bad_file_is_one_error_and_edits_of_other_files_still_apply(tmp_path: 
 
     _good(tmp_path, port=81)  # a later edit of a good file still applies
     assert src.poll() is True
-    assert src.objects().services[GOOD].ports[0].port == 81
+    assert src.state.services[GOOD].ports[0].port == 81
     assert len(reported) == len(from_bad)
 
 
@@ -111,19 +112,19 @@ def test_a_bad_file_is_one_error_and_edits_of_other_files_still_apply(tmp_path: 
 def test_a_file_that_turns_bad_keeps_its_last_good_objects(tmp_path: Path, case: str):
     f = write(tmp_path / "x.json", service("mine", ["10.96.0.9"]))
     _good(tmp_path)
-    src = ManifestSource(tmp_path, on_error=lambda e: None)
+    src = ManifestSource(tmp_path, ClusterState(), on_errors=lambda errs: None)
     src.poll()
     f.unlink()
     BAD[case](f)
     assert src.poll() is True
-    assert ObjectKey("default", "mine") in src.objects().services
+    assert ObjectKey("default", "mine") in src.state.services
     assert [e.source for e in src.errors] == [str(f)]
 
 
 def test_wrong_types_name_the_object_and_field(tmp_path: Path):
     reported = []
     _wrong_types_in_a_list(tmp_path / "x.json")
-    ManifestSource(tmp_path, on_error=reported.append).poll()
+    ManifestSource(tmp_path, ClusterState(), on_errors=reported.extend).poll()
     text = "\n".join(map(str, reported))
     assert "Service default/t: spec.ports: expected list, got int 7" in text
     assert "document 0: -: expected an object, got int" in text
@@ -133,7 +134,7 @@ def test_wrong_types_name_the_object_and_field(tmp_path: Path):
 def test_huge_file_error_says_its_size_and_the_limit(tmp_path: Path):
     reported = []
     (tmp_path / "big.json").write_text(json.dumps({"kind": "List", "items": [service("a", ["10.96.0.1"])]}))
-    ManifestSource(tmp_path, on_error=reported.append, max_file_bytes=100).poll()
+    ManifestSource(tmp_path, ClusterState(), on_errors=reported.extend, max_file_bytes=100).poll()
     (e,) = reported
     assert e.source.endswith("big.json") and "larger than the limit of 100 bytes" in e.message
 
@@ -141,7 +142,7 @@ def test_huge_file_error_says_its_size_and_the_limit(tmp_path: Path):
 def test_a_file_vanishing_between_scan_and_read_is_treated_as_removed(tmp_path: Path, monkeypatch):
     _good(tmp_path)
     f = write(tmp_path / "gone.json", service("gone", ["10.96.0.3"]))
-    src = ManifestSource(tmp_path, on_error=lambda e: pytest.fail(f"unexpected error {e}"))
+    src = ManifestSource(tmp_path, ClusterState(), on_errors=lambda errs: pytest.fail(f"unexpected errors {errs}"))
     real_scan = src._scan
 
     def scan_then_delete():
@@ -151,7 +152,7 @@ def test_a_file_vanishing_between_scan_and_read_is_treated_as_removed(tmp_path: 
 
     monkeypatch.setattr(src, "_scan", scan_then_delete)
     src.poll()
-    assert set(src.objects().services) == {GOOD}
+    assert set(src.state.services) == {GOOD}
 
 
 def test_symlinked_files_are_followed_and_a_configmap_volume_is_read_once(tmp_path: Path):
@@ -162,9 +163,9 @@ def test_symlinked_files_are_followed_and_a_configmap_volume_is_read_once(tmp_pa
     _good(v1)
     (tmp_path / "..data").symlink_to(v1.name)
     (tmp_path / "good.json").symlink_to("..data/good.json")
-    src = ManifestSource(tmp_path, on_error=lambda e: pytest.fail(f"unexpected error {e}"))
+    src = ManifestSource(tmp_path, ClusterState(), on_errors=lambda errs: pytest.fail(f"unexpected errors {errs}"))
     src.poll()
-    assert set(src.objects().services) == {GOOD}
+    assert set(src.state.services) == {GOOD}
     assert list(src.files) == [tmp_path / "good.json"]
 
     v2 = tmp_path / "..2026_12_01_v2"
@@ -173,7 +174,7 @@ def test_symlinked_files_are_followed_and_a_configmap_volume_is_read_once(tmp_pa
     (tmp_path / "..data_tmp").symlink_to(v2.name)
     os.replace(tmp_path / "..data_tmp", tmp_path / "..data")
     assert src.poll() is True
-    assert src.objects().services[GOOD].ports[0].port == 82
+    assert src.state.services[GOOD].ports[0].port == 82
 
 
 @pytest.mark.root
@@ -201,6 +202,6 @@ def test_real_agent_keeps_applying_edits_next_to_bad_files(sandbox, agent_factor
     wait_for(lambda: agent.synced_after(t), 10, what="sync after editing web.json")
     assert client.probe("tcp", "10.96.7.1", 80, count=5)["replies"] == {"fz-b2": 5}
     assert agent.proc.poll() is None
-    errors = agent.status()["object_errors"]
+    errors = agent.status().object_errors
     for case in ("deep_json", "list_items_not_a_list", "deep_yaml_flow", "invalid_utf8", "fifo"):
         assert sum(f"bad-{case}" in e for e in errors) == 1, errors

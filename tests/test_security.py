@@ -115,7 +115,7 @@ def test_running_agent_has_dropped_capabilities_and_writes_nothing_world_writabl
     caps = dict(l.split(":\t") for l in Path(f"/proc/{agent.proc.pid}/status").read_text().splitlines()
                 if l.startswith("Cap"))
     assert int(caps["CapEff"], 16) & ~keep_mask() == 0 and int(caps["CapBnd"], 16) & ~keep_mask() == 0
-    assert agent.status()["privileges"]["error"] is None and len(agent.status()["privileges"]["kept"]) == len(KEEP)
+    assert agent.status().privileges["error"] is None and len(agent.status().privileges["kept"]) == len(KEEP)
     from agent.config import state_dir_for
     paths = [agent.pin_dir, *(os.path.join(agent.pin_dir, n) for n in os.listdir(agent.pin_dir))]
     sd = state_dir_for(agent.pin_dir)

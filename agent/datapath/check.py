@@ -283,9 +283,7 @@ def desired_from_sources(cfg, timeout: float = 60.0) -> dict[ObjectKey, list[Fro
     if cfg.manifests is not None:
         from ..sources.manifests import ManifestSource
 
-        src = ManifestSource(cfg.manifests, on_error=lambda e: None)
-        src.poll()
-        state.replace(src.objects())
+        ManifestSource(cfg.manifests, state, on_errors=lambda errs: None).poll()
     else:
         from ..sources.kube import KubeError, KubeSource, load_config
 

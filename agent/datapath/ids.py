@@ -424,6 +424,46 @@ class IdRegistry:
                     self.services[idx] = None
                     self._free_services.append(idx)
 
+    def _restore_headers(self, keys: np.ndarray, sk: np.ndarray, sv: np.ndarray) -> None:
+        fe = self.frontends
+        head = np.nonzero(sk["slot"] == 0)[0]
+        sids = sv["service_id"][head].astype(np.uint32)
+        _, first = np.unique(sids, return_index=True)
+        good = np.zeros(len(head), bool)
+        good[first] = True
+        good &= sids > 0
+        fe.add(sids[good], keys[head[good]])
+        odd = head[~good]  # a header with id 0 or a duplicate id: a fresh id, and rewritten when claimed
+        odd_sids = fe.reserve(len(odd))
+        fe.add(odd_sids, keys[odd])
+        hs = np.concatenate([sids[good], odd_sids])
+        rows = np.concatenate([head[good], odd])
+        fe.count_[hs] = sv["count"][rows]
+        fe.flags[hs] = sv["flags"][rows]
+        fe.flags[odd_sids] = 0xFFFF  # never a wanted value: forces a header write
+        fe.affinity[hs] = sv["affinity_timeout"][rows]
+        fe.has_header[hs] = True
+
+    def _restore_slots(self, keys: np.ndarray, sk: np.ndarray, sv: np.ndarray) -> None:
+        """Slot lists and backend refcounts; slots under no header get a frontend of their own."""
+        fe = self.frontends
+        slot_rows = np.nonzero(sk["slot"] != 0)[0]
+        owner_sid = fe.lookup(keys[slot_rows])
+        orphan = slot_rows[owner_sid == 0]
+        if len(orphan):
+            o_keys = keys[orphan]
+            _, first = np.unique(_hash(o_keys), return_index=True)
+            fe.add(fe.reserve(len(first)), o_keys[first])
+            owner_sid = fe.lookup(keys[slot_rows])
+        bids = sv["backend_id"][slot_rows].astype(np.uint32)
+        bids = np.where(be_live(self.backends, bids), bids, INVALID).astype(np.uint32)
+        slot_no = sk["slot"][slot_rows].astype(np.int64)
+        order = np.lexsort((slot_no, owner_sid))
+        _set_slots(fe, owner_sid[order], slot_no[order], bids[order])
+        valid = bids[bids != INVALID]
+        n = self.backends.size
+        self.backends.refs[:n] += np.bincount(valid, minlength=n)[:n].astype(np.int32)
+
     def adopt_owners(self, old: "IdRegistry") -> None:
         """Take the Service owners of frontends `old` knew (after re-reading the maps on a failed write)."""
         sids = self.frontends.live_ids()
@@ -446,42 +486,8 @@ class IdRegistry:
         sk, sv = services
         reg.svc_entries = len(sk)
         keys = as_keys(_copy_fields(sk, FRONTEND_IDENT))
-        head = np.nonzero(sk["slot"] == 0)[0]
-        fe = reg.frontends
-        sids = sv["service_id"][head].astype(np.uint32)
-        _, first = np.unique(sids, return_index=True)
-        good = np.zeros(len(head), bool)
-        good[first] = True
-        good &= sids > 0
-        fe.add(sids[good], keys[head[good]])
-        odd = head[~good]  # a header with id 0 or a duplicate id: a fresh id, and rewritten when claimed
-        odd_sids = fe.reserve(len(odd))
-        fe.add(odd_sids, keys[odd])
-        hs = np.concatenate([sids[good], odd_sids])
-        rows = np.concatenate([head[good], odd])
-        fe.count_[hs] = sv["count"][rows]
-        fe.flags[hs] = sv["flags"][rows]
-        fe.flags[odd_sids] = 0xFFFF  # never a wanted value: forces a header write
-        fe.affinity[hs] = sv["affinity_timeout"][rows]
-        fe.has_header[hs] = True
-        slot_rows = np.nonzero(sk["slot"] != 0)[0]
-        owner_sid = fe.lookup(keys[slot_rows])
-        orphan = slot_rows[owner_sid == 0]
-        if len(orphan):
-            o_keys = keys[orphan]
-            _, first = np.unique(_hash(o_keys), return_index=True)
-            orphan_sids = fe.reserve(len(first))
-            fe.add(orphan_sids, o_keys[first])
-            owner_sid = fe.lookup(keys[slot_rows])
-        bids = sv["backend_id"][slot_rows].astype(np.uint32)
-        bids = np.where(be_live(reg.backends, bids), bids, INVALID).astype(np.uint32)
-        slot_no = sk["slot"][slot_rows].astype(np.int64)
-        order = np.lexsort((slot_no, owner_sid))
-        owner_sid, slot_no, bids = owner_sid[order], slot_no[order], bids[order]
-        _set_slots(fe, owner_sid, slot_no, bids)
-        valid = bids[bids != INVALID]
-        n = reg.backends.size
-        reg.backends.refs[:n] += np.bincount(valid, minlength=n)[:n].astype(np.int32)
+        reg._restore_headers(keys, sk, sv)
+        reg._restore_slots(keys, sk, sv)
         return reg
 
     # -- service keys --------------------------------------------------------------------------

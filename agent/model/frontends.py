@@ -6,13 +6,15 @@ changed Service is recomputed without touching the others.
 from __future__ import annotations
 
 import ipaddress
+import socket
 from typing import Iterable, NamedTuple
 
-from .objects import PROXY_NAME_LABEL, SCTP, EndpointSlice, ObjectKey, Service, ServicePort
-from .selection import Place, internal_endpoints
+from .objects import PROXY_NAME_LABEL, READY, SCTP, SERVING, TERMINATING, EndpointSlice, ObjectKey, Service, ServicePort
+from .selection import CLOSE_DISTRIBUTIONS, Place, internal_endpoints
 
 # Protocols the socket datapath handles (this kernel has no SCTP; see ENVIRONMENT.md).
 SUPPORTED_PROTOCOLS = ("TCP", "UDP")
+_FAMILY = {"IPv4": socket.AF_INET, "IPv6": socket.AF_INET6}
 
 
 class Backend(NamedTuple):
@@ -69,6 +71,33 @@ def skip_reason(svc: Service) -> str | None:
     return None
 
 
+def _addresses(sl: EndpointSlice, positions: list[int]) -> list[str]:
+    family = _FAMILY[sl.address_type]
+    width, addrs, ntop = (4 if family == socket.AF_INET else 16), sl.addresses, socket.inet_ntop
+    return [ntop(family, addrs[i * width:(i + 1) * width]) for i in positions]
+
+
+def _by_columns(sl: EndpointSlice, node: str | None) -> tuple[list[int], list[int]]:
+    """(ready, serving-and-terminating) positions of a slice's endpoints, on `node` only when given,
+    read from the condition and node columns without an object per endpoint."""
+    if node is not None and not sl.node_names:
+        return [], []
+    nodes, ready, fallback = sl.node_names, [], []
+    both = SERVING | TERMINATING
+    for i, c in enumerate(sl.conditions):
+        if node is not None and nodes[i] != node:
+            continue
+        if c & READY:
+            ready.append(i)
+        elif c & both == both:
+            fallback.append(i)
+    return ready, fallback
+
+
+def _uses_topology(svc: Service, slices: list[EndpointSlice]) -> bool:
+    return svc.traffic_distribution in CLOSE_DISTRIBUTIONS or any(sl.zone_hints or sl.node_hints for sl in slices)
+
+
 def service_frontends(svc: Service, slices: Iterable[EndpointSlice], node_name: str | None = None,
                       zone: str = "") -> list[Frontend]:
     """All frontends of one Service; SCTP ports are left out.
@@ -76,29 +105,47 @@ def service_frontends(svc: Service, slices: Iterable[EndpointSlice], node_name: 
     Backends are the endpoints kube-proxy would use for traffic to the ClusterIP from this node
     (selection.internal_endpoints: readiness, terminating fall-back, internalTrafficPolicy, topology).
     Without a node name (None) internalTrafficPolicy: Local cannot be honoured and counts as Cluster.
+    Slices without topology hints (and Services without trafficDistribution) are read straight from
+    their columns: the same rules, restricted to what is left without topology (tested equal).
     """
     if skip_reason(svc):
         return []
     itp = svc.internal_traffic_policy if node_name is not None else "Cluster"
-    place = Place(node_name or "", zone)
     slices = list(slices)
     affinity = svc.session_affinity_timeout if svc.session_affinity == "ClientIP" else 0
+    pick = _by_selection if _uses_topology(svc, slices) else _by_slice_columns
     out = []
     for vip in svc.cluster_ips:
         family = "IPv4" if ":" not in vip else "IPv6"
         for sp in svc.ports:
             if sp.protocol == SCTP:
                 continue
-            endpoints, ports = [], []
-            for sl in slices:
-                if sl.address_type != family:
-                    continue
-                port = _slice_port(sp, sl)
-                if port is not None:
-                    endpoints.extend(sl.endpoints)
-                    ports.extend([port] * len(sl.endpoints))
-            chosen = internal_endpoints(endpoints, place, itp, svc.traffic_distribution)
-            # Kubernetes uses only the first address of an endpoint.
-            backends = {Backend(endpoints[i].addresses[0], ports[i], sp.protocol) for i in chosen}
+            with_port = [(sl, port) for sl in slices if sl.address_type == family
+                         for port in (_slice_port(sp, sl),) if port is not None]
+            backends = {Backend(ip, port, sp.protocol)
+                        for ip, port in pick(with_port, svc, itp, node_name, zone)}
             out.append(Frontend(vip, sp.port, sp.protocol, svc.key, sp.name, tuple(sorted(backends)), affinity))
     return out
+
+
+def _by_slice_columns(with_port, svc, itp, node_name, zone) -> list[tuple[str, int]]:
+    """No topology: the ready endpoints (on this node for Local), else the serving-and-terminating ones."""
+    node = node_name if itp == "Local" else None
+    if node == "":
+        return []
+    picked = [(sl, port, *_by_columns(sl, node)) for sl, port in with_port]
+    use_ready = any(ready for _, _, ready, _ in picked)
+    return [(ip, port) for sl, port, ready, fallback in picked
+            for ip in _addresses(sl, ready if use_ready else fallback)]
+
+
+def _by_selection(with_port, svc, itp, node_name, zone) -> list[tuple[str, int]]:
+    """Topology in play: transient endpoint views of this one Service, chosen by selection.py."""
+    endpoints, ports = [], []
+    for sl, port in with_port:
+        views = sl.endpoints
+        endpoints.extend(views)
+        ports.extend([port] * len(views))
+    chosen = internal_endpoints(endpoints, Place(node_name or "", zone), itp, svc.traffic_distribution)
+    # Kubernetes uses only the first address of an endpoint.
+    return [(endpoints[i].addresses[0], ports[i]) for i in chosen]

@@ -1,6 +1,7 @@
 """Typed views of the Kubernetes objects nodewire consumes (only the fields it uses)."""
 from __future__ import annotations
 
+import socket
 from dataclasses import dataclass, field
 
 TCP = "TCP"
@@ -59,15 +60,20 @@ class Service:
         return dict(self.labels).get(name)
 
 
+# Endpoint conditions, one byte per endpoint in EndpointSlice.conditions.
+READY, SERVING, TERMINATING = 1, 2, 4
+
+
 @dataclass(frozen=True, slots=True)
 class Endpoint:
+    """One endpoint of a slice: a view made on demand from the slice's columns, never stored."""
+
     addresses: tuple[str, ...]
     ready: bool = True
     serving: bool = True
     terminating: bool = False
     node_name: str = ""
     zone: str = ""
-    target: str = ""  # "namespace/pod" of the targetRef, when it is a Pod
     zone_hints: tuple[str, ...] = ()  # hints.forZones[].name
     node_hints: tuple[str, ...] = ()  # hints.forNodes[].name
 
@@ -81,16 +87,53 @@ class EndpointPort:
 
 @dataclass(frozen=True, slots=True)
 class EndpointSlice:
+    """An EndpointSlice as columns: a few objects per slice, whatever its number of endpoints.
+
+    Only each endpoint's first address is kept: Kubernetes' consumers use that one only (the API
+    documents the others as reserved); targetRef is not kept (nothing reads it). Identical port tuples and node/zone columns are shared between
+    slices, and the strings in them are interned.
+    """
+
     key: ObjectKey
     service: str  # the owning Service's name (kubernetes.io/service-name label)
     address_type: str  # IPv4 | IPv6 | FQDN
-    endpoints: tuple[Endpoint, ...]
+    addresses: bytes  # packed: 4 (IPv4) or 16 (IPv6) bytes per endpoint; FQDN: names joined by "\n"
+    conditions: bytes  # per endpoint: READY | SERVING | TERMINATING
     ports: tuple[EndpointPort, ...]
+    node_names: tuple[str, ...] = ()  # per endpoint; () when no endpoint names a node
+    zones: tuple[str, ...] = ()       # per endpoint; () when no endpoint names a zone
+    zone_hints: tuple[tuple[str, ...], ...] = ()  # per endpoint hints.forZones names; () when none has any
+    node_hints: tuple[tuple[str, ...], ...] = ()  # per endpoint hints.forNodes names; () when none has any
     trigger_time: float | None = None  # endpoints.kubernetes.io/last-change-trigger-time (Unix s)
 
     @property
     def service_key(self) -> ObjectKey:
         return ObjectKey(self.key.namespace, self.service)
+
+    def __len__(self) -> int:
+        return len(self.conditions)
+
+    def address(self, i: int) -> str:
+        if self.address_type == "IPv4":
+            return socket.inet_ntop(socket.AF_INET, self.addresses[4 * i:4 * i + 4])
+        if self.address_type == "IPv6":
+            return socket.inet_ntop(socket.AF_INET6, self.addresses[16 * i:16 * i + 16])
+        return self.addresses.decode().split("\n")[i]
+
+    def node_name(self, i: int) -> str:
+        return self.node_names[i] if self.node_names else ""
+
+    def zone(self, i: int) -> str:
+        return self.zones[i] if self.zones else ""
+
+    @property
+    def endpoints(self) -> tuple[Endpoint, ...]:
+        """Transient per-endpoint views (for tests and readers that want objects)."""
+        c = self.conditions
+        zh, nh = self.zone_hints, self.node_hints
+        return tuple(Endpoint((self.address(i),), bool(c[i] & READY), bool(c[i] & SERVING),
+                              bool(c[i] & TERMINATING), self.node_name(i), self.zone(i),
+                              zh[i] if zh else (), nh[i] if nh else ()) for i in range(len(c)))
 
 
 @dataclass(frozen=True, slots=True)
@@ -131,7 +174,7 @@ class ObjectError:
 
 @dataclass
 class Objects:
-    """A bag of parsed objects, as a source produces them."""
+    """A bag of parsed objects (tests and one-shot loads hand it to ClusterState.replace)."""
 
     services: dict[ObjectKey, Service] = field(default_factory=dict)
     slices: dict[ObjectKey, EndpointSlice] = field(default_factory=dict)

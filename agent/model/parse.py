@@ -10,14 +10,27 @@ import ipaddress
 import socket
 import sys
 from datetime import datetime
+from sys import intern
 from typing import Any
 
 from .objects import (
-    SCTP, SERVICE_NAME_LABEL, TCP, TRIGGER_TIME_ANNOTATION, UDP, ZONE_LABEL, Endpoint, EndpointPort, EndpointSlice, Node, ObjectError,
+    READY, SCTP, SERVICE_NAME_LABEL, SERVING, TCP, TERMINATING, TRIGGER_TIME_ANNOTATION, UDP, ZONE_LABEL,
+    EndpointPort, EndpointSlice, Node, ObjectError,
     ObjectKey, Pod, Service, ServicePort,
 )
 
 PROTOCOLS = (TCP, UDP, SCTP)
+_FAMILIES = {"IPv4": socket.AF_INET, "IPv6": socket.AF_INET6, "FQDN": None}
+_SHARED: dict[tuple, tuple] = {}
+_SHARED_MAX = 1 << 16
+
+
+def shared(value: tuple) -> tuple:
+    """One copy of equal tuples (the ports of 100k Services are usually one tuple; so are the
+    node-name columns of the slices on one node). Bounded: a cache that grows past its size starts over."""
+    if len(_SHARED) >= _SHARED_MAX:
+        _SHARED.clear()
+    return _SHARED.setdefault(value, value)
 
 
 class InvalidObject(Exception):
@@ -46,8 +59,7 @@ class _Reader:
         ns = meta.get("namespace", "default")
         if not isinstance(ns, str) or not ns:
             raise InvalidObject(kind, name, "metadata.namespace", "not a string")
-        ns = sys.intern(ns)
-        self.object_key = ObjectKey(ns, name)
+        self.object_key = ObjectKey(sys.intern(ns), sys.intern(name))
         self.key = str(self.object_key)
 
     def fail(self, field: str, message: str) -> InvalidObject:
@@ -61,6 +73,8 @@ class _Reader:
             if required:
                 raise self.fail(path, "required")
             return default
+        if type(v) is typ:
+            return v
         if typ is int and isinstance(v, bool) or not isinstance(v, typ):
             want = typ.__name__ if isinstance(typ, type) else "/".join(t.__name__ for t in typ)
             raise self.fail(path, f"expected {want}, got {type(v).__name__} {v!r}")
@@ -94,9 +108,25 @@ class _Reader:
         except (OSError, ValueError):  # ValueError: a NUL or a lone surrogate (both valid JSON escapes)
             raise self.fail(path, f"{value!r} is not a valid IP address") from None
 
+    def packed_ip(self, value: Any, family: int | None, atype: str, path: str) -> bytes | str:
+        """An endpoint address as bytes of the slice's family (a str for FQDN slices)."""
+        if not isinstance(value, str):
+            raise self.fail(path, f"expected an address string, got {value!r}")
+        if family is None:
+            return value
+        try:
+            return socket.inet_pton(family, value)
+        except (OSError, ValueError):  # ValueError: a NUL or a lone surrogate (both valid JSON escapes)
+            other = socket.AF_INET6 if family == socket.AF_INET else socket.AF_INET
+            try:
+                socket.inet_pton(other, value)
+            except (OSError, ValueError):
+                raise self.fail(path, f"{value!r} is not a valid IP address") from None
+            raise self.fail(path, f"{value} is not an {atype} address") from None
+
     def labels(self, meta: dict, name: str = "labels") -> tuple[tuple[str, str], ...]:
         labels = self.get(meta, name, f"metadata.{name}", dict, default={})
-        return tuple(sorted((sys.intern(str(k)), str(v)) for k, v in labels.items()))
+        return shared(tuple(sorted((sys.intern(str(k)), str(v)) for k, v in labels.items()))) if labels else ()
 
 
 def _kind_check(r: _Reader, obj: dict, kind: str) -> None:
@@ -181,7 +211,7 @@ def parse_service(obj: Any) -> Service:
     distribution = r.word(spec, "trafficDistribution", "spec.trafficDistribution")
     lb_ips, ranges, hc_port = _load_balancer(r, obj, spec)
     return Service(
-        key=r.object_key, cluster_ips=ips, ports=tuple(ports), type=svc_type, labels=r.labels(meta),
+        key=r.object_key, cluster_ips=ips, ports=shared(tuple(ports)), type=svc_type, labels=r.labels(meta),
         external_ips=external_ips, session_affinity=affinity, session_affinity_timeout=timeout,
         internal_traffic_policy=itp, external_traffic_policy=etp, traffic_distribution=distribution,
         load_balancer_ips=lb_ips, load_balancer_source_ranges=ranges, health_check_node_port=hc_port,
@@ -219,43 +249,50 @@ def parse_endpoint_slice(obj: Any) -> EndpointSlice:
     if not service:
         raise r.fail(f"metadata.labels[{SERVICE_NAME_LABEL}]", "required: names the owning Service")
     atype = sys.intern(r.get(obj, "addressType", "addressType", str, required=True))
-    if atype not in ("IPv4", "IPv6", "FQDN"):
+    family = _FAMILIES.get(atype, -1)
+    if family == -1:
         raise r.fail("addressType", f"unknown address type {atype!r} (expected IPv4, IPv6 or FQDN)")
-    want_v6 = {"IPv4": False, "IPv6": True}.get(atype)
 
-    endpoints = []
+    addrs: list = []
+    conds = bytearray()
+    nodes: list[str] = []
+    zones: list[str] = []
+    zone_hints: list[tuple[str, ...]] = []
+    node_hints: list[tuple[str, ...]] = []
+    pton = socket.inet_pton
     for i, e in enumerate(r.get(obj, "endpoints", "endpoints", list, default=[])):
-        path = f"endpoints[{i}]"
-        if not isinstance(e, dict):
-            raise r.fail(path, "not an object")
-        raw = r.get(e, "addresses", f"{path}.addresses", list, required=True)
-        if not raw:
-            raise r.fail(f"{path}.addresses", "must hold at least one address")
-        addrs = []
-        for j, a in enumerate(raw):
-            if want_v6 is None:
-                addrs.append(str(a))
-                continue
-            ip = r.ip(a, f"{path}.addresses[{j}]")
-            if (":" in ip) != want_v6:
-                raise r.fail(f"{path}.addresses[{j}]", f"{ip} is not an {atype} address")
-            addrs.append(ip)
-        cond = r.get(e, "conditions", f"{path}.conditions", dict, default={})
-        # A nil "ready" or "serving" means true, a nil "terminating" false (kube-proxy's
-        # pkg/proxy/endpointslicecache.go reads the conditions this way).
-        ready = r.get(cond, "ready", f"{path}.conditions.ready", bool, default=True)
-        serving = r.get(cond, "serving", f"{path}.conditions.serving", bool, default=True)
-        terminating = r.get(cond, "terminating", f"{path}.conditions.terminating", bool, default=False)
-        ref = e.get("targetRef") if isinstance(e.get("targetRef"), dict) else {}
-        target = ""
-        if ref.get("kind") == "Pod" and ref.get("name"):
-            target = f"{ref.get('namespace') or r.object_key.namespace}/{ref['name']}"
-        endpoints.append(Endpoint(
-            addresses=tuple(addrs), ready=ready, serving=serving, terminating=terminating,
-            node_name=r.word(e, "nodeName", f"{path}.nodeName"),
-            zone=r.word(e, "zone", f"{path}.zone"), target=target,
-            zone_hints=_hint_names(r, e, "forZones", path), node_hints=_hint_names(r, e, "forNodes", path),
-        ))
+        # The common shapes are checked inline (this loop runs 500k times for 100k Services × 5);
+        # anything else takes the general path, which names the field that is wrong.
+        if type(e) is not dict:
+            raise r.fail(f"endpoints[{i}]", "not an object")
+        raw = e.get("addresses")
+        if type(raw) is not list or not raw:
+            r.get(e, "addresses", f"endpoints[{i}].addresses", list, required=True)
+            raise r.fail(f"endpoints[{i}].addresses", "must hold at least one address")
+        try:
+            first = pton(family, raw[0]) if family is not None and len(raw) == 1 else None
+        except (OSError, TypeError, ValueError):
+            first = None
+        if first is None:  # every address is checked; only the first is kept (see EndpointSlice)
+            first = [r.packed_ip(a, family, atype, f"endpoints[{i}].addresses[{j}]") for j, a in enumerate(raw)][0]
+        addrs.append(first)
+        cond = e.get("conditions")
+        if cond is None:
+            conds.append(READY | SERVING)
+        else:
+            conds.append(_conditions(r, cond, f"endpoints[{i}].conditions"))
+        node, zone = e.get("nodeName"), e.get("zone")
+        nodes.append("" if node is None else intern(node) if type(node) is str
+                     else r.word(e, "nodeName", f"endpoints[{i}].nodeName"))
+        zones.append("" if zone is None else intern(zone) if type(zone) is str
+                     else r.word(e, "zone", f"endpoints[{i}].zone"))
+        hints = e.get("hints")
+        if hints is None:
+            zone_hints.append(())
+            node_hints.append(())
+        else:
+            zone_hints.append(shared(_hint_names(r, e, "forZones", f"endpoints[{i}]")))
+            node_hints.append(shared(_hint_names(r, e, "forNodes", f"endpoints[{i}]")))
 
     ports = []
     seen: set[str] = set()
@@ -268,14 +305,36 @@ def parse_endpoint_slice(obj: Any) -> EndpointSlice:
             raise r.fail(f"{path}.name", f"duplicate port name {name!r}")
         seen.add(name)
         ports.append(EndpointPort(name, r.port(p, "port", f"{path}.port"), r.protocol(p, f"{path}.protocol")))
-    return EndpointSlice(r.object_key, service, atype, tuple(endpoints), tuple(ports),
-                         _trigger_time(dict(r.labels(meta, "annotations")).get(TRIGGER_TIME_ANNOTATION)))
+    packed_addrs = "\n".join(addrs).encode() if family is None else b"".join(addrs)
+    return EndpointSlice(r.object_key, sys.intern(service), atype, packed_addrs, bytes(conds), shared(tuple(ports)),
+                         _column(nodes), _column(zones), _column(zone_hints), _column(node_hints),
+                         _trigger_time(meta.get("annotations")))
 
 
-def _trigger_time(value: str | None) -> float | None:
-    """The annotation's RFC 3339 time as Unix seconds. Telemetry only (programming latency): an
-    unreadable value is ignored rather than costing the slice its place in the datapath."""
-    if not value:
+def _conditions(r: _Reader, cond: Any, path: str) -> int:
+    """The READY | SERVING | TERMINATING bits of one endpoint's conditions. A nil "ready" or "serving"
+    means true, a nil "terminating" false (kube-proxy's pkg/proxy/endpointslicecache.go reads them so)."""
+    if type(cond) is not dict:
+        raise r.fail(path, f"expected dict, got {type(cond).__name__} {cond!r}")
+    ready, serving, terminating = cond.get("ready", True), cond.get("serving", True), cond.get("terminating", False)
+    if type(ready) is bool and type(serving) is bool and type(terminating) is bool:
+        return ready * READY | serving * SERVING | terminating * TERMINATING
+    ready = r.get(cond, "ready", f"{path}.ready", bool, default=True)
+    serving = r.get(cond, "serving", f"{path}.serving", bool, default=True)
+    terminating = r.get(cond, "terminating", f"{path}.terminating", bool, default=False)
+    return ready * READY | serving * SERVING | terminating * TERMINATING
+
+
+def _column(values: list) -> tuple:
+    """A per-endpoint column: () when every value is empty, else one shared tuple."""
+    return shared(tuple(values)) if any(values) else ()
+
+
+def _trigger_time(annotations: Any) -> float | None:
+    """The trigger-time annotation's RFC 3339 time as Unix seconds. Telemetry only (programming
+    latency): an unreadable value is ignored rather than costing the slice its place in the datapath."""
+    value = annotations.get(TRIGGER_TIME_ANNOTATION) if type(annotations) is dict else None
+    if not value or type(value) is not str:
         return None
     try:
         return datetime.fromisoformat(value.replace("Z", "+00:00")).timestamp()

@@ -18,8 +18,6 @@ from __future__ import annotations
 
 import atexit
 import base64
-import contextlib
-import gc
 import http.client
 import json
 import logging
@@ -38,8 +36,9 @@ from urllib.parse import urlencode, urlsplit
 
 import yaml
 
+from .. import memory
 from ..model.objects import ObjectError, ObjectKey
-from ..model.parse import InvalidObject, parse_endpoint_slice, parse_node, parse_pod, parse_service
+from ..model.parse import PARSERS, InvalidObject, parse_node
 from ..state import ClusterState
 
 log = logging.getLogger("nodewire.kube")
@@ -404,39 +403,6 @@ def _status_message(data: bytes) -> str:
         return " ".join(text.split())  # an HTML page on one line
 
 
-class _GcPause:
-    """Pause the cyclic GC while lists are decoded (reference counting still frees everything).
-
-    Decoding a 100k-object list allocates tens of millions of acyclic objects; each allocation burst
-    triggers collections that walk the whole growing heap, which made the list 3-4x slower here
-    (100k Services + slices: 21.7 s → 6.2 s). After the first full sync the long-lived objects are
-    frozen (gc.freeze) so later collections skip them.
-    """
-
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self._depth = 0
-        self._was_enabled = True
-
-    @contextlib.contextmanager
-    def paused(self):
-        with self._lock:
-            if self._depth == 0:
-                self._was_enabled = gc.isenabled()
-                gc.disable()
-            self._depth += 1
-        try:
-            yield
-        finally:
-            with self._lock:
-                self._depth -= 1
-                if self._depth == 0 and self._was_enabled:
-                    gc.enable()
-
-
-_GC = _GcPause()
-
-
 # -- per-resource loop -------------------------------------------------------------------------------
 @dataclass
 class Backoff:
@@ -582,7 +548,7 @@ class Reflector:
     def list(self) -> None:
         """Full paginated list; applies every object, then deletes those the API no longer has."""
         try:
-            with _GC.paused():
+            with memory.bulk():
                 try:
                     self._list(PAGE_SIZE)
                 except ContinueExpired as e:
@@ -765,14 +731,10 @@ class KubeSource:
             except (AttributeError, TypeError) as e:  # a Node of an unforeseen shape: keep the last one
                 self._bad(kind, f"cannot decode: {type(e).__name__}: {e}")
         else:
-            apply, parse = {
-                "Service": (self.state.apply_service, parse_service),
-                "EndpointSlice": (self.state.apply_slice, parse_endpoint_slice),
-                "Pod": (self.state.apply_pod, parse_pod),
-            }[kind]
+            parse = PARSERS[kind]
             if obj is None:
                 self.invalid.pop((kind, key), None)
-                apply(key, None)
+                self.state.apply(kind, key, None)
             else:
                 try:
                     parsed = parse(obj)
@@ -783,12 +745,10 @@ class KubeSource:
                     err = e.as_error("api")
                     self.invalid_objects[kind] += 1
                     self.invalid[(kind, key)] = err
-                    log.error("invalid object skipped: %s", err)
-                    if self.on_error:
-                        self.on_error(err)
+                    self._report(err)
                     return
                 self.invalid.pop((kind, key), None)
-                apply(parsed.key, parsed)
+                self.state.apply(kind, parsed.key, parsed)
         if self.on_applied:
             self.on_applied(kind, key, arrived)
 
@@ -796,9 +756,14 @@ class KubeSource:
         """A watch line or list item that could not be read as an object: skipped, counted, named."""
         err = ObjectError("api", kind, "?", field, message)
         self.invalid_objects[kind] += 1
-        log.error("invalid object skipped: %s", err)
+        self._report(err)
+
+    def _report(self, err: ObjectError) -> None:
+        """To on_error (the agent logs them, summarized when they repeat), else to the log."""
         if self.on_error:
             self.on_error(err)
+        else:
+            log.error("invalid object skipped: %s", err)
 
     def _apply_node(self, obj: dict | None) -> None:
         key = ObjectKey("", self.node_name)
@@ -847,7 +812,6 @@ class KubeSource:
         if ok and self.synced_seconds is None:
             self.synced_seconds = max(r.synced_at for r in self.reflectors.values()) - self._started
             self.synced_cpu_seconds = time.process_time() - self._started_cpu
-            gc.freeze()  # the cluster state is long-lived: keep it out of future collections
         return ok
 
     def status(self) -> dict:

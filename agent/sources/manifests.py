@@ -18,17 +18,21 @@ import json
 import logging
 import os
 import stat
+import threading
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
 import yaml
 
-from ..model.objects import EndpointSlice, ObjectError, ObjectKey, Objects, Pod, Service
+from ..model.objects import EndpointSlice, Node, ObjectError, ObjectKey, Pod, Service
 from ..model.parse import PARSERS, InvalidObject
+from .. import memory
+from ..state import ClusterState
 
 log = logging.getLogger("nodewire.manifests")
-PARSED = (Service, EndpointSlice, Pod)
+PARSED = (Service, EndpointSlice, Pod, Node)
 SUFFIXES = (".yaml", ".yml", ".json")
 _Loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
 # A 100k-Service × 5-endpoint JSON file is ~80 MiB; past this a file is refused, not read into memory.
@@ -45,13 +49,6 @@ class FileError(Exception):
     def __init__(self, where: str, message: str):
         super().__init__(message)
         self.where, self.message = where, message
-
-
-@dataclass
-class _FileState:
-    stamp: tuple[int, int, int]
-    objects: dict[tuple[str, ObjectKey], Any] = field(default_factory=dict)
-    errors: list[ObjectError] = field(default_factory=list)
 
 
 @dataclass
@@ -161,65 +158,111 @@ def read_manifest(path: Path, limit: int) -> str:
         raise FileError(f"byte {e.start}", "not valid UTF-8") from None
 
 
-def parse_file(path: Path, text: str, previous: dict | None = None) -> tuple[dict, list[ObjectError]]:
-    """Objects of one file keyed by (kind, key), and the errors found. Pure but for logging."""
-    previous = previous or {}
+@dataclass
+class ParsedFile:
+    """What one read of a file yields: its objects, the objects it names but that failed to parse
+    (each keeps its last good version), and the errors."""
+    objects: dict[tuple[str, ObjectKey], Any] = field(default_factory=dict)
+    rejected: set[tuple[str, ObjectKey]] = field(default_factory=set)
+    errors: list[ObjectError] = field(default_factory=list)
+
+
+def parse_file(path: Path, text: str) -> ParsedFile:
+    """The objects of one file, keyed by (kind, key). Raises FileError when the file as a whole
+    cannot be decoded."""
     try:
         docs = [i for d in _documents(path, text) for i in _expand(d)]
-    except FileError as e:
-        return dict(previous), [ObjectError(str(path), "File", "-", e.where, e.message)]
     except (yaml.YAMLError, json.JSONDecodeError) as e:
         line = getattr(getattr(e, "problem_mark", None), "line", None)
         where = f"line {line + 1}" if line is not None else getattr(e, "msg", "syntax")
         msg = str(getattr(e, "problem", None) or e).splitlines()[0]
-        return dict(previous), [ObjectError(str(path), "File", "-", where, f"cannot parse: {msg}")]
+        raise FileError(where, f"cannot parse: {msg}") from None
     except (RecursionError, MemoryError) as e:
-        return dict(previous), [ObjectError(str(path), "File", "-", "content",
-                                            f"cannot parse: {type(e).__name__} (nested too deep or too large)")]
-    objs: dict = {}
-    errors: list[ObjectError] = []
+        raise FileError("content", f"cannot parse: {type(e).__name__} (nested too deep or too large)") from None
+    out = ParsedFile()
     for i, doc in enumerate(docs):
         if isinstance(doc, _Rejected):
-            errors.append(doc.error.as_error(str(path)))
-            if doc.ident in previous:
-                objs[doc.ident] = previous[doc.ident]
+            out.errors.append(doc.error.as_error(str(path)))
+            if doc.ident is not None:
+                out.rejected.add(doc.ident)
             continue
         if isinstance(doc, PARSED):  # already parsed by the JSON hook
-            objs[(type(doc).__name__, doc.key)] = doc
+            out.objects[(type(doc).__name__, doc.key)] = doc
             continue
         if not isinstance(doc, dict):
-            errors.append(ObjectError(str(path), "Object", f"document {i}", "-",
-                                      f"expected an object, got {type(doc).__name__}"))
+            out.errors.append(ObjectError(str(path), "Object", f"document {i}", "-",
+                                          f"expected an object, got {type(doc).__name__}"))
             continue
         kind = doc.get("kind")
         parser = PARSERS.get(kind) if isinstance(kind, str) else None
         if parser is None:
             if kind is None:
-                errors.append(ObjectError(str(path), "Object", f"document {i}", "kind", "missing"))
+                out.errors.append(ObjectError(str(path), "Object", f"document {i}", "kind", "missing"))
             continue  # other kinds (Deployments, ConfigMaps, …) are not ours to read
         try:
             obj = parser(doc)
         except Exception as e:  # InvalidObject, or a shape the parser did not foresee: this object only
-            errors.append(_as_invalid(kind, doc, e).as_error(str(path)))
+            out.errors.append(_as_invalid(kind, doc, e).as_error(str(path)))
             ident = _ident(kind, doc)
-            if ident in previous:
-                objs[ident] = previous[ident]
+            if ident is not None:
+                out.rejected.add(ident)
             continue
-        objs[(kind, obj.key)] = obj
-    return objs, errors
+        out.objects[(kind, obj.key)] = obj
+    return out
+
+
+@dataclass
+class _FileState:
+    stamp: tuple[int, int, int]
+    keys: dict[str, list[ObjectKey]] = field(default_factory=dict)  # kind → keys this file holds in the state
+    errors: list[ObjectError] = field(default_factory=list)
 
 
 class ManifestSource:
-    """Polls a directory (mtime + size per file; cheap) and re-parses only the files that changed."""
+    """Pushes a directory's objects into ClusterState from its own thread; re-reads only changed files.
 
-    def __init__(self, directory: str | os.PathLike, on_error: Callable[[ObjectError], None] | None = None,
-                 max_file_bytes: int = MAX_FILE_BYTES):
+    Changes are noticed through inotify (watchfiles) when it works, else by polling mtime/size/inode
+    every poll_interval; a full scan (stat of each file, cheap) decides what is re-read either way.
+    An object defined by two files is an error naming both: the definition read first stays.
+    """
+
+    def __init__(self, directory: str | os.PathLike, state: ClusterState,
+                 on_errors: Callable[[list[ObjectError]], None] | None = None,
+                 max_file_bytes: int = MAX_FILE_BYTES, poll_interval: float = 0.2, watch: bool = True):
         self.directory = Path(directory)
-        self.max_file_bytes = max_file_bytes
-        self.files: dict[Path, _FileState] = {}
-        self.on_error = on_error or (lambda err: log.error("bad object: %s", err))
         if not self.directory.is_dir():
             raise FileNotFoundError(f"--manifests: {self.directory} is not a directory")
+        self.state = state
+        self.max_file_bytes = max_file_bytes
+        self.poll_interval = poll_interval
+        self.use_inotify = watch
+        self.files: dict[Path, _FileState] = {}
+        self.on_errors = on_errors or (lambda errs: [log.error("bad object: %s", e) for e in errs])
+        self.watcher = "none"  # inotify | poll, once started
+        self.synced = threading.Event()  # the first complete scan is in the state
+        self.last_change = 0.0  # wall-clock time a file change last reached the state
+        self._shadowed: dict[tuple[str, ObjectKey], list[Path]] = {}  # duplicate definitions ignored
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    # -- one pass -------------------------------------------------------------------------------
+    def poll(self) -> bool:
+        """Read what changed on disk into the state. True when some file was (re)read or removed."""
+        seen = self._scan()
+        changed = False
+        for p in sorted(set(self.files) - set(seen)):
+            self._forget(p)
+            changed = True
+        for p in sorted(seen):
+            st = self.files.get(p)
+            if st is not None and st.stamp == seen[p]:
+                continue
+            self._read(p, seen[p], st)
+            changed = True
+        if changed:
+            self.last_change = time.time()
+            self.state.changed.set()  # wake the agent loop even when only errors changed
+        return changed
 
     def _scan(self) -> dict[Path, tuple[int, int, int]]:
         """Manifest files → (mtime, size, inode) of what they point to; (0, 0, 0) when that cannot
@@ -240,53 +283,154 @@ class ManifestSource:
                         out[p] = (0, 0, 0)
         return out
 
-    def _read(self, p: Path, stamp: tuple[int, int, int], previous: _FileState | None) -> _FileState | None:
-        """The new state of one file (stamp: what the scan saw; a later change is seen by the next
-        scan); None when it vanished before it could be read."""
-        prev = previous.objects if previous else {}
+    def _read(self, p: Path, stamp: tuple[int, int, int], previous: _FileState | None) -> None:
+        """Parse one file and push the difference into the state; never raises."""
+        old_errors = set(previous.errors) if previous else set()
         try:
-            return _FileState(stamp, *parse_file(p, read_manifest(p, self.max_file_bytes), prev))
-        except FileNotFoundError:
-            return None
-        except FileError as e:
-            return _FileState(stamp, dict(prev), [ObjectError(str(p), "File", "-", e.where, e.message)])
-        except Exception as e:  # never let one file stop the source: the file keeps its last good objects
+            parsed = parse_file(p, read_manifest(p, self.max_file_bytes))
+        except FileNotFoundError:  # gone between the scan and the read: removed, as the next scan will see
+            self._forget(p)
+            return
+        except FileError as e:  # the whole file: it keeps every object it had
+            parsed = None
+            errors = [ObjectError(str(p), "File", "-", e.where, e.message)]
+        except Exception as e:  # never let one file stop the source
             log.exception("unexpected error reading %s", p)
-            return _FileState(stamp, dict(prev), [ObjectError(str(p), "File", "-", "content",
-                                                              f"cannot read: {type(e).__name__}: {e}")])
+            parsed = None
+            errors = [ObjectError(str(p), "File", "-", "content", f"cannot read: {type(e).__name__}: {e}")]
+        if parsed is None:
+            self.files[p] = _FileState(stamp, previous.keys if previous else {}, errors)
+        else:
+            errors = parsed.errors
+            self.files[p] = _FileState(stamp, self._push(p, parsed, previous), errors)
+        new = [e for e in errors if e not in old_errors]
+        if new:
+            self.on_errors(new)
 
-    def poll(self) -> bool:
-        """Read what changed on disk. Returns True when the set of objects may have changed."""
-        seen = self._scan()
-        changed = False
-        for p in set(self.files) - set(seen):
-            del self.files[p]
-            changed = True
-        for p, stamp in seen.items():
-            st = self.files.get(p)
-            if st is not None and st.stamp == stamp:
+    def _push(self, p: Path, parsed: ParsedFile, previous: _FileState | None) -> dict[str, list[ObjectKey]]:
+        """Apply one file's new objects and removals to the state; returns the keys it now holds."""
+        had = {kind: set(keys) for kind, keys in (previous.keys if previous else {}).items()}
+        holds: dict[str, list[ObjectKey]] = {}
+        changes: list[tuple[str, ObjectKey, Any]] = []
+        dups: list[tuple[str, ObjectKey]] = []
+        tables = self.state.tables
+        for (kind, key), obj in parsed.objects.items():
+            if key not in had.get(kind, ()) and key in tables[kind]:
+                dups.append((kind, key))
                 continue
-            new = self._read(p, stamp, st)
-            if new is None:  # gone between the scan and the read: removed, as the next scan will see
-                if self.files.pop(p, None) is not None:
-                    changed = True
-                continue
-            self.files[p] = new
-            old_errors = set(st.errors) if st else set()
-            for err in new.errors:
-                if err not in old_errors:
-                    self.on_error(err)
-            changed = True
-        return changed
+            holds.setdefault(kind, []).append(key)
+            changes.append((kind, key, obj))
+        for kind, key in parsed.rejected:  # a broken edit keeps the object's last good version
+            if key in had.get(kind, ()) and (kind, key) not in parsed.objects:
+                holds.setdefault(kind, []).append(key)
+        kept = {kind: set(keys) for kind, keys in holds.items()}
+        for kind, keys in had.items():
+            changes.extend((kind, key, None) for key in keys - kept.get(kind, set()))
+        self.state.apply_all(changes)
+        gone = [(kind, key) for kind, key, obj in changes if obj is None]
+        if dups:
+            self._duplicates(p, dups)
+        self._release(gone)
+        return holds
+
+    def _forget(self, p: Path) -> None:
+        """A removed file: its objects leave the state."""
+        st = self.files.pop(p, None)
+        if st is None:
+            return
+        changes = [(kind, key, None) for kind, keys in st.keys.items() for key in keys]
+        self.state.apply_all(changes)
+        self._release([(kind, key) for kind, key, _ in changes])
+
+    def _duplicates(self, p: Path, dups: list[tuple[str, ObjectKey]]) -> None:
+        owner = {(kind, key): q for q, st in self.files.items() if q != p for kind, keys in st.keys.items()
+                 for key in keys}
+        errs = []
+        for ident in dups:
+            self._shadowed.setdefault(ident, []).append(p)
+            other = owner.get(ident, "another file")
+            errs.append(ObjectError(str(p), ident[0], str(ident[1]), "metadata.name",
+                                    f"also defined in {other}; ignored here while that definition exists"))
+        self.on_errors(errs)
+
+    def _release(self, gone: list[tuple[str, ObjectKey]]) -> None:
+        """Objects that left the state: a file whose duplicate definition was ignored is read again."""
+        if not self._shadowed:
+            return
+        for ident in gone:
+            for q in self._shadowed.pop(ident, ()):
+                if q in self.files:
+                    self.files[q].stamp = (-1, -1, -1)  # re-read at the next pass
+                    self.state.changed.set()
+
+    # -- the thread -----------------------------------------------------------------------------
+    def start(self) -> "ManifestSource":
+        self._thread = threading.Thread(target=self._run, name="manifests", daemon=True)
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(5)
+
+    def wait_synced(self, timeout: float | None = None) -> bool:
+        return self.synced.wait(timeout)
+
+    def _run(self) -> None:
+        first = True
+        while not self._stop.is_set():
+            try:
+                if self.use_inotify and self._watch(first):
+                    continue
+                self.watcher = "poll"
+                if first:
+                    self._first_read()
+                    first = False
+                self._stop.wait(self.poll_interval)
+                self._safe_poll()
+            except Exception:  # pragma: no cover - a bug: keep the source alive
+                log.exception("manifest source error; polling again")
+                self._stop.wait(1.0)
+
+    def _first_read(self) -> None:
+        with memory.bulk():  # the big one
+            self._safe_poll()
+        self.synced.set()
+
+    def _watch(self, first: bool) -> bool:
+        """inotify (watchfiles' notify binding): the watch is set up before the directory is scanned,
+        so no change can fall between the two; each batch of events is followed by a scan. False
+        when inotify is not available (then the caller polls)."""
+        try:
+            from watchfiles._rust_notify import RustNotify  # what watchfiles.watch() wraps
+        except ImportError:
+            return False
+        try:
+            with RustNotify([str(self.directory)], False, False, 0, True, True) as notify:
+                self.watcher = "inotify"
+                self._first_read() if first else self._safe_poll()
+                while not self._stop.is_set():
+                    # step: a batch ends 20 ms after its last event; debounce: at most 200 ms of
+                    # grouping; every 30 s without events a scan anyway (a safety net).
+                    got = notify.watch(200, 20, 30_000, self._stop)
+                    if got == "stop":
+                        break
+                    self._safe_poll()
+            return True
+        except Exception as e:  # inotify limits, an unwatchable filesystem: fall back to polling
+            log.warning("manifests: inotify watch failed, polling every %.1fs err=%s", self.poll_interval, e)
+            self.use_inotify = False
+            if not self.synced.is_set():
+                self._first_read()
+            return False
+
+    def _safe_poll(self) -> None:
+        try:
+            self.poll()
+        except Exception:
+            log.exception("manifest poll failed; trying again at the next change")
 
     @property
     def errors(self) -> list[ObjectError]:
         return [e for st in self.files.values() for e in st.errors]
-
-    def objects(self) -> Objects:
-        out = Objects()
-        by_kind = {"Service": out.services, "EndpointSlice": out.slices, "Pod": out.pods, "Node": out.nodes}
-        for p in sorted(self.files):
-            for (kind, key), obj in self.files[p].objects.items():
-                by_kind[kind][key] = obj
-        return out

@@ -23,7 +23,7 @@ import time
 from collections import Counter, defaultdict
 from pathlib import Path
 
-from agent.config import state_dir_for
+from agent.status import AgentStatus, read_status, status_path
 from .sandbox import Sandbox
 from .sandbox.cluster import PROBE
 
@@ -126,7 +126,7 @@ def _set_web3_ready(manifests: Path, ready: bool) -> None:
     tmp.rename(path)
 
 
-def _render(tally: Tally, status: dict, elapsed: float, tel: "Telemetry | None" = None):
+def _render(tally: Tally, status: AgentStatus | None, elapsed: float, tel: "Telemetry | None" = None):
     from rich.console import Group
     from rich.table import Table
 
@@ -151,14 +151,14 @@ def _render(tally: Tally, status: dict, elapsed: float, tel: "Telemetry | None" 
         pods.add_column(col, justify="left" if col == "pod" else "right")
     for pod, (rx, tx) in sorted((tel.pod_bytes() if tel else {}).items()):
         pods.add_row(pod, fmt_rate(rx, "B"), fmt_rate(tx, "B"))
-    maps = status.get("maps", {})
-    last = status.get("last_sync") or {}
     info = Table.grid(padding=(0, 2))
-    info.add_row("agent", f"pid {status.get('pid', '?')}, {len(status.get('programs', []))} socket programs on the sandbox cgroup")
-    for name, m in maps.items():
-        info.add_row("map", f"{name}: {m['entries']} entries")
-    if last:
-        info.add_row("last sync", f"{last['written']} written, {last['deleted']} deleted in {last['seconds'] * 1000:.2f} ms")
+    if status is not None:
+        info.add_row("agent", f"pid {status.pid}, {len(status.programs)} socket programs on the sandbox cgroup")
+        for name, m in status.maps.items():
+            info.add_row("map", f"{name}: {m.entries} entries")
+        last = status.last_sync
+        if last:
+            info.add_row("last sync", f"{last.written} written, {last.deleted} deleted in {last.seconds * 1000:.2f} ms")
     ev = Table.grid()
     for e in events:
         ev.add_row(e)
@@ -180,7 +180,7 @@ def run_demo(duration: float | None, metrics_addr: str | None, interval: float =
     shutil.copytree(EXAMPLES, manifests, ignore=shutil.ignore_patterns("*.md"))
     agent = None
     tally = Tally()
-    status: dict = {}
+    status: AgentStatus | None = None
     start = time.time()
     with Sandbox() as sb:
         pin_dir = f"/sys/fs/bpf/nodewire-demo-{sb.prefix}"
@@ -195,7 +195,7 @@ def run_demo(duration: float | None, metrics_addr: str | None, interval: float =
                    "--node-name", "sandbox", "--veth-netns", sb.node_netns]
             cmd += ["--metrics-addr", metrics_addr or ""]  # "": off (the agent's default is :9966)
             agent = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=open(tmp / "agent.log", "w"))
-            status_file = Path(state_dir_for(pin_dir), "status.json")
+            status_file = Path(status_path(pin_dir))
             deadline = time.time() + 60
             while not status_file.exists():
                 if agent.poll() is not None or time.time() > deadline:
@@ -222,10 +222,7 @@ def run_demo(duration: float | None, metrics_addr: str | None, interval: float =
                         ready = int(elapsed) % 60 != 15
                         _set_web3_ready(manifests, ready)
                         tally.event("web-3 marked ready again" if ready else "web-3 marked NOT ready")
-                    try:
-                        status = json.loads(status_file.read_text())
-                    except (OSError, json.JSONDecodeError):
-                        pass
+                    status = read_status(pin_dir) or status
                     tel.refresh()
                     live.update(_render(tally, status, elapsed, tel))
                     time.sleep(0.25)

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import psutil
 
-from agent.config import state_dir_for
+from agent.status import AgentStatus, read_status
 from ..sandbox import Sandbox
 from .measure import LoadResult
 from .modes import Unavailable
@@ -54,7 +54,6 @@ class NodewireMode:
     def __init__(self, sb: Sandbox):
         self.sb = sb
         self.pin_dir = f"/sys/fs/bpf/nodewire-bench-{sb.prefix}-{secrets.token_hex(2)}"
-        self.status_path = Path(state_dir_for(self.pin_dir), "status.json")
         self.dir = Path(tempfile.mkdtemp(prefix="nodewire-bench-"))
         self.proc: subprocess.Popen | None = None
         self.stats: dict = {}
@@ -62,11 +61,8 @@ class NodewireMode:
         if not os.path.isdir("/sys/fs/bpf"):
             raise Unavailable("/sys/fs/bpf is not mounted")
 
-    def _status(self) -> dict | None:
-        try:
-            return json.loads(self.status_path.read_text())
-        except (FileNotFoundError, json.JSONDecodeError):
-            return None
+    def _status(self) -> AgentStatus | None:
+        return read_status(self.pin_dir)
 
     def load(self, services: list[BenchService], cap_s: float) -> LoadResult:
         # The last Service's EndpointSlice lives in its own file, so the endpoint change rewrites a
@@ -81,7 +77,7 @@ class NodewireMode:
         ps = psutil.Process(self.proc.pid)
         while True:
             st = self._status()
-            if st and st.get("first_sync") and st.get("services", 0) >= len(services):
+            if st and st.first_sync and st.services >= len(services):
                 break
             if self.proc.poll() is not None:
                 return LoadResult(time.perf_counter() - t0, 0.0,
@@ -91,11 +87,10 @@ class NodewireMode:
             time.sleep(0.02)
         ready = time.perf_counter() - t0
         cpu = ps.cpu_times()
-        first = st["first_sync"]
         self.stats.update(ready_s=round(ready, 3), agent_cpu_to_ready_s=round(cpu.user + cpu.system, 3),
-                          sync_errors=st.get("counters", {}).get("sync_errors"))
+                          sync_errors=st.counters.sync_errors)
         # sync_s is the agent's own full-sync duration (reconciler: model → batched map writes).
-        return LoadResult(first["seconds"], cpu.user + cpu.system)
+        return LoadResult(st.first_sync.seconds, cpu.user + cpu.system)
 
     def _log_tail(self) -> str:
         try:
@@ -115,8 +110,8 @@ class NodewireMode:
                                     "--max-seconds", str(cap_s), "--timeout", "0.5"])
             if "ready" not in watcher.stdout.readline():
                 raise RuntimeError(f"await probe failed: {watcher.stderr.read()[-500:]}")
-        st0 = self._status() or {}
-        syncs0 = (st0.get("counters") or {}).get("syncs", 0)
+        st0 = self._status()
+        syncs0 = st0.counters.syncs if st0 else 0
         t_write = time.time()
         _write_json(self.dir / "last-slice.json", [_slice_doc(after)])
         if watcher is not None:
@@ -128,9 +123,9 @@ class NodewireMode:
             self.stats["change_e2e_ms"] = round((seen - t_write) * 1000, 1)  # file write → traffic moved
         deadline = time.monotonic() + cap_s
         while time.monotonic() < deadline:  # the agent's own figure for that sync, once it writes it
-            st = self._status() or {}
-            if (st.get("counters") or {}).get("syncs", 0) > syncs0 and st.get("last_sync"):
-                return LoadResult(st["last_sync"]["seconds"], 0.0)
+            st = self._status()
+            if st and st.counters.syncs > syncs0 and st.last_sync:
+                return LoadResult(st.last_sync.seconds, 0.0)
             time.sleep(0.02)
         return LoadResult(cap_s, 0.0, timed_out=True)
 

@@ -95,9 +95,11 @@ def measure(impl: str, n: int, endpoints: int, changes: int) -> dict:
         gc.disable()  # as the agent does around a sync (agent.py)
         rss0 = _rss_mib()
         rec = Reconciler(lb.services, lb.backends)
-        t, cpu = time.perf_counter(), time.process_time()
+        t, cpu, ru = time.perf_counter(), time.process_time(), resource.getrusage(resource.RUSAGE_SELF)
         r1 = rec.apply(want, full=True)
         first, first_cpu = time.perf_counter() - t, time.process_time() - cpu
+        ru2 = resource.getrusage(resource.RUSAGE_SELF)
+        first_user, first_sys = ru2.ru_utime - ru.ru_utime, ru2.ru_stime - ru.ru_stime  # Python / kernel
         peak_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
         gc.enable()
         gc.collect()
@@ -133,6 +135,7 @@ def measure(impl: str, n: int, endpoints: int, changes: int) -> dict:
         return {
             "impl": impl, "services": n, "endpoints": endpoints,
             "first_sync_s": round(first, 3), "first_sync_cpu_s": round(first_cpu, 3),
+            "first_sync_user_s": round(first_user, 3), "first_sync_sys_s": round(first_sys, 3),
             "written": r1.written, "errors": len(r1.errors),
             **({"first_plan_s": round(r1.plan_seconds, 3), "first_write_s": round(r1.write_seconds, 3)}
                if hasattr(r1, "plan_seconds") else {}),
@@ -149,7 +152,7 @@ def measure(impl: str, n: int, endpoints: int, changes: int) -> dict:
         remove_pins(pin)
 
 
-COLUMNS = ["impl", "first_sync_s", "first_sync_cpu_s", "resync_s", "resync_cpu_s", "restart_s", "restart_written",
+COLUMNS = ["impl", "first_sync_s", "first_sync_cpu_s", "first_sync_user_s", "first_sync_sys_s", "resync_s", "resync_cpu_s", "restart_s", "restart_written",
            "change_p50_ms", "change_p99_ms", "kept_mib", "restart_peak_mib", "rss_before_mib",
            "first_sync_peak_rss_mib", "rss_after_mib", "errors"]
 
@@ -159,7 +162,8 @@ COLUMNS = ["impl", "first_sync_s", "first_sync_cpu_s", "resync_s", "resync_cpu_s
 @click.option("--endpoints", default=5, show_default=True)
 @click.option("--changes", default=200, show_default=True, help="Single-endpoint changes timed (×2: out and back).")
 @click.option("--compare", "others", multiple=True,
-              help="Another reconciler.py to run side by side (e.g. from `git show 56679d1:agent/datapath/reconciler.py`).")
+              help="Another reconciler.py to run side by side "
+                   "(e.g. from `git show 56679d1:agent/datapath/reconciler.py`).")
 @click.option("--child", hidden=True, default=None)
 def reconciler(services, endpoints, changes, others, child) -> None:
     """Reconciler alone into real pinned maps: sync time, change latency, memory kept."""

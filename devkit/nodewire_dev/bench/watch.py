@@ -185,7 +185,7 @@ def change_latency(n: int, endpoints: int, changes: int, workdir: str, burst: in
                 return {"services": n, "endpoints_per_service": endpoints, "changes": changes,
                         "p50_ms": round(_pct(lat, 50), 3), "p99_ms": round(_pct(lat, 99), 3),
                         "max_ms": round(max(lat), 3), "mean_ms": round(statistics.mean(lat), 3),
-                        "initial_full_sync_s": round(agent.first_sync["seconds"], 3),
+                        "initial_full_sync_s": round(agent.first_sync.seconds, 3),
                         "burst_changes": burst, "burst_reconciler_runs": burst_runs,
                         "burst_p50_ms": round(_pct(burst_lat, 50), 3), "burst_p99_ms": round(_pct(burst_lat, 99), 3),
                         "burst_first_arrival_to_last_applied_ms": round(
@@ -203,7 +203,7 @@ def list_to_synced(n: int, endpoints: int, workdir: str) -> dict:
     """Part 2: a fresh `nodewire run --kube` process; list → synced → maps written, and its RSS."""
     import psutil
 
-    from agent.config import state_dir_for
+    from agent.status import read_status, status_path
     from ..sandbox import Sandbox
 
     t_load = time.perf_counter()
@@ -213,8 +213,7 @@ def list_to_synced(n: int, endpoints: int, workdir: str) -> dict:
     try:
         with Sandbox() as sb:
             pin = f"/sys/fs/bpf/{sb.prefix}-bl"
-            status = Path(state_dir_for(pin), "status.json")
-            status.unlink(missing_ok=True)
+            Path(status_path(pin)).unlink(missing_ok=True)
             log = open(Path(workdir, "agent-list.log"), "w")
             proc = subprocess.Popen([nodewire, "run", "--kubeconfig", str(server.kubeconfig), "--cgroup", sb.cgroup,
                                      "--pin-dir", pin, "--metrics-addr", ""], stdout=log, stderr=subprocess.STDOUT,
@@ -223,15 +222,12 @@ def list_to_synced(n: int, endpoints: int, workdir: str) -> dict:
                 ps = psutil.Process(proc.pid)
                 peak = 0
                 rss_datapath = None  # after the BPF compile/load, before the list is in
-                st: dict = {}
+                st = None
                 deadline = time.monotonic() + 600
                 while time.monotonic() < deadline:
                     peak = max(peak, ps.memory_info().rss)
-                    try:
-                        st = json.loads(status.read_text())
-                    except (FileNotFoundError, json.JSONDecodeError):
-                        st = {}
-                    if st.get("first_sync"):
+                    st = read_status(pin)
+                    if st and st.first_sync:
                         break
                     if st and rss_datapath is None:
                         rss_datapath = ps.memory_info().rss
@@ -241,12 +237,12 @@ def list_to_synced(n: int, endpoints: int, workdir: str) -> dict:
                 else:
                     raise RuntimeError("agent never synced")
                 rss = ps.memory_info().rss
-                kube = st["sources"]["kube"]
+                kube = st.sources["kube"].detail
                 return {"services": n, "endpoints": n * endpoints, "server_load_s": round(load_s, 1),
                         "list_to_synced_s": round(kube["synced_seconds"], 3),
-                        "full_sync_to_maps_s": round(st["first_sync"]["seconds"], 3),
-                        "agent_start_to_maps_s": round(st["first_sync"]["since_start"], 3),
-                        "services_in_maps": st["services"],
+                        "full_sync_to_maps_s": round(st.first_sync.seconds, 3),
+                        "agent_start_to_maps_s": round(st.first_sync.since_start, 3),
+                        "services_in_maps": st.services,
                         "list_cpu_s": round(kube["synced_cpu_seconds"], 3),
                         "rss_datapath_only_mib": round((rss_datapath or 0) / 2**20, 1),
                         "rss_mib": round(rss / 2**20, 1), "peak_rss_mib": round(max(peak, rss) / 2**20, 1)}
