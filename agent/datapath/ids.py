@@ -360,6 +360,7 @@ class IdRegistry:
         self.backends = BackendTable()
         self.services: list[ObjectKey | None] = []   # service index → key (owner values)
         self.service_index: dict[ObjectKey, int] = {}
+        self.owned_count = np.zeros(0, np.int32)     # service index → frontends it owns
         self._free_services: list[int] = []
         self.svc_entries = 0                           # entries in the service map
         self.lock = threading.Lock()
@@ -401,24 +402,18 @@ class IdRegistry:
             idx = o.known_index.copy()
             for s in np.unique(o.service_of[idx[o.service_of] < 0]).tolist():  # new owners
                 idx[s] = self.intern_service(o.services[s])
-            fe.owner[o.sids] = idx[o.service_of]
+            self._set_owners(o.sids, idx[o.service_of])
             for s, n in zip(o.sids.tolist(), o.port_names):
                 fe.port_name[s] = n
             be.count_refs(p.refs_gained, +1)
             be.count_refs(p.refs_lost, -1)
+            self._set_owners(p.removed_frontends, np.full(len(p.removed_frontends), -1))
             fe.remove(p.removed_frontends)
             be.remove(p.backend_deletes["id"])
             self.svc_entries += p.entry_delta
             idxs = o.known_index[o.applied]
-            idxs = idxs[idxs >= 0].tolist()  # Services that may have lost their last frontend
-            if len(idxs) > 16:
-                owning = np.zeros(len(self.services), bool)
-                owning[fe.owner[fe.live & (fe.owner >= 0)]] = True
-                owns = owning.__getitem__
-            else:
-                owns = lambda i: bool((fe.owner == i).any())  # noqa: E731
-            for idx in idxs:
-                if not owns(idx):
+            for idx in idxs[(idxs >= 0)].tolist():  # Services that may have lost their last frontend
+                if not self.owned_count[idx]:
                     svc = self.services[idx]
                     del self.service_index[svc]
                     self.services[idx] = None
@@ -464,6 +459,18 @@ class IdRegistry:
         n = self.backends.size
         self.backends.refs[:n] += np.bincount(valid, minlength=n)[:n].astype(np.int32)
 
+    def _set_owners(self, sids: np.ndarray, idx: np.ndarray) -> None:
+        """Frontends sids now owned by Services idx (-1: none), keeping owned_count in step."""
+        fe = self.frontends
+        if len(self.owned_count) < len(self.services):
+            self.owned_count = np.concatenate([self.owned_count,
+                                               np.zeros(len(self.services) - len(self.owned_count), np.int32)])
+        before = fe.owner[sids]
+        np.subtract.at(self.owned_count, before[before >= 0], 1)
+        idx = np.asarray(idx, np.int32)
+        np.add.at(self.owned_count, idx[idx >= 0], 1)
+        fe.owner[sids] = idx
+
     def adopt_owners(self, old: "IdRegistry") -> None:
         """Take the Service owners of frontends `old` knew (after re-reading the maps on a failed write)."""
         sids = self.frontends.live_ids()
@@ -471,7 +478,7 @@ class IdRegistry:
         for sid, o in zip(sids.tolist(), was.tolist()):
             idx = int(old.frontends.owner[o]) if o else -1
             if idx >= 0:
-                self.frontends.owner[sid] = self.intern_service(old.services[idx])
+                self._set_owners(np.array([sid]), np.array([self.intern_service(old.services[idx])]))
                 self.frontends.port_name[sid] = old.frontends.port_name[o]
 
     # -- start-up: what the pinned maps already hold -------------------------------------------

@@ -436,7 +436,7 @@ def _diff(d: Desired, fe_sid, be_id, fresh: _Fresh, reg: IdRegistry, refused, re
         f = int(applied[i])
         entry_delta += rows.diff(f, int(a_sid[i]), np.frombuffer(old_slots[i], SLOT_DTYPE),
                                  be_id[d.be_start[f]:d.be_start[f + 1]].astype(SLOT_DTYPE))
-    removed = _unclaimed(reg, d.svc_idx[~refused], a_old, sweep)
+    removed = _unclaimed(reg, d, fe_svc[applied], a_old, refused, sweep)
     rm_head = removed[fe.has_header[removed]]
     entry_delta -= len(rm_head)
     for s in removed.tolist():
@@ -484,10 +484,18 @@ def _new_backend_ids(d: Desired, be_id, fresh: _Fresh, reg: IdRegistry, take) ->
     return be_id, new_bids, d.be_keys[fresh.rows[be_svc_ok][where]]
 
 
-def _unclaimed(reg: IdRegistry, applied_idx: np.ndarray, kept: np.ndarray, sweep: bool) -> np.ndarray:
-    """Frontends of the applied Services they no longer list (sweep: also those owned by none)."""
+def _unclaimed(reg: IdRegistry, d: Desired, a_svc: np.ndarray, kept: np.ndarray, refused,
+               sweep: bool) -> np.ndarray:
+    """Frontends of the applied Services they no longer list (sweep: also those owned by none).
+    a_svc / kept: the Service (position) and held service id (0: new) of each applied frontend."""
     fe = reg.frontends
-    candidates = fe.live & np.isin(fe.owner, applied_idx[applied_idx >= 0])
+    idx = d.svc_idx[~refused]
+    idx = idx[idx >= 0]
+    if not sweep:  # nothing to look for when each Service still lists every frontend it owns
+        mine = kept[(kept > 0) & (fe.owner[kept] == d.svc_idx[a_svc])]
+        if (idx < len(reg.owned_count)).all() and int(reg.owned_count[idx].sum()) == len(mine):
+            return np.zeros(0, np.uint32)
+    candidates = fe.live & np.isin(fe.owner, idx)
     if sweep:
         candidates |= fe.live & (fe.owner < 0)
     candidates[kept] = False
