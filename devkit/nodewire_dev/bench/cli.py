@@ -30,7 +30,7 @@ def udp_recovery(runs, output) -> None:
 @click.option("--endpoints", default=5, show_default=True, help="Endpoints per Service.")
 @click.option("--files", default="1", show_default=True, help="Comma-separated: the Services split into this many files.")
 @click.option("--flags", "flag_sets", default="default,lb", show_default=True,
-              help="Comma-separated agent flag sets: default (observe and rdma on), lb (--no-observe --no-rdma).")
+              help="Comma-separated agent flag sets: default (observe and rdma on), lb (--no-observe --no-rdma), nocheck (default with --check-interval 0).")
 @click.option("--connects", default=2000, show_default=True, help="Connects per series per N.")
 @click.option("--idle-seconds", default=30.0, show_default=True, help="Idle time after the first sync for the CPU figure.")
 @click.option("--map-size", "map_sizes", multiple=True, metavar="MAP=N", help="Passed to the agent (after the automatic sizes).")
