@@ -128,34 +128,47 @@ class ApiServer:
             threading.Thread(target=self._serve, args=(conn,), name="api-conn", daemon=True).start()
 
     def _serve(self, conn: socket.socket) -> None:
-        with conn:
+        """One connection: check the peer, then answer line by line until it closes. The socket and
+        its file are closed however this ends, so a peer never waits on a connection nobody reads."""
+        try:
             pid, uid, _gid = peer_credentials(conn)
             if uid not in self.allowed_uids:
                 log.warning("api peer refused pid=%d uid=%d", pid, uid)
                 _send(conn, _error("forbidden", f"uid {uid} may not use the nodewire API"))
                 return
             conn.settimeout(60)
-            f = conn.makefile("rb")
-            while True:
-                try:
-                    line = f.readline(MAX_LINE + 1)
-                except OSError:
-                    return
-                if not line:
-                    return
-                if len(line) > MAX_LINE:
-                    _send(conn, _error("bad_request", f"request longer than {MAX_LINE} bytes"))
-                    return
-                try:
-                    request = json.loads(line)
-                except ValueError as e:
-                    answer = _error("bad_request", f"not JSON: {e}")
-                except RecursionError:  # not a ValueError: it would end this thread without an answer
-                    answer = _error("bad_request", "not JSON: nested too deeply")
-                else:
-                    answer = self.dispatch(request)
-                if not _send(conn, answer):
-                    return
+            with conn.makefile("rb") as f:  # the file holds the socket open: it is closed too
+                while _send(conn, self._answer(f, conn)):
+                    pass
+        except _Done:
+            pass
+        except Exception:
+            log.exception("api connection failed")
+        finally:
+            conn.close()
+
+    def _answer(self, f, conn: socket.socket) -> dict:
+        """The answer to the next line; _Done when the peer is gone or the line is over the limit."""
+        try:
+            line = f.readline(MAX_LINE + 1)
+        except OSError:
+            raise _Done from None
+        if not line:
+            raise _Done
+        if len(line) > MAX_LINE:
+            _send(conn, _error("bad_request", f"request longer than {MAX_LINE} bytes"))
+            raise _Done
+        try:
+            request = json.loads(line)
+        except ValueError as e:
+            return _error("bad_request", f"not JSON: {e}")
+        except RecursionError:  # not a ValueError: it would end this thread without an answer
+            return _error("bad_request", "not JSON: nested too deeply")
+        return self.dispatch(request)
+
+
+class _Done(Exception):
+    """The connection is finished (peer closed, or a line over the limit was refused)."""
 
 
 def _error(code: str, message: str) -> dict:
@@ -164,7 +177,11 @@ def _error(code: str, message: str) -> dict:
 
 def _send(conn: socket.socket, answer: dict) -> bool:
     try:
-        conn.sendall(json.dumps(answer, separators=(",", ":")).encode() + b"\n")
+        data = json.dumps(answer, separators=(",", ":")).encode()
+    except (TypeError, ValueError, RecursionError) as e:  # e.g. a result nested deeper than the encoder goes
+        data = json.dumps(_error("internal", f"the answer is not encodable as JSON: {type(e).__name__}: {e}")).encode()
+    try:
+        conn.sendall(data + b"\n")
         return True
     except OSError:
         return False

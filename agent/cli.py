@@ -314,9 +314,12 @@ def cleanup(pin_dir, cgroup, kube_proxy) -> None:
     cg = cgroup or (st.cgroup if st else None) or detect_cgroup2_root()
     n = detach_loaded(cg, pin_dir) if os.path.isdir(cg) else 0
     devices = list(((st.northsouth if st else None) or {}).get("devices") or {})
-    if devices:  # tc filters on the node devices (in this network namespace)
+    if devices:  # tc filters on the node devices (in this network namespace); the pins go regardless
         from .datapath.nodeport import detach
-        n += detach(devices)
+        try:
+            n += detach(devices)
+        except Exception as e:  # noqa: BLE001 - a device gone with its namespace must not keep the pins
+            click.echo(f"could not detach the tc programs from {', '.join(devices)}: {e}", err=True)
     removed = remove_pins(pin_dir)
     shutil.rmtree(state_dir_for(pin_dir), ignore_errors=True)
     click.echo(f"detached {n} programs from {cg}; unpinned {removed} maps, programs and links from {pin_dir}")

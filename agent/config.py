@@ -48,7 +48,8 @@ def key(default: Any = None, help: str = "", *, kind: str | None = None, name: s
 
 class ConfigError(ValueError):
     def __init__(self, key_name: str, source: str, message: str):
-        super().__init__(f"config key {key_name} ({source}): {message}")
+        shown = key_name if key_name and key_name.isprintable() and " " not in key_name else repr(key_name)
+        super().__init__(f"config key {shown} ({source}): {message}")  # '' or 'a b' shown quoted (fuzzer)
         self.key, self.source, self.message = key_name, source, message
 
 
@@ -168,8 +169,10 @@ _TRUE, _FALSE = {"true", "yes", "on", "1"}, {"false", "no", "off", "0"}
 def coerce(k: Key, value: Any, source: str) -> Any:
     """A value from YAML (typed) or the environment (text) → the key's type."""
     bad = lambda what: ConfigError(k.name, source, f"{value!r} is not {what}")  # noqa: E731
-    if value is None:
-        return None
+    if value is None:  # `key:` with no value in YAML; only keys whose default is None may be null
+        if k.default is None and k.kind not in ("list", "mapsizes"):
+            return None
+        raise ConfigError(k.name, source, f"null is not allowed (default: {k.default!r})")
     if k.kind == "bool":
         if isinstance(value, bool):
             return value
@@ -180,9 +183,12 @@ def coerce(k: Key, value: Any, source: str) -> Any:
         if isinstance(value, bool):
             raise bad(f"a number ({k.kind})")
         try:
-            return int(value) if k.kind == "int" else float(value)
-        except (TypeError, ValueError):
+            number = int(value) if k.kind == "int" else float(value)
+        except (TypeError, ValueError, OverflowError):
             raise bad(f"a number ({k.kind})") from None
+        if number != number or number in (float("inf"), float("-inf")):  # nan / inf (the fuzzer)
+            raise bad("a finite number")
+        return number
     if k.kind == "list":
         items = value.split(",") if isinstance(value, str) else value
         if not isinstance(items, (list, tuple)) or not all(isinstance(i, str) for i in items):

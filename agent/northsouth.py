@@ -35,7 +35,7 @@ class NorthSouthService:
             addresses = device_addresses(ipr, devs)
         if not devs:
             raise ValueError("--devices auto: no interface with a node address or a default route")
-        self.node = NodeInfo(node_name, tuple(addresses), nodeport_range)
+        self.node = NodeInfo(node_name, tuple(addresses), nodeport_range=nodeport_range)
         self.datapath = NodePortDatapath(pin_dir, sizes, maglev_size)
         self.datapath.attach(devs)
         self.snat = self.datapath.set_snat_addresses(addresses)

@@ -269,7 +269,8 @@ int nw_np_ingress(struct __sk_buff *skb)
 		return pkt_route_out(skb, &p);
 	}
 	struct ct_entry *fwd = ct_lookup(&p, NW_CT_FORWARD);
-	if (fwd) {
+	int syn = p.proto == IPPROTO_TCP && (p.tcp_flags & (NW_TCP_SYN | NW_TCP_ACK)) == NW_TCP_SYN;
+	if (fwd && !syn) {  /* a SYN starts a new connection on a reused tuple: balanced anew */
 		struct ct_entry f = *fwd;
 		struct lb_backend *be = nodewire_np_backends_v1.lookup(&f.backend_id);
 		/* a flow whose backend left the Service is balanced anew */
@@ -278,7 +279,10 @@ int nw_np_ingress(struct __sk_buff *skb)
 			return np_forward(skb, &p, f.x, f.xport, f.flags & NW_CT_F_SNAT, f.y, f.yport);
 		}
 	}
-	return new_flow(skb, &p);
+	int verdict = new_flow(skb, &p);
+	if (verdict == TC_ACT_UNSPEC && (syn || p.proto == IPPROTO_UDP))
+		ct_forget_reverse(&p);
+	return verdict;
 }
 
 int nw_np_egress(struct __sk_buff *skb)

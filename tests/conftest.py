@@ -18,12 +18,12 @@ from nodewire_dev.sandbox import Sandbox
 NODEWIRE = str(Path(sys.executable).with_name("nodewire"))
 
 # Fuzzing (tests/test_fuzz_*.py): bounded in CI; `make fuzz` (or --hypothesis-profile=long, or
-# NODEWIRE_FUZZ=long) runs the long profile. No deadline: the machine is shared and noisy.
-settings.register_profile("ci", max_examples=int(os.environ.get("NODEWIRE_FUZZ_EXAMPLES", "40")), deadline=None,
+# NW_FUZZ=long) runs the long profile. No deadline: the machine is shared and noisy.
+settings.register_profile("ci", max_examples=int(os.environ.get("NW_FUZZ_EXAMPLES", "40")), deadline=None,
                           database=None, suppress_health_check=list(HealthCheck), print_blob=True)
 settings.register_profile("long", max_examples=3000, deadline=None, suppress_health_check=list(HealthCheck),
                           print_blob=True)
-settings.load_profile(os.environ.get("NODEWIRE_FUZZ", "ci"))
+settings.load_profile(os.environ.get("NW_FUZZ", "ci"))
 
 
 def wait_for(cond, timeout: float = 10.0, interval: float = 0.05, what: str = "condition"):
@@ -48,14 +48,14 @@ class AgentProcess:
         self.proc: subprocess.Popen | None = None
         self.log = manifests.parent / f"agent-{os.path.basename(pin_dir)}.log"
 
-    def start(self) -> "AgentProcess":
+    def start(self, timeout: float = 60) -> "AgentProcess":
         Path(status_path(self.pin_dir)).unlink(missing_ok=True)
         self._logf = open(self.log, "a")
         self.proc = subprocess.Popen(
             [*self.prefix, NODEWIRE, "--debug", "run", "--manifests", str(self.manifests), "--cgroup", self.cgroup,
              "--pin-dir", self.pin_dir, *self.metrics_off(), *self.extra],
             stdout=self._logf, stderr=subprocess.STDOUT)
-        wait_for(lambda: self.status().first_sync or self._died(), 60, what="agent first sync")
+        wait_for(lambda: self.status().first_sync or self._died(), timeout, what="agent first sync")
         return self
 
     def metrics_off(self) -> list[str]:

@@ -126,3 +126,19 @@ def test_running_agent_serves_its_api_in_the_state_dir(agent_factory):
     assert call(path, "ping")["pid"] == agent.proc.pid
     agent.cleanup()
     assert not os.path.exists(path)  # removed at a clean stop
+
+
+def test_an_answer_too_deep_to_encode_is_an_internal_error_and_the_connection_goes_on(server):
+    """json.loads takes nesting that json.dumps refuses (its C encoder recurses twice per level): the
+    echoed answer must still be one line, and the connection must keep serving."""
+    server.register("deep", lambda p: p["v"])
+    depth = 700
+    line = b'{"method":"deep","params":{"v":' + b"[" * depth + b"]" * depth + b"}}\n"
+    with socket.socket(socket.AF_UNIX) as s:
+        s.settimeout(10)
+        s.connect(server.path)
+        s.sendall(line + b'{"method":"ping"}\n')
+        f = s.makefile("rb")
+        first, second = json.loads(f.readline()), json.loads(f.readline())
+    assert first.get("result") is not None or first["error"]["code"] in ("internal", "bad_request")
+    assert second == {"result": {"pid": os.getpid()}}

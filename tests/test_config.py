@@ -132,6 +132,8 @@ def test_config_file_keys_documented_in_readme_exist():
     rows = [line.split("|")[1:4] for line in section.splitlines() if line.startswith("| `")]
     assert rows
     ks = c.keys()
+    listed = [name.strip().strip("`") for name, _e, _d in rows]
+    assert [k for k in ks if k not in listed] == [], "README's Configuration table misses these keys"
     for name, _env, default in rows:
         name = name.strip().strip("`")
         assert name in ks, name

@@ -68,6 +68,12 @@ def test_daemonset_shape(d):
     assert [x["command"][:3] for x in spec["initContainers"]] == [["nodewire", "cni", "install"]]
     role = next(o for o in objs if o["kind"] == "ClusterRole")
     assert all(set(r["verbs"]) == {"list", "watch"} for r in role["rules"])  # what the kube source does
+    # exactly the resources agent/sources/kube.py lists and watches, no more
+    import re
+    src = (ROOT / "agent" / "sources" / "kube.py").read_text()
+    watched = {(g or "", r) for r, g in re.findall(r'WatchSpec\("(\w+)", "/apis?/(?:([\w.]+)/)?v1/', src)}
+    granted = {(g, r) for rule in role["rules"] for g in rule["apiGroups"] for r in rule["resources"]}
+    assert watched and granted == watched
 
 
 @pytest.mark.parametrize("d", KUSTOMIZATIONS, ids=lambda d: d.name)
@@ -89,6 +95,7 @@ def test_commands_use_only_flags_that_exist_and_the_config_is_valid(d, tmp_path)
     assert cfg.kube and cfg.metrics_addr == f":{c.DEFAULT_METRICS_PORT}"
     if d.name == "kube-proxy-replacement":
         assert cfg.api_server and cfg.api_server.startswith("https://")
+        assert cfg.devices  # no kube-proxy: nodewire serves the NodePorts
 
 
 def test_config_keys_of_the_kube_proxy_replacement_match_the_vagrant_control_plane():

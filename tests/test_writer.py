@@ -161,7 +161,8 @@ def _random_states(steps, services_cap, backends_cap):
         if kind == "crash":  # a write fails part-way; the agent restarts and syncs fully
             d.services.fail_after = d.services.syscalls + arg
             d.backends.fail_after = d.backends.syscalls + arg
-            rec.apply({s: [] for s in model} if model else {SERVICES[0]: frontends_of(SERVICES[0], [(VIPS[0], 80, POOL[:2], 0)])})
+            first = {SERVICES[0]: frontends_of(SERVICES[0], [(VIPS[0], 80, POOL[:2], 0)])}
+            rec.apply({s: [] for s in model} if model else first)
             d.services.fail_after = d.backends.fail_after = None
             rec = Reconciler(d.services, d.backends)
             res = rec.apply(dict(model), full=True)

@@ -188,7 +188,7 @@ class CniPods:
         base = current or Pod(att.key, (), node_name=self.node_name, uid=att.uid)
         pod = replace(base, ips=att.ips or base.ips, node_name=base.node_name or self.node_name)
         self._applied[att.key] = pod
-        self.state.apply_pod(att.key, pod)
+        self.state.apply("Pod", att.key, pod)
 
     def _forget(self, att: Attachment) -> None:
         self.attachments.pop(att.id, None)
@@ -198,7 +198,7 @@ class CniPods:
             pass
         mine = self._applied.pop(att.key, None)
         if mine is not None and self.state.pods.get(att.key) == mine:
-            self.state.apply_pod(att.key, None)
+            self.state.apply("Pod", att.key, None)
         self._hook_stop(att.key)
 
     def _record_path(self, att: Attachment) -> str:
@@ -301,9 +301,9 @@ class CniPods:
         """Give API-source pods found in the scan their veth (and take it back when they go)."""
         seen = -1
         while not self._stop.wait(0.5):
-            if self.state.revision == seen:
+            if self.state.identity_revision == seen:
                 continue
-            seen = self.state.revision
+            seen = self.state.identity_revision
             with self._lock:
                 # a source that replaced the whole pod list (a manifest edit) took CNI pods out: put back
                 for att in list(self.attachments.values()):

@@ -360,24 +360,15 @@ class IdRegistry:
         self.backends = BackendTable()
         self.services: list[ObjectKey | None] = []   # service index → key (owner values)
         self.service_index: dict[ObjectKey, int] = {}
+        self.owned_count = np.zeros(0, np.int32)     # service index → frontends it owns
         self._free_services: list[int] = []
         self.svc_entries = 0                           # entries in the service map
         self.lock = threading.Lock()
 
     # -- queries (planner, agent thread) -------------------------------------------------------
-    def index_of(self, svc: ObjectKey) -> int:
-        return self.service_index.get(svc, -1)
-
-    def frontends_of(self, idx: int) -> np.ndarray:
-        """Service ids of the frontends a Service (by index) owns."""
-        return np.nonzero(self.frontends.owner == idx)[0].astype(np.uint32) if idx >= 0 else np.zeros(0, np.uint32)
-
     def owned_services(self) -> list[ObjectKey]:
-        owners = np.unique(self.frontends.owner[self.frontends.live])
-        return [self.services[i] for i in owners.tolist() if i >= 0]
-
-    def service_count(self) -> int:
-        return len(np.unique(self.frontends.owner[self.frontends.live & (self.frontends.owner >= 0)]))
+        """The Services owning at least one frontend."""
+        return [self.services[i] for i in np.nonzero(self.owned_count > 0)[0].tolist()]
 
     def snapshot(self) -> Snapshot:
         with self.lock:
@@ -401,53 +392,26 @@ class IdRegistry:
             idx = o.known_index.copy()
             for s in np.unique(o.service_of[idx[o.service_of] < 0]).tolist():  # new owners
                 idx[s] = self.intern_service(o.services[s])
-            fe.owner[o.sids] = idx[o.service_of]
+            self._set_owners(o.sids, idx[o.service_of])
             for s, n in zip(o.sids.tolist(), o.port_names):
                 fe.port_name[s] = n
             be.count_refs(p.refs_gained, +1)
             be.count_refs(p.refs_lost, -1)
+            self._set_owners(p.removed_frontends, np.full(len(p.removed_frontends), -1))
             fe.remove(p.removed_frontends)
             be.remove(p.backend_deletes["id"])
             self.svc_entries += p.entry_delta
             idxs = o.known_index[o.applied]
-            idxs = idxs[idxs >= 0].tolist()  # Services that may have lost their last frontend
-            if len(idxs) > 16:
-                owning = np.zeros(len(self.services), bool)
-                owning[fe.owner[fe.live & (fe.owner >= 0)]] = True
-                owns = owning.__getitem__
-            else:
-                owns = lambda i: bool((fe.owner == i).any())  # noqa: E731
-            for idx in idxs:
-                if not owns(idx):
+            for idx in idxs[(idxs >= 0)].tolist():  # Services that may have lost their last frontend
+                if not self.owned_count[idx]:
                     svc = self.services[idx]
                     del self.service_index[svc]
                     self.services[idx] = None
                     self._free_services.append(idx)
 
-    def adopt_owners(self, old: "IdRegistry") -> None:
-        """Take the Service owners of frontends `old` knew (after re-reading the maps on a failed write)."""
-        sids = self.frontends.live_ids()
-        was = old.frontends.lookup(self.frontends.keys[sids])
-        for sid, o in zip(sids.tolist(), was.tolist()):
-            idx = int(old.frontends.owner[o]) if o else -1
-            if idx >= 0:
-                self.frontends.owner[sid] = self.intern_service(old.services[idx])
-                self.frontends.port_name[sid] = old.frontends.port_name[o]
-
-    # -- start-up: what the pinned maps already hold -------------------------------------------
-    @classmethod
-    def restore(cls, services: tuple[np.ndarray, np.ndarray], backends: tuple[np.ndarray, np.ndarray]) -> "IdRegistry":
-        """The registry of maps already holding `services` and `backends` ((keys, values) rows as
-        dump_arrays() returns them). Headers keep their service ids; slots with no header (a crash
-        mid-delete) become frontends owned by no Service, removed by the next full sync unless claimed."""
-        reg = cls()
-        bk, bv = backends
-        reg.backends.add(np.asarray(bk, np.uint32), as_keys(_copy_fields(bv, BACKEND_IDENT)))
-        sk, sv = services
-        reg.svc_entries = len(sk)
-        keys = as_keys(_copy_fields(sk, FRONTEND_IDENT))
+    def _restore_headers(self, keys: np.ndarray, sk: np.ndarray, sv: np.ndarray) -> None:
+        fe = self.frontends
         head = np.nonzero(sk["slot"] == 0)[0]
-        fe = reg.frontends
         sids = sv["service_id"][head].astype(np.uint32)
         _, first = np.unique(sids, return_index=True)
         good = np.zeros(len(head), bool)
@@ -464,24 +428,63 @@ class IdRegistry:
         fe.flags[odd_sids] = 0xFFFF  # never a wanted value: forces a header write
         fe.affinity[hs] = sv["affinity_timeout"][rows]
         fe.has_header[hs] = True
+
+    def _restore_slots(self, keys: np.ndarray, sk: np.ndarray, sv: np.ndarray) -> None:
+        """Slot lists and backend refcounts; slots under no header get a frontend of their own."""
+        fe = self.frontends
         slot_rows = np.nonzero(sk["slot"] != 0)[0]
         owner_sid = fe.lookup(keys[slot_rows])
         orphan = slot_rows[owner_sid == 0]
         if len(orphan):
             o_keys = keys[orphan]
             _, first = np.unique(_hash(o_keys), return_index=True)
-            orphan_sids = fe.reserve(len(first))
-            fe.add(orphan_sids, o_keys[first])
+            fe.add(fe.reserve(len(first)), o_keys[first])
             owner_sid = fe.lookup(keys[slot_rows])
         bids = sv["backend_id"][slot_rows].astype(np.uint32)
-        bids = np.where(be_live(reg.backends, bids), bids, INVALID).astype(np.uint32)
+        bids = np.where(be_live(self.backends, bids), bids, INVALID).astype(np.uint32)
         slot_no = sk["slot"][slot_rows].astype(np.int64)
         order = np.lexsort((slot_no, owner_sid))
-        owner_sid, slot_no, bids = owner_sid[order], slot_no[order], bids[order]
-        _set_slots(fe, owner_sid, slot_no, bids)
+        _set_slots(fe, owner_sid[order], slot_no[order], bids[order])
         valid = bids[bids != INVALID]
-        n = reg.backends.size
-        reg.backends.refs[:n] += np.bincount(valid, minlength=n)[:n].astype(np.int32)
+        n = self.backends.size
+        self.backends.refs[:n] += np.bincount(valid, minlength=n)[:n].astype(np.int32)
+
+    def _set_owners(self, sids: np.ndarray, idx: np.ndarray) -> None:
+        """Frontends sids now owned by Services idx (-1: none), keeping owned_count in step."""
+        fe = self.frontends
+        if len(self.owned_count) < len(self.services):
+            self.owned_count = np.concatenate([self.owned_count,
+                                               np.zeros(len(self.services) - len(self.owned_count), np.int32)])
+        before = fe.owner[sids]
+        np.subtract.at(self.owned_count, before[before >= 0], 1)
+        idx = np.asarray(idx, np.int32)
+        np.add.at(self.owned_count, idx[idx >= 0], 1)
+        fe.owner[sids] = idx
+
+    def adopt_owners(self, old: "IdRegistry") -> None:
+        """Take the Service owners of frontends `old` knew (after re-reading the maps on a failed write)."""
+        sids = self.frontends.live_ids()
+        was = old.frontends.lookup(self.frontends.keys[sids])
+        for sid, o in zip(sids.tolist(), was.tolist()):
+            idx = int(old.frontends.owner[o]) if o else -1
+            if idx >= 0:
+                self._set_owners(np.array([sid]), np.array([self.intern_service(old.services[idx])]))
+                self.frontends.port_name[sid] = old.frontends.port_name[o]
+
+    # -- start-up: what the pinned maps already hold -------------------------------------------
+    @classmethod
+    def restore(cls, services: tuple[np.ndarray, np.ndarray], backends: tuple[np.ndarray, np.ndarray]) -> "IdRegistry":
+        """The registry of maps already holding `services` and `backends` ((keys, values) rows as
+        dump_arrays() returns them). Headers keep their service ids; slots with no header (a crash
+        mid-delete) become frontends owned by no Service, removed by the next full sync unless claimed."""
+        reg = cls()
+        bk, bv = backends
+        reg.backends.add(np.asarray(bk, np.uint32), as_keys(_copy_fields(bv, BACKEND_IDENT)))
+        sk, sv = services
+        reg.svc_entries = len(sk)
+        keys = as_keys(_copy_fields(sk, FRONTEND_IDENT))
+        reg._restore_headers(keys, sk, sv)
+        reg._restore_slots(keys, sk, sv)
         return reg
 
     # -- service keys --------------------------------------------------------------------------

@@ -14,7 +14,7 @@ Program types and attach types are BCC's names (`BPF.<prog type>`, `BPFAttachTyp
 compiles, loads, pins every map the spec names at `<pin dir>/<map>` (the C declares them
 BPF_TABLE_PINNED, so a recompile reuses the maps and their entries) and every program at
 `<pin dir>/progs/<spec name>/<function>`, reports the maps' layouts, and exits. The report and a
-digest of (program text with its headers, cflags, programs, maps, pin dir) are kept in
+digest of (program text with its headers, cflags, programs, maps, pin dir, compile.py) are kept in
 `<state dir>/programs/<spec name>.json`: a restart with the same digest and all pins present opens the
 pins and compiles nothing. A changed program is pinned over the old one; attaching it replaces the
 old attachment atomically (cgroup hooks without flags). `open_loaded` opens what an agent loaded,
@@ -64,7 +64,10 @@ class ProgramSpec:
         return self.name or Path(self.source).stem
 
     def digest(self, pin_dir: str) -> str:
+        """Changes with the program text (headers inlined), the flags, what is loaded and pinned, and
+        the compile child itself, so an agent upgrade that changes how programs load recompiles."""
         h = hashlib.sha256(program_text(self.source).encode())
+        h.update(Path(__file__).with_name("compile.py").read_bytes())
         h.update(json.dumps([list(self.cflags), [list(p) for p in self.programs], list(self.maps), pin_dir]).encode())
         return h.hexdigest()
 

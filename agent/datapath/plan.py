@@ -27,7 +27,7 @@ import numpy as np
 from ..model.frontends import Backend, Frontend
 from ..model.objects import ObjectKey
 from .abi import PROTO_NUMBERS, SVC_F_AFFINITY
-from .ids import FRONTEND_IDENT, INVALID, KEY, NO_SLOT, SLOT_DTYPE, IdRegistry, _hash, as_keys
+from .ids import FRONTEND_IDENT, INVALID, KEY, NO_SLOT, SLOT_DTYPE, IdRegistry, _hash
 
 MAX_BACKENDS_PER_FRONTEND = 65535  # the slot-0 count is a __u16
 
@@ -244,16 +244,14 @@ def _starts(lengths: np.ndarray) -> np.ndarray:
 
 
 def _unique_keys(keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """(index of each distinct key's first occurrence, inverse) — by hash, checked exactly."""
-    h = _hash(keys)
-    _, first, inverse = np.unique(h, return_index=True, return_inverse=True)
-    if not (keys[first[inverse]] == keys).all():  # two keys share a hash: exact, slow path
-        seen: dict[bytes, int] = {}
-        inv = [seen.setdefault(k.tobytes(), len(seen)) for k in keys]
-        inverse = np.array(inv, np.int64)
-        first = np.array(list({v: i for i, v in reversed(list(enumerate(inv)))}.values()), np.int64)
-        first = np.sort(first)
-        inverse = np.unique(inverse, return_inverse=True)[1]  # renumber in key order of first
+    """(index of each distinct key's first occurrence, and for each key which distinct one it is),
+    by hash, checked exactly; two keys sharing a hash (rare) take the exact, slower path."""
+    _, first, inverse = np.unique(_hash(keys), return_index=True, return_inverse=True)
+    if (keys[first[inverse]] == keys).all():
+        return first, inverse
+    seen: dict[bytes, int] = {}
+    inverse = np.array([seen.setdefault(k.tobytes(), len(seen)) for k in keys], np.int64)
+    _, first = np.unique(inverse, return_index=True)
     return first, inverse
 
 
@@ -316,7 +314,7 @@ def _capacity(d: Desired, fe_sid: np.ndarray, fresh: "_Fresh", reg: IdRegistry, 
     """Refuse Services whose new entries would not fit (first come, first served)."""
     fe = reg.frontends
     # new service-map keys per frontend: a header where none is, slots beyond what the kernel holds
-    old_m = np.array([len(fe.slots[s]) // 4 for s in fe_sid.tolist()], np.int64) if len(fe_sid) else np.zeros(0, np.int64)
+    old_m = np.fromiter(map(len, map(fe.slots.__getitem__, fe_sid.tolist())), np.int64, len(fe_sid)) // 4
     known = fe_sid > 0
     grow = np.where(known, np.maximum(0, d.fe_count.astype(np.int64) - old_m) + ~fe.has_header[fe_sid], 1 + d.fe_count)
     svc_grow = np.diff(_starts(grow)[d.fe_start])
@@ -411,17 +409,8 @@ def _diff(d: Desired, fe_sid, be_id, fresh: _Fresh, reg: IdRegistry, refused, re
     fe = reg.frontends
     fe_svc = _svc_of_fe(d)
     take = ~refused[fe_svc]                      # frontends applied
-    # new backends: distinct fresh identities used by an applied frontend, ids in reserve order
-    be_svc_ok = np.repeat(take, np.diff(d.be_start))[fresh.rows]
-    used, where = np.unique(fresh.inverse[be_svc_ok], return_index=True)
-    new_bids = reg.backends.reserve(len(used))
-    new_idents = d.be_keys[fresh.rows[be_svc_ok][where]]
-    be_id = be_id.copy()
-    slot_of = np.zeros(len(fresh.first), np.uint32)
-    slot_of[used] = new_bids
-    be_id[fresh.rows] = slot_of[fresh.inverse]   # (0 for rows of refused Services: never written)
-    # new frontends get fresh service ids
-    new_fe = np.nonzero(take & (fe_sid == 0))[0]
+    be_id, new_bids, new_idents = _new_backend_ids(d, be_id, fresh, reg, take)
+    new_fe = np.nonzero(take & (fe_sid == 0))[0]  # new frontends get fresh service ids
     new_sids = reg.frontends.reserve(len(new_fe))
     sid = fe_sid.astype(np.uint32)
     sid[new_fe] = new_sids
@@ -445,13 +434,7 @@ def _diff(d: Desired, fe_sid, be_id, fresh: _Fresh, reg: IdRegistry, refused, re
         f = int(applied[i])
         entry_delta += rows.diff(f, int(a_sid[i]), np.frombuffer(old_slots[i], SLOT_DTYPE),
                                  be_id[d.be_start[f]:d.be_start[f + 1]].astype(SLOT_DTYPE))
-    # frontends no applied Service claims any more
-    idx = d.svc_idx[~refused]
-    candidates = fe.live & np.isin(fe.owner, idx[idx >= 0])
-    if sweep:
-        candidates |= fe.live & (fe.owner < 0)
-    candidates[a_old] = False
-    removed = np.nonzero(candidates)[0].astype(np.uint32)
+    removed = _unclaimed(reg, d, fe_svc[applied], a_old, refused, sweep)
     rm_head = removed[fe.has_header[removed]]
     entry_delta -= len(rm_head)
     for s in removed.tolist():
@@ -484,6 +467,37 @@ def _diff(d: Desired, fe_sid, be_id, fresh: _Fresh, reg: IdRegistry, refused, re
         entry_delta=entry_delta,
         services=len(d.services),
     )
+
+
+def _new_backend_ids(d: Desired, be_id, fresh: _Fresh, reg: IdRegistry, take) -> tuple:
+    """Ids for the distinct fresh backends of applied frontends (in reserve order): the desired
+    rows' ids filled in, the new ids and their identities."""
+    be_svc_ok = np.repeat(take, np.diff(d.be_start))[fresh.rows]
+    used, where = np.unique(fresh.inverse[be_svc_ok], return_index=True)
+    new_bids = reg.backends.reserve(len(used))
+    be_id = be_id.copy()
+    id_of = np.zeros(len(fresh.first), np.uint32)
+    id_of[used] = new_bids
+    be_id[fresh.rows] = id_of[fresh.inverse]   # (0 for rows of refused Services: never written)
+    return be_id, new_bids, d.be_keys[fresh.rows[be_svc_ok][where]]
+
+
+def _unclaimed(reg: IdRegistry, d: Desired, a_svc: np.ndarray, kept: np.ndarray, refused,
+               sweep: bool) -> np.ndarray:
+    """Frontends of the applied Services they no longer list (sweep: also those owned by none).
+    a_svc / kept: the Service (position) and held service id (0: new) of each applied frontend."""
+    fe = reg.frontends
+    idx = d.svc_idx[~refused]
+    idx = idx[idx >= 0]
+    if not sweep:  # nothing to look for when each Service still lists every frontend it owns
+        mine = kept[(kept > 0) & (fe.owner[kept] == d.svc_idx[a_svc])]
+        if (idx < len(reg.owned_count)).all() and int(reg.owned_count[idx].sum()) == len(mine):
+            return np.zeros(0, np.uint32)
+    candidates = fe.live & np.isin(fe.owner, idx)
+    if sweep:
+        candidates |= fe.live & (fe.owner < 0)
+    candidates[kept] = False
+    return np.nonzero(candidates)[0].astype(np.uint32)
 
 
 def _same_slots(old_slots: list[bytes], old_len, count, applied, d: Desired, be_id) -> np.ndarray:

@@ -15,17 +15,19 @@ int maglev_fill(int64_t s, int64_t n, int64_t m, const int64_t *offset, const in
 		for (int64_t i = 0; i < m; i++)
 			e[i] = -1;
 		for (int64_t j = 0; j < n; j++)
-			next[j] = 0;
+			next[j] = off[j];  /* the slot of backend j's next preference: offset + k * skip mod m */
 		int64_t filled = 0;
 		while (filled < m) {
 			for (int64_t j = 0; j < n && filled < m; j++) {
-				int64_t c = (off[j] + next[j] * sk[j]) % m;
-				while (e[c] >= 0) {
-					next[j]++;
-					c = (off[j] + next[j] * sk[j]) % m;
+				int64_t c = next[j];
+				while (e[c] >= 0) {  /* stepping by skip without a division: c < m, skip < m */
+					c += sk[j];
+					if (c >= m)
+						c -= m;
 				}
 				e[c] = (int32_t)j;
-				next[j]++;
+				c += sk[j];
+				next[j] = c >= m ? c - m : c;
 				filled++;
 			}
 		}

@@ -11,7 +11,7 @@ Pure: same input, same output. What kube-proxy does, and where this follows it:
 - loadBalancerSourceRanges filter the load-balancer IPs only (KUBE-FW-* chains);
 - traffic from this node's own sockets to these addresses is "short-circuited" to all the
   Service's endpoints whatever the policy (kube-proxy jumps local-origin traffic to KUBE-SVC-*).
-Endpoints: ready ones; with none, serving+terminating ones (KEP-1669's fallback).
+Endpoints: kube-proxy's selection (selection.py: ready, else serving+terminating, topology hints).
 """
 from __future__ import annotations
 
@@ -21,6 +21,7 @@ from typing import Iterable, NamedTuple
 
 from .frontends import SUPPORTED_PROTOCOLS, Backend, Frontend, _slice_port, skip_reason
 from .objects import EndpointSlice, ObjectKey, Service, ServicePort
+from .selection import Place, categorize
 
 DEFAULT_NODEPORT_RANGE = (30000, 32767)  # kube-apiserver's --service-node-port-range default
 
@@ -29,6 +30,7 @@ DEFAULT_NODEPORT_RANGE = (30000, 32767)  # kube-apiserver's --service-node-port-
 class NodeInfo:
     name: str
     addresses: tuple[str, ...]  # every address of every selected device
+    zone: str = ""              # for topology hints
     nodeport_range: tuple[int, int] = DEFAULT_NODEPORT_RANGE
 
 
@@ -62,23 +64,23 @@ def _family(ip: str) -> int:
     return 6 if ":" in ip else 4
 
 
-def _endpoints(sp: ServicePort, slices: list[EndpointSlice], family: int) -> list[tuple[Backend, str]]:
-    """(backend, node name) of the endpoints serving this port: ready ones, else serving+terminating."""
+def _endpoints(svc: Service, sp: ServicePort, slices: list[EndpointSlice], family: int,
+               node: NodeInfo) -> tuple[list[Backend], list[Backend], bool]:
+    """(cluster, local, has_any) backends of this port: kube-proxy's selection (selection.py)."""
     atype = "IPv6" if family == 6 else "IPv4"
-    ready, terminating = set(), set()
+    endpoints, ports = [], []
     for sl in slices:
-        if sl.address_type != atype:
-            continue
-        port = _slice_port(sp, sl)
-        if port is None:
-            continue
-        for ep in sl.endpoints:
-            b = (Backend(ep.addresses[0], port, sp.protocol), ep.node_name)
-            if ep.ready:
-                ready.add(b)
-            elif ep.serving and ep.terminating:
-                terminating.add(b)
-    return sorted(ready or terminating)
+        if sl.address_type == atype and (port := _slice_port(sp, sl)) is not None:
+            endpoints.extend(sl.endpoints)
+            ports.extend([port] * len(sl.endpoints))
+    sel = categorize(endpoints, Place(node.name, node.zone), svc.traffic_distribution,
+                     uses_cluster=True, uses_local=True)
+    pick = lambda idx: sorted({Backend(endpoints[i].addresses[0], ports[i], sp.protocol) for i in idx})  # noqa: E731
+    return pick(sel.cluster), pick(sel.local), sel.has_any
+
+
+def _node_endpoints(slices: list[EndpointSlice], node_name: str) -> set[str]:
+    return {ep.addresses[0] for sl in slices for ep in sl.endpoints if ep.node_name == node_name}
 
 
 def _ranges(svc: Service, family: int) -> tuple[str, ...] | None:
@@ -107,13 +109,14 @@ def service_northsouth(svc: Service, slices: Iterable[EndpointSlice], node: Node
                           f"outside the node-port range {lo}-{hi}; no NodePort")
             node_port = 0
         for fam in families:
-            eps = _endpoints(sp, slices, fam)
-            everyone = tuple(b for b, _ in eps)
-            here = tuple(b for b, n in eps if n == node.name)
+            cluster, here, has_any = _endpoints(svc, sp, slices, fam, node)
+            everyone, here = tuple(cluster), tuple(here)
             local_eps.update(b.ip for b in here)
             backends = here if local_only else everyone
             local_addrs.update(b.ip for b in here)
-            drop_empty = local_only and not here and bool(everyone)
+            if not local_only:  # the cluster list may hold this node's endpoints too: no SNAT to them
+                local_addrs.update(b.ip for b in everyone if b.ip in _node_endpoints(slices, node.name))
+            drop_empty = local_only and not here and has_any
             group = GroupKey(svc.key, sp.name, sp.protocol, fam)
             addrs: list[tuple[str, int, str]] = []
             if node_port:

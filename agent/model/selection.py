@@ -93,9 +93,14 @@ def categorize(endpoints: Sequence[Endpoint], place: Place, traffic_distribution
     local: tuple[int, ...] = ()
     has_any = False
     if uses_cluster:
-        hints = _Hints(endpoints, traffic_distribution)
-        ready = tuple(i for i, ep in enumerate(endpoints) if ep.ready)
-        mode = topology_mode([endpoints[i] for i in ready], place, hints)
+        ready = tuple([i for i, ep in enumerate(endpoints) if ep.ready])
+        first = endpoints[ready[0]] if ready else None
+        # Topology needs a hint on every ready endpoint: without one on the first (the common case,
+        # and the cheap one at 100k Services) the mode is "" unless trafficDistribution implies hints.
+        topology = first is not None and (traffic_distribution in CLOSE_DISTRIBUTIONS
+                                          or first.zone_hints or first.node_hints)
+        hints = _Hints(endpoints, traffic_distribution) if topology else None
+        mode = topology_mode([endpoints[i] for i in ready], place, hints) if topology else ""
         if mode == PREFER_SAME_NODE:
             cluster = tuple(i for i in ready if place.node in hints.nodes(endpoints[i]))
         elif mode == PREFER_SAME_ZONE:
@@ -117,6 +122,12 @@ def internal_endpoints(endpoints: Sequence[Endpoint], place: Place, internal_tra
                        traffic_distribution: str = "") -> tuple[int, ...]:
     """Endpoints for traffic to a ClusterIP from this node (the socket path)."""
     local = internal_traffic_policy == "Local"
+    if not local and traffic_distribution not in CLOSE_DISTRIBUTIONS:
+        # The common case, cheaply (100k Services are computed at start-up): with no hint on the first
+        # ready endpoint no topology mode applies, and the ready endpoints are the answer.
+        ready = [i for i, ep in enumerate(endpoints) if ep.ready]
+        if ready and not (endpoints[ready[0]].zone_hints or endpoints[ready[0]].node_hints):
+            return tuple(ready)
     sel = categorize(endpoints, place, traffic_distribution, uses_cluster=not local, uses_local=local)
     return sel.local if local else sel.cluster
 

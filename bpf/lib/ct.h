@@ -126,4 +126,19 @@ static __always_inline __be16 ct_create(struct pkt *p, const __u32 *backend, __b
 	return port;
 }
 
+/* A new flow from a client straight to an address:port that once was a backend of one of our flows
+ * with the same client tuple (the client reused its source port): the old reverse entry is stale and
+ * would rewrite this flow's replies, so it goes. Entries otherwise age out of the LRU. */
+static __always_inline void ct_forget_reverse(struct pkt *p)
+{
+	struct ct_key k = {};
+	__builtin_memcpy(k.a, p->dst, 16);
+	__builtin_memcpy(k.b, p->src, 16);
+	k.aport = p->dport;
+	k.bport = p->sport;
+	k.proto = p->proto;
+	k.dir = NW_CT_REVERSE;
+	nodewire_ct_v1.delete(&k);
+}
+
 #endif /* NODEWIRE_CT_H */

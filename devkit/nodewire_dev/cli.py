@@ -9,12 +9,14 @@ import click
 from .bench.cli import bench
 from .bench.cni import bench_cni
 from .bench.compare import compare as bench_compare
+from .bench.maglev import maglev_bench
 from .bench.observe import bench_observe
 from .bench.rdma import rdma_bench
 from .bench.reconciler import reconciler as bench_reconciler
 from .bench.watch import watch as bench_watch
 
 bench.add_command(bench_compare)
+bench.add_command(maglev_bench)
 bench.add_command(bench_watch)
 bench.add_command(bench_observe, "observe")
 bench.add_command(rdma_bench)

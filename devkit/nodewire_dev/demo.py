@@ -238,10 +238,12 @@ def run_demo(duration: float | None, metrics_addr: str | None, interval: float =
     if not console.is_terminal:
         console.print(_render(tally, status, time.time() - start, tel))
     console.print(f"removed sandbox {sb.prefix} (namespaces, cgroups, pinned maps)")
+    from .demo_northsouth import run_north_south  # from outside the node: NodePort and LoadBalancer IP
+    north_south = run_north_south(console)
     svcs = tel.services()
     return {"replies": {k: dict(v) for k, v in tally.replies.items()},
             "errors": {k: dict(v) for k, v in tally.errors.items()}, "events": tally.events,
-            "metrics_addr": metrics_addr,
+            "metrics_addr": metrics_addr, "north_south": north_south,
             "connect_seconds": {f"{ns}/{n}": {"p50": r.p50, "p99": r.p99, "backends": r.backends}
                                 for (ns, n), r in svcs.items()},
             "pod_bytes": {pod: {"received": rx, "transmitted": tx} for pod, (rx, tx) in tel.pod_bytes().items()}}

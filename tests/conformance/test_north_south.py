@@ -283,3 +283,19 @@ print(json.dumps({{"ok": ok, "fail": fail}}))
     result = json.loads(out.strip().splitlines()[-1])
     assert result["fail"] == 0 and result["ok"] > 12 * 20, result
     assert answered() <= {"a1", "b1"}  # new flows after the restart
+
+
+def test_reused_client_port_straight_to_a_backend_is_not_rewritten(env):
+    """A client that reaches a pod through a NodePort, then dials the pod itself from the same source
+    port, gets the pod's own replies (the first flow's reverse NAT must not apply to the second)."""
+    env.apply("reuse.json", *svc(env, "reuse", "10.96.12.12", node_port=30098, members=("a1",)))
+    env.sb.route_via(env.n1.pod_net4, env.n1)
+    code = f"""
+import socket
+def ask(host, port):
+    s = socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1); s.settimeout(3)
+    s.bind(("0.0.0.0", 45678)); s.connect((host, port)); s.sendall(b"peer?")
+    out = s.recv(100).decode().split()[0]; s.close(); return out
+print(ask({env.n1.addr4!r}, 30098), ask({env.pod("a1").ip4!r}, {TCP_PORT}))
+"""
+    assert env.client_py(code) == "a1 a1"

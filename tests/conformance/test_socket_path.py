@@ -252,7 +252,8 @@ HOLDER = """
 import errno, json, socket, sys
 kind, vip, port = sys.argv[1], sys.argv[2], int(sys.argv[3])
 def dial():
-    s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM if kind == "udp" else socket.SOCK_STREAM)
+    family = socket.AF_INET6 if ":" in vip else socket.AF_INET
+    s = socket.socket(family, socket.SOCK_DGRAM if kind == "udp" else socket.SOCK_STREAM)
     s.settimeout(2)
     s.connect((vip, port))
     return s
@@ -301,7 +302,8 @@ class Holder:
 
 def _connected(env: Env, name: str, vip: str, kind: str, members: list[str]) -> tuple[Holder, str]:
     proto, port = ("UDP", 53) if kind == "udp" else ("TCP", 80)
-    objs = [svc(name, [vip], proto), eps(name, env, [{"pod": m} for m in members], protocol=proto)]
+    family = 6 if ":" in vip else 4
+    objs = [svc(name, [vip], proto), eps(name, env, [{"pod": m} for m in members], family, proto)]
     if kind == "tcp":  # the echo port keeps its connections open
         objs[0]["spec"]["ports"][0]["targetPort"] = ECHO_PORT
         objs[1]["ports"][0]["port"] = ECHO_PORT
@@ -311,12 +313,12 @@ def _connected(env: Env, name: str, vip: str, kind: str, members: list[str]) -> 
     return h, h.first
 
 
-def connected_udp_moves_off_removed_backend(env: Env) -> None:
-    vip = _v(27)
-    h, first = _connected(env, "cudp", vip, "udp", ["b1", "b2"])
+def connected_udp_moves_off_removed_backend(env: Env, vip: str = _v(27), name: str = "cudp") -> None:
+    family = 6 if ":" in vip else 4
+    h, first = _connected(env, name, vip, "udp", ["b1", "b2"])
     try:
         other = "b2" if first == "b1" else "b1"
-        env.apply("cudp.json", svc("cudp", [vip], "UDP"), eps("cudp", env, [{"pod": other}], protocol="UDP"))
+        env.apply(f"{name}.json", svc(name, [vip], "UDP"), eps(name, env, [{"pod": other}], family, "UDP"))
         got = h.again()
         # The old backend still runs: only destroying the socket keeps the client off it.
         assert got[-1] == other and first not in got, got
@@ -324,6 +326,10 @@ def connected_udp_moves_off_removed_backend(env: Env) -> None:
         assert h.again() == [other]
     finally:
         h.close()
+
+
+def connected_udp_moves_off_removed_backend_ipv6(env: Env) -> None:
+    connected_udp_moves_off_removed_backend(env, "fd00:10:96::11:31", "cudp6")
 
 
 def connected_udp_refused_when_the_last_backend_leaves(env: Env) -> None:
@@ -360,7 +366,8 @@ def tcp_to_backend_gone_from_the_cluster_is_reset(env: Env) -> None:
 
 
 SCENARIOS = [Scenario(f.__name__, f) for f in (
-    connected_udp_moves_off_removed_backend, connected_udp_refused_when_the_last_backend_leaves,
+    connected_udp_moves_off_removed_backend, connected_udp_moves_off_removed_backend_ipv6,
+    connected_udp_refused_when_the_last_backend_leaves,
     tcp_to_removed_backend_kept_while_it_exists, tcp_to_backend_gone_from_the_cluster_is_reset,
     externalname_removes_frontend, type_changes_keep_the_cluster_ip_frontend,
     same_port_tcp_udp_remove_one_protocol, service_port_edit_moves_the_frontend,

@@ -73,3 +73,28 @@ def loader(services, against, rounds, default_flags, output) -> None:
         raise click.BadParameter(f"{services!r}: expected numbers like 0,10000", param_hint="--services")
     rows = run(counts, against, rounds, default_flags)
     click.echo(render(rows, output) if output != "table" else table(rows))
+
+
+@bench.command()
+@click.option("--services", default=10000, show_default=True, help="Services, 1-4 endpoints each.")
+@click.option("--rate", default=200.0, show_default=True, help="Endpoint updates per second.")
+@click.option("--seconds", default=300.0, show_default=True, help="How long the churn lasts.")
+@click.option("--source", "sources", type=click.Choice(["manifests", "kube"]), multiple=True,
+              default=("manifests", "kube"), show_default=True, help="Which source(s) the updates go through.")
+@click.option("-o", "--output", type=click.Choice(["table", "json", "yaml"]), default="table", show_default=True)
+def churn(services, rate, seconds, sources, output) -> None:
+    """Endpoint churn through each source: agent RSS over time, and `nodewire check` at the end
+    (every update applied, no leaked map entries)."""
+    import tempfile
+    from pathlib import Path
+
+    from .churn import run_churn
+
+    rows = []
+    for source in sources:
+        with tempfile.TemporaryDirectory(prefix="nw-churn-") as d:
+            rows.append(run_churn(source, services, rate, seconds, Path(d)))
+        if output == "table":
+            click.echo(f"{source} done", err=True)
+    click.echo(render(rows, output) if output != "table" else "\n\n".join(
+        "\n".join(f"{k}: {v}" for k, v in r.items()) for r in rows))

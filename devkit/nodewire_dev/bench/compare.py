@@ -27,10 +27,13 @@ def _ints(text: str) -> list[int]:
 @click.option("--quick", is_flag=True, help="Few samples and short caps (a smoke run).")
 @click.option("--sync-cap", type=float, default=None, help="Seconds a full sync may take before '> cap'.")
 @click.option("--iptables-backend", type=click.Choice(["legacy", "nft"]), default="legacy", show_default=True)
+@click.option("--nodeport", is_flag=True,
+              help="NodePort mode: an external client dials a NodePort through kube-proxy's iptables/nftables "
+                   "NodePort rules or nodewire's tc programs, beside direct (multi-node sandbox).")
 @click.option("--out", default=None,
               help="Directory for .md/.json/.png [default: a new temporary directory; pass bench/results to "
                    "update the committed results].")
-def compare(services, endpoints, modes, quick, sync_cap, iptables_backend, out):
+def compare(services, endpoints, modes, quick, sync_cap, iptables_backend, nodeport, out):
     """Connect latency, req/s, sync time, change time and memory: direct vs iptables vs nftables vs
     nodewire, side by side in one sandbox run."""
     n, e = _ints(services), _ints(endpoints)
@@ -43,6 +46,11 @@ def compare(services, endpoints, modes, quick, sync_cap, iptables_backend, out):
     s.iptables_backend = iptables_backend
     if sync_cap:
         s.sync_cap_s = sync_cap
+    if nodeport:
+        from .nodeport import run_nodeport
+
+        click.echo(run_nodeport(s, out))
+        return
     rows = run_compare(s)
     out = out or tempfile.mkdtemp(prefix="nodewire-bench-")
     paths = write(rows, out, {k: v for k, v in dataclasses.asdict(s).items()})

@@ -9,6 +9,7 @@ import json
 import os
 import re
 import secrets
+import shutil
 import signal
 import subprocess
 import sys
@@ -93,8 +94,15 @@ def _child(pin_dir: str) -> dict:
 
 
 def run(services: list[int], against: str | None = None, rounds: int = 2, default_flags: bool = False) -> list[dict]:
-    flags = ["--metrics-addr", "127.0.0.1:0", *([] if default_flags else ["--no-observe", "--no-rdma"])]
     work = Path(tempfile.mkdtemp(prefix="nodewire-bench-loader-"))
+    try:
+        return _run(work, services, against, rounds, default_flags)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def _run(work: Path, services: list[int], against: str | None, rounds: int, default_flags: bool) -> list[dict]:
+    flags = ["--metrics-addr", "127.0.0.1:0", *([] if default_flags else ["--no-observe", "--no-rdma"])]
     trees = {"this": CHECKOUT}
     if against:
         trees[against] = _tree(against, work / "against")

@@ -286,10 +286,12 @@ for ip in {ips!r}:
 @click.option("--rounds", default=20, show_default=True, help="Pairs of off/on windows (order alternates).")
 @click.option("--seconds", default=0.5, show_default=True, help="Seconds per window.")
 @click.option("--pods", default=1000, show_default=True, help="Pods in the state for the RSS measurement.")
+@click.option("--pod-tc", is_flag=True, help="Also the opt-in tc program on the pods' veths.")
+@click.option("--tcp-probe", is_flag=True, help="Also the opt-in per-ACK tcp:tcp_probe program.")
 @click.option("-o", "--output", type=click.Choice(["text", "json", "yaml"]), default="text")
-def bench_observe(rounds, seconds, pods, output) -> None:
+def bench_observe(rounds, seconds, pods, pod_tc, tcp_probe, output) -> None:
     """Cost of per-pod observability: request/response rate on vs off (ratio), agent CPU, RSS."""
-    res = run_bench(rounds, seconds, pods)
+    res = run_bench(rounds, seconds, pods, pod_tc, tcp_probe)
     if output != "text":
         from agent.output import emit
         emit(res, output)
