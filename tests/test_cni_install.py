@@ -92,3 +92,18 @@ def test_install_reads_the_socket_path_from_the_config_file(tmp_path):
     assert r.exit_code == 0, r.output
     entry = json.loads((tmp_path / "net.d" / "10-a.conflist").read_text())["plugins"][-1]
     assert entry["socket"] == "/run/nodewire/sys_fs_bpf_other/api.sock" and entry["logFile"] == "/var/log/nw-cni.log"
+
+
+@pytest.mark.parametrize("text", ['{"cniVersion": "1.0.0", "ips": [{"address": "10.0.0.2/24", "gateway": "10.0.0.1"}]}',
+                                  ' [1, -2.5e3, true, false, null, "\\u00e9\\n", {"": {}}] ', "0", '"x"'])
+def test_the_plugins_json_helpers_agree_with_json(text):
+    from agent.cni import plugin
+    assert plugin.json_loads(text) == json.loads(text)
+    assert json.loads(plugin.json_dumps(json.loads(text))) == json.loads(text)
+
+
+@pytest.mark.parametrize("bad", ["", "{", "[1] x", '{"a":}', "NaN x"])
+def test_the_plugins_json_errors_are_value_errors(bad):
+    from agent.cni import plugin
+    with pytest.raises(ValueError):
+        plugin.json_loads(bad)

@@ -272,7 +272,9 @@ def test_bpffs_and_tracefs_not_mounted_the_agent_mounts_them(pods, sandbox, tmp_
     try:
         with Traffic(client, ["10.96.64.1:80"]) as traffic:
             agent.start()
+            synced = time.time()
             time.sleep(1)
+        assert not [f for f in traffic.report["failures"] if f[0] > synced], traffic.report  # none once synced
         mounts = agent.mounts()
         assert " /sys/fs/bpf bpf " in mounts and " /sys/kernel/tracing tracefs " in mounts, mounts
         # connects before the agent was up went to an unrouted ClusterIP; after: all reached the backend

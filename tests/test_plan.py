@@ -6,6 +6,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from agent.datapath import ids as ids_mod
+from agent.datapath import plan as plan_mod
 from agent.datapath.ids import KEY, IdRegistry, KeyIndex
 from agent.datapath.plan import CLASH, MAP_FULL, TOO_MANY_BACKENDS, Capacities, Limit, plan, summarize
 from agent.datapath.reconciler import Reconciler
@@ -217,3 +218,9 @@ def _keys(numbers) -> np.ndarray:
     k["b"] = np.array(numbers, np.uint64) + 1
     k["c"] = 6
     return k
+
+
+def test_distinct_keys_are_found_exactly_even_when_hashes_collide(monkeypatch):
+    monkeypatch.setattr(plan_mod, "_hash", lambda keys: np.zeros(len(keys), np.uint64))
+    first, inverse = plan_mod._unique_keys(_keys([5, 3, 5, 7, 3]))
+    assert inverse.tolist() == [0, 1, 0, 2, 1] and first.tolist() == [0, 1, 3]

@@ -1,5 +1,5 @@
 """Traffic for the fault tests: connect to each target in turn, forever, until SIGTERM; then print one
-JSON report: attempts and failures per target, and the first failures (time, target, errno name).
+JSON report: attempts and failures per target, and the first failures (when the attempt began, target, errno name).
 Standard library only (it runs inside a sandbox pod). Usage: traffic.py HOST:PORT [HOST:PORT ...]"""
 import errno
 import json
@@ -27,6 +27,7 @@ def main() -> None:
             s = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)
             s.settimeout(1.0)
             stats[name]["attempts"] += 1
+            began = time.time()
             try:
                 s.connect((host, port))
                 s.sendall(b"x")
@@ -35,7 +36,7 @@ def main() -> None:
             except OSError as e:
                 stats[name]["failed"] += 1
                 if len(failures) < 50:
-                    failures.append((time.time(), name, errno.errorcode.get(e.errno or 0, type(e).__name__)))
+                    failures.append((began, name, errno.errorcode.get(e.errno or 0, type(e).__name__)))
             finally:
                 s.close()
         time.sleep(0.005)

@@ -52,8 +52,8 @@ def json_loads(text):
         obj, end = _json.make_scanner(_DecoderSettings())(s, 0)
         if end == len(s):
             return obj
-    except (StopIteration, SystemError, ValueError):
-        pass  # the C scanner reports errors only when json.decoder is loaded: let json say what is wrong
+    except Exception:  # StopIteration/SystemError: the C scanner reports errors only once json.decoder
+        pass           # is loaded; anything else (another CPython's _json): json says what is wrong
     import json
     return json.loads(text)
 
@@ -66,8 +66,12 @@ def json_dumps(obj) -> str:
     if _json is None:
         import json
         return json.dumps(obj)
-    enc = _json.make_encoder({}, _not_json, _json.encode_basestring_ascii, None, ": ", ", ", False, False, True)
-    return "".join(enc(obj, 0))
+    try:
+        enc = _json.make_encoder({}, _not_json, _json.encode_basestring_ascii, None, ": ", ", ", False, False, True)
+        return "".join(enc(obj, 0))
+    except Exception:  # another CPython's _json signature, or a value it refuses: json decides
+        import json
+        return json.dumps(obj)
 
 
 def _now() -> str:

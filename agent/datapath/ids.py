@@ -366,19 +366,9 @@ class IdRegistry:
         self.lock = threading.Lock()
 
     # -- queries (planner, agent thread) -------------------------------------------------------
-    def index_of(self, svc: ObjectKey) -> int:
-        return self.service_index.get(svc, -1)
-
-    def frontends_of(self, idx: int) -> np.ndarray:
-        """Service ids of the frontends a Service (by index) owns."""
-        return np.nonzero(self.frontends.owner == idx)[0].astype(np.uint32) if idx >= 0 else np.zeros(0, np.uint32)
-
     def owned_services(self) -> list[ObjectKey]:
-        owners = np.unique(self.frontends.owner[self.frontends.live])
-        return [self.services[i] for i in owners.tolist() if i >= 0]
-
-    def service_count(self) -> int:
-        return len(np.unique(self.frontends.owner[self.frontends.live & (self.frontends.owner >= 0)]))
+        """The Services owning at least one frontend."""
+        return [self.services[i] for i in np.nonzero(self.owned_count > 0)[0].tolist()]
 
     def snapshot(self) -> Snapshot:
         with self.lock:

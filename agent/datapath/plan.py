@@ -244,16 +244,14 @@ def _starts(lengths: np.ndarray) -> np.ndarray:
 
 
 def _unique_keys(keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """(index of each distinct key's first occurrence, inverse) — by hash, checked exactly."""
-    h = _hash(keys)
-    _, first, inverse = np.unique(h, return_index=True, return_inverse=True)
-    if not (keys[first[inverse]] == keys).all():  # two keys share a hash: exact, slow path
-        seen: dict[bytes, int] = {}
-        inv = [seen.setdefault(k.tobytes(), len(seen)) for k in keys]
-        inverse = np.array(inv, np.int64)
-        first = np.array(list({v: i for i, v in reversed(list(enumerate(inv)))}.values()), np.int64)
-        first = np.sort(first)
-        inverse = np.unique(inverse, return_inverse=True)[1]  # renumber in key order of first
+    """(index of each distinct key's first occurrence, and for each key which distinct one it is),
+    by hash, checked exactly; two keys sharing a hash (rare) take the exact, slower path."""
+    _, first, inverse = np.unique(_hash(keys), return_index=True, return_inverse=True)
+    if (keys[first[inverse]] == keys).all():
+        return first, inverse
+    seen: dict[bytes, int] = {}
+    inverse = np.array([seen.setdefault(k.tobytes(), len(seen)) for k in keys], np.int64)
+    _, first = np.unique(inverse, return_index=True)
     return first, inverse
 
 

@@ -20,10 +20,11 @@ from __future__ import annotations
 import logging
 import os
 import socket
-import sys
 import time
 from dataclasses import dataclass, field
 from typing import Callable, Iterable
+
+import numpy as np
 
 from .maps import RawMap, addr16, pack_rows, port_be, unpack_rows
 from .sockdiag import TCP_ESTABLISHED, SockId, diag_sockets_in
@@ -85,9 +86,6 @@ class StaleSockets:
         self.listed = listed  # the addresses still in the cluster; called only when a TCP socket is stale
         self.destroyed_total = 0
         self._kept: set[bytes] = set()  # reverse-NAT keys of sockets checked and left alone (TCP)
-        kf, vf = revnat.key_dtype.fields, revnat.value_dtype.fields
-        self._k_addr, self._k_port = kf["address"][1], kf["port"][1]
-        self._v_addr, self._v_port = vf["address"][1], vf["port"][1]
 
     def _behind(self, vip: bytes, vport: int, proto: int, cache: dict) -> set[tuple[bytes, int]] | None:
         """(address, port) of every backend in the frontend's slots now; None: no such frontend."""
@@ -106,34 +104,35 @@ class StaleSockets:
         cache[k] = out
         return out
 
-    def _stale_keys(self, revnat: dict[bytes, bytes], cache: dict) -> set[bytes]:
-        """Reverse-NAT keys whose backend is behind no frontend at their VIP:port any more. The entry has
-        no protocol, so a backend still behind the TCP or the UDP frontend of the port counts as there."""
-        def field(raw: bytes, at: int, size: int) -> bytes:
-            return raw[at:at + size]
-
-        combos: dict[tuple[bytes, bytes, bytes, bytes], list[bytes]] = {}
-        for k, v in revnat.items():
-            if k not in self._kept:
-                combos.setdefault((field(v, self._v_addr, 16), field(v, self._v_port, 2),
-                                   field(k, self._k_addr, 16), field(k, self._k_port, 2)), []).append(k)
-        stale = set()
-        for (vip, vport, baddr, bport), keys in combos.items():
-            # ports as stored (network order bytes), read as the native integers the dtypes give
-            vport_n, be = int.from_bytes(vport, sys.byteorder), (baddr, int.from_bytes(bport, sys.byteorder))
-            fronts = [self._behind(vip, vport_n, p, cache) for p in PROTO]
-            if not any(f is not None and be in f for f in fronts):
-                stale.update(keys)
-        return stale
+    def _stale_keys(self, cache: dict) -> dict[bytes, bytes]:
+        """Reverse-NAT entries (key → value bytes) whose backend is behind no frontend at their VIP:port
+        any more. The map is read in one batch and grouped with numpy, so a busy node's hundred thousand
+        entries cost one pass; the service map is asked once per (VIP:port, backend) pair. The entry has
+        no protocol: a backend still behind the TCP or the UDP frontend of the port counts as there."""
+        keys, vals = self.revnat.dump_arrays()
+        if not len(keys):
+            return {}
+        pair = np.zeros(len(keys), dtype=[("va", "V16"), ("vp", "u2"), ("ba", "V16"), ("bp", "u2")])
+        pair["va"], pair["vp"], pair["ba"], pair["bp"] = vals["address"], vals["port"], keys["address"], keys["port"]
+        uniq, inverse = np.unique(pair.view("V36"), return_inverse=True)
+        gone = np.zeros(len(uniq), dtype=bool)
+        for i, u in enumerate(uniq.view(pair.dtype)):
+            be = (bytes(u["ba"]), int(u["bp"]))
+            fronts = [self._behind(bytes(u["va"]), int(u["vp"]), p, cache) for p in PROTO]
+            gone[i] = not any(f is not None and be in f for f in fronts)
+        rows = np.flatnonzero(gone[inverse.ravel()])
+        ks, vs = self.revnat.key_size, self.revnat.value_size
+        kb, vb = keys[rows].tobytes(), vals[rows].tobytes()
+        stale = {kb[j * ks:(j + 1) * ks]: vb[j * vs:(j + 1) * vs] for j in range(len(rows))}
+        self._kept &= stale.keys()  # a kept entry that is no longer stale (or gone) is forgotten
+        return {k: v for k, v in stale.items() if k not in self._kept}
 
     def sweep(self) -> SweepResult:
         """Visit the pods' namespaces only when some reverse-NAT entry names a backend that left."""
         t0 = time.perf_counter()
         res = SweepResult()
-        revnat = self.revnat.dump()
-        self._kept &= revnat.keys()
         cache: dict = {}
-        stale = self._stale_keys(revnat, cache)
+        stale = self._stale_keys(cache)
         if not stale:
             return res
         rdt = self.revnat.key_dtype
@@ -150,12 +149,12 @@ class StaleSockets:
                         if key not in stale:
                             continue
                         res.checked += 1
-                        v = unpack_rows(self.revnat.value_dtype, [revnat[key]])[0]
+                        v = unpack_rows(self.revnat.value_dtype, [stale[key]])[0]
                         vip, vport = bytes(v["address"]), int(v["port"])
                         if proto == socket.IPPROTO_TCP:
                             listed = self.listed() if listed is None else listed
                             if sid.dst_ip in listed:
-                                stale.discard(key)  # kube-proxy leaves TCP to an endpoint that still exists
+                                del stale[key]  # kube-proxy leaves TCP to an endpoint that still exists
                                 self._kept.add(key)
                                 continue
                         if ds.destroy(sid):

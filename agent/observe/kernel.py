@@ -39,8 +39,10 @@ TC_INGRESS, TC_EGRESS = "ffff:fff2", "ffff:fff3"
 
 
 def tracepoint_exists(tp: str, tracefs: str = TRACEFS) -> bool:
+    """Its format file must be there: BCC builds the args struct from it, and a tracepoint directory
+    without one (seen in the fault tests) made the whole program fail to compile."""
     cat, _, name = tp.partition(":")
-    return os.path.isdir(os.path.join(tracefs, "events", cat, name))
+    return os.path.isfile(os.path.join(tracefs, "events", cat, name, "format"))
 
 
 def tcp_spec(tracepoints: tuple[str, ...], sizes: MapSizes = MapSizes()) -> ProgramSpec:

@@ -73,12 +73,13 @@ def _load(impl: str):
 
 
 def _timed(rec, changes, full=False):
-    """(result, seconds) of one apply, the cyclic GC off as the agent has it around a sync."""
+    """(result, wall seconds, CPU seconds) of one apply, the cyclic GC off as the agent has it
+    around a sync."""
     gc.disable()
     try:
-        t = time.perf_counter()
+        t, cpu = time.perf_counter(), time.process_time()
         r = rec.apply(changes, full=full)
-        return r, time.perf_counter() - t
+        return r, time.perf_counter() - t, time.process_time() - cpu
     finally:
         gc.enable()
 
@@ -105,9 +106,7 @@ def measure(impl: str, n: int, endpoints: int, changes: int) -> dict:
         gc.collect()
         _trim()  # as the agent does after its first sync: free heap goes back to the system
         rss1 = _rss_mib()
-        cpu = time.process_time()
-        r2, again = _timed(rec, want, full=True)
-        again_cpu = time.process_time() - cpu
+        r2, again, again_cpu = _timed(rec, want, full=True)
         del rec
         gc.collect()
         gc.disable()
@@ -123,15 +122,18 @@ def measure(impl: str, n: int, endpoints: int, changes: int) -> dict:
         gc.collect()
         kept, peak = tracemalloc.get_traced_memory()
         tracemalloc.stop()
-        lat = []
+        lat, lat_cpu = [], []
         keys = list(want)
         for i in range(changes):  # replace one endpoint of one Service, then put it back
             key = keys[(i * 7919) % n]
             fe = want[key][0]
             moved = fe._replace(backends=tuple(sorted(fe.backends[1:] + (Backend(_ip(11, i + 1), 8080, "TCP"),))))
             for version in (moved, fe):
-                lat.append(_timed(rec2, {key: [version]})[1])
+                _, wall, cpu = _timed(rec2, {key: [version]})
+                lat.append(wall)
+                lat_cpu.append(cpu)
         lat.sort()
+        lat_cpu.sort()
         return {
             "impl": impl, "services": n, "endpoints": endpoints,
             "first_sync_s": round(first, 3), "first_sync_cpu_s": round(first_cpu, 3),
@@ -143,6 +145,8 @@ def measure(impl: str, n: int, endpoints: int, changes: int) -> dict:
             "restart_s": round(restart, 3), "restart_written": r3.written + r3.deleted,
             "change_p50_ms": round(statistics.median(lat) * 1000, 3),
             "change_p99_ms": round(lat[int(len(lat) * 0.99) - 1] * 1000, 3),
+            "change_cpu_p50_ms": round(statistics.median(lat_cpu) * 1000, 3),
+            "change_cpu_p99_ms": round(lat_cpu[int(len(lat_cpu) * 0.99) - 1] * 1000, 3),
             "kept_mib": round((kept - base) / 2**20, 1), "restart_peak_mib": round((peak - base) / 2**20, 1),
             "rss_before_mib": round(rss0, 1), "rss_after_mib": round(rss1, 1),
             "first_sync_peak_rss_mib": round(peak_rss, 1),
@@ -153,7 +157,7 @@ def measure(impl: str, n: int, endpoints: int, changes: int) -> dict:
 
 
 COLUMNS = ["impl", "first_sync_s", "first_sync_cpu_s", "first_sync_user_s", "first_sync_sys_s", "resync_s", "resync_cpu_s", "restart_s", "restart_written",
-           "change_p50_ms", "change_p99_ms", "kept_mib", "restart_peak_mib", "rss_before_mib",
+           "change_p50_ms", "change_p99_ms", "change_cpu_p50_ms", "change_cpu_p99_ms", "kept_mib", "restart_peak_mib", "rss_before_mib",
            "first_sync_peak_rss_mib", "rss_after_mib", "errors"]
 
 
