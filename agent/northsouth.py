@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import time
+from dataclasses import replace
 
 from .datapath.devices import detect_devices, device_addresses
 from .datapath.loader import MapSizes
@@ -47,6 +48,8 @@ class NorthSouthService:
 
     def extend(self, changes: dict[ObjectKey, list[Frontend]]) -> None:
         """Compute the north-south view of every changed Service; add its socket-path frontends."""
+        if self.node.zone != self.state.zone:  # the Node object's zone, for zone hints
+            self.node = replace(self.node, zone=self.state.zone)
         for key in changes:
             svc, slices = self.state.service_inputs(key)
             ns = service_northsouth(svc, slices, self.node) if svc is not None else NorthSouth()

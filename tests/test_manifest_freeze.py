@@ -205,3 +205,31 @@ def test_real_agent_keeps_applying_edits_next_to_bad_files(sandbox, agent_factor
     errors = agent.status().object_errors
     for case in ("deep_json", "list_items_not_a_list", "deep_yaml_flow", "invalid_utf8", "fifo"):
         assert sum(f"bad-{case}" in e for e in errors) == 1, errors
+
+
+@pytest.mark.root
+def test_idle_agent_does_not_rewrite_its_status_and_names_come_from_its_api(sandbox, agent_factory, tmp_path_factory):
+    """Status is written when something in it changed (not every second, not with every Service's
+    name); `nodewire services` asks the running agent for the names."""
+    import time
+
+    from agent.status import status_path
+    from tests.conftest import wait_for
+
+    d = tmp_path_factory.mktemp("idle")
+    write(d / "a.json", *[o for i in range(50) for o in (service(f"s{i}", [f"10.96.8.{i + 1}"]),
+                                                           endpoint_slice(f"s{i}", ["10.0.0.1"]))])
+    # --check-interval 0: the sampled drift check, when on, changes the status (its run count) every 30 s
+    agent = agent_factory(d, pin_suffix="-idle", extra=["--check-interval", "0"]).start()
+    path = Path(status_path(agent.pin_dir))
+    wait_for(lambda: agent.status().services == 50, what="50 services in the status")
+    assert "s49" not in path.read_text()  # no per-Service names in the status
+    before = path.stat().st_mtime_ns
+    time.sleep(7)  # longer than the status check interval (5 s): nothing changed, nothing written
+    assert path.stat().st_mtime_ns == before
+    rows = {r["frontend"]: r["service"] for r in agent.services()}
+    assert rows["10.96.8.50:80"] == "default/s49" and len(rows) == 50
+    t = time.time()
+    write(d / "a.json", service("s0", ["10.96.8.1"]), endpoint_slice("s0", ["10.0.0.2"]))
+    wait_for(lambda: agent.synced_after(t) and agent.status().services == 1, what="the edit in the status")
+    assert path.stat().st_mtime_ns != before

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from ..model.frontends import Frontend
@@ -38,10 +39,10 @@ class SyncResult:
     write_seconds: float = 0.0  # … and the batch syscalls (with packing the rows)
 
     @property
-    def errors(self) -> list[str]:
-        """One message per refused Service (and the write error, if any)."""
-        out = [str(r) for r in self.refusals]
-        return out + [self.write_error] if self.write_error else out
+    def errors(self) -> "Messages":
+        """One message per refused Service (and the write error, if any), formatted when read: a
+        caller keeping the last 200 of 475k formats 200."""
+        return Messages(self.refusals + ([self.write_error] if self.write_error else []))
 
     def add(self, other: "SyncResult") -> None:
         """Fold the result of one part of a sync into this one."""
@@ -56,6 +57,27 @@ class SyncResult:
         """The refusals as one line per kind (count and first names), then the write error."""
         out = summarize(self.refusals)
         return out + [self.write_error] if self.write_error else out
+
+
+class Messages(Sequence):
+    """Refusals (and strings) read as their messages, each formatted on access."""
+
+    def __init__(self, items: list):
+        self._items = items
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    def __getitem__(self, i):
+        if isinstance(i, slice):
+            return [str(r) for r in self._items[i]]
+        return str(self._items[i])
+
+    def __eq__(self, other) -> bool:
+        return list(self) == list(other) if isinstance(other, (list, tuple, Sequence)) else NotImplemented
+
+    def __repr__(self) -> str:
+        return repr(self[:3]) + (f" (+{len(self) - 3})" if len(self) > 3 else "")
 
 
 class Reconciler:

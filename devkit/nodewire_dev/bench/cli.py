@@ -26,22 +26,34 @@ def udp_recovery(runs, output) -> None:
 
 @bench.command()
 @click.option("--services", default="1000,10000,100000", show_default=True,
-              help="Comma-separated Service counts (N Services × 5 endpoints each).")
+              help="Comma-separated Service counts (N Services × --endpoints each).")
+@click.option("--endpoints", default=5, show_default=True, help="Endpoints per Service.")
+@click.option("--files", default="1", show_default=True, help="Comma-separated: the Services split into this many files.")
+@click.option("--flags", "flag_sets", default="default,lb", show_default=True,
+              help="Comma-separated agent flag sets: default (observe and rdma on), lb (--no-observe --no-rdma), nocheck (default with --check-interval 0).")
 @click.option("--connects", default=2000, show_default=True, help="Connects per series per N.")
+@click.option("--idle-seconds", default=30.0, show_default=True, help="Idle time after the first sync for the CPU figure.")
+@click.option("--map-size", "map_sizes", multiple=True, metavar="MAP=N", help="Passed to the agent (after the automatic sizes).")
+@click.option("--against", metavar="COMMIT", help="Also run the agent as it was at this commit, side by side.")
 @click.option("-o", "--output", type=click.Choice(["table", "json", "yaml"]), default="table", show_default=True)
-def connect(services, connects, output) -> None:
-    """TCP connect latency through a ClusterIP vs directly, full-sync time and agent RSS."""
-    from .connect import run_one, table
+def connect(services, endpoints, files, flag_sets, connects, idle_seconds, map_sizes, against, output) -> None:
+    """Connect latency through a ClusterIP vs directly, start → first sync, full sync, RSS, idle CPU."""
+    from .connect import FLAGS, run, table
 
     try:
         counts = [int(x) for x in services.split(",") if x]
+        file_counts = [int(x) for x in files.split(",") if x]
     except ValueError:
-        raise click.BadParameter(f"{services!r}: expected numbers like 1000,10000", param_hint="--services")
-    rows = []
-    for n in counts:
-        rows.append(run_one(n, connects))
+        raise click.BadParameter(f"{services!r} / {files!r}: expected numbers like 1000,10000") from None
+    sets = [f for f in flag_sets.split(",") if f]
+    if not sets or any(f not in FLAGS for f in sets):
+        raise click.BadParameter(f"{flag_sets!r}: expected some of {', '.join(FLAGS)}", param_hint="--flags")
+
+    def progress(row):
         if output == "table":
-            click.echo(f"N={n:,} done", err=True)
+            click.echo(f"{row['tree']} {row['flags']} N={row['services']:,} files={row['files']} done", err=True)
+
+    rows = run(counts, connects, endpoints, file_counts, sets, against, idle_seconds, tuple(map_sizes), progress)
     click.echo(render(rows, output) if output != "table" else table(rows))
 
 

@@ -15,12 +15,13 @@ from __future__ import annotations
 import gc
 import importlib.util
 import json
-import os
 import resource
 import secrets
+import shutil
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 import tracemalloc
 
@@ -90,7 +91,8 @@ def measure(impl: str, n: int, endpoints: int, changes: int) -> dict:
     Reconciler = _load(impl)
     want = desired(n, endpoints)
     pin = f"/sys/fs/bpf/nw-planner-{secrets.token_hex(3)}"
-    lb = SockLB(pin, MapSizes(services=1 << 20, backends=1 << 20), state_dir=f"/tmp/{os.path.basename(pin)}")
+    state = tempfile.mkdtemp(prefix="nw-planner-")
+    lb = SockLB(pin, MapSizes(services=1 << 20, backends=1 << 20), state_dir=state)
     try:
         gc.collect()
         gc.disable()  # as the agent does around a sync (agent.py)
@@ -154,6 +156,7 @@ def measure(impl: str, n: int, endpoints: int, changes: int) -> dict:
     finally:
         lb.close()
         remove_pins(pin)
+        shutil.rmtree(state, ignore_errors=True)
 
 
 COLUMNS = ["impl", "first_sync_s", "first_sync_cpu_s", "first_sync_user_s", "first_sync_sys_s", "resync_s", "resync_cpu_s", "restart_s", "restart_written",

@@ -33,9 +33,14 @@ def service_objects(n: int, endpoints: int, last_backends: list[str], port: int 
     return items
 
 
-def write_manifests(directory: Path, n: int, endpoints: int, last_backends: list[str]) -> Path:
+def write_manifests(directory: Path, n: int, endpoints: int, last_backends: list[str], files: int = 1) -> list[Path]:
+    """N Services in `files` files of about N/files each (one file: services.json)."""
     directory.mkdir(parents=True, exist_ok=True)
-    path = directory / "services.json"
-    path.write_text(json.dumps({"apiVersion": "v1", "kind": "List",
-                                "items": service_objects(n, endpoints, last_backends)}))
-    return path
+    items = service_objects(n, endpoints, last_backends)  # Service, slice, Service, slice, ...
+    per = -(-n // max(1, files)) * 2
+    paths = []
+    for k, start in enumerate(range(0, len(items), per) if items else [0]):
+        path = directory / ("services.json" if files == 1 else f"services-{k:04d}.json")
+        path.write_text(json.dumps({"apiVersion": "v1", "kind": "List", "items": items[start:start + per]}))
+        paths.append(path)
+    return paths
