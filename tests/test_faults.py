@@ -70,28 +70,30 @@ def test_sigkill_between_write_phases_then_restart_is_clean_and_never_refuses(po
     manifests = tmp_path / "m"
     manifests.mkdir()
     many_services(manifests / "all.json", n, [bes[0].ip4, bes[1].ip4])
-    marker = tmp_path / "paused"
-    # Pause the first write after the full sync right after its 2nd phase (new slots written, headers
-    # not yet): the kill lands between two phases every time.
-    monkeypatch.setenv("NW_TEST_PAUSE_AFTER_PHASE", f"1:2:{marker}")
+    marker, arm = tmp_path / "paused", tmp_path / "arm"
+    # Pause the first write that starts once `arm` exists right after its 2nd phase (new slots
+    # written, headers not yet): the kill lands between two phases every time.
+    monkeypatch.setenv("NW_TEST_PAUSE_AFTER_PHASE", f"{arm}:2:{marker}")
     agent = agent_factory(manifests, pin_suffix="-kill", extra=LB_ONLY)
     try:
         agent.start(timeout=600)
     finally:
         monkeypatch.delenv("NW_TEST_PAUSE_AFTER_PHASE")
     try:
-        _sigkill_sync_restart(agent, client, bes, manifests, marker, n, agent_factory)
+        _sigkill_sync_restart(agent, client, bes, manifests, marker, arm, n, agent_factory)
     finally:
         agent.kill()  # a writer paused for good never answers SIGTERM: never leave it behind
 
 
-def _sigkill_sync_restart(agent, client, bes, manifests, marker, n, agent_factory):
-    assert check(manifests, agent.pin_dir, agent.cgroup)["clean"]
+def _sigkill_sync_restart(agent, client, bes, manifests, marker, arm, n, agent_factory):
+    wait_for(lambda: check(manifests, agent.pin_dir, agent.cgroup)["clean"], 300, what="all Services synced")
+    arm.touch()
     targets = [f"{vip(i + 1)}:80" for i in (0, n // 2, n - 1)]
     with Traffic(client, targets) as traffic:
         many_services(manifests / "all.json", n, [bes[1].ip4, bes[2].ip4])  # every Service's endpoints change
         wait_for(marker.exists, 300, what="the writer paused between two phases")
         agent.kill()  # SIGKILL
+        arm.unlink()
         restarted = agent_factory(manifests, pin_suffix="-kill", extra=LB_ONLY).start(timeout=600)
         rep = check(manifests, restarted.pin_dir, restarted.cgroup)
         time.sleep(1)  # traffic on the converged maps too

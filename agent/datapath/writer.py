@@ -79,6 +79,7 @@ def _set(values: np.ndarray, **fields) -> np.ndarray:
 def write(p: WritePlan, maps: LBMaps, chunk: int = CHUNK) -> None:
     """Every phase of p, in order, in batches of `chunk` rows. Raises what the maps raise; the caller
     then commits nothing (the registry is re-read from the maps)."""
+    _TEST_PAUSE.starting()
     for n, phase in enumerate(p.phases(), 1):
         m = getattr(maps, phase.map)
         for lo in range(0, len(phase), chunk):
@@ -88,23 +89,26 @@ def write(p: WritePlan, maps: LBMaps, chunk: int = CHUNK) -> None:
             else:
                 m.delete_array(keys)
         _TEST_PAUSE.after_phase(n, phase)
-    _TEST_PAUSE.writes += 1
 
 
 class _TestPause:
-    """Test-only (tests/test_faults.py): NW_TEST_PAUSE_AFTER_PHASE="SKIP:PHASE:MARKER" makes
-    the write after the first SKIP ones stop for good after its PHASE-th phase (1-based), once
-    MARKER is written: a SIGKILL then lands between two write phases, deterministically."""
+    """Test-only (tests/test_faults.py): NW_TEST_PAUSE_AFTER_PHASE="ARM:PHASE:MARKER" makes the first
+    write that starts while the file ARM exists stop for good after its PHASE-th phase (1-based),
+    once MARKER is written: a SIGKILL then lands between two write phases, deterministically, however
+    the source delivered the objects before."""
 
     def __init__(self, spec: str | None):
-        self.writes = 0
-        self.skip = self.phase = None
+        self.arm = self.phase = None
+        self.armed = False
         if spec:
-            skip, phase, self.marker = spec.split(":", 2)
-            self.skip, self.phase = int(skip), int(phase)
+            self.arm, phase, self.marker = spec.split(":", 2)
+            self.phase = int(phase)
+
+    def starting(self) -> None:
+        self.armed = self.arm is not None and os.path.exists(self.arm)
 
     def after_phase(self, n: int, phase) -> None:
-        if self.phase is None or self.writes != self.skip or n != self.phase:
+        if not self.armed or n != self.phase:
             return
         import time
 
