@@ -77,7 +77,7 @@ class NorthSouthService:
             "frontends": dp.reconciler.svc_entries, "services": len(dp.reconciler.owned),
             "counters": dp.counters(), "health": self.health.status(), "errors": self.errors,
             "last_sync": None if self.last is None else {"seconds": self.last.seconds, "written": self.last.written,
-                                                          "deleted": self.last.deleted, "errors": self.last.errors,
+                                                          "deleted": self.last.deleted, "errors": [str(e) for e in self.last.errors],
                                                           "time": time.time()},
         }
 

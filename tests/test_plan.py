@@ -191,9 +191,9 @@ def test_the_key_index_finds_every_live_key_through_merges_removals_and_equal_ha
     index = KeyIndex()
     index.MERGE_AT = 3
     model: dict[int, int] = {}  # key number → id
-    orig = ids_mod._hash
+    orig = ids_mod.key_hash
     if collide:
-        ids_mod._hash = lambda keys: np.zeros(len(keys), np.uint64)
+        ids_mod.key_hash = lambda keys: np.zeros(len(keys), np.uint64)
     try:
         for add, numbers in ops:
             numbers = sorted(set(numbers))
@@ -209,7 +209,7 @@ def test_the_key_index_finds_every_live_key_through_merges_removals_and_equal_ha
             assert index.lookup(_keys(probe)).tolist() == [model.get(n, 0) for n in probe]
             assert index.count == len(model) and sorted(index.live_ids().tolist()) == sorted(model.values())
     finally:
-        ids_mod._hash = orig
+        ids_mod.key_hash = orig
     assert len(set(model.values())) == len(model)
 
 
@@ -221,6 +221,6 @@ def _keys(numbers) -> np.ndarray:
 
 
 def test_distinct_keys_are_found_exactly_even_when_hashes_collide(monkeypatch):
-    monkeypatch.setattr(plan_mod, "_hash", lambda keys: np.zeros(len(keys), np.uint64))
+    monkeypatch.setattr(plan_mod, "key_hash", lambda keys: np.zeros(len(keys), np.uint64))
     first, inverse = plan_mod._unique_keys(_keys([5, 3, 5, 7, 3]))
     assert inverse.tolist() == [0, 1, 0, 2, 1] and first.tolist() == [0, 1, 3]

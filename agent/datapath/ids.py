@@ -39,7 +39,7 @@ SLOT_DTYPE = np.dtype("<u4")
 _V4MAPPED = b"\0" * 10 + b"\xff\xff"
 
 
-def _hash(keys: np.ndarray) -> np.ndarray:
+def key_hash(keys: np.ndarray) -> np.ndarray:
     """64-bit mix of each key (multiply-xorshift, as in splitmix64); equal keys, equal hashes."""
     with np.errstate(over="ignore"):
         h = keys["a"] * np.uint64(0x9E3779B97F4A7C15)
@@ -128,7 +128,7 @@ class KeyIndex:
         out = np.zeros(len(keys), np.uint32)
         if not len(keys) or not self.count:
             return out
-        h = _hash(keys)
+        h = key_hash(keys)
         self._find(self._h, self._hid, keys, h, out)
         if len(self._oh):
             miss = np.nonzero(out == 0)[0]
@@ -180,7 +180,7 @@ class KeyIndex:
         self.keys[ids] = keys.view(KEY) if keys.dtype != KEY else keys
         self.live[ids] = True
         self.count += len(ids)
-        h = _hash(self.keys[ids])
+        h = key_hash(self.keys[ids])
         order = np.argsort(h, kind="stable")
         h, ids = h[order], ids[order]
         at = np.searchsorted(self._oh, h)
@@ -203,7 +203,7 @@ class KeyIndex:
         if not len(ids):
             return
         ids = np.unique(np.asarray(ids, np.uint32))
-        h = _hash(self.keys[ids])
+        h = key_hash(self.keys[ids])
         in_overlay = np.isin(ids, self._ohid)
         if in_overlay.any():
             keep = ~np.isin(self._ohid, ids)
@@ -274,7 +274,7 @@ class FrontendTable(KeyIndex):
 
     def __init__(self):
         super().__init__()
-        self.count_ = np.zeros(1, np.uint16)
+        self.header_count = np.zeros(1, np.uint16)
         self.flags = np.zeros(1, np.uint16)
         self.affinity = np.zeros(1, np.uint32)
         self.owner = np.full(1, -1, np.int32)
@@ -283,8 +283,8 @@ class FrontendTable(KeyIndex):
         self.port_name: list[str] = [""]
 
     def on_grow(self, n: int) -> None:
-        grow = n - len(self.count_)
-        self.count_ = np.concatenate([self.count_, np.zeros(grow, np.uint16)])
+        grow = n - len(self.header_count)
+        self.header_count = np.concatenate([self.header_count, np.zeros(grow, np.uint16)])
         self.flags = np.concatenate([self.flags, np.zeros(grow, np.uint16)])
         self.affinity = np.concatenate([self.affinity, np.zeros(grow, np.uint32)])
         self.owner = np.concatenate([self.owner, np.full(grow, -1, np.int32)])
@@ -296,7 +296,7 @@ class FrontendTable(KeyIndex):
         super().remove(ids)
         self.owner[ids] = -1
         self.has_header[ids] = False
-        self.count_[ids] = 0
+        self.header_count[ids] = 0
         for i in ids.tolist():
             self.slots[i] = b""
             self.port_name[i] = ""
@@ -382,7 +382,7 @@ class IdRegistry:
             be.add(p.new_backends["id"], p.new_backends["ident"])
             fe.add(*p.new_frontends)
             w = p.written
-            fe.count_[w.sids] = w.count
+            fe.header_count[w.sids] = w.count
             fe.flags[w.sids] = w.flags
             fe.affinity[w.sids] = w.affinity
             fe.has_header[w.sids] = True
@@ -423,7 +423,7 @@ class IdRegistry:
         fe.add(odd_sids, keys[odd])
         hs = np.concatenate([sids[good], odd_sids])
         rows = np.concatenate([head[good], odd])
-        fe.count_[hs] = sv["count"][rows]
+        fe.header_count[hs] = sv["count"][rows]
         fe.flags[hs] = sv["flags"][rows]
         fe.flags[odd_sids] = 0xFFFF  # never a wanted value: forces a header write
         fe.affinity[hs] = sv["affinity_timeout"][rows]
@@ -437,7 +437,7 @@ class IdRegistry:
         orphan = slot_rows[owner_sid == 0]
         if len(orphan):
             o_keys = keys[orphan]
-            _, first = np.unique(_hash(o_keys), return_index=True)
+            _, first = np.unique(key_hash(o_keys), return_index=True)
             fe.add(fe.reserve(len(first)), o_keys[first])
             owner_sid = fe.lookup(keys[slot_rows])
         bids = sv["backend_id"][slot_rows].astype(np.uint32)

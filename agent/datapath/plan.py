@@ -27,7 +27,7 @@ import numpy as np
 from ..model.frontends import Backend, Frontend
 from ..model.objects import ObjectKey
 from .abi import PROTO_NUMBERS, SVC_F_AFFINITY
-from .ids import FRONTEND_IDENT, INVALID, KEY, NO_SLOT, SLOT_DTYPE, IdRegistry, _hash
+from .ids import FRONTEND_IDENT, INVALID, KEY, NO_SLOT, SLOT_DTYPE, IdRegistry, key_hash
 
 MAX_BACKENDS_PER_FRONTEND = 65535  # the slot-0 count is a __u16
 
@@ -246,7 +246,7 @@ def _starts(lengths: np.ndarray) -> np.ndarray:
 def _unique_keys(keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """(index of each distinct key's first occurrence, and for each key which distinct one it is),
     by hash, checked exactly; two keys sharing a hash (rare) take the exact, slower path."""
-    _, first, inverse = np.unique(_hash(keys), return_index=True, return_inverse=True)
+    _, first, inverse = np.unique(key_hash(keys), return_index=True, return_inverse=True)
     if (keys[first[inverse]] == keys).all():
         return first, inverse
     seen: dict[bytes, int] = {}
@@ -421,7 +421,7 @@ def _diff(d: Desired, fe_sid, be_id, fresh: _Fresh, reg: IdRegistry, refused, re
     count = d.fe_count[applied].astype(np.int64)
     old_slots = [fe.slots[s] for s in a_old.tolist()]
     old_len = np.array([len(b) for b in old_slots], np.int64) // SLOT_DTYPE.itemsize
-    head_same = (fe.has_header[a_old] & (fe.count_[a_old] == count)
+    head_same = (fe.has_header[a_old] & (fe.header_count[a_old] == count)
                  & (fe.flags[a_old] == d.fe_flags[applied]) & (fe.affinity[a_old] == d.fe_affinity[applied]))
     slots_same = _same_slots(old_slots, old_len, count, applied, d, be_id)
     changed = np.nonzero(~(slots_same & head_same))[0]
