@@ -278,6 +278,8 @@ print(json.dumps({{"ok": ok, "fail": fail}}))
     agent.start()
     st = agent.status()
     assert st.northsouth["last_sync"]["written"] == 0, st.northsouth["last_sync"]
+    # every pinned Maglev table already names the right backends: none is rebuilt
+    assert st.northsouth["maglev_tables"] > 0 and st.northsouth["maglev_tables_built"] == 0, st.northsouth
     assert written_before is not None
     out, _ = load.communicate(timeout=30)
     result = json.loads(out.strip().splitlines()[-1])
