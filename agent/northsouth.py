@@ -74,10 +74,11 @@ class NorthSouthService:
         return {
             "devices": dp.devices, "addresses": list(self.node.addresses), "snat": self.snat,
             "nodeport_range": list(self.node.nodeport_range), "maglev_table_size": dp.maglev_size,
+            "maglev_tables": len(dp.maglev_groups), "maglev_tables_built": dp.tables_built,
             "frontends": dp.reconciler.svc_entries, "services": len(dp.reconciler.owned),
             "counters": dp.counters(), "health": self.health.status(), "errors": self.errors,
             "last_sync": None if self.last is None else {"seconds": self.last.seconds, "written": self.last.written,
-                                                          "deleted": self.last.deleted, "errors": self.last.errors,
+                                                          "deleted": self.last.deleted, "errors": [str(e) for e in self.last.errors],
                                                           "time": time.time()},
         }
 

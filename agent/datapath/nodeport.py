@@ -93,6 +93,7 @@ class NodePortDatapath:
         self.conntrack = m["nodewire_ct_v1"]
         self.reconciler = Reconciler(self.services, self.backends)
         self.devices: dict[str, int] = {}
+        self.tables_built = 0  # Maglev tables built and swapped in by this process
         self._learn()
 
     # -- start-up ---------------------------------------------------------------------------------
@@ -106,9 +107,27 @@ class NodePortDatapath:
         self.local_have: set[bytes] = set(self.local.dump())
         self.local_refs: dict[str, int] = {}
         self.ranges_have: set[bytes] = set(self.ranges.keys())
-        self.maglev_have: dict[int, tuple[int, ...]] = {}  # group -> backend ids it was built from
         self.maglev_groups = {int.from_bytes(k, "little") for k in self.maglev.keys()}
+        # group -> the backend ids its table names. A table depends only on its backend set, so a
+        # pinned table naming exactly the wanted ids is already right: a restart rebuilds none of those.
+        self.maglev_have: dict[int, tuple[int, ...]] = {g: self._table_ids(g) for g in self.maglev_groups}
         self.owned: dict[ObjectKey, _Owned] = {}
+
+    def _table_ids(self, gid: int) -> tuple[int, ...]:
+        """The sorted distinct backend ids in the pinned Maglev table of a group (() if unreadable)."""
+        raw = bpfsys.lookup_elem(self.maglev.fd, gid.to_bytes(4, "little"), 4, self.maglev.name)
+        if raw is None:
+            return ()
+        map_id = int.from_bytes(raw, "little")  # from user space, a map-in-map value reads as the inner map's id
+        try:
+            fd = bpfsys.bpf(bpfsys.MAP_GET_FD_BY_ID, bpfsys._ById(id=map_id), f"maglev table {map_id}")
+        except OSError:
+            return ()
+        try:
+            _, values = bpfsys.lookup_batch(fd, 4, 4, f"maglev table of group {gid}")
+        finally:
+            os.close(fd)
+        return tuple(np.unique(np.frombuffer(values, dtype=np.uint32)).tolist())
 
     def attach(self, devices: list[str]) -> None:
         """clsact ingress+egress on each device, replacing an earlier agent's filters atomically."""
@@ -234,7 +253,7 @@ class NodePortDatapath:
             ids = tuple(rec.registry.backends.lookup(as_keys(rows)).tolist())
             if 0 in ids:  # a backend the reconciler refused (a full map): no table for it yet
                 continue
-            if self.maglev_have.get(gid) != ids:
+            if self.maglev_have.get(gid) != tuple(sorted(ids)):
                 todo.append((gid, ids, [_name(b) for b in ordered]))
         if not todo:
             return
@@ -242,7 +261,8 @@ class NodePortDatapath:
         for (gid, ids, _names), table in zip(todo, tables):
             values = np.asarray(ids, dtype=np.uint32)[table]
             self._swap_table(gid, values)
-            self.maglev_have[gid] = ids
+            self.tables_built += 1
+            self.maglev_have[gid] = tuple(sorted(ids))
             self.maglev_groups.add(gid)
 
     def _swap_table(self, gid: int, values: np.ndarray) -> None:

@@ -278,6 +278,8 @@ print(json.dumps({{"ok": ok, "fail": fail}}))
     agent.start()
     st = agent.status()
     assert st.northsouth["last_sync"]["written"] == 0, st.northsouth["last_sync"]
+    # every pinned Maglev table already names the right backends: none is rebuilt
+    assert st.northsouth["maglev_tables"] > 0 and st.northsouth["maglev_tables_built"] == 0, st.northsouth
     assert written_before is not None
     out, _ = load.communicate(timeout=30)
     result = json.loads(out.strip().splitlines()[-1])
@@ -299,3 +301,27 @@ def ask(host, port):
 print(ask({env.n1.addr4!r}, 30098), ask({env.pod("a1").ip4!r}, {TCP_PORT}))
 """
     assert env.client_py(code) == "a1 a1"
+
+
+def test_local_sockets_reach_node_ports_through_the_socket_path(env):
+    """A node's own process dialling 127.0.0.1:nodePort or its node address:nodePort is balanced at
+    connect() (socket path), not by the tc program: tc's new-flow counters do not move."""
+    env.apply("localsock.json", *svc(env, "localsock", "10.96.12.13", node_port=30099))
+    from agent.datapath.loader import open_loaded
+    loaded = open_loaded("nodeport", env.n1.pin_dir)
+    stats = loaded.maps["nodewire_np_stats_v1"]
+
+    def tc_new_flows() -> int:  # NW_NP_LOCAL + NW_NP_REMOTE, read from the pinned map itself
+        keys, values = stats.dump_summed()
+        return int(sum(v for k, v in zip(keys.tolist(), values.tolist()) if k in (0, 1)))
+    before = tc_new_flows()
+    code = ("import socket\nout=[]\nfor host in ('127.0.0.1', {addr!r}):\n"
+            " for _ in range(4):\n  s=socket.create_connection((host, 30099), timeout=3); s.sendall(b'x')\n"
+            "  out.append(s.recv(100).decode().strip()); s.close()\nprint(' '.join(sorted(set(out))))")
+    res = env.n1.run([sys.executable, "-c", code.format(addr=env.n1.addr4)])
+    assert res.returncode == 0, res.stderr[-1000:]
+    assert set(res.stdout.split()) <= {"a1", "b1"} and res.stdout.strip(), res.stdout
+    # one connect from outside is one new tc flow: the count moves by exactly that one
+    assert set(env.replies("tcp", env.n1.addr4, 30099, count=1)) <= {"a1", "b1"}
+    assert tc_new_flows() == before + 1
+    loaded.close()
