@@ -394,8 +394,12 @@ class ManifestSource:
                 self._stop.wait(1.0)
 
     def _first_read(self) -> None:
+        t0, c0 = time.perf_counter(), time.thread_time()
         with memory.bulk():  # the big one
             self._safe_poll()
+        log.info("manifests read files=%d objects=%d seconds=%.3f cpu_seconds=%.3f watcher=%s", len(self.files),
+                 sum(len(k) for st in self.files.values() for k in st.keys.values()), time.perf_counter() - t0,
+                 time.thread_time() - c0, self.watcher)
         self.synced.set()
 
     def _watch(self, first: bool) -> bool:
