@@ -331,14 +331,14 @@ class Agent:
             self._write_status_if_changed()
 
     def _write_status_if_changed(self) -> None:
-        st = self.status()
-        if self._written is not None and replace(st, written_at=self._written.written_at) == self._written:
-            return
-        try:
+        try:  # the status never stops the agent: a failure is logged and retried at the next change
+            st = self.status()
+            if self._written is not None and replace(st, written_at=self._written.written_at) == self._written:
+                return
             write_status(status_path(self.cfg.pin_dir), st)
             self._written = st
-        except OSError as e:
-            log.error("cannot write status: %s", e)
+        except Exception as e:
+            log.error("cannot write status: %s: %s", type(e).__name__, e)
 
     # -- probes (served on --metrics-addr) ---------------------------------------------------------
     LOOP_STALL_SECONDS = 30.0

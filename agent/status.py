@@ -78,7 +78,9 @@ class AgentStatus:
     written_at: float = 0.0
 
     def to_json(self) -> str:
-        return json.dumps(asdict(self))
+        # default=str: a feature's status field that is not JSON (a netlink message, a path) is
+        # written as text rather than costing the whole status
+        return json.dumps(asdict(self), default=str)
 
     @classmethod
     def from_dict(cls, d: dict) -> "AgentStatus":
