@@ -99,11 +99,12 @@ def status_path(pin_dir: str) -> str:
 
 
 def read_status(pin_dir: str) -> AgentStatus | None:
-    """The status the agent running with this pin dir last wrote; None when there is none (yet)."""
+    """The status the agent running with this pin dir last wrote; None when there is none (yet), or
+    when it is not one this version reads (an older agent's: `cleanup` must still work)."""
     try:
         with open(status_path(pin_dir)) as f:
             return AgentStatus.from_dict(json.load(f))
-    except (FileNotFoundError, json.JSONDecodeError):
+    except (FileNotFoundError, json.JSONDecodeError, TypeError, AttributeError):
         return None
 
 

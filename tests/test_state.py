@@ -146,3 +146,18 @@ def test_column_selection_equals_selection_py_without_topology():
 
     assert frontends.CLOSE_DISTRIBUTIONS
     agree()
+
+
+def test_a_status_file_of_another_version_reads_as_none(tmp_path, monkeypatch):
+    """`nodewire cleanup` after an older agent: its status.json has other shapes; read as no status."""
+    import json
+
+    from agent import status
+
+    monkeypatch.setattr(status, "status_path", lambda pin: str(tmp_path / "status.json"))
+    (tmp_path / "status.json").write_text(json.dumps({"pid": 1, "started": 0, "cgroup": "/x", "pin_dir": "/p",
+                                                      "sources": {"manifests": {"path": "/m", "healthy": True}}}))
+    assert status.read_status("/p") is None
+    st = status.AgentStatus(pid=1, started=0.0, cgroup="/x", pin_dir="/p")
+    status.write_status(str(tmp_path / "status.json"), st)
+    assert status.read_status("/p") == st
