@@ -325,3 +325,31 @@ def test_local_sockets_reach_node_ports_through_the_socket_path(env):
     assert set(env.replies("tcp", env.n1.addr4, 30099, count=1)) <= {"a1", "b1"}
     assert tc_new_flows() == before + 1
     loaded.close()
+
+
+def test_maglev_every_node_picks_the_same_backend_for_a_flow(env):
+    """The same client flow (address, port) to a load-balancer IP gets the same pod whichever node the
+    router sends it to (Maglev tables and the flow hash do not depend on the node)."""
+    ip = "203.0.113.30"
+    env.apply("maglev.json", *svc(env, "maglev", "10.96.12.14", typ="LoadBalancer", node_port=30096,
+                                   status={"loadBalancer": {"ingress": [{"ip": ip}]}}))
+    code = f"""
+import socket
+out = []
+for port in range(46100, 46116):
+    s = socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1); s.settimeout(3)
+    s.bind(("0.0.0.0", port)); s.connect(({ip!r}, 80)); s.sendall(b"x")
+    out.append(s.recv(100).decode().strip()); s.close()
+print(" ".join(out))
+"""
+    try:
+        via = {}
+        for node in env.sb.nodes:
+            env.sb.route_via(f"{ip}/32", node)
+            via[node.name] = env.client_py(code).split()
+        first, second = via.values()
+        assert first == second, via
+        assert set(first) == {"a1", "b1"}, first  # and the flows do spread over both pods
+        assert all(a.status().northsouth["maglev_tables"] > 0 for a in env.agents)
+    finally:
+        env.sb.route_via(f"{ip}/32", env.n1)
