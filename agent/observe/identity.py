@@ -5,8 +5,8 @@ Kernel events carry addresses; the observer turns them into the OTel attributes
 the cluster state knows them, else by the first configured CIDR bucket that contains them — never by
 the raw remote IP unless `raw_peer_ips` is set, so cardinality stays bounded.
 
-Built as an immutable snapshot from ClusterState; the observer rebuilds it when the state revision
-moves, so lookups on the collect path are plain dict reads.
+Built as an immutable snapshot from ClusterState; the observer rebuilds it when a Pod or Service
+changes (ClusterState.identity_revision), so lookups on the collect path are plain dict reads.
 """
 from __future__ import annotations
 
@@ -105,7 +105,7 @@ def observed(pod: Pod, cfg: ObserveConfig) -> bool:
 
 @dataclass
 class Identity:
-    """Address → local pod, and address → peer label, for one state revision."""
+    """Address → local pod, and address → peer label, for one identity revision (Pods and Services)."""
 
     cfg: ObserveConfig
     local: dict[str, PodRef] = field(default_factory=dict)        # ip → observed local pod
@@ -119,7 +119,7 @@ class Identity:
 
     @classmethod
     def from_state(cls, state: ClusterState, cfg: ObserveConfig) -> "Identity":
-        ident = cls(cfg=cfg, revision=state.revision)
+        ident = cls(cfg=cfg, revision=state.identity_revision)
         ident._nets = [ipaddress.ip_network(c, strict=False) for c in cfg.peer_cidrs]
         for key, pod in list(state.pods.items()):
             for ip in () if pod.host_network else pod.ips:  # a node address names no one pod
