@@ -18,6 +18,7 @@ from dataclasses import MISSING, dataclass, field, fields, replace
 from typing import Any, Mapping
 
 from .datapath.loader import MapSizes
+from .paths import state_dir_for
 
 DEFAULT_PIN_DIR = "/sys/fs/bpf/nodewire"
 DEFAULT_CONFIG_FILE = "/etc/nodewire/config.yaml"
@@ -25,12 +26,6 @@ DEFAULT_CONFIG_FILE = "/etc/nodewire/config.yaml"
 DEFAULT_METRICS_PORT = 9966
 ENV_PREFIX = "NODEWIRE_"
 LOG_LEVELS = ("debug", "info", "warning", "error")
-
-
-def state_dir_for(pin_dir: str) -> str:
-    """Where the agent writes status.json for a given pin dir (bpffs holds only pins, not files).
-    Every command that takes --pin-dir finds the agent's status this way."""
-    return os.path.join("/run/nodewire", re.sub(r"[^A-Za-z0-9_.-]", "_", pin_dir.strip("/")) or "root")
 
 
 def key(default: Any = None, help: str = "", *, kind: str | None = None, name: str | None = None,

@@ -12,12 +12,12 @@ def cni() -> None:
 
 
 def _cfg(ctx, config_path, flags):
-    from ..cli import load_config
+    from ..cli_options import load_config
     return load_config(ctx, config_path, flags)
 
 
 def _options(fn):
-    from ..cli import config_file_option, config_options
+    from ..cli_options import config_file_option, config_options
     pin_dir = click.option("--pin-dir", default=None,
                            help="The agent's pin dir, which names its API socket [default: the config's pin-dir].")
     return config_file_option(pin_dir(config_options("cni")(fn)))
@@ -31,7 +31,7 @@ def _options(fn):
 @click.pass_context
 def install(ctx, config_path, pin_dir, python, socket_path, **kwargs) -> None:
     """Copy nodewire-cni into the CNI bin dir and chain it last in the node's primary .conflist."""
-    from ..cli import given_flags
+    from ..cli_options import given_flags
     from .install import InstallError, PluginSettings, install_binary, install_conf
 
     flags = dict(given_flags("cni", kwargs), **({"pin-dir": pin_dir} if pin_dir else {}))
@@ -51,7 +51,7 @@ def install(ctx, config_path, pin_dir, python, socket_path, **kwargs) -> None:
 @click.pass_context
 def uninstall(ctx, config_path, pin_dir, **kwargs) -> None:
     """Restore the node's original network configuration and remove nodewire-cni."""
-    from ..cli import given_flags
+    from ..cli_options import given_flags
     from .install import InstallError, uninstall as do_uninstall
 
     cfg = _cfg(ctx, config_path, dict(given_flags("cni", kwargs), **({"pin-dir": pin_dir} if pin_dir else {})))

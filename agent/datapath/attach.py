@@ -128,6 +128,32 @@ def attach_tracepoint(prog_fd: int, tracepoint: str, pin: str | None = None) -> 
     return link
 
 
+# -- tc (clsact) ----------------------------------------------------------------------------------
+TC_INGRESS, TC_EGRESS = "ffff:fff2", "ffff:fff3"  # clsact's ingress/egress parents
+
+
+def attach_tc(ipr, ifname: str, filters, prio: int, where: str = "this network namespace") -> int:
+    """clsact on ifname plus our direct-action bpf filters [(name, prog_fd, parent)], each replacing
+    the one of the same priority (ours) atomically. ipr: a pyroute2 IPRoute/NetNS. Returns the ifindex."""
+    import errno
+
+    from pyroute2.netlink.exceptions import NetlinkError
+
+    links = ipr.link_lookup(ifname=ifname)
+    if not links:
+        raise LookupError(f"no interface {ifname!r} in {where}")
+    idx = links[0]
+    try:
+        ipr.tc("add", "clsact", idx)
+    except NetlinkError as e:
+        if e.code != errno.EEXIST:
+            raise
+    for name, fd, parent in filters:
+        ipr.tc("replace-filter", "bpf", idx, ":1", fd=fd, name=name, parent=parent, prio=prio, classid=1,
+               direct_action=True)
+    return idx
+
+
 def attach_sock_lb(lb, cgroup_path: str) -> list[str]:
     """Every socket-LB hook onto the cgroup (replacing what our hooks held). Returns the functions."""
     done = []

@@ -137,7 +137,7 @@ def _record_path(spec_name: str, state_dir: str) -> Path:
 
 
 def _default_state_dir(pin_dir: str) -> str:
-    from ..config import state_dir_for  # config imports this module (MapSizes)
+    from ..paths import state_dir_for
 
     return state_dir_for(pin_dir)
 

@@ -12,7 +12,6 @@ differs (Maglev tables are rebuilt once and swapped in atomically; their content
 from __future__ import annotations
 
 import ctypes as ct
-import errno
 import ipaddress
 import logging
 import os
@@ -24,6 +23,7 @@ from ..model.maglev import build_tables
 from ..model.northsouth import GroupKey, NorthSouth
 from ..model.objects import ObjectKey
 from . import abi, bpfsys
+from .attach import TC_EGRESS, TC_INGRESS, attach_tc
 from .ids import BACKEND_IDENT, as_keys
 from .loader import MapSizes, ProgramSpec, load
 from .maps import addr16, pack_rows, port_be
@@ -32,7 +32,6 @@ from .reconciler import Reconciler, SyncResult
 log = logging.getLogger("nodewire.nodeport")
 
 TC_PRIO = 0x4e50  # "NP": our filters' priority on the node devices, so we replace/delete only ours
-TC_INGRESS, TC_EGRESS = "ffff:fff2", "ffff:fff3"
 F_DROP_EMPTY, F_SOURCE_RANGES, F_MAGLEV = 1, 2, 4  # NP_F_* in bpf/nodeport.c
 OUTCOMES = ("local", "remote", "reply", "established", "reject", "drop_no_local", "drop_source_range",
             "drop_error")  # NW_NP_* in bpf/nodeport.c
@@ -132,22 +131,14 @@ class NodePortDatapath:
     def attach(self, devices: list[str]) -> None:
         """clsact ingress+egress on each device, replacing an earlier agent's filters atomically."""
         from pyroute2 import IPRoute
-        from pyroute2.netlink.exceptions import NetlinkError
 
         with IPRoute() as ipr:
             for dev in devices:
-                links = ipr.link_lookup(ifname=dev)
-                if not links:
-                    raise LookupError(f"--devices: no interface {dev!r} in this network namespace")
-                idx = links[0]
+                filters = [(fn, self.loaded.prog_fd(fn), parent) for fn, parent in zip(PROGRAMS, (TC_INGRESS, TC_EGRESS))]
                 try:
-                    ipr.tc("add", "clsact", idx)
-                except NetlinkError as e:
-                    if e.code != errno.EEXIST:
-                        raise
-                for fn, parent in zip(PROGRAMS, (TC_INGRESS, TC_EGRESS)):
-                    ipr.tc("replace-filter", "bpf", idx, ":1", fd=self.loaded.prog_fd(fn), name=fn, parent=parent,
-                           prio=TC_PRIO, classid=1, direct_action=True)
+                    idx = attach_tc(ipr, dev, filters, TC_PRIO)
+                except LookupError:
+                    raise LookupError(f"--devices: no interface {dev!r} in this network namespace") from None
                 self.devices[dev] = idx
 
     def set_snat_addresses(self, addresses: list[str]) -> dict[str, str]:

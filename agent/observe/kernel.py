@@ -12,7 +12,6 @@ ones summed field by field (RawMap.dump_summed), layouts from BCC's ctypes of th
 """
 from __future__ import annotations
 
-import errno
 import logging
 import os
 import threading
@@ -20,7 +19,9 @@ import threading
 import numpy as np
 
 from ..datapath import abi
-from ..datapath.attach import TRACEFS, attach_cgroup, attach_tracepoint, detach_cgroup
+from ..datapath.attach import (
+    TC_EGRESS, TC_INGRESS, TRACEFS, attach_cgroup, attach_tc, attach_tracepoint, detach_cgroup,
+)
 from ..datapath.loader import MapSizes, ProgramSpec, load
 from ..datapath.maps import addr16, addr_str, pack_rows, port_host
 from .histogram import hist_cflags
@@ -35,7 +36,6 @@ NO_ADDRESS = bytes(16)
 TRACEPOINT_PROGRAMS = {"skb:kfree_skb": "nw_kfree_skb", "tcp:tcp_probe": "nw_tcp_probe"}
 DIR_NAMES = {0: "transmit", 1: "receive"}  # pod_traffic_key.direction in bpf/pod_tc.c
 TC_PRIO = 0xc0de & 0x7fff               # our filters' priority, so we delete only our own
-TC_INGRESS, TC_EGRESS = "ffff:fff2", "ffff:fff3"
 
 
 def tracepoint_exists(tp: str, tracefs: str = TRACEFS) -> bool:
@@ -215,22 +215,9 @@ class PodTraffic:
 
     def attach(self, ifname: str) -> int:
         """Idempotent: (re)place our filters on ifname's clsact. Returns the ifindex."""
-        from pyroute2.netlink.exceptions import NetlinkError
-
         with self._lock:
-            ipr = self._nl()
-            links = ipr.link_lookup(ifname=ifname)
-            if not links:
-                raise LookupError(f"interface {ifname!r} not found in netns {self.netns or '(host)'}")
-            idx = links[0]
-            try:
-                ipr.tc("add", "clsact", idx)
-            except NetlinkError as e:
-                if e.code != errno.EEXIST:
-                    raise
-            for fn, parent in (("nw_pod_tx", TC_INGRESS), ("nw_pod_rx", TC_EGRESS)):
-                ipr.tc("replace-filter", "bpf", idx, ":1", fd=self.progs[fn], name=fn, parent=parent,
-                       prio=TC_PRIO, classid=1, direct_action=True)
+            filters = [(fn, self.progs[fn], parent) for fn, parent in (("nw_pod_tx", TC_INGRESS), ("nw_pod_rx", TC_EGRESS))]
+            idx = attach_tc(self._nl(), ifname, filters, TC_PRIO, f"netns {self.netns or '(host)'}")
             self.attached[ifname] = idx
             return idx
 
