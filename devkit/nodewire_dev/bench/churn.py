@@ -15,6 +15,7 @@ from pathlib import Path
 import psutil
 
 from agent.config import state_dir_for
+from agent.datapath.abi import SERVICES_MAP
 
 from ..sandbox import Sandbox
 
@@ -146,7 +147,12 @@ def run_churn(source: str, services: int, rate: float, seconds: float, workdir: 
                 if rep["clean"]:
                     break
             rss.append((time.monotonic() - t0, agent.memory_info().rss))
-            st = _status(pin)
+            want_entries = sum(1 + len(e) for e in desired.values())
+            for _ in range(24):  # the status file follows the last sync within a few seconds (written on change)
+                st = _status(pin)
+                if st.get("maps", {}).get(SERVICES_MAP, {}).get("entries") == want_entries:
+                    break
+                time.sleep(0.5)
         finally:
             proc.kill()
             proc.wait(10)
@@ -164,5 +170,5 @@ def run_churn(source: str, services: int, rate: float, seconds: float, workdir: 
         "kernel_frontends": rep.get("kernel_frontends"), "desired_frontends": services,
         "kernel_backends": rep.get("kernel_backends"), "desired_backends": want_backends,
         "map_entries": {k: v["entries"] for k, v in st.get("maps", {}).items()},
-        "desired_service_entries": sum(1 + len(e) for e in desired.values()),
+        "desired_service_entries": want_entries,
     }
