@@ -8,6 +8,9 @@
  *             backend by session affinity, else Maglev, else flow hash; DNAT, plus SNAT to the
  *             node address when the backend is on another node
  * egress:  a local backend's reply to an external client -> the frontend's address as source
+ * both:    ICMP errors about a flow's packets are translated back (lib/icmp.h); a packet too big for
+ *          the route to its backend gets frag-needed / packet-too-big; fragments take the flow of
+ *          their first fragment (lib/frag.h)
  *
  * Maps (pinned, family-neutral 16-byte addresses; the service and backend maps have the layout of
  * lib/lb.h's and are written by the same reconciler):
@@ -25,6 +28,8 @@
 #include "lib/pkt.h"
 #include "lib/ct.h"
 #include "lib/reject.h"
+#include "lib/icmp.h"
+#include "lib/frag.h"
 
 #ifndef NW_NP_POLICY_MAX
 #define NW_NP_POLICY_MAX 65536
@@ -49,7 +54,11 @@
 #define NW_NP_DROP_NO_LOCAL 5
 #define NW_NP_DROP_SOURCE 6
 #define NW_NP_DROP_ERROR 7
-#define NW_NP_OUTCOMES 8
+#define NW_NP_ICMP_TRANSLATED 8  /* an ICMP error of a flow rewritten (lib/icmp.h) */
+#define NW_NP_PMTU_REPLY 9       /* frag-needed / packet-too-big sent for a packet too big for its route */
+#define NW_NP_FRAGMENT 10        /* a fragment of a flow translated (lib/frag.h) */
+#define NW_NP_UNTRANSLATABLE 11  /* could not be translated safely: left to the stack */
+#define NW_NP_OUTCOMES 12
 
 struct np_frontend {
 	__u32 address[4];
@@ -136,17 +145,28 @@ static __always_inline int same_addr(const __u32 *a, const __u32 *b)
 	return a[0] == b[0] && a[1] == b[1] && a[2] == b[2] && a[3] == b[3];
 }
 
-/* DNAT to the backend, and SNAT when it lives on another node; then on its way. */
+/* DNAT to the backend, and SNAT when it lives on another node; then on its way. A packet too big
+ * for the route to a remote backend goes back to the client as ICMP (the stack does that for the
+ * packets it forwards to local pods), looked up before the rewrite so the ICMP quotes the original. */
 static __always_inline int np_forward(struct __sk_buff *skb, struct pkt *p, const __u32 *backend, __be16 bport,
 				      int snat, const __u32 *snat_addr, __be16 sport)
 {
+	struct bpf_fib_lookup fib = {};
+	int route = 0;
+	if (snat) {
+		route = pkt_fib(skb, p, snat_addr, backend, sport, bport, 1, &fib);
+		if (route == BPF_FIB_LKUP_RET_FRAG_NEEDED) {
+			np_count(NW_NP_PMTU_REPLY);
+			return icmp_too_big(skb, p, fib.mtu_result);
+		}
+	}
 	if (pkt_set_addr(skb, p, 1, backend) || pkt_set_port(skb, p, 1, bport))
 		return TC_ACT_SHOT;
 	if (!snat)
 		return TC_ACT_OK;  /* a local pod: the stack routes it */
 	if (pkt_set_addr(skb, p, 0, snat_addr) || pkt_set_port(skb, p, 0, sport))
 		return TC_ACT_SHOT;
-	return pkt_route_out(skb, p);
+	return pkt_fib_out(skb, &fib, route);
 }
 
 static __always_inline __u32 pick_backend(struct pkt *p, struct lb_service_key *key, struct lb_service_value *svc,
@@ -254,11 +274,46 @@ static __always_inline int new_flow(struct __sk_buff *skb, struct pkt *p)
 	return np_forward(skb, p, backend, bport, snat, snat_addr, sport);
 }
 
+/* The packet's kind: NW_PKT_L4 (ports known, fragments included), or it was handled / counted
+ * here (*verdict set) when ICMP, untranslatable or not ours. */
+static __always_inline int np_parse(struct __sk_buff *skb, struct pkt *p, int egress, int *verdict)
+{
+	int kind = pkt_parse(skb, p);
+	*verdict = TC_ACT_UNSPEC;
+	if (kind == NW_PKT_ICMP_ERR) {
+		int r = egress ? icmp_egress(skb, p, verdict) : icmp_ingress(skb, p, verdict);
+		if (r == NW_ICMP_TRANSLATED)
+			np_count(NW_NP_ICMP_TRANSLATED);
+		else if (r == NW_ICMP_UNTRANSLATABLE)
+			np_count(NW_NP_UNTRANSLATABLE);
+		else if (r == NW_ICMP_BROKEN)
+			np_count(NW_NP_DROP_ERROR);
+		return kind;
+	}
+	if (kind == NW_PKT_L4 && (p->flags & NW_PKT_F_FRAG) && frag_ports(p))
+		kind = NW_PKT_UNTRANSLATABLE;
+	if (kind == NW_PKT_UNTRANSLATABLE)
+		np_count(NW_NP_UNTRANSLATABLE);
+	return kind;
+}
+
+static __always_inline int np_ingress(struct __sk_buff *skb, struct pkt *p);
+
 int nw_np_ingress(struct __sk_buff *skb)
 {
 	struct pkt p = {};
-	if (pkt_parse(skb, &p))
-		return TC_ACT_UNSPEC;
+	int verdict;
+	if (np_parse(skb, &p, 0, &verdict) != NW_PKT_L4)
+		return verdict;
+	verdict = np_ingress(skb, &p);
+	if ((p.flags & NW_PKT_F_FRAG) && verdict != TC_ACT_UNSPEC)
+		np_count(NW_NP_FRAGMENT);
+	return verdict;
+}
+
+static __always_inline int np_ingress(struct __sk_buff *skb, struct pkt *pp)
+{
+#define p (*pp)
 	struct ct_entry *rev = ct_lookup(&p, NW_CT_REVERSE);
 	if (rev && (rev->flags & NW_CT_F_SNAT)) {
 		struct ct_entry r = *rev;
@@ -283,13 +338,15 @@ int nw_np_ingress(struct __sk_buff *skb)
 	if (verdict == TC_ACT_UNSPEC && (syn || p.proto == IPPROTO_UDP))
 		ct_forget_reverse(&p);
 	return verdict;
+#undef p
 }
 
 int nw_np_egress(struct __sk_buff *skb)
 {
 	struct pkt p = {};
-	if (pkt_parse(skb, &p))
-		return TC_ACT_UNSPEC;
+	int verdict;
+	if (np_parse(skb, &p, 1, &verdict) != NW_PKT_L4)
+		return verdict;
 	struct ct_entry *rev = ct_lookup(&p, NW_CT_REVERSE);
 	if (!rev || (rev->flags & NW_CT_F_SNAT))
 		return TC_ACT_UNSPEC;

@@ -34,7 +34,7 @@ log = logging.getLogger("nodewire.nodeport")
 TC_PRIO = 0x4e50  # "NP": our filters' priority on the node devices, so we replace/delete only ours
 F_DROP_EMPTY, F_SOURCE_RANGES, F_MAGLEV = 1, 2, 4  # NP_F_* in bpf/nodeport.c
 OUTCOMES = ("local", "remote", "reply", "established", "reject", "drop_no_local", "drop_source_range",
-            "drop_error")  # NW_NP_* in bpf/nodeport.c
+            "drop_error", "icmp_translated", "pmtu_reply", "fragment", "untranslatable")  # NW_NP_* in bpf/nodeport.c
 PROGRAMS = ("nw_np_ingress", "nw_np_egress")
 MAPS = ("nodewire_np_services_v1", "nodewire_np_backends_v1", "nodewire_np_policy_v1", "nodewire_np_local_v1",
         "nodewire_np_ranges_v1", "nodewire_np_affinity_v1", "nodewire_np_snat_v1", "nodewire_np_stats_v1",
