@@ -259,3 +259,38 @@ except OSError as e:
     print(json.dumps({{"error": err(e)}}))
 """
     assert client(env, code) == {"got": "a1"}
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("member", MEMBERS)
+def test_client_side_icmp_reaches_the_backend(env, member, family):
+    """The other direction: the client closed its socket, the backend sends once more, the client's
+    ICMP port unreachable about that reply reaches the backend translated (back to the backend's own
+    addresses: to its connected socket it looks as if its peer refused), local and SNATed alike."""
+    port = nodeport(env, f"back-{member}{family}", "UDP", 6100, member, family)
+    pod = env.pod(member)
+    backend = pod.popen([sys.executable, "-c", PRELUDE + """
+import time
+s = socket.socket(socket.AF_INET6, socket.SOCK_DGRAM); s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+s.bind(("::", 6100)); print("ready", flush=True)
+data, peer = s.recvfrom(100); s.connect(peer); s.send(b"hello")
+time.sleep(0.5); s.send(b"again"); s.settimeout(3)
+try:
+    s.recv(100); print(json.dumps({"backend": "answered"}))
+except OSError as e:
+    print(json.dumps({"backend": err(e)}))
+"""])
+    try:
+        assert backend.stdout.readline().strip() == "ready"
+        host = n1_addr(env, family)
+        code = PRELUDE + f"""
+s = socket.socket(fam({host!r}), socket.SOCK_DGRAM); s.settimeout(3); s.connect(({host!r}, {port}))
+s.send(b"go"); print(json.dumps({{"got": s.recv(100).decode()}})); s.close()
+"""
+        assert client(env, code) == {"got": "hello"}
+        out, errs = backend.communicate(timeout=10)
+    finally:
+        if backend.poll() is None:
+            backend.kill()
+    assert out.strip(), errs[-2000:]
+    assert json.loads(out.strip().splitlines()[-1]) == {"backend": "ECONNREFUSED"}
