@@ -19,6 +19,7 @@ from dataclasses import replace
 from . import memory
 from .api import ApiError, ApiServer
 from .config import AgentConfig
+from .datapath.conntrack import Lifetimes
 from .datapath.attach import attach_sock_lb, detect_cgroup2_root
 from .datapath.loader import SockLB
 from .datapath.check import PeriodicCheck
@@ -39,6 +40,10 @@ log = logging.getLogger("nodewire.agent")
 HEARTBEAT_SECONDS = 5.0  # the loop turns at least this often when idle (/healthz)
 STATUS_CHECK_SECONDS = 5.0  # how often source health is looked at for the status, when nothing else woke it
 NAMES_PAGE = 5000  # `services.names`: at most this many ids per answer (the API's line limit is 1 MiB)
+
+
+def ct_lifetimes(cfg: AgentConfig) -> Lifetimes:
+    return Lifetimes(cfg.ct_timeout_syn, cfg.ct_timeout_established, cfg.ct_timeout_close, cfg.ct_timeout_other)
 
 
 class Agent:
@@ -115,7 +120,7 @@ class Agent:
 
             self.northsouth = NorthSouthService(self.state, cfg.node_name, cfg.device_list, cfg.pin_dir, cfg.sizes,
                                                 cfg.nodeport_bounds, cfg.maglev_table_size, cfg.healthz_port,
-                                                self.ready)
+                                                self.ready, ct_lifetimes(cfg), cfg.ct_gc_interval)
         self._note_fill()
         if cfg.manifests is not None:
             self.source = ManifestSource(cfg.manifests, self.state, on_errors=self._object_errors,
@@ -135,6 +140,8 @@ class Agent:
         self.proxy_metrics = ProxyMetrics(self.telemetry.meter("kubeproxy"), self.state.pending)
         if self.kube is not None:
             self.kube.register_metrics(self.telemetry.meter())
+        if self.northsouth is not None:
+            self.northsouth.conntrack.register_metrics(self.telemetry.meter())
         if cfg.observe:
             from .observe.identity import ObserveConfig
             from .observe.observer import Observer

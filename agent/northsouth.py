@@ -10,6 +10,7 @@ import logging
 import time
 from dataclasses import replace
 
+from .datapath.conntrack import ConntrackCollector, Lifetimes
 from .datapath.devices import detect_devices, device_addresses
 from .datapath.loader import MapSizes
 from .datapath.reconciler import SyncResult
@@ -25,7 +26,7 @@ log = logging.getLogger("nodewire.northsouth")
 class NorthSouthService:
     def __init__(self, state: ClusterState, node_name: str, devices: tuple[str, ...], pin_dir: str,
                  sizes: MapSizes, nodeport_range: tuple[int, int], maglev_size: int, healthz_port: int,
-                 healthy):
+                 healthy, lifetimes: Lifetimes = Lifetimes(), ct_interval: float = 30.0):
         from pyroute2 import IPRoute
 
         from .datapath.nodeport import NodePortDatapath
@@ -37,7 +38,8 @@ class NorthSouthService:
         if not devs:
             raise ValueError("--devices auto: no interface with a node address or a default route")
         self.node = NodeInfo(node_name, tuple(addresses), nodeport_range=nodeport_range)
-        self.datapath = NodePortDatapath(pin_dir, sizes, maglev_size)
+        self.datapath = NodePortDatapath(pin_dir, sizes, maglev_size, lifetimes)
+        self.conntrack = ConntrackCollector(self.datapath.conntrack, ct_interval).start()
         self.datapath.attach(devs)
         self.snat = self.datapath.set_snat_addresses(addresses)
         self.health = LBHealth(healthy, healthz_port).start()
@@ -77,10 +79,12 @@ class NorthSouthService:
             "maglev_tables": len(dp.maglev_groups), "maglev_tables_built": dp.tables_built,
             "frontends": dp.reconciler.svc_entries, "services": len(dp.reconciler.owned),
             "counters": dp.counters(), "health": self.health.status(), "errors": self.errors,
+            "conntrack": self.conntrack.status(),
             "last_sync": None if self.last is None else {"seconds": self.last.seconds, "written": self.last.written,
                                                           "deleted": self.last.deleted, "errors": [str(e) for e in self.last.errors],
                                                           "time": time.time()},
         }
 
     def close(self) -> None:
+        self.conntrack.close()
         self.health.close()
