@@ -59,6 +59,7 @@ def run(ctx, config_path, **kwargs) -> None:
         cfg.kube = True
     if cfg.manifests is None and not cfg.kube:
         raise click.UsageError("no source: pass --manifests DIR or --kube")
+    from .datapath.loader import LoadError
     from .sources.kube import KubeError
 
     try:
@@ -68,7 +69,8 @@ def run(ctx, config_path, **kwargs) -> None:
     agent.install_signal_handlers()
     try:
         agent.start()
-    except KubeError as e:
+    except (KubeError, LoadError) as e:  # one line naming the cause and the fix, exit 1: no traceback
+        agent.close()
         raise click.ClickException(str(e)) from None
     try:
         agent.run()
