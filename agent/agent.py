@@ -130,6 +130,8 @@ class Agent:
         self.telemetry.add_check("/healthz", self.healthy)
         self.telemetry.add_check("/readyz", self.ready)
         register_agent_metrics(self.telemetry.meter(), self)
+        if self.northsouth is not None:
+            self.northsouth.metrics(self.telemetry.meter())
         if self.drift_check is not None:
             register_drift_metrics(self.telemetry.meter(), self.drift_check)
         self.proxy_metrics = ProxyMetrics(self.telemetry.meter("kubeproxy"), self.state.pending)
