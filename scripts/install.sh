@@ -17,6 +17,7 @@ TEST_APT=(           # tests and benchmarks only
   iptables nftables conntrack   # kube-proxy rule layouts (bench compare, tests/test_bench_rules.py)
   prometheus         # a real Prometheus checks the dashboards' queries (started by the tests on a free port)
   containernetworking-plugins   # Debian's bridge/host-local/portmap: the CNI chain test
+  containerd runc    # a real container runtime drives the CNI chain over CRI (tests/test_containerd.py)
   libibverbs-dev     # the mock verbs stack (devkit/nodewire_dev/mockverbs) is built against the real header
   openssl            # TLS certificates of the API server double
   sockperf           # bench observe
