@@ -171,7 +171,7 @@ def services(pin_dir, output) -> None:
 def check(ctx, config_path, output, list_timeout, **kwargs) -> None:
     """Compare the kernel's service maps and hooks with the desired state computed from the same
     sources and settings as `nodewire run`. Exit status: 0 clean, 1 drift, 2 cannot check."""
-    from .datapath.check import check_node
+    from .cli_check import check_node
     from .sources.kube import KubeError
 
     cfg = load_config(ctx, config_path, given_flags("run", kwargs))

@@ -11,7 +11,7 @@ import os
 import time
 from dataclasses import asdict, dataclass, field, fields
 
-from .config import state_dir_for
+from .paths import state_dir_for
 
 STATUS_FILE = "status.json"
 
