@@ -26,6 +26,10 @@ class NorthSouth(Component):
         if self.service is not None:
             st.northsouth = self.service.status()
 
+    def metrics(self, telemetry) -> None:
+        if self.service is not None:  # packets per outcome, node addresses (export/northsouth.py)
+            self.service.metrics(telemetry.meter())
+
     def close(self) -> None:
         if self.service is not None:
             self.service.close()
