@@ -101,6 +101,24 @@ class NorthSouthService:
                                                           "time": time.time()},
         }
 
+    # -- what export/northsouth.py reads at scrape time (any thread) -------------------------------
+    def metrics(self, meter) -> None:
+        from .export.northsouth import register_northsouth_metrics
+
+        register_northsouth_metrics(meter, self)
+
+    def packet_counters(self) -> dict[str, int]:
+        return self.datapath.counters()
+
+    def node_addresses(self) -> tuple[str, ...]:
+        return self.watcher.current.addresses
+
+    def device_names(self) -> list[str]:
+        return list(self.datapath.devices)
+
+    def address_changes(self) -> int:
+        return self.watcher.changes
+
     def close(self) -> None:
         self.watcher.close()
         self.conntrack.close()

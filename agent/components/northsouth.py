@@ -31,7 +31,8 @@ class NorthSouth(Component):
             st.northsouth = self.service.status()
 
     def metrics(self, telemetry) -> None:
-        if self.service is not None:
+        if self.service is not None:  # packets per outcome, node addresses (export/northsouth.py)
+            self.service.metrics(telemetry.meter())
             self.service.conntrack.register_metrics(telemetry.meter())
 
     def close(self) -> None:
