@@ -113,16 +113,18 @@ static __always_inline int icmp_set_quoted(struct __sk_buff *skb, struct icmp_qu
 }
 
 /* The conntrack entry the quote belongs to: its reversed tuple is the key (see the header). */
-static __always_inline struct ct_entry *icmp_ct(struct icmp_quote *iq, __u8 dir)
+/* The conntrack entry the quote belongs to, looked at only: an error is a related packet, it
+ * neither refreshes nor moves its flow (lib/ct.h ct_find). Its translation is copied to *nat and
+ * its flags returned; -1: none (or expired). */
+static __always_inline int icmp_ct(struct icmp_quote *iq, __u8 dir, struct ct_nat *nat)
 {
-	struct pkt s = {};
-	__builtin_memcpy(s.src, iq->q.dst, 16);
-	__builtin_memcpy(s.dst, iq->q.src, 16);
-	s.sport = iq->q.dport;
-	s.dport = iq->q.sport;
-	s.proto = iq->q.proto;
-	s.family = iq->q.family;
-	return ct_lookup(&s, dir);
+	struct ct_key k = {};
+	ct_key_set(&k, iq->q.dst, iq->q.dport, iq->q.src, iq->q.sport, iq->q.proto, dir);
+	struct ct_entry *e = ct_find(&k, 0, bpf_ktime_get_ns());
+	if (!e)
+		return -1;
+	ct_nat_of(nat, e);
+	return e->flags;
 }
 
 /* The outer source becomes the frontend when the error came from the backend itself; an error
@@ -146,24 +148,24 @@ static __always_inline int icmp_ingress(struct __sk_buff *skb, struct pkt *p, in
 	}
 	__u32 backend[4];
 	__builtin_memcpy(backend, iq.q.dst, 16);
-	struct ct_entry *rev = icmp_ct(&iq, NW_CT_REVERSE);
-	if (rev && (rev->flags & NW_CT_F_SNAT)) {  /* about our SNATed packet to a remote backend */
-		struct ct_entry e = *rev;
+	struct ct_nat e;
+	int flags = icmp_ct(&iq, NW_CT_REVERSE, &e);
+	if (flags >= 0 && (flags & NW_CT_F_SNAT)) {  /* about our SNATed packet to a remote backend */
 		if (icmp_set_quoted(skb, &iq, 0, e.y, e.yport) || icmp_set_quoted(skb, &iq, 1, e.x, e.xport) ||
 		    pkt_set_addr(skb, p, 1, e.y) || icmp_outer_src(skb, p, backend, e.x))
 			return NW_ICMP_BROKEN;
 		*verdict = pkt_route_out(skb, p);
 		return NW_ICMP_TRANSLATED;
 	}
-	struct ct_entry *fwd = icmp_ct(&iq, NW_CT_FORWARD);
-	if (!fwd) {
+	struct ct_nat f;  /* about a reply we sent the client: back to the backend */
+	flags = icmp_ct(&iq, NW_CT_FORWARD, &f);
+	if (flags < 0) {
 		*verdict = TC_ACT_UNSPEC;
 		return NW_ICMP_NOT_OURS;
 	}
-	struct ct_entry f = *fwd;  /* about a reply we sent the client: back to the backend */
 	if (icmp_set_quoted(skb, &iq, 0, f.x, f.xport) || pkt_set_addr(skb, p, 1, f.x))
 		return NW_ICMP_BROKEN;
-	if (!(f.flags & NW_CT_F_SNAT)) {
+	if (!(flags & NW_CT_F_SNAT)) {
 		*verdict = TC_ACT_OK;  /* a local pod: the stack routes it */
 		return NW_ICMP_TRANSLATED;
 	}
@@ -182,10 +184,10 @@ static __always_inline int icmp_egress(struct __sk_buff *skb, struct pkt *p, int
 	*verdict = TC_ACT_UNSPEC;
 	if (r != NW_ICMP_TRANSLATED)
 		return r;
-	struct ct_entry *rev = icmp_ct(&iq, NW_CT_REVERSE);
-	if (!rev || (rev->flags & NW_CT_F_SNAT))
+	struct ct_nat e;
+	int flags = icmp_ct(&iq, NW_CT_REVERSE, &e);
+	if (flags < 0 || (flags & NW_CT_F_SNAT))
 		return NW_ICMP_NOT_OURS;
-	struct ct_entry e = *rev;
 	__u32 backend[4];
 	__builtin_memcpy(backend, iq.q.dst, 16);
 	*verdict = TC_ACT_SHOT;
