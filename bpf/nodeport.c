@@ -135,13 +135,16 @@ static __always_inline int same_addr(const __u32 *a, const __u32 *b)
 static __always_inline int np_forward(struct __sk_buff *skb, struct pkt *p, const __u32 *backend, __be16 bport,
 				      int snat, const __u32 *snat_addr, __be16 sport)
 {
-	struct bpf_fib_lookup fib = {};
+	struct bpf_fib_lookup *fib = 0;
 	int route = 0;
 	if (snat) {
-		route = pkt_fib(skb, p, snat_addr, backend, sport, bport, 1, &fib);
+		fib = pkt_fib_params();
+		if (!fib)
+			return TC_ACT_SHOT;
+		route = pkt_fib(skb, p, snat_addr, backend, sport, bport, 1, fib);
 		if (route == BPF_FIB_LKUP_RET_FRAG_NEEDED) {
 			np_count(NW_NP_PMTU_REPLY);
-			return icmp_too_big(skb, p, fib.mtu_result);
+			return icmp_too_big(skb, p, fib->mtu_result);
 		}
 	}
 	if (pkt_set_addr(skb, p, 1, backend) || pkt_set_port(skb, p, 1, bport))
@@ -150,7 +153,7 @@ static __always_inline int np_forward(struct __sk_buff *skb, struct pkt *p, cons
 		return TC_ACT_OK;  /* a local pod: the stack routes it */
 	if (pkt_set_addr(skb, p, 0, snat_addr) || pkt_set_port(skb, p, 0, sport))
 		return TC_ACT_SHOT;
-	return pkt_fib_out(skb, &fib, route);
+	return pkt_fib_out(skb, fib, route);
 }
 
 static __always_inline __u32 pick_backend(struct pkt *p, struct lb_service_key *key, struct lb_service_value *svc,
@@ -248,8 +251,8 @@ static __always_inline int new_flow(struct __sk_buff *skb, struct pkt *p, __u64 
 	return np_forward(skb, p, backend, bport, snat, snat_addr, sport);
 }
 
-/* The packet's kind: NW_PKT_L4 (ports known, fragments included), or it was handled / counted
- * here (*verdict set) when ICMP, untranslatable or not ours. */
+/* The packet's kind: NW_PKT_L4 (ports known, a fragment's from lib/frag.h), or anything else,
+ * handled here (ICMP errors: lib/icmp.h) or left alone, with *verdict set and the outcome counted. */
 static __always_inline int np_parse(struct __sk_buff *skb, struct pkt *p, int egress, int *verdict)
 {
 	int kind = pkt_parse(skb, p);
@@ -264,14 +267,16 @@ static __always_inline int np_parse(struct __sk_buff *skb, struct pkt *p, int eg
 			np_count(NW_NP_DROP_ERROR);
 		return kind;
 	}
-	if (kind == NW_PKT_L4 && (p->flags & NW_PKT_F_FRAG) && frag_ports(p))
-		kind = NW_PKT_UNTRANSLATABLE;
+	if (kind == NW_PKT_L4 && (p->flags & NW_PKT_F_FRAG)) {
+		if (frag_ports(p))
+			kind = NW_PKT_UNTRANSLATABLE;
+		else
+			np_count(NW_NP_FRAGMENT);
+	}
 	if (kind == NW_PKT_UNTRANSLATABLE)
 		np_count(NW_NP_UNTRANSLATABLE);
 	return kind;
 }
-
-static __always_inline int np_ingress(struct __sk_buff *skb, struct pkt *p);
 
 int nw_np_ingress(struct __sk_buff *skb)
 {
@@ -279,15 +284,6 @@ int nw_np_ingress(struct __sk_buff *skb)
 	int verdict;
 	if (np_parse(skb, &p, 0, &verdict) != NW_PKT_L4)
 		return verdict;
-	verdict = np_ingress(skb, &p);
-	if ((p.flags & NW_PKT_F_FRAG) && verdict != TC_ACT_UNSPEC)
-		np_count(NW_NP_FRAGMENT);
-	return verdict;
-}
-
-static __always_inline int np_ingress(struct __sk_buff *skb, struct pkt *pp)
-{
-#define p (*pp)  /* the body reads as nw_np_ingress's did, on the caller's parsed packet */
 	__u64 now = bpf_ktime_get_ns();
 	struct ct_key k = {};
 	int ho = 0;
@@ -318,11 +314,10 @@ static __always_inline int np_ingress(struct __sk_buff *skb, struct pkt *pp)
 			return np_forward(skb, &p, f.x, f.xport, snat, f.y, f.yport);
 		}
 	}
-	int verdict = new_flow(skb, &p, now);
+	verdict = new_flow(skb, &p, now);
 	if (verdict == TC_ACT_UNSPEC && (syn || p.proto == IPPROTO_UDP))
 		ct_forget_reverse(&p);
 	return verdict;
-#undef p
 }
 
 int nw_np_egress(struct __sk_buff *skb)

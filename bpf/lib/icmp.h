@@ -44,6 +44,9 @@ struct icmp_quote {
 	__u32 icsum;  /* the ICMP checksum's offset */
 };
 
+/* the parsed quote lives here, not on the stack (as pkt.h's nodewire_np_fib) */
+BPF_PERCPU_ARRAY(nodewire_np_icmp, struct icmp_quote, 1);
+
 static __always_inline int icmp_parse_quote(struct __sk_buff *skb, struct pkt *p, struct icmp_quote *iq)
 {
 	__u8 h[2];
@@ -136,40 +139,52 @@ static __always_inline int icmp_outer_src(struct __sk_buff *skb, struct pkt *p, 
 	return pkt_set_addr(skb, p, 0, now);
 }
 
+/* The scratch slot with the error's quote parsed into it; NULL when the error is not one whose quote
+ * we can place (*r says why: NW_ICMP_NOT_OURS or NW_ICMP_UNTRANSLATABLE). */
+static __always_inline struct icmp_quote *icmp_quote_of(struct __sk_buff *skb, struct pkt *p, int *r)
+{
+	__u32 zero = 0;
+	struct icmp_quote *iq = nodewire_np_icmp.lookup(&zero);
+	*r = NW_ICMP_NOT_OURS;
+	if (!iq)
+		return 0;
+	__builtin_memset(iq, 0, sizeof(*iq));
+	*r = icmp_parse_quote(skb, p, iq);
+	return *r == NW_ICMP_TRANSLATED ? iq : 0;
+}
+
 /* An ICMP error coming in on a node device. *verdict: what to do with the packet. */
 static __always_inline int icmp_ingress(struct __sk_buff *skb, struct pkt *p, int *verdict)
 {
-	*verdict = TC_ACT_SHOT;
-	struct icmp_quote iq = {};
-	int r = icmp_parse_quote(skb, p, &iq);
-	if (r != NW_ICMP_TRANSLATED) {
-		*verdict = TC_ACT_UNSPEC;
+	int r;
+	*verdict = TC_ACT_UNSPEC;
+	struct icmp_quote *iq = icmp_quote_of(skb, p, &r);
+	if (!iq)
 		return r;
-	}
 	__u32 backend[4];
-	__builtin_memcpy(backend, iq.q.dst, 16);
-	struct ct_nat e;
-	int flags = icmp_ct(&iq, NW_CT_REVERSE, &e);
+	__builtin_memcpy(backend, iq->q.dst, 16);
+	struct ct_nat n;
+	int flags = icmp_ct(iq, NW_CT_REVERSE, &n);
+	*verdict = TC_ACT_SHOT;  /* from here on a failed rewrite drops: never half-translated */
 	if (flags >= 0 && (flags & NW_CT_F_SNAT)) {  /* about our SNATed packet to a remote backend */
-		if (icmp_set_quoted(skb, &iq, 0, e.y, e.yport) || icmp_set_quoted(skb, &iq, 1, e.x, e.xport) ||
-		    pkt_set_addr(skb, p, 1, e.y) || icmp_outer_src(skb, p, backend, e.x))
+		if (icmp_set_quoted(skb, iq, 0, n.y, n.yport) || icmp_set_quoted(skb, iq, 1, n.x, n.xport) ||
+		    pkt_set_addr(skb, p, 1, n.y) || icmp_outer_src(skb, p, backend, n.x))
 			return NW_ICMP_BROKEN;
 		*verdict = pkt_route_out(skb, p);
 		return NW_ICMP_TRANSLATED;
 	}
-	struct ct_nat f;  /* about a reply we sent the client: back to the backend */
-	flags = icmp_ct(&iq, NW_CT_FORWARD, &f);
+	flags = icmp_ct(iq, NW_CT_FORWARD, &n);  /* about a reply we sent the client: to the backend */
 	if (flags < 0) {
 		*verdict = TC_ACT_UNSPEC;
 		return NW_ICMP_NOT_OURS;
 	}
-	if (icmp_set_quoted(skb, &iq, 0, f.x, f.xport) || pkt_set_addr(skb, p, 1, f.x))
+	if (icmp_set_quoted(skb, iq, 0, n.x, n.xport) || pkt_set_addr(skb, p, 1, n.x))
 		return NW_ICMP_BROKEN;
 	if (!(flags & NW_CT_F_SNAT)) {
 		*verdict = TC_ACT_OK;  /* a local pod: the stack routes it */
 		return NW_ICMP_TRANSLATED;
 	}
-	if (icmp_set_quoted(skb, &iq, 1, f.y, f.yport) || pkt_set_addr(skb, p, 0, f.y))
+	if (icmp_set_quoted(skb, iq, 1, n.y, n.yport) || pkt_set_addr(skb, p, 0, n.y))
 		return NW_ICMP_BROKEN;
 	*verdict = pkt_route_out(skb, p);
 	return NW_ICMP_TRANSLATED;
@@ -179,19 +194,19 @@ static __always_inline int icmp_ingress(struct __sk_buff *skb, struct pkt *p, in
  * about a client's packet, to the client. */
 static __always_inline int icmp_egress(struct __sk_buff *skb, struct pkt *p, int *verdict)
 {
-	struct icmp_quote iq = {};
-	int r = icmp_parse_quote(skb, p, &iq);
+	int r;
 	*verdict = TC_ACT_UNSPEC;
-	if (r != NW_ICMP_TRANSLATED)
+	struct icmp_quote *iq = icmp_quote_of(skb, p, &r);
+	if (!iq)
 		return r;
-	struct ct_nat e;
-	int flags = icmp_ct(&iq, NW_CT_REVERSE, &e);
+	struct ct_nat n;
+	int flags = icmp_ct(iq, NW_CT_REVERSE, &n);
 	if (flags < 0 || (flags & NW_CT_F_SNAT))
 		return NW_ICMP_NOT_OURS;
 	__u32 backend[4];
-	__builtin_memcpy(backend, iq.q.dst, 16);
+	__builtin_memcpy(backend, iq->q.dst, 16);
 	*verdict = TC_ACT_SHOT;
-	if (icmp_set_quoted(skb, &iq, 1, e.x, e.xport) || icmp_outer_src(skb, p, backend, e.x))
+	if (icmp_set_quoted(skb, iq, 1, n.x, n.xport) || icmp_outer_src(skb, p, backend, n.x))
 		return NW_ICMP_BROKEN;
 	*verdict = TC_ACT_OK;
 	return NW_ICMP_TRANSLATED;

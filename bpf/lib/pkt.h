@@ -238,6 +238,19 @@ static __always_inline __u16 pkt_l3_len(struct __sk_buff *skb, struct pkt *p)
 	return len > 0xffff ? 0xffff : len;
 }
 
+/* bpf_fib_lookup's 64-byte parameters live here, not on the tc programs' 512-byte stack (softirq
+ * context: one program at a time per CPU, so one slot per CPU is enough). Zeroed for each use. */
+BPF_PERCPU_ARRAY(nodewire_np_fib, struct bpf_fib_lookup, 1);
+
+static __always_inline struct bpf_fib_lookup *pkt_fib_params(void)
+{
+	__u32 zero = 0;
+	struct bpf_fib_lookup *fib = nodewire_np_fib.lookup(&zero);
+	if (fib)
+		__builtin_memset(fib, 0, sizeof(*fib));
+	return fib;
+}
+
 /* Look up the route for the packet as it will be once rewritten (source src:sport, destination
  * dst:dport). With check_mtu its length is checked against the route's MTU (a route `mtu` or the
  * device's); without, the kernel checks it against the device's only. Returns the bpf_fib_lookup
@@ -280,8 +293,10 @@ static __always_inline int pkt_fib_out(struct __sk_buff *skb, struct bpf_fib_loo
  * with check_mtu before rewriting instead, so the ICMP quotes the packet as its sender sent it. */
 static __always_inline int pkt_route_out(struct __sk_buff *skb, struct pkt *p)
 {
-	struct bpf_fib_lookup fib = {};
-	return pkt_fib_out(skb, &fib, pkt_fib(skb, p, p->src, p->dst, p->sport, p->dport, 0, &fib));
+	struct bpf_fib_lookup *fib = pkt_fib_params();
+	if (!fib)
+		return TC_ACT_SHOT;
+	return pkt_fib_out(skb, fib, pkt_fib(skb, p, p->src, p->dst, p->sport, p->dport, 0, fib));
 }
 
 #endif /* NODEWIRE_PKT_H */
