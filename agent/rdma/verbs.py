@@ -29,7 +29,7 @@ import threading
 import time
 
 from ..histogram import HIST_SLOTS, hist_cflags, slot_of  # noqa: F401 (slot_of: tests)
-from .elf import ElfError
+from .elf import ElfError, read_elf
 from .layout import VerbsLayout, load_layout
 from .procmaps import ProbeTarget, TracedProcess, comm_of, proc_start_time, read_maps, resolve, symbol_name
 from .verbs_export import QpErrors, QpLatency, Snapshot, counter_metrics, latency_metrics
