@@ -239,6 +239,11 @@ def status(pin_dir, output) -> None:
         state = "healthy" if src.healthy else f"STALE since {src.stale_since or 'start'}"
         err = f" (last error: {src.last_error})" if src.last_error and not src.healthy else ""
         click.echo(f"source:    {name} {state}{err}")
+    if st.northsouth:
+        from .status import northsouth_lines
+
+        for line in northsouth_lines(st.northsouth):
+            click.echo(line)
 
 
 @main.command()

@@ -1,23 +1,29 @@
-"""Node addresses and devices followed live (north-south): real packets from the external client of the
-multi-node sandbox (devkit/nodewire_dev/sandbox/multinode.py) to a NodePort on node 1, whose agent
-runs with `--devices auto`; node 2 runs no agent (its pod b1 is a remote backend, reached through
-SNAT). Every change is made with `ip` in the node's namespace after the agent started.
+"""The node side of north-south: its addresses and devices followed live, and its counters visible.
+Real packets from the external client of the multi-node sandbox (devkit/nodewire_dev/sandbox/
+multinode.py) to a NodePort on node 1, whose agent runs with `--devices auto`; node 2 runs no agent
+(its pod b1 is a remote backend, reached through SNAT). Every change is made with `ip` in the node's
+namespace after the agent started; the agent's /metrics (on node 1's loopback) is read through a relay.
 """
 from __future__ import annotations
 
+import json
+import re
 import subprocess
 import time
+import urllib.request
 from dataclasses import dataclass
 
 import pytest
 
 from nodewire_dev.sandbox.multinode import MultiNodeSandbox
-from tests.conftest import AgentProcess, wait_for
+from tests.conftest import NODEWIRE, AgentProcess, wait_for
 from tests.manifests import endpoint_slice, service, write
+from tests.netns_relay import NetnsRelay
+from tests.observe_helpers import samples
 
 pytestmark = [pytest.mark.root, pytest.mark.timeout(180)]
 
-NODE_PORT, TCP_PORT = 30200, 8080
+NODE_PORT, EMPTY_NODE_PORT, TCP_PORT, METRICS_PORT = 30200, 30201, 8080, 9966
 BOTH = {"a1", "b1"}  # a1 on node 1 (local backend), b1 on node 2 (remote: SNAT to node 1's address)
 
 
@@ -25,6 +31,7 @@ BOTH = {"a1", "b1"}  # a1 on node 1 (local backend), b1 on node 2 (remote: SNAT 
 class Env:
     sb: MultiNodeSandbox
     agent: AgentProcess
+    relay: NetnsRelay
 
     @property
     def n1(self):
@@ -41,6 +48,18 @@ class Env:
     def northsouth(self) -> dict:
         return self.agent.status().northsouth or {}
 
+    def packets(self) -> dict[str, float]:
+        """nodewire_northsouth_packets_total by outcome, scraped from the agent's /metrics."""
+        url = f"http://127.0.0.1:{self.relay.port}/metrics"
+        text = urllib.request.urlopen(url, timeout=10).read().decode()
+        return {dict(k)["outcome"]: v for k, v in samples(text, "nodewire_northsouth_packets_total").items()}
+
+    def status_counters(self) -> dict[str, int]:
+        """northsouth.counters of `nodewire status -o json`."""
+        out = subprocess.run([NODEWIRE, "status", "-o", "json", "--pin-dir", self.agent.pin_dir],
+                             capture_output=True, text=True, check=True).stdout
+        return json.loads(out)["northsouth"]["counters"]
+
 
 @pytest.fixture(scope="module")
 def env(tmp_path_factory):
@@ -56,18 +75,24 @@ def env(tmp_path_factory):
                   endpoint_slice("np", [n1.pods["a1"].ip6, n2.pods["b1"].ip6], port=TCP_PORT)]
         for sl in slices:
             sl["endpoints"][0]["nodeName"], sl["endpoints"][1]["nodeName"] = n1.name, n2.name
-        write(d / "np.json", s, *slices)
+        empty = service("empty", ["10.96.20.2"], target_port=TCP_PORT)  # no endpoint: rejected
+        empty["spec"]["type"] = "NodePort"
+        empty["spec"]["ports"][0]["nodePort"] = EMPTY_NODE_PORT
+        write(d / "np.json", s, *slices, empty, endpoint_slice("empty", []))
         # --devices auto picks the uplink by its default route (a veth: the sandbox's LAN cable)
         for gw in (sb.client.ip4, sb.client.ip6):
             subprocess.run(["ip", "-n", n1.netns, "route", "add", "default", "via", gw], check=True)
         agent = AgentProcess(d, n1.cgroup, n1.pin_dir, prefix=n1.nsenter([]),
-                             extra=["--node-name", n1.name, "--devices", "auto", "--no-observe", "--no-rdma"])
+                             extra=["--node-name", n1.name, "--devices", "auto", "--no-observe", "--no-rdma",
+                                    "--metrics-addr", f"127.0.0.1:{METRICS_PORT}"])
+        relay = NetnsRelay(n1.netns, METRICS_PORT)
         try:
             agent.start()
-            env = Env(sb, agent)
-            assert set(env.answered(n1.addr4)) == BOTH
+            env = Env(sb, agent, relay)
+            wait_for(lambda: set(env.answered(n1.addr4)) == BOTH, 15, what="NodePort answered after start")
             yield env
         finally:
+            relay.close()
             agent.cleanup()
 
 
@@ -116,6 +141,31 @@ def test_device_created_after_start_gets_tc_and_serves_the_nodeport(env):
     wait_for(lambda: dev not in env.northsouth().get("devices", {dev: 0})
              and "198.19.7.11" not in env.northsouth()["addresses"], 15, what="the deleted device forgotten")
     assert set(env.answered(n1.addr4)) == BOTH
+
+
+def test_counters_move_by_the_connects_made(env):
+    """N connects to the NodePort are N new flows (local + remote), M to a Service without endpoints are
+    M rejects: the metric and `nodewire status -o json` move by exactly that, and every outcome abi.py
+    lists is exported (zero or not)."""
+    from agent.datapath.abi import NP_OUTCOME_NAMES
+
+    n, m = 10, 4
+    m0 = env.packets()
+    assert set(m0) == set(NP_OUTCOME_NAMES), m0
+    # no traffic now: the status file catches up with the kernel counters (it is rewritten at its next
+    # check, only when something in it changed), then it is the starting point
+    s0 = wait_for(lambda: (lambda s: s if s == m0 else None)(env.status_counters()), 15, what="status caught up")
+    assert set(env.answered(env.n1.addr4, count=n)) == BOTH
+    r = env.sb.client.probe("tcp", env.n1.addr4, EMPTY_NODE_PORT, count=m, timeout=1.0)
+    assert r["errors"] == {"ECONNREFUSED": m}, r
+
+    def moved(now: dict, before: dict) -> tuple:
+        return now["local"] + now["remote"] - before["local"] - before["remote"], now["reject"] - before["reject"]
+    assert moved(env.packets(), m0) == (n, m)
+    wait_for(lambda: moved(env.status_counters(), s0) == (n, m), 15, what="status counters moved")
+    table = subprocess.run([NODEWIRE, "status", "--pin-dir", env.agent.pin_dir], capture_output=True, text=True,
+                           check=True).stdout  # the human view says the same
+    assert "north-south: devices eth0;" in table and re.search(rf"packets: .*\breject {s0['reject'] + m}\b", table), table
 
 
 def test_snat_address_follows_the_node_address(env):
