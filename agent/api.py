@@ -10,8 +10,8 @@ mode 0600 (only root can connect), and every peer's credentials (SO_PEERCRED) ar
 allowed uids before a request is read. Features add their own methods with `register(name, fn)`;
 fn(params) returns something JSON can encode, or raises ApiError for an answer with a code.
 
-The client half (`call`) is the stdlib-only helper the CLI and tests use; the CNI plugin has its own
-copy of the few lines it needs (agent/cni/plugin.py must not import the agent).
+The client half (`call`) is the stdlib-only helper the CLI and tests use; the CNI plugin, a static C
+executable (agent/cni/csrc), speaks the same protocol (MAX_LINE reaches it as -D).
 """
 from __future__ import annotations
 

@@ -18,7 +18,7 @@ from pathlib import Path
 PLUGIN_TYPE = "nodewire-cni"
 BACKUP_SUFFIX = ".nodewire-orig"
 CONF_EXTENSIONS = (".conflist", ".conf", ".json")
-PLUGIN_SOURCE = Path(__file__).with_name("plugin.py")
+LEGACY_DIR = f".{PLUGIN_TYPE}"  # where the Python plugin (before the static one) kept its module
 
 
 class InstallError(Exception):
@@ -49,21 +49,21 @@ def _write_atomic(path: Path, data: bytes, mode: int) -> None:
     os.replace(tmp, path)
 
 
-def install_binary(bin_dir: str, python: str = "/usr/bin/python3") -> Path:
-    """The plugin as a three-line launcher (`<bin>/nodewire-cni`, run by the node's interpreter with
-    -I -S: no site-packages) and the module beside it in `<bin>/.nodewire-cni/`, compiled now, so a
-    pod's ADD does not parse 300 lines first (~4 ms of a ~30 ms ADD, measured). A node interpreter of
-    another version compiles it once itself."""
-    import py_compile
+def install_binary(bin_dir: str) -> Path:
+    """The static plugin (agent/cni/build.py; built now when the package came without it) copied to
+    `<bin>/nodewire-cni`. A node needs nothing else to run it: no interpreter, no shared library."""
+    from .build import BuildError, ensure
 
+    try:
+        binary = ensure()
+    except BuildError as e:
+        raise InstallError(str(e)) from None
     target = Path(bin_dir, PLUGIN_TYPE)
-    lib = Path(bin_dir, f".{PLUGIN_TYPE}")
-    lib.mkdir(parents=True, exist_ok=True)
-    module = lib / "nodewire_cni.py"
-    _write_atomic(module, PLUGIN_SOURCE.read_bytes(), 0o644)
-    py_compile.compile(str(module), doraise=True, invalidation_mode=py_compile.PycInvalidationMode.CHECKED_HASH)
-    launcher = f"#!{python} -IS\nimport sys\nsys.path.insert(0, {str(lib)!r})\nfrom nodewire_cni import main\nmain()\n"
-    _write_atomic(target, launcher.encode(), 0o755)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    _write_atomic(target, binary.read_bytes(), 0o755)
+    import shutil
+
+    shutil.rmtree(Path(bin_dir, LEGACY_DIR), ignore_errors=True)  # the module of the Python plugin
     return target
 
 
@@ -140,5 +140,5 @@ def uninstall(conf_dir: str, bin_dir: str | None) -> list[str]:
             done.append(f"removed {Path(bin_dir, PLUGIN_TYPE)}")
         except FileNotFoundError:
             pass
-        shutil.rmtree(Path(bin_dir, f".{PLUGIN_TYPE}"), ignore_errors=True)
+        shutil.rmtree(Path(bin_dir, LEGACY_DIR), ignore_errors=True)
     return done
