@@ -365,11 +365,11 @@ void jb_str(struct jbuf *b, const char *s, size_t n) {
 
 void jb_cstr(struct jbuf *b, const char *s) { jb_str(b, s, strlen(s)); }
 
-void jb_key(struct jbuf *b, int first, const char *key) {
+void jb_key(struct jbuf *b, int first, const char *key) {  /* json.dumps's default separators */
     if (!first)
-        jb_lit(b, ",");
+        jb_lit(b, ", ");
     jb_cstr(b, key);
-    jb_lit(b, ":");
+    jb_lit(b, ": ");
 }
 
 void jb_node_or(struct jbuf *b, const struct jnode *n, const char *fallback) {

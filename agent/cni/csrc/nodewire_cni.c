@@ -284,9 +284,9 @@ static void agent_call(const struct conf *c, const char *method, const char *par
     struct jbuf req = {0}, answer = {0};
     memset(r, 0, sizeof *r);
     jb_lit(&r->why, "");
-    jb_lit(&req, "{\"method\":");
+    jb_lit(&req, "{\"method\": ");
     jb_cstr(&req, method);
-    jb_lit(&req, ",\"params\":{");
+    jb_lit(&req, ", \"params\": {");
     jb_lit(&req, params);
     jb_lit(&req, "}}\n");
     if (roundtrip(c, &req, &answer, r) < 0)
@@ -390,9 +390,9 @@ static void cmd_add(const struct conf *c) {
         int is_version = json_is_str(m->key, "cniVersion");
         if (is_version && versioned)
             continue;
-        jb_lit(&b, first ? "{" : ",");
+        jb_lit(&b, first ? "{" : ", ");
         jb_raw(&b, m->key->raw, m->key->rawlen);
-        jb_lit(&b, ":");
+        jb_lit(&b, ": ");
         if (is_version)
             jb_raw(&b, c->version->raw, c->version->rawlen), versioned = 1;
         else
@@ -400,7 +400,7 @@ static void cmd_add(const struct conf *c) {
         first = 0;
     }
     if (!versioned) {
-        jb_lit(&b, first ? "{\"cniVersion\":" : ",\"cniVersion\":");
+        jb_lit(&b, first ? "{\"cniVersion\": " : ", \"cniVersion\": ");
         jb_raw(&b, c->version->raw, c->version->rawlen);
     }
     printf("%s}\n", b.p);
@@ -449,9 +449,9 @@ int main(void) {
     const char *command = getenv("CNI_COMMAND");
     command = command ? command : "";
     if (!strcmp(command, "VERSION")) {
-        printf("{\"cniVersion\":\"" SPEC_VERSION "\",\"supportedVersions\":[");
+        printf("{\"cniVersion\": \"" SPEC_VERSION "\", \"supportedVersions\": [");
         for (size_t i = 0; i < NSUPPORTED; i++)
-            printf("%s\"%s\"", i ? "," : "", SUPPORTED[i]);
+            printf("%s\"%s\"", i ? ", " : "", SUPPORTED[i]);
         printf("]}\n");
         return 0;
     }
