@@ -120,11 +120,16 @@ def test_the_plugin_runs_alone_in_an_empty_root(tmp_path):
     assert "No such file or directory; passing through (failOpen)" in out.stderr
 
 
-def test_the_venv_entry_point_execs_the_static_plugin():
-    """.venv/bin/nodewire-cni, the path users' scripts call, runs the same binary."""
+def test_the_venv_entry_point_and_the_wrapper_run_the_static_plugin():
+    """.venv/bin/nodewire-cni, the path users' scripts call, is the binary (scripts/install.sh links it);
+    pip's wrapper of the entry point, as a plain `pip install` makes it, execs the same binary."""
+    from agent.cni.build import BINARY
     entry = Path(sys.executable).with_name("nodewire-cni")
-    out = subprocess.run([str(entry)], env={"CNI_COMMAND": "bogus"}, capture_output=True, text=True)
-    assert out.returncode == 1 and json.loads(out.stdout)["msg"].startswith("CNI_COMMAND 'bogus' is not one of")
+    assert entry.resolve() == BINARY.resolve()
+    wrapper = [sys.executable, "-c", "from agent.cni.launcher import main; main()"]
+    for argv in ([str(entry)], wrapper):
+        out = subprocess.run(argv, env={"CNI_COMMAND": "bogus"}, capture_output=True, text=True)
+        assert out.returncode == 1 and json.loads(out.stdout)["msg"].startswith("CNI_COMMAND 'bogus' is not one of")
 
 
 def test_install_reads_the_socket_path_from_the_config_file(tmp_path):

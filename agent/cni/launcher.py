@@ -1,20 +1,20 @@
-"""`nodewire-cni` as a console script (.venv/bin/nodewire-cni, the image's /usr/local/bin/nodewire-cni):
-a thin wrapper that execs the static plugin the package carries, so scripts that call that path keep
-working with the one implementation. The CNI bin dir gets the binary itself (`nodewire cni install`)."""
+"""`nodewire-cni` as a console script (what pip makes of the entry point): a thin wrapper that execs
+the static plugin the package carries, so a path users' scripts call keeps working with the one
+implementation. scripts/install.sh replaces .venv/bin/nodewire-cni with a link to the binary itself
+(no interpreter start); the CNI bin dir gets a copy of the binary (`nodewire cni install`)."""
 from __future__ import annotations
 
-import json
 import os
 import sys
 
-from .build import BINARY
+BINARY = os.path.join(os.path.dirname(os.path.abspath(__file__)), "bin", "nodewire-cni")  # = build.BINARY
 
 
 def main() -> None:
-    path = str(BINARY)
     try:
-        os.execv(path, [path, *sys.argv[1:]])
+        os.execv(BINARY, [BINARY, *sys.argv[1:]])
     except OSError as e:  # not built: answer as the plugin would, with a CNI error
+        import json
         print(json.dumps({"cniVersion": "1.1.0", "code": 5,
-                          "msg": f"nodewire-cni: {path}: {e.strerror} (build it: python -m agent.cni.build)"}))
+                          "msg": f"nodewire-cni: {BINARY}: {e.strerror} (build it: python -m agent.cni.build)"}))
         sys.exit(1)

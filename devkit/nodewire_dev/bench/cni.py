@@ -2,12 +2,13 @@
 
 - ADD latency of nodewire-cni alone (the static binary `nodewire cni install` puts in the bin dir),
   against a running agent, with the real prevResult of Debian's bridge + host-local; side by side,
-  interleaved, with the Python plugin it replaced (agent/cni/plugin.py of the commit before its removal,
-  read from git and installed as that commit did: a `python3 -IS` launcher and its compiled module;
-  or --python-plugin FILE), the venv's entry point (.venv/bin/nodewire-cni, a wrapper that execs the
-  binary), the bare interpreter start (`python3 -IS -c pass`) and the agent API's round trip from an
-  in-process client. DEL after each ADD is not timed; `--gap` spaces the ADDs (default 0.2 s; 0 is back
-  to back, the agent still busy with the previous pod).
+  interleaved, with the Python plugin it replaced (agent/cni/plugin.py of the commit before its
+  removal, read from git and installed as that commit did: a `python3 -IS` launcher and its compiled
+  module; or --python-plugin FILE), the venv's entry point (.venv/bin/nodewire-cni: a link to the
+  binary after scripts/install.sh, else pip's wrapper that execs it), the bare interpreter start
+  (`python3 -IS -c pass`), a bare process start (`/bin/true`: the floor of any plugin started from
+  here) and the agent API's round trip from an in-process client. DEL after each ADD is not timed;
+  `--gap` spaces the ADDs (default 0.2 s; 0 is back to back, the agent still busy with the previous pod).
 - ADD → first exported per-pod series: real chain ADD of a fresh pod, then one ping a round from the
   pod and a scrape of /metrics until `k8s_pod_network_io_bytes_total` for the pod is there.
 """
@@ -130,9 +131,9 @@ def _add_latency(rt, conflist, binary, old, tmp, mounts, runs, gap, sock) -> dic
     variants = {"static (installed binary)": [str(binary)]}
     if old is not None:
         variants["python (before: python3 -IS)"] = [str(old)]
-    variants["venv entry (exec wrapper)"] = [venv_plugin]
+    variants["venv entry (.venv/bin)"] = [venv_plugin]
     times: dict[str, list[float]] = {k: [] for k in variants}
-    floor, api = [], []
+    floor, api, spawn = [], [], []
     for i in range(runs):
         time.sleep(gap)  # pods arrive at most 1/gap per second: the agent is done with the last one
         t0 = time.perf_counter()
@@ -150,8 +151,12 @@ def _add_latency(rt, conflist, binary, old, tmp, mounts, runs, gap, sock) -> dic
         t0 = time.perf_counter()
         subprocess.run(["/usr/bin/python3", "-IS", "-c", "pass"], check=True)
         floor.append((time.perf_counter() - t0) * 1000)
+        t0 = time.perf_counter()
+        subprocess.run(["/bin/true"], check=True, capture_output=True)
+        spawn.append((time.perf_counter() - t0) * 1000)
     out = {k: _summary(v) for k, v in times.items()}
     out["python3 -IS -c pass (floor)"] = _summary(floor)
+    out["/bin/true (process start floor)"] = _summary(spawn)
     out["agent API round trip (in-process client)"] = _summary(api)
     if old is not None:
         new, before = out["static (installed binary)"], out["python (before: python3 -IS)"]
