@@ -17,7 +17,7 @@ import re
 from dataclasses import MISSING, dataclass, field, fields, replace
 from typing import Any, Mapping
 
-from .datapath.loader import MapSizes
+from .mapsizes import MapSizes
 from .paths import state_dir_for
 
 DEFAULT_PIN_DIR = "/sys/fs/bpf/nodewire"

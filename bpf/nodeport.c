@@ -26,30 +26,18 @@
 #include "lib/ct.h"
 #include "lib/reject.h"
 
-#ifndef NW_NP_POLICY_MAX
-#define NW_NP_POLICY_MAX 65536
-#endif
-#ifndef NW_NP_GROUPS_MAX
-#define NW_NP_GROUPS_MAX 16384
-#endif
-#ifndef NW_MAGLEV_M
-#define NW_MAGLEV_M 16381
+/* Numbers shared with the agent come from agent/datapath/abi.py (np_defines()) as -D defines. */
+#if !defined(NW_NP_POLICY_MAX) || !defined(NW_NP_GROUPS_MAX) || !defined(NW_MAGLEV_M) || \
+    !defined(NP_F_DROP_EMPTY) || !defined(NP_F_SOURCE_RANGES) || !defined(NP_F_MAGLEV) || \
+    !defined(NW_NP_LOCAL) || !defined(NW_NP_REMOTE) || !defined(NW_NP_REPLY) || !defined(NW_NP_ESTABLISHED) || \
+    !defined(NW_NP_REJECT) || !defined(NW_NP_DROP_NO_LOCAL) || !defined(NW_NP_DROP_SOURCE) || \
+    !defined(NW_NP_DROP_ERROR) || !defined(NW_NP_OUTCOMES)
+#error "compile through agent/datapath/loader.py: it passes the defines of agent/datapath/abi.py (np_defines)"
 #endif
 
-#define NP_F_DROP_EMPTY 1     /* eTP=Local with endpoints only elsewhere: drop (kube-proxy drops) */
-#define NP_F_SOURCE_RANGES 2  /* only sources in nodewire_np_ranges_v1 for this group */
-#define NP_F_MAGLEV 4         /* the group has a Maglev table */
-
-/* outcomes counted in nodewire_np_stats_v1 */
-#define NW_NP_LOCAL 0
-#define NW_NP_REMOTE 1
-#define NW_NP_REPLY 2
-#define NW_NP_ESTABLISHED 3
-#define NW_NP_REJECT 4
-#define NW_NP_DROP_NO_LOCAL 5
-#define NW_NP_DROP_SOURCE 6
-#define NW_NP_DROP_ERROR 7
-#define NW_NP_OUTCOMES 8
+/* np_policy.flags: NP_F_DROP_EMPTY (eTP=Local with endpoints only elsewhere: drop, as kube-proxy),
+ * NP_F_SOURCE_RANGES (only sources in nodewire_np_ranges_v1 for this group), NP_F_MAGLEV (the group
+ * has a Maglev table). Outcomes counted in nodewire_np_stats_v1: NW_NP_* (abi.NP_OUTCOMES). */
 
 struct np_frontend {
 	__u32 address[4];

@@ -17,6 +17,7 @@ TEST_APT=(           # tests and benchmarks only
   iptables nftables conntrack   # kube-proxy rule layouts (bench compare, tests/test_bench_rules.py)
   prometheus         # a real Prometheus checks the dashboards' queries (started by the tests on a free port)
   containernetworking-plugins   # Debian's bridge/host-local/portmap: the CNI chain test
+  containerd runc    # a real container runtime drives the CNI chain over CRI (tests/test_containerd.py)
   libibverbs-dev     # the mock verbs stack (devkit/nodewire_dev/mockverbs) is built against the real header
   openssl            # TLS certificates of the API server double
   sockperf           # bench observe
@@ -44,7 +45,9 @@ if [ "${#missing[@]}" -gt 0 ]; then
 fi
 if [ "$PROFILE" = image ]; then echo "install: ready (image)"; exit 0; fi
 
-# BCC looks for kernel headers under /lib/modules/$(uname -r); link the Debian 6.1 headers there.
+# BCC looks for kernel headers under /lib/modules/$(uname -r); link the Debian 6.1 headers there, so
+# this machine is a node that has headers (tests that compile in-process use them). The agent itself
+# does not need the link: it falls back to the bundled set made below (agent/datapath/headers.py).
 K=$(uname -r)
 if [ ! -e "/lib/modules/$K/build/include" ]; then
   H=$(ls -d /usr/src/linux-headers-*-amd64 | sort -V | tail -1)
@@ -61,6 +64,8 @@ mountpoint -q /sys/fs/bpf || mount -t bpf bpf /sys/fs/bpf
 if [ ! -x .venv/bin/python ]; then
   /usr/bin/python3 -m venv --system-site-packages .venv
 fi
+# The kernel headers the agent brings (for nodes without their own): Debian's, merged into one tree.
+bash scripts/bundle-headers.sh .venv/share/nodewire/kernel-headers
 # The agent, the test tools, and the development kit (sandbox, API server double, benchmarks, demo),
 # which is a distribution of its own so the shipped agent never depends on it.
 # (`agent`: the agent alone.)

@@ -144,3 +144,20 @@ def test_internal_traffic_policy_local_keeps_only_this_nodes_endpoints():
     assert service_frontends(s, slices, "node-c")[0].backends == ()  # none local: refused
     svc["spec"]["internalTrafficPolicy"] = "Cluster"
     assert len(service_frontends(parse_service(svc), slices, "node-c")[0].backends) == 2
+
+
+@pytest.mark.parametrize("bad", [None, 0, 70000, "http"])
+def test_a_slice_port_without_a_valid_port_drops_only_that_port(bad):
+    """kube-proxy (pkg/proxy/endpointslicecache.go) ignores an invalid endpoint port, not the slice:
+    the Service's other port keeps its endpoints from the same slice."""
+    svc = service("db", ["10.96.0.5"])
+    svc["spec"]["ports"] = [{"name": "sql", "port": 5432, "targetPort": 5432},
+                            {"name": "metrics", "port": 9187, "targetPort": 9187}]
+    sl = endpoint_slice("db", ["10.0.0.9"])
+    sl["ports"] = [{"name": "sql", "port": 15432, "protocol": "TCP"}, {"name": "metrics", "protocol": "TCP"}]
+    if bad is not None:
+        sl["ports"][1]["port"] = bad
+    parsed = parse_endpoint_slice(sl)
+    assert len(parsed.errors) == 1 and "ports[1].port" in parsed.errors[0] and "default/db-ipv4" in parsed.errors[0]
+    assert fe_map(svc, sl) == {("10.96.0.5", 5432, "TCP"): (Backend("10.0.0.9", 15432, "TCP"),),
+                               ("10.96.0.5", 9187, "TCP"): ()}

@@ -7,7 +7,7 @@ from opentelemetry.sdk.resources import Resource
 from agent.export.telemetry import Producers, otlp_endpoint_from_env
 from agent.model.objects import ObjectKey, Pod, Service, ServicePort
 from agent.observe.drop_reasons import parse_drop_reasons, reason_name
-from agent.observe.histogram import HIST_SLOTS, Log2Histogram, bounds, slot_of
+from agent.histogram import HIST_SLOTS, Log2Histogram, bounds, slot_of
 from agent.observe.identity import OBSERVE_ANNOTATION, Identity, ObserveConfig
 from agent.observe.series import Reading, SeriesBook
 from agent.state import ClusterState
@@ -202,7 +202,7 @@ def test_workload_labels_from_owner_references_and_pod_template_hash():
 
 
 def test_one_quantile_function_and_the_scale_0_exponential_form():
-    from agent.observe.histogram import bucket_quantile, slot_quantile
+    from agent.histogram import bucket_quantile, slot_quantile
 
     assert bucket_quantile([(1.0, 0), (2.0, 3), (4.0, 1)], 0.5) == 2.0
     assert bucket_quantile([(1.0, 0)], 0.5) is None

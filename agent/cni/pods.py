@@ -326,14 +326,3 @@ class CniPods:
                     if veth and key not in known and self.recovered.get(key) != veth:
                         self.recovered[key] = veth
                         self._hook_start(key, veth)
-
-
-def start_for_agent(agent) -> CniPods:
-    """The agent's CNI side: records under <state dir>/cni, methods on its API, observation hooks."""
-    cfg = agent.cfg
-    pods = CniPods(agent.state, cfg.node_name, os.path.join(cfg.state_dir, "cni"), cfg.veth_netns, cfg.netns_dir)
-    if agent.observer is not None:
-        obs = agent.observer
-        pods.subscribe(lambda key, veth: obs.set_pod_interface(key, veth), lambda key: obs.set_pod_interface(key, None))
-    pods.register(agent.api)
-    return pods.start()

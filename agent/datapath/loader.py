@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import re
 import subprocess
@@ -31,20 +32,14 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from . import abi, bpfsys
+from ..mapsizes import MapSizes  # noqa: F401 (also imported from here by the datapath's users)
+from . import abi, bpfsys, headers
 from .maps import RawMap, dtype_from_json
+
+log = logging.getLogger("nodewire.loader")
 
 # agent/bpf is the top-level bpf/ (a link in the checkout, package data in a wheel)
 BPF_DIR = Path(os.environ.get("NODEWIRE_BPF_DIR", Path(__file__).resolve().parents[1] / "bpf"))
-
-
-@dataclass(frozen=True)
-class MapSizes:
-    services: int = 1 << 20   # slots: one header + one per backend, per frontend
-    backends: int = 1 << 20
-    revnat: int = 1 << 18
-    lb_stats: int = 1 << 16
-    affinity: int = 1 << 16   # (client pod, Service) pairs with session affinity
 
 
 class LoadError(RuntimeError):
@@ -156,7 +151,7 @@ def load(spec: ProgramSpec, pin_dir: str, state_dir: str | None = None) -> Loade
     rec = _read_record(path)
     compiled = not (rec and rec.get("digest") == digest and _pins_present(rec))
     if compiled:
-        rec = _run_child(spec, pin_dir)
+        rec = _run_child(spec, pin_dir, state_dir)
         rec["digest"] = digest
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(".tmp")
@@ -185,11 +180,15 @@ def _read_record(path: Path) -> dict | None:
         return None
 
 
-def _run_child(spec: ProgramSpec, pin_dir: str) -> dict:
+def _run_child(spec: ProgramSpec, pin_dir: str, state_dir: str) -> dict:
     prog_dir = os.path.join(pin_dir, "progs", spec.key)
     request = {"source": spec.source, "cflags": list(spec.cflags), "programs": [list(p) for p in spec.programs],
                "maps": list(spec.maps), "pin_dir": pin_dir, "prog_dir": prog_dir}
-    env = dict(os.environ, NODEWIRE_BPF_DIR=str(BPF_DIR))
+    try:
+        kernel_headers = headers.find(state_dir)
+    except headers.HeadersNotFound as e:
+        raise LoadError(f"bpf/{spec.source}: {e}") from None
+    env = dict(os.environ, NODEWIRE_BPF_DIR=str(BPF_DIR), **kernel_headers.env())
     try:
         out = subprocess.run([sys.executable, "-m", "agent.datapath.compile"], input=json.dumps(request),
                              capture_output=True, text=True, timeout=600, env=env)
@@ -199,6 +198,8 @@ def _run_child(spec: ProgramSpec, pin_dir: str) -> dict:
         raise LoadError(f"bpf/{spec.source}: compile/load failed: {out.stderr.strip()[-4000:]}")
     rec = json.loads(out.stdout.strip().splitlines()[-1])  # the report is the last line
     rec["map_pins"] = {name: os.path.join(pin_dir, name) for name in rec["maps"]}
+    rec["headers"] = str(kernel_headers)
+    log.info("compiled bpf/%s seconds=%s headers=%s", spec.source, rec.get("seconds"), kernel_headers)
     return rec
 
 
@@ -213,7 +214,7 @@ def _open(spec_name: str, pin_dir: str, rec: dict) -> Loaded:
             m.close()
         raise
     return Loaded(spec_name, pin_dir, maps, dict(rec["programs"]),
-                  child={k: rec[k] for k in ("seconds", "peak_rss_kib") if k in rec})
+                  child={k: rec[k] for k in ("seconds", "peak_rss_kib", "headers") if k in rec})
 
 
 class SockLB:

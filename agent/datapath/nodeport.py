@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from ..model.maglev import build_tables
+from ..model.maglev import DEFAULT_TABLE_SIZE, build_tables
 from ..model.northsouth import GroupKey, NorthSouth
 from ..model.objects import ObjectKey
 from . import abi, bpfsys
@@ -32,13 +32,10 @@ from .reconciler import Reconciler, SyncResult
 log = logging.getLogger("nodewire.nodeport")
 
 TC_PRIO = 0x4e50  # "NP": our filters' priority on the node devices, so we replace/delete only ours
-F_DROP_EMPTY, F_SOURCE_RANGES, F_MAGLEV = 1, 2, 4  # NP_F_* in bpf/nodeport.c
-OUTCOMES = ("local", "remote", "reply", "established", "reject", "drop_no_local", "drop_source_range",
-            "drop_error")  # NW_NP_* in bpf/nodeport.c
+F_DROP_EMPTY, F_SOURCE_RANGES, F_MAGLEV = abi.NP_F_DROP_EMPTY, abi.NP_F_SOURCE_RANGES, abi.NP_F_MAGLEV
+OUTCOMES = abi.NP_OUTCOME_NAMES
 PROGRAMS = ("nw_np_ingress", "nw_np_egress")
-MAPS = ("nodewire_np_services_v1", "nodewire_np_backends_v1", "nodewire_np_policy_v1", "nodewire_np_local_v1",
-        "nodewire_np_ranges_v1", "nodewire_np_affinity_v1", "nodewire_np_snat_v1", "nodewire_np_stats_v1",
-        "nodewire_np_maglev_v1", "nodewire_ct_v1")
+MAPS = abi.NP_MAPS
 BPF_MAP_CREATE, BPF_MAP_TYPE_ARRAY = 0, 2
 
 
@@ -76,12 +73,12 @@ class _Owned:
 
 
 def spec(sizes: MapSizes, maglev_size: int) -> ProgramSpec:
-    return ProgramSpec(source="nodeport.c", cflags=(*abi.lb_defines(sizes), f"-DNW_MAGLEV_M={maglev_size}"),
+    return ProgramSpec(source="nodeport.c", cflags=tuple(abi.np_defines(sizes, maglev_size)),
                        programs=tuple((fn, "SCHED_CLS", None) for fn in PROGRAMS), maps=MAPS, name="nodeport")
 
 
 class NodePortDatapath:
-    def __init__(self, pin_dir: str, sizes: MapSizes = MapSizes(), maglev_size: int = 16381):
+    def __init__(self, pin_dir: str, sizes: MapSizes = MapSizes(), maglev_size: int = DEFAULT_TABLE_SIZE):
         self.maglev_size = maglev_size
         self.loaded = load(spec(sizes, maglev_size), pin_dir)
         m = self.loaded.maps

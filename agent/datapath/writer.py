@@ -9,7 +9,6 @@ derives from BCC's ctypes of the C structs: the C header stays the one source of
 """
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -79,8 +78,7 @@ def _set(values: np.ndarray, **fields) -> np.ndarray:
 def write(p: WritePlan, maps: LBMaps, chunk: int = CHUNK) -> None:
     """Every phase of p, in order, in batches of `chunk` rows. Raises what the maps raise; the caller
     then commits nothing (the registry is re-read from the maps)."""
-    _TEST_PAUSE.starting()
-    for n, phase in enumerate(p.phases(), 1):
+    for phase in p.phases():
         m = getattr(maps, phase.map)
         for lo in range(0, len(phase), chunk):
             keys, values = _rows(m, phase, lo, min(lo + chunk, len(phase)))
@@ -88,35 +86,3 @@ def write(p: WritePlan, maps: LBMaps, chunk: int = CHUNK) -> None:
                 m.update_arrays(keys, values)
             else:
                 m.delete_array(keys)
-        _TEST_PAUSE.after_phase(n, phase)
-
-
-class _TestPause:
-    """Test-only (tests/test_faults.py): NW_TEST_PAUSE_AFTER_PHASE="ARM:PHASE:MARKER" makes the first
-    write that starts while the file ARM exists stop for good after its PHASE-th phase (1-based),
-    once MARKER is written: a SIGKILL then lands between two write phases, deterministically, however
-    the source delivered the objects before."""
-
-    def __init__(self, spec: str | None):
-        self.arm = self.phase = None
-        self.armed = False
-        if spec:
-            self.arm, phase, self.marker = spec.split(":", 2)
-            self.phase = int(phase)
-
-    def starting(self) -> None:
-        self.armed = self.arm is not None and os.path.exists(self.arm)
-
-    def after_phase(self, n: int, phase) -> None:
-        if not self.armed or n != self.phase:
-            return
-        import time
-
-        with open(self.marker + ".tmp", "w") as f:
-            f.write(f"paused after phase {n} ({phase.name}, {len(phase)} rows)\n")
-        os.rename(self.marker + ".tmp", self.marker)  # whole when it appears
-        while True:
-            time.sleep(3600)
-
-
-_TEST_PAUSE = _TestPause(os.environ.get("NW_TEST_PAUSE_AFTER_PHASE"))

@@ -39,7 +39,7 @@ class Frontend(NamedTuple):
         return ipaddress.ip_address(self.ip).version
 
 
-def _slice_port(svc_port: ServicePort, ep_slice: EndpointSlice) -> int | None:
+def slice_port(svc_port: ServicePort, ep_slice: EndpointSlice) -> int | None:
     """The backend port of svc_port in this slice, or None when the slice does not carry it.
 
     Kubernetes' EndpointSlice controller publishes each Service port under the Service port's name,
@@ -49,11 +49,11 @@ def _slice_port(svc_port: ServicePort, ep_slice: EndpointSlice) -> int | None:
     """
     for p in ep_slice.ports:
         if p.name == svc_port.name and p.protocol == svc_port.protocol:
-            return p.port
+            return p.port or None  # 0: the slice's port was invalid (parse.py): this port has no endpoint here
     if isinstance(svc_port.target_port, str):
         for p in ep_slice.ports:
             if p.name == svc_port.target_port and p.protocol == svc_port.protocol:
-                return p.port
+                return p.port or None
         return None
     if not ep_slice.ports:
         return svc_port.target_port
@@ -121,7 +121,7 @@ def service_frontends(svc: Service, slices: Iterable[EndpointSlice], node_name: 
             if sp.protocol == SCTP:
                 continue
             with_port = [(sl, port) for sl in slices if sl.address_type == family
-                         for port in (_slice_port(sp, sl),) if port is not None]
+                         for port in (slice_port(sp, sl),) if port is not None]
             backends = {Backend(ip, port, sp.protocol)
                         for ip, port in pick(with_port, svc, itp, node_name, zone)}
             out.append(Frontend(vip, sp.port, sp.protocol, svc.key, sp.name, tuple(sorted(backends)), affinity))

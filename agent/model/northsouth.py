@@ -19,7 +19,7 @@ import ipaddress
 from dataclasses import dataclass
 from typing import Iterable, NamedTuple
 
-from .frontends import SUPPORTED_PROTOCOLS, Backend, Frontend, _slice_port, skip_reason
+from .frontends import SUPPORTED_PROTOCOLS, Backend, Frontend, slice_port, skip_reason
 from .objects import EndpointSlice, ObjectKey, Service, ServicePort
 from .selection import Place, categorize
 
@@ -70,7 +70,7 @@ def _endpoints(svc: Service, sp: ServicePort, slices: list[EndpointSlice], famil
     atype = "IPv6" if family == 6 else "IPv4"
     endpoints, ports = [], []
     for sl in slices:
-        if sl.address_type == atype and (port := _slice_port(sp, sl)) is not None:
+        if sl.address_type == atype and (port := slice_port(sp, sl)) is not None:
             endpoints.extend(sl.endpoints)
             ports.extend([port] * len(sl.endpoints))
     sel = categorize(endpoints, Place(node.name, node.zone), svc.traffic_distribution,

@@ -294,7 +294,19 @@ def parse_endpoint_slice(obj: Any) -> EndpointSlice:
             zone_hints.append(shared(_hint_names(r, e, "forZones", f"endpoints[{i}]")))
             node_hints.append(shared(_hint_names(r, e, "forNodes", f"endpoints[{i}]")))
 
-    ports = []
+    ports, dropped = _slice_ports(r, obj)
+    packed_addrs = "\n".join(addrs).encode() if family is None else b"".join(addrs)
+    return EndpointSlice(r.object_key, sys.intern(service), atype, packed_addrs, bytes(conds), shared(tuple(ports)),
+                         _column(nodes), _column(zones), _column(zone_hints), _column(node_hints),
+                         _trigger_time(meta.get("annotations")), dropped)
+
+
+def _slice_ports(r: _Reader, obj: dict) -> tuple[list[EndpointPort], tuple[str, ...]]:
+    """The slice's ports, and an error per port left out. A port without `port` (or with one out of
+    range) is kept with port 0, which no Service port matches (frontends.slice_port): only that port of
+    the slice is dropped, the slice's other ports stay, as kube-proxy ignores an invalid endpoint port
+    (pkg/proxy/endpointslicecache.go) instead of the whole slice."""
+    ports, dropped = [], []
     seen: set[str] = set()
     for i, p in enumerate(r.get(obj, "ports", "ports", list, default=[]) or []):
         path = f"ports[{i}]"
@@ -304,11 +316,14 @@ def parse_endpoint_slice(obj: Any) -> EndpointSlice:
         if name in seen:
             raise r.fail(f"{path}.name", f"duplicate port name {name!r}")
         seen.add(name)
-        ports.append(EndpointPort(name, r.port(p, "port", f"{path}.port"), r.protocol(p, f"{path}.protocol")))
-    packed_addrs = "\n".join(addrs).encode() if family is None else b"".join(addrs)
-    return EndpointSlice(r.object_key, sys.intern(service), atype, packed_addrs, bytes(conds), shared(tuple(ports)),
-                         _column(nodes), _column(zones), _column(zone_hints), _column(node_hints),
-                         _trigger_time(meta.get("annotations")))
+        protocol = r.protocol(p, f"{path}.protocol")
+        try:
+            port = r.port(p, "port", f"{path}.port")
+        except InvalidObject as e:
+            dropped.append(f"{e}; this port of the slice is ignored")
+            port = 0
+        ports.append(EndpointPort(name, port, protocol))
+    return ports, tuple(dropped)
 
 
 def _conditions(r: _Reader, cond: Any, path: str) -> int:

@@ -29,7 +29,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 
-from ..observe.histogram import HIST_SLOTS, bounds, hist_cflags, slot_of  # noqa: F401 (slot_of: tests)
+from ..histogram import HIST_SLOTS, bounds, hist_cflags, slot_of  # noqa: F401 (slot_of: tests)
 from .elf import ElfError, read_elf
 from .layout import VerbsLayout, load_layout
 
