@@ -127,7 +127,7 @@ class CniPods:
             t.join(5)
 
     # -- API methods -----------------------------------------------------------------------------
-    def add(self, params: dict) -> dict:
+    def add(self, params: dict) -> Reply:
         att = attachment_from_params(params, "cni.add")
         if not att.netns:
             raise ApiError("bad_request", "cni.add: netns is missing")
