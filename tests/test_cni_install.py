@@ -142,3 +142,21 @@ def test_install_reads_the_socket_path_from_the_config_file(tmp_path):
     assert r.exit_code == 0, r.output
     entry = json.loads((tmp_path / "net.d" / "10-a.conflist").read_text())["plugins"][-1]
     assert entry["socket"] == "/run/nodewire/sys_fs_bpf_other/api.sock" and entry["logFile"] == "/var/log/nw-cni.log"
+
+
+def test_the_chain_keeper_touches_only_a_dir_install_set_up(tmp_path):
+    """No `*.nodewire-orig` (install never ran, or uninstall did): the agent leaves the dir alone; after
+    install, a primary that rewrote its single-plugin .conf is chained again as install would."""
+    from agent.cni.chain import ChainKeeper
+    ptp = {"cniVersion": "1.0.0", "name": "n", "type": "ptp"}
+    (tmp_path / "10-ptp.conf").write_text(json.dumps(ptp))
+    keeper = ChainKeeper(str(tmp_path), PluginSettings(socket="/s"))
+    assert keeper.check() is False and sorted(p.name for p in tmp_path.iterdir()) == ["10-ptp.conf"]
+    install_conf(str(tmp_path), PluginSettings(socket="/from-install"))
+    keeper._remember_entry()  # what start() does: the entry install wrote is the one written back
+    (tmp_path / "10-ptp.conf").write_text(json.dumps(dict(ptp, mtu=1400)))  # the primary's new .conf sorts first
+    assert keeper.check() is True and keeper.restored == 1
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["10-ptp.conf.nodewire-orig", "10-ptp.conflist"]
+    plugins = json.loads((tmp_path / "10-ptp.conflist").read_text())["plugins"]
+    assert [p["type"] for p in plugins] == ["ptp", "nodewire-cni"] and plugins[0]["mtu"] == 1400
+    assert plugins[-1]["socket"] == "/from-install" and keeper.check() is False  # chained: nothing to do

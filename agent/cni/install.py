@@ -75,7 +75,8 @@ def primary_conf(conf_dir: str) -> Path | None:
     return files[0] if files else None
 
 
-def _load(path: Path) -> dict:
+def load_conf(path: Path) -> dict:
+    """A network configuration file as a conflist (a single-plugin .conf becomes a list of one)."""
     try:
         conf = json.loads(path.read_text())
     except ValueError as e:
@@ -92,9 +93,13 @@ def _load(path: Path) -> dict:
     return conf
 
 
+def _has_nodewire(conf: dict) -> bool:
+    return any(isinstance(p, dict) and p.get("type") == PLUGIN_TYPE for p in conf["plugins"])
+
+
 def chained(conf: dict, settings: PluginSettings) -> dict:
     """conf with nodewire as its last plugin (an existing nodewire entry is replaced, not doubled)."""
-    plugins = [p for p in conf["plugins"] if p.get("type") != PLUGIN_TYPE]
+    plugins = [p for p in conf["plugins"] if not (isinstance(p, dict) and p.get("type") == PLUGIN_TYPE)]
     if not plugins:
         raise InstallError("the configuration has no primary plugin to chain after")
     return dict(conf, plugins=plugins + [settings.entry()])
@@ -104,9 +109,9 @@ def install_conf(conf_dir: str, settings: PluginSettings) -> Path:
     path = primary_conf(conf_dir)
     if path is None:
         raise InstallError(f"no CNI network configuration in {conf_dir} yet (the primary CNI writes it)")
-    conf = _load(path)
+    conf = load_conf(path)
     backup = path.with_name(path.name + BACKUP_SUFFIX)
-    if not backup.exists():
+    if not backup.exists() or not _has_nodewire(conf):  # without nodewire it is the primary's own, newest
         _write_atomic(backup, path.read_bytes(), 0o644)
     target = path if path.suffix == ".conflist" else path.with_suffix(".conflist")
     _write_atomic(target, (json.dumps(chained(conf, settings), indent=2) + "\n").encode(), 0o644)
@@ -127,8 +132,8 @@ def uninstall(conf_dir: str, bin_dir: str | None) -> list[str]:
         os.replace(backup, original)
         done.append(f"restored {original}")
     for path in sorted(d.glob("*.conflist")) if d.is_dir() else []:
-        conf = _load(path)
-        plugins = [p for p in conf["plugins"] if p.get("type") != PLUGIN_TYPE]
+        conf = load_conf(path)
+        plugins = [p for p in conf["plugins"] if not (isinstance(p, dict) and p.get("type") == PLUGIN_TYPE)]
         if len(plugins) != len(conf["plugins"]):
             _write_atomic(path, (json.dumps(dict(conf, plugins=plugins), indent=2) + "\n").encode(), 0o644)
             done.append(f"removed nodewire from {path}")
