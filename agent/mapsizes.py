@@ -13,3 +13,5 @@ class MapSizes:
     revnat: int = 1 << 18
     lb_stats: int = 1 << 16
     affinity: int = 1 << 16   # (client pod, Service) pairs with session affinity
+    ct: int = 1 << 18         # north-south conntrack entries of confirmed flows (two per flow)
+    ct_halfopen: int = 1 << 16  # north-south conntrack entries of flows not yet confirmed (a flood's)

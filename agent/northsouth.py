@@ -11,6 +11,7 @@ import time
 from dataclasses import replace
 
 from .datapath.addresses import DeviceWatcher, follow_devices
+from .datapath.conntrack import ConntrackCollector, Lifetimes
 from .datapath.devices import NodeDevices, read_node_devices
 from .datapath.loader import MapSizes
 from .datapath.reconciler import SyncResult
@@ -26,7 +27,7 @@ log = logging.getLogger("nodewire.northsouth")
 class NorthSouthService:
     def __init__(self, state: ClusterState, node_name: str, devices: tuple[str, ...], pin_dir: str,
                  sizes: MapSizes, nodeport_range: tuple[int, int], maglev_size: int, healthz_port: int,
-                 healthy):
+                 healthy, lifetimes: Lifetimes = Lifetimes(), ct_interval: float = 30.0):
         from pyroute2 import IPRoute
 
         from .datapath.nodeport import NodePortDatapath
@@ -38,7 +39,8 @@ class NorthSouthService:
             raise ValueError("--devices auto: no interface with a node address or a default route")
         devs, addresses = found.names, list(found.addresses)
         self.node = NodeInfo(node_name, found.addresses, nodeport_range=nodeport_range)
-        self.datapath = NodePortDatapath(pin_dir, sizes, maglev_size)
+        self.datapath = NodePortDatapath(pin_dir, sizes, maglev_size, lifetimes)
+        self.conntrack = ConntrackCollector(self.datapath.conntrack, ct_interval).start()
         self.datapath.attach(devs)
         self.snat = self.datapath.set_snat_addresses(addresses)
         self.watcher = DeviceWatcher(tuple(devices), found, self._follow).start()
@@ -93,6 +95,7 @@ class NorthSouthService:
             "frontends": dp.reconciler.svc_entries, "services": len(dp.reconciler.owned),
             "counters": dp.counters(), "health": self.health.status(), "errors": self.errors,
             "device_watch": self.watcher.status(),
+            "conntrack": self.conntrack.status(),
             "last_sync": None if self.last is None else {"seconds": self.last.seconds, "written": self.last.written,
                                                           "deleted": self.last.deleted, "errors": [str(e) for e in self.last.errors],
                                                           "time": time.time()},
@@ -118,4 +121,5 @@ class NorthSouthService:
 
     def close(self) -> None:
         self.watcher.close()
+        self.conntrack.close()
         self.health.close()

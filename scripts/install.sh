@@ -22,6 +22,7 @@ TEST_APT=(           # tests and benchmarks only
   openssl            # TLS certificates of the API server double
   sockperf           # bench observe
   ruby               # `ruby -c Vagrantfile`
+  hping3             # spoofed SYN floods inside the sandbox (tests/conformance/test_conntrack_flood.py, bench flood)
 )
 IMAGE_APT=(buildah debootstrap)  # make image
 case "$PROFILE" in

@@ -16,11 +16,15 @@ class NorthSouth(Component):
         self.service = None  # agent.northsouth.NorthSouthService
 
     def start(self, ctx: Context) -> None:
+        from ..datapath.conntrack import Lifetimes
         from ..northsouth import NorthSouthService
 
         cfg = ctx.cfg
+        lifetimes = Lifetimes(cfg.ct_timeout_syn, cfg.ct_timeout_established, cfg.ct_timeout_close,
+                              cfg.ct_timeout_other)
         self.service = NorthSouthService(ctx.state, cfg.node_name, cfg.device_list, cfg.pin_dir, cfg.sizes,
-                                         cfg.nodeport_bounds, cfg.maglev_table_size, cfg.healthz_port, ctx.ready)
+                                         cfg.nodeport_bounds, cfg.maglev_table_size, cfg.healthz_port, ctx.ready,
+                                         lifetimes, cfg.ct_gc_interval)
 
     def status(self, st) -> None:
         if self.service is not None:
@@ -29,6 +33,7 @@ class NorthSouth(Component):
     def metrics(self, telemetry) -> None:
         if self.service is not None:  # packets per outcome, node addresses (export/northsouth.py)
             self.service.metrics(telemetry.meter())
+            self.service.conntrack.register_metrics(telemetry.meter())
 
     def close(self) -> None:
         if self.service is not None:

@@ -24,6 +24,7 @@ from ..model.northsouth import GroupKey, NorthSouth
 from ..model.objects import ObjectKey
 from . import abi, bpfsys
 from .attach import TC_EGRESS, TC_INGRESS, attach_tc
+from .conntrack import ConntrackMaps, Lifetimes, set_snat_addresses
 from .ids import BACKEND_IDENT, as_keys
 from .loader import MapSizes, ProgramSpec, load
 from .maps import addr16, pack_rows, port_be
@@ -72,21 +73,23 @@ class _Owned:
     groups: set[int] = field(default_factory=set)
 
 
-def spec(sizes: MapSizes, maglev_size: int) -> ProgramSpec:
-    return ProgramSpec(source="nodeport.c", cflags=tuple(abi.np_defines(sizes, maglev_size)),
+def spec(sizes: MapSizes, maglev_size: int, lifetimes: Lifetimes = Lifetimes()) -> ProgramSpec:
+    return ProgramSpec(source="nodeport.c", cflags=(*abi.np_defines(sizes, maglev_size),
+                                                    *abi.ct_defines(sizes, lifetimes)),
                        programs=tuple((fn, "SCHED_CLS", None) for fn in PROGRAMS), maps=MAPS, name="nodeport")
 
 
 class NodePortDatapath:
-    def __init__(self, pin_dir: str, sizes: MapSizes = MapSizes(), maglev_size: int = DEFAULT_TABLE_SIZE):
+    def __init__(self, pin_dir: str, sizes: MapSizes = MapSizes(), maglev_size: int = DEFAULT_TABLE_SIZE,
+                 lifetimes: Lifetimes = Lifetimes()):
         self.maglev_size = maglev_size
-        self.loaded = load(spec(sizes, maglev_size), pin_dir)
+        self.loaded = load(spec(sizes, maglev_size, lifetimes), pin_dir)
         m = self.loaded.maps
         self.services, self.backends = m["nodewire_np_services_v1"], m["nodewire_np_backends_v1"]
         self.policy, self.local = m["nodewire_np_policy_v1"], m["nodewire_np_local_v1"]
-        self.ranges, self.snat = m["nodewire_np_ranges_v1"], m["nodewire_np_snat_v1"]
+        self.ranges, self.snat = m["nodewire_np_ranges_v1"], m[abi.NP_SNAT_MAP]
         self.maglev, self.stats = m["nodewire_np_maglev_v1"], m["nodewire_np_stats_v1"]
-        self.conntrack = m["nodewire_ct_v1"]
+        self.conntrack = ConntrackMaps(m[abi.CT_MAP], m[abi.CT_HALFOPEN_MAP], m[abi.CT_STATS_MAP], lifetimes)
         self.reconciler = Reconciler(self.services, self.backends)
         self.devices: dict[str, int] = {}
         self.tables_built = 0  # Maglev tables built and swapped in by this process
@@ -139,15 +142,9 @@ class NodePortDatapath:
                 self.devices[dev] = idx
 
     def set_snat_addresses(self, addresses: list[str]) -> dict[str, str]:
-        """The node address remote-backend traffic leaves with: the first of each family."""
-        chosen = {}
-        for fam, slot in ((4, 0), (6, 1)):
-            ip = next((a for a in addresses if (":" in a) == (fam == 6)), None)
-            if ip:
-                chosen[f"ipv{fam}"] = ip
-            bpfsys.update_elem(self.snat.fd, slot.to_bytes(4, "little"), addr16(ip) if ip else bytes(16),
-                               self.snat.name)
-        return chosen
+        """The node addresses remote-backend traffic leaves with (lib/ct.h takes a port of the first,
+        the next when its ports toward a backend are all taken). Returns the first of each family."""
+        return set_snat_addresses(self.snat, addresses)
 
     # -- apply ------------------------------------------------------------------------------------
     def apply(self, changes: dict[ObjectKey, NorthSouth], full: bool = False) -> SyncResult:

@@ -30,7 +30,7 @@ def register_northsouth_metrics(meter, ns: NorthSouthView) -> None:
         return [Observation(len(addrs) - v6, {"family": "ipv4"}), Observation(v6, {"family": "ipv6"})]
 
     meter.create_observable_counter(
-        "nodewire.northsouth.packets", unit="1",
+        "nodewire.northsouth.packets", unit="{packet}",
         description="Packets on the node devices by what the tc datapath did with them (outcome: local/remote "
                     "= new flow to a backend on this node / elsewhere, reply, established, reject, drop_* by reason)",
         callbacks=[lambda _o: [Observation(n, {"outcome": k}) for k, n in ns.packet_counters().items()]])
