@@ -9,12 +9,14 @@ from __future__ import annotations
 import json
 import re
 import subprocess
+import sys
 import time
 import urllib.request
 from dataclasses import dataclass
 
 import pytest
 
+from agent.datapath.addresses import SETTLE_MAX_SECONDS
 from nodewire_dev.sandbox.multinode import MultiNodeSandbox
 from tests.conftest import NODEWIRE, AgentProcess, wait_for
 from tests.manifests import endpoint_slice, service, write
@@ -44,6 +46,15 @@ class Env:
         """Which pods answered `count` fresh connects to host:NODE_PORT, and the errors by kind."""
         r = self.sb.client.probe("tcp", host, NODE_PORT, count=count, timeout=timeout)
         return {**r["replies"], **{f"error:{k}": v for k, v in r["errors"].items()}}
+
+    def local_connects(self, host: str, count: int = 8) -> set[str]:
+        """Which pods answered connects from a process of node 1 itself (the socket path, no tc)."""
+        code = (f"import socket\nout=set()\nfor _ in range({count}):\n"
+                f" s=socket.create_connection(({host!r}, {NODE_PORT}), timeout=2); s.sendall(b'x')\n"
+                " out.add(s.recv(100).decode().strip()); s.close()\nprint(' '.join(sorted(out)))")
+        res = self.n1.run([sys.executable, "-c", code])
+        assert res.returncode == 0, res.stderr[-1000:]
+        return set(res.stdout.split())
 
     def northsouth(self) -> dict:
         return self.agent.status().northsouth or {}
@@ -107,14 +118,36 @@ def test_address_added_after_start_is_answered_and_removed_is_not(env):
         print(f"IPv{fam} address added → NodePort answered after {time.monotonic() - t0:.2f}s")
     wait_for(lambda: set(env.northsouth()["addresses"]) >= {"198.18.0.51", "fd00:18::51"}, 15,
              what="status lists the added addresses")
+    for ip, _ in added.values():  # the node's own sockets reach it too: the socket path follows as well
+        assert env.local_connects(ip) == BOTH
     for fam, (ip, cidr) in added.items():
         env.ip("addr", "del", cidr, "dev", "eth0")
         # the client's neighbour entry still sends the packets to node 1: only tc could answer them
         wait_for(lambda ip=ip: not set(env.answered(ip, count=2, timeout=0.5)) & BOTH, 15,
                  what=f"NodePort no longer answered on the removed {ip}")
     assert set(env.answered(env.n1.addr4)) == BOTH  # the node's other addresses are untouched
-    watch = env.northsouth()["device_watch"]
-    assert watch["changes"] >= 4 and watch["errors"] == 0, watch
+    watch = wait_for(lambda: (lambda w: w if w["changes"] >= 4 else None)(env.northsouth()["device_watch"]), 15,
+                     what="the watcher's changes in the status")
+    assert watch["errors"] == 0, watch
+
+
+def test_pod_churn_costs_the_watcher_no_reread(env):
+    """A pod's veth appearing on the node (links, link-local addresses, bridge ports) is no reason to
+    re-read the devices: between two address changes, the pod's events add no re-read of their own."""
+    def seen(ip: str) -> int:
+        ns = wait_for(lambda: (lambda ns: ns if ip in ns["addresses"] else None)(env.northsouth()), 15,
+                      what=f"status lists {ip}")
+        return ns["device_watch"]["rereads"]
+    env.ip("addr", "add", "198.18.0.53/24", "dev", "eth0")
+    before = seen("198.18.0.53")
+    env.sb.add_pod(env.n1, "churn1")
+    time.sleep(SETTLE_MAX_SECONDS + 0.2)  # the pod's burst is over (and could not join the next one)
+    env.ip("addr", "add", "198.18.0.54/24", "dev", "eth0")
+    try:
+        assert seen("198.18.0.54") == before + 1
+    finally:
+        for ip in ("198.18.0.53", "198.18.0.54"):
+            env.ip("addr", "del", f"{ip}/24", "dev", "eth0")
 
 
 def test_device_created_after_start_gets_tc_and_serves_the_nodeport(env):
