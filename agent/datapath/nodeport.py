@@ -88,7 +88,7 @@ class NodePortDatapath:
         self.services, self.backends = m["nodewire_np_services_v1"], m["nodewire_np_backends_v1"]
         self.policy, self.local = m["nodewire_np_policy_v1"], m["nodewire_np_local_v1"]
         self.ranges, self.snat = m["nodewire_np_ranges_v1"], m[abi.NP_SNAT_MAP]
-        self.maglev, self.stats = m["nodewire_np_maglev_v1"], m["nodewire_np_stats_v1"]
+        self.maglev, self.stats = m["nodewire_np_maglev_v1"], m[abi.NP_STATS_MAP]
         self.conntrack = ConntrackMaps(m[abi.CT_MAP], m[abi.CT_HALFOPEN_MAP], m[abi.CT_STATS_MAP], lifetimes)
         self.reconciler = Reconciler(self.services, self.backends)
         self.devices: dict[str, int] = {}
