@@ -10,13 +10,12 @@ come from the kernel (BPF_OBJ_GET_INFO_BY_FD) and are checked against the layout
 """
 from __future__ import annotations
 
-import ipaddress
 import os
-import socket
 
 import numpy as np
 
 from . import bpfsys
+from .codec import addr16, addr_str, pack_rows, port_be, port_host, unpack_rows  # noqa: F401 (the codec's, for readers of small maps)
 
 
 def packing_dtype(ctype) -> np.dtype:
@@ -32,48 +31,6 @@ def packing_dtype(ctype) -> np.dtype:
         formats.append(np.dtype(f"V{fdt.itemsize}") if fdt.subdtype else fdt)
         offsets.append(off)
     return np.dtype({"names": names, "formats": formats, "offsets": offsets, "itemsize": base.itemsize})
-
-
-def pack_rows(dtype: np.dtype, rows: list[tuple]) -> list[bytes]:
-    """Rows of field values (in the struct's field order; unlisted trailing fields are zero) → bytes."""
-    if not rows:
-        return []
-    if dtype.names is None:
-        buf = np.array(rows, dtype=dtype).tobytes()
-    else:
-        n = len(dtype.names)
-        full = [r + (0,) * (n - len(r)) if len(r) < n else r for r in rows]
-        buf = np.array(full, dtype=dtype).tobytes()
-    size = dtype.itemsize
-    return [buf[i:i + size] for i in range(0, len(buf), size)]
-
-
-def unpack_rows(dtype: np.dtype, raw: list[bytes]) -> np.ndarray:
-    return np.frombuffer(b"".join(raw), dtype=dtype) if raw else np.zeros(0, dtype=dtype)
-
-
-_V4MAPPED = b"\0" * 10 + b"\xff\xff"
-
-
-def addr16(ip: str) -> bytes:
-    """16-byte map address: IPv6 as is, IPv4 as IPv4-mapped IPv6 (::ffff:a.b.c.d)."""
-    if ":" in ip:
-        return socket.inet_pton(socket.AF_INET6, ip)
-    return _V4MAPPED + socket.inet_pton(socket.AF_INET, ip)
-
-
-def addr_str(raw: bytes) -> str:
-    a = ipaddress.IPv6Address(bytes(raw))
-    return str(a.ipv4_mapped) if a.ipv4_mapped else str(a)
-
-
-def port_be(port: int) -> int:
-    """A port as the integer whose in-memory bytes are network order (for __be16 fields)."""
-    return socket.htons(port)
-
-
-def port_host(be: int) -> int:
-    return socket.ntohs(int(be))
 
 
 def dtype_to_json(dt: np.dtype):

@@ -24,7 +24,7 @@ from ..model.northsouth import GroupKey, NorthSouth
 from ..model.objects import ObjectKey
 from . import abi, bpfsys
 from .attach import TC_EGRESS, TC_INGRESS, attach_tc
-from .ids import BACKEND_IDENT, as_keys
+from .codec import BACKEND_IDENT, as_keys
 from .loader import MapSizes, ProgramSpec, load
 from .maps import addr16, pack_rows, port_be
 from .reconciler import Reconciler, SyncResult

@@ -18,8 +18,8 @@ from dataclasses import dataclass, field
 from ..model.frontends import Frontend
 from ..model.objects import ObjectKey
 from .ids import IdRegistry, Snapshot
-from .plan import CLASH, Capacities, Limit, Refusal, plan, summarize
-from .writer import BatchMap, LBMaps, write
+from .plan import CLASH, Capacities, Limit, Refusal, WritePlan, plan, summarize
+from .writer import BatchMap, write
 
 log = logging.getLogger("nodewire.reconciler")
 # Services per plan in a large full sync: bounds its transient memory; at least 1/8 of the sync, as
@@ -81,25 +81,27 @@ class Messages(Sequence):
 
 
 class Reconciler:
+    """One pair of service and backend maps (the socket path's, or nodeport.c's) and their registry."""
+
     def __init__(self, services: BatchMap, backends: BatchMap):
-        self.maps = LBMaps(services, backends)
+        self.services, self.backends = services, backends
+        self.maps = {services.name: services, backends.name: backends}
         self.registry = self._restore()
         self._retry: dict[ObjectKey, list[Frontend]] = {}  # desired state of a write that failed
 
     def _restore(self) -> IdRegistry:
-        return IdRegistry.restore(self.maps.services.dump_arrays(), self.maps.backends.dump_arrays())
+        return IdRegistry.restore(self.services.dump_arrays(), self.backends.dump_arrays())
 
     @property
     def capacities(self) -> Capacities:
-        s, b = self.maps.services, self.maps.backends
+        s, b = self.services, self.backends
         return Capacities(Limit(s.name, s.capacity), Limit(b.name, b.capacity))
 
     def apply(self, changes: dict[ObjectKey, list[Frontend]], full: bool = False) -> SyncResult:
         """Make the maps match `changes` (Service → its frontends; [] removes it). With full=True,
         `changes` is the whole desired state and every entry not in it is removed."""
         t0 = time.perf_counter()
-        if self._retry:
-            changes = {**self._retry, **changes}
+        changes = self.with_retry(changes)
         if full and len(changes) > FULL_SYNC_CHUNK:
             res = self._apply_in_chunks(changes)
         else:
@@ -109,24 +111,39 @@ class Reconciler:
             log.error("%s", line)
         return res
 
+    def with_retry(self, changes):
+        """changes, plus the Services of an earlier write that failed (the changes win)."""
+        return {**self._retry, **changes} if self._retry else changes
+
+    def plan(self, changes, full: bool = False, sweep: bool | None = None) -> WritePlan:
+        return plan(changes, self.registry, self.capacities, full=full, sweep=sweep)
+
+    def committed(self, p: WritePlan, changes) -> None:
+        """The plan is in the maps: record it."""
+        self.registry.commit(p)
+        if self._retry:
+            for svc in (changes if isinstance(changes, dict) else dict(changes)):
+                self._retry.pop(svc, None)
+
+    def failed(self, changes) -> None:
+        """A write failed part-way: the kernel holds part of the plan; learn it back, retry next time."""
+        fresh = self._restore()
+        fresh.adopt_owners(self.registry)
+        self.registry = fresh
+        self._retry.update(changes)  # a dict or (Service, frontends) pairs
+
     def _apply(self, changes: dict[ObjectKey, list[Frontend]], full: bool = False,
                sweep: bool | None = None) -> SyncResult:
         t0 = time.perf_counter()
-        p = plan(changes, self.registry, self.capacities, full=full, sweep=sweep)
+        p = self.plan(changes, full=full, sweep=sweep)
         res = SyncResult(services=len(changes), refusals=p.refusals, plan_seconds=time.perf_counter() - t0)
         try:
-            write(p, self.maps)
-        except Exception as e:  # the kernel holds part of the plan: learn it back, retry next time
+            write(p.phases(), self.maps)
+        except Exception as e:
             res.write_error = f"writing the service maps failed ({e}); re-read them, retrying those Services"
-            fresh = self._restore()
-            fresh.adopt_owners(self.registry)
-            self.registry = fresh
-            self._retry.update(changes)  # a dict or (Service, frontends) pairs
+            self.failed(changes)
         else:
-            self.registry.commit(p)
-            if self._retry:
-                for svc in (changes if isinstance(changes, dict) else dict(changes)):
-                    self._retry.pop(svc, None)
+            self.committed(p, changes)
             res.written, res.deleted = p.written_count, p.deleted_count
         res.write_seconds = time.perf_counter() - t0 - res.plan_seconds  # with the registry commit
         return res

@@ -8,8 +8,8 @@ MapFull); a missing key stops a delete batch with ENOENT, after which RawMap del
 one. Every element applied is reported to `on_change`, so a test can check what a concurrent reader
 could have seen between any two kernel operations, and `states` keeps the maps after each syscall.
 
-The dtypes are written out here from the C structs in bpf/lib/lb.h; a root test
-(tests/test_writer.py) checks they equal the ones BCC derives, so the C stays the one source.
+The dtypes are the codec's (agent/datapath/codec.py LAYOUTS); a root test (tests/test_writer.py)
+checks they equal the ones BCC derives, so the C stays the one source.
 """
 from __future__ import annotations
 
@@ -17,18 +17,8 @@ from typing import Callable
 
 import numpy as np
 
+from agent.datapath.codec import BACKEND_KEY, BACKEND_VALUE, SERVICE_KEY, SERVICE_VALUE  # noqa: F401 (tests use them)
 from agent.datapath.maps import MapFull
-
-SERVICE_KEY = np.dtype({"names": ["address", "port", "proto", "scope", "slot", "pad"],
-                        "formats": ["V16", "<u2", "u1", "u1", "<u2", "<u2"],
-                        "offsets": [0, 16, 18, 19, 20, 22], "itemsize": 24})
-SERVICE_VALUE = np.dtype({"names": ["backend_id", "count", "flags", "service_id", "affinity_timeout"],
-                          "formats": ["<u4", "<u2", "<u2", "<u4", "<u4"],
-                          "offsets": [0, 4, 6, 8, 12], "itemsize": 16})
-BACKEND_KEY = np.dtype("<u4")
-BACKEND_VALUE = np.dtype({"names": ["address", "port", "proto", "flags", "pad"],
-                          "formats": ["V16", "<u2", "u1", "u1", "<u4"],
-                          "offsets": [0, 16, 18, 19, 20], "itemsize": 24})
 
 
 class DictMap:
