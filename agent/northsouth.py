@@ -1,5 +1,5 @@
-"""North-south in the agent loop: devices and node addresses, the model per changed Service, the
-extra socket-path frontends, the tc datapath, and the health servers.
+"""North-south in the agent loop: devices and node addresses (followed live over netlink), the model per
+changed Service, the extra socket-path frontends, the tc datapath, and the health servers.
 
 The agent calls extend() with the socket-path changes before its reconciler runs (so a node's own
 sockets reach NodePorts/external IPs at connect(), without tc), then apply() after it.
@@ -10,7 +10,8 @@ import logging
 import time
 from dataclasses import replace
 
-from .datapath.devices import detect_devices, device_addresses
+from .datapath.addresses import DeviceWatcher, follow_devices
+from .datapath.devices import NodeDevices, read_node_devices
 from .datapath.loader import MapSizes
 from .datapath.reconciler import SyncResult
 from .export.lbhealth import LBHealth
@@ -32,24 +33,38 @@ class NorthSouthService:
 
         self.state = state
         with IPRoute() as ipr:
-            devs = detect_devices(ipr) if tuple(devices) == ("auto",) else list(devices)
-            addresses = device_addresses(ipr, devs)
-        if not devs:
+            found = read_node_devices(ipr, tuple(devices), strict=True)
+        if not found.devices:
             raise ValueError("--devices auto: no interface with a node address or a default route")
-        self.node = NodeInfo(node_name, tuple(addresses), nodeport_range=nodeport_range)
+        devs, addresses = found.names, list(found.addresses)
+        self.node = NodeInfo(node_name, found.addresses, nodeport_range=nodeport_range)
         self.datapath = NodePortDatapath(pin_dir, sizes, maglev_size)
         self.datapath.attach(devs)
         self.snat = self.datapath.set_snat_addresses(addresses)
+        self.watcher = DeviceWatcher(tuple(devices), found, self._follow).start()
         self.health = LBHealth(healthy, healthz_port).start()
         self.pending: dict[ObjectKey, NorthSouth] = {}
         self.errors: list[str] = []
         self.last: SyncResult | None = None
         log.info("north-south ready devices=%s addresses=%s snat=%s", devs, addresses, self.snat)
 
+    def _follow(self, old: NodeDevices, new: NodeDevices) -> None:
+        """On the device watcher's thread: tc onto devices that appeared, the SNAT addresses, and the
+        Services with a node port marked for the loop (extend() reads the watcher's addresses)."""
+        attached, forgotten = follow_devices(self.datapath, new)
+        if new.addresses != old.addresses:
+            self.snat = self.datapath.set_snat_addresses(list(new.addresses))
+            marked = self.state.node_addresses_changed()
+        else:
+            marked = 0
+        log.info("node devices changed devices=%s addresses=%s attached=%s forgotten=%s snat=%s services=%d",
+                 new.names, list(new.addresses), attached, forgotten, self.snat, marked)
+
     def extend(self, changes: dict[ObjectKey, list[Frontend]]) -> None:
         """Compute the north-south view of every changed Service; add its socket-path frontends."""
-        if self.node.zone != self.state.zone:  # the Node object's zone, for zone hints
-            self.node = replace(self.node, zone=self.state.zone)
+        addresses = self.watcher.current.addresses  # followed live (datapath/addresses.py)
+        if self.node.zone != self.state.zone or self.node.addresses != addresses:  # zone: for zone hints
+            self.node = replace(self.node, zone=self.state.zone, addresses=addresses)
         for key in changes:
             svc, slices = self.state.service_inputs(key)
             ns = service_northsouth(svc, slices, self.node) if svc is not None else NorthSouth()
@@ -72,15 +87,17 @@ class NorthSouthService:
     def status(self) -> dict:
         dp = self.datapath
         return {
-            "devices": dp.devices, "addresses": list(self.node.addresses), "snat": self.snat,
+            "devices": dict(dp.devices), "addresses": list(self.watcher.current.addresses), "snat": self.snat,
             "nodeport_range": list(self.node.nodeport_range), "maglev_table_size": dp.maglev_size,
             "maglev_tables": len(dp.maglev_groups), "maglev_tables_built": dp.tables_built,
             "frontends": dp.reconciler.svc_entries, "services": len(dp.reconciler.owned),
             "counters": dp.counters(), "health": self.health.status(), "errors": self.errors,
+            "device_watch": self.watcher.status(),
             "last_sync": None if self.last is None else {"seconds": self.last.seconds, "written": self.last.written,
                                                           "deleted": self.last.deleted, "errors": [str(e) for e in self.last.errors],
                                                           "time": time.time()},
         }
 
     def close(self) -> None:
+        self.watcher.close()
         self.health.close()

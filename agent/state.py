@@ -78,6 +78,16 @@ class ClusterState:
     def apply_node(self, key: ObjectKey, node: Node | None) -> bool:
         return self.apply("Node", key, node)
 
+    def node_addresses_changed(self) -> int:
+        """This node's own addresses changed (north-south's device watcher): every Service with a node
+        port is recomputed, its NodePort frontends being node address × port. Returns how many."""
+        with self._lock:
+            keys = [k for k, svc in self.services.items() if any(p.node_port for p in svc.ports)]
+            self._dirty.update(keys)
+        if keys:
+            self.changed.set()
+        return len(keys)
+
     def replace(self, objs: Objects) -> None:
         """Make the state equal to a full set of objects (tests, one-shot loads): the differences only."""
         want = {"Service": objs.services, "EndpointSlice": objs.slices, "Pod": objs.pods, "Node": objs.nodes}

@@ -59,6 +59,19 @@ def test_one_apply_path_dirties_only_the_owning_service():
     assert key == WEB and [b.ip for b in fe.backends] == ["10.0.0.1"]
 
 
+def test_node_address_change_dirties_only_services_with_a_node_port():
+    st = ClusterState()
+    np = service("np", ["10.96.0.3"])
+    np["spec"]["type"] = "NodePort"
+    np["spec"]["ports"][0]["nodePort"] = 30001
+    st.apply("Service", ObjectKey("default", "np"), parse_service(np))
+    st.apply("Service", WEB, parse_service(service("web", ["10.96.0.1"])))
+    st.take_dirty()
+    st.changed.clear()
+    assert st.node_addresses_changed() == 1 and st.changed.is_set()
+    assert set(st.take_dirty()) == {ObjectKey("default", "np")}
+
+
 def test_several_slices_per_service_and_their_removal():
     st = ClusterState()
     st.apply("Service", WEB, parse_service(service("web", ["10.96.0.1"])))
