@@ -22,6 +22,7 @@ from .config import AgentConfig
 from .datapath.attach import attach_sock_lb, detect_cgroup2_root
 from .datapath.loader import SockLB
 from .datapath.check import PeriodicCheck
+from .datapath.datapath import Datapath
 from .datapath.reconciler import Reconciler, SyncResult
 from .datapath.stale_sockets import StaleSockets, listed_addresses
 from .errorlog import ErrorLog
@@ -190,16 +191,12 @@ class Agent:
 
     # -- loop ----------------------------------------------------------------------------------
     def sync_once(self, full: bool = False) -> SyncResult | None:
-        changes = self.state.all_frontends() if full else self.state.take_dirty()
+        datapath = Datapath(self.reconciler, self.northsouth)
+        changes = datapath.take(self.state, full)  # the changed Services' views (model/view.py)
         if not changes and not full:
             return None
         with self._lock, self.proxy_metrics.sync(changes, self.state):
-            if self.northsouth is not None:
-                self.northsouth.extend(changes)
-            res = self.reconciler.apply(changes, full=full)
-            if self.northsouth is not None:
-                ns = self.northsouth.apply(full=full)
-                res.refusals.extend(ns.refusals)
+            res = datapath.apply(changes, full=full)
         self._sweep_sockets()
         self._refused = (set() if full else self._refused - set(changes)) | {r.service for r in res.refusals}
         now = time.time()

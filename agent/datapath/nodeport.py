@@ -20,8 +20,9 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from ..model.maglev import DEFAULT_TABLE_SIZE, build_tables
-from ..model.northsouth import GroupKey, NorthSouth
+from ..model.northsouth import GroupKey
 from ..model.objects import ObjectKey
+from ..model.view import ServiceView
 from . import abi, bpfsys
 from .attach import TC_EGRESS, TC_INGRESS, attach_tc
 from .codec import BACKEND_IDENT, as_keys
@@ -150,9 +151,10 @@ class NodePortDatapath:
         return chosen
 
     # -- apply ------------------------------------------------------------------------------------
-    def apply(self, changes: dict[ObjectKey, NorthSouth], full: bool = False) -> SyncResult:
+    def apply(self, views: dict[ObjectKey, ServiceView | None], full: bool = False) -> SyncResult:
+        changes = {k: v if v is not None else ServiceView(k) for k, v in views.items()}
         if full:
-            changes = {**{gone: NorthSouth() for gone in self.owned if gone not in changes}, **changes}
+            changes = {**{gone: ServiceView(gone) for gone in self.owned if gone not in changes}, **changes}
         want: dict[ObjectKey, _Owned] = {}
         final_pol: dict[bytes, bytes] = {}
         pre_pol: dict[bytes, bytes] = {}

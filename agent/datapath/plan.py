@@ -301,6 +301,9 @@ class _Fresh:
 
 
 def _diff(d: Desired, fe_sid, be_id, fresh: _Fresh, reg: IdRegistry, refused, refusals, sweep) -> WritePlan:
+    """The WritePlan of the admitted Services: ids for new frontends and backends, the header and slot
+    diff per frontend, what goes, and the registry's changes. One pass over shared columns (split up,
+    it would pass a dozen arrays from function to function)."""
     fe = reg.frontends
     fe_svc = _svc_of_fe(d)
     take = ~refused[fe_svc]                      # frontends applied

@@ -80,12 +80,22 @@ class Messages(Sequence):
         return repr(self[:3]) + (f" (+{len(self) - 3})" if len(self) > 3 else "")
 
 
+@dataclass
+class LBMaps:
+    """A service map and its backend map (lb.h's layout), found by name by the writer."""
+    services: BatchMap
+    backends: BatchMap
+
+    def __getitem__(self, name: str) -> BatchMap:
+        return self.services if name == self.services.name else self.backends
+
+
 class Reconciler:
     """One pair of service and backend maps (the socket path's, or nodeport.c's) and their registry."""
 
     def __init__(self, services: BatchMap, backends: BatchMap):
         self.services, self.backends = services, backends
-        self.maps = {services.name: services, backends.name: backends}
+        self.maps = LBMaps(services, backends)
         self.registry = self._restore()
         self._retry: dict[ObjectKey, list[Frontend]] = {}  # desired state of a write that failed
 
