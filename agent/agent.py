@@ -70,6 +70,7 @@ class Agent:
         self._written: AgentStatus | None = None  # what status.json holds
         self.lb: SockLB | None = None
         self.reconciler: Reconciler | None = None
+        self.datapath: Datapath | None = None  # the one writer: socket maps (+ nodeport.c's with --devices)
         self.stale_sockets: StaleSockets | None = None
         self.proxy_metrics: ProxyMetrics | None = None
         self.programs: list[str] = []
@@ -191,12 +192,16 @@ class Agent:
 
     # -- loop ----------------------------------------------------------------------------------
     def sync_once(self, full: bool = False) -> SyncResult | None:
-        datapath = Datapath(self.reconciler, self.northsouth)
-        changes = datapath.take(self.state, full)  # the changed Services' views (model/view.py)
+        ns = self.northsouth
+        if self.datapath is None:
+            self.datapath = Datapath(self.reconciler, ns.maps if ns else None, ns.node_info if ns else None)
+        changes = self.datapath.take(self.state, full)  # the changed Services' views (model/view.py)
         if not changes and not full:
             return None
         with self._lock, self.proxy_metrics.sync(changes, self.state):
-            res = datapath.apply(changes, full=full)
+            res = self.datapath.apply(changes, full=full)
+            if ns is not None:
+                ns.after_sync(changes, res)
         self._sweep_sockets()
         self._refused = (set() if full else self._refused - set(changes)) | {r.service for r in res.refusals}
         now = time.time()

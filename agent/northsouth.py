@@ -3,7 +3,8 @@ datapath, and the health servers.
 
 The sync loop asks node_info() for the node's addresses when it takes the Services' views (the views
 carry the node's own sockets' frontends for the socket path: NodePorts / external IPs at connect(),
-without tc), then hands the same views to apply() (datapath/datapath.py).
+without tc); the one writer (datapath/datapath.py) writes nodeport.c's maps (`maps`) with the socket
+path's; after_sync() then updates the health servers from the same views.
 """
 from __future__ import annotations
 
@@ -60,6 +61,11 @@ class NorthSouthService:
         log.info("node devices changed devices=%s addresses=%s attached=%s forgotten=%s snat=%s services=%d",
                  new.names, list(new.addresses), attached, forgotten, self.snat, marked)
 
+    @property
+    def maps(self):
+        """nodeport.c's maps for the one writer (datapath.NorthSouthMaps)."""
+        return self.datapath.maps
+
     def node_info(self) -> NodeInfo:
         """This node for the views: its addresses as followed live (datapath/addresses.py)."""
         addresses = self.watcher.current.addresses
@@ -67,20 +73,17 @@ class NorthSouthService:
             self.node = replace(self.node, addresses=addresses)
         return self.node
 
-    def apply(self, views: dict[ObjectKey, ServiceView | None], full: bool = False) -> SyncResult:
-        """The tc maps for these views; the health servers follow their local endpoints."""
-        for view in views.values():  # (logged by the datapath) kept for the status
-            if view is not None and view.errors:
-                self.errors = (self.errors + list(view.errors))[-20:]
-        res = self.datapath.apply(views, full=full)
+    def after_sync(self, views: dict[ObjectKey, ServiceView | None], res: SyncResult) -> None:
+        """After the datapath wrote these views: the health servers follow their local endpoints."""
         for key, view in views.items():
             if view is None:
                 self.health.update(key, 0, 0)
             else:
                 self.health.update(key, view.health_check_node_port, view.local_endpoints)
+                if view.errors:  # (logged by the datapath) kept for the status
+                    self.errors = (self.errors + list(view.errors))[-20:]
         self.health.synced()
         self.last = res
-        return res
 
     def status(self) -> dict:
         dp = self.datapath

@@ -101,7 +101,8 @@ def copy_fields(rows: np.ndarray, dtype: np.dtype) -> np.ndarray:
     """The fields of dtype taken by name from rows of a wider struct (a map key or value)."""
     out = np.zeros(len(rows), dtype)
     for name in dtype.names:
-        out[name] = rows[name]
+        if name in rows.dtype.names:  # the rest (padding) stays zero
+            out[name] = rows[name]
     return out
 
 

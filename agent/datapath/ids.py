@@ -218,3 +218,106 @@ class IdRegistry:
             else:
                 self.services.append(svc)
         return idx
+
+
+# -- north-south side maps (bpf/nodeport.c) ------------------------------------------------------
+class GroupIds:
+    """Group ids (one per Service port and family with external frontends: model GroupKey), from 1,
+    lowest free first. After a restart a group takes the id its frontends' policy rows carry."""
+
+    def __init__(self, kernel: dict[bytes, int] | None = None):
+        self.of: dict = {}                         # GroupKey → id
+        self.kernel = dict(kernel or {})           # policy key → id, until a GroupKey claims it
+        self.used: set[int] = set(self.kernel.values())
+
+    def get(self, group, policy_key: bytes) -> int:
+        gid = self.of.get(group)
+        if gid is None:
+            gid = self.kernel.pop(policy_key, None) or self._take()
+            self.of[group] = gid
+            self.used.add(gid)
+        return gid
+
+    def _take(self) -> int:
+        i = 1
+        while i in self.used:
+            i += 1
+        return i
+
+    def release(self, gids) -> None:
+        gone = set(gids)
+        self.used -= gone
+        self.of = {k: v for k, v in self.of.items() if v not in gone}
+
+    def settle(self, live: set[int]) -> None:
+        """After a full sync: only the groups some Service owns stay taken."""
+        self.kernel.clear()
+        self.used = set(live)
+        self.of = {k: v for k, v in self.of.items() if v in live}
+
+
+@dataclass(frozen=True)
+class Owned:
+    """What one Service put in the north-south side maps."""
+    policy: frozenset[bytes] = frozenset()
+    ranges: frozenset[bytes] = frozenset()
+    local: frozenset[str] = frozenset()
+    groups: frozenset[int] = frozenset()
+
+    def __bool__(self) -> bool:
+        return bool(self.policy or self.local or self.groups)
+
+
+class SideRegistry:
+    """What the north-south side maps hold (policy rows, source-range prefixes, the local-endpoint set
+    with its references, each group's Maglev table as the backend ids it names) and which Service put
+    what there; restored from the pinned maps, so a restart rewrites nothing that is right."""
+
+    def __init__(self):
+        self.policy: dict[bytes, bytes] = {}       # np_frontend → np_policy, as the kernel holds them
+        self.ranges: set[bytes] = set()
+        self.local: set[bytes] = set()             # 16-byte addresses in the kernel
+        self.local_refs: dict[str, int] = {}       # address → Services listing it
+        self.tables: dict[int, tuple[int, ...]] = {}  # group → sorted distinct backend ids of its table
+        self.groups = GroupIds()
+        self.owned: dict[ObjectKey, Owned] = {}
+        self.tables_built = 0                      # tables built and swapped in by this process
+
+    @classmethod
+    def restore(cls, policy: dict[bytes, bytes], ranges, local, tables: dict[int, np.ndarray]) -> "SideRegistry":
+        """From the maps: policy rows, range keys, local keys, and group → table (empty if unreadable).
+        A table depends only on its backend set: one naming exactly the wanted ids is kept as is."""
+        from .codec import NP_POLICY
+
+        reg = cls()
+        reg.policy = dict(policy)
+        reg.groups = GroupIds({k: int(np.frombuffer(v, NP_POLICY)["group"][0]) for k, v in policy.items()})
+        reg.ranges, reg.local = set(ranges), set(local)
+        reg.tables = {g: tuple(np.unique(t).tolist()) for g, t in tables.items()}
+        return reg
+
+    def commit(self, sp) -> None:
+        """Record a SidePlan (agent/datapath/nsplan.py) as written."""
+        self.policy.update(sp.policy_set)
+        for k in sp.policy_del:
+            self.policy.pop(k, None)
+        self.ranges = (self.ranges | sp.ranges_add) - sp.ranges_del
+        self.local = (self.local | set(sp.local_add)) - set(sp.local_del)
+        for ip, n in sp.local_refs.items():
+            if n > 0:
+                self.local_refs[ip] = n
+            else:
+                self.local_refs.pop(ip, None)
+        for gid, ids in sp.tables.items():
+            self.tables[gid] = ids
+        self.tables_built += len(sp.tables)
+        for gid in sp.groups_del:
+            self.tables.pop(gid, None)
+        self.groups.release(sp.groups_released)
+        for svc, o in sp.owned.items():
+            if o:
+                self.owned[svc] = o
+            else:
+                self.owned.pop(svc, None)
+        if sp.full:
+            self.groups.settle(set().union(*(o.groups for o in self.owned.values())))

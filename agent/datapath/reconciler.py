@@ -89,6 +89,9 @@ class LBMaps:
     def __getitem__(self, name: str) -> BatchMap:
         return self.services if name == self.services.name else self.backends
 
+    def by_name(self) -> dict[str, BatchMap]:
+        return {self.services.name: self.services, self.backends.name: self.backends}
+
 
 class Reconciler:
     """One pair of service and backend maps (the socket path's, or nodeport.c's) and their registry."""
@@ -113,7 +116,7 @@ class Reconciler:
         t0 = time.perf_counter()
         changes = self.with_retry(changes)
         if full and len(changes) > FULL_SYNC_CHUNK:
-            res = self._apply_in_chunks(changes)
+            res = self.apply_in_chunks(changes)
         else:
             res = self._apply(changes, full=full)
         res.seconds = time.perf_counter() - t0
@@ -135,12 +138,14 @@ class Reconciler:
             for svc in (changes if isinstance(changes, dict) else dict(changes)):
                 self._retry.pop(svc, None)
 
-    def failed(self, changes) -> None:
-        """A write failed part-way: the kernel holds part of the plan; learn it back, retry next time."""
+    def failed(self, changes, retry: bool = True) -> None:
+        """A write failed part-way: the kernel holds part of the plan; learn it back (and retry these
+        changes next time, unless the caller keeps them itself)."""
         fresh = self._restore()
         fresh.adopt_owners(self.registry)
         self.registry = fresh
-        self._retry.update(changes)  # a dict or (Service, frontends) pairs
+        if retry:
+            self._retry.update(changes)  # a dict or (Service, frontends) pairs
 
     def _apply(self, changes: dict[ObjectKey, list[Frontend]], full: bool = False,
                sweep: bool | None = None) -> SyncResult:
@@ -158,7 +163,7 @@ class Reconciler:
         res.write_seconds = time.perf_counter() - t0 - res.plan_seconds  # with the registry commit
         return res
 
-    def _apply_in_chunks(self, changes: dict[ObjectKey, list[Frontend]]) -> SyncResult:
+    def apply_in_chunks(self, changes: dict[ObjectKey, list[Frontend]]) -> SyncResult:
         """A large full sync as a row of smaller ones, so its transient arrays stay small: removals
         first (they make room), then the Services FULL_SYNC_CHUNK at a time, then once more those
         refused for a clash with a Service of a later chunk (which may have moved), then the sweep."""
