@@ -128,14 +128,14 @@ NP_FRONTEND = _struct([("address", "V16", 0), ("port", "<u2", 16), ("proto", "u1
 NP_POLICY = _struct([("group", "<u4", 0), ("flags", "<u4", 4)], 8)
 NP_ADDR = _struct([("address", "V16", 0)], 16)
 NP_RANGE_KEY = _struct([("prefixlen", "<u4", 0), ("group", "<u4", 4), ("address", "V16", 8)], 24)
-U8, U32 = np.dtype("u1"), np.dtype("<u4")
+U8, U32, I32 = np.dtype("u1"), np.dtype("<u4"), np.dtype("<i4")
 
 # the maps the agent writes: name → (key, value); the Maglev map's value is an inner map (an fd in, an id out)
 LAYOUTS: dict[str, tuple[np.dtype, np.dtype]] = {
     abi.SERVICES_MAP: (SERVICE_KEY, SERVICE_VALUE), abi.BACKENDS_MAP: (BACKEND_KEY, BACKEND_VALUE),
     abi.NP_SERVICES_MAP: (SERVICE_KEY, SERVICE_VALUE), abi.NP_BACKENDS_MAP: (BACKEND_KEY, BACKEND_VALUE),
     abi.NP_POLICY_MAP: (NP_FRONTEND, NP_POLICY), abi.NP_LOCAL_MAP: (NP_ADDR, U8),
-    abi.NP_RANGES_MAP: (NP_RANGE_KEY, U8), abi.NP_MAGLEV_MAP: (U32, U32), abi.NP_SNAT_MAP: (U32, NP_ADDR),
+    abi.NP_RANGES_MAP: (NP_RANGE_KEY, U8), abi.NP_MAGLEV_MAP: (U32, I32), abi.NP_SNAT_MAP: (U32, NP_ADDR),
 }
 
 

@@ -6,8 +6,8 @@ its source-range prefixes (LPM) and its Maglev table (a hash of arrays, tables b
 ids the frontend plan gives); the addresses of this node's endpoints (no SNAT to them).
 
 The order (ordered()), so no packet meets a frontend before its policy, ranges and table exist, nor
-after they are gone: policy rows (the Maglev flag only where a table exists already), new ranges and
-local addresses; then the frontend plans' writes (new backends, slots, headers); then the new Maglev
+after they are gone: new ranges and local addresses, then policy rows (a row may move a frontend to a
+group whose ranges must already be there; the Maglev flag only where a table exists already); then the frontend plans' writes (new backends, slots, headers); then the new Maglev
 tables and the Maglev flags; then the frontend plans' deletes (headers, slots, backends); last the
 policy rows, ranges, local addresses and tables no frontend needs any more.
 """
@@ -96,9 +96,9 @@ def plan_side(views: dict[ObjectKey, ServiceView | None], reg: SideRegistry, lb:
     _removals(sp, want.owned, reg)
     if full:
         _sweep(sp, reg)
-    sp.before = [_rows("policy", abi.NP_POLICY_MAP, first, codec.NP_FRONTEND, codec.NP_POLICY),
-                 _keys("source ranges", abi.NP_RANGES_MAP, sorted(sp.ranges_add), codec.NP_RANGE_KEY, "update"),
-                 _keys("local endpoints", abi.NP_LOCAL_MAP, sp.local_add, codec.NP_ADDR, "update")]
+    sp.before = [_keys("source ranges", abi.NP_RANGES_MAP, sorted(sp.ranges_add), codec.NP_RANGE_KEY, "update"),
+                 _keys("local endpoints", abi.NP_LOCAL_MAP, sp.local_add, codec.NP_ADDR, "update"),
+                 _rows("policy", abi.NP_POLICY_MAP, first, codec.NP_FRONTEND, codec.NP_POLICY)]
     groups = np.array(sorted(tables), np.uint32)
     sp.middle = [Phase("maglev tables", abi.NP_MAGLEV_MAP, "tables",
                        {"group": groups, "table": [tables[g][1] for g in groups.tolist()]}),
@@ -132,7 +132,8 @@ def _wanted(changes: dict[ObjectKey, ServiceView], reg: SideRegistry) -> _Want:
             w.first[key] = codec.policy_values([gid], [flags | (maglev if gid in reg.tables else 0)]).tobytes()
             policy.add(key)
             groups.add(gid)
-            w.group_backends[gid] = ef.frontend.backends
+            if ef.frontend.backends:  # (a group's frontends share their backends: model/northsouth.py)
+                w.group_backends[gid] = ef.frontend.backends
             ranges.update(codec.range_key(gid, c) for c in ef.source_ranges or ())
         w.owned[svc] = Owned(frozenset(policy), frozenset(ranges), frozenset(view.local_addresses), frozenset(groups))
     return w

@@ -23,8 +23,7 @@ from typing import Callable
 import numpy as np
 
 from agent.datapath import abi
-from agent.datapath.codec import (BACKEND_KEY, BACKEND_VALUE, LAYOUTS, SERVICE_KEY, SERVICE_VALUE,  # noqa: F401
-                                  U32)
+from agent.datapath.codec import BACKEND_KEY, BACKEND_VALUE, LAYOUTS, SERVICE_KEY, SERVICE_VALUE  # noqa: F401
 from agent.datapath.maps import MapFull
 
 
@@ -205,7 +204,8 @@ class MapsDouble:
             self.policy = self._map(DictMap, abi.NP_POLICY_MAP, abi.NP_POLICY_MAX)
             self.ranges = self._map(LpmMap, abi.NP_RANGES_MAP, abi.NP_POLICY_MAX)
             self.local = self._map(DictMap, abi.NP_LOCAL_MAP, backends)
-            self.maglev = TablesMap(abi.NP_MAGLEV_MAP, U32, U32, abi.NP_GROUPS_MAX, self._changed, table_size=maglev_size)
+            self.maglev = TablesMap(abi.NP_MAGLEV_MAP, *LAYOUTS[abi.NP_MAGLEV_MAP], abi.NP_GROUPS_MAX, self._changed,
+                                    table_size=maglev_size)
             self.snat = self._map(ArrayMap, abi.NP_SNAT_MAP, 2)
 
     def _map(self, kind, name: str, capacity: int):
@@ -221,8 +221,12 @@ class MapsDouble:
     def frontends(self) -> dict[tuple, tuple]:
         """(address, port, proto, scope) → (count, flags, service_id, affinity, backends as
         (address, port, proto) in slot order); raises AssertionError on a dangling header or slot."""
+        return self.frontends_of(self.services, self.backends)
+
+    def frontends_of(self, services, backends) -> dict[tuple, tuple]:
+        """frontends() of another pair of service and backend maps (nodeport.c's)."""
         out = {}
-        for (ident, count, flags, sid, aff), bes in self._walk():
+        for (ident, count, flags, sid, aff), bes in self._walk(services, backends):
             out[ident] = (count, flags, sid, aff, tuple(bes))
         return out
 
