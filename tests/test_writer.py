@@ -400,3 +400,22 @@ def test_real_northsouth_maps_take_one_plan_and_a_restart_rewrites_nothing(lb, n
     r = Datapath(Reconciler(lb.services, lb.backends), again.maps).apply({}, full=True)
     assert r.errors == [] and not list(again.maps.ranges.keys()) and not again.maps.policy.dump()
     assert not again.maps.maglev.dump_tables() and not again.maps.lb.services.dump()
+
+
+def test_the_doubles_lpm_trie_and_lru_behave_as_the_kernels():
+    """What nodeport.c asks of nodewire_np_ranges_v1 (a /32+128 lookup of (group, client)) and an LRU."""
+    d = MapsDouble(northsouth=True)
+    keys = [codec.range_key(1, "198.18.0.0/24"), codec.range_key(2, "2001:db8::/32")]
+    d.ranges.update_arrays(np.frombuffer(b"".join(keys), codec.NP_RANGE_KEY), np.ones(2, codec.U8))
+
+    def probe(group, ip):
+        return d.ranges.lookup(codec.range_key(group, ip + ("/128" if ":" in ip else "/32"))) is not None
+
+    assert probe(1, "198.18.0.77") and not probe(1, "198.18.1.1") and not probe(2, "198.18.0.77")
+    assert probe(2, "2001:db8:5::1") and not probe(1, "2001:db8:5::1")
+    from nodewire_dev.mapsdouble import LruMap
+
+    lru = LruMap("lru", codec.U32, codec.U32, 2)
+    for k in (1, 2, 1, 3):  # 2 is the least recently used when 3 comes
+        lru.update_arrays(np.array([k], codec.U32), np.array([k], codec.U32))
+    assert sorted(int.from_bytes(k, "little") for k in lru.entries) == [1, 3]

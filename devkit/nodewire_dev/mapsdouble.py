@@ -50,11 +50,13 @@ class DictMap:
         ks, vs = keys.astype(self.key_dtype).tobytes(), values.astype(self.value_dtype).tobytes()
         ksz, vsz = self.key_dtype.itemsize, self.value_dtype.itemsize
         for i in range(len(keys)):
-            k = ks[i * ksz:(i + 1) * ksz]
-            if k not in self.entries and len(self.entries) >= self.capacity:
-                raise MapFull(f"{self.name}: full ({self.capacity} entries)")
-            self.entries[k] = vs[i * vsz:(i + 1) * vsz]
+            self._put(ks[i * ksz:(i + 1) * ksz], vs[i * vsz:(i + 1) * vsz])
             self.on_change()
+
+    def _put(self, k: bytes, v: bytes) -> None:
+        if k not in self.entries and len(self.entries) >= self.capacity:
+            raise MapFull(f"{self.name}: full ({self.capacity} entries)")
+        self.entries[k] = v
 
     def delete_array(self, keys: np.ndarray) -> None:
         if not len(keys):
@@ -90,19 +92,11 @@ class DictMap:
 class LruMap(DictMap):
     """BPF_MAP_TYPE_LRU_HASH: a full map evicts its least recently used entry (lookups refresh one)."""
 
-    def update_arrays(self, keys: np.ndarray, values: np.ndarray) -> None:
-        if not len(keys):
-            return
-        self._syscall()
-        ks, vs = keys.astype(self.key_dtype).tobytes(), values.astype(self.value_dtype).tobytes()
-        ksz, vsz = self.key_dtype.itemsize, self.value_dtype.itemsize
-        for i in range(len(keys)):
-            k = ks[i * ksz:(i + 1) * ksz]
-            self.entries.pop(k, None)
-            if len(self.entries) >= self.capacity:
-                del self.entries[next(iter(self.entries))]
-            self.entries[k] = vs[i * vsz:(i + 1) * vsz]
-            self.on_change()
+    def _put(self, k: bytes, v: bytes) -> None:
+        self.entries.pop(k, None)
+        if len(self.entries) >= self.capacity:
+            del self.entries[next(iter(self.entries))]
+        self.entries[k] = v
 
     def lookup(self, key: bytes) -> bytes | None:
         v = self.entries.pop(key, None)
@@ -289,3 +283,66 @@ class MapsDouble:
                 bes.append((bv["address"].tobytes(), int(bv["port"]), int(bv["proto"])))
             yield (ident, int(val["count"]), int(val["flags"]), int(val["service_id"]),
                    int(val["affinity_timeout"])), bes
+
+
+# -- a readable dump of every map (tests/golden) -------------------------------------------------
+def _np_flags(flags: int) -> str:
+    names = [n for bit, n in ((abi.NP_F_DROP_EMPTY, "drop-empty"), (abi.NP_F_SOURCE_RANGES, "source-ranges"),
+                              (abi.NP_F_MAGLEV, "maglev")) if flags & bit]
+    return "|".join(names) or "-"
+
+
+def _ident_text(key: bytes) -> str:
+    from agent.datapath import codec
+
+    ip, port, proto = codec.ident_text(key)
+    return f"{codec.host_port(ip, port)}/{proto}"
+
+
+def _services_text(m: DictMap) -> list[str]:
+    from agent.datapath import codec
+
+    if not m.entries:
+        return []
+    rows = codec.decode_services(*m.dump_arrays())
+    out = []
+    for i in range(len(rows.slot)):
+        fe = _ident_text(rows.ident[i].tobytes())
+        slot = int(rows.slot[i])
+        if slot == 0:
+            aff = f" affinity={int(rows.affinity[i])}s" if rows.flags[i] & abi.SVC_F_AFFINITY else ""
+            out.append(f"{fe} #0 count={int(rows.count[i])} id={int(rows.service_id[i])}{aff}")
+        else:
+            out.append(f"{fe} #{slot} backend={int(rows.backend_id[i])}")
+    return out
+
+
+def _backends_text(m: DictMap) -> list[str]:
+    from agent.datapath import codec
+
+    if not m.entries:
+        return []
+    ids, idents = codec.decode_backends(*m.dump_arrays())
+    return [f"{bid} {_ident_text(k.tobytes())}" for bid, k in zip(ids.tolist(), idents)]
+
+
+def dump_text(d: MapsDouble) -> str:
+    """Every map, one line per entry, sorted: what a golden file expects (tests/test_golden.py)."""
+    from agent.datapath import codec
+
+    sections = [(d.services.name, _services_text(d.services)), (d.backends.name, _backends_text(d.backends))]
+    if hasattr(d, "policy"):
+        policy = []
+        for k, v in d.policy.entries.items():
+            row = np.frombuffer(v, codec.NP_POLICY)[0]
+            fe = _ident_text(k)
+            policy.append(f"{fe} group={int(row['group'])} {_np_flags(int(row['flags']))}")
+        tables = []
+        for gid, t in d.maglev.dump_tables().items():
+            ids, n = np.unique(t, return_counts=True)
+            tables.append(f"group={gid} {len(t)} slots: " + " ".join(f"{b}×{c}" for b, c in zip(ids.tolist(), n.tolist())))
+        sections += [(d.np_services.name, _services_text(d.np_services)),
+                     (d.np_backends.name, _backends_text(d.np_backends)), (d.policy.name, policy),
+                     (d.ranges.name, ["group={} {}".format(*codec.range_text(k)) for k in d.ranges.entries]),
+                     (d.local.name, [codec.addr_str(k) for k in d.local.entries]), (d.maglev.name, tables)]
+    return "".join(f"-- {name} --\n" + "".join(f"{line}\n" for line in sorted(lines)) for name, lines in sections)
