@@ -171,7 +171,7 @@ def services(pin_dir, output) -> None:
 def check(ctx, config_path, output, list_timeout, **kwargs) -> None:
     """Compare the kernel's service maps and hooks with the desired state computed from the same
     sources and settings as `nodewire run`. Exit status: 0 clean, 1 drift, 2 cannot check."""
-    from .datapath.check import check_node
+    from .cli_check import check_node
     from .sources.kube import KubeError
 
     cfg = load_config(ctx, config_path, given_flags("run", kwargs))
@@ -239,6 +239,11 @@ def status(pin_dir, output) -> None:
         state = "healthy" if src.healthy else f"STALE since {src.stale_since or 'start'}"
         err = f" (last error: {src.last_error})" if src.last_error and not src.healthy else ""
         click.echo(f"source:    {name} {state}{err}")
+    if st.northsouth:
+        from .status import northsouth_lines
+
+        for line in northsouth_lines(st.northsouth):
+            click.echo(line)
 
 
 @main.command()

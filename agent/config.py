@@ -17,7 +17,7 @@ import re
 from dataclasses import MISSING, dataclass, field, fields, replace
 from typing import Any, Mapping
 
-from .datapath.loader import MapSizes
+from .mapsizes import MapSizes
 from .paths import state_dir_for
 
 DEFAULT_PIN_DIR = "/sys/fs/bpf/nodewire"
@@ -58,7 +58,7 @@ class AgentConfig:
     cgroup: str | None = key(None, "cgroup v2 directory to attach to [default: the node's cgroup v2 root].")
     pin_dir: str = key(DEFAULT_PIN_DIR, "bpffs directory where nodewire pins its maps.")
     metrics_addr: str = key(f":{DEFAULT_METRICS_PORT}", "HOST:PORT of /metrics, /healthz, /readyz (\"\" turns it off).")
-    sizes: MapSizes = key(None, "Map capacity, MAP=N (maps: services, backends, revnat, lb_stats).",
+    sizes: MapSizes = key(None, "Map capacity, MAP=N (maps: services, backends, revnat, lb_stats, ct, ct_halfopen).",
                           kind="mapsizes", name="map-size", factory=MapSizes)
     poll_interval: float = key(0.2, "Seconds between manifest directory polls.", command="")
     node_name: str = key(None, "This node's name [default: $NODE_NAME or the hostname].",
@@ -83,6 +83,12 @@ class AgentConfig:
     nodeport_range: str = key("30000-32767", "NodePort range LO-HI (as kube-apiserver's --service-node-port-range).")
     maglev_table_size: int = key(16381, "Maglev lookup table size per Service port (a prime).")
     healthz_port: int = key(10256, "kube-proxy's node /healthz port, served with devices (0: off).")
+    # north-south conntrack lifetimes by state (bpf/lib/ct.h; defaults: conntrack.Lifetimes, Cilium's)
+    ct_timeout_syn: float = key(60.0, "Seconds a TCP flow whose handshake is not complete lives idle.")
+    ct_timeout_established: float = key(21600.0, "Seconds an established TCP flow lives idle.")
+    ct_timeout_close: float = key(10.0, "Seconds a TCP flow lives idle after a FIN or RST.")
+    ct_timeout_other: float = key(60.0, "Seconds a UDP flow lives idle.")
+    ct_gc_interval: float = key(30.0, "Longest time between two conntrack collections (shorter as the maps fill).")
     netns_dir: str = key("/var/run/netns", "Where pods' network namespaces are mounted (recovery of pods "
                                            "that started before the agent).")
     api_socket: str | None = key(None, "The agent's unix-socket API [default: api.sock in the state dir].")
@@ -316,7 +322,7 @@ def check_values(cfg: AgentConfig) -> None:
     if cfg.api_server is not None and not re.match(r"^https?://[^/\s]+", cfg.api_server):
         raise err("api-server", f"{cfg.api_server!r} is not an http(s) URL")
     _check_northsouth(cfg, err)
-    for name in ("services", "backends", "revnat", "lb_stats"):
+    for name in ("services", "backends", "revnat", "lb_stats", "ct", "ct_halfopen"):
         v = getattr(cfg.sizes, name)
         if not 1 <= v <= 1 << 26:
             raise err("map-size", f"{name}: {v} out of range (1..{1 << 26})")
@@ -336,6 +342,11 @@ def _check_northsouth(cfg: AgentConfig, err) -> None:
         raise err("healthz-port", f"{cfg.healthz_port} out of range (0-65535)")
     if "auto" in cfg.device_list and len(cfg.device_list) > 1:
         raise err("devices", "'auto' or a list of devices, not both")
+    for name in ("ct_timeout_syn", "ct_timeout_established", "ct_timeout_close", "ct_timeout_other"):
+        if not 0 < getattr(cfg, name) <= 30 * 86400:
+            raise err(name.replace("_", "-"), f"{getattr(cfg, name)} must be in (0, {30 * 86400}] seconds")
+    if not 0 < cfg.ct_gc_interval <= 86400:
+        raise err("ct-gc-interval", f"{cfg.ct_gc_interval} must be in (0, 86400] seconds")
 
 
 def _check_addr(addr: str, err) -> None:

@@ -13,6 +13,7 @@ import time
 from dataclasses import replace
 
 from .datapath.addresses import DeviceWatcher, follow_devices
+from .datapath.conntrack import ConntrackCollector, Lifetimes
 from .datapath.devices import NodeDevices, read_node_devices
 from .datapath.loader import MapSizes
 from .datapath.reconciler import SyncResult
@@ -28,7 +29,7 @@ log = logging.getLogger("nodewire.northsouth")
 class NorthSouthService:
     def __init__(self, state: ClusterState, node_name: str, devices: tuple[str, ...], pin_dir: str,
                  sizes: MapSizes, nodeport_range: tuple[int, int], maglev_size: int, healthz_port: int,
-                 healthy):
+                 healthy, lifetimes: Lifetimes = Lifetimes(), ct_interval: float = 30.0):
         from pyroute2 import IPRoute
 
         from .datapath.nodeport import NodePortDatapath
@@ -40,7 +41,8 @@ class NorthSouthService:
             raise ValueError("--devices auto: no interface with a node address or a default route")
         devs, addresses = found.names, list(found.addresses)
         self.node = NodeInfo(node_name, found.addresses, nodeport_range=nodeport_range)
-        self.datapath = NodePortDatapath(pin_dir, sizes, maglev_size)
+        self.datapath = NodePortDatapath(pin_dir, sizes, maglev_size, lifetimes)
+        self.conntrack = ConntrackCollector(self.datapath.conntrack, ct_interval).start()
         self.datapath.attach(devs)
         self.snat = self.datapath.set_snat_addresses(addresses)
         self.watcher = DeviceWatcher(tuple(devices), found, self._follow).start()
@@ -94,11 +96,31 @@ class NorthSouthService:
             "frontends": dp.reconciler.svc_entries, "services": len(dp.reconciler.owned),
             "counters": dp.counters(), "health": self.health.status(), "errors": self.errors,
             "device_watch": self.watcher.status(),
+            "conntrack": self.conntrack.status(),
             "last_sync": None if self.last is None else {"seconds": self.last.seconds, "written": self.last.written,
                                                           "deleted": self.last.deleted, "errors": [str(e) for e in self.last.errors],
                                                           "time": time.time()},
         }
 
+    # -- what export/northsouth.py reads at scrape time (any thread) -------------------------------
+    def metrics(self, meter) -> None:
+        from .export.northsouth import register_northsouth_metrics
+
+        register_northsouth_metrics(meter, self)
+
+    def packet_counters(self) -> dict[str, int]:
+        return self.datapath.counters()
+
+    def node_addresses(self) -> tuple[str, ...]:
+        return self.watcher.current.addresses
+
+    def device_names(self) -> list[str]:
+        return list(self.datapath.devices)
+
+    def address_changes(self) -> int:
+        return self.watcher.changes
+
     def close(self) -> None:
         self.watcher.close()
+        self.conntrack.close()
         self.health.close()

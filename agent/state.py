@@ -65,6 +65,10 @@ class ClusterState:
             self.changed.set()
         return n
 
+    def wake(self) -> None:
+        """Wake the agent loop without a change to the objects (a source's errors changed)."""
+        self.changed.set()
+
     # Shorthands of apply() for one kind (the CNI pod source, benchmarks, tests).
     def apply_service(self, key: ObjectKey, svc: Service | None) -> bool:
         return self.apply("Service", key, svc)

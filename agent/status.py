@@ -11,7 +11,7 @@ import os
 import time
 from dataclasses import asdict, dataclass, field, fields
 
-from .config import state_dir_for
+from .paths import state_dir_for
 
 STATUS_FILE = "status.json"
 
@@ -115,3 +115,33 @@ def write_status(path: str, st: AgentStatus) -> None:
     with open(tmp, "w") as f:
         f.write(st.to_json())
     os.replace(tmp, path)
+
+
+def northsouth_lines(ns: dict, now: float | None = None) -> list[str]:
+    """`nodewire status`'s human lines for the north-south part (-o json prints the whole dict): the
+    devices and addresses, packets per outcome (drops by reason apart), conntrack when it reports."""
+    now = time.time() if now is None else now
+    addrs = ns.get("addresses") or []
+    snat = ", ".join(f"{fam} {ip}" for fam, ip in (ns.get("snat") or {}).items()) or "none"
+    out = [f"north-south: devices {', '.join(ns.get('devices') or {}) or 'none'}; {len(addrs)} node addresses "
+           f"({', '.join(addrs)}); SNAT {snat}; {ns.get('frontends', 0)} frontends"]
+    counters = ns.get("counters") or {}
+    kept = {k: v for k, v in counters.items() if not k.startswith("drop_")}
+    drops = {k[len("drop_"):]: v for k, v in counters.items() if k.startswith("drop_")}
+    out.append("  packets: " + ", ".join(f"{k} {v}" for k, v in kept.items()))
+    out.append("  drops:   " + (", ".join(f"{k} {v}" for k, v in drops.items()) or "none"))
+    ct = ns.get("conntrack")
+    if isinstance(ct, dict):
+        parts = [f"{k} {v}" for k, v in (ct.get("entries") or {}).items()]
+        parts += [f"{k} {v}" for k, v in (ct.get("states") or {}).items()]
+        if "snat_ports_in_use" in ct:
+            parts.append(f"SNAT ports in use {ct['snat_ports_in_use']}")
+        for k, v in (ct.get("counters") or {}).items():
+            parts.append(f"{k} {v}")
+        out.append("  conntrack: " + ", ".join(parts))
+    watch = ns.get("device_watch") or {}
+    if watch:
+        last = watch.get("last_change")
+        ago = f", last {now - last:.1f}s ago" if last else ""
+        out.append(f"  device watch: {watch.get('changes', 0)} changes{ago}, {watch.get('errors', 0)} errors")
+    return out

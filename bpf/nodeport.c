@@ -17,7 +17,7 @@
  *   nodewire_np_ranges_v1   (group, source prefix) for loadBalancerSourceRanges  [LPM]
  *   nodewire_np_affinity_v1 (client address, group) -> backend, last use          [LRU]
  *   nodewire_np_maglev_v1   group -> Maglev lookup table of backend ids           [hash of arrays]
- *   nodewire_np_snat_v1     [0] the node's IPv4 SNAT address, [1] its IPv6 one
+ *   nodewire_np_snat_v2     the node's SNAT addresses per family (lib/ct.h)
  *   nodewire_np_stats_v1    packets per outcome (NW_NP_*)                          [per-CPU]
  */
 #include <uapi/linux/bpf.h>
@@ -84,7 +84,6 @@ BPF_TABLE_PINNED("lpm_trie", struct np_range_key, __u8, nodewire_np_ranges_v1,
 		 NW_NP_POLICY_MAX, NW_PIN_DIR "/nodewire_np_ranges_v1", BPF_F_NO_PREALLOC);
 BPF_TABLE_PINNED("lru_hash", struct np_affinity_key, struct np_affinity_value, nodewire_np_affinity_v1,
 		 NW_AFFINITY_MAX, NW_PIN_DIR "/nodewire_np_affinity_v1");
-BPF_TABLE_PINNED("array", __u32, struct np_addr, nodewire_np_snat_v1, 2, NW_PIN_DIR "/nodewire_np_snat_v1");
 BPF_TABLE_PINNED("percpu_array", __u32, __u64, nodewire_np_stats_v1, NW_NP_OUTCOMES,
 		 NW_PIN_DIR "/nodewire_np_stats_v1");
 BPF_ARRAY(nodewire_np_maglev_inner, __u32, NW_MAGLEV_M);
@@ -177,7 +176,7 @@ static __always_inline void remember_affinity(struct pkt *p, struct np_policy *p
 	nodewire_np_affinity_v1.update(&ak, &av);
 }
 
-static __always_inline int new_flow(struct __sk_buff *skb, struct pkt *p)
+static __always_inline int new_flow(struct __sk_buff *skb, struct pkt *p, __u64 now)
 {
 	struct lb_service_key key = {};
 	__builtin_memcpy(key.address, p->dst, 16);
@@ -221,20 +220,10 @@ static __always_inline int new_flow(struct __sk_buff *skb, struct pkt *p)
 	__be16 bport = be->port;
 	struct np_addr local = {};
 	__builtin_memcpy(local.address, backend, 16);
-	int snat = 0;
+	int snat = !nodewire_np_local_v1.lookup(&local);
 	__u32 snat_addr[4] = {};
-	if (!nodewire_np_local_v1.lookup(&local)) {
-		__u32 which = p->family == 4 ? 0 : 1;
-		struct np_addr *a = nodewire_np_snat_v1.lookup(&which);
-		if (!a || !(a->address[0] | a->address[1] | a->address[2] | a->address[3])) {
-			np_count(NW_NP_DROP_ERROR);
-			return TC_ACT_SHOT;
-		}
-		__builtin_memcpy(snat_addr, a->address, 16);
-		snat = 1;
-	}
-	__be16 sport = ct_create(p, backend, bport, bid, snat, snat_addr, hash);
-	if (!sport) {
+	__be16 sport = 0;
+	if (ct_create(p, backend, bport, bid, snat, hash, now, snat_addr, &sport)) {
 		np_count(NW_NP_DROP_ERROR);
 		return TC_ACT_SHOT;
 	}
@@ -247,27 +236,37 @@ int nw_np_ingress(struct __sk_buff *skb)
 	struct pkt p = {};
 	if (pkt_parse(skb, &p))
 		return TC_ACT_UNSPEC;
-	struct ct_entry *rev = ct_lookup(&p, NW_CT_REVERSE);
+	__u64 now = bpf_ktime_get_ns();
+	struct ct_key k = {};
+	int ho = 0;
+	struct ct_entry *rev = ct_lookup(&p, NW_CT_REVERSE, &k, &ho, now);
 	if (rev && (rev->flags & NW_CT_F_SNAT)) {
-		struct ct_entry r = *rev;
+		struct ct_nat r;
+		ct_nat_of(&r, rev);
+		ct_track(&k, rev, ho, p.tcp_flags, now);  /* a reply still goes back without its forward entry */
 		if (pkt_set_addr(skb, &p, 0, r.x) || pkt_set_port(skb, &p, 0, r.xport) ||
 		    pkt_set_addr(skb, &p, 1, r.y) || pkt_set_port(skb, &p, 1, r.yport))
 			return TC_ACT_SHOT;
 		np_count(NW_NP_REPLY);
 		return pkt_route_out(skb, &p);
 	}
-	struct ct_entry *fwd = ct_lookup(&p, NW_CT_FORWARD);
+	struct ct_entry *fwd = ct_lookup(&p, NW_CT_FORWARD, &k, &ho, now);
 	int syn = p.proto == IPPROTO_TCP && (p.tcp_flags & (NW_TCP_SYN | NW_TCP_ACK)) == NW_TCP_SYN;
-	if (fwd && !syn) {  /* a SYN starts a new connection on a reused tuple: balanced anew */
-		struct ct_entry f = *fwd;
-		struct lb_backend *be = nodewire_np_backends_v1.lookup(&f.backend_id);
+	/* a SYN on a reused tuple starts a new connection (balanced anew); on a half-open one it is a
+	 * retransmission of the same */
+	if (fwd && !(syn && fwd->state != NW_CT_S_SYN)) {
+		struct ct_nat f;
+		ct_nat_of(&f, fwd);
+		int snat = fwd->flags & NW_CT_F_SNAT;
+		struct lb_backend *be = nodewire_np_backends_v1.lookup(&fwd->backend_id);
 		/* a flow whose backend left the Service is balanced anew */
-		if (be && be->port == f.xport && same_addr(be->address, f.x)) {
+		if (be && be->port == f.xport && same_addr(be->address, f.x) &&
+		    ct_track(&k, fwd, ho, p.tcp_flags, now) == 0) {
 			np_count(NW_NP_ESTABLISHED);
-			return np_forward(skb, &p, f.x, f.xport, f.flags & NW_CT_F_SNAT, f.y, f.yport);
+			return np_forward(skb, &p, f.x, f.xport, snat, f.y, f.yport);
 		}
 	}
-	int verdict = new_flow(skb, &p);
+	int verdict = new_flow(skb, &p, now);
 	if (verdict == TC_ACT_UNSPEC && (syn || p.proto == IPPROTO_UDP))
 		ct_forget_reverse(&p);
 	return verdict;
@@ -278,10 +277,15 @@ int nw_np_egress(struct __sk_buff *skb)
 	struct pkt p = {};
 	if (pkt_parse(skb, &p))
 		return TC_ACT_UNSPEC;
-	struct ct_entry *rev = ct_lookup(&p, NW_CT_REVERSE);
+	__u64 now = bpf_ktime_get_ns();
+	struct ct_key k = {};
+	int ho = 0;
+	struct ct_entry *rev = ct_lookup(&p, NW_CT_REVERSE, &k, &ho, now);
 	if (!rev || (rev->flags & NW_CT_F_SNAT))
 		return TC_ACT_UNSPEC;
-	struct ct_entry r = *rev;
+	struct ct_nat r;
+	ct_nat_of(&r, rev);
+	ct_track(&k, rev, ho, p.tcp_flags, now);
 	if (pkt_set_addr(skb, &p, 0, r.x) || pkt_set_port(skb, &p, 0, r.xport))
 		return TC_ACT_SHOT;
 	np_count(NW_NP_REPLY);

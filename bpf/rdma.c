@@ -16,7 +16,7 @@
  * Maps are not pinned: the uprobes die with the agent's perf fds, so their state goes too.
  */
 #include <uapi/linux/ptrace.h>
-/* NW_HIST_SLOTS comes from agent/observe/histogram.py (-D) */
+/* NW_HIST_SLOTS comes from agent/histogram.py (-D) */
 #include "lib/hist.h"
 
 #ifndef NW_CHAIN_MAX

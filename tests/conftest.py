@@ -104,9 +104,9 @@ def agent_factory(sandbox, tmp_path_factory):
     """Start agents on the module's sandbox; all of them are stopped and cleaned up at the end."""
     made: list[AgentProcess] = []
 
-    def make(manifests: Path | None = None, pin_suffix: str = "", extra=()) -> AgentProcess:
+    def make(manifests: Path | None = None, pin_suffix: str = "", extra=(), prefix=()) -> AgentProcess:
         d = manifests or tmp_path_factory.mktemp("manifests")
-        a = AgentProcess(d, sandbox.cgroup, f"/sys/fs/bpf/{sandbox.prefix}{pin_suffix}", extra)
+        a = AgentProcess(d, sandbox.cgroup, f"/sys/fs/bpf/{sandbox.prefix}{pin_suffix}", extra, prefix)
         made.append(a)
         return a
 

@@ -1,5 +1,9 @@
 """Every query of every Grafana dashboard in deploy/grafana/, evaluated by a real Prometheus that
 scrapes the real agent (`nodewire run`) while sandbox pods make traffic through a ClusterIP Service.
+North-south panels (nodewire_northsouth_*, nodewire_conntrack_*) are evaluated against a second
+agent, inside a node of the multi-node sandbox with `--devices eth0`, while its external client
+connects to NodePorts (one with endpoints, one without: rejects); Prometheus reaches that agent's
+/metrics through a relay into the node's namespace (tests/netns_relay.py).
 
 A panel "has data" when its query returns at least one series with a number (not NaN) in it; a
 template variable has data when its label_values() query lists at least one value.
@@ -16,8 +20,10 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import wait_for
+from nodewire_dev.sandbox.multinode import MultiNodeSandbox
+from tests.conftest import AgentProcess, wait_for
 from tests.manifests import endpoint_slice, service, write
+from tests.netns_relay import NetnsRelay
 from tests.observe_helpers import PrometheusServer, free_port, sh
 
 pytestmark = pytest.mark.root
@@ -28,6 +34,7 @@ DASHBOARDS = [Path(__file__).resolve().parents[1] / "deploy" / "grafana" / f"{na
               for name in ("node", "pod-network", "services")]
 NODE = "dash-node"
 RATE_INTERVAL = "20s"
+NORTHSOUTH_METRICS = ("nodewire_northsouth_", "nodewire_conntrack_")  # served by the --devices agent
 
 
 def pod_manifest(p, veth: str) -> dict:
@@ -94,6 +101,52 @@ while True:
         prom.close()
 
 
+@pytest.fixture(scope="module")
+def ns_live(tmp_path_factory):
+    """Prometheus scraping an agent with --devices inside a sandbox node, with NodePort traffic."""
+    d = tmp_path_factory.mktemp("dash-northsouth")
+    with MultiNodeSandbox(1) as sb:
+        node = sb.nodes[0]
+        pod = sb.add_pod(node, "dnp")
+        pod.serve(tcp_ports=[8080])
+        objs = []
+        for name, port, members in (("dnp", 30300, [pod.ip4]), ("dnp-empty", 30301, [])):
+            s = service(name, [f"10.96.45.{port - 30299}"])
+            s["spec"]["type"] = "NodePort"
+            s["spec"]["ports"][0]["nodePort"] = port
+            objs += [s, endpoint_slice(name, members)]
+        write(d / "np.json", *objs)
+        agent = AgentProcess(d, node.cgroup, node.pin_dir, prefix=node.nsenter([]),
+                             extra=["--node-name", NODE, "--devices", "eth0", "--no-observe", "--no-rdma",
+                                    "--metrics-addr", "127.0.0.1:9966"])
+        relay = NetnsRelay(node.netns, 9966)
+        load = prom = None
+        try:
+            agent.start()
+            load = sb.client.popen([sys.executable, "-c", f"""
+import socket, time
+while True:
+    for port in (30300, 30301):
+        try:
+            s = socket.create_connection(({node.addr4!r}, port), timeout=1); s.sendall(b"x"); s.recv(100); s.close()
+        except OSError:
+            pass
+    time.sleep(0.05)
+"""], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            prom = PrometheusServer(f"127.0.0.1:{relay.port}", tmp_path_factory.mktemp("dash-ns-prom"))
+            wait_for(lambda: prom.query(f'sum(rate(nodewire_northsouth_packets_total[{RATE_INTERVAL}])) > 0'),
+                     30, 0.5, "north-south packet rates in prometheus")
+            yield prom
+        finally:
+            if load is not None:
+                load.kill()
+                load.wait()
+            if prom is not None:
+                prom.close()
+            relay.close()
+            agent.cleanup()
+
+
 def variables(dash: dict) -> list[dict]:
     return [v for v in dash["templating"]["list"] if v["type"] == "query"]
 
@@ -104,11 +157,12 @@ def substitute(expr: str) -> str:
     return re.sub(r"\$\{?(cluster|node|namespace|pod|service)\}?", ".*", expr)
 
 
-def panel_queries():
+def panel_queries(northsouth: bool = False):
     for path in DASHBOARDS:
         for panel in json.loads(path.read_text())["panels"]:
             for t in panel["targets"]:
-                yield pytest.param(t["expr"], id=f"{path.stem}:{panel['title']}:{t['refId']}")
+                if any(m in t["expr"] for m in NORTHSOUTH_METRICS) == northsouth:
+                    yield pytest.param(t["expr"], id=f"{path.stem}:{panel['title']}:{t['refId']}")
 
 
 def variable_queries():
@@ -134,6 +188,14 @@ def test_dashboards_are_importable_grafana_json():
 def test_every_panel_query_returns_data(live, expr):
     q = substitute(expr)
     res = live.query(q)
+    values = [float(r["value"][1]) for r in res]
+    assert any(not math.isnan(v) for v in values), f"no data for {q!r}: {res}"
+
+
+@pytest.mark.parametrize("expr", list(panel_queries(northsouth=True)))
+def test_every_northsouth_panel_query_returns_data(ns_live, expr):
+    q = substitute(expr)
+    res = ns_live.query(q)
     values = [float(r["value"][1]) for r in res]
     assert any(not math.isnan(v) for v in values), f"no data for {q!r}: {res}"
 

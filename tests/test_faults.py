@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -27,6 +28,7 @@ pytestmark = pytest.mark.root
 N_SERVICES = int(os.environ.get("NW_FAULT_SERVICES", "20000"))
 OUTAGE = float(os.environ.get("NW_OUTAGE_SECONDS", "60"))
 LB_ONLY = ["--no-observe", "--no-rdma", "--check-interval", "0"]
+PAUSE_WRITER = Path(__file__).with_name("pause_writer.py")  # the writer paused between two phases
 
 
 @pytest.fixture(scope="module")
@@ -64,7 +66,7 @@ def many_services(path: Path, n: int, ips: list[str]) -> None:
 
 @pytest.mark.timeout(1800)
 def test_sigkill_between_write_phases_then_restart_is_clean_and_never_refuses(pods, sandbox, agent_factory,
-                                                                               tmp_path, monkeypatch):
+                                                                               tmp_path):
     client, bes = pods
     n = N_SERVICES
     manifests = tmp_path / "m"
@@ -73,12 +75,9 @@ def test_sigkill_between_write_phases_then_restart_is_clean_and_never_refuses(po
     marker, arm = tmp_path / "paused", tmp_path / "arm"
     # Pause the first write that starts once `arm` exists right after its 2nd phase (new slots
     # written, headers not yet): the kill lands between two phases every time.
-    monkeypatch.setenv("NW_TEST_PAUSE_AFTER_PHASE", f"{arm}:2:{marker}")
-    agent = agent_factory(manifests, pin_suffix="-kill", extra=LB_ONLY)
-    try:
-        agent.start(timeout=600)
-    finally:
-        monkeypatch.delenv("NW_TEST_PAUSE_AFTER_PHASE")
+    agent = agent_factory(manifests, pin_suffix="-kill", extra=LB_ONLY,
+                          prefix=[sys.executable, str(PAUSE_WRITER), f"{arm}:2:{marker}"])
+    agent.start(timeout=600)
     try:
         _sigkill_sync_restart(agent, client, bes, manifests, marker, arm, n, agent_factory)
     finally:

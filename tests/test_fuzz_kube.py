@@ -61,7 +61,7 @@ class ScriptedClient:
     """The part of ApiClient a Reflector uses, answering from a script instead of a server.
 
     The first list answers `first_page`, later lists a good page holding the sentinel; the first
-    watch sends `lines` (decoded by the real kube._decode_event) and then the sentinel, later ones
+    watch sends `lines` (decoded by the real kube.client._decode_event) and then the sentinel, later ones
     only the sentinel: whatever the fuzzed input does, a reflector that keeps going applies it."""
 
     def __init__(self, first_page: object, lines: list[bytes], resource: str = "services"):
@@ -84,7 +84,7 @@ class ScriptedClient:
         yield time.monotonic(), None
         for line in self.lines if self.watches == 1 else []:
             if line.strip():
-                yield time.monotonic(), kube._decode_event(line)
+                yield time.monotonic(), kube.client._decode_event(line)
         yield time.monotonic(), {"type": "ADDED", "object": _sentinel(self.resource)}
         time.sleep(0.01)
 
@@ -141,9 +141,9 @@ def test_error_events_of_every_shape_are_named():
     """Deterministic companion: the ERROR statuses a proxy or an old server may send."""
     for obj in [{}, {"code": 410}, {"code": "410"}, {"code": None, "message": 5}, {"reason": [1], "message": {}},
                 {"kind": "Status", "code": 500, "message": "etcd"}]:
-        ev = kube._decode_event(json.dumps({"type": "ERROR", "object": obj}).encode())
+        ev = kube.client._decode_event(json.dumps({"type": "ERROR", "object": obj}).encode())
         assert isinstance(ev, dict)
-        detail = kube._status_message(json.dumps(ev["object"]).encode())
+        detail = kube.client._status_message(json.dumps(ev["object"]).encode())
         assert isinstance(detail, str)
 
 

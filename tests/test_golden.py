@@ -3,9 +3,9 @@ double, and the dump of every map equals the expected text checked in under test
 
 One file per case, input and expected maps side by side (after Cilium's
 pkg/loadbalancer/tests/testdata/*.txtar): `-- node --` (name, zone, north-south addresses or none),
-`-- input.yaml --` (the manifests; for examples.txt a copy of examples/, checked equal), then one
-`-- <map> --` section per map. After a deliberate change: NW_GOLDEN_UPDATE=1 pytest tests/test_golden.py
-rewrites the expected sections (and examples.txt's input), to be reviewed in the diff.
+`-- input.yaml --` (the manifests, or `@<glob>` naming files of the repository: examples.txt reads the
+demo's examples/*.yaml themselves), then one `-- <map> --` section per map. After a deliberate change:
+NW_GOLDEN_UPDATE=1 pytest tests/test_golden.py rewrites the expected sections, to be reviewed in the diff.
 """
 from __future__ import annotations
 
@@ -20,7 +20,7 @@ from agent.state import ClusterState
 from nodewire_dev.mapsdouble import MapsDouble, dump_text
 
 GOLDEN = Path(__file__).parent / "golden"
-EXAMPLES = Path(__file__).parent.parent / "examples"
+REPO = Path(__file__).parent.parent
 UPDATE = os.environ.get("NW_GOLDEN_UPDATE") == "1"
 MAGLEV_M = 251  # a small prime: the table's spread stays readable
 
@@ -37,8 +37,11 @@ def sections(text: str) -> list[tuple[str, str]]:
     return out + [(name, "".join(lines))]
 
 
-def examples_input() -> str:
-    return "".join(f"# --- examples/{p.name}\n{p.read_text()}\n---\n" for p in sorted(EXAMPLES.glob("*.yaml")))
+def manifests(section: str) -> str:
+    """The input section's manifests; `@examples/*.yaml`: those files, as YAML documents of one stream."""
+    if not section.startswith("@"):
+        return section
+    return "".join(f"{p.read_text()}\n---\n" for p in sorted(REPO.glob(section[1:].strip())))
 
 
 def node_of(spec: str) -> tuple[NodeInfo, bool]:
@@ -67,11 +70,7 @@ def test_golden(case, tmp_path):
     path = GOLDEN / case
     parts = sections(path.read_text())
     head = {n: t for n, t in parts if n in ("comment", "node", "input.yaml")}
-    if case == "examples.txt":
-        if UPDATE:
-            head["input.yaml"] = examples_input()
-        assert head["input.yaml"] == examples_input(), "examples/ changed: NW_GOLDEN_UPDATE=1 regenerates"
-    got = run(head["node"].strip(), head["input.yaml"], tmp_path)
+    got = run(head["node"].strip(), manifests(head["input.yaml"]), tmp_path)
     want = "".join(f"-- {n} --\n{t}" for n, t in parts if n not in head)
     if UPDATE and got != want:
         path.write_text(head["comment"] + f"-- node --\n{head['node']}-- input.yaml --\n{head['input.yaml']}" + got)

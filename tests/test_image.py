@@ -1,5 +1,6 @@
 """The agent image from deploy/Containerfile (`make image`): it runs `nodewire version`, imports BCC,
-has the CNI plugin, and carries runtime dependencies only. Building takes minutes, so this module is
+has the CNI plugin, carries runtime dependencies only, and its agent serves a ClusterIP on a node
+without kernel headers (with the set the image brings). Building takes minutes, so this module is
 not part of `make test`: `make test-image` builds the image and runs it (NODEWIRE_IMAGE_TEST=1)."""
 from __future__ import annotations
 
@@ -10,6 +11,9 @@ import subprocess
 from pathlib import Path
 
 import pytest
+
+from tests.conftest import AgentProcess
+from tests.manifests import endpoint_slice, service, write
 
 ROOT = Path(__file__).resolve().parents[1]
 VERSION = re.search(r'^version = "(.*)"', (ROOT / "pyproject.toml").read_text(), re.M).group(1)
@@ -59,3 +63,39 @@ def test_runtime_dependencies_only(ctr):
               "'kubernetes_validate') if u.find_spec(m)])")
     assert out.strip() == "[]"
     assert run(ctr, "sh", "-c", "ls /src /opt/nodewire/tests 2>/dev/null; which gcc clang || true").strip() == ""
+
+
+def in_image(root: str, manifests: str) -> list[str]:
+    """argv prefix: the image's own nodewire, chrooted into the image's root in a private mount
+    namespace, as a privileged hostNetwork pod sees the node: /sys (bpffs, cgroups, tracefs), /proc,
+    /dev and /run/nodewire from the host, and no node headers (empty /lib/modules and /usr/src, as the
+    DaemonSet mounts neither). AgentProcess appends the host's nodewire path (dropped) and the args;
+    NODEWIRE_IMAGE_TEST (make test-image's switch) is no agent setting and stays outside."""
+    script = ('unset NODEWIRE_IMAGE_TEST; R=$1; M=$2; shift 3; mkdir -p "$R/lib/modules" "$R/usr/src" "$R/run/nodewire" "$R$M" && '
+              'mount --rbind /sys "$R/sys" && mount -t proc proc "$R/proc" && mount --rbind /dev "$R/dev" && '
+              'mount --bind /run/nodewire "$R/run/nodewire" && mount --bind "$M" "$R$M" && '
+              'mount -t tmpfs nodewire-test-empty "$R/lib/modules" && mount -t tmpfs nodewire-test-empty "$R/usr/src" && '
+              'exec chroot "$R" nodewire "$@"')
+    return ["unshare", "--mount", "--propagation", "private", "--", "sh", "-c", script, "sh", root, manifests]
+
+
+@pytest.fixture(scope="module")
+def image_root(ctr):
+    root = subprocess.run(["buildah", "mount", ctr], capture_output=True, text=True, check=True).stdout.strip()
+    yield root
+    subprocess.run(["buildah", "umount", ctr], capture_output=True)
+
+
+def test_the_images_agent_on_a_node_without_headers_compiles_with_its_own_and_serves_a_clusterip(
+        image_root, sandbox, tmp_path):
+    client, backend = sandbox.add_pod("img-client"), sandbox.add_pod("img-b1")
+    backend.serve(tcp_ports=[8080])
+    write(tmp_path / "svc.json", service("img", ["10.96.42.1"]), endpoint_slice("img", [backend.ip4]))
+    agent = AgentProcess(tmp_path, sandbox.cgroup, f"/sys/fs/bpf/{sandbox.prefix}-img",
+                         extra=["--no-observe", "--no-rdma"], prefix=in_image(image_root, str(tmp_path)))
+    try:
+        agent.start(timeout=300)
+        assert "headers=bundled:/opt/nodewire/venv/share/nodewire/kernel-headers" in agent.log.read_text()
+        assert client.probe("tcp", "10.96.42.1", 80, count=3)["replies"] == {"img-b1": 3}
+    finally:
+        agent.cleanup()

@@ -104,7 +104,7 @@ def test_stream_cut_mid_chunk_is_watched_again(api, started):
 
 
 def test_line_longer_than_the_limit_is_not_buffered_whole(api, started, monkeypatch):
-    monkeypatch.setattr(kube, "MAX_WATCH_LINE", 4096)
+    monkeypatch.setattr(kube.client, "MAX_WATCH_LINE", 4096)
     src = started()
     api.inject_watch_line("services", b'{"type":"ADDED","object":{"x":"' + b"a" * 20000 + b'"}}')
     converges_after_fault(api, src, "longer than 4096 bytes")
@@ -140,9 +140,9 @@ def test_relist_limiter_is_a_token_bucket():
 
 
 def test_retry_after_parsing():
-    assert kube._retry_after("3") == 3.0
-    assert kube._retry_after("100000") == kube.RETRY_AFTER_MAX
-    assert kube._retry_after("-5") == 0.0
-    assert kube._retry_after("nonsense") is None and kube._retry_after(None) is None
-    assert kube._retry_after("nan") is None
-    assert 0 <= kube._retry_after("Wed, 21 Oct 2015 07:28:00 GMT") <= 1  # a date in the past: now
+    assert kube.client._retry_after("3") == 3.0
+    assert kube.client._retry_after("100000") == kube.client.RETRY_AFTER_MAX
+    assert kube.client._retry_after("-5") == 0.0
+    assert kube.client._retry_after("nonsense") is None and kube.client._retry_after(None) is None
+    assert kube.client._retry_after("nan") is None
+    assert 0 <= kube.client._retry_after("Wed, 21 Oct 2015 07:28:00 GMT") <= 1  # a date in the past: now

@@ -25,7 +25,7 @@ from agent.datapath.reconciler import Reconciler
 from agent.export.telemetry import start_telemetry
 from agent.model.objects import ObjectKey, Pod
 from agent.model.parse import parse_endpoint_slice, parse_service
-from agent.observe.histogram import HIST_SLOTS, slot_of
+from agent.histogram import HIST_SLOTS, slot_of
 from agent.observe.identity import OBSERVE_ANNOTATION, ObserveConfig
 from agent.observe.observer import Observer
 from nodewire_dev.sandbox import Sandbox

@@ -38,12 +38,14 @@ NP_POLICY_MAP = "nodewire_np_policy_v1"
 NP_LOCAL_MAP = "nodewire_np_local_v1"
 NP_RANGES_MAP = "nodewire_np_ranges_v1"
 NP_AFFINITY_MAP = "nodewire_np_affinity_v1"
-NP_SNAT_MAP = "nodewire_np_snat_v1"
+NP_SNAT_MAP = "nodewire_np_snat_v2"  # the node's SNAT addresses, NW_SNAT_ADDRS slots per family (lib/ct.h)
 NP_STATS_MAP = "nodewire_np_stats_v1"
 NP_MAGLEV_MAP = "nodewire_np_maglev_v1"
-CT_MAP = "nodewire_ct_v1"
+CT_MAP = "nodewire_ct_v2"                    # conntrack of confirmed flows (lib/ct.h)
+CT_HALFOPEN_MAP = "nodewire_ct_halfopen_v2"  # flows not yet confirmed both ways (a flood lands here)
+CT_STATS_MAP = "nodewire_ct_stats_v2"
 NP_MAPS = (NP_SERVICES_MAP, NP_BACKENDS_MAP, NP_POLICY_MAP, NP_LOCAL_MAP, NP_RANGES_MAP, NP_AFFINITY_MAP,
-           NP_SNAT_MAP, NP_STATS_MAP, NP_MAGLEV_MAP, CT_MAP)
+           NP_SNAT_MAP, NP_STATS_MAP, NP_MAGLEV_MAP, CT_MAP, CT_HALFOPEN_MAP, CT_STATS_MAP)
 
 # np_policy.flags
 NP_F_DROP_EMPTY = 1     # eTP=Local with endpoints only elsewhere: drop (kube-proxy's KUBE-MARK-DROP)
@@ -82,3 +84,46 @@ def np_defines(sizes, maglev_size: int) -> list[str]:
         "NW_NP_POLICY_MAX": NP_POLICY_MAX, "NW_NP_GROUPS_MAX": NP_GROUPS_MAX, "NW_MAGLEV_M": maglev_size,
     }
     return lb_defines(sizes) + [f"-D{k}={v}" for k, v in values.items()]
+
+
+# -- north-south conntrack (bpf/lib/ct.h) ---------------------------------------------------------
+CT_FORWARD, CT_REVERSE = 0, 1              # ct_key.dir
+
+# ct_entry.state: netfilter's TCP states (nf_conntrack_proto_tcp.c) as far as lifetimes differ
+CT_S_SYN, CT_S_ESTABLISHED, CT_S_CLOSING, CT_S_CLOSED = 1, 2, 3, 4
+CT_STATES = {CT_S_SYN: "syn", CT_S_ESTABLISHED: "established", CT_S_CLOSING: "closing", CT_S_CLOSED: "closed"}
+# ct_entry.flags
+CT_F_SNAT, CT_F_REPLIED, CT_F_SYN, CT_F_FIN_ORIG, CT_F_FIN_REPLY = 1, 2, 4, 8, 16
+
+# nodewire_ct_stats_v2 indices: the datapath's, then the collector's (added into CPU 0's slots)
+CT_STATS = ("halfopen_inserted", "halfopen_deleted", "promoted", "snat_exhausted", "snat_reused",
+            "collections", "collected_halfopen", "collected", "collect_ns")
+
+# SNAT source ports: above Linux's default ip_local_port_range (32768-60999,
+# Documentation/networking/ip-sysctl.rst), so node sockets' ephemeral ports never meet them.
+SNAT_PORT_MIN, SNAT_PORT_MAX = 61000, 65535
+SNAT_ADDRS = 4    # node addresses per family a remote-backend flow may leave with (slots of NP_SNAT_MAP)
+SNAT_TRIES = 32   # ports tried per address before the next one (then: exhaustion, counted)
+CT_TOUCH_NS = 1_000_000_000      # an entry's last-seen time is rewritten at most once a second
+CT_SYN_REUSE_NS = 1_000_000_000  # a half-open flow idle this long gives its SNAT port to a new flow
+
+
+def ct_defines(sizes, lifetimes) -> list[str]:
+    """-D flags for bpf/lib/ct.h: map capacities (MapSizes.ct / ct_halfopen) and the lifetimes per
+    state in seconds (conntrack.Lifetimes)."""
+    ns = lambda s: int(s * 1_000_000_000)  # noqa: E731
+    values = {
+        "NW_CT_MAX": sizes.ct, "NW_CT_HALFOPEN_MAX": sizes.ct_halfopen,
+        "NW_CT_LIFETIME_SYN_NS": ns(lifetimes.syn), "NW_CT_LIFETIME_ESTABLISHED_NS": ns(lifetimes.established),
+        "NW_CT_LIFETIME_CLOSE_NS": ns(lifetimes.close), "NW_CT_LIFETIME_OTHER_NS": ns(lifetimes.other),
+        "NW_CT_TOUCH_NS": CT_TOUCH_NS, "NW_CT_SYN_REUSE_NS": CT_SYN_REUSE_NS,
+        "NW_SNAT_PORT_MIN": SNAT_PORT_MIN, "NW_SNAT_PORT_MAX": SNAT_PORT_MAX, "NW_SNAT_ADDRS": SNAT_ADDRS,
+        "NW_SNAT_TRIES": SNAT_TRIES,
+        "NW_CT_S_SYN": CT_S_SYN, "NW_CT_S_ESTABLISHED": CT_S_ESTABLISHED, "NW_CT_S_CLOSING": CT_S_CLOSING,
+        "NW_CT_S_CLOSED": CT_S_CLOSED,
+        "NW_CT_F_SNAT": CT_F_SNAT, "NW_CT_F_REPLIED": CT_F_REPLIED, "NW_CT_F_SYN": CT_F_SYN,
+        "NW_CT_F_FIN_ORIG": CT_F_FIN_ORIG, "NW_CT_F_FIN_REPLY": CT_F_FIN_REPLY,
+        "NW_CT_STATS": len(CT_STATS),
+        **{f"NW_CT_STAT_{name.upper()}": i for i, name in enumerate(CT_STATS)},
+    }
+    return [f"-D{k}={v}" for k, v in values.items()]

@@ -22,6 +22,7 @@ MAP_LOOKUP_ELEM, MAP_UPDATE_ELEM, MAP_DELETE_ELEM, MAP_GET_NEXT_KEY = 1, 2, 3, 4
 OBJ_PIN, OBJ_GET, PROG_ATTACH, PROG_DETACH = 6, 7, 8, 9
 PROG_GET_FD_BY_ID, MAP_GET_FD_BY_ID, OBJ_GET_INFO_BY_FD, PROG_QUERY = 13, 14, 15, 16
 MAP_LOOKUP_BATCH, MAP_UPDATE_BATCH, MAP_DELETE_BATCH, LINK_CREATE = 24, 26, 27, 28
+PROG_TEST_RUN = 10
 
 # enum bpf_map_type: the per-CPU kinds, whose values are one (8-byte rounded) slot per possible CPU
 PERCPU_MAP_TYPES = {5: "percpu_hash", 6: "percpu_array", 10: "lru_percpu_hash", 21: "percpu_cgroup_storage"}
@@ -65,6 +66,14 @@ class _Obj(ct.Structure):
 class _Attach(ct.Structure):
     _fields_ = [("target_fd", ct.c_uint32), ("attach_bpf_fd", ct.c_uint32), ("attach_type", ct.c_uint32),
                 ("attach_flags", ct.c_uint32), ("replace_bpf_fd", ct.c_uint32)]
+
+
+class _TestRun(ct.Structure):
+    _fields_ = [("prog_fd", ct.c_uint32), ("retval", ct.c_uint32), ("data_size_in", ct.c_uint32),
+                ("data_size_out", ct.c_uint32), ("data_in", ct.c_uint64), ("data_out", ct.c_uint64),
+                ("repeat", ct.c_uint32), ("duration", ct.c_uint32), ("ctx_size_in", ct.c_uint32),
+                ("ctx_size_out", ct.c_uint32), ("ctx_in", ct.c_uint64), ("ctx_out", ct.c_uint64),
+                ("flags", ct.c_uint32), ("cpu", ct.c_uint32)]
 
 
 class _Info(ct.Structure):
@@ -189,19 +198,29 @@ def next_key(fd: int, key: bytes | None, key_size: int, what: str) -> bytes | No
 def lookup_batch(fd: int, key_size: int, value_size: int, what: str, chunk: int = 16384) -> tuple[bytes, bytes]:
     """All keys and values as two byte strings (BPF_MAP_LOOKUP_BATCH). value_size is per element as
     the kernel returns it (for per-CPU maps: the 8-byte rounded value times the possible CPUs)."""
+    kparts, vparts = [], []
+    for keys, values in lookup_batches(fd, key_size, value_size, what, chunk):
+        kparts.append(keys)
+        vparts.append(values)
+    return b"".join(kparts), b"".join(vparts)
+
+
+def lookup_batches(fd: int, key_size: int, value_size: int, what: str, chunk: int = 16384):
+    """(keys, values) byte strings of up to `chunk` entries at a time, so a reader of a big map holds
+    one chunk, not the map (a hash map's batches go bucket by bucket: deleting entries already
+    yielded does not disturb the rest)."""
     keys = ct.create_string_buffer(key_size * chunk)
     values = ct.create_string_buffer(value_size * chunk)
     in_batch, out_batch = ct.c_uint64(0), ct.c_uint64(0)
-    kparts, vparts = [], []
     first = True
     while True:
         attr = _Batch(in_batch=0 if first else _addr(in_batch), out_batch=_addr(out_batch),
                       keys=_addr(keys), values=_addr(values), count=chunk, map_fd=fd)
         r = bpf(MAP_LOOKUP_BATCH, attr, f"{what}: BPF_MAP_LOOKUP_BATCH", (errno.ENOENT,))
-        kparts.append(keys.raw[:attr.count * key_size])
-        vparts.append(values.raw[:attr.count * value_size])
+        if attr.count:
+            yield keys.raw[:attr.count * key_size], values.raw[:attr.count * value_size]
         if r < 0:  # ENOENT: that was the last batch
-            return b"".join(kparts), b"".join(vparts)
+            return
         in_batch.value = out_batch.value
         first = False
 
@@ -218,6 +237,17 @@ def delete_batch(fd: int, keys: bytes, n: int, what: str) -> int:
     k = ct.create_string_buffer(keys, len(keys))
     return bpf(MAP_DELETE_BATCH, _Batch(keys=_addr(k), count=n, map_fd=fd), f"{what}: BPF_MAP_DELETE_BATCH",
                (errno.ENOENT,))
+
+
+def prog_test_run(prog_fd: int, data: bytes, what: str) -> tuple[int, bytes]:
+    """Run a program once on a packet (BPF_PROG_TEST_RUN; for tc programs an Ethernet frame):
+    (its return value, the packet as it left the program)."""
+    din = ct.create_string_buffer(data, len(data))
+    dout = ct.create_string_buffer(len(data) + 256)
+    attr = _TestRun(prog_fd=prog_fd, data_size_in=len(data), data_size_out=len(dout), data_in=_addr(din),
+                    data_out=_addr(dout), repeat=1)
+    bpf(PROG_TEST_RUN, attr, f"{what}: BPF_PROG_TEST_RUN")
+    return attr.retval, dout.raw[:attr.data_size_out]
 
 
 # -- cgroups ------------------------------------------------------------------------------------

@@ -32,6 +32,7 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ..mapsizes import MapSizes  # noqa: F401 (also imported from here by the datapath's users)
 from . import abi, bpfsys, headers
 from .maps import RawMap, dtype_from_json
 
@@ -39,15 +40,6 @@ log = logging.getLogger("nodewire.loader")
 
 # agent/bpf is the top-level bpf/ (a link in the checkout, package data in a wheel)
 BPF_DIR = Path(os.environ.get("NODEWIRE_BPF_DIR", Path(__file__).resolve().parents[1] / "bpf"))
-
-
-@dataclass(frozen=True)
-class MapSizes:
-    services: int = 1 << 20   # slots: one header + one per backend, per frontend
-    backends: int = 1 << 20
-    revnat: int = 1 << 18
-    lb_stats: int = 1 << 16
-    affinity: int = 1 << 16   # (client pod, Service) pairs with session affinity
 
 
 class LoadError(RuntimeError):

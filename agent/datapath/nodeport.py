@@ -10,8 +10,9 @@ from __future__ import annotations
 import logging
 
 from ..model.maglev import DEFAULT_TABLE_SIZE
-from . import abi, bpfsys, codec
+from . import abi
 from .attach import TC_EGRESS, TC_INGRESS, attach_tc
+from .conntrack import ConntrackMaps, Lifetimes, set_snat_addresses
 from .datapath import NorthSouthMaps
 from .loader import MapSizes, ProgramSpec, load
 from .maps import MaglevMap
@@ -23,18 +24,20 @@ TC_PRIO = 0x4e50  # "NP": our filters' priority on the node devices, so we repla
 PROGRAMS = ("nw_np_ingress", "nw_np_egress")
 
 
-def spec(sizes: MapSizes, maglev_size: int) -> ProgramSpec:
-    return ProgramSpec(source="nodeport.c", cflags=tuple(abi.np_defines(sizes, maglev_size)),
+def spec(sizes: MapSizes, maglev_size: int, lifetimes: Lifetimes = Lifetimes()) -> ProgramSpec:
+    return ProgramSpec(source="nodeport.c", cflags=(*abi.np_defines(sizes, maglev_size),
+                                                    *abi.ct_defines(sizes, lifetimes)),
                        programs=tuple((fn, "SCHED_CLS", None) for fn in PROGRAMS), maps=abi.NP_MAPS, name="nodeport")
 
 
 class NodePortDatapath:
-    def __init__(self, pin_dir: str, sizes: MapSizes = MapSizes(), maglev_size: int = DEFAULT_TABLE_SIZE):
+    def __init__(self, pin_dir: str, sizes: MapSizes = MapSizes(), maglev_size: int = DEFAULT_TABLE_SIZE,
+                 lifetimes: Lifetimes = Lifetimes()):
         self.maglev_size = maglev_size
-        self.loaded = load(spec(sizes, maglev_size), pin_dir)
+        self.loaded = load(spec(sizes, maglev_size, lifetimes), pin_dir)
         m = self.loaded.maps
         self.snat, self.stats = m[abi.NP_SNAT_MAP], m[abi.NP_STATS_MAP]
-        self.conntrack = m[abi.CT_MAP]
+        self.conntrack = ConntrackMaps(m[abi.CT_MAP], m[abi.CT_HALFOPEN_MAP], m[abi.CT_STATS_MAP], lifetimes)
         self.maps = NorthSouthMaps(Reconciler(m[abi.NP_SERVICES_MAP], m[abi.NP_BACKENDS_MAP]), m[abi.NP_POLICY_MAP],
                                    m[abi.NP_RANGES_MAP], m[abi.NP_LOCAL_MAP],
                                    MaglevMap(m[abi.NP_MAGLEV_MAP], maglev_size), maglev_size)
@@ -54,14 +57,9 @@ class NodePortDatapath:
                 self.devices[dev] = idx
 
     def set_snat_addresses(self, addresses: list[str]) -> dict[str, str]:
-        """The node address remote-backend traffic leaves with: the first of each family."""
-        chosen = {}
-        for fam, slot in ((4, 0), (6, 1)):
-            ip = next((a for a in addresses if (":" in a) == (fam == 6)), None)
-            if ip:
-                chosen[f"ipv{fam}"] = ip
-            bpfsys.update_elem(self.snat.fd, codec.u32(slot), codec.addr16(ip) if ip else bytes(16), self.snat.name)
-        return chosen
+        """The node addresses remote-backend traffic leaves with (lib/ct.h takes a port of the first,
+        the next when its ports toward a backend are all taken). Returns the first of each family."""
+        return set_snat_addresses(self.snat, addresses)
 
     # -- views ------------------------------------------------------------------------------------
     @property

@@ -8,8 +8,7 @@ dict-backed double of devkit in tests), by name.
 """
 from __future__ import annotations
 
-import os
-from typing import Callable, Iterable, Mapping, Protocol
+from typing import Iterable, Mapping, Protocol
 
 import numpy as np
 
@@ -49,12 +48,10 @@ def encode(m: BatchMap, phase: Phase, lo: int, hi: int) -> tuple[np.ndarray, np.
     return r["keys"], r.get("values")
 
 
-def write(phases: Iterable[Phase], maps: Mapping[str, BatchMap], chunk: int = CHUNK,
-          on_phase: Callable[[int, Phase], None] | None = None) -> None:
+def write(phases: Iterable[Phase], maps: Mapping[str, BatchMap], chunk: int = CHUNK) -> None:
     """Every phase, in order, in batches of `chunk` rows. Raises what the maps raise; the caller then
-    commits nothing (the registries are re-read from the maps). on_phase(n, phase) after each."""
-    _TEST_PAUSE.starting()
-    for n, phase in enumerate(phases, 1):
+    commits nothing (the registries are re-read from the maps)."""
+    for phase in phases:
         m = maps[phase.map]
         if phase.op == "tables":
             m.set_tables(phase.rows["group"], phase.rows["table"])
@@ -64,37 +61,3 @@ def write(phases: Iterable[Phase], maps: Mapping[str, BatchMap], chunk: int = CH
                 m.update_arrays(keys, values)
             else:
                 m.delete_array(keys)
-        if on_phase is not None:
-            on_phase(n, phase)
-        _TEST_PAUSE.after_phase(n, phase)
-
-
-class _TestPause:
-    """Test-only (tests/test_faults.py): NW_TEST_PAUSE_AFTER_PHASE="ARM:PHASE:MARKER" makes the first
-    write that starts while the file ARM exists stop for good after its PHASE-th phase (1-based),
-    once MARKER is written: a SIGKILL then lands between two write phases, deterministically, however
-    the source delivered the objects before."""
-
-    def __init__(self, spec: str | None):
-        self.arm = self.phase = None
-        self.armed = False
-        if spec:
-            self.arm, phase, self.marker = spec.split(":", 2)
-            self.phase = int(phase)
-
-    def starting(self) -> None:
-        self.armed = self.arm is not None and os.path.exists(self.arm)
-
-    def after_phase(self, n: int, phase) -> None:
-        if not self.armed or n != self.phase:
-            return
-        import time
-
-        with open(self.marker + ".tmp", "w") as f:
-            f.write(f"paused after phase {n} ({phase.name}, {len(phase)} rows)\n")
-        os.rename(self.marker + ".tmp", self.marker)  # whole when it appears
-        while True:
-            time.sleep(3600)
-
-
-_TEST_PAUSE = _TestPause(os.environ.get("NW_TEST_PAUSE_AFTER_PHASE"))

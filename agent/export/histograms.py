@@ -2,7 +2,7 @@
 
 A kernel histogram (bpf/lib/hist.h) is exported as an explicit-bucket histogram with bounds 2^s µs
 (in seconds). Its slots are exactly the buckets of a base-2 exponential histogram of scale 0 in
-microseconds: index i covers (2^i, 2^(i+1)] µs, slot s is index s-1 (agent/observe/histogram.py).
+microseconds: index i covers (2^i, 2^(i+1)] µs, slot s is index s-1 (agent/histogram.py).
 In seconds no scale fits exactly (2^s µs is not a power of two of seconds), so the exponential form
 keeps the kernel's unit, `us`, rather than re-bucket. It is sent when the OTLP side asks for it the
 standard way (OTEL_EXPORTER_OTLP_METRICS_DEFAULT_HISTOGRAM_AGGREGATION=base2_exponential_bucket_histogram,
@@ -17,7 +17,7 @@ from opentelemetry.sdk.metrics._internal.point import Buckets
 from opentelemetry.sdk.metrics.export import (ExponentialHistogram, ExponentialHistogramDataPoint, Histogram,
                                               Metric)
 
-from ..observe.histogram import Log2Histogram, bounds
+from ..histogram import Log2Histogram, bounds
 
 LOG2_BOUNDS_S = bounds(1e-6)
 EXPONENTIAL = "base2_exponential_bucket_histogram"

@@ -22,9 +22,10 @@ from ..datapath import abi
 from ..datapath.attach import (
     TC_EGRESS, TC_INGRESS, TRACEFS, attach_cgroup, attach_tc, attach_tracepoint, detach_cgroup,
 )
-from ..datapath.loader import MapSizes, ProgramSpec, load
+from ..datapath.loader import ProgramSpec, load
+from ..mapsizes import MapSizes
 from ..datapath.maps import addr16, addr_str, pack_rows, port_host
-from .histogram import hist_cflags
+from ..histogram import hist_cflags
 
 log = logging.getLogger("nodewire.observe")
 

@@ -19,14 +19,14 @@ from collections import deque
 from opentelemetry.metrics import CallbackOptions, Observation
 
 from ..datapath.abi import LB_OUTCOMES
-from ..datapath.loader import MapSizes
+from ..mapsizes import MapSizes
 from ..datapath.maps import MapFull
 from ..model.objects import ObjectKey
 from ..state import ClusterState
 from .drop_reasons import load_drop_reasons, reason_name
-from .histogram import Log2Histogram
+from ..histogram import Log2Histogram
 from ..datapath.attach import detect_cgroup2_root
-from ..rdma.optin import pod_cgroup
+from ..cgroups import pod_cgroup
 from .identity import Identity, ObserveConfig, PodRef, port_label
 from .kernel import HIST_CONNECT, HIST_SRTT, HIST_SRTT_ACK, PodTraffic, TcpObserver
 from .links import LinkStats

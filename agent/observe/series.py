@@ -14,7 +14,7 @@ from opentelemetry.sdk.metrics.export import (
     AggregationTemporality, Histogram, HistogramDataPoint, Metric, NumberDataPoint, Sum,
 )
 
-from .histogram import HIST_SLOTS, Log2Histogram, bounds
+from ..histogram import HIST_SLOTS, Log2Histogram, bounds
 
 US = 1e-6
 LOG2_BOUNDS_S = bounds(US)

@@ -15,7 +15,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from rich.table import Table
 from rich.text import Text
 
-from .histogram import bucket_quantile
+from ..histogram import bucket_quantile
 
 PodId = tuple[str, str]  # (namespace, pod)
 
@@ -79,7 +79,7 @@ def bucket_delta(cur: dict[float, float], prev: dict[float, float] | None) -> li
     return out
 
 
-quantile = bucket_quantile  # exact to the kernel's bucket (agent/observe/histogram.py)
+quantile = bucket_quantile  # exact to the kernel's bucket (agent/histogram.py)
 
 
 def fmt_seconds(v: float | None) -> str:

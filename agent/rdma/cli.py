@@ -7,7 +7,7 @@ import sys
 
 import click
 
-from ..observe.histogram import slot_quantile
+from ..histogram import slot_quantile
 from .topology import TopologyError, build_topology, render_table
 
 

@@ -15,8 +15,9 @@ from __future__ import annotations
 import logging
 import os
 
+from ..cgroups import pod_cgroup
 from .metrics import register_rdma_metrics
-from .optin import ANNOTATION, opted_in, pod_cgroup
+from .optin import ANNOTATION, opted_in
 
 log = logging.getLogger("nodewire.rdma.service")
 

@@ -242,6 +242,7 @@ class ManifestSource:
         self.synced = threading.Event()  # the first complete scan is in the state
         self.last_change = 0.0  # wall-clock time a file change last reached the state
         self._shadowed: dict[tuple[str, ObjectKey], list[Path]] = {}  # duplicate definitions ignored
+        self._owner: dict[tuple[str, ObjectKey], Path] = {}  # every object this source put in the state → its file
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
@@ -261,7 +262,7 @@ class ManifestSource:
             changed = True
         if changed:
             self.last_change = time.time()
-            self.state.changed.set()  # wake the agent loop even when only errors changed
+            self.state.wake()  # the agent loop looks even when only errors changed
         return changed
 
     def _scan(self) -> dict[Path, tuple[int, int, int]]:
@@ -313,9 +314,8 @@ class ManifestSource:
         holds: dict[str, list[ObjectKey]] = {}
         changes: list[tuple[str, ObjectKey, Any]] = []
         dups: list[tuple[str, ObjectKey]] = []
-        tables = self.state.tables
         for (kind, key), obj in parsed.objects.items():
-            if key not in had.get(kind, ()) and key in tables[kind]:
+            if self._owner.get((kind, key), p) != p:  # another file defines it
                 dups.append((kind, key))
                 continue
             holds.setdefault(kind, []).append(key)
@@ -328,6 +328,7 @@ class ManifestSource:
             changes.extend((kind, key, None) for key in keys - kept.get(kind, set()))
         self.state.apply_all(changes)
         gone = [(kind, key) for kind, key, obj in changes if obj is None]
+        self._own(p, holds, gone)
         if dups:
             self._duplicates(p, dups)
         self._release(gone)
@@ -340,15 +341,24 @@ class ManifestSource:
             return
         changes = [(kind, key, None) for kind, keys in st.keys.items() for key in keys]
         self.state.apply_all(changes)
-        self._release([(kind, key) for kind, key, _ in changes])
+        gone = [(kind, key) for kind, key, _ in changes]
+        self._own(p, {}, gone)
+        self._release(gone)
+
+    def _own(self, p: Path, holds: dict[str, list[ObjectKey]], gone: list[tuple[str, ObjectKey]]) -> None:
+        """Which file each object came from: what this source knows, not what the state holds."""
+        for ident in gone:
+            if self._owner.get(ident) == p:
+                del self._owner[ident]
+        for kind, keys in holds.items():
+            for key in keys:
+                self._owner[(kind, key)] = p
 
     def _duplicates(self, p: Path, dups: list[tuple[str, ObjectKey]]) -> None:
-        owner = {(kind, key): q for q, st in self.files.items() if q != p for kind, keys in st.keys.items()
-                 for key in keys}
         errs = []
         for ident in dups:
             self._shadowed.setdefault(ident, []).append(p)
-            other = owner.get(ident, "another file")
+            other = self._owner.get(ident, "another file")
             errs.append(ObjectError(str(p), ident[0], str(ident[1]), "metadata.name",
                                     f"also defined in {other}; ignored here while that definition exists"))
         self.on_errors(errs)
@@ -361,7 +371,7 @@ class ManifestSource:
             for q in self._shadowed.pop(ident, ()):
                 if q in self.files:
                     self.files[q].stamp = (-1, -1, -1)  # re-read at the next pass
-                    self.state.changed.set()
+                    self.state.wake()
 
     # -- the thread -----------------------------------------------------------------------------
     def start(self) -> "ManifestSource":

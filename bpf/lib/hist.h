@@ -6,14 +6,14 @@
  * as bucket index s-1, whose range (2^(s-1), 2^s] is the same), so counts pass through unchanged.
  * (bcc's bpf_log2l() is lower-inclusive, hence our own.)
  *
- * NW_HIST_SLOTS is not defined here: agent/observe/histogram.py owns it (HIST_SLOTS) and passes it
+ * NW_HIST_SLOTS is not defined here: agent/histogram.py owns it (HIST_SLOTS) and passes it
  * as -DNW_HIST_SLOTS, so C and Python cannot disagree.
  */
 #ifndef NODEWIRE_HIST_H
 #define NODEWIRE_HIST_H
 
 #ifndef NW_HIST_SLOTS
-#error "NW_HIST_SLOTS comes from agent/observe/histogram.py: compile with its hist_cflags()"
+#error "NW_HIST_SLOTS comes from agent/histogram.py: compile with its hist_cflags()"
 #endif
 
 static __always_inline __u32 nw_floor_log2(__u64 v)

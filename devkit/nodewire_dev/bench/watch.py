@@ -120,7 +120,8 @@ def change_latency(n: int, endpoints: int, changes: int, workdir: str, burst: in
                     if kind == "EndpointSlice":
                         arrivals[ObjectKey(key.namespace, key.name[:-4])] = arrived  # svc-i-abc → svc-i
 
-                rec_apply = agent.reconciler.apply
+                datapath = agent.loop.datapath
+                rec_apply = datapath.apply
 
                 def timed_apply(chg, full=False):
                     res = rec_apply(chg, full=full)
@@ -130,8 +131,8 @@ def change_latency(n: int, endpoints: int, changes: int, workdir: str, burst: in
                         done[key] = t
                     return res
 
-                agent.reconciler.apply = timed_apply
-                agent.kube.on_applied = on_applied
+                datapath.apply = timed_apply
+                agent.part("kube").source.on_applied = on_applied
                 loop = threading.Thread(target=agent.run, daemon=True)
                 loop.start()
                 while agent.first_sync is None:

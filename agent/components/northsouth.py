@@ -1,0 +1,45 @@
+"""North-south: NodePort, externalIPs and LoadBalancer IPs served by tc on the node devices, with
+kube-proxy's health servers (agent/northsouth.py). On when --devices is given."""
+from __future__ import annotations
+
+from .base import Component, Context
+
+
+class NorthSouth(Component):
+    name = "northsouth"
+
+    @staticmethod
+    def enabled(cfg) -> bool:
+        return bool(cfg.devices)
+
+    def __init__(self) -> None:
+        self.service = None  # agent.northsouth.NorthSouthService
+
+    def start(self, ctx: Context) -> None:
+        from ..datapath.conntrack import Lifetimes
+        from ..northsouth import NorthSouthService
+
+        cfg = ctx.cfg
+        lifetimes = Lifetimes(cfg.ct_timeout_syn, cfg.ct_timeout_established, cfg.ct_timeout_close,
+                              cfg.ct_timeout_other)
+        self.service = NorthSouthService(ctx.state, cfg.node_name, cfg.device_list, cfg.pin_dir, cfg.sizes,
+                                         cfg.nodeport_bounds, cfg.maglev_table_size, cfg.healthz_port, ctx.ready,
+                                         lifetimes, cfg.ct_gc_interval)
+
+    def after_sync(self, changes, res) -> None:
+        """The health servers follow the views the datapath just wrote."""
+        if self.service is not None:
+            self.service.after_sync(changes, res)
+
+    def status(self, st) -> None:
+        if self.service is not None:
+            st.northsouth = self.service.status()
+
+    def metrics(self, telemetry) -> None:
+        if self.service is not None:  # packets per outcome, node addresses (export/northsouth.py)
+            self.service.metrics(telemetry.meter())
+            self.service.conntrack.register_metrics(telemetry.meter())
+
+    def close(self) -> None:
+        if self.service is not None:
+            self.service.close()
