@@ -14,7 +14,6 @@ import secrets
 import shutil
 import subprocess
 import sys
-import time
 import urllib.request
 from pathlib import Path
 
@@ -281,6 +280,7 @@ def test_check_adopts_a_pod_added_while_the_agent_was_down(env):
                    what="the adopted pod's veth")
     assert row["source"] == "cni" and row["host_veth"] == veth and row["uid"] == pod[2] and row["ips"] == [ip]
     assert [r["source"] for r in call(env.socket, "cni.list") if r["pod"] == "default/adopt-me"] == ["cni"]
+    assert wait_for(lambda: (env.agent.status().cni or {}).get("adopted"), 20, what="status: adopted") == 1
     assert env.runtime.check(cid).code == 0  # and again, now known
     assert env.runtime.delete(cid).code == 0
     assert "default/adopt-me" not in env.pods() or env.pods()["default/adopt-me"]["source"] == "netns-scan"
@@ -312,12 +312,17 @@ def test_the_agent_chains_nodewire_again_when_the_primary_rewrites_its_conflist(
              what="nodewire chained after the partial write")
     assert json.loads(backup.read_text()) == env.primary
     # uninstall ends the keeping, with the agent running: a rewrite after it stays as the primary wrote it
+    looked = env.agent.status().cni["chain"]["looked"]
     out = subprocess.run([NODEWIRE, "cni", "uninstall", "--cni-bin-dir", str(env.tmp / "no-bin"), "--cni-conf-dir",
                           str(env.confdir)], capture_output=True, text=True)
     assert out.returncode == 0 and json.loads(path.read_text()) == env.primary, out
+    looked = wait_for(lambda: (lambda n: n > looked and n)(env.agent.status().cni["chain"]["looked"]), 20,
+                      what="the agent to see the uninstall")
     _flannel_rewrites(path, newer)
-    time.sleep(2)  # ten times the watch's grouping delay: a keeper that still ran would have written by now
-    assert json.loads(path.read_text()) == newer and not backup.exists()
+    chain = wait_for(lambda: (lambda c: c["looked"] > looked and c)(env.agent.status().cni["chain"]), 20,
+                     what="the agent to look at the rewritten dir")
+    assert json.loads(path.read_text()) == newer and not backup.exists() and not chain["managed"]
+    assert chain["restored"] >= 2 and chain["watched"] and chain["errors"] == []
     out = subprocess.run([NODEWIRE, "cni", "install", "--cni-bin-dir", str(env.bin), "--cni-conf-dir",
                           str(env.confdir), "--pin-dir", env.agent.pin_dir], capture_output=True, text=True)
     assert out.returncode == 0, out.stderr

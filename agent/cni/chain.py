@@ -40,6 +40,7 @@ class ChainKeeper:
     def __init__(self, conf_dir: str, fallback: PluginSettings):
         self.conf_dir, self.settings = conf_dir, fallback
         self.restored = 0   # times nodewire was appended again
+        self.looked = 0     # looks at the dir (one per batch of events, and at start)
         self.errors: list[str] = []
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -71,6 +72,7 @@ class ChainKeeper:
 
     def check(self) -> bool:
         """Append nodewire to the primary conflist when it is missing there (True when it did)."""
+        self.looked += 1
         if not managed(self.conf_dir):
             return False
         path = primary_conf(self.conf_dir)
@@ -92,6 +94,10 @@ class ChainKeeper:
         log.info("cni chain restored conf=%s (the primary plugin rewrote it; original kept as %s%s)",
                  target, path.name, BACKUP_SUFFIX)
         return True
+
+    def status(self) -> dict:
+        return {"conf_dir": self.conf_dir, "watched": self._thread is not None, "managed": managed(self.conf_dir),
+                "looked": self.looked, "restored": self.restored, "errors": self.errors[-5:]}
 
     def _run(self) -> None:
         from watchfiles import watch

@@ -99,6 +99,7 @@ class CniPods:
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
         self.errors: list[str] = []
+        self.adopted = 0  # attachments taken in on CHECK
 
     # -- wiring ----------------------------------------------------------------------------------
     def subscribe(self, start: StartHook, stop: StopHook) -> None:
@@ -183,6 +184,7 @@ class CniPods:
             if att.id not in self.attachments:  # else an ADD came meanwhile: that one stands
                 self.attachments[att.id] = att
                 self.recovered.pop(att.key, None)  # a netns-scan find becomes a CNI pod
+                self.adopted += 1
         log.info("cni check adopted pod=%s container=%s", att.key, att.container_id[:12])
         return Reply({"pod": str(att.key), "hostVeth": None, "adopted": True}, lambda: self._added(att))
 
@@ -197,6 +199,11 @@ class CniPods:
             for a in stale:
                 self._forget(a)
         return {"removed": [a.container_id for a in stale]}
+
+    def status(self) -> dict:
+        with self._lock:
+            return {"pods": len(self.attachments), "recovered": len(self.recovered), "adopted": self.adopted,
+                    "errors": self.errors[-5:]}
 
     def list(self, _params: dict | None = None) -> list[dict]:
         with self._lock:

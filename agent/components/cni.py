@@ -33,6 +33,10 @@ class CniPods(Component):
         fallback = PluginSettings(socket=cfg.api_socket_path, fail_open=cfg.cni_fail_open, log_file=cfg.cni_log_file)
         self.chain = ChainKeeper(cfg.cni_conf_dir, fallback).start()
 
+    def status(self, st) -> None:
+        if self.pods is not None:
+            st.cni = dict(self.pods.status(), chain=self.chain.status() if self.chain is not None else None)
+
     def close(self) -> None:
         if self.chain is not None:
             self.chain.close()

@@ -137,6 +137,36 @@ def test_address_added_after_start_is_answered_and_removed_is_not(env):
     assert watch["errors"] == 0, watch
 
 
+def test_veth_is_a_device_once_it_carries_a_default_route(env):
+    """devices auto leaves veths out (pod plumbing) however global their address, until the default
+    route goes through one: then it gets the tc programs and serves the NodePort; when the route
+    leaves, its filters go and the node's own stack answers there again (no listener: refused)."""
+    sb, n1 = env.sb, env.n1
+    dev, peer = f"{sb.prefix}w", f"{sb.prefix}v"
+    env.ip("link", "add", peer, "type", "veth", "peer", "name", dev, "netns", n1.netns, netns=sb.client.netns)
+    try:
+        for netns, link, a4, a6 in ((sb.client.netns, peer, "198.19.8.100/24", "fd00:19:8::100/64"),
+                                    (n1.netns, dev, "198.19.8.11/24", "fd00:19:8::11/64")):
+            env.ip("addr", "add", a4, "dev", link, netns=netns)
+            env.ip("addr", "add", a6, "dev", link, "nodad", netns=netns)
+            env.ip("link", "set", link, "up", netns=netns)
+        read = env.northsouth()["device_watch"]["rereads"]
+        ns = wait_for(lambda: (lambda ns: ns if ns["device_watch"]["rereads"] > read else None)(env.northsouth()),
+                      15, what="the watcher read the veth's addresses")
+        assert dev not in ns["devices"] and "198.19.8.11" not in ns["addresses"], ns
+        env.ip("-6", "route", "replace", "default", "via", "fd00:19:8::100", "dev", dev)
+        wait_for(lambda: set(env.answered("198.19.8.11")) == BOTH, 15, what="NodePort on the default route's veth")
+        env.ip("-6", "route", "replace", "default", "via", sb.client.ip6, "dev", "eth0")
+        wait_for(lambda: env.answered("198.19.8.11", count=2) == {"error:ECONNREFUSED": 2}, 15,
+                 what="the veth left out again once the default route left it")
+        filters = subprocess.run(["tc", "-n", n1.netns, "filter", "show", "dev", dev, "ingress"],
+                                 capture_output=True, text=True, check=True).stdout
+        assert "nw_np_ingress" not in filters, filters
+    finally:
+        env.ip("link", "del", peer, netns=sb.client.netns)
+        env.ip("-6", "route", "replace", "default", "via", sb.client.ip6, "dev", "eth0")
+
+
 def test_pod_churn_costs_the_watcher_no_reread(env):
     """A pod's veth appearing on the node (links, link-local addresses, bridge ports) is no reason to
     re-read the devices: between two address changes, the pod's events add no re-read of their own."""
