@@ -104,7 +104,6 @@ def counters(env: Env) -> dict:
     """Node 1's north-south outcome counters, read from its pinned stats map."""
     from agent.datapath import abi
     from agent.datapath.loader import open_loaded
-    from agent.datapath.nodeport import OUTCOMES
 
     loaded = open_loaded("nodeport", env.n1.pin_dir)
     try:
@@ -112,7 +111,7 @@ def counters(env: Env) -> dict:
     finally:
         loaded.close()
     by = dict(zip(keys.tolist(), values.tolist()))
-    return {name: int(by.get(i, 0)) for i, name in enumerate(OUTCOMES)}
+    return {name: int(by.get(i, 0)) for i, name in enumerate(abi.NP_OUTCOME_NAMES)}
 
 
 def client(env: Env, code: str) -> dict:
