@@ -259,7 +259,10 @@ def ns_expected(model: dict[ObjectKey, ServiceView]):
             f = e.frontend
             fes[ident(f)] = (len(f.backends), 0, 0, tuple((addr16(b.ip), port_be(b.port), 6) for b in f.backends))
             key = codec.np_frontend_keys(codec.idents([f.ip], [f.port], [f.protocol])).tobytes()
-            ranges[key] = None if e.source_ranges is None else set(e.source_ranges)
+            if key in ranges:  # claimed twice: which Service keeps it shows only after the apply
+                ranges[key] = set()
+            else:
+                ranges[key] = None if e.source_ranges is None else set(e.source_ranges)
     return fes, ranges, local
 
 
