@@ -15,19 +15,16 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-import tempfile
 import time
-from pathlib import Path
 
 import click
 
 from agent.output import render
-from agent.paths import state_dir_for
 
 from ..sandbox.flood import HeldFlows, connects, seconds_until_connects_work, syn_flood
-from ..sandbox.multinode import MultiNodeSandbox, nodewire_command
+from ..sandbox.multinode import MultiNodeSandbox
 from . import nftables_rules
-from .nodewire_mode import _service_doc, _slice_doc, _write_json
+from .nodeport import _start_nodewire, _stop_nodewire
 from .services import BenchService, Endpoint
 
 NODE_PORT, ECHO_PORT = 30180, 7000
@@ -46,31 +43,6 @@ def _nft_text(svc: BenchService) -> str:
     ]) + "\n"
 
 
-def _start_agent(node, svc: BenchService, d: Path) -> subprocess.Popen:
-    doc = _service_doc(svc)
-    doc["spec"]["type"] = "NodePort"
-    doc["spec"]["ports"][0]["nodePort"] = NODE_PORT
-    _write_json(d / "svc.json", [doc, _slice_doc(svc)])
-    log = open(d / "agent.log.txt", "w")
-    proc = subprocess.Popen(node.nsenter([nodewire_command(), "run", "--manifests", str(d), "--cgroup", node.cgroup,
-                                          "--pin-dir", node.pin_dir, "--node-name", node.name, "--devices", "eth0",
-                                          "--metrics-addr", "", "--no-observe", "--no-rdma"]),
-                            stdout=log, stderr=subprocess.STDOUT)
-    status = Path(state_dir_for(node.pin_dir), "status.json")
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline:
-        try:
-            if json.loads(status.read_text()).get("first_sync"):
-                return proc
-        except (FileNotFoundError, json.JSONDecodeError):
-            pass
-        if proc.poll() is not None:
-            raise RuntimeError(f"agent exited {proc.returncode}: {(d / 'agent.log.txt').read_text()[-2000:]}")
-        time.sleep(0.1)
-    proc.kill()
-    raise TimeoutError("nodewire not ready in 120 s")
-
-
 def run_one(mode: str, flows: int, flood: int, interval_us: int) -> dict:
     with MultiNodeSandbox(2) as sb:
         n1, n2 = sb.nodes
@@ -79,9 +51,9 @@ def run_one(mode: str, flows: int, flood: int, interval_us: int) -> dict:
             p.serve(echo_ports=[ECHO_PORT])
         svc = BenchService("bench-flood", "flood", "10.96.18.1", 80, "TCP",
                            (Endpoint(a1.ip4, ECHO_PORT), Endpoint(b1.ip4, ECHO_PORT)))
-        proc, d = None, Path(tempfile.mkdtemp(prefix="nodewire-bench-flood-"))
+        proc = None
         if mode == "nodewire":
-            proc = _start_agent(n1, svc, d)
+            proc, _, _ = _start_nodewire(sb, [], svc, 120, NODE_PORT, {a1.ip4: n1.name, b1.ip4: n2.name})
         else:
             res = subprocess.run(n1.nsenter(["nft", "-f", "-"]), input=_nft_text(svc), text=True, capture_output=True)
             if res.returncode != 0:
@@ -94,10 +66,7 @@ def run_one(mode: str, flows: int, flood: int, interval_us: int) -> dict:
             out = held.result(timeout=900)
         finally:
             if proc is not None:
-                proc.terminate()
-                proc.wait(timeout=20)
-                subprocess.run(n1.nsenter([nodewire_command(), "cleanup", "--pin-dir", n1.pin_dir, "--cgroup",
-                                           n1.cgroup]), capture_output=True)
+                _stop_nodewire(sb, proc)
         remote = sum(1 for n in held.names if n == "b1")
         broken = held.broken(out)
         return {"mode": mode, "flows": flows, "remote_flows": remote, "kept": flows - len(broken),
