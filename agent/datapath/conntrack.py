@@ -215,8 +215,15 @@ def halfopen_evicted(counters: dict[str, int], present: int) -> int:
 def register_conntrack_metrics(meter, collector: ConntrackCollector) -> None:
     from opentelemetry.metrics import Observation
 
+    cache: list = [0.0, None]
+
+    def current() -> dict:  # one read of the maps' counters per scrape, not one per instrument
+        if cache[1] is None or time.monotonic() - cache[0] > 1.0:
+            cache[:] = [time.monotonic(), collector.status()]
+        return cache[1]
+
     def from_status(fn):
-        return lambda _o: fn(collector.status())
+        return lambda _o: fn(current())
 
     meter.create_observable_gauge(
         "nodewire.conntrack.entries", unit="1", description="North-south conntrack entries by map and state",
