@@ -10,8 +10,8 @@ mode 0600 (only root can connect), and every peer's credentials (SO_PEERCRED) ar
 allowed uids before a request is read. Features add their own methods with `register(name, fn)`;
 fn(params) returns something JSON can encode, or raises ApiError for an answer with a code.
 
-The client half (`call`) is the stdlib-only helper the CLI and tests use; the CNI plugin has its own
-copy of the few lines it needs (agent/cni/plugin.py must not import the agent).
+The client half (`call`) is the stdlib-only helper the CLI and tests use; the CNI plugin, a static C
+executable (agent/cni/csrc), speaks the same protocol (MAX_LINE reaches it as -D).
 """
 from __future__ import annotations
 
@@ -27,6 +27,16 @@ log = logging.getLogger("nodewire.api")
 
 MAX_LINE = 1 << 20  # a request larger than this is refused (a CNI result is a few KiB)
 Method = Callable[[dict], Any]
+
+
+class Reply:
+    """A method's result and work to do once it is sent, so the caller is answered first (the CNI
+    plugin's ADD is on a pod's start-up path; what the agent does with it can follow)."""
+
+    __slots__ = ("result", "after")
+
+    def __init__(self, result: Any, after: Callable[[], None]):
+        self.result, self.after = result, after
 
 
 class ApiError(Exception):
@@ -69,6 +79,20 @@ class ApiServer:
 
     def dispatch(self, request: Any) -> dict:
         """One decoded request → one answer (also the seam unit tests drive without a socket)."""
+        answer, after = self._dispatch(request)
+        if after is not None:
+            after()
+        return answer
+
+    def _dispatch(self, request: Any) -> tuple[dict, Callable[[], None] | None]:
+        """The answer, and what to run once it is sent (a method's Reply.after)."""
+        answer = self._call(request)
+        if isinstance(answer.get("result"), Reply):
+            reply = answer["result"]
+            return {"result": reply.result}, reply.after
+        return answer, None
+
+    def _call(self, request: Any) -> dict:
         if not isinstance(request, dict) or not isinstance(request.get("method"), str):
             return _error("bad_request", 'a request is a JSON object with a string "method"')
         params = request.get("params") or {}
@@ -138,8 +162,13 @@ class ApiServer:
                 return
             conn.settimeout(60)
             with conn.makefile("rb") as f:  # the file holds the socket open: it is closed too
-                while _send(conn, self._answer(f, conn)):
-                    pass
+                while True:
+                    answer, after = self._answer(f, conn)
+                    sent = _send(conn, answer)
+                    if after is not None:
+                        after()
+                    if not sent:
+                        break
         except _Done:
             pass
         except Exception:
@@ -147,7 +176,7 @@ class ApiServer:
         finally:
             conn.close()
 
-    def _answer(self, f, conn: socket.socket) -> dict:
+    def _answer(self, f, conn: socket.socket) -> tuple[dict, Callable[[], None] | None]:
         """The answer to the next line; _Done when the peer is gone or the line is over the limit."""
         try:
             line = f.readline(MAX_LINE + 1)
@@ -161,10 +190,10 @@ class ApiServer:
         try:
             request = json.loads(line)
         except ValueError as e:
-            return _error("bad_request", f"not JSON: {e}")
+            return _error("bad_request", f"not JSON: {e}"), None
         except RecursionError:  # not a ValueError: it would end this thread without an answer
-            return _error("bad_request", "not JSON: nested too deeply")
-        return self.dispatch(request)
+            return _error("bad_request", "not JSON: nested too deeply"), None
+        return self._dispatch(request)
 
 
 class _Done(Exception):

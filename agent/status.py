@@ -75,6 +75,7 @@ class AgentStatus:
     sync_errors: list[str] = field(default_factory=list)
     northsouth: dict | None = None  # NodePort/ExternalIP/LB on the node devices, when --devices is given
     check: dict | None = None  # the sampled kernel-vs-desired drift check: runs, totals, last report
+    cni: dict | None = None  # CNI pods (told, adopted on CHECK, found by the scan) and the chain kept in cni-conf-dir
     written_at: float = 0.0
 
     def to_json(self) -> str:

@@ -54,7 +54,7 @@ class SyncLoop:
                  lock: threading.Lock | None = None, started: float | None = None,
                  on_synced: Callable[[], None] = lambda: None, counters: Counters | None = None):
         self.state, self.datapath, self.take = state, datapath, take
-        self.after_sync: list[Callable[[Any], None]] = []  # parts' hooks, run after each apply
+        self.after_sync: list[Callable[[dict, Any], None]] = []  # parts' hooks: (changes, result) after each apply
         self.lock = lock or threading.Lock()
         self.started = time.time() if started is None else started
         self.on_synced = on_synced  # e.g. the status writer's "something changed"
@@ -84,7 +84,7 @@ class SyncLoop:
                 res = self.datapath.apply(changes, full)
             self.note_fill()
         for hook in self.after_sync:  # before the records: a status showing this sync shows its effects
-            hook(res)
+            hook(changes, res)
         self.refused = (set() if full else self.refused - set(changes)) | {r.service for r in res.refusals}
         self._record(res, full)
         return res

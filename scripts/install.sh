@@ -10,7 +10,7 @@ cd "$(dirname "$0")/.."
 # `all` (the default: demo + test). This script only installs: it never stops a service or a process
 # (the tests start their own Prometheus on a free loopback port, beside any the machine runs).
 PROFILE=${1:-all}
-AGENT_APT=(python3-bpfcc bpfcc-tools linux-headers-amd64 bpftool iproute2 util-linux python3-venv python3-dev gcc make)
+AGENT_APT=(python3-bpfcc bpfcc-tools linux-headers-amd64 bpftool iproute2 util-linux python3-venv python3-dev gcc libc6-dev make)
 DEMO_APT=()          # the demo needs nothing beyond the agent's packages (sandbox: iproute2, netns, cgroups)
 TEST_APT=(           # tests and benchmarks only
   iputils-ping       # pings in the datapath/observer/CNI tests
@@ -77,4 +77,8 @@ if [ ! -f "$stamp" ]; then
   .venv/bin/pip install -q "${PIP_TARGETS[@]}"
   rm -f .venv/.installed-*; touch "$stamp"
 fi
+# nodewire-cni: one static executable (gcc -static against libc6-dev's libc.a), rebuilt when its C changed;
+# .venv/bin/nodewire-cni (pip's wrapper that execs it) becomes a link to it, so it starts no interpreter.
+CNI_BIN=$(.venv/bin/python -m agent.cni.build)
+ln -sfn "$CNI_BIN" .venv/bin/nodewire-cni
 echo "install: ready"

@@ -33,8 +33,8 @@ class Recorder(Component):
     def close(self) -> None:
         self.journal.append(("close", self.name))
 
-    def after_sync(self, res) -> None:
-        self.journal.append(("after_sync", self.name, res.services))
+    def after_sync(self, changes, res) -> None:
+        self.journal.append(("after_sync", self.name, sorted(k.name for k in changes), res.services))
 
     def ready(self):
         return self._ready
@@ -72,7 +72,7 @@ def test_parts_start_in_order_close_in_reverse_and_the_loop_writes_through_the_d
     loop.start()
     wait_for(lambda: agent.first_sync, 20, what="the first full sync")
     served = {addr_str(k[0]) for k in double.frontends()}
-    assert served == {"10.96.0.10"} and journal[2:] == [("after_sync", "a", 1), ("after_sync", "b", 1)]
+    assert served == {"10.96.0.10"} and journal[2:] == [("after_sync", "a", ["web"], 1), ("after_sync", "b", ["web"], 1)]
     st = agent.status()
     assert st.services == 1 and st.sources["manifests"].synced and st.sources["manifests"].detail["files"] == 1
     assert agent.ready() == (True, "1 services synced")

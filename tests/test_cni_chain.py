@@ -48,12 +48,14 @@ class Env:
         self.port = free_port()
         self.manifests = tmp / "manifests"
         self.manifests.mkdir()
+        self.bin, self.confdir = tmp / "bin", tmp / "net.d"
+        self.confdir.mkdir()
+        (tmp / "config.yaml").write_text(f"cni-conf-dir: {self.confdir}\n")  # as the DaemonSet's config says
         self.agent = agent_factory(self.manifests, pin_suffix="-cni", extra=[
+            "--config", str(tmp / "config.yaml"),
             "--node-name", NODE, "--veth-netns", sandbox.node_netns, "--netns-dir", str(self.netns_dir),
             "--metrics-addr", f"127.0.0.1:{self.port}", "--no-rdma"])
         self.socket = str(Path(state_dir_for(self.agent.pin_dir), "api.sock"))
-        self.bin, self.confdir = tmp / "bin", tmp / "net.d"
-        self.confdir.mkdir()
         self.primary = {
             "cniVersion": "1.0.0", "name": "podnet",
             "plugins": [
@@ -257,3 +259,70 @@ def test_restarted_agent_recovers_cni_pods_and_pods_that_predate_it(env):
              what="counters of the pod that predates the agent")
     for c in (cid, cid2):
         assert env.runtime.delete(c).code == 0
+
+
+def test_check_adopts_a_pod_added_while_the_agent_was_down(env):
+    """Added while the agent is down (failOpen), found by the restarted agent's netns scan: CHECK
+    carries what ADD does, so the agent takes the pod in as a CNI pod and CHECK passes."""
+    env.agent.kill(15)
+    cid, ns, pod = new_pod(env, "adopt-me")
+    r = env.runtime.add(cid, ns, pod)
+    assert r.code == 0
+    ip = r.out["ips"][0]["address"].split("/")[0]
+    veth = [i["name"] for i in r.out["interfaces"] if not i.get("sandbox") and i["name"].startswith("veth")][0]
+    write(env.manifests / "adopt.json", {"apiVersion": "v1", "kind": "Pod",
+                                         "metadata": {"name": "adopt-me", "namespace": "default"},
+                                         "spec": {"nodeName": NODE}, "status": {"podIPs": [{"ip": ip}]}})
+    env.agent.start()
+    wait_for(lambda: env.pods().get("default/adopt-me", {}).get("source") == "netns-scan", 20, what="scan finds it")
+    assert env.runtime.check(cid).code == 0  # the whole chain; nodewire answered code 3 before
+    row = wait_for(lambda: (lambda r: r.get("host_veth") and r)(env.pods().get("default/adopt-me", {})), 20,
+                   what="the adopted pod's veth")
+    assert row["source"] == "cni" and row["host_veth"] == veth and row["uid"] == pod[2] and row["ips"] == [ip]
+    assert [r["source"] for r in call(env.socket, "cni.list") if r["pod"] == "default/adopt-me"] == ["cni"]
+    assert wait_for(lambda: (env.agent.status().cni or {}).get("adopted"), 20, what="status: adopted") == 1
+    assert env.runtime.check(cid).code == 0  # and again, now known
+    assert env.runtime.delete(cid).code == 0
+    assert "default/adopt-me" not in env.pods() or env.pods()["default/adopt-me"]["source"] == "netns-scan"
+    (env.manifests / "adopt.json").unlink()
+
+
+def _flannel_rewrites(path: Path, conf: dict) -> None:
+    """What flannel's install step does on restart: its own conflist copied over the file."""
+    tmp = path.with_name(".flannel-tmp")
+    tmp.write_text(json.dumps(conf))
+    tmp.rename(path)
+
+
+def test_the_agent_chains_nodewire_again_when_the_primary_rewrites_its_conflist(env):
+    path = env.confdir / "10-podnet.conflist"
+    backup = path.with_name(path.name + BACKUP_SUFFIX)
+    newer = json.loads(json.dumps(env.primary))
+    newer["plugins"][0]["mtu"] = 1400
+    _flannel_rewrites(path, newer)
+    now = wait_for(lambda: (lambda c: c["plugins"][-1]["type"] == "nodewire-cni" and c)(json.loads(path.read_text())),
+                   10, what="nodewire chained again")
+    assert [p["type"] for p in now["plugins"]] == ["bridge", "portmap", "nodewire-cni"]
+    assert now["plugins"][0]["mtu"] == 1400 and now["plugins"][-1] == env.conflist["plugins"][-1]  # entry as installed
+    assert json.loads(backup.read_text()) == newer  # the primary's newest own file is the kept original
+    # a partial write (the primary mid-write) is left alone; the complete file that follows is chained
+    path.write_text('{"cniVersion": "1.0.0", "name": "podnet", "plu')
+    _flannel_rewrites(path, env.primary)
+    wait_for(lambda: json.loads(path.read_text())["plugins"][-1]["type"] == "nodewire-cni", 10,
+             what="nodewire chained after the partial write")
+    assert json.loads(backup.read_text()) == env.primary
+    # uninstall ends the keeping, with the agent running: a rewrite after it stays as the primary wrote it
+    looked = env.agent.status().cni["chain"]["looked"]
+    out = subprocess.run([NODEWIRE, "cni", "uninstall", "--cni-bin-dir", str(env.tmp / "no-bin"), "--cni-conf-dir",
+                          str(env.confdir)], capture_output=True, text=True)
+    assert out.returncode == 0 and json.loads(path.read_text()) == env.primary, out
+    looked = wait_for(lambda: (lambda n: n > looked and n)(env.agent.status().cni["chain"]["looked"]), 20,
+                      what="the agent to see the uninstall")
+    _flannel_rewrites(path, newer)
+    chain = wait_for(lambda: (lambda c: c["looked"] > looked and c)(env.agent.status().cni["chain"]), 20,
+                     what="the agent to look at the rewritten dir")
+    assert json.loads(path.read_text()) == newer and not backup.exists() and not chain["managed"]
+    assert chain["restored"] >= 2 and chain["watched"] and chain["errors"] == []
+    out = subprocess.run([NODEWIRE, "cni", "install", "--cni-bin-dir", str(env.bin), "--cni-conf-dir",
+                          str(env.confdir), "--pin-dir", env.agent.pin_dir], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr

@@ -14,6 +14,7 @@ import random
 import secrets
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -21,11 +22,13 @@ import pytest
 from nodewire_dev.containerd import Containerd
 from tests.conftest import NODEWIRE, AgentProcess, wait_for
 from tests.manifests import write
+from tests.observe_helpers import free_port, samples
 
 pytestmark = [pytest.mark.root, pytest.mark.timeout(240)]
 
 DEBIAN_CNI = "/usr/lib/cni"
 NODE = "ctd-node"
+ICMP_FRAME = 14 + 20 + 8 + 56  # ethernet + IPv4 + ICMP header + ping's default 56 data bytes
 
 if shutil.which("containerd") is None or not Path(DEBIAN_CNI, "bridge").exists():
     pytest.skip("containerd or containernetworking-plugins not installed", allow_module_level=True)
@@ -43,9 +46,10 @@ class Node:
         self.node_netns = f"/var/run/netns/{sandbox.node_netns}"
         self.containerd = Containerd(tmp / "containerd", sandbox.node_netns, str(self.bin), str(self.confdir),
                                      sandbox.prefix)
+        self.metrics = f"127.0.0.1:{free_port()}"  # inside the node netns
         self.agent = AgentProcess(self.manifests, sandbox.cgroup, f"/sys/fs/bpf/{sandbox.prefix}-ctd", extra=[
-            "--node-name", NODE, "--netns-dir", self.containerd.netns_dir, "--metrics-addr", "",
-            "--no-observe", "--no-rdma"], prefix=["nsenter", f"--net={self.node_netns}"])
+            "--node-name", NODE, "--netns-dir", self.containerd.netns_dir, "--metrics-addr", self.metrics,
+            "--no-rdma"], prefix=["nsenter", f"--net={self.node_netns}"])
         primary = {"cniVersion": "1.0.0", "name": "podnet", "plugins": [
             {"type": "bridge", "bridge": f"{sandbox.prefix}k0", "isGateway": True, "ipMasq": False,
              "ipam": {"type": "host-local", "ranges": [[{"subnet": f"{self.net}.0/24"}]],
@@ -80,9 +84,17 @@ class Node:
                              check=True).stdout
         return {link["ifname"] for link in json.loads(out)}
 
-    def ping(self, netns: str, ip: str) -> bool:
-        return subprocess.run(["nsenter", f"--net={netns}", "ping", "-q", "-c", "2", "-i", "0.2", "-W", "2", ip],
-                              capture_output=True).returncode == 0
+    def ping(self, netns: str, ip: str, count: int = 2) -> bool:
+        return subprocess.run(["nsenter", f"--net={netns}", "ping", "-q", "-c", str(count), "-i", "0.2", "-W", "2",
+                               ip], capture_output=True).returncode == 0
+
+    def transmitted(self, pod: str) -> float | None:
+        """The pod's k8s.pod.network.io transmit series, scraped from inside the node netns."""
+        code = f"import urllib.request; print(urllib.request.urlopen('http://{self.metrics}/metrics').read().decode())"
+        out = subprocess.run(["nsenter", f"--net={self.node_netns}", sys.executable, "-c", code],
+                             capture_output=True, text=True, timeout=30)
+        found = samples(out.stdout, "k8s_pod_network_io_bytes_total", k8s_pod_name=pod, network_io_direction="transmit")
+        return next(iter(found.values()), None)
 
 
 @pytest.fixture(scope="module")
@@ -97,13 +109,16 @@ def node(sandbox, tmp_path_factory):
         n.agent.cleanup()
 
 
-def test_pods_containerd_runs_are_known_with_veth_and_ip_and_reach_each_other(node):
+def test_pods_containerd_runs_are_known_with_veth_and_ip_reach_each_other_and_are_counted(node):
     a, b = node.run_pod("ctd-a"), node.run_pod("ctd-b")
     ka, kb = node.known("ctd-a"), node.known("ctd-b")
     assert ka["ips"] == [a.ip] and kb["ips"] == [b.ip]
     assert ka["uid"] == a.uid and ka["source"] == "cni"
     assert {ka["host_veth"], kb["host_veth"]} <= node.node_links()  # the node-side ends, in the node netns
     assert node.ping(a.netns, b.ip) and node.ping(b.netns, a.ip)
+    before = wait_for(lambda: node.transmitted("ctd-a"), 20, what="ctd-a's first series")
+    assert node.ping(a.netns, b.ip, count=5)
+    wait_for(lambda: (node.transmitted("ctd-a") or 0) - before >= 5 * ICMP_FRAME, 20, what="ctd-a's bytes to move")
 
 
 def test_stop_forgets_the_pod_and_remove_after_it_succeeds(node):

@@ -30,6 +30,8 @@ def test_demo_balances_refuses_and_cleans_up():
     web = result["connect_seconds"]["default/web"]
     assert web["p50"] is not None and set(web["backends"]) == {"default/web-1", "default/web-2", "default/web-3"}
     assert result["pod_bytes"]["client"]["transmitted"] > 0 and result["pod_bytes"]["web-1"]["received"] > 0
+    # workload identity as a user's cluster has it: the pods' ReplicaSet ownerReferences name their Deployment
+    assert result["deployments"] == {"web-1": "web", "web-2": "web", "web-3": "web", "dns-1": "dns", "dns-2": "dns"}
     # north-south: an external client is answered through both nodes' NodePort and the LoadBalancer IP
     ns = result["north_south"]
     assert len(ns) == 3 and all(set(v) <= {"shop-1", "shop-2"} and v for v in ns.values()), ns

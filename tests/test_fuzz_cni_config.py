@@ -1,19 +1,24 @@
 """Fuzzed CNI plugin input (stdin network configuration and CNI_* environment) and config files /
-NODEWIRE_* variables (hypothesis). The plugin always answers with a CNI result or a CNI error object
-(code + msg), never a traceback; the config loader raises only ConfigError, naming the key."""
+NODEWIRE_* variables (hypothesis). The plugin (the static binary, run as a runtime runs it) always
+answers with a CNI result or a CNI error object (code + msg), never a crash, and passes prevResult
+through as JSON reads it; the config loader raises only ConfigError, naming the key."""
 from __future__ import annotations
 
 import json
 import os
+import subprocess
 import tempfile
 
 import yaml
 from hypothesis import given, strategies as st
 
 from agent import config as configuration
-from agent.cni import plugin
+from agent.cni.build import ensure
 from tests.fuzz_strategies import JSON
 
+PLUGIN = str(ensure())
+SUPPORTED_VERSIONS = json.loads(subprocess.run([PLUGIN], env={"CNI_COMMAND": "VERSION"}, capture_output=True,
+                                               check=True).stdout)["supportedVersions"]
 KEYS = sorted(configuration.keys())
 CNI_ENV = ["CNI_COMMAND", "CNI_CONTAINERID", "CNI_NETNS", "CNI_IFNAME", "CNI_ARGS", "CNI_PATH"]
 TEXT = st.text(max_size=60) | st.sampled_from(["", "ADD", "DEL", "CHECK", "STATUS", "GC", "VERSION", "/proc/1/ns/net",
@@ -21,21 +26,23 @@ TEXT = st.text(max_size=60) | st.sampled_from(["", "ADD", "DEL", "CHECK", "STATU
 CONF = st.one_of(
     st.binary(max_size=200).map(lambda b: b.decode("latin-1")),
     JSON.map(json.dumps),
-    st.fixed_dictionaries({"cniVersion": st.sampled_from(list(plugin.SUPPORTED_VERSIONS)) | JSON},
+    st.fixed_dictionaries({"cniVersion": st.sampled_from(SUPPORTED_VERSIONS) | JSON},
                           optional={"name": JSON, "type": JSON, "failOpen": JSON, "socket": JSON, "timeout": JSON,
                                     "logFile": JSON, "prevResult": JSON, "runtimeConfig": JSON}).map(json.dumps),
 )
 
 
+def run_plugin(command: str, stdin: bytes, env: dict) -> tuple[int, dict | None]:
+    r = subprocess.run([PLUGIN], input=stdin, capture_output=True, env={**env, "CNI_COMMAND": command}, timeout=30)
+    assert r.returncode in (0, 1), r  # never a signal (a crash) or another code
+    return r.returncode, json.loads(r.stdout) if r.stdout.strip() else None  # what the runtime reads is JSON
+
+
 @given(env=st.fixed_dictionaries({}, optional={k: TEXT for k in CNI_ENV}), stdin=CONF,
        command=st.sampled_from(["ADD", "DEL", "CHECK", "STATUS", "GC", "VERSION", "bogus", ""]))
-def test_cni_plugin_answers_every_input_with_a_result_or_a_cni_error(env, stdin, command, monkeypatch):
+def test_cni_plugin_answers_every_input_with_a_result_or_a_cni_error(env, stdin, command):
     with tempfile.TemporaryDirectory() as d:
-        for k in CNI_ENV:
-            monkeypatch.delenv(k, raising=False)
-        for k, v in env.items():
-            if "\0" not in v:
-                monkeypatch.setenv(k, v)
+        env = {k: v for k, v in env.items() if "\0" not in v}
         if stdin.startswith("{") and '"socket"' not in stdin:  # never the real agent's socket
             try:
                 conf = json.loads(stdin)
@@ -44,11 +51,28 @@ def test_cni_plugin_answers_every_input_with_a_result_or_a_cni_error(env, stdin,
                     stdin = json.dumps(conf)
             except ValueError:
                 pass
-        code, out = plugin.run(command, stdin)
-        assert code in (0, 1)
+        code, out = run_plugin(command, stdin.encode("utf-8", "surrogateescape"), env)
         if code == 1:
             assert isinstance(out["code"], int) and isinstance(out["msg"], str) and out["msg"], out
-        json.dumps(out)  # what the runtime reads is JSON
+        elif command == "ADD":
+            assert out == dict(json.loads(stdin)["prevResult"], cniVersion=json.loads(stdin)["cniVersion"])
+
+
+@given(prev=st.dictionaries(st.text(max_size=10), JSON, max_size=6), version=st.sampled_from(SUPPORTED_VERSIONS),
+       spaced=st.booleans())
+def test_any_prevresult_passes_through_add_as_json_reads_it(prev, version, spaced):
+    """The reader and writer agree with json: whatever the primary plugin printed reaches the runtime
+    unchanged (bar cniVersion), with the agent down and failOpen."""
+    with tempfile.TemporaryDirectory() as d:
+        conf = {"cniVersion": version, "name": "n", "socket": os.path.join(d, "none.sock"),
+                "logFile": os.path.join(d, "log"), "prevResult": prev}
+        text = json.dumps(conf, indent=2 if spaced else None, ensure_ascii=spaced)
+        code, out = run_plugin("ADD", text.encode("utf-8", "surrogatepass"),
+                               {"CNI_CONTAINERID": "c", "CNI_IFNAME": "eth0", "CNI_NETNS": "/proc/self/ns/net"})
+        if not spaced and any(0xD800 <= ord(ch) <= 0xDFFF for ch in text):
+            assert code == 1 and out["code"] == 6  # a lone surrogate written raw is not UTF-8: refused
+            return
+        assert code == 0 and out == dict(prev, cniVersion=version), out
 
 
 @given(st.dictionaries(st.sampled_from(KEYS) | st.text(max_size=12), JSON | st.text(max_size=20), max_size=6)

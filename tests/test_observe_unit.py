@@ -201,6 +201,39 @@ def test_workload_labels_from_owner_references_and_pod_template_hash():
                                               "nodewire.backend.pod": "shop/lonely"}
 
 
+def test_series_of_owned_and_bare_pods_keep_their_own_labels_in_the_prometheus_exposition():
+    """A Deployment's pod carries two attributes more than a bare pod on the same metric; the
+    exposition must give every sample its own labels (opentelemetry-exporter-prometheus < 0.52b0
+    labelled all samples with the last data point's keys, so owned pods' values landed under the
+    wrong names: k8s_pod_name="sandbox", network_io_direction="web-5d4f8c7b9")."""
+    import urllib.request
+
+    from prometheus_client.parser import text_string_to_metric_families
+
+    from agent.export.telemetry import start_telemetry
+
+    tel = start_telemetry("127.0.0.1:0", "n1")
+    try:
+        counter = tel.meter("test-workload-labels").create_counter("nodewire.test.workload.labels")
+        base = {"k8s.namespace.name": "default", "k8s.node.name": "n1"}
+        owned = {**base, "k8s.pod.name": "web-1", "k8s.deployment.name": "web", "k8s.replicaset.name": "web-5d4f8c7b9"}
+        counter.add(5, owned)
+        counter.add(7, {**base, "k8s.pod.name": "client"})
+        counter.add(9, {"k8s.replicaset.name": "web-5d4f8c7b9", **base, "k8s.pod.name": "web-2",
+                        "k8s.deployment.name": "web"})  # another order of the same keys
+        text = urllib.request.urlopen(f"http://127.0.0.1:{tel.port}/metrics", timeout=10).read().decode()
+    finally:
+        tel.shutdown()
+    got = {s.labels["k8s_pod_name"]: (s.labels, s.value) for f in text_string_to_metric_families(text)
+           for s in f.samples if s.name == "nodewire_test_workload_labels_total"}
+    assert got == {
+        "web-1": ({"k8s_namespace_name": "default", "k8s_node_name": "n1", "k8s_pod_name": "web-1",
+                   "k8s_deployment_name": "web", "k8s_replicaset_name": "web-5d4f8c7b9"}, 5.0),
+        "client": ({"k8s_namespace_name": "default", "k8s_node_name": "n1", "k8s_pod_name": "client"}, 7.0),
+        "web-2": ({"k8s_namespace_name": "default", "k8s_node_name": "n1", "k8s_pod_name": "web-2",
+                   "k8s_deployment_name": "web", "k8s_replicaset_name": "web-5d4f8c7b9"}, 9.0)}
+
+
 def test_one_quantile_function_and_the_scale_0_exponential_form():
     from agent.histogram import bucket_quantile, slot_quantile
 

@@ -100,7 +100,7 @@ def test_hooks_run_after_each_sync_and_every_turn():
     loop = loop_over(double)
     put(loop.state, "web", "10.96.0.10", ["10.0.0.1"])
     synced, ticks = [], []
-    loop.after_sync.append(lambda res: synced.append((res.services, dict(served(double)))))
+    loop.after_sync.append(lambda changes, res: synced.append((sorted(k.name for k in changes), dict(served(double)))))
     stop = threading.Event()
     t = threading.Thread(target=loop.run, args=(stop, [lambda: ticks.append(1)]), daemon=True)
     t.start()
@@ -115,8 +115,8 @@ def test_hooks_run_after_each_sync_and_every_turn():
         t.join(10)
     assert not t.is_alive()
     # the hook saw the maps already written: it runs after the datapath, before the records
-    assert synced[0] == (1, {"10.96.0.10": ["10.0.0.1"]})
-    assert synced[1] == (1, {"10.96.0.10": ["10.0.0.1"], "10.96.0.11": ["10.0.0.3"]})
+    assert synced[0] == (["web"], {"10.96.0.10": ["10.0.0.1"]})
+    assert synced[1] == (["api"], {"10.96.0.10": ["10.0.0.1"], "10.96.0.11": ["10.0.0.3"]})
     assert loop.counters.syncs == 2
 
 

@@ -25,8 +25,8 @@ def _options(fn):
 
 @cni.command()
 @_options
-@click.option("--python", "python", default="/usr/bin/python3", show_default=True,
-              help="The node's Python 3 (nodewire-cni is one standard-library file run with -I -S).")
+@click.option("--python", "python", default=None, hidden=True,
+              help="Ignored: nodewire-cni is a static executable now (kept so existing scripts still run).")
 @click.option("--socket", "socket_path", default=None, help="The agent API socket the plugin calls [default: the agent's].")
 @click.pass_context
 def install(ctx, config_path, pin_dir, python, socket_path, **kwargs) -> None:
@@ -39,7 +39,7 @@ def install(ctx, config_path, pin_dir, python, socket_path, **kwargs) -> None:
     settings = PluginSettings(socket=socket_path or cfg.api_socket_path, fail_open=cfg.cni_fail_open,
                               log_file=cfg.cni_log_file)
     try:
-        binary = install_binary(cfg.cni_bin_dir, python)
+        binary = install_binary(cfg.cni_bin_dir)
         conf = install_conf(cfg.cni_conf_dir, settings)
     except (InstallError, OSError) as e:
         raise click.ClickException(str(e)) from None

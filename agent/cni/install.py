@@ -18,7 +18,7 @@ from pathlib import Path
 PLUGIN_TYPE = "nodewire-cni"
 BACKUP_SUFFIX = ".nodewire-orig"
 CONF_EXTENSIONS = (".conflist", ".conf", ".json")
-PLUGIN_SOURCE = Path(__file__).with_name("plugin.py")
+LEGACY_DIR = f".{PLUGIN_TYPE}"  # where the Python plugin (before the static one) kept its module
 
 
 class InstallError(Exception):
@@ -49,21 +49,21 @@ def _write_atomic(path: Path, data: bytes, mode: int) -> None:
     os.replace(tmp, path)
 
 
-def install_binary(bin_dir: str, python: str = "/usr/bin/python3") -> Path:
-    """The plugin as a three-line launcher (`<bin>/nodewire-cni`, run by the node's interpreter with
-    -I -S: no site-packages) and the module beside it in `<bin>/.nodewire-cni/`, compiled now, so a
-    pod's ADD does not parse 300 lines first (~4 ms of a ~30 ms ADD, measured). A node interpreter of
-    another version compiles it once itself."""
-    import py_compile
+def install_binary(bin_dir: str) -> Path:
+    """The static plugin (agent/cni/build.py; built now when the package came without it) copied to
+    `<bin>/nodewire-cni`. A node needs nothing else to run it: no interpreter, no shared library."""
+    from .build import BuildError, ensure
 
+    try:
+        binary = ensure()
+    except BuildError as e:
+        raise InstallError(str(e)) from None
     target = Path(bin_dir, PLUGIN_TYPE)
-    lib = Path(bin_dir, f".{PLUGIN_TYPE}")
-    lib.mkdir(parents=True, exist_ok=True)
-    module = lib / "nodewire_cni.py"
-    _write_atomic(module, PLUGIN_SOURCE.read_bytes(), 0o644)
-    py_compile.compile(str(module), doraise=True, invalidation_mode=py_compile.PycInvalidationMode.CHECKED_HASH)
-    launcher = f"#!{python} -IS\nimport sys\nsys.path.insert(0, {str(lib)!r})\nfrom nodewire_cni import main\nmain()\n"
-    _write_atomic(target, launcher.encode(), 0o755)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    _write_atomic(target, binary.read_bytes(), 0o755)
+    import shutil
+
+    shutil.rmtree(Path(bin_dir, LEGACY_DIR), ignore_errors=True)  # the module of the Python plugin
     return target
 
 
@@ -75,7 +75,8 @@ def primary_conf(conf_dir: str) -> Path | None:
     return files[0] if files else None
 
 
-def _load(path: Path) -> dict:
+def load_conf(path: Path) -> dict:
+    """A network configuration file as a conflist (a single-plugin .conf becomes a list of one)."""
     try:
         conf = json.loads(path.read_text())
     except ValueError as e:
@@ -92,9 +93,13 @@ def _load(path: Path) -> dict:
     return conf
 
 
+def _has_nodewire(conf: dict) -> bool:
+    return any(isinstance(p, dict) and p.get("type") == PLUGIN_TYPE for p in conf["plugins"])
+
+
 def chained(conf: dict, settings: PluginSettings) -> dict:
     """conf with nodewire as its last plugin (an existing nodewire entry is replaced, not doubled)."""
-    plugins = [p for p in conf["plugins"] if p.get("type") != PLUGIN_TYPE]
+    plugins = [p for p in conf["plugins"] if not (isinstance(p, dict) and p.get("type") == PLUGIN_TYPE)]
     if not plugins:
         raise InstallError("the configuration has no primary plugin to chain after")
     return dict(conf, plugins=plugins + [settings.entry()])
@@ -104,9 +109,9 @@ def install_conf(conf_dir: str, settings: PluginSettings) -> Path:
     path = primary_conf(conf_dir)
     if path is None:
         raise InstallError(f"no CNI network configuration in {conf_dir} yet (the primary CNI writes it)")
-    conf = _load(path)
+    conf = load_conf(path)
     backup = path.with_name(path.name + BACKUP_SUFFIX)
-    if not backup.exists():
+    if not backup.exists() or not _has_nodewire(conf):  # without nodewire it is the primary's own, newest
         _write_atomic(backup, path.read_bytes(), 0o644)
     target = path if path.suffix == ".conflist" else path.with_suffix(".conflist")
     _write_atomic(target, (json.dumps(chained(conf, settings), indent=2) + "\n").encode(), 0o644)
@@ -127,8 +132,8 @@ def uninstall(conf_dir: str, bin_dir: str | None) -> list[str]:
         os.replace(backup, original)
         done.append(f"restored {original}")
     for path in sorted(d.glob("*.conflist")) if d.is_dir() else []:
-        conf = _load(path)
-        plugins = [p for p in conf["plugins"] if p.get("type") != PLUGIN_TYPE]
+        conf = load_conf(path)
+        plugins = [p for p in conf["plugins"] if not (isinstance(p, dict) and p.get("type") == PLUGIN_TYPE)]
         if len(plugins) != len(conf["plugins"]):
             _write_atomic(path, (json.dumps(dict(conf, plugins=plugins), indent=2) + "\n").encode(), 0o644)
             done.append(f"removed nodewire from {path}")
@@ -140,5 +145,5 @@ def uninstall(conf_dir: str, bin_dir: str | None) -> list[str]:
             done.append(f"removed {Path(bin_dir, PLUGIN_TYPE)}")
         except FileNotFoundError:
             pass
-        shutil.rmtree(Path(bin_dir, f".{PLUGIN_TYPE}"), ignore_errors=True)
+        shutil.rmtree(Path(bin_dir, LEGACY_DIR), ignore_errors=True)
     return done

@@ -7,7 +7,8 @@ API, the telemetry, another component by name), and it gives back its part of th
 (agent/status.py) through status(st).
 
 Hooks of the loop, all optional and all on the loop's thread:
-  after_sync(res)  after each sync that wrote something (the socket sweep, the north-south health)
+  after_sync(changes, res)  after each apply: what the loop took (Service key → its view) and the
+                   datapath's result (the socket sweep, the north-south health servers)
   tick()           every turn of the loop, changed or idle (observer identity, drift check, RDMA opt-ins)
 """
 from __future__ import annotations
@@ -50,8 +51,8 @@ class Component:
         """Register this part's OTel instruments (observable: read at scrape time) on
         telemetry.meter(name); called once every part started, when the telemetry part is on."""
 
-    def after_sync(self, res) -> None:
-        """After a sync that ran (res: the datapath's SyncResult)."""
+    def after_sync(self, changes: dict, res) -> None:
+        """After a sync that ran: changes as the datapath got them, res its SyncResult."""
 
     def tick(self) -> None:
         """Every turn of the loop, after the sync (cheap when nothing changed)."""

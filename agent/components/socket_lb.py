@@ -43,7 +43,7 @@ class SocketLB(Component):
                  "preexisting_entries=%d", ctx.cgroup, cfg.pin_dir, len(self.programs), time.perf_counter() - t0,
                  self.lb.loaded.compiled, self.reconciler.svc_entries)
 
-    def after_sync(self, res) -> None:
+    def after_sync(self, changes, res) -> None:
         """Destroy sockets connected through a Service to a backend that left it (stale_sockets.py)."""
         self._syncs += 1
         try:

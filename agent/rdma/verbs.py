@@ -27,11 +27,12 @@ import os
 import re
 import threading
 import time
-from dataclasses import dataclass, field
 
-from ..histogram import HIST_SLOTS, bounds, hist_cflags, slot_of  # noqa: F401 (slot_of: tests)
+from ..histogram import HIST_SLOTS, hist_cflags, slot_of  # noqa: F401 (slot_of: tests)
 from .elf import ElfError, read_elf
 from .layout import VerbsLayout, load_layout
+from .procmaps import ProbeTarget, TracedProcess, comm_of, proc_start_time, read_maps, resolve, symbol_name
+from .verbs_export import QpErrors, QpLatency, Snapshot, counter_metrics, latency_metrics
 
 log = logging.getLogger("nodewire.rdma.verbs")
 
@@ -43,109 +44,7 @@ PROBES = {  # role → [(bcc function, return probe?)]
     "post_recv": [("nw_post_recv", False)],
     "poll_cq": [("nw_poll_enter", False), ("nw_poll_ret", True)],
 }
-LATENCY_BOUNDS_S = bounds(1e-6)
 LIBIBVERBS = re.compile(r"/libibverbs\.so[.\d]*$")
-
-
-@dataclass(frozen=True)
-class Mapping:
-    start: int
-    end: int
-    offset: int
-    dev: str
-    inode: int
-    path: str
-
-
-def read_maps(pid: int) -> list[Mapping]:
-    out = []
-    with open(f"/proc/{pid}/maps") as f:
-        for line in f:
-            parts = line.split(maxsplit=5)
-            if len(parts) < 6 or not parts[5].startswith("/"):
-                continue
-            lo, hi = parts[0].split("-")
-            out.append(Mapping(int(lo, 16), int(hi, 16), int(parts[2], 16), parts[3], int(parts[4]),
-                               parts[5].rstrip("\n").removesuffix(" (deleted)")))
-    return out
-
-
-def proc_start_time(pid: int) -> int | None:
-    """Field 22 of /proc/PID/stat: tells a pid apart from a later process that reuses it."""
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return int(f.read().rsplit(")", 1)[1].split()[19])
-    except (OSError, IndexError, ValueError):
-        return None
-
-
-@dataclass(frozen=True)
-class ProbeTarget:
-    role: str
-    path: str            # as seen from this (host) mount namespace: /proc/PID/root/<path>
-    vaddr: int
-    build_id: str | None
-
-
-def resolve(pid: int, addr: int, maps: list[Mapping] | None = None, elf_cache: dict | None = None):
-    """Runtime address in `pid` → (host path of the file, ELF vaddr, build-id)."""
-    maps = maps if maps is not None else read_maps(pid)
-    for m in maps:
-        if m.start <= addr < m.end:
-            host = f"/proc/{pid}/root{m.path}"
-            key = (m.dev, m.inode)
-            info = elf_cache.get(key) if elf_cache is not None else None
-            if info is None:
-                info = read_elf(host)
-                if elf_cache is not None:
-                    elf_cache[key] = info
-            return host, info.vaddr_of_offset(addr - m.start + m.offset), info.build_id
-    raise ElfError(f"pid {pid}: address 0x{addr:x} is in no file mapping")
-
-
-@dataclass
-class TracedProcess:
-    pid: int
-    start_time: int | None
-    comm: str
-    targets: list[ProbeTarget]
-    devices: dict[int, str] = field(default_factory=dict)      # ibv_context address → device name
-    events: list[bytes] = field(default_factory=list)           # BCC uprobe event names attached
-    attrs: dict = field(default_factory=dict)                   # identity attributes (pod)
-    attached: bool = False                                      # every target's probes are on
-
-
-@dataclass(frozen=True)
-class QpLatency:
-    pid: int
-    comm: str
-    device: str
-    qp_num: int
-    direction: str                 # "send" or "recv"
-    slots: tuple[int, ...]         # HIST_SLOTS counts
-    sum_us: int
-
-    @property
-    def count(self) -> int:
-        return sum(self.slots)
-
-
-@dataclass(frozen=True)
-class QpErrors:
-    pid: int
-    comm: str
-    device: str
-    qp_num: int
-    status: str
-    count: int
-
-
-@dataclass
-class Snapshot:
-    latency: list[QpLatency]
-    errors: list[QpErrors]
-    stats: dict[str, int]
-    traced: dict[int, str]         # pid → comm
 
 
 class VerbsTracer:
@@ -240,7 +139,7 @@ class VerbsTracer:
             targets.append(ProbeTarget(role, path, vaddr, build_id))
             if log.isEnabledFor(logging.DEBUG):   # symbolising loads every module's symbols: debug only
                 log.debug("rdma provider pid=%d device=%s role=%s file=%s vaddr=0x%x symbol=%s build_id=%s",
-                          pid, dev, role, path, vaddr, _symbol(addrs[role], pid), build_id)
+                          pid, dev, role, path, vaddr, symbol_name(addrs[role], pid), build_id)
             if build_id and self.providers.get(build_id, {}).get(role) != vaddr:
                 self.providers.setdefault(build_id, {})[role] = vaddr
                 learned = True
@@ -274,7 +173,7 @@ class VerbsTracer:
     def _adopt(self, pid: int, targets: list[ProbeTarget], ctx: int | None, dev: str | None) -> None:
         p = self.procs.get(pid)
         if p is None:
-            p = self.procs[pid] = TracedProcess(pid, proc_start_time(pid), _comm(pid), [])
+            p = self.procs[pid] = TracedProcess(pid, proc_start_time(pid), comm_of(pid), [])
             if self.identity is not None:
                 try:
                     p.attrs = dict(self.identity(pid) or {})
@@ -556,59 +455,12 @@ class VerbsTracer:
                 "rdma.device": dev, "rdma.qp_num": qp}
 
     def latency_metrics(self, snap: Snapshot | None = None, now_ns: int | None = None) -> list:
-        """The kernel histograms as one OTel histogram metric, bucket for bucket: slot s is the
-        bucket with upper bound 2^s µs (upper-inclusive, like OTel's explicit bounds), the last slot
-        is +Inf. For a Telemetry producer (a callable returning Metric objects)."""
-        from opentelemetry.sdk.metrics.export import (AggregationTemporality, Histogram,
-                                                      HistogramDataPoint, Metric)
-
-        snap = snap or self.snapshot()
-        now = now_ns or time.time_ns()
-        points, seen = [], set()
-        for h in snap.latency:
-            key = (h.pid, h.qp_num, h.direction)
-            seen.add(key)
-            start = self._series_start.setdefault(key, now)
-            points.append(HistogramDataPoint(
-                attributes={**self._attrs(h.pid, h.comm, h.device, h.qp_num), "rdma.direction": h.direction},
-                start_time_unix_nano=start, time_unix_nano=now, count=h.count, sum=h.sum_us * 1e-6,
-                bucket_counts=list(h.slots), explicit_bounds=LATENCY_BOUNDS_S, min=None, max=None))
-        for key in [k for k in self._series_start if len(k) == 3 and k not in seen]:  # (3: not error series)
-            del self._series_start[key]
-        if not points:
-            return []
-        return [Metric(name="nodewire.rdma.wr.latency", unit="s",
-                       description="Verbs work request latency, post to completion polled (kernel log2 buckets)",
-                       data=Histogram(data_points=points,
-                                      aggregation_temporality=AggregationTemporality.CUMULATIVE))]
+        """The latency histograms as OTel metrics (verbs_export.py)."""
+        return latency_metrics(snap or self.snapshot(), self._attrs, self._series_start, now_ns or time.time_ns())
 
     def counter_metrics(self, snap: Snapshot | None = None, now_ns: int | None = None) -> list:
-        """Completion and error counters per (process, device, qp) as OTel cumulative sums, for a
-        Telemetry producer: like the histograms, under the telemetry's one series cap (an
-        observable counter would bypass it) and gone with their process."""
-        from opentelemetry.sdk.metrics.export import AggregationTemporality, Metric, NumberDataPoint, Sum
-
-        snap = snap or self.snapshot()
-        now = now_ns or time.time_ns()
-
-        def point(key, attrs, value):
-            return NumberDataPoint(attributes=attrs, start_time_unix_nano=self._series_start.setdefault(key, now),
-                                   time_unix_nano=now, value=value)
-
-        done = [point((q.pid, q.qp_num, q.direction), {**self._attrs(q.pid, q.comm, q.device, q.qp_num),
-                                                       "rdma.direction": q.direction}, q.count) for q in snap.latency]
-        errs = [point(("err", e.pid, e.qp_num, e.status), {**self._attrs(e.pid, e.comm, e.device, e.qp_num),
-                                                    "rdma.wc.status": e.status}, e.count) for e in snap.errors]
-        live = {("err", e.pid, e.qp_num, e.status) for e in snap.errors}
-        for key in [k for k in self._series_start if len(k) == 4 and k not in live]:
-            del self._series_start[key]
-        out = []
-        for name, desc, pts in (("nodewire.rdma.wr.completions", "Timed work-request completions per QP", done),
-                                ("nodewire.rdma.wc.errors", "Completions with an error status, per QP and status", errs)):
-            if pts:
-                out.append(Metric(name=name, unit="{completion}", description=desc, data=Sum(
-                    data_points=pts, aggregation_temporality=AggregationTemporality.CUMULATIVE, is_monotonic=True)))
-        return out
+        """Completion and error counters as OTel metrics (verbs_export.py)."""
+        return counter_metrics(snap or self.snapshot(), self._attrs, self._series_start, now_ns or time.time_ns())
 
     def metrics(self) -> list:
         """Every tracer series (histograms and counters) from one snapshot: the telemetry producer."""
@@ -630,24 +482,6 @@ def kernel_rdma_tracepoints(tracefs: str = "/sys/kernel/tracing") -> dict[str, b
         log.info("rdma kernel tracepoints absent groups=%s (no kernel RDMA here; verbs uprobes only)",
                  ",".join(KERNEL_RDMA_GROUPS))
     return present
-
-
-def _symbol(addr: int, pid: int) -> str:
-    """The function's name where the provider has a symbol table or debug info; else '-'."""
-    try:
-        from bcc import BPF
-        name = BPF.sym(addr, pid).decode(errors="replace")
-    except Exception:  # noqa: BLE001
-        return "-"
-    return "-" if name == "[unknown]" else name
-
-
-def _comm(pid: int) -> str:
-    try:
-        with open(f"/proc/{pid}/comm") as f:
-            return f.read().strip()
-    except OSError:
-        return "?"
 
 
 def _compile(cflags: list[str]):

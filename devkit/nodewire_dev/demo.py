@@ -8,7 +8,8 @@ person sees the datapath follow the manifests.
 The telemetry half is on by default: the agent serves /metrics on a local port (printed at start;
 127.0.0.1:9966 when free), and the live view reads it like Prometheus would — per-Service connect
 latency p50/p99 (from the socket LB's own record of which backend each connect went to) beside the
-backend counts, and per-pod bytes from the veths' own counters.
+backend counts, and per-pod bytes from the veths' own counters, each pod beside the Deployment its
+series name (k8s.deployment.name, which the agent derives from the pod's ReplicaSet ownerReference).
 """
 from __future__ import annotations
 
@@ -20,6 +21,7 @@ import sys
 import tempfile
 import threading
 import time
+import urllib.request
 from collections import Counter, defaultdict
 from pathlib import Path
 
@@ -57,16 +59,20 @@ class Telemetry:
 
     def __init__(self, url: str | None):
         self.url, self.first, self.last, self.t0, self.t1 = url, None, None, 0.0, 0.0
+        self.deployments: dict[str, str] = {}  # pod → k8s.deployment.name, as its series carry it
 
     def refresh(self) -> None:
-        from agent.observe.views import fetch
+        from agent.observe.views import parse
 
         if not self.url:
             return
         try:
-            cur = fetch(self.url)
+            with urllib.request.urlopen(self.url, timeout=10) as r:
+                text = r.read().decode()
         except OSError:
             return
+        cur = parse(text)
+        self.deployments.update(deployments(text))
         if self.first is None:
             self.first, self.t0 = cur, time.monotonic()
         self.last, self.t1 = cur, time.monotonic()
@@ -88,6 +94,19 @@ class Telemetry:
             d = v - self.first.bytes.get((pod, direction), 0.0)
             out[pod[1]] = (rx + d, tx) if direction == "receive" else (rx, tx + d)
         return out
+
+
+def deployments(text: str) -> dict[str, str]:
+    """pod → its k8s_deployment_name label, from the per-pod byte series of a /metrics text."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    out = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            labels = sample.labels
+            if sample.name == "k8s_pod_network_io_bytes_total" and "k8s_deployment_name" in labels:
+                out[labels["k8s_pod_name"]] = labels["k8s_deployment_name"]
+    return out
 
 
 class Tally:
@@ -147,10 +166,10 @@ def _render(tally: Tally, status: AgentStatus | None, elapsed: float, tel: "Tele
             t.add_row(name, replies, errors, lat)
         events = list(tally.events[-6:])
     pods = Table(title="per-pod bytes since start (the veths' own counters)", expand=False)
-    for col in ("pod", "received", "transmitted"):
-        pods.add_column(col, justify="left" if col == "pod" else "right")
+    for col in ("pod", "deployment", "received", "transmitted"):
+        pods.add_column(col, justify="left" if col in ("pod", "deployment") else "right")
     for pod, (rx, tx) in sorted((tel.pod_bytes() if tel else {}).items()):
-        pods.add_row(pod, fmt_rate(rx, "B"), fmt_rate(tx, "B"))
+        pods.add_row(pod, tel.deployments.get(pod, "-"), fmt_rate(rx, "B"), fmt_rate(tx, "B"))
     info = Table.grid(padding=(0, 2))
     if status is not None:
         info.add_row("agent", f"pid {status.pid}, {len(status.programs)} socket programs on the sandbox cgroup")
@@ -246,4 +265,5 @@ def run_demo(duration: float | None, metrics_addr: str | None, interval: float =
             "metrics_addr": metrics_addr, "north_south": north_south,
             "connect_seconds": {f"{ns}/{n}": {"p50": r.p50, "p99": r.p99, "backends": r.backends}
                                 for (ns, n), r in svcs.items()},
-            "pod_bytes": {pod: {"received": rx, "transmitted": tx} for pod, (rx, tx) in tel.pod_bytes().items()}}
+            "pod_bytes": {pod: {"received": rx, "transmitted": tx} for pod, (rx, tx) in tel.pod_bytes().items()},
+            "deployments": tel.deployments}

@@ -9,12 +9,14 @@ from __future__ import annotations
 import json
 import re
 import subprocess
+import sys
 import time
 import urllib.request
 from dataclasses import dataclass
 
 import pytest
 
+from agent.datapath.addresses import SETTLE_MAX_SECONDS
 from nodewire_dev.sandbox.multinode import MultiNodeSandbox
 from tests.conftest import NODEWIRE, AgentProcess, wait_for
 from tests.manifests import endpoint_slice, service, write
@@ -24,6 +26,7 @@ from tests.observe_helpers import samples
 pytestmark = [pytest.mark.root, pytest.mark.timeout(180)]
 
 NODE_PORT, EMPTY_NODE_PORT, TCP_PORT, METRICS_PORT = 30200, 30201, 8080, 9966
+CT_COUNTERS = ("halfopen_inserted", "promoted", "snat_exhausted")  # nodewire_conntrack_<name>_total
 BOTH = {"a1", "b1"}  # a1 on node 1 (local backend), b1 on node 2 (remote: SNAT to node 1's address)
 
 
@@ -45,20 +48,34 @@ class Env:
         r = self.sb.client.probe("tcp", host, NODE_PORT, count=count, timeout=timeout)
         return {**r["replies"], **{f"error:{k}": v for k, v in r["errors"].items()}}
 
+    def local_connects(self, host: str, count: int = 8) -> set[str]:
+        """Which pods answered connects from a process of node 1 itself (the socket path, no tc)."""
+        code = (f"import socket\nout=set()\nfor _ in range({count}):\n"
+                f" s=socket.create_connection(({host!r}, {NODE_PORT}), timeout=2); s.sendall(b'x')\n"
+                " out.add(s.recv(100).decode().strip()); s.close()\nprint(' '.join(sorted(out)))")
+        res = self.n1.run([sys.executable, "-c", code])
+        assert res.returncode == 0, res.stderr[-1000:]
+        return set(res.stdout.split())
+
     def northsouth(self) -> dict:
         return self.agent.status().northsouth or {}
 
-    def packets(self) -> dict[str, float]:
-        """nodewire_northsouth_packets_total by outcome, scraped from the agent's /metrics."""
+    def scraped(self) -> dict[str, float]:
+        """North-south counters from the agent's /metrics: packets by outcome, conntrack counters."""
         url = f"http://127.0.0.1:{self.relay.port}/metrics"
         text = urllib.request.urlopen(url, timeout=10).read().decode()
-        return {dict(k)["outcome"]: v for k, v in samples(text, "nodewire_northsouth_packets_total").items()}
+        out = {dict(k)["outcome"]: v for k, v in samples(text, "nodewire_northsouth_packets_total").items()}
+        for name in CT_COUNTERS:
+            [value] = samples(text, f"nodewire_conntrack_{name}_total").values()
+            out[f"ct.{name}"] = value
+        return out
 
     def status_counters(self) -> dict[str, int]:
-        """northsouth.counters of `nodewire status -o json`."""
+        """The same from `nodewire status -o json`: northsouth.counters and northsouth.conntrack.counters."""
         out = subprocess.run([NODEWIRE, "status", "-o", "json", "--pin-dir", self.agent.pin_dir],
                              capture_output=True, text=True, check=True).stdout
-        return json.loads(out)["northsouth"]["counters"]
+        ns = json.loads(out)["northsouth"]
+        return {**ns["counters"], **{f"ct.{k}": ns["conntrack"]["counters"][k] for k in CT_COUNTERS}}
 
 
 @pytest.fixture(scope="module")
@@ -107,14 +124,66 @@ def test_address_added_after_start_is_answered_and_removed_is_not(env):
         print(f"IPv{fam} address added → NodePort answered after {time.monotonic() - t0:.2f}s")
     wait_for(lambda: set(env.northsouth()["addresses"]) >= {"198.18.0.51", "fd00:18::51"}, 15,
              what="status lists the added addresses")
+    for ip, _ in added.values():  # the node's own sockets reach it too: the socket path follows as well
+        assert env.local_connects(ip) == BOTH
     for fam, (ip, cidr) in added.items():
         env.ip("addr", "del", cidr, "dev", "eth0")
         # the client's neighbour entry still sends the packets to node 1: only tc could answer them
         wait_for(lambda ip=ip: not set(env.answered(ip, count=2, timeout=0.5)) & BOTH, 15,
                  what=f"NodePort no longer answered on the removed {ip}")
     assert set(env.answered(env.n1.addr4)) == BOTH  # the node's other addresses are untouched
-    watch = env.northsouth()["device_watch"]
-    assert watch["changes"] >= 4 and watch["errors"] == 0, watch
+    watch = wait_for(lambda: (lambda w: w if w["changes"] >= 4 else None)(env.northsouth()["device_watch"]), 15,
+                     what="the watcher's changes in the status")
+    assert watch["errors"] == 0, watch
+
+
+def test_veth_is_a_device_once_it_carries_a_default_route(env):
+    """devices auto leaves veths out (pod plumbing) however global their address, until the default
+    route goes through one: then it gets the tc programs and serves the NodePort; when the route
+    leaves, its filters go and the node's own stack answers there again (no listener: refused)."""
+    sb, n1 = env.sb, env.n1
+    dev, peer = f"{sb.prefix}w", f"{sb.prefix}v"
+    env.ip("link", "add", peer, "type", "veth", "peer", "name", dev, "netns", n1.netns, netns=sb.client.netns)
+    try:
+        for netns, link, a4, a6 in ((sb.client.netns, peer, "198.19.8.100/24", "fd00:19:8::100/64"),
+                                    (n1.netns, dev, "198.19.8.11/24", "fd00:19:8::11/64")):
+            env.ip("addr", "add", a4, "dev", link, netns=netns)
+            env.ip("addr", "add", a6, "dev", link, "nodad", netns=netns)
+            env.ip("link", "set", link, "up", netns=netns)
+        read = env.northsouth()["device_watch"]["rereads"]
+        ns = wait_for(lambda: (lambda ns: ns if ns["device_watch"]["rereads"] > read else None)(env.northsouth()),
+                      15, what="the watcher read the veth's addresses")
+        assert dev not in ns["devices"] and "198.19.8.11" not in ns["addresses"], ns
+        env.ip("-6", "route", "replace", "default", "via", "fd00:19:8::100", "dev", dev)
+        wait_for(lambda: set(env.answered("198.19.8.11")) == BOTH, 15, what="NodePort on the default route's veth")
+        env.ip("-6", "route", "replace", "default", "via", sb.client.ip6, "dev", "eth0")
+        wait_for(lambda: env.answered("198.19.8.11", count=2) == {"error:ECONNREFUSED": 2}, 15,
+                 what="the veth left out again once the default route left it")
+        filters = subprocess.run(["tc", "-n", n1.netns, "filter", "show", "dev", dev, "ingress"],
+                                 capture_output=True, text=True, check=True).stdout
+        assert "nw_np_ingress" not in filters, filters
+    finally:
+        env.ip("link", "del", peer, netns=sb.client.netns)
+        env.ip("-6", "route", "replace", "default", "via", sb.client.ip6, "dev", "eth0")
+
+
+def test_pod_churn_costs_the_watcher_no_reread(env):
+    """A pod's veth appearing on the node (links, link-local addresses, bridge ports) is no reason to
+    re-read the devices: between two address changes, the pod's events add no re-read of their own."""
+    def seen(ip: str) -> int:
+        ns = wait_for(lambda: (lambda ns: ns if ip in ns["addresses"] else None)(env.northsouth()), 15,
+                      what=f"status lists {ip}")
+        return ns["device_watch"]["rereads"]
+    env.ip("addr", "add", "198.18.0.53/24", "dev", "eth0")
+    before = seen("198.18.0.53")
+    env.sb.add_pod(env.n1, "churn1")
+    time.sleep(SETTLE_MAX_SECONDS + 0.2)  # the pod's burst is over (and could not join the next one)
+    env.ip("addr", "add", "198.18.0.54/24", "dev", "eth0")
+    try:
+        assert seen("198.18.0.54") == before + 1
+    finally:
+        for ip in ("198.18.0.53", "198.18.0.54"):
+            env.ip("addr", "del", f"{ip}/24", "dev", "eth0")
 
 
 def test_device_created_after_start_gets_tc_and_serves_the_nodeport(env):
@@ -144,14 +213,15 @@ def test_device_created_after_start_gets_tc_and_serves_the_nodeport(env):
 
 
 def test_counters_move_by_the_connects_made(env):
-    """N connects to the NodePort are N new flows (local + remote), M to a Service without endpoints are
-    M rejects: the metric and `nodewire status -o json` move by exactly that, and every outcome abi.py
-    lists is exported (zero or not)."""
+    """N connects to the NodePort are N new flows (local + remote), each with two conntrack entries made
+    half-open and then promoted once its handshake completed; M connects to a Service without endpoints
+    are M rejects and no conntrack entry. The metrics and `nodewire status -o json` move by exactly that,
+    and every outcome abi.py lists is exported (zero or not)."""
     from agent.datapath.abi import NP_OUTCOME_NAMES
 
     n, m = 10, 4
-    m0 = env.packets()
-    assert set(m0) == set(NP_OUTCOME_NAMES), m0
+    m0 = env.scraped()
+    assert set(NP_OUTCOME_NAMES) <= set(m0), m0
     # no traffic now: the status file catches up with the kernel counters (it is rewritten at its next
     # check, only when something in it changed), then it is the starting point
     s0 = wait_for(lambda: (lambda s: s if s == m0 else None)(env.status_counters()), 15, what="status caught up")
@@ -159,13 +229,17 @@ def test_counters_move_by_the_connects_made(env):
     r = env.sb.client.probe("tcp", env.n1.addr4, EMPTY_NODE_PORT, count=m, timeout=1.0)
     assert r["errors"] == {"ECONNREFUSED": m}, r
 
-    def moved(now: dict, before: dict) -> tuple:
-        return now["local"] + now["remote"] - before["local"] - before["remote"], now["reject"] - before["reject"]
-    assert moved(env.packets(), m0) == (n, m)
-    wait_for(lambda: moved(env.status_counters(), s0) == (n, m), 15, what="status counters moved")
+    def moved(now: dict, was: dict) -> tuple:
+        d = {k: now[k] - was[k] for k in was}
+        return (d["local"] + d["remote"], d["reject"], d["ct.halfopen_inserted"], d["ct.promoted"],
+                d["ct.snat_exhausted"])
+    want = (n, m, 2 * n, n, 0)
+    assert moved(env.scraped(), m0) == want
+    wait_for(lambda: moved(env.status_counters(), s0) == want, 15, what="status counters moved")
     table = subprocess.run([NODEWIRE, "status", "--pin-dir", env.agent.pin_dir], capture_output=True, text=True,
                            check=True).stdout  # the human view says the same
     assert "north-south: devices eth0;" in table and re.search(rf"packets: .*\breject {s0['reject'] + m}\b", table), table
+    assert re.search(rf"conntrack: .*\bpromoted {s0['ct.promoted'] + n}\b", table), table
 
 
 def test_snat_address_follows_the_node_address(env):

@@ -1,11 +1,14 @@
 """`nodewire bench cni`: what nodewire-cni adds to a pod's start-up.
 
-- ADD latency of nodewire-cni alone (the installed one-file plugin, `python3 -IS`), against a running
-  agent, with the real prevResult of Debian's bridge + host-local; side by side, interleaved, with the
-  venv's console script (.venv/bin/nodewire-cni) and the bare interpreter start (`python3 -IS -c pass`)
-  as the floor, and the agent API's round trip from an in-process client. DEL after each ADD is not
-  timed; `--gap` spaces the ADDs (default 0.2 s; 0 is back to back, the agent still busy with the
-  previous pod).
+- ADD latency of nodewire-cni alone (the static binary `nodewire cni install` puts in the bin dir),
+  against a running agent, with the real prevResult of Debian's bridge + host-local; side by side,
+  interleaved, with the Python plugin it replaced (agent/cni/plugin.py of the commit before its
+  removal, read from git and installed as that commit did: a `python3 -IS` launcher and its compiled
+  module; or --python-plugin FILE), the venv's entry point (.venv/bin/nodewire-cni: a link to the
+  binary after scripts/install.sh, else pip's wrapper that execs it), the bare interpreter start
+  (`python3 -IS -c pass`), a bare process start (`/bin/true`: the floor of any plugin started from
+  here) and the agent API's round trip from an in-process client. DEL after each ADD is not timed;
+  `--gap` spaces the ADDs (default 0.2 s; 0 is back to back, the agent still busy with the previous pod).
 - ADD → first exported per-pod series: real chain ADD of a fresh pod, then one ping a round from the
   pod and a scrape of /metrics until `k8s_pod_network_io_bytes_total` for the pod is there.
 """
@@ -56,7 +59,33 @@ def _series(port: int, pod: str) -> bool:
         return f'k8s_pod_name="{pod}"' in r.read().decode() and True
 
 
-def run_bench(runs: int, series_pods: int, gap: float = 0.2) -> dict:
+def python_plugin(bin_dir: Path, source: str | None) -> Path | None:
+    """The Python plugin nodewire-cni was before the static one, installed as it was (launcher + .pyc)."""
+    import py_compile
+
+    if source:
+        text = Path(source).read_text()
+    else:
+        repo = Path(__file__).resolve().parents[3]
+        git = lambda *a: subprocess.run(["git", "-C", str(repo), *a], capture_output=True, text=True)  # noqa: E731
+        gone = git("rev-list", "-1", "HEAD", "--", "agent/cni/plugin.py").stdout.strip()
+        shown = git("show", f"{gone}^:agent/cni/plugin.py") if gone else None
+        if not shown or shown.returncode != 0:
+            return None
+        text = shown.stdout
+    lib = bin_dir / ".python-plugin"
+    lib.mkdir(parents=True, exist_ok=True)
+    (lib / "nodewire_cni.py").write_text(text)
+    py_compile.compile(str(lib / "nodewire_cni.py"), doraise=True,
+                       invalidation_mode=py_compile.PycInvalidationMode.CHECKED_HASH)
+    launcher = bin_dir / "nodewire-cni-python"
+    launcher.write_text(f"#!/usr/bin/python3 -IS\nimport sys\nsys.path.insert(0, {str(lib)!r})\n"
+                        "from nodewire_cni import main\nmain()\n")
+    launcher.chmod(0o755)
+    return launcher
+
+
+def run_bench(runs: int, series_pods: int, gap: float = 0.2, python_source: str | None = None) -> dict:
     net = f"10.{random.randrange(100, 200)}.{random.randrange(0, 256)}"
     with Sandbox(subnet4=f"{net}.0/24") as sb, tempfile.TemporaryDirectory() as tmpd:
         tmp = Path(tmpd)
@@ -80,7 +109,8 @@ def run_bench(runs: int, series_pods: int, gap: float = 0.2) -> dict:
             binary = install_binary(str(tmp / "bin"))
             conflist = json.loads(install_conf(str(tmp / "net.d"), PluginSettings(socket=sock)).read_text())
             rt = Runtime(conflist, [str(tmp / "bin"), DEBIAN_CNI], f"/var/run/netns/{sb.node_netns}")
-            add_ms = _add_latency(rt, conflist, binary, tmp, mounts, runs, gap, sock)
+            old = python_plugin(tmp / "bin", python_source)
+            add_ms = _add_latency(rt, conflist, binary, old, tmp, mounts, runs, gap, sock)
             first = _first_series(rt, tmp, mounts, port, net, series_pods)
         finally:
             agent.terminate()
@@ -91,16 +121,19 @@ def run_bench(runs: int, series_pods: int, gap: float = 0.2) -> dict:
         return {"add": add_ms, "add_to_first_series_s": first, "gap_s": gap}
 
 
-def _add_latency(rt, conflist, binary, tmp, mounts, runs, gap, sock) -> dict:
+def _add_latency(rt, conflist, binary, old, tmp, mounts, runs, gap, sock) -> dict:
     ns = _netns(tmp / "netns", "lat")
     mounts.append(ns)
     pod = ("bench", "lat", "u")
     prev = rt.add("lat" * 8, ns, pod).out  # the real prevResult nodewire-cni gets
     conf = dict(conflist["plugins"][-1], cniVersion="1.0.0", name="b", prevResult=prev)
     venv_plugin = str(Path(sys.executable).with_name("nodewire-cni"))
-    variants = {"installed (python3 -IS)": [str(binary)], "venv console script": [venv_plugin]}
+    variants = {"static (installed binary)": [str(binary)]}
+    if old is not None:
+        variants["python (before: python3 -IS)"] = [str(old)]
+    variants["venv entry (.venv/bin)"] = [venv_plugin]
     times: dict[str, list[float]] = {k: [] for k in variants}
-    floor, api = [], []
+    floor, api, spawn = [], [], []
     for i in range(runs):
         time.sleep(gap)  # pods arrive at most 1/gap per second: the agent is done with the last one
         t0 = time.perf_counter()
@@ -118,9 +151,16 @@ def _add_latency(rt, conflist, binary, tmp, mounts, runs, gap, sock) -> dict:
         t0 = time.perf_counter()
         subprocess.run(["/usr/bin/python3", "-IS", "-c", "pass"], check=True)
         floor.append((time.perf_counter() - t0) * 1000)
+        t0 = time.perf_counter()
+        subprocess.run(["/bin/true"], check=True, capture_output=True)
+        spawn.append((time.perf_counter() - t0) * 1000)
     out = {k: _summary(v) for k, v in times.items()}
     out["python3 -IS -c pass (floor)"] = _summary(floor)
+    out["/bin/true (process start floor)"] = _summary(spawn)
     out["agent API round trip (in-process client)"] = _summary(api)
+    if old is not None:
+        new, before = out["static (installed binary)"], out["python (before: python3 -IS)"]
+        out["ratio python/static"] = {k: round(before[k] / max(new[k], 1e-3), 1) for k in ("p50_ms", "p99_ms")}
     return out
 
 
@@ -169,15 +209,20 @@ def _wait_synced(pin: str, proc) -> None:
 @click.option("--runs", default=200, show_default=True, help="ADD invocations per variant.")
 @click.option("--series-pods", default=5, show_default=True, help="Pods timed from ADD to their first series.")
 @click.option("--gap", default=0.2, show_default=True, help="Seconds between ADDs (0: back to back).")
+@click.option("--python-plugin", default=None, type=click.Path(exists=True, dir_okay=False),
+              help="The Python plugin to compare with [default: agent/cni/plugin.py from git, before its removal].")
 @click.option("-o", "--output", type=click.Choice(["table", "json", "yaml"]), default="table", show_default=True)
-def bench_cni(runs, series_pods, gap, output) -> None:
-    """nodewire-cni ADD latency (p50/p99) and ADD → first exported per-pod series."""
-    res = run_bench(runs, series_pods, gap)
+def bench_cni(runs, series_pods, gap, python_plugin, output) -> None:
+    """nodewire-cni ADD latency (p50/p99, static vs the Python plugin) and ADD → first per-pod series."""
+    res = run_bench(runs, series_pods, gap, python_plugin)
     if output != "table":
         from agent.output import emit
         emit(res, output)
         return
     for name, s in res["add"].items():
+        if "runs" not in s:
+            click.echo(f"ADD {name:<30} p50 ×{s['p50_ms']:<5} p99 ×{s['p99_ms']}")
+            continue
         click.echo(f"ADD {name:<30} p50 {s['p50_ms']:6.2f} ms  p99 {s['p99_ms']:6.2f} ms  ({s['runs']} runs)")
     f = res["add_to_first_series_s"]
     click.echo(f"ADD → first per-pod series: median {f['median']:.3f} s, max {f['max']:.3f} s over {f['pods']} pods ({f['note']})")
