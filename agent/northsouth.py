@@ -1,8 +1,10 @@
-"""North-south in the agent loop: devices and node addresses (followed live over netlink), the model per
-changed Service, the extra socket-path frontends, the tc datapath, and the health servers.
+"""North-south in the agent loop: devices and node addresses (followed live over netlink), the tc
+datapath, and the health servers.
 
-The agent calls extend() with the socket-path changes before its reconciler runs (so a node's own
-sockets reach NodePorts/external IPs at connect(), without tc), then apply() after it.
+The sync loop asks node_info() for the node's addresses when it takes the Services' views (the views
+carry the node's own sockets' frontends for the socket path: NodePorts / external IPs at connect(),
+without tc); the one writer (datapath/datapath.py) writes nodeport.c's maps (`maps`) with the socket
+path's; after_sync() then updates the health servers from the same views.
 """
 from __future__ import annotations
 
@@ -16,9 +18,9 @@ from .datapath.devices import NodeDevices, read_node_devices
 from .datapath.loader import MapSizes
 from .datapath.reconciler import SyncResult
 from .export.lbhealth import LBHealth
-from .model.frontends import Frontend
-from .model.northsouth import NodeInfo, NorthSouth, service_northsouth
+from .model.northsouth import NodeInfo
 from .model.objects import ObjectKey
+from .model.view import ServiceView
 from .state import ClusterState
 
 log = logging.getLogger("nodewire.northsouth")
@@ -45,7 +47,6 @@ class NorthSouthService:
         self.snat = self.datapath.set_snat_addresses(addresses)
         self.watcher = DeviceWatcher(tuple(devices), found, self._follow).start()
         self.health = LBHealth(healthy, healthz_port).start()
-        self.pending: dict[ObjectKey, NorthSouth] = {}
         self.errors: list[str] = []
         self.last: SyncResult | None = None
         log.info("north-south ready devices=%s addresses=%s snat=%s", devs, addresses, self.snat)
@@ -62,29 +63,29 @@ class NorthSouthService:
         log.info("node devices changed devices=%s addresses=%s attached=%s forgotten=%s snat=%s services=%d",
                  new.names, list(new.addresses), attached, forgotten, self.snat, marked)
 
-    def extend(self, changes: dict[ObjectKey, list[Frontend]]) -> None:
-        """Compute the north-south view of every changed Service; add its socket-path frontends."""
-        addresses = self.watcher.current.addresses  # followed live (datapath/addresses.py)
-        if self.node.zone != self.state.zone or self.node.addresses != addresses:  # zone: for zone hints
-            self.node = replace(self.node, zone=self.state.zone, addresses=addresses)
-        for key in changes:
-            svc, slices = self.state.service_inputs(key)
-            ns = service_northsouth(svc, slices, self.node) if svc is not None else NorthSouth()
-            self.pending[key] = ns
-            if ns.socket:
-                changes[key] = list(changes[key]) + list(ns.socket)
-            for err in ns.errors:
-                log.error("%s", err)
-                self.errors = (self.errors + [err])[-20:]
+    @property
+    def maps(self):
+        """nodeport.c's maps for the one writer (datapath.NorthSouthMaps)."""
+        return self.datapath.maps
 
-    def apply(self, full: bool = False) -> SyncResult:
-        pending, self.pending = self.pending, {}
-        res = self.datapath.apply(pending, full=full)
-        for key, ns in pending.items():
-            self.health.update(key, ns.health_check_node_port, ns.local_endpoints)
+    def node_info(self) -> NodeInfo:
+        """This node for the views: its addresses as followed live (datapath/addresses.py)."""
+        addresses = self.watcher.current.addresses
+        if self.node.addresses != addresses:
+            self.node = replace(self.node, addresses=addresses)
+        return self.node
+
+    def after_sync(self, views: dict[ObjectKey, ServiceView | None], res: SyncResult) -> None:
+        """After the datapath wrote these views: the health servers follow their local endpoints."""
+        for key, view in views.items():
+            if view is None:
+                self.health.update(key, 0, 0)
+            else:
+                self.health.update(key, view.health_check_node_port, view.local_endpoints)
+                if view.errors:  # (logged by the datapath) kept for the status
+                    self.errors = (self.errors + list(view.errors))[-20:]
         self.health.synced()
         self.last = res
-        return res
 
     def status(self) -> dict:
         dp = self.datapath

@@ -17,8 +17,12 @@ from __future__ import annotations
 import threading
 from typing import Any, Iterable
 
+from dataclasses import replace
+
 from .model.frontends import Frontend, service_frontends
+from .model.northsouth import NodeInfo
 from .model.objects import EndpointSlice, Node, ObjectKey, Objects, Pod, Service
+from .model.view import ServiceView, service_view
 
 KINDS = ("Service", "EndpointSlice", "Pod", "Node")
 
@@ -157,6 +161,19 @@ class ClusterState:
             dirty, self._dirty = self._dirty, set()
             self.changed.clear()
             return {key: self._frontends(key) for key in dirty}
+
+    def take_views(self, full: bool = False, northsouth: NodeInfo | None = None) -> dict[ObjectKey, ServiceView | None]:
+        """The view of every Service changed since the last take (None: deleted); full: of every Service.
+        northsouth: this node's addresses and node-port range when north-south is on (name and zone
+        are the state's own); None: the socket frontends of the ClusterIPs only."""
+        node = NodeInfo(self.node_name, zone=self.zone) if northsouth is None else replace(
+            northsouth, name=self.node_name, zone=self.zone)
+        ns = northsouth is not None
+        with self._lock:
+            keys, self._dirty = (self.services if full else self._dirty), set()
+            self.changed.clear()
+            svcs = self.services
+            return {k: service_view(svcs[k], self._slices(k), node, ns) if k in svcs else None for k in keys}
 
     def pending(self) -> int:
         """Services changed since the last take_dirty() (kube-proxy's pending changes)."""

@@ -29,8 +29,11 @@ HEARTBEAT_SECONDS = 5.0  # the loop turns at least this often when idle (/health
 class Datapath(Protocol):
     """What the loop writes through (the agreed seam, /work/team/cp-seam.txt)."""
 
+    def take(self, state: ClusterState, full: bool) -> dict:
+        """The views of the Services changed since the last take (full: every Service; None: deleted)."""
+
     def apply(self, changes: dict, full: bool) -> Any:
-        """Make the kernel match `changes` (Service key → its desired entries; empty removes it);
+        """Make the kernel match `changes` (Service key → its view, model/view.py; None removes it);
         full: `changes` is everything and the rest goes. Returns a SyncResult (datapath/reconciler.py)."""
 
     def fill(self) -> dict[str, MapFill]:
@@ -40,20 +43,17 @@ class Datapath(Protocol):
         """Services with entries in the maps."""
 
 
-def take_frontends(state: ClusterState, full: bool) -> dict:
-    """The changes of today's datapath: Service key → its socket frontends ([] when deleted)."""
-    return state.all_frontends() if full else state.take_dirty()
-
-
 class SyncLoop:
     """Owns the counters and sync records of the status and of `nodewire.sync.*`; `lock` is held
     while the datapath is written, so readers on other threads (API, drift check) take it too."""
 
     def __init__(self, state: ClusterState, datapath: Datapath,
-                 take: Callable[[ClusterState, bool], dict] = take_frontends,
+                 take: Callable[[ClusterState, bool], dict] | None = None,
                  lock: threading.Lock | None = None, started: float | None = None,
                  on_synced: Callable[[], None] = lambda: None, counters: Counters | None = None):
-        self.state, self.datapath, self.take = state, datapath, take
+        # take(state, full): the changed Services' views (model/view.py); default: the datapath's own,
+        # which knows whether north-south is on and this node's addresses (datapath/datapath.py)
+        self.state, self.datapath, self.take = state, datapath, take or datapath.take
         self.after_sync: list[Callable[[dict, Any], None]] = []  # parts' hooks: (changes, result) after each apply
         self.lock = lock or threading.Lock()
         self.started = time.time() if started is None else started

@@ -8,6 +8,9 @@
  *             backend by session affinity, else Maglev, else flow hash; DNAT, plus SNAT to the
  *             node address when the backend is on another node
  * egress:  a local backend's reply to an external client -> the frontend's address as source
+ * both:    ICMP errors about a flow's packets are translated back (lib/icmp.h); a packet too big for
+ *          the route to its backend gets frag-needed / packet-too-big; fragments take the flow of
+ *          their first fragment (lib/frag.h)
  *
  * Maps (pinned, family-neutral 16-byte addresses; the service and backend maps have the layout of
  * lib/lb.h's and are written by the same reconciler):
@@ -25,13 +28,16 @@
 #include "lib/pkt.h"
 #include "lib/ct.h"
 #include "lib/reject.h"
+#include "lib/icmp.h"
+#include "lib/frag.h"
 
 /* Numbers shared with the agent come from agent/datapath/abi.py (np_defines()) as -D defines. */
 #if !defined(NW_NP_POLICY_MAX) || !defined(NW_NP_GROUPS_MAX) || !defined(NW_MAGLEV_M) || \
     !defined(NP_F_DROP_EMPTY) || !defined(NP_F_SOURCE_RANGES) || !defined(NP_F_MAGLEV) || \
     !defined(NW_NP_LOCAL) || !defined(NW_NP_REMOTE) || !defined(NW_NP_REPLY) || !defined(NW_NP_ESTABLISHED) || \
     !defined(NW_NP_REJECT) || !defined(NW_NP_DROP_NO_LOCAL) || !defined(NW_NP_DROP_SOURCE) || \
-    !defined(NW_NP_DROP_ERROR) || !defined(NW_NP_OUTCOMES)
+    !defined(NW_NP_DROP_ERROR) || !defined(NW_NP_OUTCOMES) || !defined(NW_NP_ICMP_TRANSLATED) || \
+    !defined(NW_NP_PMTU_REPLY) || !defined(NW_NP_FRAGMENT) || !defined(NW_NP_UNTRANSLATABLE)
 #error "compile through agent/datapath/loader.py: it passes the defines of agent/datapath/abi.py (np_defines)"
 #endif
 
@@ -123,17 +129,31 @@ static __always_inline int same_addr(const __u32 *a, const __u32 *b)
 	return a[0] == b[0] && a[1] == b[1] && a[2] == b[2] && a[3] == b[3];
 }
 
-/* DNAT to the backend, and SNAT when it lives on another node; then on its way. */
+/* DNAT to the backend, and SNAT when it lives on another node; then on its way. A packet too big
+ * for the route to a remote backend goes back to the client as ICMP (the stack does that for the
+ * packets it forwards to local pods), looked up before the rewrite so the ICMP quotes the original. */
 static __always_inline int np_forward(struct __sk_buff *skb, struct pkt *p, const __u32 *backend, __be16 bport,
 				      int snat, const __u32 *snat_addr, __be16 sport)
 {
+	struct bpf_fib_lookup *fib = 0;
+	int route = 0;
+	if (snat) {
+		fib = pkt_fib_params();
+		if (!fib)
+			return TC_ACT_SHOT;
+		route = pkt_fib(skb, p, snat_addr, backend, sport, bport, 1, fib);
+		if (route == BPF_FIB_LKUP_RET_FRAG_NEEDED) {
+			np_count(NW_NP_PMTU_REPLY);
+			return icmp_too_big(skb, p, fib->mtu_result);
+		}
+	}
 	if (pkt_set_addr(skb, p, 1, backend) || pkt_set_port(skb, p, 1, bport))
 		return TC_ACT_SHOT;
 	if (!snat)
 		return TC_ACT_OK;  /* a local pod: the stack routes it */
 	if (pkt_set_addr(skb, p, 0, snat_addr) || pkt_set_port(skb, p, 0, sport))
 		return TC_ACT_SHOT;
-	return pkt_route_out(skb, p);
+	return pkt_fib_out(skb, fib, route);
 }
 
 static __always_inline __u32 pick_backend(struct pkt *p, struct lb_service_key *key, struct lb_service_value *svc,
@@ -231,11 +251,39 @@ static __always_inline int new_flow(struct __sk_buff *skb, struct pkt *p, __u64 
 	return np_forward(skb, p, backend, bport, snat, snat_addr, sport);
 }
 
+/* The packet's kind: NW_PKT_L4 (ports known, a fragment's from lib/frag.h), or anything else,
+ * handled here (ICMP errors: lib/icmp.h) or left alone, with *verdict set and the outcome counted. */
+static __always_inline int np_parse(struct __sk_buff *skb, struct pkt *p, int egress, int *verdict)
+{
+	int kind = pkt_parse(skb, p);
+	*verdict = TC_ACT_UNSPEC;
+	if (kind == NW_PKT_ICMP_ERR) {
+		int r = egress ? icmp_egress(skb, p, verdict) : icmp_ingress(skb, p, verdict);
+		if (r == NW_ICMP_TRANSLATED)
+			np_count(NW_NP_ICMP_TRANSLATED);
+		else if (r == NW_ICMP_UNTRANSLATABLE)
+			np_count(NW_NP_UNTRANSLATABLE);
+		else if (r == NW_ICMP_BROKEN)
+			np_count(NW_NP_DROP_ERROR);
+		return kind;
+	}
+	if (kind == NW_PKT_L4 && (p->flags & NW_PKT_F_FRAG)) {
+		if (frag_ports(p))
+			kind = NW_PKT_UNTRANSLATABLE;
+		else
+			np_count(NW_NP_FRAGMENT);
+	}
+	if (kind == NW_PKT_UNTRANSLATABLE)
+		np_count(NW_NP_UNTRANSLATABLE);
+	return kind;
+}
+
 int nw_np_ingress(struct __sk_buff *skb)
 {
 	struct pkt p = {};
-	if (pkt_parse(skb, &p))
-		return TC_ACT_UNSPEC;
+	int verdict;
+	if (np_parse(skb, &p, 0, &verdict) != NW_PKT_L4)
+		return verdict;
 	__u64 now = bpf_ktime_get_ns();
 	struct ct_key k = {};
 	int ho = 0;
@@ -266,7 +314,7 @@ int nw_np_ingress(struct __sk_buff *skb)
 			return np_forward(skb, &p, f.x, f.xport, snat, f.y, f.yport);
 		}
 	}
-	int verdict = new_flow(skb, &p, now);
+	verdict = new_flow(skb, &p, now);
 	if (verdict == TC_ACT_UNSPEC && (syn || p.proto == IPPROTO_UDP))
 		ct_forget_reverse(&p);
 	return verdict;
@@ -275,8 +323,9 @@ int nw_np_ingress(struct __sk_buff *skb)
 int nw_np_egress(struct __sk_buff *skb)
 {
 	struct pkt p = {};
-	if (pkt_parse(skb, &p))
-		return TC_ACT_UNSPEC;
+	int verdict;
+	if (np_parse(skb, &p, 1, &verdict) != NW_PKT_L4)
+		return verdict;
 	__u64 now = bpf_ktime_get_ns();
 	struct ct_key k = {};
 	int ho = 0;

@@ -4,7 +4,7 @@
 
 The first write that starts while the file ARM exists stops after its PHASE-th phase (1-based), once
 MARKER is written: a SIGKILL then lands between two phases, deterministically, however the source
-delivered the objects. The hook is injected here, around the reconciler's call of the writer; the
+delivered the objects. The hook is injected here, around the datapath's calls of the writer; the
 agent's own modules carry none. AgentProcess(prefix=[sys.executable, this file, spec]) runs it: the
 argument after the spec is the nodewire script's path, which is dropped.
 """
@@ -16,15 +16,14 @@ import time
 
 
 def install(spec: str) -> None:
-    from agent.datapath import reconciler
+    from agent.datapath import datapath, reconciler
 
     arm, phase, marker = spec.split(":", 2)
-    stop_after, write = int(phase), reconciler.write
+    stop_after, write = int(phase), datapath.write
 
-    def paused_write(p, maps, *args, **kw):
+    def paused_write(phases, maps, *args, **kw):
         if not os.path.exists(arm):
-            return write(p, maps, *args, **kw)
-        phases = p.phases()
+            return write(phases, maps, *args, **kw)
 
         def one_by_one():  # the writer asks for phase n+1 only once phase n is written
             for n, ph in enumerate(phases, 1):
@@ -36,10 +35,9 @@ def install(spec: str) -> None:
                     while True:
                         time.sleep(3600)
 
-        p.phases = one_by_one
-        return write(p, maps, *args, **kw)
+        return write(one_by_one(), maps, *args, **kw)
 
-    reconciler.write = paused_write
+    datapath.write = reconciler.write = paused_write  # the one writer's callers (a large full sync: reconciler's)
 
 
 if __name__ == "__main__":

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import subprocess
 import sys
 import tarfile
@@ -111,10 +112,11 @@ def test_the_bundled_set_install_sh_made_is_a_whole_tree():
 
 # -- the real agent on a node without headers ---------------------------------------------------------
 
-def without(*dirs: str) -> list[str]:
-    """argv prefix: a private mount namespace with an empty tmpfs over each dir (the host keeps its own)."""
+def without(*dirs: str, then: str = "true") -> list[str]:
+    """argv prefix: a private mount namespace with an empty tmpfs over each dir (the host keeps its own),
+    then the shell command `then`, then the command."""
     mounts = " && ".join(f"mount -t tmpfs nodewire-test-empty {d}" for d in dirs)
-    return ["unshare", "--mount", "--propagation", "private", "--", "sh", "-c", f'{mounts} && exec "$@"', "sh"]
+    return ["unshare", "--mount", "--propagation", "private", "--", "sh", "-c", f'{mounts} && {then} && exec "$@"', "sh"]
 
 
 @pytest.mark.root
@@ -130,6 +132,29 @@ def test_an_agent_on_a_node_without_headers_compiles_with_its_own_and_serves_a_c
         assert record["headers"] == f"bundled:{headers.BUNDLED}"  # compiled here, with the bundled set
         r = client.probe("tcp", "10.96.41.1", 80, count=3)
         assert r["replies"] == {"hdr-b1": 3}
+    finally:
+        agent.cleanup()
+
+
+@pytest.mark.root
+def test_an_agent_whose_kernel_offers_only_kheaders_compiles_from_them(sandbox, tmp_path):
+    """CONFIG_IKHEADERS: the kernel's archive (here the bundled tree packed as the kernel packs it,
+    at /sys/kernel/kheaders.tar.xz on a tmpfs over /sys/kernel), unpacked under the state dir."""
+    archive = tmp_path / "kheaders.tar.xz"
+    subprocess.run(["tar", "-C", str(headers.BUNDLED), "-c", "-I", "xz -0 -T2", "-f", str(archive), "include", "arch"],
+                   check=True)
+    write(tmp_path / "svc.json", service("kh", ["10.96.41.3"]))
+    prefix = without("/lib/modules", "/usr/src", str(headers.BUNDLED.parent), "/sys/kernel",
+                     then=f"cp {archive} {headers.KHEADERS}")
+    agent = AgentProcess(tmp_path, sandbox.cgroup, f"/sys/fs/bpf/{sandbox.prefix}-kh",
+                         extra=["--no-observe", "--no-rdma"], prefix=prefix)
+    try:
+        agent.start(timeout=240)
+        state = Path(state_dir_for(agent.pin_dir))
+        record = json.loads((state / "programs/sock_lb.json").read_text())
+        release = os.uname().release
+        assert record["headers"] == f"kheaders:{state}/kheaders/{release}"
+        assert headers.whole_tree(state / "kheaders" / release)
     finally:
         agent.cleanup()
 

@@ -1,15 +1,21 @@
-"""The pure north-south model (Service → external and socket-path frontends) and Maglev tables."""
+"""The pure north-south model (Service → its view: external and socket-path frontends) and Maglev tables."""
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
 from agent.model import maglev
-from agent.model.northsouth import NodeInfo, service_northsouth
+from agent.model.frontends import service_frontends
+from agent.model.northsouth import NodeInfo
+from agent.model.view import service_view
 from agent.model.parse import InvalidObject, parse_endpoint_slice, parse_service
 from tests.manifests import endpoint_slice, service
 
 NODE = NodeInfo("n1", ("198.18.0.11", "fd00:18::11", "192.0.2.7"))
+
+
+def service_northsouth(svc, slices, node):
+    return service_view(svc, slices, node, northsouth=True)
 
 
 def objs(typ="NodePort", node_port=30080, members=(("10.244.1.2", "n1"), ("10.244.2.2", "n2")), **spec):
@@ -98,3 +104,24 @@ def test_maglev_is_the_same_on_every_node_and_both_builds_agree():
 def test_maglev_table_size_must_be_prime():
     with pytest.raises(ValueError, match="maglev-table-size: 16380 is not a prime"):
         maglev.check_table_size(16380)
+
+
+@pytest.mark.parametrize("itp", ["Cluster", "Local"])
+@pytest.mark.parametrize("node", ["n1", "n3"])
+def test_cluster_ip_frontends_are_the_same_whether_the_service_has_external_ones(itp, node):
+    """Endpoints categorized once per port and family give the ClusterIP frontends the column path gives."""
+    svc, sl = objs(typ="LoadBalancer", internalTrafficPolicy=itp, externalIPs=["198.51.100.1"],
+                   members=(("10.244.1.2", "n1"), ("10.244.2.2", "n2"), ("10.244.1.3", "n1")))
+    here = NodeInfo(node, NODE.addresses)
+    view = service_view(svc, sl, here, northsouth=True)
+    plain = service_frontends(svc, sl, node)
+    assert [f for f in view.socket if f.ip in svc.cluster_ips] == plain
+    assert service_view(svc, sl, here).socket == tuple(plain) and not service_view(svc, sl, here).external
+
+
+def test_a_bad_slice_port_is_reported_on_the_view():
+    svc, _ = objs()
+    sl = endpoint_slice("web", ["10.244.1.2"])
+    del sl["ports"][0]["port"]
+    view = service_northsouth(svc, [parse_endpoint_slice(sl)], NODE)
+    assert any("ports[0].port" in e for e in view.errors) and all(not e.frontend.backends for e in view.external)

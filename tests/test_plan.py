@@ -5,9 +5,12 @@ import numpy as np
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from agent.datapath import ids as ids_mod
+from agent.datapath import keyindex as ids_mod
+from agent.datapath import desired as desired_mod
 from agent.datapath import plan as plan_mod
-from agent.datapath.ids import KEY, IdRegistry, KeyIndex
+from agent.datapath.codec import KEY
+from agent.datapath.ids import IdRegistry
+from agent.datapath.keyindex import KeyIndex
 from agent.datapath.plan import CLASH, MAP_FULL, TOO_MANY_BACKENDS, Capacities, Limit, plan, summarize
 from agent.datapath.reconciler import Reconciler
 from agent.model.frontends import Backend, Frontend
@@ -221,6 +224,6 @@ def _keys(numbers) -> np.ndarray:
 
 
 def test_distinct_keys_are_found_exactly_even_when_hashes_collide(monkeypatch):
-    monkeypatch.setattr(plan_mod, "key_hash", lambda keys: np.zeros(len(keys), np.uint64))
-    first, inverse = plan_mod._unique_keys(_keys([5, 3, 5, 7, 3]))
+    monkeypatch.setattr(desired_mod, "key_hash", lambda keys: np.zeros(len(keys), np.uint64))
+    first, inverse = desired_mod.unique_keys(_keys([5, 3, 5, 7, 3]))
     assert inverse.tolist() == [0, 1, 0, 2, 1] and first.tolist() == [0, 1, 3]

@@ -26,6 +26,11 @@ class NorthSouth(Component):
                                          cfg.nodeport_bounds, cfg.maglev_table_size, cfg.healthz_port, ctx.ready,
                                          lifetimes, cfg.ct_gc_interval)
 
+    def after_sync(self, changes, res) -> None:
+        """The health servers follow the views the datapath just wrote."""
+        if self.service is not None:
+            self.service.after_sync(changes, res)
+
     def status(self, st) -> None:
         if self.service is not None:
             st.northsouth = self.service.status()

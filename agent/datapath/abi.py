@@ -56,7 +56,12 @@ NP_F_MAGLEV = 4         # the group has a Maglev table in nodewire_np_maglev_v1
 NP_OUTCOMES = {"NW_NP_LOCAL": "local", "NW_NP_REMOTE": "remote", "NW_NP_REPLY": "reply",
                "NW_NP_ESTABLISHED": "established", "NW_NP_REJECT": "reject",
                "NW_NP_DROP_NO_LOCAL": "drop_no_local", "NW_NP_DROP_SOURCE": "drop_source_range",
-               "NW_NP_DROP_ERROR": "drop_error"}
+               "NW_NP_DROP_ERROR": "drop_error",
+               # ICMP errors, path MTU, fragments (bpf/lib/icmp.h, frag.h; issue 18 items 4-6)
+               "NW_NP_ICMP_TRANSLATED": "icmp_translated",  # an ICMP error of a flow rewritten for its receiver
+               "NW_NP_PMTU_REPLY": "pmtu_reply",   # frag-needed / packet-too-big for a packet too big for its route
+               "NW_NP_FRAGMENT": "fragment",       # a TCP/UDP fragment given its datagram's ports (lib/frag.h)
+               "NW_NP_UNTRANSLATABLE": "untranslatable"}  # not translatable safely: left to the stack
 NP_OUTCOME_NAMES = tuple(NP_OUTCOMES.values())  # index = the C number
 
 NP_POLICY_MAX = 65536   # frontends with a policy row, and source-range prefixes

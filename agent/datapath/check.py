@@ -17,8 +17,9 @@ from dataclasses import asdict, dataclass, field
 
 from ..model.frontends import Frontend
 from ..model.objects import ObjectKey
+from . import codec
 from .abi import PROTO_NAMES, PROTO_NUMBERS
-from .maps import addr16, addr_str, port_host
+from .codec import addr16, addr_str, host_port, port_host
 
 MISSING_FRONTEND, EXTRA_FRONTEND = "missing-frontend", "extra-frontend"
 MISSING_BACKEND, EXTRA_BACKEND = "missing-backend", "extra-backend"
@@ -71,9 +72,7 @@ class Report:
 
 
 def ident_text(ident: Ident) -> str:
-    ip, port = addr_str(ident[0]), ident[1]
-    host = f"[{ip}]" if ":" in ip else ip
-    return f"{host}:{port}/{PROTO_NAMES.get(ident[2], ident[2])}"
+    return f"{host_port(addr_str(ident[0]), ident[1])}/{PROTO_NAMES.get(ident[2], ident[2])}"
 
 
 def frontend_ident(fe: Frontend) -> Ident:
@@ -89,20 +88,22 @@ class KernelView:
 
     @classmethod
     def from_arrays(cls, services: tuple, backends: tuple) -> "KernelView":
-        (sk, sv), (bk, bv) = services, backends
+        rows = codec.decode_services(*services)
         headers: dict[Ident, tuple] = {}
         slots: dict[Ident, dict[int, int]] = {}
-        addrs, ports, protos, nums = (sk[f].tolist() for f in ("address", "port", "proto", "slot"))
-        counts, flags, sids, affs, bids = (sv[f].tolist() for f in ("count", "flags", "service_id",
-                                                                    "affinity_timeout", "backend_id"))
+        addrs, ports, protos = codec.split_ident(rows.ident)
+        nums = rows.slot.tolist()
+        counts, flags, sids, affs, bids = (a.tolist() for a in (rows.count, rows.flags, rows.service_id,
+                                                                 rows.affinity, rows.backend_id))
         for i, slot in enumerate(nums):
-            ident = (addrs[i], port_host(ports[i]), protos[i])
+            ident = (addrs[i], ports[i], protos[i])
             if slot == 0:
                 headers[ident] = (counts[i], flags[i], sids[i], affs[i])
             else:
                 slots.setdefault(ident, {})[slot] = bids[i]
-        bes = dict(zip(bk.reshape(-1).tolist(), zip(bv["address"].tolist(), map(port_host, bv["port"].tolist()))))
-        return cls(headers, slots, bes)
+        ids, bidents = codec.decode_backends(*backends)
+        b_addrs, b_ports, _ = codec.split_ident(bidents)
+        return cls(headers, slots, dict(zip(ids.tolist(), zip(b_addrs, b_ports))))
 
 
 def _check_frontend(ident: Ident, fe: Frontend | None, kv: KernelView, out: list[Drift]) -> None:
@@ -134,8 +135,7 @@ def _check_frontend(ident: Ident, fe: Frontend | None, kv: KernelView, out: list
 
 
 def _be_text(be: tuple[bytes, int]) -> str:
-    ip = addr_str(be[0])
-    return f"[{ip}]:{be[1]}" if ":" in ip else f"{ip}:{be[1]}"
+    return host_port(addr_str(be[0]), be[1])
 
 
 def compare(desired: dict[ObjectKey, list[Frontend]], kv: KernelView, refused: set[ObjectKey] = frozenset(),
@@ -247,20 +247,17 @@ class PeriodicCheck:
         """The sampled frontends' entries, one BPF_MAP_LOOKUP_ELEM each (slot 0, its slots, backends)."""
         import numpy as np
 
-        from .maps import port_be
         svc, bem = self.services, self.backends
         kv = KernelView({}, {}, {})
-        key = np.zeros(1, svc.key_dtype)
         for ident in idents:
-            key["address"], key["port"], key["proto"], key["slot"] = ident[0], port_be(ident[1]), ident[2], 0
-            raw = svc.lookup(key.tobytes())
+            fid = codec.ident_of(*ident)
+            raw = svc.lookup(codec.service_keys(svc.key_dtype, fid, 0).tobytes())
             if raw is None:
                 continue
             h = np.frombuffer(raw, svc.value_dtype)[0]
             kv.headers[ident] = (int(h["count"]), int(h["flags"]), int(h["service_id"]), int(h["affinity_timeout"]))
             for slot in range(1, int(h["count"]) + 1):
-                key["slot"] = slot
-                raw = svc.lookup(key.tobytes())
+                raw = svc.lookup(codec.service_keys(svc.key_dtype, fid, slot).tobytes())
                 if raw is None:
                     continue
                 bid = int(np.frombuffer(raw, svc.value_dtype)[0]["backend_id"])

@@ -5,305 +5,24 @@ remembers what each one means, learned back from the pinned maps at start-up so 
 computes the same entries and rewrites nothing that is right (after Cilium's BPFOps, which restores
 its id allocators and backend refcounts from the maps).
 
-It is compact on purpose (100k Services × 5 endpoints = 100k frontends, 500k backends): identities
-are fixed-size 20-byte keys in one numpy array indexed by id, found through a sorted array of their
-64-bit hashes, so there is no dict and no Python object per backend. Tables that can be derived
-(a Service's frontends: the ids whose owner is that Service) are derived, not kept twice.
+It is compact on purpose (100k Services × 5 endpoints = 100k frontends, 500k backends): the id
+tables are keyindex.py's numpy arrays. Tables that can be derived (a Service's frontends: the ids
+whose owner is that Service) are derived, not kept twice.
 
 One thread (the agent loop) plans and commits; readers on other threads take `snapshot()`, a copy
 made under the registry's lock.
 """
 from __future__ import annotations
 
-import socket
 import threading
 from dataclasses import dataclass
 
 import numpy as np
 
 from ..model.objects import ObjectKey
-from .abi import PROTO_NAMES
-
-# A 20-byte identity, viewed as three integers for hashing and exact comparison.
-KEY = np.dtype([("a", "<u8"), ("b", "<u8"), ("c", "<u4")])
-# What a frontend is to the service map (every lb_service_key field but the slot) and what a backend
-# is to the backend map (every lb_backend field but the padding): 16 + 2 + 1 + 1 bytes, the fields
-# named as in bpf/lib/lb.h, so they are copied by name from BCC-derived rows.
-FRONTEND_IDENT = np.dtype({"names": ["address", "port", "proto", "scope"],
-                           "formats": ["V16", "<u2", "u1", "u1"], "offsets": [0, 16, 18, 19], "itemsize": 20})
-BACKEND_IDENT = np.dtype({"names": ["address", "port", "proto", "flags"],
-                          "formats": ["V16", "<u2", "u1", "u1"], "offsets": [0, 16, 18, 19], "itemsize": 20})
-NO_SLOT = 0             # in a frontend's slot list: the kernel holds no entry at this slot
-INVALID = 0xFFFFFFFF    # … holds one pointing at a backend id the backend map does not have
-SLOT_DTYPE = np.dtype("<u4")
-_V4MAPPED = b"\0" * 10 + b"\xff\xff"
-
-
-def key_hash(keys: np.ndarray) -> np.ndarray:
-    """64-bit mix of each key (multiply-xorshift, as in splitmix64); equal keys, equal hashes."""
-    with np.errstate(over="ignore"):
-        h = keys["a"] * np.uint64(0x9E3779B97F4A7C15)
-        h ^= keys["b"] * np.uint64(0xC2B2AE3D27D4EB4F)
-        h ^= keys["c"].astype(np.uint64) * np.uint64(0x165667B19E3779F9)
-        h ^= h >> np.uint64(31)
-        h *= np.uint64(0xBF58476D1CE4E5B9)
-        h ^= h >> np.uint64(29)
-    return h
-
-
-def _copy_fields(rows: np.ndarray, ident: np.ndarray) -> np.ndarray:
-    out = np.zeros(len(rows), ident)
-    for name in ident.names:
-        out[name] = rows[name]
-    return out
-
-
-def be_live(table: "KeyIndex", ids: np.ndarray) -> np.ndarray:
-    inside = ids < len(table.live)
-    return inside & table.live[np.where(inside, ids, 0)]
-
-
-def as_keys(idents: np.ndarray) -> np.ndarray:
-    """FRONTEND_IDENT / BACKEND_IDENT rows (or 20-byte strings) as KEY rows."""
-    return np.ascontiguousarray(idents).view(KEY)
-
-
-def ip_str(address: bytes) -> str:
-    if address[:12] == _V4MAPPED:
-        return socket.inet_ntop(socket.AF_INET, address[12:])
-    return socket.inet_ntop(socket.AF_INET6, address)
-
-
-def ident_text(key: bytes) -> tuple[str, int, str]:
-    """(ip, port, protocol) of a 20-byte frontend or backend identity."""
-    return ip_str(key[:16]), int.from_bytes(key[16:18], "big"), PROTO_NAMES.get(key[18], str(key[18]))
-
-
-class KeyIndex:
-    """20-byte keys ↔ ids from 1 (0 is "none"), lowest free id reused first.
-
-    keys[id] holds each live key. They are found by hash: a large sorted array (`_h`, `_hid`; a
-    removed entry's id set to 0) plus a small sorted overlay taking additions, merged into the large
-    one when it grows past MERGE_AT, so one change costs a few small-array operations, not a copy of
-    the whole index. All operations take numpy arrays: a full sync is a few vector passes."""
-
-    MERGE_AT = 4096
-
-    def __init__(self):
-        self.keys = np.zeros(1, KEY)
-        self.live = np.zeros(1, bool)
-        self._h = np.zeros(0, np.uint64)
-        self._hid = np.zeros(0, np.uint32)
-        self._oh = np.zeros(0, np.uint64)   # the overlay
-        self._ohid = np.zeros(0, np.uint32)
-        self._dead = 0                      # removed entries still in _h
-        self._free = np.zeros(0, np.uint32)   # released ids, as a stack: smallest on top
-        self._next = 1
-        self.count = 0
-
-    @property
-    def size(self) -> int:
-        """One past the largest id ever handed out (the length id-indexed arrays need)."""
-        return self._next
-
-    def _grow(self, top: int) -> None:
-        if top < len(self.keys):
-            return
-        n = max(top + 1, len(self.keys) + len(self.keys) // 4 + 16)
-        keys = np.zeros(n, KEY)
-        keys[:len(self.keys)] = self.keys
-        self.keys = keys
-        live = np.zeros(n, bool)
-        live[:len(self.live)] = self.live
-        self.live = live
-        self.on_grow(n)
-
-    def on_grow(self, n: int) -> None:
-        """Subclasses grow their own id-indexed arrays to n."""
-
-    # -- lookups -------------------------------------------------------------------------------
-    def lookup(self, keys: np.ndarray) -> np.ndarray:
-        """The id of each key (0: unknown)."""
-        keys = keys.view(KEY) if keys.dtype != KEY else keys
-        out = np.zeros(len(keys), np.uint32)
-        if not len(keys) or not self.count:
-            return out
-        h = key_hash(keys)
-        self._find(self._h, self._hid, keys, h, out)
-        if len(self._oh):
-            miss = np.nonzero(out == 0)[0]
-            sub = np.zeros(len(miss), np.uint32)
-            self._find(self._oh, self._ohid, keys[miss], h[miss], sub)
-            out[miss] = sub
-        return out
-
-    def _find(self, hs: np.ndarray, hid: np.ndarray, keys: np.ndarray, h: np.ndarray, out: np.ndarray) -> None:
-        if not len(hs):
-            return
-        if len(h) > 4096:  # many queries: search them in order (cache-friendly), then put back
-            order = np.argsort(h)
-            pos = np.empty(len(h), np.int64)
-            pos[order] = np.searchsorted(hs, h[order])
-        else:
-            pos = np.searchsorted(hs, h)
-        inside = pos < len(hs)
-        pos = np.where(inside, pos, 0)
-        hit = inside & (hs[pos] == h)
-        cand = hid[pos]
-        same = hit & (self.keys[cand] == keys)  # keys[0] is all zeros, never a real identity
-        out[same] = cand[same]
-        for i in np.nonzero(hit & ~same)[0]:  # another key (or a removed one) with the same hash first
-            j = pos[i]
-            while j < len(hs) and hs[j] == h[i]:
-                if hid[j] and self.keys[hid[j]] == keys[i]:
-                    out[i] = hid[j]
-                    break
-                j += 1
-
-    # -- allocation ----------------------------------------------------------------------------
-    def reserve(self, n: int) -> np.ndarray:
-        """The n ids that add() of new keys should use next (the planner's view; nothing changes)."""
-        from_free = self._free[::-1][:n]
-        rest = np.arange(self._next, self._next + n - len(from_free), dtype=np.uint32)
-        return np.concatenate([from_free, rest]).astype(np.uint32)
-
-    def add(self, ids: np.ndarray, keys: np.ndarray) -> None:
-        """Make keys[i] live under ids[i] (ids from reserve(), or read back from a map)."""
-        if not len(ids):
-            return
-        ids = np.asarray(ids, np.uint32)
-        top = int(ids.max())
-        self._grow(top)
-        self._next = max(self._next, top + 1)
-        if len(self._free):
-            self._free = self._free[~np.isin(self._free, ids)]
-        self.keys[ids] = keys.view(KEY) if keys.dtype != KEY else keys
-        self.live[ids] = True
-        self.count += len(ids)
-        h = key_hash(self.keys[ids])
-        order = np.argsort(h, kind="stable")
-        h, ids = h[order], ids[order]
-        at = np.searchsorted(self._oh, h)
-        self._oh = np.insert(self._oh, at, h)
-        self._ohid = np.insert(self._ohid, at, ids)
-        if len(self._oh) > self.MERGE_AT:
-            self._merge()
-
-    def _merge(self) -> None:
-        """The overlay into the large arrays, dropping removed entries (both sorted: linear)."""
-        keep = self._hid != 0
-        h, hid = self._h[keep], self._hid[keep]
-        at = np.searchsorted(h, self._oh)
-        self._h, self._hid = np.insert(h, at, self._oh), np.insert(hid, at, self._ohid)
-        self._oh, self._ohid = np.zeros(0, np.uint64), np.zeros(0, np.uint32)
-        self._dead = 0
-
-    def remove(self, ids: np.ndarray) -> None:
-        """Release ids (for reuse, smallest first)."""
-        if not len(ids):
-            return
-        ids = np.unique(np.asarray(ids, np.uint32))
-        h = key_hash(self.keys[ids])
-        in_overlay = np.isin(ids, self._ohid)
-        if in_overlay.any():
-            keep = ~np.isin(self._ohid, ids)
-            self._oh, self._ohid = self._oh[keep], self._ohid[keep]
-        rest, hr = ids[~in_overlay], h[~in_overlay]
-        at = np.searchsorted(self._h, hr)
-        for k in np.nonzero(self._hid[np.minimum(at, len(self._hid) - 1)] != rest)[0]:
-            j = at[k]  # equal hashes: find this id in its run
-            while self._hid[j] != rest[k]:
-                j += 1
-            at[k] = j
-        self._hid[at] = 0
-        self._dead += len(rest)
-        self.keys[ids] = 0
-        self.live[ids] = False
-        self.count -= len(ids)
-        self._free = np.sort(np.concatenate([self._free, ids]))[::-1].copy()
-        if self._dead > max(self.MERGE_AT, len(self._h) // 4):
-            self._merge()
-
-    def live_ids(self) -> np.ndarray:
-        return np.nonzero(self.live)[0].astype(np.uint32)
-
-
-class BackendTable(KeyIndex):
-    """Backend identities by backend id, with how many slots refer to each."""
-
-    def __init__(self):
-        super().__init__()
-        self.refs = np.zeros(1, np.int32)
-
-    def on_grow(self, n: int) -> None:
-        self.refs = np.concatenate([self.refs, np.zeros(n - len(self.refs), np.int32)])
-
-    def count_refs(self, ids: np.ndarray, delta: int) -> None:
-        if len(ids) > 4096:
-            n = self.size
-            self.refs[:n] += (delta * np.bincount(ids, minlength=n)[:n]).astype(np.int32)
-        elif len(ids):
-            np.add.at(self.refs, ids, delta)
-
-
-def _set_slots(fe: "FrontendTable", sids: np.ndarray, slot_no: np.ndarray, bids: np.ndarray) -> None:
-    """Each frontend's slot list from rows sorted by (service id, slot): one slice of one buffer per
-    frontend when its slots are 1..m without a gap (the rule), a gap-filled list otherwise."""
-    if not len(sids):
-        return
-    starts = np.concatenate([[0], np.nonzero(np.diff(sids))[0] + 1])
-    ends = np.append(starts[1:], len(sids))
-    expected = np.arange(len(sids)) - np.repeat(starts, ends - starts) + 1
-    gappy = np.zeros(len(starts), bool)
-    bad = np.nonzero(slot_no != expected)[0]
-    gappy[np.searchsorted(starts, bad, side="right") - 1] = True
-    buf = bids.astype(SLOT_DTYPE).tobytes()
-    w = SLOT_DTYPE.itemsize
-    for sid, lo, hi, gap in zip(sids[starts].tolist(), starts.tolist(), ends.tolist(), gappy.tolist()):
-        if not gap:
-            fe.slots[sid] = buf[lo * w:hi * w]
-        else:
-            dense = np.zeros(int(slot_no[hi - 1]), SLOT_DTYPE)
-            dense[slot_no[lo:hi] - 1] = bids[lo:hi]
-            fe.slots[sid] = dense.tobytes()
-
-
-class FrontendTable(KeyIndex):
-    """Frontends by service id: the slot-0 header the kernel holds, the backend id at each slot,
-    the Service owning it (-1: none, e.g. restored and not yet claimed) and its port name."""
-
-    def __init__(self):
-        super().__init__()
-        self.header_count = np.zeros(1, np.uint16)
-        self.flags = np.zeros(1, np.uint16)
-        self.affinity = np.zeros(1, np.uint32)
-        self.owner = np.full(1, -1, np.int32)
-        self.has_header = np.zeros(1, bool)
-        self.slots: list[bytes] = [b""]      # SLOT_DTYPE backend ids of slots 1..m, as the kernel holds them
-        self.port_name: list[str] = [""]
-
-    def on_grow(self, n: int) -> None:
-        grow = n - len(self.header_count)
-        self.header_count = np.concatenate([self.header_count, np.zeros(grow, np.uint16)])
-        self.flags = np.concatenate([self.flags, np.zeros(grow, np.uint16)])
-        self.affinity = np.concatenate([self.affinity, np.zeros(grow, np.uint32)])
-        self.owner = np.concatenate([self.owner, np.full(grow, -1, np.int32)])
-        self.has_header = np.concatenate([self.has_header, np.zeros(grow, bool)])
-        self.slots.extend([b""] * grow)
-        self.port_name.extend([""] * grow)
-
-    def remove(self, ids: np.ndarray) -> None:
-        super().remove(ids)
-        self.owner[ids] = -1
-        self.has_header[ids] = False
-        self.header_count[ids] = 0
-        for i in ids.tolist():
-            self.slots[i] = b""
-            self.port_name[i] = ""
-
-    def slot_ids(self, sid: int) -> np.ndarray:
-        return np.frombuffer(self.slots[sid], SLOT_DTYPE)
-
+from .codec import KEY, ServiceRows, as_keys, decode_backends, decode_services, ident_text  # noqa: F401
+from .keyindex import (INVALID, NO_SLOT, SLOT_DTYPE, BackendTable, FrontendTable, KeyIndex, _set_slots,  # noqa: F401
+                       be_live, key_hash)
 
 @dataclass(frozen=True)
 class FrontendInfo:
@@ -409,10 +128,11 @@ class IdRegistry:
                     self.services[idx] = None
                     self._free_services.append(idx)
 
-    def _restore_headers(self, keys: np.ndarray, sk: np.ndarray, sv: np.ndarray) -> None:
+    def _restore_headers(self, rows: ServiceRows) -> None:
+        keys = rows.ident
         fe = self.frontends
-        head = np.nonzero(sk["slot"] == 0)[0]
-        sids = sv["service_id"][head].astype(np.uint32)
+        head = np.nonzero(rows.slot == 0)[0]
+        sids = rows.service_id[head].astype(np.uint32)
         _, first = np.unique(sids, return_index=True)
         good = np.zeros(len(head), bool)
         good[first] = True
@@ -422,17 +142,18 @@ class IdRegistry:
         odd_sids = fe.reserve(len(odd))
         fe.add(odd_sids, keys[odd])
         hs = np.concatenate([sids[good], odd_sids])
-        rows = np.concatenate([head[good], odd])
-        fe.header_count[hs] = sv["count"][rows]
-        fe.flags[hs] = sv["flags"][rows]
+        at = np.concatenate([head[good], odd])
+        fe.header_count[hs] = rows.count[at]
+        fe.flags[hs] = rows.flags[at]
         fe.flags[odd_sids] = 0xFFFF  # never a wanted value: forces a header write
-        fe.affinity[hs] = sv["affinity_timeout"][rows]
+        fe.affinity[hs] = rows.affinity[at]
         fe.has_header[hs] = True
 
-    def _restore_slots(self, keys: np.ndarray, sk: np.ndarray, sv: np.ndarray) -> None:
+    def _restore_slots(self, rows: ServiceRows) -> None:
         """Slot lists and backend refcounts; slots under no header get a frontend of their own."""
+        keys = rows.ident
         fe = self.frontends
-        slot_rows = np.nonzero(sk["slot"] != 0)[0]
+        slot_rows = np.nonzero(rows.slot != 0)[0]
         owner_sid = fe.lookup(keys[slot_rows])
         orphan = slot_rows[owner_sid == 0]
         if len(orphan):
@@ -440,9 +161,9 @@ class IdRegistry:
             _, first = np.unique(key_hash(o_keys), return_index=True)
             fe.add(fe.reserve(len(first)), o_keys[first])
             owner_sid = fe.lookup(keys[slot_rows])
-        bids = sv["backend_id"][slot_rows].astype(np.uint32)
+        bids = rows.backend_id[slot_rows].astype(np.uint32)
         bids = np.where(be_live(self.backends, bids), bids, INVALID).astype(np.uint32)
-        slot_no = sk["slot"][slot_rows].astype(np.int64)
+        slot_no = rows.slot[slot_rows].astype(np.int64)
         order = np.lexsort((slot_no, owner_sid))
         _set_slots(fe, owner_sid[order], slot_no[order], bids[order])
         valid = bids[bids != INVALID]
@@ -478,13 +199,11 @@ class IdRegistry:
         dump_arrays() returns them). Headers keep their service ids; slots with no header (a crash
         mid-delete) become frontends owned by no Service, removed by the next full sync unless claimed."""
         reg = cls()
-        bk, bv = backends
-        reg.backends.add(np.asarray(bk, np.uint32), as_keys(_copy_fields(bv, BACKEND_IDENT)))
-        sk, sv = services
-        reg.svc_entries = len(sk)
-        keys = as_keys(_copy_fields(sk, FRONTEND_IDENT))
-        reg._restore_headers(keys, sk, sv)
-        reg._restore_slots(keys, sk, sv)
+        reg.backends.add(*decode_backends(*backends))
+        rows = decode_services(*services)
+        reg.svc_entries = len(rows.slot)
+        reg._restore_headers(rows)
+        reg._restore_slots(rows)
         return reg
 
     # -- service keys --------------------------------------------------------------------------
@@ -499,3 +218,106 @@ class IdRegistry:
             else:
                 self.services.append(svc)
         return idx
+
+
+# -- north-south side maps (bpf/nodeport.c) ------------------------------------------------------
+class GroupIds:
+    """Group ids (one per Service port and family with external frontends: model GroupKey), from 1,
+    lowest free first. After a restart a group takes the id its frontends' policy rows carry."""
+
+    def __init__(self, kernel: dict[bytes, int] | None = None):
+        self.of: dict = {}                         # GroupKey → id
+        self.kernel = dict(kernel or {})           # policy key → id, until a GroupKey claims it
+        self.used: set[int] = set(self.kernel.values())
+
+    def get(self, group, policy_key: bytes) -> int:
+        gid = self.of.get(group)
+        if gid is None:
+            gid = self.kernel.pop(policy_key, None) or self._take()
+            self.of[group] = gid
+            self.used.add(gid)
+        return gid
+
+    def _take(self) -> int:
+        i = 1
+        while i in self.used:
+            i += 1
+        return i
+
+    def release(self, gids) -> None:
+        gone = set(gids)
+        self.used -= gone
+        self.of = {k: v for k, v in self.of.items() if v not in gone}
+
+    def settle(self, live: set[int]) -> None:
+        """After a full sync: only the groups some Service owns stay taken."""
+        self.kernel.clear()
+        self.used = set(live)
+        self.of = {k: v for k, v in self.of.items() if v in live}
+
+
+@dataclass(frozen=True)
+class Owned:
+    """What one Service put in the north-south side maps."""
+    policy: frozenset[bytes] = frozenset()
+    ranges: frozenset[bytes] = frozenset()
+    local: frozenset[str] = frozenset()
+    groups: frozenset[int] = frozenset()
+
+    def __bool__(self) -> bool:
+        return bool(self.policy or self.local or self.groups)
+
+
+class SideRegistry:
+    """What the north-south side maps hold (policy rows, source-range prefixes, the local-endpoint set
+    with its references, each group's Maglev table as the backend ids it names) and which Service put
+    what there; restored from the pinned maps, so a restart rewrites nothing that is right."""
+
+    def __init__(self):
+        self.policy: dict[bytes, bytes] = {}       # np_frontend → np_policy, as the kernel holds them
+        self.ranges: set[bytes] = set()
+        self.local: set[bytes] = set()             # 16-byte addresses in the kernel
+        self.local_refs: dict[str, int] = {}       # address → Services listing it
+        self.tables: dict[int, tuple[int, ...]] = {}  # group → sorted distinct backend ids of its table
+        self.groups = GroupIds()
+        self.owned: dict[ObjectKey, Owned] = {}
+        self.tables_built = 0                      # tables built and swapped in by this process
+
+    @classmethod
+    def restore(cls, policy: dict[bytes, bytes], ranges, local, tables: dict[int, np.ndarray]) -> "SideRegistry":
+        """From the maps: policy rows, range keys, local keys, and group → table (empty if unreadable).
+        A table depends only on its backend set: one naming exactly the wanted ids is kept as is."""
+        from .codec import NP_POLICY
+
+        reg = cls()
+        reg.policy = dict(policy)
+        reg.groups = GroupIds({k: int(np.frombuffer(v, NP_POLICY)["group"][0]) for k, v in policy.items()})
+        reg.ranges, reg.local = set(ranges), set(local)
+        reg.tables = {g: tuple(np.unique(t).tolist()) for g, t in tables.items()}
+        return reg
+
+    def commit(self, sp) -> None:
+        """Record a SidePlan (agent/datapath/nsplan.py) as written."""
+        self.policy.update(sp.policy_set)
+        for k in sp.policy_del:
+            self.policy.pop(k, None)
+        self.ranges = (self.ranges | sp.ranges_add) - sp.ranges_del
+        self.local = (self.local | set(sp.local_add)) - set(sp.local_del)
+        for ip, n in sp.local_refs.items():
+            if n > 0:
+                self.local_refs[ip] = n
+            else:
+                self.local_refs.pop(ip, None)
+        for gid, ids in sp.tables.items():
+            self.tables[gid] = ids
+        self.tables_built += len(sp.tables)
+        for gid in sp.groups_del:
+            self.tables.pop(gid, None)
+        self.groups.release(sp.groups_released)
+        for svc, o in sp.owned.items():
+            if o:
+                self.owned[svc] = o
+            else:
+                self.owned.pop(svc, None)
+        if sp.full:
+            self.groups.settle(set().union(*(o.groups for o in self.owned.values())))

@@ -1,50 +1,42 @@
 """Read what the kernel really holds in the pinned service maps, for `nodewire services`."""
 from __future__ import annotations
 
+from . import codec
 from .abi import PROTO_NAMES
+from .codec import addr_str, host_port
 from .loader import SockLB
-from .maps import addr_str, port_host, unpack_rows
-
-
-def _fmt(ip: str, port: int) -> str:
-    return f"[{ip}]:{port}" if ":" in ip else f"{ip}:{port}"
 
 
 def read_services(pin_dir: str, names: dict | None = None) -> list[dict]:
     """Frontend → backends as decoded from the pinned maps (names: service_id → agent's labels)."""
     lb = SockLB.open(pin_dir)  # FileNotFoundError when no agent loaded it there
     try:
-        svc = lb.services.dump()
-        bes = lb.backends.dump()
+        rows = codec.decode_services(*lb.services.dump_arrays())
+        ids, bidents = codec.decode_backends(*lb.backends.dump_arrays())
     finally:
         lb.close()
-    kd, vd = lb.services.key_dtype, lb.services.value_dtype
-    backends = {}
-    for k, v in bes.items():
-        row = unpack_rows(lb.backends.value_dtype, [v])[0]
-        bid = int(unpack_rows(lb.backends.key_dtype, [k])[0])
-        backends[bid] = {"id": bid, "ip": addr_str(row["address"].tobytes()), "port": port_host(row["port"])}
+    b_addrs, b_ports, _ = codec.split_ident(bidents)
+    backends = {bid: {"id": bid, "ip": addr_str(a), "port": p} for bid, a, p in zip(ids.tolist(), b_addrs, b_ports)}
+    addrs, ports, protos = codec.split_ident(rows.ident)
     frontends: dict[tuple, dict] = {}
     slots: dict[tuple, dict[int, int]] = {}
-    for k, v in svc.items():
-        key = unpack_rows(kd, [k])[0]
-        val = unpack_rows(vd, [v])[0]
-        ident = (key["address"].tobytes(), int(key["port"]), int(key["proto"]))
-        if key["slot"] == 0:
-            frontends[ident] = {"count": int(val["count"]), "service_id": int(val["service_id"]),
-                                "affinity_timeout": int(val["affinity_timeout"])}
+    for i, slot in enumerate(rows.slot.tolist()):
+        ident = (addrs[i], ports[i], protos[i])
+        if slot == 0:
+            frontends[ident] = {"count": int(rows.count[i]), "service_id": int(rows.service_id[i]),
+                                "affinity_timeout": int(rows.affinity[i])}
         else:
-            slots.setdefault(ident, {})[int(key["slot"])] = int(val["backend_id"])
+            slots.setdefault(ident, {})[slot] = int(rows.backend_id[i])
     out = []
     for ident, hdr in frontends.items():
-        ip, port, proto = addr_str(ident[0]), port_host(ident[1]), PROTO_NAMES.get(ident[2], str(ident[2]))
+        ip, port, proto = addr_str(ident[0]), ident[1], PROTO_NAMES.get(ident[2], str(ident[2]))
         sl = slots.get(ident, {})
         bl = [backends.get(sl.get(i), {"id": sl.get(i), "ip": "?", "port": 0}) for i in range(1, hdr["count"] + 1)]
         label = (names or {}).get(str(hdr["service_id"]), {})
         out.append({
-            "id": hdr["service_id"], "frontend": _fmt(ip, port), "ip": ip, "port": port, "protocol": proto,
+            "id": hdr["service_id"], "frontend": host_port(ip, port), "ip": ip, "port": port, "protocol": proto,
             "service": label.get("service", ""), "port_name": label.get("port_name", ""),
-            "backends": [{"id": b["id"], "address": _fmt(b["ip"], b["port"]), "ip": b["ip"], "port": b["port"]}
+            "backends": [{"id": b["id"], "address": host_port(b["ip"], b["port"]), "ip": b["ip"], "port": b["port"]}
                          for b in bl],
             "refuses": hdr["count"] == 0,
             "session_affinity_timeout": hdr["affinity_timeout"],

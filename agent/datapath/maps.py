@@ -10,13 +10,13 @@ come from the kernel (BPF_OBJ_GET_INFO_BY_FD) and are checked against the layout
 """
 from __future__ import annotations
 
-import ipaddress
+import ctypes as ct
 import os
-import socket
 
 import numpy as np
 
 from . import bpfsys
+from .codec import addr16, addr_str, pack_rows, port_be, port_host, unpack_rows  # noqa: F401 (the codec's, for readers of small maps)
 
 
 def packing_dtype(ctype) -> np.dtype:
@@ -32,48 +32,6 @@ def packing_dtype(ctype) -> np.dtype:
         formats.append(np.dtype(f"V{fdt.itemsize}") if fdt.subdtype else fdt)
         offsets.append(off)
     return np.dtype({"names": names, "formats": formats, "offsets": offsets, "itemsize": base.itemsize})
-
-
-def pack_rows(dtype: np.dtype, rows: list[tuple]) -> list[bytes]:
-    """Rows of field values (in the struct's field order; unlisted trailing fields are zero) → bytes."""
-    if not rows:
-        return []
-    if dtype.names is None:
-        buf = np.array(rows, dtype=dtype).tobytes()
-    else:
-        n = len(dtype.names)
-        full = [r + (0,) * (n - len(r)) if len(r) < n else r for r in rows]
-        buf = np.array(full, dtype=dtype).tobytes()
-    size = dtype.itemsize
-    return [buf[i:i + size] for i in range(0, len(buf), size)]
-
-
-def unpack_rows(dtype: np.dtype, raw: list[bytes]) -> np.ndarray:
-    return np.frombuffer(b"".join(raw), dtype=dtype) if raw else np.zeros(0, dtype=dtype)
-
-
-_V4MAPPED = b"\0" * 10 + b"\xff\xff"
-
-
-def addr16(ip: str) -> bytes:
-    """16-byte map address: IPv6 as is, IPv4 as IPv4-mapped IPv6 (::ffff:a.b.c.d)."""
-    if ":" in ip:
-        return socket.inet_pton(socket.AF_INET6, ip)
-    return _V4MAPPED + socket.inet_pton(socket.AF_INET, ip)
-
-
-def addr_str(raw: bytes) -> str:
-    a = ipaddress.IPv6Address(bytes(raw))
-    return str(a.ipv4_mapped) if a.ipv4_mapped else str(a)
-
-
-def port_be(port: int) -> int:
-    """A port as the integer whose in-memory bytes are network order (for __be16 fields)."""
-    return socket.htons(port)
-
-
-def port_host(be: int) -> int:
-    return socket.ntohs(int(be))
 
 
 def dtype_to_json(dt: np.dtype):
@@ -124,6 +82,7 @@ class RawMap:
             raise ValueError(f"{name}: the pinned map has key/value sizes {info.key_size}/{info.value_size}, "
                              f"the program's layout {self.key_size}/{self.value_size}: a layout change needs "
                              f"a new map version (run `nodewire cleanup` to drop the old maps)")
+        self.batch = info.type not in NO_BATCH_MAP_TYPES
         self.ncpu = bpfsys.possible_cpus() if self.percpu else 1
         self.value_stride = (self.value_size + 7) // 8 * 8 if self.percpu else self.value_size
         self._slot_dtype = _padded(self.value_dtype, self.value_stride) if self.percpu else self.value_dtype
@@ -218,15 +177,81 @@ class RawMap:
             self._delete(b"".join(keys), len(keys))
 
     def _update(self, keys: bytes, values: bytes, n: int) -> None:
+        if not self.batch:  # an LPM trie has no batch operations: element by element
+            ks, vs = self.key_size, len(values) // n
+            for i in range(n):
+                bpfsys.update_elem(self.fd, keys[i * ks:(i + 1) * ks], values[i * vs:(i + 1) * vs], self.name)
+            return
         if bpfsys.update_batch(self.fd, keys, values, n, self.name) < 0:
             raise MapFull(f"{self.name}: full ({self.capacity} entries)")
 
     def _delete(self, keys: bytes, n: int) -> None:
-        if bpfsys.delete_batch(self.fd, keys, n, self.name) < 0:
+        if not self.batch or bpfsys.delete_batch(self.fd, keys, n, self.name) < 0:
             # a key was already gone: the kernel stopped there, so delete the rest one by one
             ks = self.key_size
             for i in range(n):
                 bpfsys.delete_elem(self.fd, keys[i * ks:(i + 1) * ks], self.name)
+
+
+NO_BATCH_MAP_TYPES = (11, 12, 13)  # BPF_MAP_TYPE_LPM_TRIE, ARRAY_OF_MAPS, HASH_OF_MAPS
+BPF_MAP_CREATE, BPF_MAP_TYPE_ARRAY = 0, 2
+
+
+class _MapCreate(ct.Structure):
+    """The head of union bpf_attr for BPF_MAP_CREATE (include/uapi/linux/bpf.h)."""
+    _fields_ = [("map_type", ct.c_uint32), ("key_size", ct.c_uint32), ("value_size", ct.c_uint32),
+                ("max_entries", ct.c_uint32), ("map_flags", ct.c_uint32), ("inner_map_fd", ct.c_uint32),
+                ("numa_node", ct.c_uint32), ("map_name", ct.c_char * 16)]
+
+
+class MaglevMap:
+    """A hash of arrays (a RawMap): group → a Maglev lookup table of backend ids (bpf/nodeport.c). A
+    table is built whole in a new array map and swapped in with one update of the outer map, so a
+    packet sees the old table or the new one, never a half-written one."""
+
+    def __init__(self, m: RawMap, table_size: int):
+        self.m, self.table_size = m, table_size
+        self.fd, self.name, self.capacity = m.fd, m.name, m.capacity
+        self.key_dtype, self.value_dtype = m.key_dtype, m.value_dtype
+
+    def keys(self):
+        return self.m.keys()
+
+    def delete_array(self, keys: np.ndarray) -> None:
+        self.m.delete_array(keys)
+
+    def set_tables(self, groups, tables) -> None:
+        for gid, values in zip(np.asarray(groups).tolist(), tables):
+            what = f"{self.name}: table of group {gid}"
+            attr = _MapCreate(BPF_MAP_TYPE_ARRAY, 4, 4, self.table_size, 0, 0, 0, b"nw_np_maglev")
+            fd = bpfsys.bpf(BPF_MAP_CREATE, attr, what)
+            try:
+                keys = np.arange(len(values), dtype=np.uint32)
+                bpfsys.update_batch(fd, keys.tobytes(), np.asarray(values, np.uint32).tobytes(), len(values), what)
+                bpfsys.update_elem(self.fd, int(gid).to_bytes(4, "little"), fd.to_bytes(4, "little"), self.name)
+            finally:
+                os.close(fd)  # the outer map holds the table now
+
+    def dump_tables(self) -> dict[int, np.ndarray]:
+        """group → its table (backend ids); empty for a table that cannot be read."""
+        out = {}
+        for k in list(self.keys()):
+            gid = int.from_bytes(k, "little")
+            out[gid] = np.zeros(0, np.uint32)
+            raw = bpfsys.lookup_elem(self.fd, k, 4, self.name)
+            if raw is None:
+                continue
+            map_id = int.from_bytes(raw, "little")  # from user space, a map-in-map value reads as the inner map's id
+            try:
+                fd = bpfsys.bpf(bpfsys.MAP_GET_FD_BY_ID, bpfsys._ById(id=map_id), f"maglev table {map_id}")
+            except OSError:
+                continue
+            try:
+                _, values = bpfsys.lookup_batch(fd, 4, 4, f"maglev table of group {gid}")
+            finally:
+                os.close(fd)
+            out[gid] = np.frombuffer(values, np.uint32)
+        return out
 
 
 def _padded(dt: np.dtype, itemsize: int) -> np.dtype:

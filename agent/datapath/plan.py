@@ -14,31 +14,22 @@ by one.
 """
 from __future__ import annotations
 
-import functools
-import itertools
-import operator
-import socket
-from array import array
 from dataclasses import dataclass, field
 from typing import NamedTuple
 
 import numpy as np
 
-from ..model.frontends import Backend, Frontend
+from ..model.frontends import Frontend
 from ..model.objects import ObjectKey
-from .abi import PROTO_NUMBERS, SVC_F_AFFINITY
-from .ids import FRONTEND_IDENT, INVALID, KEY, NO_SLOT, SLOT_DTYPE, IdRegistry, key_hash
+from . import abi
+from .codec import KEY
+from .desired import Desired, flatten, run_starts, unique_keys
+from .ids import IdRegistry
+from .keyindex import INVALID, NO_SLOT, SLOT_DTYPE
 
 MAX_BACKENDS_PER_FRONTEND = 65535  # the slot-0 count is a __u16
 
 CLASH, MAP_FULL, TOO_MANY_BACKENDS = "clash", "map-full", "too-many-backends"
-
-
-def frontend_flags(col: dict[str, tuple]) -> np.ndarray:
-    """The slot-0 flags of each frontend (NW_SVC_F_* in bpf/lib/lb.h) from the Frontend columns:
-    the one place new flags go."""
-    affinity = np.array(col["affinity_timeout"], np.uint32)
-    return np.where(affinity > 0, SVC_F_AFFINITY, 0).astype(np.uint16)
 
 
 @dataclass(frozen=True)
@@ -90,11 +81,13 @@ def summarize(refusals: list[Refusal], first: int = 3) -> list[str]:
 # -- the plan ------------------------------------------------------------------------------------
 @dataclass
 class Phase:
-    """One batch of map operations. rows: the planner's own columns (see WritePlan)."""
+    """One batch of map operations. rows: the planner's columns, turned into map rows by the writer
+    through the codec according to `kind` (writer.encode)."""
     name: str
-    map: str   # "services" | "backends"
-    op: str    # "update" | "delete"
+    map: str   # the map's name (abi.*_MAP)
+    op: str    # "update" | "delete" | "tables" (Maglev: inner arrays swapped in)
     rows: dict
+    kind: str = "raw"  # backend | slot | header | frontend | backend-id | raw (rows["keys"], rows["values"])
 
     def __len__(self) -> int:
         return len(next(iter(self.rows.values())))
@@ -132,15 +125,17 @@ class WritePlan:
     refs_lost: np.ndarray = field(default_factory=lambda: np.zeros(0, np.uint32))
     entry_delta: int = 0     # change in the number of service-map entries
     services: int = 0
+    maps: tuple[str, str] = (abi.SERVICES_MAP, abi.BACKENDS_MAP)  # (service map, backend map) it writes
 
     def phases(self) -> list[Phase]:
+        svc, be = self.maps
         return [
-            Phase("new backends", "backends", "update", self.new_backends),
-            Phase("slots", "services", "update", self.slot_writes),
-            Phase("headers", "services", "update", self.header_writes),
-            Phase("removed headers", "services", "delete", self.header_deletes),
-            Phase("removed slots", "services", "delete", self.slot_deletes),
-            Phase("unreferenced backends", "backends", "delete", self.backend_deletes),
+            Phase("new backends", be, "update", self.new_backends, "backend"),
+            Phase("slots", svc, "update", self.slot_writes, "slot"),
+            Phase("headers", svc, "update", self.header_writes, "header"),
+            Phase("removed headers", svc, "delete", self.header_deletes, "frontend"),
+            Phase("removed slots", svc, "delete", self.slot_deletes, "frontend"),
+            Phase("unreferenced backends", be, "delete", self.backend_deletes, "backend-id"),
         ]
 
     @property
@@ -151,108 +146,6 @@ class WritePlan:
     def deleted_count(self) -> int:
         return sum(len(p) for p in self.phases() if p.op == "delete")
 
-
-
-# -- flattening the desired state ---------------------------------------------------------------
-_V4MAPPED = b"\0" * 10 + b"\xff\xff"
-@dataclass
-class Desired:
-    """The requested Services as columns: Service s has frontends fe_start[s]:fe_start[s+1], frontend
-    f has backends be_start[f]:be_start[f+1]."""
-    services: list[ObjectKey]
-    fe_start: np.ndarray
-    fe_keys: np.ndarray
-    fe_count: np.ndarray
-    fe_flags: np.ndarray
-    fe_affinity: np.ndarray
-    port_names: list[str]
-    be_start: np.ndarray
-    be_keys: np.ndarray
-    svc_idx: np.ndarray | None = None  # the registry's index of each Service, -1 if it has none
-
-    def add_removals(self, services: list[ObjectKey], idx: np.ndarray) -> None:
-        """Append Services with no frontends (removed)."""
-        self.services = self.services + services
-        self.fe_start = np.concatenate([self.fe_start, np.full(len(services), self.fe_start[-1])])
-        self.svc_idx = np.concatenate([self.svc_idx, idx])
-
-
-def flatten(changes) -> Desired:
-    """The requested Services (a dict, or (Service, frontends) pairs) as columns. Per-frontend and
-    per-backend work is done by C-level loops (zip, map, chain, bytes.join) and numpy, never by a
-    Python statement per backend: at 100k Services × 5 endpoints that is most of a sync's Python time."""
-    services, lists = (list(changes), list(changes.values())) if isinstance(changes, dict) else (
-        [s for s, _ in changes], [f for _, f in changes])
-    for i in np.nonzero(np.fromiter(map(len, lists), np.int64, len(lists)) > 1)[0].tolist():
-        # one entry per frontend: the last one listed wins
-        lists[i] = list({(f.ip, f.port, f.protocol, getattr(f, "scope", 0)): f for f in lists[i]}.values())
-    per_svc = np.fromiter(map(len, lists), np.int64, len(lists))
-    fes = list(itertools.chain.from_iterable(lists))
-    col = _columns(fes, Frontend._fields)
-    counts = np.fromiter(map(len, col["backends"]), np.uint32, len(fes))
-    backends = list(itertools.chain.from_iterable(col["backends"]))
-    be = _columns(backends, Backend._fields)
-    return Desired(
-        services=services, fe_start=_starts(per_svc),
-        fe_keys=_idents(col["ip"], col["port"], col["protocol"], col.get("scope")),
-        fe_count=counts, fe_flags=frontend_flags(col),
-        fe_affinity=np.array(col["affinity_timeout"], np.uint32), port_names=col["port_name"],
-        be_start=_starts(counts), be_keys=_idents(be["ip"], be["port"], be["protocol"], None))
-
-
-def _columns(rows: list, fields: tuple[str, ...]) -> dict[str, list]:
-    """NamedTuple rows as one list per field (map with itemgetter: a C loop per field)."""
-    return {name: list(map(operator.itemgetter(i), rows)) for i, name in enumerate(fields)}
-
-
-def _idents(ips, ports, protos, extra) -> np.ndarray:
-    """20-byte identities (address, port in network order, protocol number, scope/flags) as KEY rows."""
-    n = len(ips)
-    out = np.zeros(n, FRONTEND_IDENT)
-    if not n:
-        return out.view(KEY)
-    if ":" not in "".join(ips):  # all IPv4: IPv4-mapped IPv6, ::ffff:a.b.c.d
-        raw = np.zeros((n, 16), np.uint8)
-        raw[:, 10:12] = 0xFF
-        raw[:, 12:] = np.frombuffer(b"".join(map(_PTON4, ips)), np.uint8).reshape(n, 4)
-    else:
-        raw = np.frombuffer(b"".join(map(_addr16, ips)), np.uint8).reshape(n, 16)
-    out["address"] = raw.view("V16").ravel()
-    out["port"] = np.frombuffer(array("H", ports), np.uint16).byteswap()  # __be16: bytes in network order
-    kinds = set(protos)
-    if len(kinds) == 1:
-        out["proto"] = PROTO_NUMBERS[kinds.pop()]
-    else:
-        out["proto"] = np.fromiter(map(PROTO_NUMBERS.__getitem__, protos), np.uint8, n)
-    if extra is not None:
-        out["scope"] = np.array(extra, np.uint8)
-    return out.view(KEY)
-
-
-_PTON4 = functools.partial(socket.inet_pton, socket.AF_INET)
-
-
-def _addr16(ip: str) -> bytes:
-    return socket.inet_pton(socket.AF_INET6, ip) if ":" in ip else _V4MAPPED + _PTON4(ip)
-
-
-def _starts(lengths: np.ndarray) -> np.ndarray:
-    """[0, l0, l0+l1, …]: where each run starts in the flat array (and the total at the end)."""
-    out = np.zeros(len(lengths) + 1, np.int64)
-    np.cumsum(lengths, out=out[1:])
-    return out
-
-
-def _unique_keys(keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """(index of each distinct key's first occurrence, and for each key which distinct one it is),
-    by hash, checked exactly; two keys sharing a hash (rare) take the exact, slower path."""
-    _, first, inverse = np.unique(key_hash(keys), return_index=True, return_inverse=True)
-    if (keys[first[inverse]] == keys).all():
-        return first, inverse
-    seen: dict[bytes, int] = {}
-    inverse = np.array([seen.setdefault(k.tobytes(), len(seen)) for k in keys], np.int64)
-    _, first = np.unique(inverse, return_index=True)
-    return first, inverse
 
 
 # -- admission: clashes, capacity --------------------------------------------------------------
@@ -268,7 +161,7 @@ def _clashes(d: Desired, fe_sid: np.ndarray, reg: IdRegistry, refused: np.ndarra
     owner = np.where(fe_sid > 0, reg.frontends.owner[fe_sid], -1)
     my_idx = d.svc_idx
     foreign = (owner >= 0) & (owner != my_idx[fe_svc])
-    first, inverse = _unique_keys(d.fe_keys) if len(d.fe_keys) else (np.zeros(0, np.int64), np.zeros(0, np.int64))
+    first, inverse = unique_keys(d.fe_keys) if len(d.fe_keys) else (np.zeros(0, np.int64), np.zeros(0, np.int64))
     if not foreign.any() and len(first) == len(d.fe_keys):
         return []
     out: list[Refusal] = []
@@ -317,7 +210,7 @@ def _capacity(d: Desired, fe_sid: np.ndarray, fresh: "_Fresh", reg: IdRegistry, 
     old_m = np.fromiter(map(len, map(fe.slots.__getitem__, fe_sid.tolist())), np.int64, len(fe_sid)) // 4
     known = fe_sid > 0
     grow = np.where(known, np.maximum(0, d.fe_count.astype(np.int64) - old_m) + ~fe.has_header[fe_sid], 1 + d.fe_count)
-    svc_grow = np.diff(_starts(grow)[d.fe_start])
+    svc_grow = np.diff(run_starts(grow)[d.fe_start])
     fresh_idx, first, inverse = fresh.rows, fresh.first, fresh.inverse
     room = caps.services.capacity - reg.svc_entries
     be_room = caps.backends.capacity - reg.backends.count
@@ -390,7 +283,9 @@ def plan(changes: dict[ObjectKey, list[Frontend]], reg: IdRegistry, caps: Capaci
         refusals += full_maps
         if not full_maps:
             break
-    return _diff(d, fe_sid, be_id, fresh, reg, refused, refusals, sweep)
+    p = _diff(d, fe_sid, be_id, fresh, reg, refused, refusals, sweep)
+    p.maps = (caps.services.name, caps.backends.name)
+    return p
 
 
 class _Fresh:
@@ -400,12 +295,15 @@ class _Fresh:
     def __init__(self, d: Desired, be_id: np.ndarray):
         self.rows = np.nonzero(be_id == 0)[0]
         if len(self.rows):
-            self.first, self.inverse = _unique_keys(d.be_keys[self.rows])
+            self.first, self.inverse = unique_keys(d.be_keys[self.rows])
         else:
             self.first, self.inverse = np.zeros(0, np.int64), np.zeros(0, np.int64)
 
 
 def _diff(d: Desired, fe_sid, be_id, fresh: _Fresh, reg: IdRegistry, refused, refusals, sweep) -> WritePlan:
+    """The WritePlan of the admitted Services: ids for new frontends and backends, the header and slot
+    diff per frontend, what goes, and the registry's changes. One pass over shared columns (split up,
+    it would pass a dozen arrays from function to function)."""
     fe = reg.frontends
     fe_svc = _svc_of_fe(d)
     take = ~refused[fe_svc]                      # frontends applied
@@ -507,7 +405,7 @@ def _same_slots(old_slots: list[bytes], old_len, count, applied, d: Desired, be_
     if len(cand):
         held = np.frombuffer(b"".join([old_slots[i] for i in cand.tolist()]), SLOT_DTYPE)
         n = count[cand]
-        at = _starts(n)
+        at = run_starts(n)
         src = np.repeat(d.be_start[applied[cand]] - at[:-1], n) + np.arange(at[-1])
         differs = np.add.reduceat((held != be_id[src]).astype(np.int64), at[:-1])
         same[cand] = differs == 0
@@ -559,7 +457,7 @@ class _SlotRows:
         counts = d.fe_count[fes].astype(np.int64)
         total = int(counts.sum())
         starts = d.be_start[fes]
-        offset = np.repeat(starts - _starts(counts)[:-1], counts)
+        offset = np.repeat(starts - run_starts(counts)[:-1], counts)
         src = np.arange(total) + offset
         self.fe.append(np.repeat(fes, counts))
         self.slot.append(src - np.repeat(starts, counts) + 1)
@@ -578,14 +476,6 @@ class _SlotRows:
 
 def _valid(ids: np.ndarray) -> np.ndarray:
     return ids[(ids != NO_SLOT) & (ids != INVALID)]
-
-
-def _u16(a: array) -> np.ndarray:
-    return np.array(a, np.uint16) if a else np.zeros(0, np.uint16)
-
-
-def _u32(a: array) -> np.ndarray:
-    return np.array(a, np.uint32) if a else np.zeros(0, np.uint32)
 
 
 def _unreferenced(reg: IdRegistry, gained: np.ndarray, lost: np.ndarray, full: bool) -> np.ndarray:

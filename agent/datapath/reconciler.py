@@ -18,8 +18,8 @@ from dataclasses import dataclass, field
 from ..model.frontends import Frontend
 from ..model.objects import ObjectKey
 from .ids import IdRegistry, Snapshot
-from .plan import CLASH, Capacities, Limit, Refusal, plan, summarize
-from .writer import BatchMap, LBMaps, write
+from .plan import CLASH, Capacities, Limit, Refusal, WritePlan, plan, summarize
+from .writer import BatchMap, write
 
 log = logging.getLogger("nodewire.reconciler")
 # Services per plan in a large full sync: bounds its transient memory; at least 1/8 of the sync, as
@@ -80,28 +80,43 @@ class Messages(Sequence):
         return repr(self[:3]) + (f" (+{len(self) - 3})" if len(self) > 3 else "")
 
 
+@dataclass
+class LBMaps:
+    """A service map and its backend map (lb.h's layout), found by name by the writer."""
+    services: BatchMap
+    backends: BatchMap
+
+    def __getitem__(self, name: str) -> BatchMap:
+        return self.services if name == self.services.name else self.backends
+
+    def by_name(self) -> dict[str, BatchMap]:
+        return {self.services.name: self.services, self.backends.name: self.backends}
+
+
 class Reconciler:
+    """One pair of service and backend maps (the socket path's, or nodeport.c's) and their registry."""
+
     def __init__(self, services: BatchMap, backends: BatchMap):
+        self.services, self.backends = services, backends
         self.maps = LBMaps(services, backends)
         self.registry = self._restore()
         self._retry: dict[ObjectKey, list[Frontend]] = {}  # desired state of a write that failed
 
     def _restore(self) -> IdRegistry:
-        return IdRegistry.restore(self.maps.services.dump_arrays(), self.maps.backends.dump_arrays())
+        return IdRegistry.restore(self.services.dump_arrays(), self.backends.dump_arrays())
 
     @property
     def capacities(self) -> Capacities:
-        s, b = self.maps.services, self.maps.backends
+        s, b = self.services, self.backends
         return Capacities(Limit(s.name, s.capacity), Limit(b.name, b.capacity))
 
     def apply(self, changes: dict[ObjectKey, list[Frontend]], full: bool = False) -> SyncResult:
         """Make the maps match `changes` (Service → its frontends; [] removes it). With full=True,
         `changes` is the whole desired state and every entry not in it is removed."""
         t0 = time.perf_counter()
-        if self._retry:
-            changes = {**self._retry, **changes}
+        changes = self.with_retry(changes)
         if full and len(changes) > FULL_SYNC_CHUNK:
-            res = self._apply_in_chunks(changes)
+            res = self.apply_in_chunks(changes)
         else:
             res = self._apply(changes, full=full)
         res.seconds = time.perf_counter() - t0
@@ -109,29 +124,46 @@ class Reconciler:
             log.error("%s", line)
         return res
 
+    def with_retry(self, changes):
+        """changes, plus the Services of an earlier write that failed (the changes win)."""
+        return {**self._retry, **changes} if self._retry else changes
+
+    def plan(self, changes, full: bool = False, sweep: bool | None = None) -> WritePlan:
+        return plan(changes, self.registry, self.capacities, full=full, sweep=sweep)
+
+    def committed(self, p: WritePlan, changes) -> None:
+        """The plan is in the maps: record it."""
+        self.registry.commit(p)
+        if self._retry:
+            for svc in (changes if isinstance(changes, dict) else dict(changes)):
+                self._retry.pop(svc, None)
+
+    def failed(self, changes, retry: bool = True) -> None:
+        """A write failed part-way: the kernel holds part of the plan; learn it back (and retry these
+        changes next time, unless the caller keeps them itself)."""
+        fresh = self._restore()
+        fresh.adopt_owners(self.registry)
+        self.registry = fresh
+        if retry:
+            self._retry.update(changes)  # a dict or (Service, frontends) pairs
+
     def _apply(self, changes: dict[ObjectKey, list[Frontend]], full: bool = False,
                sweep: bool | None = None) -> SyncResult:
         t0 = time.perf_counter()
-        p = plan(changes, self.registry, self.capacities, full=full, sweep=sweep)
+        p = self.plan(changes, full=full, sweep=sweep)
         res = SyncResult(services=len(changes), refusals=p.refusals, plan_seconds=time.perf_counter() - t0)
         try:
-            write(p, self.maps)
-        except Exception as e:  # the kernel holds part of the plan: learn it back, retry next time
+            write(p.phases(), self.maps)
+        except Exception as e:
             res.write_error = f"writing the service maps failed ({e}); re-read them, retrying those Services"
-            fresh = self._restore()
-            fresh.adopt_owners(self.registry)
-            self.registry = fresh
-            self._retry.update(changes)  # a dict or (Service, frontends) pairs
+            self.failed(changes)
         else:
-            self.registry.commit(p)
-            if self._retry:
-                for svc in (changes if isinstance(changes, dict) else dict(changes)):
-                    self._retry.pop(svc, None)
+            self.committed(p, changes)
             res.written, res.deleted = p.written_count, p.deleted_count
         res.write_seconds = time.perf_counter() - t0 - res.plan_seconds  # with the registry commit
         return res
 
-    def _apply_in_chunks(self, changes: dict[ObjectKey, list[Frontend]]) -> SyncResult:
+    def apply_in_chunks(self, changes: dict[ObjectKey, list[Frontend]]) -> SyncResult:
         """A large full sync as a row of smaller ones, so its transient arrays stay small: removals
         first (they make room), then the Services FULL_SYNC_CHUNK at a time, then once more those
         refused for a clash with a Service of a later chunk (which may have moved), then the sweep."""

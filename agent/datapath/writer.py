@@ -1,21 +1,19 @@
-"""The writer: executes a WritePlan against the service and backend maps, phase by phase, in the
-plan's order (bpf/lib/lb.h: new backends → slots → headers; removed headers → removed slots →
-unreferenced backends), so a concurrent connect never follows a header to a missing slot or a slot
-to a missing backend.
+"""The writer: executes a plan's phases, in the plan's order, against the maps, every row encoded by
+the codec. The order is the plan's (bpf/lib/lb.h): a concurrent reader never follows a header to a
+missing slot, a slot to a missing backend, nor meets a north-south frontend without its policy,
+source ranges and Maglev table (plan.DatapathPlan).
 
-The maps are anything with the small protocol below (agent/datapath/maps.py RawMap in the agent, a
-dict-backed double in tests). Rows are packed by field name into the map's own dtypes, which RawMap
-derives from BCC's ctypes of the C structs: the C header stays the one source of every layout.
+The maps are anything with the small protocol below (agent/datapath/maps.py RawMap in the agent, the
+dict-backed double of devkit in tests), by name.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Protocol
+from typing import Iterable, Mapping, Protocol
 
 import numpy as np
 
-from .ids import BACKEND_IDENT, FRONTEND_IDENT
-from .plan import Phase, WritePlan
+from . import codec
+from .plan import Phase
 
 CHUNK = 65536  # rows per batch syscall: bounds the packed buffers of a full sync
 
@@ -31,57 +29,34 @@ class BatchMap(Protocol):
     def dump_arrays(self) -> tuple[np.ndarray, np.ndarray]: ...
 
 
-@dataclass
-class LBMaps:
-    """The two maps the load balancer's user space writes."""
-    services: BatchMap
-    backends: BatchMap
-
-
-def service_keys(m: BatchMap, ident: np.ndarray, slot: np.ndarray) -> np.ndarray:
-    keys = np.zeros(len(ident), m.key_dtype)
-    fid = ident.view(FRONTEND_IDENT)
-    for name in FRONTEND_IDENT.names:
-        keys[name] = fid[name]
-    keys["slot"] = slot
-    return keys
-
-
-def _rows(m: BatchMap, phase: Phase, lo: int, hi: int):
+def encode(m: BatchMap, phase: Phase, lo: int, hi: int) -> tuple[np.ndarray, np.ndarray | None]:
+    """Rows lo:hi of a phase as the map's (keys, values); values None for a delete."""
     r = {k: v[lo:hi] for k, v in phase.rows.items()}
-    n = hi - lo
-    if phase.map == "backends":
-        keys = r["id"].astype(m.key_dtype)
-        if phase.op == "delete":
-            return keys, None
-        values = np.zeros(n, m.value_dtype)
-        bid = r["ident"].view(BACKEND_IDENT)
-        for name in BACKEND_IDENT.names:
-            values[name] = bid[name]
-        return keys, values
-    if phase.op == "delete":
-        slot = r["slot"] if "slot" in r else np.zeros(n, np.uint16)
-        return service_keys(m, r["ident"], slot), None
-    values = np.zeros(n, m.value_dtype)
-    if "backend_id" in r:  # slots 1..count
-        return service_keys(m, r["ident"], r["slot"]), _set(values, backend_id=r["backend_id"])
-    return service_keys(m, r["ident"], np.zeros(n, np.uint16)), _set(
-        values, count=r["count"], flags=r["flags"], service_id=r["service_id"], affinity_timeout=r["affinity"])
+    kind = phase.kind
+    if kind == "backend":
+        return r["id"].astype(m.key_dtype), codec.backend_values(m.value_dtype, r["ident"])
+    if kind == "backend-id":
+        return r["id"].astype(m.key_dtype), None
+    if kind == "slot":
+        return (codec.service_keys(m.key_dtype, r["ident"], r["slot"]),
+                codec.slot_values(m.value_dtype, r["backend_id"]))
+    if kind == "header":
+        return (codec.service_keys(m.key_dtype, r["ident"], 0),
+                codec.header_values(m.value_dtype, r["count"], r["flags"], r["service_id"], r["affinity"]))
+    if kind == "frontend":
+        return codec.service_keys(m.key_dtype, r["ident"], r.get("slot", 0)), None
+    return r["keys"], r.get("values")
 
 
-def _set(values: np.ndarray, **fields) -> np.ndarray:
-    for name, v in fields.items():
-        values[name] = v
-    return values
-
-
-def write(p: WritePlan, maps: LBMaps, chunk: int = CHUNK) -> None:
-    """Every phase of p, in order, in batches of `chunk` rows. Raises what the maps raise; the caller
-    then commits nothing (the registry is re-read from the maps)."""
-    for phase in p.phases():
-        m = getattr(maps, phase.map)
-        for lo in range(0, len(phase), chunk):
-            keys, values = _rows(m, phase, lo, min(lo + chunk, len(phase)))
+def write(phases: Iterable[Phase], maps: Mapping[str, BatchMap], chunk: int = CHUNK) -> None:
+    """Every phase, in order, in batches of `chunk` rows. Raises what the maps raise; the caller then
+    commits nothing (the registries are re-read from the maps)."""
+    for phase in phases:
+        m = maps[phase.map]
+        if phase.op == "tables":
+            m.set_tables(phase.rows["group"], phase.rows["table"])
+        for lo in range(0, len(phase) if phase.op != "tables" else 0, chunk):
+            keys, values = encode(m, phase, lo, min(lo + chunk, len(phase)))
             if phase.op == "update":
                 m.update_arrays(keys, values)
             else:

@@ -156,6 +156,40 @@ def parse_service(obj: Any) -> Service:
         if len({":" in a for a in ips}) != len(ips):
             raise r.fail("spec.clusterIPs", "at most one address per IP family")
 
+    ports = _service_ports(r, spec)
+    external_ips = tuple(
+        r.ip(v, f"spec.externalIPs[{i}]")
+        for i, v in enumerate(r.get(spec, "externalIPs", "spec.externalIPs", list, default=[]))
+    )
+    affinity = r.get(spec, "sessionAffinity", "spec.sessionAffinity", str, default="None")
+    if affinity not in ("None", "ClientIP"):
+        raise r.fail("spec.sessionAffinity", f"unknown value {affinity!r}")
+    timeout = 10800
+    cfg = spec.get("sessionAffinityConfig")
+    if isinstance(cfg, dict) and isinstance(cfg.get("clientIP"), dict):
+        timeout = r.get(cfg["clientIP"], "timeoutSeconds", "spec.sessionAffinityConfig.clientIP.timeoutSeconds",
+                        int, default=10800)
+        if not 1 <= timeout <= 86400:
+            raise r.fail("spec.sessionAffinityConfig.clientIP.timeoutSeconds", f"{timeout} out of range (1-86400)")
+    itp = r.get(spec, "internalTrafficPolicy", "spec.internalTrafficPolicy", str, default="Cluster")
+    etp = r.get(spec, "externalTrafficPolicy", "spec.externalTrafficPolicy", str, default="Cluster")
+    for val, path in ((itp, "spec.internalTrafficPolicy"), (etp, "spec.externalTrafficPolicy")):
+        if val not in ("Cluster", "Local"):
+            raise r.fail(path, f"unknown value {val!r} (expected Cluster or Local)")
+    # Any value is kept: kube-proxy never reads the field (it follows the hints the controller writes),
+    # and a value newer than this agent must not take the Service down; selection acts on known ones.
+    distribution = r.word(spec, "trafficDistribution", "spec.trafficDistribution")
+    lb_ips, ranges, hc_port = _load_balancer(r, obj, spec)
+    return Service(
+        key=r.object_key, cluster_ips=ips, ports=shared(tuple(ports)), type=svc_type, labels=r.labels(meta),
+        external_ips=external_ips, session_affinity=affinity, session_affinity_timeout=timeout,
+        internal_traffic_policy=itp, external_traffic_policy=etp, traffic_distribution=distribution,
+        load_balancer_ips=lb_ips, load_balancer_source_ranges=ranges, health_check_node_port=hc_port,
+    )
+
+
+def _service_ports(r: _Reader, spec: dict) -> list[ServicePort]:
+    """spec.ports: names unique (required with several), (port, protocol) unique, targetPort a number or a name."""
     ports = []
     seen_names: set[str] = set()
     seen_ports: set[tuple[int, str]] = set()
@@ -186,36 +220,7 @@ def parse_service(obj: Any) -> Service:
             tp = port
         node_port = r.port(p, "nodePort", f"{path}.nodePort", required=False, allow_zero=True)
         ports.append(ServicePort(name, proto, port, tp, node_port))
-
-    external_ips = tuple(
-        r.ip(v, f"spec.externalIPs[{i}]")
-        for i, v in enumerate(r.get(spec, "externalIPs", "spec.externalIPs", list, default=[]))
-    )
-    affinity = r.get(spec, "sessionAffinity", "spec.sessionAffinity", str, default="None")
-    if affinity not in ("None", "ClientIP"):
-        raise r.fail("spec.sessionAffinity", f"unknown value {affinity!r}")
-    timeout = 10800
-    cfg = spec.get("sessionAffinityConfig")
-    if isinstance(cfg, dict) and isinstance(cfg.get("clientIP"), dict):
-        timeout = r.get(cfg["clientIP"], "timeoutSeconds", "spec.sessionAffinityConfig.clientIP.timeoutSeconds",
-                        int, default=10800)
-        if not 1 <= timeout <= 86400:
-            raise r.fail("spec.sessionAffinityConfig.clientIP.timeoutSeconds", f"{timeout} out of range (1-86400)")
-    itp = r.get(spec, "internalTrafficPolicy", "spec.internalTrafficPolicy", str, default="Cluster")
-    etp = r.get(spec, "externalTrafficPolicy", "spec.externalTrafficPolicy", str, default="Cluster")
-    for val, path in ((itp, "spec.internalTrafficPolicy"), (etp, "spec.externalTrafficPolicy")):
-        if val not in ("Cluster", "Local"):
-            raise r.fail(path, f"unknown value {val!r} (expected Cluster or Local)")
-    # Any value is kept: kube-proxy never reads the field (it follows the hints the controller writes),
-    # and a value newer than this agent must not take the Service down; selection acts on known ones.
-    distribution = r.word(spec, "trafficDistribution", "spec.trafficDistribution")
-    lb_ips, ranges, hc_port = _load_balancer(r, obj, spec)
-    return Service(
-        key=r.object_key, cluster_ips=ips, ports=shared(tuple(ports)), type=svc_type, labels=r.labels(meta),
-        external_ips=external_ips, session_affinity=affinity, session_affinity_timeout=timeout,
-        internal_traffic_policy=itp, external_traffic_policy=etp, traffic_distribution=distribution,
-        load_balancer_ips=lb_ips, load_balancer_source_ranges=ranges, health_check_node_port=hc_port,
-    )
+    return ports
 
 
 def _load_balancer(r: _Reader, obj: dict, spec: dict) -> tuple[tuple[str, ...], tuple[str, ...], int]:

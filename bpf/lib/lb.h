@@ -12,7 +12,10 @@
  *   nodewire_affinity_v1  (client netns cookie, service_id) -> backend, slot, last use  [LRU]
  *
  * User space writes backends first, then slots 1..n, then slot 0; deletes go the other way, so a
- * reader never follows a slot to a missing backend. Only uapi types are used (the kernel is newer
+ * reader never follows a slot to a missing backend. bpf/nodeport.c's maps join this order in the
+ * same plan (agent/datapath/nsplan.py): its source ranges and local addresses, then its policy rows,
+ * go before any frontend write; its Maglev tables (then the policy's Maglev flag) after the headers;
+ * what no frontend needs any more goes after the frontends' deletes. Only uapi types are used (the kernel is newer
  * than the headers BCC compiles against).
  */
 #ifndef NODEWIRE_LB_H

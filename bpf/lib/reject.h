@@ -101,20 +101,35 @@ static __always_inline int reject_tcp(struct __sk_buff *skb, struct pkt *p)
 	return bpf_redirect(skb->ifindex, 0);
 }
 
-/* ICMP destination unreachable / port unreachable (v4: type 3 code 3; v6: type 1 code 4) quoting
- * the offending IP header and the 8-byte UDP header (RFC 792 / RFC 4443). */
-static __always_inline int reject_udp(struct __sk_buff *skb, struct pkt *p)
+/* What an ICMP error quotes: the offending packet's IP header (with IPv4 options / IPv6 extension
+ * headers) and the first 8 bytes after it, the minimum RFC 792 and RFC 4443 ask for; every stack
+ * finds the flow's ports there (and TCP its sequence number). A TCP header is quoted whole (20
+ * bytes): the kernel will not trim a packet whose checksum is still to be filled in
+ * (CHECKSUM_PARTIAL, a local sender's) to before its checksum field. 128 bytes cover 60 + 20
+ * (IPv4) and 40 + 60 of extension headers + 20 (IPv6). On a veth such a packet keeps
+ * CHECKSUM_PARTIAL, which its receiver takes as verified; packets from a NIC never have it. */
+#define NW_QUOTE_MAX 128
+
+struct icmp_quote_buf {
+	__u8 b[NW_QUOTE_MAX];
+};
+/* scratch for the quote: the tc programs' 512-byte stack is spoken for */
+BPF_PERCPU_ARRAY(nodewire_np_quote, struct icmp_quote_buf, 1);
+
+/* Turn the packet into an ICMP (v6) error of type/code back to its sender, from the address it
+ * was sent to, out of the device it came in on. info: the 4 bytes after the checksum (big endian:
+ * next-hop MTU for frag-needed, MTU for packet-too-big, else 0). */
+static __always_inline int icmp_reply(struct __sk_buff *skb, struct pkt *p, __u8 type, __u8 code, __be32 info)
 {
-	__u8 quote[48];  /* IPv6 header + UDP header; IPv4 uses the first 28 */
-	__u32 qlen = ip_len(p) + 8;
-	if (p->l4off != NW_ETH_LEN + ip_len(p))
+	__u32 zero = 0;
+	struct icmp_quote_buf *buf = nodewire_np_quote.lookup(&zero);
+	__u64 l4q = p->proto == IPPROTO_TCP && !(p->flags & NW_PKT_F_LATER) ? 20 : 8;
+	__u64 qlen = (__u64)p->l4off - NW_ETH_LEN + l4q;  /* 64-bit: the verifier keeps its bounds */
+	if (!buf || qlen > NW_QUOTE_MAX || qlen < 28 || skb->len < NW_ETH_LEN + qlen)
 		return TC_ACT_SHOT;
-	if (p->family == 4) {
-		if (bpf_skb_load_bytes(skb, NW_ETH_LEN, quote, 28))
-			return TC_ACT_SHOT;
-	} else if (bpf_skb_load_bytes(skb, NW_ETH_LEN, quote, 48)) {
+	__u8 *quote = buf->b;
+	if (bpf_skb_load_bytes(skb, NW_ETH_LEN, quote, qlen))
 		return TC_ACT_SHOT;
-	}
 	/* keep the quote, then open room for the new IP + ICMP headers in front of it */
 	if (bpf_skb_change_tail(skb, NW_ETH_LEN + qlen, 0) ||
 	    bpf_skb_adjust_room(skb, ip_len(p) + 8, BPF_ADJ_ROOM_MAC, 0))
@@ -123,28 +138,24 @@ static __always_inline int reject_udp(struct __sk_buff *skb, struct pkt *p)
 	__s64 sum = 0;
 	if (reply_ip(skb, p, icmp_proto, 8 + qlen, &sum))
 		return TC_ACT_SHOT;
-	__u8 icmp[8] = {};
-	icmp[0] = p->family == 4 ? 3 : 1;  /* destination unreachable */
-	icmp[1] = p->family == 4 ? 3 : 4;  /* port unreachable */
+	__u8 icmp[8] = {type, code};
+	__builtin_memcpy(&icmp[4], &info, 4);
 	sum = bpf_csum_diff(0, 0, (__be32 *)icmp, 8, sum);
-	if (p->family == 4)
-		sum = bpf_csum_diff(0, 0, (__be32 *)quote, 28, sum);
-	else
-		sum = bpf_csum_diff(0, 0, (__be32 *)quote, 48, sum);
+	sum = bpf_csum_diff(0, 0, (__be32 *)quote, qlen, sum);
 	__u16 c = csum_fold(sum);
 	__builtin_memcpy(&icmp[2], &c, 2);
-	__u32 at = NW_ETH_LEN + ip_len(p);
-	if (bpf_skb_store_bytes(skb, at, icmp, 8, 0))
-		return TC_ACT_SHOT;
-	if (p->family == 4) {
-		if (bpf_skb_store_bytes(skb, at + 8, quote, 28, 0))
-			return TC_ACT_SHOT;
-	} else if (bpf_skb_store_bytes(skb, at + 8, quote, 48, 0)) {
-		return TC_ACT_SHOT;
-	}
-	if (swap_macs(skb))
+	if (bpf_skb_store_bytes(skb, NW_ETH_LEN + ip_len(p), icmp, 8, 0) || swap_macs(skb))
 		return TC_ACT_SHOT;
 	return bpf_redirect(skb->ifindex, 0);
+}
+
+/* ICMP destination unreachable / port unreachable (v4: type 3 code 3; v6: type 1 code 4). A later
+ * fragment is dropped: the first one has been answered (or will be), and its quote has no ports. */
+static __always_inline int reject_udp(struct __sk_buff *skb, struct pkt *p)
+{
+	if (p->flags & NW_PKT_F_LATER)
+		return TC_ACT_SHOT;
+	return p->family == 4 ? icmp_reply(skb, p, 3, 3, 0) : icmp_reply(skb, p, 1, 4, 0);
 }
 
 static __always_inline int reject(struct __sk_buff *skb, struct pkt *p)

@@ -1,0 +1,296 @@
+"""ICMP errors, path MTU and fragments through the north-south NAT, real packets in the multi-node
+sandbox (devkit/nodewire_dev/sandbox/multinode.py), one row per behaviour kube-proxy's netfilter NAT has.
+
+Two nodes with an agent each (`--devices eth0`); pod a1 on node 1 (a local backend for node 1), b1 on
+node 2 (a remote one: SNATed). Node 1 reaches node 2's pods over a 1280-MTU hop (a veth pair of its
+own, as a tunnel with a smaller MTU would be), while the client and the LAN stay at 1500; the client's
+segmentation offload is off (gso_max_segs 1) so its packets really are 1500 bytes on the wire. Pods
+answer ICMP errors without rate limit, and reject chosen TCP ports with ICMP (nft, in the pod).
+"""
+from __future__ import annotations
+
+import errno
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from nodewire_dev.sandbox.cluster import _ip_batch
+from nodewire_dev.sandbox.multinode import MultiNodeSandbox
+from tests.conformance.test_north_south import Env
+from tests.conftest import AgentProcess, wait_for
+from tests.manifests import endpoint_slice, service
+
+pytestmark = pytest.mark.root
+
+UDP_PORT, ECHO_PORT, CLOSED_UDP = 5353, 7000, 5999
+REJECT_PORTS = {"port": 8091, "host": 8092}  # TCP ports the pods reject with ICMP port / host unreachable
+HOP_MTU = 1280
+POD_RULES = """table inet nwtest {
+  chain input {
+    type filter hook input priority 0;
+    tcp dport 8091 reject with icmpx type port-unreachable
+    tcp dport 8092 reject with icmpx type host-unreachable
+  }
+}
+"""
+
+
+def _hop(sb: MultiNodeSandbox) -> None:
+    """Node 1 → node 2's pods over their own 1280-MTU link; node 2 answers over the LAN as before."""
+    n1, n2 = sb.nodes
+    _ip_batch(n1.netns, [f"link add hop0 mtu {HOP_MTU} type veth peer name hop0 netns {n2.netns} mtu {HOP_MTU}",
+                         "addr add 198.19.0.1/24 dev hop0", "addr add fd00:19::1/64 dev hop0 nodad", "link set hop0 up",
+                         f"route replace {n2.pod_net4} via 198.19.0.2 dev hop0",
+                         f"route replace {n2.pod_net6} via fd00:19::2 dev hop0"])
+    _ip_batch(n2.netns, ["addr add 198.19.0.2/24 dev hop0", "addr add fd00:19::2/64 dev hop0 nodad", "link set hop0 up"])
+    sb._sysctl(n2.netns, ["net.ipv4.conf.all.rp_filter=0", "net.ipv4.conf.hop0.rp_filter=0"])
+    subprocess.run(["ip", "-n", sb.client.netns, "link", "set", "eth0", "gso_max_segs", "1"], check=True)
+
+
+def _pod_setup(sb: MultiNodeSandbox, pod) -> None:
+    sb._sysctl(pod.netns, ["net.ipv4.icmp_ratelimit=0", "net.ipv6.icmp.ratelimit=0"])
+    subprocess.run(["ip", "netns", "exec", pod.netns, "nft", "-f", "-"], input=POD_RULES, text=True, check=True)
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory):
+    d = tmp_path_factory.mktemp("northsouth-icmp")
+    with MultiNodeSandbox(2) as sb:
+        n1, n2 = sb.nodes
+        for node, name in ((n1, "a1"), (n2, "b1")):
+            pod = sb.add_pod(node, name)
+            pod.serve(udp_ports=[UDP_PORT], echo_ports=[ECHO_PORT])
+            _pod_setup(sb, pod)
+        _hop(sb)
+        agents = [AgentProcess(d, n.cgroup, n.pin_dir, prefix=n.nsenter([]),
+                               extra=["--node-name", n.name, "--devices", "eth0", "--no-observe", "--no-rdma"])
+                  for n in sb.nodes]
+        try:
+            for a in agents:
+                a.start()
+            yield Env(sb, agents, d)
+        finally:
+            for a in agents:
+                a.cleanup()
+
+
+_ports = iter(range(31000, 31500))
+
+
+def nodeport(env: Env, name: str, protocol: str, target: int, member: str, family: int) -> int:
+    """A NodePort Service of one pod (a1: local to node 1, b1: remote); returns its node port."""
+    port = next(_ports)
+    n = port - 31000
+    vip = f"10.96.13.{n + 1}" if family == 4 else f"fd00:10:96::13:{n + 1:x}"
+    s = service(name, [vip], port=80, protocol=protocol, target_port=target)
+    s["spec"].update(type="NodePort", ipFamilies=[f"IPv{family}"])
+    s["spec"]["ports"][0]["nodePort"] = port
+    pod = env.pod(member)
+    sl = endpoint_slice(name, [getattr(pod, f"ip{family}")], port=target, protocol=protocol)
+    sl["endpoints"][0]["nodeName"] = env.n1.name if member == "a1" else env.n2.name
+    env.apply(f"{name}.json", s, sl)
+    return port
+
+
+def n1_addr(env: Env, family: int) -> str:
+    return env.n1.addr4 if family == 4 else env.n1.addr6
+
+
+def counters(env: Env) -> dict:
+    """Node 1's north-south outcome counters, read from its pinned stats map."""
+    from agent.datapath.loader import open_loaded
+    from agent.datapath.nodeport import OUTCOMES
+
+    loaded = open_loaded("nodeport", env.n1.pin_dir)
+    try:
+        keys, values = loaded.maps["nodewire_np_stats_v1"].dump_summed()
+    finally:
+        loaded.close()
+    by = dict(zip(keys.tolist(), values.tolist()))
+    return {name: int(by.get(i, 0)) for i, name in enumerate(OUTCOMES)}
+
+
+def client(env: Env, code: str) -> dict:
+    return json.loads(env.client_py(code).strip().splitlines()[-1])
+
+
+PRELUDE = """
+import errno, json, socket
+def fam(h): return socket.AF_INET6 if ":" in h else socket.AF_INET
+def err(e): return errno.errorcode.get(e.errno, type(e).__name__) if e.errno else type(e).__name__
+"""
+
+MEMBERS = [pytest.param("a1", id="local"), pytest.param("b1", id="remote")]
+FAMILIES = [pytest.param(4, id="v4"), pytest.param(6, id="v6")]
+
+
+# -- ICMP errors of translated flows --------------------------------------------------------------
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("member", MEMBERS)
+def test_udp_to_a_closed_port_is_refused_at_once(env, member, family):
+    """The backend answers a datagram to a port nobody listens on with ICMP port unreachable: it
+    reaches the client translated, so the client's connected socket reports ECONNREFUSED."""
+    port = nodeport(env, f"udp-closed-{member}{family}", "UDP", CLOSED_UDP, member, family)
+    before = counters(env)["icmp_translated"]
+    code = PRELUDE + f"""
+s = socket.socket(fam({n1_addr(env, family)!r}), socket.SOCK_DGRAM); s.settimeout(3)
+s.connect(({n1_addr(env, family)!r}, {port}))
+try:
+    s.send(b"x"); print(json.dumps({{"got": s.recv(100).decode()}}))
+except OSError as e:
+    print(json.dumps({{"error": err(e)}}))
+"""
+    assert client(env, code) == {"error": "ECONNREFUSED"}
+    assert counters(env)["icmp_translated"] > before
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("kind", ["port", "host"])
+@pytest.mark.parametrize("member", MEMBERS)
+def test_tcp_connect_gets_the_backends_icmp_unreachable(env, member, kind, family):
+    """A backend that rejects a TCP port with ICMP port / host unreachable: the client's connect()
+    fails with ECONNREFUSED / EHOSTUNREACH straight away instead of retrying SYNs until it times out."""
+    port = nodeport(env, f"tcp-{kind}-{member}{family}", "TCP", REJECT_PORTS[kind], member, family)
+    code = PRELUDE + f"""
+s = socket.socket(fam({n1_addr(env, family)!r}), socket.SOCK_STREAM); s.settimeout(3)
+try:
+    s.connect(({n1_addr(env, family)!r}, {port})); print(json.dumps({{"connected": True}}))
+except OSError as e:
+    print(json.dumps({{"error": err(e)}}))
+"""
+    want = "ECONNREFUSED" if kind == "port" else "EHOSTUNREACH"
+    assert client(env, code) == {"error": want}
+
+
+# -- path MTU -------------------------------------------------------------------------------------
+@pytest.mark.parametrize("family", FAMILIES)
+def test_tcp_through_a_smaller_mtu_hop_learns_it_and_gets_through(env, family):
+    """Full-size segments toward a backend behind the 1280-MTU hop: the client gets frag-needed /
+    packet-too-big with 1280, lowers its segment size, and 20 kB go through and come back."""
+    port = nodeport(env, f"pmtu-tcp{family}", "TCP", ECHO_PORT, "b1", family)
+    before = counters(env)["pmtu_reply"]
+    mtu_opt = "socket.IPPROTO_IP, 14" if family == 4 else "socket.IPPROTO_IPV6, 24"  # IP_MTU / IPV6_MTU
+    code = PRELUDE + f"""
+s = socket.create_connection(({n1_addr(env, family)!r}, {port}), timeout=5)
+s.sendall(b"z" * 20000)
+got = 0
+try:
+    while got < 20000:
+        chunk = s.recv(65536)
+        if not chunk:
+            break
+        got += chunk.count(b"z")
+except OSError as e:
+    print(json.dumps({{"error": err(e), "got": got}})); raise SystemExit
+print(json.dumps({{"got": got, "mtu": s.getsockopt({mtu_opt})}}))
+"""
+    assert client(env, code) == {"got": 20000, "mtu": HOP_MTU}
+    assert counters(env)["pmtu_reply"] > before
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_udp_bigger_than_the_hop_gets_frag_needed(env, family):
+    """A 1400-byte datagram with DF toward the backend behind the hop: the client learns 1280 (its
+    connected socket reports EMSGSIZE), and a datagram that fits then gets the backend's answer."""
+    port = nodeport(env, f"pmtu-udp{family}", "UDP", UDP_PORT, "b1", family)
+    host = n1_addr(env, family)
+    # IP_MTU_DISCOVER=IP_PMTUDISC_DO / IPV6_MTU_DISCOVER=IPV6_PMTUDISC_DO, then IP_MTU / IPV6_MTU
+    dont, mtu = (("socket.IPPROTO_IP, 10, 2", "socket.IPPROTO_IP, 14") if family == 4 else
+                 ("socket.IPPROTO_IPV6, 23, 2", "socket.IPPROTO_IPV6, 24"))
+    code = PRELUDE + f"""
+s = socket.socket(fam({host!r}), socket.SOCK_DGRAM); s.settimeout(3)
+s.setsockopt({dont}); s.connect(({host!r}, {port}))
+out = {{}}
+try:
+    s.send(b"y" * 1400); out["big"] = s.recv(100).decode().strip()
+except OSError as e:
+    out["big"] = err(e)
+out["mtu"] = s.getsockopt({mtu})
+s.send(b"y" * 1000); out["small"] = s.recv(100).decode().strip()
+print(json.dumps(out))
+"""
+    assert client(env, code) == {"big": "EMSGSIZE", "mtu": HOP_MTU, "small": "b1"}
+
+
+# -- fragments and IPv6 extension headers ---------------------------------------------------------
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("member", MEMBERS)
+def test_fragmented_udp_reaches_the_backend(env, member, family):
+    """A 4000-byte datagram leaves the client in fragments; they reach the backend (local, or remote
+    across the hop) and its answer comes back. Toward the hop the first try may only teach the
+    client the hop's MTU (frag-needed for a 1500-byte fragment); it fragments smaller and retries."""
+    port = nodeport(env, f"frag-{member}{family}", "UDP", UDP_PORT, member, family)
+    before = counters(env)["fragment"]
+    host = n1_addr(env, family)
+    dont = "socket.IPPROTO_IP, 10, 0" if family == 4 else "socket.IPPROTO_IPV6, 23, 0"  # PMTUDISC_DONT: fragment
+    code = PRELUDE + f"""
+s = socket.socket(fam({host!r}), socket.SOCK_DGRAM); s.settimeout(1.5)
+s.setsockopt({dont}); s.connect(({host!r}, {port}))
+out = {{"tries": []}}
+for _ in range(3):
+    try:
+        s.send(b"f" * 4000); out["got"] = s.recv(100).decode().strip(); break
+    except OSError as e:
+        out["tries"].append(err(e))
+print(json.dumps(out))
+"""
+    got = client(env, code)
+    assert got.get("got") == member, got
+    assert len(got["tries"]) <= (1 if member == "b1" else 0), got
+    assert counters(env)["fragment"] >= before + 3  # every fragment of the answered datagram at least
+
+
+@pytest.mark.parametrize("option", [pytest.param(54, id="hop-by-hop"), pytest.param(59, id="destination")])
+def test_ipv6_extension_headers_are_followed(env, option):
+    """A datagram carrying an IPv6 hop-by-hop or destination-options header (IPV6_HOPOPTS /
+    IPV6_DSTOPTS: an 8-byte header holding one PadN option) reaches the NodePort's backend."""
+    port = nodeport(env, f"ext{option}", "UDP", UDP_PORT, "a1", 6)
+    code = PRELUDE + f"""
+s = socket.socket(socket.AF_INET6, socket.SOCK_DGRAM); s.settimeout(2)
+s.setsockopt(socket.IPPROTO_IPV6, {option}, bytes([0, 0, 1, 4, 0, 0, 0, 0]))
+s.connect(({env.n1.addr6!r}, {port}))
+try:
+    s.send(b"x"); print(json.dumps({{"got": s.recv(100).decode().strip()}}))
+except OSError as e:
+    print(json.dumps({{"error": err(e)}}))
+"""
+    assert client(env, code) == {"got": "a1"}
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("member", MEMBERS)
+def test_client_side_icmp_reaches_the_backend(env, member, family):
+    """The other direction: the client closed its socket, the backend sends once more, the client's
+    ICMP port unreachable about that reply reaches the backend translated (back to the backend's own
+    addresses: to its connected socket it looks as if its peer refused), local and SNATed alike."""
+    port = nodeport(env, f"back-{member}{family}", "UDP", 6100, member, family)
+    pod = env.pod(member)
+    backend = pod.popen([sys.executable, "-c", PRELUDE + """
+import time
+s = socket.socket(socket.AF_INET6, socket.SOCK_DGRAM); s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+s.bind(("::", 6100)); print("ready", flush=True)
+data, peer = s.recvfrom(100); s.connect(peer); s.send(b"hello")
+time.sleep(0.5); s.send(b"again"); s.settimeout(3)
+try:
+    s.recv(100); print(json.dumps({"backend": "answered"}))
+except OSError as e:
+    print(json.dumps({"backend": err(e)}))
+"""])
+    try:
+        assert backend.stdout.readline().strip() == "ready"
+        host = n1_addr(env, family)
+        code = PRELUDE + f"""
+s = socket.socket(fam({host!r}), socket.SOCK_DGRAM); s.settimeout(3); s.connect(({host!r}, {port}))
+s.send(b"go"); print(json.dumps({{"got": s.recv(100).decode()}})); s.close()
+"""
+        assert client(env, code) == {"got": "hello"}
+        out, errs = backend.communicate(timeout=10)
+    finally:
+        if backend.poll() is None:
+            backend.kill()
+    assert out.strip(), errs[-2000:]
+    assert json.loads(out.strip().splitlines()[-1]) == {"backend": "ECONNREFUSED"}
