@@ -25,7 +25,8 @@ from tests.observe_helpers import samples
 
 pytestmark = [pytest.mark.root, pytest.mark.timeout(180)]
 
-NODE_PORT, EMPTY_NODE_PORT, TCP_PORT, METRICS_PORT = 30200, 30201, 8080, 9966
+NODE_PORT, EMPTY_NODE_PORT, CLOSED_NODE_PORT, TCP_PORT, METRICS_PORT = 30200, 30201, 30202, 8080, 9966
+CLOSED_UDP = 5999  # nothing listens there in the pods: they answer with ICMP port unreachable
 CT_COUNTERS = ("halfopen_inserted", "promoted", "snat_exhausted")  # nodewire_conntrack_<name>_total
 BOTH = {"a1", "b1"}  # a1 on node 1 (local backend), b1 on node 2 (remote: SNAT to node 1's address)
 
@@ -95,7 +96,12 @@ def env(tmp_path_factory):
         empty = service("empty", ["10.96.20.2"], target_port=TCP_PORT)  # no endpoint: rejected
         empty["spec"]["type"] = "NodePort"
         empty["spec"]["ports"][0]["nodePort"] = EMPTY_NODE_PORT
-        write(d / "np.json", s, *slices, empty, endpoint_slice("empty", []))
+        closed = service("closed", ["10.96.20.3"], protocol="UDP", target_port=CLOSED_UDP)  # a1 only
+        closed["spec"]["type"] = "NodePort"
+        closed["spec"]["ports"][0]["nodePort"] = CLOSED_NODE_PORT
+        closed_sl = endpoint_slice("closed", [n1.pods["a1"].ip4], port=CLOSED_UDP, protocol="UDP")
+        closed_sl["endpoints"][0]["nodeName"] = n1.name
+        write(d / "np.json", s, *slices, empty, endpoint_slice("empty", []), closed, closed_sl)
         # --devices auto picks the uplink by its default route (a veth: the sandbox's LAN cable)
         for gw in (sb.client.ip4, sb.client.ip6):
             subprocess.run(["ip", "-n", n1.netns, "route", "add", "default", "via", gw], check=True)
@@ -215,11 +221,12 @@ def test_device_created_after_start_gets_tc_and_serves_the_nodeport(env):
 def test_counters_move_by_the_connects_made(env):
     """N connects to the NodePort are N new flows (local + remote), each with two conntrack entries made
     half-open and then promoted once its handshake completed; M connects to a Service without endpoints
-    are M rejects and no conntrack entry. The metrics and `nodewire status -o json` move by exactly that,
-    and every outcome abi.py lists is exported (zero or not)."""
+    are M rejects and no conntrack entry; K datagrams to a closed UDP port are K flows whose ICMP port
+    unreachable is translated back. The metrics and `nodewire status -o json` move by exactly that, and
+    every outcome abi.py lists is exported (zero or not)."""
     from agent.datapath.abi import NP_OUTCOME_NAMES
 
-    n, m = 10, 4
+    n, m, k = 10, 4, 3
     m0 = env.scraped()
     assert set(NP_OUTCOME_NAMES) <= set(m0), m0
     # no traffic now: the status file catches up with the kernel counters (it is rewritten at its next
@@ -228,18 +235,24 @@ def test_counters_move_by_the_connects_made(env):
     assert set(env.answered(env.n1.addr4, count=n)) == BOTH
     r = env.sb.client.probe("tcp", env.n1.addr4, EMPTY_NODE_PORT, count=m, timeout=1.0)
     assert r["errors"] == {"ECONNREFUSED": m}, r
+    refused = (f"import socket\nn=0\nfor _ in range({k}):\n"  # k UDP flows, each answered by ICMP port unreachable
+               " s=socket.socket(socket.AF_INET, socket.SOCK_DGRAM); s.settimeout(3)\n"
+               f" s.connect(({env.n1.addr4!r}, {CLOSED_NODE_PORT})); s.send(b'x')\n"
+               " try: s.recv(100)\n except ConnectionRefusedError: n+=1\n s.close()\nprint(n)")
+    assert env.sb.client.python(refused).strip() == str(k)
 
     def moved(now: dict, was: dict) -> tuple:
         d = {k: now[k] - was[k] for k in was}
-        return (d["local"] + d["remote"], d["reject"], d["ct.halfopen_inserted"], d["ct.promoted"],
-                d["ct.snat_exhausted"])
-    want = (n, m, 2 * n, n, 0)
+        return (d["local"] + d["remote"], d["reject"], d["icmp_translated"], d["ct.halfopen_inserted"],
+                d["ct.promoted"], d["ct.snat_exhausted"])
+    # every flow makes two half-open entries; the TCP ones are promoted, the UDP ones never got a reply
+    want = (n + k, m, k, 2 * (n + k), n, 0)
     assert moved(env.scraped(), m0) == want
     wait_for(lambda: moved(env.status_counters(), s0) == want, 15, what="status counters moved")
     table = subprocess.run([NODEWIRE, "status", "--pin-dir", env.agent.pin_dir], capture_output=True, text=True,
                            check=True).stdout  # the human view says the same
     assert "north-south: devices eth0;" in table and re.search(rf"packets: .*\breject {s0['reject'] + m}\b", table), table
-    assert re.search(rf"conntrack: .*\bpromoted {s0['ct.promoted'] + n}\b", table), table
+    assert re.search(rf"conntrack counters: .*\bpromoted {s0['ct.promoted'] + n}\b", table), table
 
 
 def test_snat_address_follows_the_node_address(env):
