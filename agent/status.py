@@ -133,13 +133,11 @@ def northsouth_lines(ns: dict, now: float | None = None) -> list[str]:
     out.append("  drops:   " + (", ".join(f"{k} {v}" for k, v in drops.items()) or "none"))
     ct = ns.get("conntrack")
     if isinstance(ct, dict):
-        parts = [f"{k} {v}" for k, v in (ct.get("entries") or {}).items()]
-        parts += [f"{k} {v}" for k, v in (ct.get("states") or {}).items()]
-        if "snat_ports_in_use" in ct:
-            parts.append(f"SNAT ports in use {ct['snat_ports_in_use']}")
-        for k, v in (ct.get("counters") or {}).items():
-            parts.append(f"{k} {v}")
-        out.append("  conntrack: " + ", ".join(parts))
+        def pairs(d) -> str:
+            return ", ".join(f"{k} {v}" for k, v in (d or {}).items())
+        out.append(f"  conntrack: entries {pairs(ct.get('entries'))}; states {pairs(ct.get('states'))}; "
+                   f"SNAT ports in use {ct.get('snat_ports_in_use', 0)}; half-open evicted {ct.get('halfopen_evicted', 0)}")
+        out.append(f"  conntrack counters: {pairs(ct.get('counters'))}")
     watch = ns.get("device_watch") or {}
     if watch:
         last = watch.get("last_change")

@@ -59,12 +59,11 @@ class DeviceWatcher:
         self._wake_r, self._wake_w = os.pipe()
         self._thread = threading.Thread(target=self._run, name="device-watcher", daemon=True)
         self._thread.start()
-        # a change between the caller's first read and bind() would be missed: read once more
-        self._reread()
         return self
 
-    # -- the thread ---------------------------------------------------------------------------------
+    # -- the thread (the only user of both sockets) -------------------------------------------------
     def _run(self) -> None:
+        self._reread()  # a change between the caller's first read and bind() would be missed otherwise
         socks = [self._events_sock, self._wake_r]
         while True:
             ready, _, _ = select.select(socks, [], [])

@@ -131,7 +131,8 @@ class ConntrackCollector:
         self.maps = maps
         self.max_interval, self.min_interval = max_interval, min(min_interval, max_interval)
         self.census: dict[str, Census] = {}
-        self.last_seconds = 0.0
+        self.last_seconds = 0.0  # wall
+        self.last_cpu = 0.0      # the collector thread's CPU time
         self.last_time = 0.0
         self.interval = max_interval
         self.runs = 0  # by this process (the totals in counters() include earlier agents')
@@ -150,23 +151,23 @@ class ConntrackCollector:
             self._thread.join(10)
             self._thread = None
 
-    def next_interval(self, fill: float, last_seconds: float) -> float:
+    def next_interval(self, fill: float, last_cpu: float) -> float:
         """Shorter as the fuller map fills (an LRU map at capacity evicts; expired entries should go
-        first), never below COST_FACTOR × the last run."""
+        first), never below COST_FACTOR × the CPU time of the last run (its thread's)."""
         by_fill = self.max_interval * (1.0 - min(max(fill, 0.0), 1.0))
-        return max(min(self.max_interval, max(self.min_interval, by_fill)), COST_FACTOR * last_seconds)
+        return max(min(self.max_interval, max(self.min_interval, by_fill)), COST_FACTOR * last_cpu)
 
     def run_once(self, now_ns: int | None = None) -> dict[str, Census]:
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.thread_time()
         census = {name: self.maps.scan(m, remove=True, now_ns=now_ns) for name, m in self.maps.maps().items()}
-        seconds = time.perf_counter() - t0
+        seconds, cpu = time.perf_counter() - t0, time.thread_time() - c0
         self.maps.add_counters({"collections": 1, "collected_halfopen": census["halfopen"].removed,
                                 "collected": census["confirmed"].removed, "collect_ns": int(seconds * 1e9)})
         fill = max(c.entries / m.capacity for c, m in zip(census.values(), self.maps.maps().values()))
         with self._lock:
-            self.census, self.last_seconds, self.last_time = census, seconds, time.time()
+            self.census, self.last_seconds, self.last_cpu, self.last_time = census, seconds, cpu, time.time()
             self.runs += 1
-            self.interval = self.next_interval(fill, seconds)
+            self.interval = self.next_interval(fill, cpu)
         removed = sum(c.removed for c in census.values())
         if removed:
             log.debug("conntrack collected removed=%d seconds=%.4f next=%.1fs", removed, seconds, self.interval)
@@ -182,8 +183,8 @@ class ConntrackCollector:
 
     def status(self) -> dict:
         with self._lock:
-            census, last_seconds, last_time, interval, runs = (self.census, self.last_seconds, self.last_time,
-                                                                self.interval, self.runs)
+            census, last_seconds, last_cpu, last_time, interval, runs = (
+                self.census, self.last_seconds, self.last_cpu, self.last_time, self.interval, self.runs)
         counters = self.maps.counters()
         entries = {name: c.entries - c.removed for name, c in census.items()}
         states = {n: sum(c.states[n] for c in census.values()) for n in abi.CT_STATES.values()}
@@ -195,8 +196,8 @@ class ConntrackCollector:
             "counters": counters,
             "halfopen_evicted": halfopen_evicted(counters, entries.get("halfopen", 0)),
             "lifetimes": {k: getattr(self.maps.lifetimes, k) for k in ("syn", "established", "close", "other")},
-            "collector": {"runs": runs, "last_seconds": round(last_seconds, 6), "last_time": last_time,
-                          "interval": round(interval, 3)},
+            "collector": {"runs": runs, "last_seconds": round(last_seconds, 6), "last_cpu_seconds": round(last_cpu, 6),
+                          "last_time": last_time, "interval": round(interval, 3)},
         }
 
     def register_metrics(self, meter) -> None:
@@ -214,8 +215,15 @@ def halfopen_evicted(counters: dict[str, int], present: int) -> int:
 def register_conntrack_metrics(meter, collector: ConntrackCollector) -> None:
     from opentelemetry.metrics import Observation
 
+    cache: list = [0.0, None]
+
+    def current() -> dict:  # one read of the maps' counters per scrape, not one per instrument
+        if cache[1] is None or time.monotonic() - cache[0] > 1.0:
+            cache[:] = [time.monotonic(), collector.status()]
+        return cache[1]
+
     def from_status(fn):
-        return lambda _o: fn(collector.status())
+        return lambda _o: fn(current())
 
     meter.create_observable_gauge(
         "nodewire.conntrack.entries", unit="1", description="North-south conntrack entries by map and state",

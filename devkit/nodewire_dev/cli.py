@@ -9,6 +9,8 @@ import click
 from .bench.cli import bench
 from .bench.cni import bench_cni
 from .bench.compare import compare as bench_compare
+from .bench.conntrack import conntrack_bench
+from .bench.flood import flood_bench
 from .bench.maglev import maglev_bench
 from .bench.observe import bench_observe
 from .bench.rdma import rdma_bench
@@ -22,6 +24,8 @@ bench.add_command(bench_observe, "observe")
 bench.add_command(rdma_bench)
 bench.add_command(bench_reconciler)
 bench.add_command(bench_cni)
+bench.add_command(conntrack_bench)
+bench.add_command(flood_bench)
 
 
 @click.command()

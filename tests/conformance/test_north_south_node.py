@@ -252,7 +252,7 @@ def test_counters_move_by_the_connects_made(env):
     table = subprocess.run([NODEWIRE, "status", "--pin-dir", env.agent.pin_dir], capture_output=True, text=True,
                            check=True).stdout  # the human view says the same
     assert "north-south: devices eth0;" in table and re.search(rf"packets: .*\breject {s0['reject'] + m}\b", table), table
-    assert re.search(rf"conntrack: .*\bpromoted {s0['ct.promoted'] + n}\b", table), table
+    assert re.search(rf"conntrack counters: .*\bpromoted {s0['ct.promoted'] + n}\b", table), table
 
 
 def test_snat_address_follows_the_node_address(env):

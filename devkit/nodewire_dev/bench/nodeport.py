@@ -51,15 +51,18 @@ def _nftables_text(services: list[BenchService], np_svc: BenchService) -> str:
     return text + f"add element {nftables_rules.TABLE} service-nodeports {{ tcp . {NODE_PORT} : goto {chain} }}\n"
 
 
-def _start_nodewire(sb: MultiNodeSandbox, services: list[BenchService], np_svc: BenchService, cap_s: float):
+def _start_nodewire(sb: MultiNodeSandbox, services: list[BenchService], np_svc: BenchService, cap_s: float,
+                    node_port: int = NODE_PORT, owners: dict[str, str] | None = None):
+    """The agent on the first node, serving np_svc on node_port; owners: endpoint address → node name
+    (default: every endpoint on the first node)."""
     node = sb.nodes[0]
     d = Path(tempfile.mkdtemp(prefix="nodewire-bench-np-"))
     np_doc = _service_doc(np_svc)
     np_doc["spec"]["type"] = "NodePort"
-    np_doc["spec"]["ports"][0]["nodePort"] = NODE_PORT
+    np_doc["spec"]["ports"][0]["nodePort"] = node_port
     slice_doc = _slice_doc(np_svc)
     for e in slice_doc["endpoints"]:
-        e["nodeName"] = node.name
+        e["nodeName"] = (owners or {}).get(e["addresses"][0], node.name)
     _write_json(d / "services.json", [x for s in services for x in (_service_doc(s), _slice_doc(s))] + [np_doc, slice_doc])
     log = open(d / "agent.log.txt", "w")
     t0 = time.perf_counter()
