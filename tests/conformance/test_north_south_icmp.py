@@ -315,8 +315,9 @@ try:
     s.send(b"x"); out["got"] = s.recv(100).decode().strip()
 except OSError as e:
     out["error"] = err(e)
-    _, anc, _, _ = s.recvmsg(100, 512, socket.MSG_ERRQUEUE)
-    out["icmp_type"] = struct.unpack("IBBB", anc[0][2][:7])[2]
+    if out["error"] == "EHOSTUNREACH":  # the ICMP that said so, from the error queue
+        _, anc, _, _ = s.recvmsg(100, 512, socket.MSG_ERRQUEUE)
+        out["icmp_type"] = struct.unpack("IBBB", anc[0][2][:7])[2]
 print(json.dumps(out))
 """
     assert client(env, code) == {"error": "EHOSTUNREACH", "icmp_type": 11 if family == 4 else 3}
