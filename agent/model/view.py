@@ -33,7 +33,7 @@ class ServiceView:
 def service_view(svc: Service, slices: Iterable[EndpointSlice], node: NodeInfo, northsouth: bool = False) -> ServiceView:
     """The view of one Service from this node; north-south off: the socket frontends of its ClusterIPs only."""
     slices = list(slices)
-    errors = tuple(e for sl in slices for e in sl.errors)
+    errors = tuple(f"EndpointSlice {sl.key}: {field}: {msg}" for sl in slices for field, msg in sl.errors)
     if not northsouth or not has_external(svc) or skip_reason(svc):
         return ServiceView(svc.key, tuple(service_frontends(svc, slices, node.name, node.zone)), errors=errors)
     return _with_external(svc, slices, node, list(errors))
