@@ -1,10 +1,11 @@
 """ClusterState: the parsed objects every source feeds, and which Services changed since the last sync.
 
 Every source, on its own thread, calls apply(kind, key, obj) (obj None for a deletion), or apply_all()
-for a batch under one lock; that is the one write path for every kind. The agent loop waits on
-`changed`, then asks take_dirty() for the frontends of the Services whose frontends must be
-recomputed. An EndpointSlice change dirties only its own Service. The objects are the compact
-records of agent/model/objects.py; frontends are computed from them per dirty Service, on demand.
+for a batch under one lock; that is the one write path for every kind. The sync loop waits on
+`changed`, then asks take_views() for the views (model/view.py) of the Services that must be
+recomputed (take_dirty(): their socket frontends only). An EndpointSlice change dirties only its own
+Service. The objects are the compact records of agent/model/objects.py; views are computed from them
+per dirty Service, on demand, under the state's lock: nothing reads the state again mid-sync.
 
 A Node object sets this node's zone (topology hints), unless the configuration fixed it.
 
@@ -207,11 +208,6 @@ class ClusterState:
         last take_dirty() are left out (not synced yet: the drift check would call them drift)."""
         with self._lock:
             return {k: self._frontends(k) for k in keys if k not in self._dirty}
-
-    def service_inputs(self, key: ObjectKey) -> tuple[Service | None, list[EndpointSlice]]:
-        """A Service and its slices, for models beside the socket path's (north-south)."""
-        with self._lock:
-            return self.services.get(key), self._slices(key)
 
     def _frontends(self, key: ObjectKey) -> list[Frontend]:
         svc = self.services.get(key)

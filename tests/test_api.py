@@ -142,3 +142,26 @@ def test_an_answer_too_deep_to_encode_is_an_internal_error_and_the_connection_go
         first, second = json.loads(f.readline()), json.loads(f.readline())
     assert first.get("result") is not None or first["error"]["code"] in ("internal", "bad_request")
     assert second == {"result": {"pid": os.getpid()}}
+
+
+def test_peers_holding_every_ready_thread_do_not_keep_the_next_one_waiting(server):
+    """More open connections than ready threads: the next peer gets a thread of its own and its answer;
+    once the holders go, their threads serve again; a Reply's after-work runs too."""
+    from agent.api import READY_THREADS, Reply
+    order = []
+    server.register("later", lambda p: Reply({"n": p["n"]}, lambda: order.append(("after", p["n"]))))
+    holders = []
+    for _ in range(READY_THREADS + 2):
+        s = socket.socket(socket.AF_UNIX)
+        s.connect(server.path)
+        s.sendall(b'{"method": "ping"}\n')
+        assert b'"pid"' in s.makefile("rb").readline()  # served, and the connection stays open
+        holders.append(s)
+    for n in range(3):
+        assert call(server.path, "later", {"n": n}, timeout=5) == {"n": n}
+    for s in holders:
+        s.close()
+    for n in range(READY_THREADS + 2):
+        assert call(server.path, "ping", timeout=5)["pid"] == os.getpid()
+    from tests.conftest import wait_for
+    wait_for(lambda: sorted(order) == [("after", 0), ("after", 1), ("after", 2)], 10, what="the after-work")

@@ -58,6 +58,17 @@ def test_cni_plugin_answers_every_input_with_a_result_or_a_cni_error(env, stdin,
             assert out == dict(json.loads(stdin)["prevResult"], cniVersion=json.loads(stdin)["cniVersion"])
 
 
+@given(stdin=st.binary(max_size=300) | JSON.map(lambda v: json.dumps(v, ensure_ascii=False).encode("utf-8", "surrogatepass")),
+       command=st.sampled_from(["ADD", "DEL", "CHECK", "STATUS", "GC"]))
+def test_any_bytes_on_stdin_get_a_cni_answer(stdin, command):
+    """Not UTF-8, lone surrogates written raw, truncated escapes: a CNI error (or a result), never a crash."""
+    code, out = run_plugin(command, stdin, {"CNI_CONTAINERID": "c", "CNI_IFNAME": "eth0", "CNI_NETNS": "/nonexistent"})
+    if code == 0:  # only a configuration it can read gets a result
+        assert json.loads(stdin)["cniVersion"] in SUPPORTED_VERSIONS
+    else:
+        assert isinstance(out["code"], int) and out["msg"], out
+
+
 @given(prev=st.dictionaries(st.text(max_size=10), JSON, max_size=6), version=st.sampled_from(SUPPORTED_VERSIONS),
        spaced=st.booleans())
 def test_any_prevresult_passes_through_add_as_json_reads_it(prev, version, spaced):

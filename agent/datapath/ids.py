@@ -229,12 +229,16 @@ class GroupIds:
         self.of: dict = {}                         # GroupKey → id
         self.kernel = dict(kernel or {})           # policy key → id, until a GroupKey claims it
         self.used: set[int] = set(self.kernel.values())
+        self._claimed: set[int] = set()            # ids some GroupKey holds
 
     def get(self, group, policy_key: bytes) -> int:
         gid = self.of.get(group)
         if gid is None:
-            gid = self.kernel.pop(policy_key, None) or self._take()
+            gid = self.kernel.pop(policy_key, None)
+            if gid is None or gid in self._claimed:  # the frontend's old group is another group's now
+                gid = self._take()
             self.of[group] = gid
+            self._claimed.add(gid)
             self.used.add(gid)
         return gid
 
@@ -247,6 +251,7 @@ class GroupIds:
     def release(self, gids) -> None:
         gone = set(gids)
         self.used -= gone
+        self._claimed -= gone
         self.of = {k: v for k, v in self.of.items() if v not in gone}
 
     def settle(self, live: set[int]) -> None:
@@ -254,6 +259,7 @@ class GroupIds:
         self.kernel.clear()
         self.used = set(live)
         self.of = {k: v for k, v in self.of.items() if v in live}
+        self._claimed = set(self.of.values())
 
 
 @dataclass(frozen=True)

@@ -16,7 +16,7 @@ import os
 import numpy as np
 
 from . import bpfsys
-from .codec import addr16, addr_str, pack_rows, port_be, port_host, unpack_rows  # noqa: F401 (the codec's, for readers of small maps)
+from .codec import addr16, addr_str, pack_rows, port_be, port_host, u32, unpack_rows  # noqa: F401 (the codec's, for readers of small maps)
 
 
 def packing_dtype(ctype) -> np.dtype:
@@ -228,7 +228,7 @@ class MaglevMap:
             try:
                 keys = np.arange(len(values), dtype=np.uint32)
                 bpfsys.update_batch(fd, keys.tobytes(), np.asarray(values, np.uint32).tobytes(), len(values), what)
-                bpfsys.update_elem(self.fd, int(gid).to_bytes(4, "little"), fd.to_bytes(4, "little"), self.name)
+                bpfsys.update_elem(self.fd, u32(gid), u32(fd), self.name)
             finally:
                 os.close(fd)  # the outer map holds the table now
 
@@ -236,7 +236,7 @@ class MaglevMap:
         """group → its table (backend ids); empty for a table that cannot be read."""
         out = {}
         for k in list(self.keys()):
-            gid = int.from_bytes(k, "little")
+            gid = int(np.frombuffer(k, "<u4")[0])
             out[gid] = np.zeros(0, np.uint32)
             raw = bpfsys.lookup_elem(self.fd, k, 4, self.name)
             if raw is None:

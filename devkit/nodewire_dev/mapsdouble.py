@@ -23,7 +23,7 @@ from typing import Callable
 import numpy as np
 
 from agent.datapath import abi
-from agent.datapath.codec import BACKEND_KEY, BACKEND_VALUE, LAYOUTS, SERVICE_KEY, SERVICE_VALUE  # noqa: F401
+from agent.datapath.codec import BACKEND_KEY, BACKEND_VALUE, LAYOUTS, SERVICE_KEY, SERVICE_VALUE, u32  # noqa: F401
 from agent.datapath.maps import MapFull
 
 
@@ -162,23 +162,23 @@ class TablesMap(DictMap):
     def set_tables(self, groups, tables) -> None:
         for gid, values in zip(np.asarray(groups).tolist(), tables):
             self._syscall()
-            k = int(gid).to_bytes(4, "little")
+            k = u32(gid)
             if k not in self.entries and len(self.entries) >= self.capacity:
                 raise MapFull(f"{self.name}: full ({self.capacity} entries)")
             table = np.asarray(values, np.uint32).copy()
             assert len(table) == self.table_size, f"{self.name}: a table of {len(table)}, not {self.table_size}"
             self.tables[gid] = table
-            self.entries[k] = (len(self.tables)).to_bytes(4, "little")  # an inner map id, as the kernel reads it
+            self.entries[k] = u32(len(self.tables))  # an inner map id, as the kernel reads it
             self.on_change()
 
     def delete_array(self, keys: np.ndarray) -> None:
         super().delete_array(keys)
         for gid in np.asarray(keys, np.uint32).reshape(-1).tolist():
-            if int(gid).to_bytes(4, "little") not in self.entries:
+            if u32(gid) not in self.entries:
                 self.tables.pop(gid, None)
 
     def dump_tables(self) -> dict[int, np.ndarray]:
-        return {g: t.copy() for g, t in self.tables.items() if int(g).to_bytes(4, "little") in self.entries}
+        return {g: t.copy() for g, t in self.tables.items() if u32(g) in self.entries}
 
 
 class MapsDouble:
@@ -240,7 +240,7 @@ class MapsDouble:
         from agent.datapath import codec
 
         for (ident, *_), _bes in self._walk(self.np_services, self.np_backends):
-            key = bytes(ident[0]) + int(ident[1]).to_bytes(2, "little") + bytes([ident[2], 0])
+            key = codec.np_frontend_keys(codec.ident_of(ident[0], codec.port_host(ident[1]), ident[2])).tobytes()
             pol = self.policy.entries.get(key)
             assert pol is not None, f"np frontend {codec.ident_text(key)}: no policy row"
             row = np.frombuffer(pol, codec.NP_POLICY)[0]
