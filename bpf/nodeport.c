@@ -21,7 +21,7 @@
  *   nodewire_np_affinity_v1 (client address, group) -> backend, last use          [LRU]
  *   nodewire_np_maglev_v1   group -> Maglev lookup table of backend ids           [hash of arrays]
  *   nodewire_np_snat_v2     the node's SNAT addresses per family (lib/ct.h)
- *   nodewire_np_stats_v1    packets per outcome (NW_NP_*)                          [per-CPU]
+ *   nodewire_np_stats_v2    packets per outcome (NW_NP_*; NW_NP_STATS_SLOTS slots)  [per-CPU]
  */
 #include <uapi/linux/bpf.h>
 #include "lib/lb.h"
@@ -37,13 +37,14 @@
     !defined(NW_NP_LOCAL) || !defined(NW_NP_REMOTE) || !defined(NW_NP_REPLY) || !defined(NW_NP_ESTABLISHED) || \
     !defined(NW_NP_REJECT) || !defined(NW_NP_DROP_NO_LOCAL) || !defined(NW_NP_DROP_SOURCE) || \
     !defined(NW_NP_DROP_ERROR) || !defined(NW_NP_OUTCOMES) || !defined(NW_NP_ICMP_TRANSLATED) || \
-    !defined(NW_NP_PMTU_REPLY) || !defined(NW_NP_FRAGMENT) || !defined(NW_NP_UNTRANSLATABLE)
+    !defined(NW_NP_PMTU_REPLY) || !defined(NW_NP_FRAGMENT) || !defined(NW_NP_UNTRANSLATABLE) || \
+    !defined(NW_NP_STATS_SLOTS)
 #error "compile through agent/datapath/loader.py: it passes the defines of agent/datapath/abi.py (np_defines)"
 #endif
 
 /* np_policy.flags: NP_F_DROP_EMPTY (eTP=Local with endpoints only elsewhere: drop, as kube-proxy),
  * NP_F_SOURCE_RANGES (only sources in nodewire_np_ranges_v1 for this group), NP_F_MAGLEV (the group
- * has a Maglev table). Outcomes counted in nodewire_np_stats_v1: NW_NP_* (abi.NP_OUTCOMES). */
+ * has a Maglev table). Outcomes counted in nodewire_np_stats_v2: NW_NP_* (abi.NP_OUTCOMES). */
 
 struct np_frontend {
 	__u32 address[4];
@@ -90,15 +91,15 @@ BPF_TABLE_PINNED("lpm_trie", struct np_range_key, __u8, nodewire_np_ranges_v1,
 		 NW_NP_POLICY_MAX, NW_PIN_DIR "/nodewire_np_ranges_v1", BPF_F_NO_PREALLOC);
 BPF_TABLE_PINNED("lru_hash", struct np_affinity_key, struct np_affinity_value, nodewire_np_affinity_v1,
 		 NW_AFFINITY_MAX, NW_PIN_DIR "/nodewire_np_affinity_v1");
-BPF_TABLE_PINNED("percpu_array", __u32, __u64, nodewire_np_stats_v1, NW_NP_OUTCOMES,
-		 NW_PIN_DIR "/nodewire_np_stats_v1");
+BPF_TABLE_PINNED("percpu_array", __u32, __u64, nodewire_np_stats_v2, NW_NP_STATS_SLOTS,
+		 NW_PIN_DIR "/nodewire_np_stats_v2");
 BPF_ARRAY(nodewire_np_maglev_inner, __u32, NW_MAGLEV_M);
 BPF_TABLE_PINNED("hash_of_maps$nodewire_np_maglev_inner", __u32, int, nodewire_np_maglev_v1,
 		 NW_NP_GROUPS_MAX, NW_PIN_DIR "/nodewire_np_maglev_v1");
 
 static __always_inline void np_count(__u32 outcome)
 {
-	__u64 *v = nodewire_np_stats_v1.lookup(&outcome);
+	__u64 *v = nodewire_np_stats_v2.lookup(&outcome);
 	if (v)
 		*v += 1;
 }

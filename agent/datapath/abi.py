@@ -39,7 +39,7 @@ NP_LOCAL_MAP = "nodewire_np_local_v1"
 NP_RANGES_MAP = "nodewire_np_ranges_v1"
 NP_AFFINITY_MAP = "nodewire_np_affinity_v1"
 NP_SNAT_MAP = "nodewire_np_snat_v2"  # the node's SNAT addresses, NW_SNAT_ADDRS slots per family (lib/ct.h)
-NP_STATS_MAP = "nodewire_np_stats_v1"
+NP_STATS_MAP = "nodewire_np_stats_v2"
 NP_MAGLEV_MAP = "nodewire_np_maglev_v1"
 CT_MAP = "nodewire_ct_v2"                    # conntrack of confirmed flows (lib/ct.h)
 CT_HALFOPEN_MAP = "nodewire_ct_halfopen_v2"  # flows not yet confirmed both ways (a flood lands here)
@@ -52,7 +52,9 @@ NP_F_DROP_EMPTY = 1     # eTP=Local with endpoints only elsewhere: drop (kube-pr
 NP_F_SOURCE_RANGES = 2  # only sources in nodewire_np_ranges_v1 for this group (loadBalancerSourceRanges)
 NP_F_MAGLEV = 4         # the group has a Maglev table in nodewire_np_maglev_v1
 
-# nodewire_np_stats_v1's index: what a packet on a node device came to (C name -> exported name)
+# nodewire_np_stats_v2's index: what a packet on a node device came to (C name -> exported name). The map
+# has NP_STATS_SLOTS slots, more than there are outcomes, so a new outcome fits the pinned map an
+# upgraded agent adopts (v1 had exactly 8: a pinned v1 map is reused as it is, and a 9th never counted).
 NP_OUTCOMES = {"NW_NP_LOCAL": "local", "NW_NP_REMOTE": "remote", "NW_NP_REPLY": "reply",
                "NW_NP_ESTABLISHED": "established", "NW_NP_REJECT": "reject",
                "NW_NP_DROP_NO_LOCAL": "drop_no_local", "NW_NP_DROP_SOURCE": "drop_source_range",
@@ -63,6 +65,8 @@ NP_OUTCOMES = {"NW_NP_LOCAL": "local", "NW_NP_REMOTE": "remote", "NW_NP_REPLY": 
                "NW_NP_FRAGMENT": "fragment",       # a TCP/UDP fragment given its datagram's ports (lib/frag.h)
                "NW_NP_UNTRANSLATABLE": "untranslatable"}  # not translatable safely: left to the stack
 NP_OUTCOME_NAMES = tuple(NP_OUTCOMES.values())  # index = the C number
+NP_STATS_SLOTS = 32
+assert len(NP_OUTCOMES) <= NP_STATS_SLOTS, "nodewire_np_stats_v2 is full: a new map version is due"
 
 NP_POLICY_MAX = 65536   # frontends with a policy row, and source-range prefixes
 NP_GROUPS_MAX = 16384   # Service ports × families with external frontends (Maglev tables)
@@ -86,6 +90,7 @@ def np_defines(sizes, maglev_size: int) -> list[str]:
     values = {
         "NP_F_DROP_EMPTY": NP_F_DROP_EMPTY, "NP_F_SOURCE_RANGES": NP_F_SOURCE_RANGES, "NP_F_MAGLEV": NP_F_MAGLEV,
         **{c: i for i, c in enumerate(NP_OUTCOMES)}, "NW_NP_OUTCOMES": len(NP_OUTCOMES),
+        "NW_NP_STATS_SLOTS": NP_STATS_SLOTS,
         "NW_NP_POLICY_MAX": NP_POLICY_MAX, "NW_NP_GROUPS_MAX": NP_GROUPS_MAX, "NW_MAGLEV_M": maglev_size,
     }
     return lb_defines(sizes) + [f"-D{k}={v}" for k, v in values.items()]

@@ -36,7 +36,7 @@ def service_view(svc: Service, slices: Iterable[EndpointSlice], node: NodeInfo, 
     errors = ()
     for sl in slices:  # (a loop, not a generator: most Services have one slice and no error)
         if sl.errors:
-            errors = tuple(e for s in slices for e in s.errors)
+            errors = tuple(f"EndpointSlice {s.key}: {field}: {msg}" for s in slices for field, msg in s.errors)
             break
     if northsouth and has_external(svc) and not skip_reason(svc):
         return _with_external(svc, slices, node, list(errors))

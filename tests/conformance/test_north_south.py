@@ -307,9 +307,10 @@ def test_local_sockets_reach_node_ports_through_the_socket_path(env):
     """A node's own process dialling 127.0.0.1:nodePort or its node address:nodePort is balanced at
     connect() (socket path), not by the tc program: tc's new-flow counters do not move."""
     env.apply("localsock.json", *svc(env, "localsock", "10.96.12.13", node_port=30099))
+    from agent.datapath import abi
     from agent.datapath.loader import open_loaded
     loaded = open_loaded("nodeport", env.n1.pin_dir)
-    stats = loaded.maps["nodewire_np_stats_v1"]
+    stats = loaded.maps[abi.NP_STATS_MAP]
 
     def tc_new_flows() -> int:  # NW_NP_LOCAL + NW_NP_REMOTE, read from the pinned map itself
         keys, values = stats.dump_summed()

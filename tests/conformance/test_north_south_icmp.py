@@ -102,16 +102,16 @@ def n1_addr(env: Env, family: int) -> str:
 
 def counters(env: Env) -> dict:
     """Node 1's north-south outcome counters, read from its pinned stats map."""
+    from agent.datapath import abi
     from agent.datapath.loader import open_loaded
-    from agent.datapath.nodeport import OUTCOMES
 
     loaded = open_loaded("nodeport", env.n1.pin_dir)
     try:
-        keys, values = loaded.maps["nodewire_np_stats_v1"].dump_summed()
+        keys, values = loaded.maps[abi.NP_STATS_MAP].dump_summed()
     finally:
         loaded.close()
     by = dict(zip(keys.tolist(), values.tolist()))
-    return {name: int(by.get(i, 0)) for i, name in enumerate(OUTCOMES)}
+    return {name: int(by.get(i, 0)) for i, name in enumerate(abi.NP_OUTCOME_NAMES)}
 
 
 def client(env: Env, code: str) -> dict:
