@@ -38,6 +38,20 @@ def test_bad_objects_are_reported_once_with_file_object_and_field(tmp_path: Path
     assert set(src.state.services) == {ObjectKey("default", "good")}
 
 
+@pytest.mark.parametrize("name", ["s.json", "s.yaml"])  # both decoders (the JSON hook parses in place)
+def test_a_slice_with_a_bad_port_is_applied_and_the_port_named(tmp_path: Path, name: str):
+    reported = []
+    sl = endpoint_slice("web", ["10.244.0.5"])
+    sl["ports"].append({"name": "metrics", "protocol": "TCP"})  # no port: only this port is left out
+    f = write(tmp_path / name, service("web", ["10.96.0.1"]), sl)
+    src = ManifestSource(tmp_path, ClusterState(), on_errors=reported.extend)
+    src.poll()
+    assert [(e.source, e.kind, e.key, e.field) for e in reported] == [
+        (str(f), "EndpointSlice", "default/web-ipv4", "ports[1].port")]
+    assert "this port of the slice is ignored" in reported[0].message
+    assert [p.port for p in src.state.slices[ObjectKey("default", "web-ipv4")].ports] == [8080, 0]
+
+
 def test_broken_yaml_keeps_the_files_last_good_objects(tmp_path: Path):
     f = tmp_path / "s.yaml"
     f.write_text("apiVersion: v1\nkind: Service\nmetadata: {name: a}\nspec: {clusterIP: 10.96.0.1, ports: [{port: 80}]}\n")

@@ -208,6 +208,8 @@ def parse_file(path: Path, text: str) -> ParsedFile:
                 out.rejected.add(ident)
             continue
         out.objects[(kind, obj.key)] = obj
+    for (kind, key), obj in out.objects.items():  # parts of an object left out (a slice's bad port): named
+        out.errors.extend(ObjectError(str(path), kind, str(key), field, msg) for field, msg in getattr(obj, "errors", ()))
     return out
 
 

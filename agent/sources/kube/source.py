@@ -109,6 +109,8 @@ class KubeSource:
                 self._report(err)
                 return
             self.invalid.pop((kind, key), None)
+            for field, msg in getattr(parsed, "errors", ()):  # a part left out (a slice's bad port): named
+                self._report(ObjectError("api", kind, str(key), field, msg))
             self.state.apply(kind, parsed.key, parsed)  # a Node's zone drives topology hints
             if kind == "Node":
                 self.node = parsed
