@@ -376,3 +376,36 @@ except OSError as e:
 print(json.dumps(out))
 """
     assert client(env, code) == {"error": "EHOSTUNREACH", "icmp_type": 11 if family == 4 else 3}
+
+
+@pytest.mark.parametrize("kind", ["later-fragment-v4", "later-fragment-v6", "routing-header-v6"])
+def test_what_cannot_be_placed_is_left_to_the_stack_and_counted(env, kind):
+    """A fragment whose first fragment never came (its ports are unknown), or an IPv6 packet with a
+    routing header that still has segments left (its destination is not final): node 1 counts it
+    `untranslatable` and hands it to its own stack untouched; it is not forwarded as a fragment."""
+    family = 4 if kind.endswith("v4") else 6
+    port = nodeport(env, f"unplaced-{kind}", "UDP", UDP_PORT, "a1", family)
+    before = counters(env)
+    src, dst = (env.client.ip4, env.n1.addr4) if family == 4 else (env.client.ip6, env.n1.addr6)
+    udp = struct.pack("!HHHH", 40000, port, 16, 0) + b"u" * 8
+    if family == 4:  # offset 16 bytes, last fragment; the kernel fills in the checksum (IP_HDRINCL)
+        pkt = struct.pack("!BBHHHBBH4s4s", 0x45, 0, 20 + 16, 0x4242, 2, 64, 17, 0,
+                          ipaddress.ip_address(src).packed, ipaddress.ip_address(dst).packed) + b"f" * 16
+    else:
+        if kind.startswith("later"):  # fragment header: UDP next, offset 16 bytes, id 0x4242
+            ext, nh, body = struct.pack("!BBHI", 17, 0, 2 << 3, 0x4242), 44, b"f" * 16
+        else:  # segment routing header (RFC 8754) with one segment left: the stack's, not ours
+            ext = struct.pack("!BBBBBBH", 17, 2, 4, 1, 0, 0, 0) + ipaddress.ip_address(dst).packed
+            nh, body = 43, udp
+        payload = ext + body
+        pkt = struct.pack("!IHBB16s16s", 6 << 28, len(payload), nh, 64, ipaddress.ip_address(src).packed,
+                          ipaddress.ip_address(dst).packed) + payload
+    code = f"""
+import socket
+s = socket.socket(socket.AF_INET{'' if family == 4 else '6'}, socket.SOCK_RAW, socket.IPPROTO_RAW)
+s.sendto(bytes.fromhex({pkt.hex()!r}), ({dst!r}, 0)); print("sent")
+"""
+    assert env.client_py(code).strip() == "sent"
+    wait_for(lambda: counters(env)["untranslatable"] == before["untranslatable"] + 1, 5, what="untranslatable counted")
+    after = counters(env)
+    assert after["fragment"] == before["fragment"] and after["local"] == before["local"], (before, after)
