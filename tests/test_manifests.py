@@ -38,6 +38,21 @@ def test_bad_objects_are_reported_once_with_file_object_and_field(tmp_path: Path
     assert set(src.state.services) == {ObjectKey("default", "good")}
 
 
+def test_a_slice_port_left_out_is_reported_once_and_the_rest_of_the_slice_applies(tmp_path: Path):
+    reported = []
+    sl = endpoint_slice("web", ["10.0.0.1"], port_name="http")
+    sl["ports"].append({"name": "metrics", "port": 0, "protocol": "TCP"})
+    f = write(tmp_path / "s.json", service("web", ["10.96.0.1"], port_name="http"), sl)
+    src = ManifestSource(tmp_path, ClusterState("node-a"), on_errors=reported.extend)
+    src.poll()
+    src.poll()
+    assert [(e.source, e.kind, e.key, e.field) for e in reported] == [
+        (str(f), "EndpointSlice", "default/web-ipv4", "ports[1].port")]
+    assert "0 out of range" in reported[0].message and src.errors == reported
+    [fe] = src.state.take_dirty()[ObjectKey("default", "web")]
+    assert [(b.ip, b.port) for b in fe.backends] == [("10.0.0.1", 8080)]  # the slice's good port still serves
+
+
 def test_broken_yaml_keeps_the_files_last_good_objects(tmp_path: Path):
     f = tmp_path / "s.yaml"
     f.write_text("apiVersion: v1\nkind: Service\nmetadata: {name: a}\nspec: {clusterIP: 10.96.0.1, ports: [{port: 80}]}\n")

@@ -30,6 +30,7 @@ from ..model.objects import EndpointSlice, Node, ObjectError, ObjectKey, Pod, Se
 from ..model.parse import PARSERS, InvalidObject
 from .. import memory
 from ..state import ClusterState
+from .carried import carried_errors
 
 log = logging.getLogger("nodewire.manifests")
 PARSED = (Service, EndpointSlice, Pod, Node)
@@ -188,6 +189,7 @@ def parse_file(path: Path, text: str) -> ParsedFile:
             continue
         if isinstance(doc, PARSED):  # already parsed by the JSON hook
             out.objects[(type(doc).__name__, doc.key)] = doc
+            out.errors.extend(carried_errors(str(path), doc))
             continue
         if not isinstance(doc, dict):
             out.errors.append(ObjectError(str(path), "Object", f"document {i}", "-",
@@ -208,6 +210,7 @@ def parse_file(path: Path, text: str) -> ParsedFile:
                 out.rejected.add(ident)
             continue
         out.objects[(kind, obj.key)] = obj
+        out.errors.extend(carried_errors(str(path), obj))
     return out
 
 

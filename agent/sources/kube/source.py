@@ -25,6 +25,7 @@ from typing import Callable
 from ...model.objects import Node, ObjectError, ObjectKey
 from ...model.parse import PARSERS, InvalidObject
 from ...state import ClusterState
+from ..carried import carried_errors
 from .client import ApiClient
 from .config import KubeConfig, node_name
 from .reflector import Backoff, Reflector, WatchSpec
@@ -110,6 +111,8 @@ class KubeSource:
                 return
             self.invalid.pop((kind, key), None)
             self.state.apply(kind, parsed.key, parsed)  # a Node's zone drives topology hints
+            for err in carried_errors("api", parsed):  # applied, but with a part left out
+                self._report(err)
             if kind == "Node":
                 self.node = parsed
         if self.on_applied:
