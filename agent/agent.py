@@ -90,9 +90,10 @@ class Agent:
         self.object_errors.add([str(e) for e in errors])
         self._status_due.set()
 
-    def _note_change(self) -> None:
-        """A source changed something that is not a Service (its errors): the status says when."""
-        self.loop.last_change = max(self.loop.last_change, time.time())
+    def _note_change(self, at: float) -> None:
+        """A source changed something that is not a Service (its errors): the status says when. `at` is
+        the source's own time, so a change the loop already applied later (the first read) moves nothing."""
+        self.loop.last_change = max(self.loop.last_change, at)
         self._status_due.set()
 
     # -- loop ----------------------------------------------------------------------------------

@@ -51,7 +51,7 @@ class NorthSouthService:
 
     def _follow(self, old: NodeDevices, new: NodeDevices) -> None:
         """On the device watcher's thread: tc onto devices that appeared, the SNAT addresses, and the
-        Services with a node port marked for the loop (extend() reads the watcher's addresses)."""
+        Services with a node port marked for the loop (node_info() hands the new addresses to the views)."""
         attached, forgotten = follow_devices(self.datapath, new)
         if new.addresses != old.addresses:
             self.snat = self.datapath.set_snat_addresses(list(new.addresses))

@@ -68,9 +68,9 @@ def test_daemonset_shape(d):
     assert [x["command"][:3] for x in spec["initContainers"]] == [["nodewire", "cni", "install"]]
     role = next(o for o in objs if o["kind"] == "ClusterRole")
     assert all(set(r["verbs"]) == {"list", "watch"} for r in role["rules"])  # what the kube source does
-    # exactly the resources agent/sources/kube.py lists and watches, no more
+    # exactly the resources agent/sources/kube/ lists and watches, no more
     import re
-    src = (ROOT / "agent" / "sources" / "kube.py").read_text()
+    src = "".join(p.read_text() for p in sorted((ROOT / "agent" / "sources" / "kube").glob("*.py")))
     watched = {(g or "", r) for r, g in re.findall(r'WatchSpec\("(\w+)", "/apis?/(?:([\w.]+)/)?v1/', src)}
     granted = {(g, r) for rule in role["rules"] for g in rule["apiGroups"] for r in rule["resources"]}
     assert watched and granted == watched

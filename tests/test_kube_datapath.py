@@ -192,16 +192,15 @@ def test_malformed_objects_skipped_counted_others_apply(env):
     api.create(service("dupnames", "10.96.7.7", [("http", 80, 8080), ("http", 81, 8081)]))
     api.create(service("fine", "10.96.7.8"))
     api.create(endpoint_slice("fine-x1", "fine", [ip["k3"]]))
-    api.create(endpoint_slice("fine-x2", "fine", [ip["k1"]], ports=[("http", 0)]))
+    api.create(endpoint_slice("fine-x2", "fine", [ip["k1"]], ports=[("http", 0)]))  # its one port is bad
     wait_for(lambda: agent.backends("10.96.7.8") == {ip["k3"]}, what="good objects applied")
-    wait_for(lambda: agent.status().counters.object_errors == before + 2, what="two bad objects counted")
+    wait_for(lambda: agent.status().counters.object_errors == before + 2, what="two bad objects named")
     errs = agent.status().object_errors
     assert "api: Service default/dupnames: spec.ports[1].name: duplicate port name 'http'" in errs
-    # the slice applies without its bad port (kube-proxy's rule); the port is named all the same
     assert ("api: EndpointSlice default/fine-x2: ports[0].port: 0 out of range (1-65535); "
             "this port of the slice is ignored") in errs
     assert agent.backends("10.96.7.7") is None
-    assert agent.kube()["invalid_objects"] == {"Service": 1}
+    assert agent.kube()["invalid_objects"] == {"Service": 1}  # the slice was applied, only its port left out
     assert replies(client, "10.96.7.8") == {"k3": 10}
 
 

@@ -346,13 +346,14 @@ def test_malformed_objects_skipped_named_and_counted(api, source):
     assert src.invalid_objects["Service"] == 1
     assert [str(e) for e in src.errors] == ["api: Service default/dup: spec.ports[1].name: duplicate port name 'http'"]
     api.create(endpoint_slice("good-1", "good", ["10.244.0.5"]))
+    # A slice port with a bad port drops only that port (kube-proxy's endpointslicecache.go): the slice is
+    # applied, not counted as skipped, and the port's error is named.
     api.create(endpoint_slice("good-2", "good", ["10.244.0.6"], ports=[("http", 0)], namespace="default"))
-    # A slice port without a valid port is left out alone (kube-proxy's rule): the slice applies, the error is named.
-    eventually(lambda: ObjectKey("default", "good-2") in state.slices, what="slice with a bad port applied")
-    eventually(lambda: len(src.errors) == 2, what="its bad port named")
+    eventually(lambda: len(src.errors) == 2, what="bad slice port named")
     assert str(src.errors[-1]) == ("api: EndpointSlice default/good-2: ports[0].port: 0 out of range (1-65535); "
                                    "this port of the slice is ignored")
-    assert backends(state, "good") == {("10.244.0.5", 8080)} and src.invalid_objects["EndpointSlice"] == 0
+    eventually(lambda: ObjectKey("default", "good-2") in state.slices, what="the slice applied")
+    eventually(lambda: backends(state, "good") == {("10.244.0.5", 8080)}, what="only the good slice's port serves")
     # A good object that turns bad keeps its last good version; fixing it applies the fix.
     bad_update = service("good", "10.96.0.10", [("http", 0, 8080)])
     api.update(bad_update)

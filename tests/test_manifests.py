@@ -38,19 +38,18 @@ def test_bad_objects_are_reported_once_with_file_object_and_field(tmp_path: Path
     assert set(src.state.services) == {ObjectKey("default", "good")}
 
 
-def test_a_slice_port_left_out_is_reported_once_and_the_rest_of_the_slice_applies(tmp_path: Path):
+@pytest.mark.parametrize("name", ["s.json", "s.yaml"])  # both decoders (the JSON hook parses in place)
+def test_a_slice_with_a_bad_port_is_applied_and_the_port_named(tmp_path: Path, name: str):
     reported = []
-    sl = endpoint_slice("web", ["10.0.0.1"], port_name="http")
-    sl["ports"].append({"name": "metrics", "port": 0, "protocol": "TCP"})
-    f = write(tmp_path / "s.json", service("web", ["10.96.0.1"], port_name="http"), sl)
-    src = ManifestSource(tmp_path, ClusterState("node-a"), on_errors=reported.extend)
-    src.poll()
+    sl = endpoint_slice("web", ["10.244.0.5"])
+    sl["ports"].append({"name": "metrics", "protocol": "TCP"})  # no port: only this port is left out
+    f = write(tmp_path / name, service("web", ["10.96.0.1"]), sl)
+    src = ManifestSource(tmp_path, ClusterState(), on_errors=reported.extend)
     src.poll()
     assert [(e.source, e.kind, e.key, e.field) for e in reported] == [
         (str(f), "EndpointSlice", "default/web-ipv4", "ports[1].port")]
-    assert "0 out of range" in reported[0].message and src.errors == reported
-    [fe] = src.state.take_dirty()[ObjectKey("default", "web")]
-    assert [(b.ip, b.port) for b in fe.backends] == [("10.0.0.1", 8080)]  # the slice's good port still serves
+    assert "this port of the slice is ignored" in reported[0].message
+    assert [p.port for p in src.state.slices[ObjectKey("default", "web-ipv4")].ports] == [8080, 0]
 
 
 def test_broken_yaml_keeps_the_files_last_good_objects(tmp_path: Path):

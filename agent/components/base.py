@@ -99,7 +99,7 @@ class Context:
     healthy: Callable[[], tuple[bool, str]] = lambda: (True, "")
     ready: Callable[[], tuple[bool, str]] = lambda: (True, "")
     report_errors: Callable[[list], None] = lambda errors: None   # ObjectErrors from a source
-    note_change: Callable[[], None] = lambda: None                # a source changed (maybe only its errors)
+    note_change: Callable[[float], None] = lambda at: None        # a source changed at wall time `at` (maybe only its errors)
     refused: Callable[[], set] = set                              # Services the datapath refuses now
     parts: dict[str, Component] = field(default_factory=dict)
 

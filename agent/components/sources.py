@@ -33,7 +33,7 @@ class Manifests(Component):
     def tick(self) -> None:
         if self.source.last_change != self._seen:  # files changed, maybe only their errors
             self._seen = self.source.last_change
-            self._ctx.note_change()
+            self._ctx.note_change(self._seen)
 
     def status(self, st) -> None:
         src = self.source

@@ -105,7 +105,7 @@ class EndpointSlice:
     zone_hints: tuple[tuple[str, ...], ...] = ()  # per endpoint hints.forZones names; () when none has any
     node_hints: tuple[tuple[str, ...], ...] = ()  # per endpoint hints.forNodes names; () when none has any
     trigger_time: float | None = None  # endpoints.kubernetes.io/last-change-trigger-time (Unix s)
-    errors: tuple[str, ...] = ()  # ports left out (no or a bad `port`): one message each (parse.py)
+    errors: tuple[tuple[str, str], ...] = ()  # ports left out (no or a bad `port`): (field, message) each (parse.py)
 
     @property
     def service_key(self) -> ObjectKey:

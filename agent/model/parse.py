@@ -306,10 +306,11 @@ def parse_endpoint_slice(obj: Any) -> EndpointSlice:
                          _trigger_time(meta.get("annotations")), dropped)
 
 
-def _slice_ports(r: _Reader, obj: dict) -> tuple[list[EndpointPort], tuple[str, ...]]:
+def _slice_ports(r: _Reader, obj: dict) -> tuple[list[EndpointPort], tuple[tuple[str, str], ...]]:
     """The slice's ports, and an error per port left out. A port without `port` (or with one out of
     range) is kept with port 0, which no Service port matches (frontends.slice_port): only that port of
-    the slice is dropped, the slice's other ports stay, as kube-proxy ignores an invalid endpoint port
+    the slice is dropped and its error goes to the source, which names it as an object error; the
+    slice's other ports stay, as kube-proxy ignores an invalid endpoint port
     (pkg/proxy/endpointslicecache.go) instead of the whole slice."""
     ports, dropped = [], []
     seen: set[str] = set()
@@ -325,7 +326,7 @@ def _slice_ports(r: _Reader, obj: dict) -> tuple[list[EndpointPort], tuple[str, 
         try:
             port = r.port(p, "port", f"{path}.port")
         except InvalidObject as e:
-            dropped.append(f"{e}; this port of the slice is ignored")
+            dropped.append((e.field, f"{e.message}; this port of the slice is ignored"))
             port = 0
         ports.append(EndpointPort(name, port, protocol))
     return ports, tuple(dropped)

@@ -30,7 +30,6 @@ from ..model.objects import EndpointSlice, Node, ObjectError, ObjectKey, Pod, Se
 from ..model.parse import PARSERS, InvalidObject
 from .. import memory
 from ..state import ClusterState
-from .carried import carried_errors
 
 log = logging.getLogger("nodewire.manifests")
 PARSED = (Service, EndpointSlice, Pod, Node)
@@ -189,7 +188,6 @@ def parse_file(path: Path, text: str) -> ParsedFile:
             continue
         if isinstance(doc, PARSED):  # already parsed by the JSON hook
             out.objects[(type(doc).__name__, doc.key)] = doc
-            out.errors.extend(carried_errors(str(path), doc))
             continue
         if not isinstance(doc, dict):
             out.errors.append(ObjectError(str(path), "Object", f"document {i}", "-",
@@ -210,7 +208,8 @@ def parse_file(path: Path, text: str) -> ParsedFile:
                 out.rejected.add(ident)
             continue
         out.objects[(kind, obj.key)] = obj
-        out.errors.extend(carried_errors(str(path), obj))
+    for (kind, key), obj in out.objects.items():  # parts of an object left out (a slice's bad port): named
+        out.errors.extend(ObjectError(str(path), kind, str(key), field, msg) for field, msg in getattr(obj, "errors", ()))
     return out
 
 

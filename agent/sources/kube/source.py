@@ -25,7 +25,6 @@ from typing import Callable
 from ...model.objects import Node, ObjectError, ObjectKey
 from ...model.parse import PARSERS, InvalidObject
 from ...state import ClusterState
-from ..carried import carried_errors
 from .client import ApiClient
 from .config import KubeConfig, node_name
 from .reflector import Backoff, Reflector, WatchSpec
@@ -110,9 +109,9 @@ class KubeSource:
                 self._report(err)
                 return
             self.invalid.pop((kind, key), None)
+            for field, msg in getattr(parsed, "errors", ()):  # a part left out (a slice's bad port): named
+                self._report(ObjectError("api", kind, str(key), field, msg))
             self.state.apply(kind, parsed.key, parsed)  # a Node's zone drives topology hints
-            for err in carried_errors("api", parsed):  # applied, but with a part left out
-                self._report(err)
             if kind == "Node":
                 self.node = parsed
         if self.on_applied:
