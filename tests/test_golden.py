@@ -10,6 +10,9 @@ NW_GOLDEN_UPDATE=1 pytest tests/test_golden.py rewrites the expected sections, t
 from __future__ import annotations
 
 import os
+import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -76,3 +79,14 @@ def test_golden(case, tmp_path):
         path.write_text(head["comment"] + f"-- node --\n{head['node']}-- input.yaml --\n{head['input.yaml']}" + got)
         want = got
     assert got == want, f"{case}: the maps differ from the golden file (NW_GOLDEN_UPDATE=1 rewrites it)"
+
+
+@pytest.mark.root
+def test_the_golden_cases_pass_as_nobody():
+    """No root needed: the same cases run as the unprivileged user `nobody`."""
+    if shutil.which("runuser") is None:
+        pytest.skip("no runuser")
+    r = subprocess.run(["runuser", "-u", "nobody", "--", sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
+                        "-k", "not nobody", str(Path(__file__))], cwd=REPO, capture_output=True, text=True, timeout=300,
+                       env={**os.environ, "NW_GOLDEN_UPDATE": ""})
+    assert r.returncode == 0 and " passed" in r.stdout, r.stdout[-3000:] + r.stderr[-2000:]

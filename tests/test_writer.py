@@ -206,7 +206,8 @@ ext_st = st.tuples(st.sampled_from(EXT_IPS), st.sampled_from([30080, 80]),
 view_st = st.tuples(st.just([]), st.lists(ext_st, max_size=2))  # (socket frontends: the property above)
 views_st = st.dictionaries(st.sampled_from(SERVICES), view_st, max_size=4)
 ns_step_st = st.one_of(st.tuples(st.just("full"), views_st), st.tuples(st.just("partial"), views_st),
-                       st.tuples(st.just("restart"), st.just({})), st.tuples(st.just("crash"), st.integers(0, 3)))
+                       st.tuples(st.just("restart"), st.just({})), st.tuples(st.just("crash"), st.integers(0, 3)),
+                       st.tuples(st.just("fail"), st.tuples(st.integers(0, 3), views_st)))
 
 
 def view_of(svc: ObjectKey, spec) -> ServiceView:
@@ -299,6 +300,16 @@ def test_random_views_reach_every_map_and_no_packet_meets_a_frontend_without_its
             dp = d.datapath()
             views, kind = dict(model), "full"
             sets[:] = [{}, ns_expected(model)[1]]
+        elif kind == "fail":  # a write fails part-way; the same agent retries those views on its next apply
+            n, arg = arg
+            views = {s: view_of(s, spec) for s, spec in arg.items()}
+            sets[:] = [ns_expected(model)[1], ns_expected({**model, **views})[1]]
+            d.policy.fail_after = d.policy.syscalls + n
+            failed = dp.apply(views)
+            d.policy.fail_after = None
+            if failed.write_error is None:
+                model = ns_admit(model, views, failed, False)
+            retried, views, kind = (views if failed.write_error else {}), {}, "retry"
         else:
             views = {s: view_of(s, spec) for s, spec in arg.items()}
             if kind == "partial" and model:
@@ -307,7 +318,7 @@ def test_random_views_reach_every_map_and_no_packet_meets_a_frontend_without_its
             sets[:] = [ns_expected(model)[1], ns_expected(after if kind != "full" else views)[1]]
         res = dp.apply(views, full=(kind == "full"))
         assert res.write_error is None
-        model = ns_admit(model, views, res, kind == "full")
+        model = ns_admit(model, {**retried, **views} if kind == "retry" else views, res, kind == "full")
         assert gaps == []
         fes, ranges, local = ns_expected(model)
         got = {k: v[:2] + v[3:] for k, v in d.frontends_of(d.np_services, d.np_backends).items()}

@@ -50,6 +50,12 @@ class NorthSouthMaps:
         return SideRegistry.restore(self.policy.dump(), list(self.ranges.keys()), self.local.dump(),
                                     self.maglev.dump_tables())
 
+    def relearn(self) -> None:
+        """After a failed write: what the maps hold now, keeping who owns what (as adopt_owners)."""
+        old, self.side = self.side, self.restore()
+        self.side.owned, self.side.local_refs = old.owned, old.local_refs
+        self.side.groups.adopt(old.groups)
+
     def by_name(self) -> dict[str, BatchMap]:
         return {abi.NP_SERVICES_MAP: self.lb.services, abi.NP_BACKENDS_MAP: self.lb.backends,
                 abi.NP_POLICY_MAP: self.policy, abi.NP_RANGES_MAP: self.ranges, abi.NP_LOCAL_MAP: self.local,
@@ -72,6 +78,8 @@ class Datapath:
         return state.take_views(full, self.node() if self.northsouth is not None and self.node else None)
 
     def apply(self, views: dict[ObjectKey, ServiceView | None], full: bool = False) -> SyncResult:
+        """Make every map match these views (None: the Service is gone; full: the views are every
+        Service and the rest goes). A refused Service keeps its old entries, named in the result."""
         t0 = time.perf_counter()
         for view in views.values():  # bad input the model left out (a slice port, a nodePort): logged, not fatal
             for err in view.errors if view is not None else ():
@@ -111,7 +119,7 @@ class Datapath:
             self.socket.failed({}, retry=False)
             if self.northsouth is not None:
                 self.northsouth.lb.failed({}, retry=False)
-                self.northsouth.side = self.northsouth.restore()
+                self.northsouth.relearn()
             self._retry.update(views)
         else:
             lbs = [self.socket] + ([self.northsouth.lb] if self.northsouth is not None else [])

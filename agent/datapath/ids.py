@@ -254,6 +254,12 @@ class GroupIds:
         self._claimed -= gone
         self.of = {k: v for k, v in self.of.items() if v not in gone}
 
+    def adopt(self, old: "GroupIds") -> None:
+        """Keep the groups `old` had given ids (after re-reading the maps on a failed write)."""
+        self.of = dict(old.of)
+        self._claimed = set(old._claimed)
+        self.used |= old.used
+
     def settle(self, live: set[int]) -> None:
         """After a full sync: only the groups some Service owns stay taken."""
         self.kernel.clear()
