@@ -57,15 +57,16 @@ class Node:
         self.ct = self.dp.conntrack
         self.proto = proto
         self.dp.set_snat_addresses([NODE])
-        svc = self.dp.services
+        m = self.dp.loaded.maps  # written straight, as the writer would (lib/lb.h's layouts)
+        svc, backends, local = m[abi.NP_SERVICES_MAP], m[abi.NP_BACKENDS_MAP], m[abi.NP_LOCAL_MAP]
         rows = [(addr16(FRONTEND), port_be(NODE_PORT), proto, 0, 0), (addr16(FRONTEND), port_be(NODE_PORT), proto, 0, 1)]
         keys = pack_rows(svc.key_dtype, rows)
         values = pack_rows(svc.value_dtype, [(0, 1, 0, 1, 0), (1, 0, 0, 0, 0)])
-        be = pack_rows(self.dp.backends.value_dtype, [(addr16(backend), port_be(TARGET), proto)])[0]
-        self.dp.backends.update([((1).to_bytes(4, "little"), be)])
+        be = pack_rows(backends.value_dtype, [(addr16(backend), port_be(TARGET), proto)])[0]
+        backends.update([((1).to_bytes(4, "little"), be)])
         svc.update(list(zip(keys, values)))
         if backend == LOCAL_POD:
-            self.dp.local.update([(addr16(LOCAL_POD), b"\1")])
+            local.update([(addr16(LOCAL_POD), b"\1")])
 
     def ingress(self, pkt: bytes) -> tuple[int, bytes]:
         return bpfsys.prog_test_run(self.dp.loaded.prog_fd("nw_np_ingress"), pkt, "nw_np_ingress")
@@ -176,9 +177,10 @@ def test_expired_entries_are_absent_and_the_collector_removes_them(make_node):
     assert c["collected"] == 2 and c["collected_halfopen"] == 2 and c["collections"] == 2, c
 
 
-def _hold_every_port(node: Node, last_seen: int, lifetime: int) -> None:
-    """Reverse entries (live or not, by last_seen) holding every SNAT port of NODE toward the backend."""
-    m = node.ct.confirmed
+def _hold_every_port(node: Node, last_seen: int, lifetime: int, halfopen: bool = False) -> None:
+    """Reverse entries (live or not, by last_seen) holding every SNAT port of NODE toward the backend:
+    confirmed flows, or half-open ones (SYN seen, no reply)."""
+    m = node.ct.halfopen if halfopen else node.ct.confirmed
     ports = np.arange(abi.SNAT_PORT_MIN, abi.SNAT_PORT_MAX + 1)
     keys = np.zeros(len(ports), dtype=m.key_dtype)
     keys["a"] = np.frombuffer(addr16(REMOTE_POD), dtype="V16")[0]
@@ -190,8 +192,8 @@ def _hold_every_port(node: Node, last_seen: int, lifetime: int) -> None:
     values = np.zeros(len(ports), dtype=m.value_dtype)
     values["x"] = np.frombuffer(addr16(FRONTEND), dtype="V16")[0]
     values["y"] = np.frombuffer(addr16("192.0.2.1"), dtype="V16")[0]
-    values["state"] = abi.CT_S_ESTABLISHED
-    values["flags"] = abi.CT_F_SNAT | abi.CT_F_REPLIED
+    values["state"] = abi.CT_S_SYN if halfopen else abi.CT_S_ESTABLISHED
+    values["flags"] = abi.CT_F_SNAT | (0 if halfopen else abi.CT_F_REPLIED)
     values["last_seen"] = last_seen
     values["expires"] = last_seen + lifetime
     m.update_arrays(keys, values)
@@ -216,3 +218,20 @@ def test_snat_port_held_while_its_flow_lives_and_returned_when_it_expires(make_n
     census = ConntrackCollector(node.ct).run_once()
     assert census["confirmed"].removed == abi.SNAT_PORT_MAX - abi.SNAT_PORT_MIN  # all but the one reused
     assert census["confirmed"].snat_ports + census["halfopen"].snat_ports == 1
+
+
+def test_idle_half_open_flows_give_up_their_snat_port_only_when_none_is_free(make_node):
+    """Every port held by half-open flows (a SYN flood's): while they are fresh a new flow finds
+    none (exhaustion); once idle for 1 s one of them gives its port to the new flow."""
+    node = make_node(REMOTE_POD, Lifetimes(), MapSizes(ct=1024, ct_halfopen=8192))
+    now = time.clock_gettime_ns(time.CLOCK_MONOTONIC)
+    _hold_every_port(node, now, 60_000_000_000, halfopen=True)
+    node.ingress(frame(CLIENT, 41100, FRONTEND, NODE_PORT, SYN))
+    assert node.ct.counters()["snat_exhausted"] == 1 and node.ct.counters()["snat_reused"] == 0
+    _hold_every_port(node, now - 2_000_000_000, 60_000_000_000, halfopen=True)  # idle 2 s, not expired
+    rc, out = node.ingress(frame(CLIENT, 41100, FRONTEND, NODE_PORT, SYN))
+    src, sport, dst, _ = tuple_of(out)
+    assert (src, dst) == (NODE, REMOTE_POD) and node.ct.counters()["snat_reused"] == 1
+    rc, out = node.ingress(frame(REMOTE_POD, TARGET, NODE, sport, SYN | ACK))
+    assert tuple_of(out) == (FRONTEND, NODE_PORT, CLIENT, 41100)
+    assert len(node.entries("halfopen")) == abi.SNAT_PORT_MAX - abi.SNAT_PORT_MIN + 1 + 1  # replaced, + forward

@@ -99,6 +99,8 @@ BPF_TABLE_PINNED("array", __u32, struct ct_addr, nodewire_np_snat_v2, 2 * NW_SNA
 BPF_TABLE_PINNED("percpu_array", __u32, __u64, nodewire_ct_stats_v2, NW_CT_STATS,
 		 NW_PIN_DIR "/nodewire_ct_stats_v2");
 
+BPF_PERCPU_ARRAY(nodewire_ct_scratch, __u32, 1);
+
 static __always_inline void ct_count(__u32 what, __u64 n)
 {
 	__u64 *v = nodewire_ct_stats_v2.lookup(&what);
@@ -264,34 +266,36 @@ static __always_inline int ct_track(struct ct_key *k, struct ct_entry *e, int ha
 	return 0;
 }
 
-/* Insert the reverse entry rv under *rk (a SNAT address and port toward a backend) if the port is
- * free: nobody holds it, its holder expired, or its holder is a half-open flow idle for
- * NW_CT_SYN_REUSE_NS (a flood's SYNs hold no port a live flow needs). 0: taken now, 1: taken back
- * from an old holder, -1: held. Kept short: the verifier walks it once per try. */
-static __always_inline int ct_port_take(struct ct_key *rk, struct ct_entry *rv, __u64 now)
+/* Who holds the reverse key *rk (a SNAT address and port toward a backend): 0 nobody (an expired
+ * holder is deleted, counted as a port taken back), 1 a half-open flow idle for NW_CT_SYN_REUSE_NS
+ * (a flood's SYN holds no port a live flow needs: taken only when no port tried is free), -1 a live
+ * flow. Kept short: the verifier walks it once per try. */
+static __always_inline int ct_port_holder(struct ct_key *rk, __u64 now)
 {
-	int reused = 0;
 	struct ct_entry *e = nodewire_ct_v2.lookup(rk);
 	if (e) {
 		if (now <= e->expires)
 			return -1;
 		nodewire_ct_v2.delete(rk);
-		reused = 1;
+		ct_count(NW_CT_STAT_SNAT_REUSED, 1);
 	}
-	if (nodewire_ct_halfopen_v2.insert(rk, rv) == 0)
-		return reused;
 	e = nodewire_ct_halfopen_v2.lookup(rk);
-	if (!e || (now <= e->expires && (e->state != NW_CT_S_SYN || now - e->last_seen <= NW_CT_SYN_REUSE_NS)))
-		return -1;
-	if (nodewire_ct_halfopen_v2.update(rk, rv))
-		return -1;
-	return 1;
+	if (!e)
+		return 0;
+	if (now > e->expires) {
+		ct_delete(rk, 1);
+		ct_count(NW_CT_STAT_SNAT_REUSED, 1);
+		return 0;
+	}
+	return e->state == NW_CT_S_SYN && now - e->last_seen > NW_CT_SYN_REUSE_NS ? 1 : -1;
 }
 
 /* Take a SNAT port of one of the node's addresses of this family toward rk's backend: rk->b/bport
  * are set to it and the reverse entry rv inserted (BPF_NOEXIST, so two flows never share one). The
  * first half of the NW_SNAT_TRIES ports tried (from hash) are of the first address, the rest spread
- * over the family's NW_SNAT_ADDRS slots (the agent fills them all, repeating its addresses).
+ * over the family's NW_SNAT_ADDRS slots (the agent fills them all, repeating its addresses). When
+ * none of them is free, the first one held by an idle half-open flow is taken from it (netfilter
+ * early-drops unassured entries only when its table is full).
  * 0; -1 when every port tried was held (counted); -2 when the node has no address of this family. */
 static __always_inline int ct_snat_take(struct ct_key *rk, struct ct_entry *rv, __u8 family, __u32 hash, __u64 now)
 {
@@ -300,6 +304,13 @@ static __always_inline int ct_snat_take(struct ct_key *rk, struct ct_entry *rv, 
 	struct ct_addr *sa = nodewire_np_snat_v2.lookup(&base);
 	if (!sa || !(sa->address[0] | sa->address[1] | sa->address[2] | sa->address[3]))
 		return -2;
+	/* the first try whose port an idle half-open flow holds, kept in map memory: a stack variable
+	 * would make the verifier walk the loop once per value it could have */
+	__u32 zero = 0;
+	__u32 *idle = nodewire_ct_scratch.lookup(&zero);
+	if (!idle)
+		return -1;
+	*idle = NW_SNAT_TRIES;
 	for (__u32 i = 0; i < NW_SNAT_TRIES; i++) {
 		__u32 slot = base + (i < NW_SNAT_TRIES / 2 ? 0 : i % NW_SNAT_ADDRS);
 		sa = nodewire_np_snat_v2.lookup(&slot);
@@ -307,12 +318,27 @@ static __always_inline int ct_snat_take(struct ct_key *rk, struct ct_entry *rv, 
 			break;
 		__builtin_memcpy(rk->b, sa->address, 16);
 		rk->bport = bpf_htons(NW_SNAT_PORT_MIN + (hash + i * 7919) % span);
-		int r = ct_port_take(rk, rv, now);
-		if (r >= 0) {
+		int h = ct_port_holder(rk, now);
+		if (h == 0 && nodewire_ct_halfopen_v2.insert(rk, rv) == 0) {
 			ct_count(NW_CT_STAT_HALFOPEN_INSERTED, 1);
-			if (r)
-				ct_count(NW_CT_STAT_SNAT_REUSED, 1);
 			return 0;
+		}
+		if (h == 1 && *idle == NW_SNAT_TRIES)
+			*idle = i;
+	}
+	__u32 j = *idle;
+	if (j < NW_SNAT_TRIES) {
+		__u32 slot = base + (j < NW_SNAT_TRIES / 2 ? 0 : j % NW_SNAT_ADDRS);
+		sa = nodewire_np_snat_v2.lookup(&slot);
+		if (sa) {
+			__builtin_memcpy(rk->b, sa->address, 16);
+			rk->bport = bpf_htons(NW_SNAT_PORT_MIN + (hash + j * 7919) % span);
+			if (nodewire_ct_halfopen_v2.update(rk, rv) == 0) {
+				ct_count(NW_CT_STAT_HALFOPEN_DELETED, 1);  /* the idle flow's entry, replaced */
+				ct_count(NW_CT_STAT_HALFOPEN_INSERTED, 1);
+				ct_count(NW_CT_STAT_SNAT_REUSED, 1);
+				return 0;
+			}
 		}
 	}
 	ct_count(NW_CT_STAT_SNAT_EXHAUSTED, 1);

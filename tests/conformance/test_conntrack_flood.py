@@ -67,7 +67,8 @@ def _conntrack(agent: AgentProcess) -> dict:
 def _flood_keeps_flows(env, kill_agent: bool) -> None:
     sb, agents = env
     n1 = sb.nodes[0]
-    held = HeldFlows(sb.client, n1.addr4, 30180, FLOWS, seconds=12)
+    # idle through the flood: the flows an LRU table would drop first
+    held = HeldFlows(sb.client, n1.addr4, 30180, FLOWS, seconds=3, idle=True)
     assert set(held.names) == {"a1", "b1"}, held.names  # local and SNATed remote flows
     before = _conntrack(agents[0]).get("counters", {}).get("halfopen_inserted", 0)
     if kill_agent:
@@ -75,11 +76,12 @@ def _flood_keeps_flows(env, kill_agent: bool) -> None:
     flood = syn_flood(sb.client, n1.addr4, 30180, FLOOD)
     flood_end = time.monotonic()
     assert flood["sent"] == FLOOD, flood
+    held.resume()
     until = seconds_until_connects_work(sb.client, n1.addr4, 30180, flood_end, limit=5.0)
-    assert until is not None, f"new connections still fail 5 s after the flood: {connects(sb.client, n1.addr4, 30180)}"
     res = held.result()
     assert held.broken(res) == [], res
-    assert min(res["ok"]) > 50, res  # every flow kept talking through the flood
+    assert min(res["ok"]) > 5, res  # every flow talks again after the flood
+    assert until is not None, f"new connections still fail 5 s after the flood: {connects(sb.client, n1.addr4, 30180)}"
     if kill_agent:
         agents[0].start()
     # the flood did fill the half-open map many times over
@@ -91,8 +93,8 @@ def _flood_keeps_flows(env, kill_agent: bool) -> None:
 
 
 def test_established_flows_survive_a_spoofed_syn_flood(env):
-    """40 established NodePort flows (half SNATed to node 2's pod) all keep working through a flood
-    of spoofed SYNs 24 times the half-open map's size; new connections work within 5 s after it."""
+    """40 established NodePort flows (half SNATed to node 2's pod), idle during a flood of spoofed
+    SYNs 24 times the half-open map's size, all work after it; new connections work within 5 s."""
     _flood_keeps_flows(env, kill_agent=False)
 
 

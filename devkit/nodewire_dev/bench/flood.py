@@ -2,12 +2,12 @@
 conntrack against kube-proxy's nftables layout with the kernel's conntrack, in one run.
 
 Per mode, a fresh two-node sandbox: pod a1 on node 1, b1 on node 2 (echo servers), a NodePort on
-node 1 to both (b1 through SNAT/masquerade to node 1's address), --flows connections held open from
-the external client and talked on every 50 ms; then --flood SYNs from random sources (hping3) to the
-node port. Reported: flows that never failed, seconds from the flood's end until a batch of 8 fresh
-connections all get answers, the flood's size and duration. nftables: kube-proxy's layout
-(nftables_rules.py) plus its `external-` chain for the node port (masquerade, then the service
-chain), kernel conntrack at the netns defaults. nodewire: the agent with `--devices eth0` and default
+node 1 to both (b1 through SNAT/masquerade to node 1's address), --flows connections opened from the
+external client and left idle (the flows an LRU table drops first) while --flood SYNs from random
+sources (hping3) hit the node port, then talked on for 3 s. Reported: flows that never failed,
+seconds from the flood's end until a batch of 8 fresh connections all get answers, the flood's size
+and duration. nftables: kube-proxy's layout (nftables_rules.py) plus its `external-` chain for the
+node port (masquerade, then the service chain), kernel conntrack at the netns defaults. nodewire: the agent with `--devices eth0` and default
 map sizes. Figures are printed, never asserted.
 """
 from __future__ import annotations
@@ -59,11 +59,13 @@ def run_one(mode: str, flows: int, flood: int, interval_us: int) -> dict:
             if res.returncode != 0:
                 raise RuntimeError(f"nft: {res.stderr[-1000:]}")
         try:
-            held = HeldFlows(sb.client, n1.addr4, NODE_PORT, flows, seconds=flood / 5000 + 60)
+            held = HeldFlows(sb.client, n1.addr4, NODE_PORT, flows, seconds=3, idle=True)
             f = syn_flood(sb.client, n1.addr4, NODE_PORT, flood, interval_us, timeout=600)
-            until = seconds_until_connects_work(sb.client, n1.addr4, NODE_PORT, time.monotonic(), limit=75)
+            end = time.monotonic()
+            held.resume()
+            until = seconds_until_connects_work(sb.client, n1.addr4, NODE_PORT, end, limit=75)
+            out = held.result(timeout=120)
             after = connects(sb.client, n1.addr4, NODE_PORT, 16)
-            out = held.result(timeout=900)
         finally:
             if proc is not None:
                 _stop_nodewire(sb, proc)

@@ -1,7 +1,7 @@
 """A spoofed SYN flood and the flows it must not break, inside a sandbox (tests and `bench flood`).
 
-held_flows() keeps N TCP connections to an echo port open and talks on each every 50 ms, counting
-answers and failures per connection; syn_flood() sends a bounded number of SYNs from random
+HeldFlows keeps N TCP connections to an echo port open and talks on each every 50 ms (or, idle, only
+before and after the flood), counting answers and failures per connection; syn_flood() sends a bounded number of SYNs from random
 (spoofed) sources with Debian's hping3; connects_work() tells whether fresh connections get through.
 Everything runs in the sandbox's own network namespaces: nothing leaves them.
 """
@@ -15,13 +15,15 @@ import time
 
 _HELD = r"""
 import json, socket, sys, time
-host, port, n, seconds = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), float(sys.argv[4])
+host, port, n, seconds, idle = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), float(sys.argv[4]), sys.argv[5] == "1"
 conns, names = [], []
 for _ in range(n):
     c = socket.create_connection((host, port), timeout=5)
     c.sendall(b"x"); names.append(c.recv(100).decode().split()[0])
     conns.append(c)
 print(json.dumps({"up": names}), flush=True)
+if idle:  # silent until told (a line on stdin): idle flows are the first an LRU table drops
+    sys.stdin.readline()
 ok = [0] * n; fail = [0] * n
 deadline = time.time() + seconds
 while time.time() < deadline:
@@ -38,18 +40,27 @@ print(json.dumps({"ok": ok, "fail": fail, "names": names}), flush=True)
 
 
 class HeldFlows:
-    """N echo connections from a pod, held for `seconds`; names: the pod that answered each."""
+    """N echo connections from a pod, held for `seconds`; names: the pod that answered each. With
+    idle, they stay silent after their first exchange until resume()."""
 
-    def __init__(self, pod, host: str, port: int, n: int, seconds: float):
-        self.proc = pod.popen([sys.executable, "-c", _HELD, host, str(port), str(n), str(seconds)])
+    def __init__(self, pod, host: str, port: int, n: int, seconds: float, idle: bool = False):
+        self.proc = pod.popen([sys.executable, "-c", _HELD, host, str(port), str(n), str(seconds), "1" if idle else "0"],
+                              stdin=subprocess.PIPE)
         line = self.proc.stdout.readline()
         if not line.startswith("{"):
             raise RuntimeError(f"held flows did not come up: {self.proc.communicate(timeout=30)[1][-2000:]}")
         self.names: list[str] = json.loads(line)["up"]
 
+    def resume(self) -> None:
+        self.proc.stdin.write("go\n")
+        self.proc.stdin.flush()
+
     def result(self, timeout: float = 120) -> dict:
         """{"ok": [...], "fail": [...], "names": [...]} once the holding time is over."""
-        out, err = self.proc.communicate(timeout=timeout)
+        if self.proc.stdin and not self.proc.stdin.closed:
+            self.proc.stdin.close()  # an idle holder not resumed yet goes on now
+        out, err = self.proc.stdout.read(), self.proc.stderr.read()
+        self.proc.wait(timeout=timeout)
         lines = [line for line in out.splitlines() if line.startswith("{")]
         if not lines or "fail" not in lines[-1]:
             raise RuntimeError(f"held flows ended without a result: {err[-2000:]}")
