@@ -235,3 +235,15 @@ def test_idle_half_open_flows_give_up_their_snat_port_only_when_none_is_free(mak
     rc, out = node.ingress(frame(REMOTE_POD, TARGET, NODE, sport, SYN | ACK))
     assert tuple_of(out) == (FRONTEND, NODE_PORT, CLIENT, 41100)
     assert len(node.entries("halfopen")) == abi.SNAT_PORT_MAX - abi.SNAT_PORT_MIN + 1 + 1  # replaced, + forward
+
+
+def test_a_second_node_address_takes_over_when_the_first_has_no_port_free(make_node):
+    node = make_node(REMOTE_POD, Lifetimes(), MapSizes(ct=8192, ct_halfopen=256), proto=socket.IPPROTO_UDP)
+    second = "198.18.1.11"
+    assert node.dp.set_snat_addresses([NODE, second, "fd00:18::11"]) == {"ipv4": NODE, "ipv6": "fd00:18::11"}
+    _hold_every_port(node, time.clock_gettime_ns(time.CLOCK_MONOTONIC), 60_000_000_000)  # NODE's, all live
+    rc, out = node.ingress(frame(CLIENT, 41200, FRONTEND, NODE_PORT, proto=socket.IPPROTO_UDP))
+    src, sport, dst, _ = tuple_of(out)
+    assert (src, dst) == (second, REMOTE_POD) and node.ct.counters()["snat_exhausted"] == 0
+    rc, out = node.ingress(frame(REMOTE_POD, TARGET, second, sport, proto=socket.IPPROTO_UDP))
+    assert tuple_of(out) == (FRONTEND, NODE_PORT, CLIENT, 41200)
