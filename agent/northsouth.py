@@ -1,10 +1,11 @@
-"""North-south in the agent loop: devices and node addresses (followed live over netlink), the tc
-datapath, and the health servers.
+"""North-south in the agent loop: devices and node addresses (followed live over netlink) and the tc
+datapath. Its health servers and conntrack collector are parts of their own (agent/components/health.py,
+conntrack.py).
 
 The sync loop asks node_info() for the node's addresses when it takes the Services' views (the views
 carry the node's own sockets' frontends for the socket path: NodePorts / external IPs at connect(),
 without tc); the one writer (datapath/datapath.py) writes nodeport.c's maps (`maps`) with the socket
-path's; after_sync() then updates the health servers from the same views.
+path's; after_sync() keeps the views' errors for the status.
 """
 from __future__ import annotations
 
@@ -13,11 +14,10 @@ import time
 from dataclasses import replace
 
 from .datapath.addresses import DeviceWatcher, follow_devices
-from .datapath.conntrack import ConntrackCollector, Lifetimes
+from .datapath.conntrack import Lifetimes
 from .datapath.devices import NodeDevices, read_node_devices
 from .datapath.loader import MapSizes
 from .datapath.reconciler import SyncResult
-from .export.lbhealth import LBHealth
 from .model.northsouth import NodeInfo
 from .model.objects import ObjectKey
 from .model.view import ServiceView
@@ -28,8 +28,8 @@ log = logging.getLogger("nodewire.northsouth")
 
 class NorthSouthService:
     def __init__(self, state: ClusterState, node_name: str, devices: tuple[str, ...], pin_dir: str,
-                 sizes: MapSizes, nodeport_range: tuple[int, int], maglev_size: int, healthz_port: int,
-                 healthy, lifetimes: Lifetimes = Lifetimes(), ct_interval: float = 30.0):
+                 sizes: MapSizes, nodeport_range: tuple[int, int], maglev_size: int,
+                 lifetimes: Lifetimes = Lifetimes()):
         from pyroute2 import IPRoute
 
         from .datapath.nodeport import NodePortDatapath
@@ -42,11 +42,9 @@ class NorthSouthService:
         devs, addresses = found.names, list(found.addresses)
         self.node = NodeInfo(node_name, found.addresses, nodeport_range=nodeport_range)
         self.datapath = NodePortDatapath(pin_dir, sizes, maglev_size, lifetimes)
-        self.conntrack = ConntrackCollector(self.datapath.conntrack, ct_interval).start()
         self.datapath.attach(devs)
         self.snat = self.datapath.set_snat_addresses(addresses)
         self.watcher = DeviceWatcher(tuple(devices), found, self._follow).start()
-        self.health = LBHealth(healthy, healthz_port).start()
         self.errors: list[str] = []
         self.last: SyncResult | None = None
         log.info("north-south ready devices=%s addresses=%s snat=%s", devs, addresses, self.snat)
@@ -76,15 +74,10 @@ class NorthSouthService:
         return self.node
 
     def after_sync(self, views: dict[ObjectKey, ServiceView | None], res: SyncResult) -> None:
-        """After the datapath wrote these views: the health servers follow their local endpoints."""
-        for key, view in views.items():
-            if view is None:
-                self.health.update(key, 0, 0)
-            else:
-                self.health.update(key, view.health_check_node_port, view.local_endpoints)
-                if view.errors:  # (logged by the datapath) kept for the status
-                    self.errors = (self.errors + list(view.errors))[-20:]
-        self.health.synced()
+        """After the datapath wrote these views: their errors (logged by the datapath) kept for the status."""
+        for view in views.values():
+            if view is not None and view.errors:
+                self.errors = (self.errors + list(view.errors))[-20:]
         self.last = res
 
     def status(self) -> dict:
@@ -94,9 +87,8 @@ class NorthSouthService:
             "nodeport_range": list(self.node.nodeport_range), "maglev_table_size": dp.maglev_size,
             "maglev_tables": len(dp.maglev_groups), "maglev_tables_built": dp.tables_built,
             "frontends": dp.reconciler.svc_entries, "services": len(dp.reconciler.owned),
-            "counters": dp.counters(), "health": self.health.status(), "errors": self.errors,
+            "counters": dp.counters(), "errors": self.errors,
             "device_watch": self.watcher.status(),
-            "conntrack": self.conntrack.status(),
             "last_sync": None if self.last is None else {"seconds": self.last.seconds, "written": self.last.written,
                                                           "deleted": self.last.deleted, "errors": [str(e) for e in self.last.errors],
                                                           "time": time.time()},
@@ -122,5 +114,3 @@ class NorthSouthService:
 
     def close(self) -> None:
         self.watcher.close()
-        self.conntrack.close()
-        self.health.close()

@@ -170,11 +170,14 @@ class ClusterState:
         node = NodeInfo(self.node_name, zone=self.zone) if northsouth is None else replace(
             northsouth, name=self.node_name, zone=self.zone)
         ns = northsouth is not None
+        view, slices = service_view, self._slices
         with self._lock:
-            keys, self._dirty = (self.services if full else self._dirty), set()
+            dirty, self._dirty = self._dirty, set()
             self.changed.clear()
-            svcs = self.services
-            return {k: service_view(svcs[k], self._slices(k), node, ns) if k in svcs else None for k in keys}
+            if full:
+                return {k: view(svc, slices(k), node, ns) for k, svc in self.services.items()}
+            get = self.services.get
+            return {k: None if (svc := get(k)) is None else view(svc, slices(k), node, ns) for k in dirty}
 
     def pending(self) -> int:
         """Services changed since the last take_dirty() (kube-proxy's pending changes)."""

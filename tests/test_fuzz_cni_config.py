@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import tempfile
 
@@ -136,3 +137,41 @@ def test_regression_null_and_non_finite_numbers_are_refused_by_key(tmp_path):
             assert e.key == key, e
         else:
             raise AssertionError(f"{text!r} was accepted")
+
+
+ADDRESS = st.sampled_from(["10.1.0.5/24", "fd00::5/64", "10.1.0.5", "not-an-ip", ""]) | JSON
+IPS = st.lists(st.fixed_dictionaries({}, optional={"address": ADDRESS, "interface": st.integers(-3, 3) | JSON,
+                                                   "gateway": JSON}) | JSON, max_size=3) | JSON
+IFACES = st.lists(st.fixed_dictionaries({}, optional={"name": st.sampled_from(["eth0", "veth1", ""]) | JSON,
+                                                      "sandbox": JSON}) | JSON, max_size=3) | JSON
+
+
+@given(ips=IPS, ifaces=IFACES, name=JSON, command=st.sampled_from(["ADD", "CHECK", "DEL", "GC"]),
+       args=st.text(max_size=40).filter(lambda a: "\0" not in a))
+def test_the_agent_answers_whatever_the_plugin_forwards(ips, ifaces, name, command, args):
+    """Through the binary to the agent's real API server and CNI side: whatever the primary plugin put
+    in prevResult, the agent answers (a named bad_request is code 100), never drops the call (11)."""
+    from agent.api import ApiServer
+    from agent.cni.pods import CniPods
+    from agent.state import ClusterState
+    with tempfile.TemporaryDirectory() as d:
+        pods = CniPods(ClusterState("n"), "n", os.path.join(d, "rec"), netns_dir=os.path.join(d, "ns"))
+        os.makedirs(pods.record_dir)
+        api = ApiServer(os.path.join(d, "api.sock"), allowed_uids=(os.getuid(),)).start()
+        pods.register(api)
+        try:
+            conf = {"cniVersion": "1.0.0", "name": name, "socket": api.path, "failOpen": False,
+                    "logFile": os.path.join(d, "log"),
+                    "prevResult": {"ips": ips, "interfaces": ifaces}, "cni.dev/valid-attachments": ips}
+            env = {"CNI_CONTAINERID": "c1", "CNI_IFNAME": "eth0", "CNI_NETNS": "/nonexistent", "CNI_ARGS": args}
+            code, out = run_plugin(command, json.dumps(conf).encode(), env)
+            if command == "GC":  # GC always succeeds; what the agent said is in the plugin's log
+                log = os.path.join(d, "log")
+                logged = open(log).read() if os.path.exists(log) else ""
+                assert not re.search(r"cni\.gc: [A-Z]\w*(Error|Exception): ", logged), logged
+            if code == 1:  # a named refusal: code 3, or 100 with the agent's bad_request (never "internal")
+                assert out["code"] in (3, 100), out
+                assert out["code"] == 3 or out.get("details") == "bad_request" or (  # ADD's message has no details
+                    command == "ADD" and not re.search(r"cni\.add: [A-Z]\w*(Error|Exception): ", out["msg"])), out
+        finally:
+            api.close()

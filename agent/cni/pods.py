@@ -64,6 +64,11 @@ def attachment_from_params(p: dict, method: str) -> Attachment:
     for f in ("containerID", "ifName"):
         if not isinstance(p.get(f), str) or not p[f]:
             raise ApiError("bad_request", f"{method}: {f} is missing")
+    for f, kind, name in (("ips", list, "a list"), ("interfaces", list, "a list"), ("netns", str, "a string"),
+                          ("network", str, "a string"), ("podNamespace", str, "a string"),
+                          ("podName", str, "a string"), ("podUID", str, "a string")):
+        if p.get(f) is not None and not isinstance(p[f], kind):
+            raise ApiError("bad_request", f"{method}: {f} is not {name}")  # prevResult's, or the conf's name
     cid = p["containerID"]
     ifaces = p.get("interfaces") or []
     ips = []
@@ -190,8 +195,11 @@ class CniPods:
 
     def gc(self, params: dict) -> dict:
         """Forget every attachment of `network` not in validAttachments (CNI 1.1.0 GC)."""
+        for f, kind, name in (("validAttachments", list, "a list"), ("network", str, "a string")):
+            if params.get(f) is not None and not isinstance(params[f], kind):
+                raise ApiError("bad_request", f"cni.gc: {f} is not {name}")
         valid = {(v.get("containerID"), v.get("ifname")) for v in params.get("validAttachments") or []
-                 if isinstance(v, dict)}
+                 if isinstance(v, dict) and isinstance(v.get("containerID"), str) and isinstance(v.get("ifname"), str)}
         network = params.get("network") or ""
         with self._lock:
             stale = [a for a in self.attachments.values()

@@ -5,6 +5,7 @@ Order matters where a part uses another or a shared resource:
   socket_lb     first: loads and attaches the datapath (the privileged step)
   privileges    drops capabilities before any part starts a thread of its own
   northsouth    tc on the node devices (after socket_lb: shares its pins)
+  health, conntrack  kube-proxy's health servers and the conntrack collector, beside north-south
   manifests/kube sources: start pushing into ClusterState
   telemetry     the MeterProvider and /metrics; parts after it may use ctx.telemetry in start()
   drift_check, observer, cni, rdma   read the datapath or the state; optional ones never stop the agent
@@ -14,7 +15,9 @@ from __future__ import annotations
 
 from .base import Component, Context, OptionalComponent
 from .cni import CniPods
+from .conntrack import Conntrack
 from .drift import DriftCheck
+from .health import HealthServers
 from .local_api import LocalApi
 from .northsouth import NorthSouth
 from .observer import Observer
@@ -24,8 +27,8 @@ from .socket_lb import SocketLB
 from .sources import Kube, Manifests
 from .telemetry import Telemetry
 
-ORDER: list[type[Component]] = [SocketLB, Privileges, NorthSouth, Manifests, Kube, Telemetry, DriftCheck,
-                                Observer, CniPods, Rdma, LocalApi]
+ORDER: list[type[Component]] = [SocketLB, Privileges, NorthSouth, HealthServers, Conntrack, Manifests, Kube,
+                                Telemetry, DriftCheck, Observer, CniPods, Rdma, LocalApi]
 
 
 def build(cfg, order: list[type[Component]] | None = None) -> list[Component]:

@@ -1,5 +1,6 @@
-"""North-south: NodePort, externalIPs and LoadBalancer IPs served by tc on the node devices, with
-kube-proxy's health servers (agent/northsouth.py). On when --devices is given."""
+"""North-south: NodePort, externalIPs and LoadBalancer IPs served by tc on the node devices, the node's
+addresses followed live (agent/northsouth.py). On when --devices is given; the health servers
+(health.py) and the conntrack collector (conntrack.py) are parts of their own beside it."""
 from __future__ import annotations
 
 from .base import Component, Context
@@ -23,11 +24,10 @@ class NorthSouth(Component):
         lifetimes = Lifetimes(cfg.ct_timeout_syn, cfg.ct_timeout_established, cfg.ct_timeout_close,
                               cfg.ct_timeout_other)
         self.service = NorthSouthService(ctx.state, cfg.node_name, cfg.device_list, cfg.pin_dir, cfg.sizes,
-                                         cfg.nodeport_bounds, cfg.maglev_table_size, cfg.healthz_port, ctx.ready,
-                                         lifetimes, cfg.ct_gc_interval)
+                                         cfg.nodeport_bounds, cfg.maglev_table_size, lifetimes)
 
     def after_sync(self, changes, res) -> None:
-        """The health servers follow the views the datapath just wrote."""
+        """The views' errors, kept for the status."""
         if self.service is not None:
             self.service.after_sync(changes, res)
 
@@ -38,7 +38,6 @@ class NorthSouth(Component):
     def metrics(self, telemetry) -> None:
         if self.service is not None:  # packets per outcome, node addresses (export/northsouth.py)
             self.service.metrics(telemetry.meter())
-            self.service.conntrack.register_metrics(telemetry.meter())
 
     def close(self) -> None:
         if self.service is not None:

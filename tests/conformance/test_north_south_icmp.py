@@ -294,3 +294,30 @@ s.send(b"go"); print(json.dumps({{"got": s.recv(100).decode()}})); s.close()
             backend.kill()
     assert out.strip(), errs[-2000:]
     assert json.loads(out.strip().splitlines()[-1]) == {"backend": "ECONNREFUSED"}
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("member", MEMBERS)
+def test_time_exceeded_on_the_way_reaches_the_client(env, member, family):
+    """A datagram whose TTL / hop limit runs out at the router in front of the backend (node 1 for
+    a1, node 2 for b1): that router's time exceeded reaches the client translated, so a socket that
+    asked for errors (IP_RECVERR) sees EHOSTUNREACH from ICMP type 11 (v6: 3)."""
+    port = nodeport(env, f"ttl-{member}{family}", "UDP", UDP_PORT, member, family)
+    host = n1_addr(env, family)
+    # IP_RECVERR / IPV6_RECVERR, IP_TTL / IPV6_UNICAST_HOPS; sock_extended_err: errno, origin, type, code
+    level, recverr, ttl = ("socket.IPPROTO_IP", 11, 2) if family == 4 else ("socket.IPPROTO_IPV6", 25, 16)
+    code = PRELUDE + f"""
+import struct
+s = socket.socket(fam({host!r}), socket.SOCK_DGRAM); s.settimeout(3)
+s.setsockopt({level}, {recverr}, 1); s.setsockopt({level}, {ttl}, 1); s.connect(({host!r}, {port}))
+out = {{}}
+try:
+    s.send(b"x"); out["got"] = s.recv(100).decode().strip()
+except OSError as e:
+    out["error"] = err(e)
+    if out["error"] == "EHOSTUNREACH":  # the ICMP that said so, from the error queue
+        _, anc, _, _ = s.recvmsg(100, 512, socket.MSG_ERRQUEUE)
+        out["icmp_type"] = struct.unpack("IBBB", anc[0][2][:7])[2]
+print(json.dumps(out))
+"""
+    assert client(env, code) == {"error": "EHOSTUNREACH", "icmp_type": 11 if family == 4 else 3}
