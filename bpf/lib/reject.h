@@ -149,17 +149,17 @@ static __always_inline int icmp_reply(struct __sk_buff *skb, struct pkt *p, __u8
 	return bpf_redirect(skb->ifindex, 0);
 }
 
-/* ICMP destination unreachable / port unreachable (v4: type 3 code 3; v6: type 1 code 4). A later
- * fragment is dropped: the first one has been answered (or will be), and its quote has no ports. */
+/* ICMP destination unreachable / port unreachable (v4: type 3 code 3; v6: type 1 code 4). */
 static __always_inline int reject_udp(struct __sk_buff *skb, struct pkt *p)
 {
-	if (p->flags & NW_PKT_F_LATER)
-		return TC_ACT_SHOT;
 	return p->family == 4 ? icmp_reply(skb, p, 3, 3, 0) : icmp_reply(skb, p, 1, 4, 0);
 }
 
+/* A later fragment is dropped: the first one is answered, and this one has no header to answer. */
 static __always_inline int reject(struct __sk_buff *skb, struct pkt *p)
 {
+	if (p->flags & NW_PKT_F_LATER)
+		return TC_ACT_SHOT;
 	return p->proto == IPPROTO_TCP ? reject_tcp(skb, p) : reject_udp(skb, p);
 }
 

@@ -10,7 +10,9 @@ answer ICMP errors without rate limit, and reject chosen TCP ports with ICMP (nf
 from __future__ import annotations
 
 import errno
+import ipaddress
 import json
+import struct
 import subprocess
 import sys
 import time
@@ -124,6 +126,53 @@ def fam(h): return socket.AF_INET6 if ":" in h else socket.AF_INET
 def err(e): return errno.errorcode.get(e.errno, type(e).__name__) if e.errno else type(e).__name__
 """
 
+# Snippet lines that catch the ICMP error a socket just got, for check_icmp: a raw socket opened
+# before the send hands every ICMP message the namespace receives to the test too.
+RAW_OPEN = """
+raw = socket.socket(fam(HOST), socket.SOCK_RAW, socket.IPPROTO_ICMP if fam(HOST) == socket.AF_INET else 58)
+raw.settimeout(1)
+"""
+RAW_READ = """
+def icmp_seen():  # the first error (neighbour discovery and echo pass by on the same socket)
+    for _ in range(20):
+        try:
+            data, src = raw.recvfrom(2000)
+        except OSError:
+            return None
+        icmp = data[(data[0] & 15) * 4:] if raw.family == socket.AF_INET else data
+        if icmp[0] in ((3, 11, 12) if raw.family == socket.AF_INET else (1, 2, 3, 4)):
+            return {"src": src[0], "icmp": icmp.hex()}
+"""
+
+
+def _sum16(data: bytes) -> int:
+    """The one's complement sum (RFC 1071): 0xffff over data that holds its own valid checksum."""
+    data += b"\0" * (len(data) % 2)
+    total = sum(struct.unpack(f"!{len(data) // 2}H", data))
+    while total >> 16:
+        total = (total & 0xFFFF) + (total >> 16)
+    return total
+
+
+def check_icmp(seen: dict, to: str) -> dict:
+    """Every checksum of a received ICMP error that a receiver verifies: the ICMP one (ICMPv6: over its
+    pseudo-header too, RFC 4443 2.3) and the quoted IPv4 header's. Returns the quoted tuple."""
+    icmp = bytes.fromhex(seen["icmp"])
+    inner = icmp[8:]
+    if ":" not in to:
+        assert _sum16(icmp) == 0xFFFF, f"ICMP checksum: {seen}"
+        ihl = (inner[0] & 15) * 4
+        assert _sum16(inner[:ihl]) == 0xFFFF, f"quoted IPv4 header checksum: {seen}"
+        src, dst, l4 = inner[12:16], inner[16:20], inner[ihl:]
+    else:
+        pseudo = ipaddress.ip_address(seen["src"]).packed + ipaddress.ip_address(to).packed
+        assert _sum16(pseudo + struct.pack("!I3xB", len(icmp), 58) + icmp) == 0xFFFF, f"ICMPv6 checksum: {seen}"
+        src, dst, l4 = inner[8:24], inner[24:40], inner[40:]
+    sport, dport = struct.unpack("!HH", l4[:4])
+    return {"type": icmp[0], "src": str(ipaddress.ip_address(src)), "sport": sport,
+            "dst": str(ipaddress.ip_address(dst)), "dport": dport}
+
+
 MEMBERS = [pytest.param("a1", id="local"), pytest.param("b1", id="remote")]
 FAMILIES = [pytest.param(4, id="v4"), pytest.param(6, id="v6")]
 
@@ -136,15 +185,21 @@ def test_udp_to_a_closed_port_is_refused_at_once(env, member, family):
     reaches the client translated, so the client's connected socket reports ECONNREFUSED."""
     port = nodeport(env, f"udp-closed-{member}{family}", "UDP", CLOSED_UDP, member, family)
     before = counters(env)["icmp_translated"]
-    code = PRELUDE + f"""
-s = socket.socket(fam({n1_addr(env, family)!r}), socket.SOCK_DGRAM); s.settimeout(3)
-s.connect(({n1_addr(env, family)!r}, {port}))
+    host = n1_addr(env, family)
+    code = PRELUDE + f"HOST = {host!r}" + RAW_OPEN + RAW_READ + """
+s = socket.socket(fam(HOST), socket.SOCK_DGRAM); s.settimeout(3)
+s.connect((HOST, PORT))
 try:
-    s.send(b"x"); print(json.dumps({{"got": s.recv(100).decode()}}))
+    s.send(b"x"); print(json.dumps({"got": s.recv(100).decode()}))
 except OSError as e:
-    print(json.dumps({{"error": err(e)}}))
-"""
-    assert client(env, code) == {"error": "ECONNREFUSED"}
+    print(json.dumps({"error": err(e), "sport": s.getsockname()[1], "icmp": icmp_seen()}))
+""".replace("PORT", str(port))
+    got = client(env, code)
+    assert got["error"] == "ECONNREFUSED", got
+    # the quote is the client's datagram as the client sent it, every checksum right
+    client_ip = env.client.ip4 if family == 4 else env.client.ip6
+    assert check_icmp(got["icmp"], client_ip) == {"type": 3 if family == 4 else 1, "src": client_ip,
+                                                 "sport": got["sport"], "dst": host, "dport": port}
     assert counters(env)["icmp_translated"] > before
 
 
@@ -321,3 +376,36 @@ except OSError as e:
 print(json.dumps(out))
 """
     assert client(env, code) == {"error": "EHOSTUNREACH", "icmp_type": 11 if family == 4 else 3}
+
+
+@pytest.mark.parametrize("kind", ["later-fragment-v4", "later-fragment-v6", "routing-header-v6"])
+def test_what_cannot_be_placed_is_left_to_the_stack_and_counted(env, kind):
+    """A fragment whose first fragment never came (its ports are unknown), or an IPv6 packet with a
+    routing header that still has segments left (its destination is not final): node 1 counts it
+    `untranslatable` and hands it to its own stack untouched; it is not forwarded as a fragment."""
+    family = 4 if kind.endswith("v4") else 6
+    port = nodeport(env, f"unplaced-{kind}", "UDP", UDP_PORT, "a1", family)
+    before = counters(env)
+    src, dst = (env.client.ip4, env.n1.addr4) if family == 4 else (env.client.ip6, env.n1.addr6)
+    udp = struct.pack("!HHHH", 40000, port, 16, 0) + b"u" * 8
+    if family == 4:  # offset 16 bytes, last fragment; the kernel fills in the checksum (IP_HDRINCL)
+        pkt = struct.pack("!BBHHHBBH4s4s", 0x45, 0, 20 + 16, 0x4242, 2, 64, 17, 0,
+                          ipaddress.ip_address(src).packed, ipaddress.ip_address(dst).packed) + b"f" * 16
+    else:
+        if kind.startswith("later"):  # fragment header: UDP next, offset 16 bytes, id 0x4242
+            ext, nh, body = struct.pack("!BBHI", 17, 0, 2 << 3, 0x4242), 44, b"f" * 16
+        else:  # segment routing header (RFC 8754) with one segment left: the stack's, not ours
+            ext = struct.pack("!BBBBBBH", 17, 2, 4, 1, 0, 0, 0) + ipaddress.ip_address(dst).packed
+            nh, body = 43, udp
+        payload = ext + body
+        pkt = struct.pack("!IHBB16s16s", 6 << 28, len(payload), nh, 64, ipaddress.ip_address(src).packed,
+                          ipaddress.ip_address(dst).packed) + payload
+    code = f"""
+import socket
+s = socket.socket(socket.AF_INET{'' if family == 4 else '6'}, socket.SOCK_RAW, socket.IPPROTO_RAW)
+s.sendto(bytes.fromhex({pkt.hex()!r}), ({dst!r}, 0)); print("sent")
+"""
+    assert env.client_py(code).strip() == "sent"
+    wait_for(lambda: counters(env)["untranslatable"] == before["untranslatable"] + 1, 5, what="untranslatable counted")
+    after = counters(env)
+    assert after["fragment"] == before["fragment"] and after["local"] == before["local"], (before, after)
