@@ -288,7 +288,8 @@ int nw_np_ingress(struct __sk_buff *skb)
 	__u64 now = bpf_ktime_get_ns();
 	struct ct_key k = {};
 	int ho = 0;
-	struct ct_entry *rev = ct_lookup(&p, NW_CT_REVERSE, &k, &ho, now);
+	/* only a packet to a SNAT port can be a remote backend's reply: others skip the lookup */
+	struct ct_entry *rev = bpf_ntohs(p.dport) >= NW_SNAT_PORT_MIN ? ct_lookup(&p, NW_CT_REVERSE, &k, &ho, now) : 0;
 	if (rev && (rev->flags & NW_CT_F_SNAT)) {
 		struct ct_nat r;
 		ct_nat_of(&r, rev);

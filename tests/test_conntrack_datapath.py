@@ -47,13 +47,42 @@ def tuple_of(out: bytes) -> tuple[str, int, str, int]:
     return socket.inet_ntoa(ip[12:16]), sport, socket.inet_ntoa(ip[16:20]), dport
 
 
-class Node:
-    """nodeport.c loaded in a pin dir of its own, one NodePort frontend → one backend."""
+SIZES = MapSizes(ct=8192, ct_halfopen=8192)  # room for every SNAT port of an address, in either map
+_LOADED: dict[Lifetimes, NodePortDatapath] = {}
 
-    def __init__(self, backend: str, lifetimes: Lifetimes, sizes: MapSizes, proto: int = socket.IPPROTO_TCP):
-        ensure_mounts()
-        self.pin_dir = f"/sys/fs/bpf/nwtest-ct-{secrets.token_hex(3)}"
-        self.dp = NodePortDatapath(self.pin_dir, sizes, lifetimes=lifetimes)
+
+@pytest.fixture(scope="module", autouse=True)
+def _programs():
+    """nodeport.c compiled once per set of lifetimes (they are compile-time constants) for the module."""
+    ensure_mounts()
+    yield
+    for dp in _LOADED.values():
+        pin = dp.loaded.pin_dir
+        dp.close()
+        remove_pins(pin)
+    _LOADED.clear()
+
+
+def _reset(dp: NodePortDatapath) -> None:
+    """Empty every map a test writes or the program fills, and zero the counters."""
+    m = dp.loaded.maps
+    for name in (abi.CT_MAP, abi.CT_HALFOPEN_MAP, abi.NP_SERVICES_MAP, abi.NP_BACKENDS_MAP, abi.NP_LOCAL_MAP):
+        keys, _ = m[name].dump_arrays()
+        m[name].delete_array(keys)
+    for name in (abi.CT_STATS_MAP, abi.NP_STATS_MAP):
+        keys, values = m[name].dump_arrays()
+        m[name].update_arrays(keys, np.zeros_like(values))
+
+
+class Node:
+    """nodeport.c with one NodePort frontend → one backend (local: no SNAT; remote: SNAT to NODE)."""
+
+    def __init__(self, backend: str, lifetimes: Lifetimes, proto: int = socket.IPPROTO_TCP):
+        if lifetimes not in _LOADED:
+            _LOADED[lifetimes] = NodePortDatapath(f"/sys/fs/bpf/nwtest-ct-{secrets.token_hex(3)}", SIZES,
+                                                  lifetimes=lifetimes)
+        self.dp = _LOADED[lifetimes]
+        _reset(self.dp)
         self.ct = self.dp.conntrack
         self.proto = proto
         self.dp.set_snat_addresses([NODE])
@@ -81,32 +110,26 @@ class Node:
                  "bport": socket.ntohs(int(k["bport"])), "dir": int(k["dir"]), "state": abi.CT_STATES.get(int(v["state"])),
                  "flags": int(v["flags"]), "last_seen": int(v["last_seen"])} for k, v in zip(keys, values)]
 
-    def close(self) -> None:
-        self.dp.close()
-        remove_pins(self.pin_dir)
-
 
 @pytest.fixture
 def make_node():
-    made = []
-
-    def make(backend=LOCAL_POD, lifetimes=Lifetimes(), sizes=MapSizes(ct=4096, ct_halfopen=256), **kw):
-        n = Node(backend, lifetimes, sizes, **kw)
-        made.append(n)
-        return n
-    yield make
-    for n in made:
-        n.close()
+    return lambda backend=LOCAL_POD, lifetimes=Lifetimes(), **kw: Node(backend, lifetimes, **kw)
 
 
-def handshake(node: Node, cport: int, backend: str = LOCAL_POD) -> None:
-    """Client SYN → backend SYN-ACK → client ACK, through the programs."""
+def connect(node: Node, cport: int, backend: str) -> None:
+    """A whole handshake through the programs, the backend's SYN-ACK on its real path (egress for a
+    local pod, ingress to the SNAT port for a remote one); the flow ends up confirmed."""
     rc, out = node.ingress(frame(CLIENT, cport, FRONTEND, NODE_PORT, SYN))
-    assert tuple_of(out)[2:] == (backend, TARGET), tuple_of(out)
+    src, sport, dst, dport = tuple_of(out)
+    assert (dst, dport) == (backend, TARGET), tuple_of(out)
     if backend == LOCAL_POD:
         rc, out = node.egress(frame(LOCAL_POD, TARGET, CLIENT, cport, SYN | ACK))
-        assert rc == TC_ACT_OK and tuple_of(out) == (FRONTEND, NODE_PORT, CLIENT, cport)
+    else:
+        rc, out = node.ingress(frame(REMOTE_POD, TARGET, src, sport, SYN | ACK))
+    assert tuple_of(out) == (FRONTEND, NODE_PORT, CLIENT, cport)
     node.ingress(frame(CLIENT, cport, FRONTEND, NODE_PORT, ACK))
+    mine = [e for e in node.entries("confirmed") if e["dir"] == abi.CT_FORWARD and e["aport"] == cport]
+    assert [e["state"] for e in mine] == ["established"], node.entries("confirmed")
 
 
 def test_tcp_states_and_the_move_from_half_open_to_confirmed(make_node):
@@ -129,37 +152,39 @@ def test_tcp_states_and_the_move_from_half_open_to_confirmed(make_node):
     assert c["promoted"] == 1 and c["halfopen_inserted"] == 2 and c["halfopen_deleted"] == 2, c
 
 
-def test_a_syn_flood_evicts_only_half_open_flows(make_node):
-    """A full half-open map (8 × its size in spoofed SYNs) leaves confirmed flows, SNATed ones too,
-    where they are; a new connection after the flood completes and is confirmed."""
-    local, remote = make_node(LOCAL_POD), make_node(REMOTE_POD)
-    for node, be in ((local, LOCAL_POD), (remote, REMOTE_POD)):
-        handshake(node, 40001, be)
-        if be == REMOTE_POD:  # the SYN-ACK comes back to the SNAT port, on ingress
-            fwd = next(e for e in node.entries("halfopen") if e["dir"] == abi.CT_REVERSE)
-            rc, out = node.ingress(frame(REMOTE_POD, TARGET, NODE, fwd["bport"], SYN | ACK))
-            assert tuple_of(out) == (FRONTEND, NODE_PORT, CLIENT, 40001)
-            node.ingress(frame(CLIENT, 40001, FRONTEND, NODE_PORT, ACK))
-        before = node.entries("confirmed")
-        assert [e["state"] for e in before] == ["established"] * 2
-        cap = node.ct.halfopen.capacity
-        for i in range(8 * cap):
-            src = socket.inet_ntoa(struct.pack("!I", 0x0A000000 + i))
-            node.ingress(frame(src, 1024 + i % 60000, FRONTEND, NODE_PORT, SYN))
-        assert node.entries("confirmed") == before  # untouched
-        assert len(node.entries("halfopen")) <= cap
-        st = ConntrackCollector(node.ct).status()
-        assert st["counters"]["halfopen_inserted"] >= 16 * cap and st["halfopen_evicted"] >= 14 * cap, st
-        # the established flow still goes through both ways
-        rc, out = node.ingress(frame(CLIENT, 40001, FRONTEND, NODE_PORT, ACK))
-        assert tuple_of(out)[2:] == (be, TARGET)
-        # and a new connection is confirmed
-        handshake(node, 40002, be)
+@pytest.mark.parametrize("backend", [LOCAL_POD, REMOTE_POD])
+def test_a_syn_flood_evicts_only_half_open_flows(make_node, backend):
+    """Spoofed SYNs 3 × the half-open map's size leave a confirmed flow (SNATed too) as it was, and
+    it goes through both ways after; a new connection is confirmed after the flood (for a remote
+    backend once the flood's half-open flows have been idle for a second: they hold every SNAT port)."""
+    node = make_node(backend)
+    connect(node, 40001, backend)
+    before = node.entries("confirmed")
+    cap = node.ct.halfopen.capacity
+    for i in range(3 * cap):
+        src = socket.inet_ntoa(struct.pack("!I", 0x0A000000 + i))
+        node.ingress(frame(src, 1024 + i % 60000, FRONTEND, NODE_PORT, SYN))
+    assert node.entries("confirmed") == before  # untouched
+    c = node.ct.counters()
+    # every SYN got a half-open flow (two entries) or, to a remote backend, found no SNAT port free
+    assert c["halfopen_inserted"] + 2 * c["snat_exhausted"] >= 6 * cap - 2, c
+    if backend == LOCAL_POD:
+        assert ConntrackCollector(node.ct).status()["halfopen_evicted"] >= 4 * cap
+    rc, out = node.ingress(frame(CLIENT, 40001, FRONTEND, NODE_PORT, ACK))
+    src, sport, dst, dport = tuple_of(out)
+    assert (dst, dport) == (backend, TARGET)
+    reply = (frame(LOCAL_POD, TARGET, CLIENT, 40001, ACK) if backend == LOCAL_POD
+             else frame(REMOTE_POD, TARGET, src, sport, ACK))
+    rc, out = (node.egress if backend == LOCAL_POD else node.ingress)(reply)
+    assert tuple_of(out) == (FRONTEND, NODE_PORT, CLIENT, 40001)
+    if backend == REMOTE_POD:
+        time.sleep(1.1)
+    connect(node, 40002, backend)
 
 
 def test_expired_entries_are_absent_and_the_collector_removes_them(make_node):
     node = make_node(lifetimes=Lifetimes(syn=0.3, close=0.3, other=0.3))
-    handshake(node, 40010)
+    connect(node, 40010, LOCAL_POD)
     node.ingress(frame(CLIENT, 40011, FRONTEND, NODE_PORT, SYN))  # a half-open flow
     node.ingress(frame(CLIENT, 40010, FRONTEND, NODE_PORT, RST | ACK))  # the first one ends
     assert sorted(e["state"] for e in node.entries("confirmed")) == ["closed"] * 2
@@ -200,7 +225,7 @@ def _hold_every_port(node: Node, last_seen: int, lifetime: int, halfopen: bool =
 
 
 def test_snat_port_held_while_its_flow_lives_and_returned_when_it_expires(make_node):
-    node = make_node(REMOTE_POD, Lifetimes(other=1.0), MapSizes(ct=8192, ct_halfopen=256), proto=socket.IPPROTO_UDP)
+    node = make_node(REMOTE_POD, proto=socket.IPPROTO_UDP)
     now = time.clock_gettime_ns(time.CLOCK_MONOTONIC)
     _hold_every_port(node, now, 1_000_000_000)  # live UDP flows hold every port toward this backend
     rc, _ = node.ingress(frame(CLIENT, 41000, FRONTEND, NODE_PORT, proto=socket.IPPROTO_UDP))
@@ -223,7 +248,7 @@ def test_snat_port_held_while_its_flow_lives_and_returned_when_it_expires(make_n
 def test_idle_half_open_flows_give_up_their_snat_port_only_when_none_is_free(make_node):
     """Every port held by half-open flows (a SYN flood's): while they are fresh a new flow finds
     none (exhaustion); once idle for 1 s one of them gives its port to the new flow."""
-    node = make_node(REMOTE_POD, Lifetimes(), MapSizes(ct=1024, ct_halfopen=8192))
+    node = make_node(REMOTE_POD)
     now = time.clock_gettime_ns(time.CLOCK_MONOTONIC)
     _hold_every_port(node, now, 60_000_000_000, halfopen=True)
     node.ingress(frame(CLIENT, 41100, FRONTEND, NODE_PORT, SYN))
@@ -235,3 +260,15 @@ def test_idle_half_open_flows_give_up_their_snat_port_only_when_none_is_free(mak
     rc, out = node.ingress(frame(REMOTE_POD, TARGET, NODE, sport, SYN | ACK))
     assert tuple_of(out) == (FRONTEND, NODE_PORT, CLIENT, 41100)
     assert len(node.entries("halfopen")) == abi.SNAT_PORT_MAX - abi.SNAT_PORT_MIN + 1 + 1  # replaced, + forward
+
+
+def test_a_second_node_address_takes_over_when_the_first_has_no_port_free(make_node):
+    node = make_node(REMOTE_POD, proto=socket.IPPROTO_UDP)
+    second = "198.18.1.11"
+    assert node.dp.set_snat_addresses([NODE, second, "fd00:18::11"]) == {"ipv4": NODE, "ipv6": "fd00:18::11"}
+    _hold_every_port(node, time.clock_gettime_ns(time.CLOCK_MONOTONIC), 60_000_000_000)  # NODE's, all live
+    rc, out = node.ingress(frame(CLIENT, 41200, FRONTEND, NODE_PORT, proto=socket.IPPROTO_UDP))
+    src, sport, dst, _ = tuple_of(out)
+    assert (src, dst) == (second, REMOTE_POD) and node.ct.counters()["snat_exhausted"] == 0
+    rc, out = node.ingress(frame(REMOTE_POD, TARGET, second, sport, proto=socket.IPPROTO_UDP))
+    assert tuple_of(out) == (FRONTEND, NODE_PORT, CLIENT, 41200)

@@ -11,6 +11,7 @@ core whatever the size). Its totals are added into the pinned stats map, so they
 from __future__ import annotations
 
 import logging
+import os
 import threading
 import time
 from dataclasses import dataclass, field
@@ -58,6 +59,20 @@ def set_snat_addresses(snat: RawMap, addresses: list[str]) -> dict[str, str]:
             value = addr16(mine[i % len(mine)]) if mine else bytes(16)
             bpfsys.update_elem(snat.fd, (base + i).to_bytes(4, "little"), value, snat.name)
     return chosen
+
+
+def remove_obsolete_pins(pin_dir: str) -> list[str]:
+    """Unpin the maps an older agent pinned whose layout v2 replaced (their memory is the kernel's
+    until unpinned; no program of this version uses them). Returns the names removed."""
+    gone = []
+    for name in abi.NP_OBSOLETE_MAPS:
+        path = os.path.join(pin_dir, name)
+        if os.path.exists(path):
+            os.unlink(path)
+            gone.append(name)
+    if gone:
+        log.info("removed obsolete conntrack pins maps=%s", gone)
+    return gone
 
 
 @dataclass

@@ -12,7 +12,7 @@ import logging
 from ..model.maglev import DEFAULT_TABLE_SIZE
 from . import abi
 from .attach import TC_EGRESS, TC_INGRESS, attach_tc
-from .conntrack import ConntrackMaps, Lifetimes, set_snat_addresses
+from .conntrack import ConntrackMaps, Lifetimes, remove_obsolete_pins, set_snat_addresses
 from .datapath import NorthSouthMaps
 from .loader import MapSizes, ProgramSpec, load
 from .maps import MaglevMap
@@ -35,6 +35,7 @@ class NodePortDatapath:
                  lifetimes: Lifetimes = Lifetimes()):
         self.maglev_size = maglev_size
         self.loaded = load(spec(sizes, maglev_size, lifetimes), pin_dir)
+        remove_obsolete_pins(pin_dir)
         m = self.loaded.maps
         self.snat, self.stats = m[abi.NP_SNAT_MAP], m[abi.NP_STATS_MAP]
         self.conntrack = ConntrackMaps(m[abi.CT_MAP], m[abi.CT_HALFOPEN_MAP], m[abi.CT_STATS_MAP], lifetimes)
