@@ -30,8 +30,10 @@ def test_half_open_evictions_are_what_no_one_else_removed():
 def test_pins_of_the_v1_layout_are_removed_and_nothing_else(tmp_path):
     from agent.datapath.conntrack import remove_obsolete_pins
 
-    for name in ("nodewire_ct_v1", "nodewire_np_snat_v1", "nodewire_ct_v2", "nodewire_np_services_v1"):
+    for name in ("nodewire_ct_v1", "nodewire_np_snat_v1", "nodewire_np_stats_v1", "nodewire_ct_v2",
+                 "nodewire_np_services_v1", "nodewire_np_stats_v2"):
         (tmp_path / name).write_text("")
-    assert sorted(remove_obsolete_pins(str(tmp_path))) == ["nodewire_ct_v1", "nodewire_np_snat_v1"]
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["nodewire_ct_v2", "nodewire_np_services_v1"]
+    assert sorted(remove_obsolete_pins(str(tmp_path))) == ["nodewire_ct_v1", "nodewire_np_snat_v1", "nodewire_np_stats_v1"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["nodewire_ct_v2", "nodewire_np_services_v1",
+                                                          "nodewire_np_stats_v2"]
     assert remove_obsolete_pins(str(tmp_path)) == []

@@ -44,7 +44,8 @@ NP_MAGLEV_MAP = "nodewire_np_maglev_v1"
 CT_MAP = "nodewire_ct_v2"                    # conntrack of confirmed flows (lib/ct.h)
 CT_HALFOPEN_MAP = "nodewire_ct_halfopen_v2"  # flows not yet confirmed both ways (a flood lands here)
 CT_STATS_MAP = "nodewire_ct_stats_v2"
-NP_OBSOLETE_MAPS = ("nodewire_ct_v1", "nodewire_np_snat_v1")  # replaced by the v2 layouts: unpinned at start
+NP_OBSOLETE_MAPS = ("nodewire_ct_v1", "nodewire_np_snat_v1",  # replaced by the v2 layouts: unpinned at start
+                    "nodewire_np_stats_v1")
 NP_MAPS = (NP_SERVICES_MAP, NP_BACKENDS_MAP, NP_POLICY_MAP, NP_LOCAL_MAP, NP_RANGES_MAP, NP_AFFINITY_MAP,
            NP_SNAT_MAP, NP_STATS_MAP, NP_MAGLEV_MAP, CT_MAP, CT_HALFOPEN_MAP, CT_STATS_MAP)
 
