@@ -93,3 +93,14 @@ def test_a_part_that_is_not_ready_holds_readyz(agent_parts):
     threading.Thread(target=agent.run, daemon=True).start()
     wait_for(lambda: agent.first_sync, 20, what="the first full sync")
     assert agent.ready() == (False, "stale since start")
+
+
+def test_the_config_picks_the_parts_and_their_start_order(tmp_path):
+    from agent.components import build
+
+    lb_only = AgentConfig(manifests=str(tmp_path), observe=False, rdma=False, check_interval=0)
+    assert [p.name for p in build(lb_only)] == ["socket_lb", "privileges", "manifests", "telemetry", "cni", "local_api"]
+    full = AgentConfig(kube=True, devices=("auto",))
+    assert [p.name for p in build(full)] == [
+        "socket_lb", "privileges", "northsouth", "health", "conntrack", "kube", "telemetry", "drift_check",
+        "observer", "cni", "rdma", "local_api"]

@@ -1,6 +1,8 @@
 """The planner without root: clashes, capacity, the slot diff, refusal summaries, restoring ids."""
 from __future__ import annotations
 
+import socket
+
 import numpy as np
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -227,3 +229,21 @@ def test_distinct_keys_are_found_exactly_even_when_hashes_collide(monkeypatch):
     monkeypatch.setattr(desired_mod, "key_hash", lambda keys: np.zeros(len(keys), np.uint64))
     first, inverse = desired_mod.unique_keys(_keys([5, 3, 5, 7, 3]))
     assert inverse.tolist() == [0, 1, 0, 2, 1] and first.tolist() == [0, 1, 3]
+
+
+def test_a_service_new_to_the_registry_claiming_an_unowned_frontend_does_not_hide_anothers_removal():
+    """After a failed write the registry holds b's half-written frontend owned by none; when b comes
+    again beside a (which drops one of its frontends), a's dropped frontend still goes (a new Service's
+    claim on an unowned frontend was counted as a's own, so nothing was looked for)."""
+    d = MapsDouble(64, 32)
+    a, b, c = (ObjectKey("default", n) for n in "abc")
+    fe = lambda svc, vip, ip: Frontend(vip, 80, "TCP", svc, "", (Backend(ip, 8080, "TCP"),))  # noqa: E731
+    rec = Reconciler(d.services, d.backends)
+    rec.apply({a: [fe(a, "10.96.0.1", "10.0.0.1"), fe(a, "10.96.0.2", "10.0.0.1")], c: [fe(c, "10.96.0.4", "10.0.0.4")]})
+    d.backends.fail_after = d.backends.syscalls + 1  # b goes in, c's frontend goes, its backend's delete fails
+    assert rec.apply({b: [fe(b, "10.96.0.3", "10.0.0.3")], c: []}).write_error
+    d.backends.fail_after = None
+    res = rec.apply({a: [fe(a, "10.96.0.1", "10.0.0.1")], b: [fe(b, "10.96.0.3", "10.0.0.3")]})
+    assert res.errors == []
+    vips = sorted(socket.inet_ntop(socket.AF_INET6, k[0]) for k in d.frontends())
+    assert vips == ["::ffff:10.96.0.1", "::ffff:10.96.0.3"]

@@ -30,10 +30,13 @@ class Component:
 
     name = ""
 
-    @staticmethod
-    def enabled(cfg: "AgentConfig") -> bool:
-        """Whether the config asks for this part (checked once, when the agent is built)."""
-        return True
+    enabled_by = ""  # the config key whose truth turns this part on ("": always on)
+
+    @classmethod
+    def enabled(cls, cfg: "AgentConfig") -> bool:
+        """Whether the config asks for this part (checked once, when the agent is built); override it
+        when one key's truth is not the rule."""
+        return bool(getattr(cfg, cls.enabled_by)) if cls.enabled_by else True
 
     def prepare(self, ctx: "Context") -> None:
         """Checks that must fail before the datapath is touched (credentials, files)."""

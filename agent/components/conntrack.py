@@ -7,10 +7,7 @@ from .base import Component, Context
 
 class Conntrack(Component):
     name = "conntrack"
-
-    @staticmethod
-    def enabled(cfg) -> bool:
-        return bool(cfg.devices)
+    enabled_by = "devices"
 
     def __init__(self) -> None:
         self.collector = None  # datapath.conntrack.ConntrackCollector

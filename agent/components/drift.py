@@ -14,9 +14,9 @@ log = logging.getLogger("nodewire.agent")
 class DriftCheck(Component):
     name = "drift_check"
 
-    @staticmethod
-    def enabled(cfg) -> bool:
-        return cfg.check_interval > 0
+    @classmethod
+    def enabled(cls, cfg) -> bool:
+        return cfg.check_interval > 0  # 0 (or below) turns it off
 
     def __init__(self) -> None:
         self.check = None  # datapath.check.PeriodicCheck

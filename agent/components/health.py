@@ -8,10 +8,7 @@ from .base import Component, Context
 
 class HealthServers(Component):
     name = "health"
-
-    @staticmethod
-    def enabled(cfg) -> bool:
-        return bool(cfg.devices)
+    enabled_by = "devices"
 
     def __init__(self) -> None:
         self.health = None  # export.lbhealth.LBHealth

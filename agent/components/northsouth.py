@@ -8,10 +8,7 @@ from .base import Component, Context
 
 class NorthSouth(Component):
     name = "northsouth"
-
-    @staticmethod
-    def enabled(cfg) -> bool:
-        return bool(cfg.devices)
+    enabled_by = "devices"
 
     def __init__(self) -> None:
         self.service = None  # agent.northsouth.NorthSouthService

@@ -9,11 +9,8 @@ from .base import Context, OptionalComponent
 
 class Observer(OptionalComponent):
     name = "observer"
+    enabled_by = "observe"
     without = "running without observability"
-
-    @staticmethod
-    def enabled(cfg) -> bool:
-        return cfg.observe
 
     def __init__(self) -> None:
         self.observer = None

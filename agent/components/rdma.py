@@ -7,10 +7,7 @@ from .base import Context, OptionalComponent
 
 class Rdma(OptionalComponent):
     name = "rdma"
-
-    @staticmethod
-    def enabled(cfg) -> bool:
-        return cfg.rdma
+    enabled_by = "rdma"
 
     def __init__(self) -> None:
         self.service = None

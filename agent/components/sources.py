@@ -11,8 +11,8 @@ from .base import Component, Context
 class Manifests(Component):
     name = "manifests"
 
-    @staticmethod
-    def enabled(cfg) -> bool:
+    @classmethod
+    def enabled(cls, cfg) -> bool:
         return cfg.manifests is not None
 
     def __init__(self) -> None:
@@ -49,10 +49,7 @@ class Manifests(Component):
 
 class Kube(Component):
     name = "kube"
-
-    @staticmethod
-    def enabled(cfg) -> bool:
-        return cfg.kube
+    enabled_by = "kube"
 
     def __init__(self) -> None:
         self.source = None  # sources.kube.KubeSource

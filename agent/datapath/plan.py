@@ -388,7 +388,8 @@ def _unclaimed(reg: IdRegistry, d: Desired, a_svc: np.ndarray, kept: np.ndarray,
     idx = d.svc_idx[~refused]
     idx = idx[idx >= 0]
     if not sweep:  # nothing to look for when each Service still lists every frontend it owns
-        mine = kept[(kept > 0) & (fe.owner[kept] == d.svc_idx[a_svc])]
+        owner = fe.owner[kept]  # (-1: restored, owned by none: not "mine" for a Service new to the registry)
+        mine = kept[(kept > 0) & (owner >= 0) & (owner == d.svc_idx[a_svc])]
         if (idx < len(reg.owned_count)).all() and int(reg.owned_count[idx].sum()) == len(mine):
             return np.zeros(0, np.uint32)
     candidates = fe.live & np.isin(fe.owner, idx)
