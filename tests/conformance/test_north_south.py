@@ -8,6 +8,7 @@ Service (its own node port / VIP), so rows do not interfere; the agents share on
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import signal
 import sys
@@ -61,13 +62,16 @@ class Env:
         return self.client.python(code, timeout=60).strip()
 
 
-@pytest.fixture(scope="module")
-def env(tmp_path_factory):
-    d = tmp_path_factory.mktemp("northsouth")
+@contextlib.contextmanager
+def two_nodes(d: Path, setup=None):
+    """The sandbox of this module: pods a1 (node 1) and b1 (node 2) serving TCP, UDP and echo, an agent
+    per node on its eth0. setup(sb), when given, runs before the agents start (other modules' extras)."""
     with MultiNodeSandbox(2) as sb:
         n1, n2 = sb.nodes
         for node, name in ((n1, "a1"), (n2, "b1")):
             sb.add_pod(node, name).serve(tcp_ports=[TCP_PORT], udp_ports=[UDP_PORT], echo_ports=[ECHO_PORT])
+        if setup:
+            setup(sb)
         agents = [AgentProcess(d, n.cgroup, n.pin_dir, prefix=n.nsenter([]),
                                extra=["--node-name", n.name, "--devices", "eth0", "--no-observe", "--no-rdma"])
                   for n in sb.nodes]
@@ -78,6 +82,12 @@ def env(tmp_path_factory):
         finally:
             for a in agents:
                 a.cleanup()
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory):
+    with two_nodes(tmp_path_factory.mktemp("northsouth")) as e:
+        yield e
 
 
 # -- builders -------------------------------------------------------------------------------------

@@ -9,26 +9,23 @@ answer ICMP errors without rate limit, and reject chosen TCP ports with ICMP (nf
 """
 from __future__ import annotations
 
-import errno
 import ipaddress
 import json
 import struct
 import subprocess
 import sys
-import time
-from pathlib import Path
 
 import pytest
 
 from nodewire_dev.sandbox.cluster import _ip_batch
 from nodewire_dev.sandbox.multinode import MultiNodeSandbox
-from tests.conformance.test_north_south import Env
-from tests.conftest import AgentProcess, wait_for
+from tests.conformance.test_north_south import ECHO_PORT, UDP_PORT, Env, two_nodes  # what two_nodes' pods serve
+from tests.conftest import wait_for
 from tests.manifests import endpoint_slice, service
 
 pytestmark = pytest.mark.root
 
-UDP_PORT, ECHO_PORT, CLOSED_UDP = 5353, 7000, 5999
+CLOSED_UDP = 5999
 REJECT_PORTS = {"port": 8091, "host": 8092}  # TCP ports the pods reject with ICMP port / host unreachable
 HOP_MTU = 1280
 POD_RULES = """table inet nwtest {
@@ -58,26 +55,17 @@ def _pod_setup(sb: MultiNodeSandbox, pod) -> None:
     subprocess.run(["ip", "netns", "exec", pod.netns, "nft", "-f", "-"], input=POD_RULES, text=True, check=True)
 
 
+def _setup(sb: MultiNodeSandbox) -> None:
+    for node in sb.nodes:
+        for pod in node.pods.values():
+            _pod_setup(sb, pod)
+    _hop(sb)
+
+
 @pytest.fixture(scope="module")
 def env(tmp_path_factory):
-    d = tmp_path_factory.mktemp("northsouth-icmp")
-    with MultiNodeSandbox(2) as sb:
-        n1, n2 = sb.nodes
-        for node, name in ((n1, "a1"), (n2, "b1")):
-            pod = sb.add_pod(node, name)
-            pod.serve(udp_ports=[UDP_PORT], echo_ports=[ECHO_PORT])
-            _pod_setup(sb, pod)
-        _hop(sb)
-        agents = [AgentProcess(d, n.cgroup, n.pin_dir, prefix=n.nsenter([]),
-                               extra=["--node-name", n.name, "--devices", "eth0", "--no-observe", "--no-rdma"])
-                  for n in sb.nodes]
-        try:
-            for a in agents:
-                a.start()
-            yield Env(sb, agents, d)
-        finally:
-            for a in agents:
-                a.cleanup()
+    with two_nodes(tmp_path_factory.mktemp("northsouth-icmp"), setup=_setup) as e:
+        yield e
 
 
 _ports = iter(range(31000, 31500))
