@@ -10,6 +10,7 @@ rewrites come back in the output frame; the conntrack maps are read from their p
 from __future__ import annotations
 
 import secrets
+import shutil
 import socket
 import struct
 import time
@@ -22,6 +23,7 @@ from agent.datapath.conntrack import ConntrackCollector, Lifetimes
 from agent.datapath.loader import MapSizes, ensure_mounts, remove_pins
 from agent.datapath.maps import addr16, addr_str, pack_rows, port_be
 from agent.datapath.nodeport import NodePortDatapath
+from agent.paths import state_dir_for
 
 pytestmark = pytest.mark.root
 
@@ -60,6 +62,7 @@ def _programs():
         pin = dp.loaded.pin_dir
         dp.close()
         remove_pins(pin)
+        shutil.rmtree(state_dir_for(pin), ignore_errors=True)
     _LOADED.clear()
 
 

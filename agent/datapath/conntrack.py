@@ -7,6 +7,8 @@ SNAT ports in use). It reads each map a chunk at a time (BPF_MAP_LOOKUP_BATCH) a
 expired keys of each chunk in one BPF_MAP_DELETE_BATCH, as Cilium's CT GC walks its maps. Its
 interval shortens as the maps fill and is never less than 100 times its own last run (≤ 1 % of a
 core whatever the size). Its totals are added into the pinned stats map, so they survive restarts.
+A key read as expired and rewritten by the datapath for a new flow before the chunk's delete lands
+is deleted with it (as in Cilium's GC): that flow's next packet finds no entry and is balanced anew.
 """
 from __future__ import annotations
 

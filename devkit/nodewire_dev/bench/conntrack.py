@@ -9,12 +9,14 @@ interval the collector picks after it, and the share of one core that makes (CPU
 from __future__ import annotations
 
 import secrets
+import shutil
 import time
 
 import click
 import numpy as np
 
 from agent.output import render
+from agent.paths import state_dir_for
 
 CHUNK = 1 << 16
 
@@ -67,6 +69,7 @@ def run_one(n: int, expired: float, fill: float) -> dict:
     finally:
         dp.close()
         remove_pins(pin)
+        shutil.rmtree(state_dir_for(pin), ignore_errors=True)
 
 
 def table(rows: list[dict]) -> str:
