@@ -27,6 +27,7 @@ from typing import Any, Callable
 import yaml
 
 from ..model.objects import EndpointSlice, Node, ObjectError, ObjectKey, Pod, Service
+from ..model import decode
 from ..model.parse import PARSERS, InvalidObject
 from .. import memory
 from ..state import ClusterState
@@ -170,8 +171,9 @@ class ParsedFile:
 def parse_file(path: Path, text: str) -> ParsedFile:
     """The objects of one file, keyed by (kind, key). Raises FileError when the file as a whole
     cannot be decoded."""
+    fast = decode.documents(text) if path.suffix == ".json" else None
     try:
-        docs = [i for d in _documents(path, text) for i in _expand(d)]
+        docs = fast if fast is not None else [i for d in _documents(path, text) for i in _expand(d)]
     except (yaml.YAMLError, json.JSONDecodeError) as e:
         line = getattr(getattr(e, "problem_mark", None), "line", None)
         where = f"line {line + 1}" if line is not None else getattr(e, "msg", "syntax")
