@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from ..instruments import COUNTER, GAUGE, register
 from . import abi, bpfsys
 from .maps import RawMap, addr16
 
@@ -229,6 +230,18 @@ def halfopen_evicted(counters: dict[str, int], present: int) -> int:
     return max(0, counters["halfopen_inserted"] - gone)
 
 
+# Collector and datapath counters exported as they are: metric name → (status key, description).
+COUNTERS = {
+    "nodewire.conntrack.collections": ("collections", "Collector passes over the conntrack maps"),
+    "nodewire.conntrack.collected": ("collected", "Expired confirmed entries the collector removed"),
+    "nodewire.conntrack.halfopen.collected": ("collected_halfopen", "Expired half-open entries removed"),
+    "nodewire.conntrack.halfopen.inserted": ("halfopen_inserted", "Entries of new flows (half-open)"),
+    "nodewire.conntrack.promoted": ("promoted", "Flows confirmed both ways (moved out of half-open)"),
+    "nodewire.conntrack.snat.exhausted": ("snat_exhausted", "New flows dropped: no SNAT port free"),
+    "nodewire.conntrack.snat.reused": ("snat_reused", "SNAT ports taken back from expired or idle half-open flows"),
+}
+
+
 def register_conntrack_metrics(meter, collector: ConntrackCollector) -> None:
     from opentelemetry.metrics import Observation
 
@@ -242,36 +255,25 @@ def register_conntrack_metrics(meter, collector: ConntrackCollector) -> None:
     def from_status(fn):
         return lambda _o: fn(current())
 
-    meter.create_observable_gauge(
-        "nodewire.conntrack.entries", unit="1", description="North-south conntrack entries by map and state",
-        callbacks=[from_status(lambda st: [Observation(n, {"map": m}) for m, n in st["entries"].items()])])
-    meter.create_observable_gauge(
-        "nodewire.conntrack.states", unit="1", description="Live north-south conntrack entries by TCP state",
-        callbacks=[from_status(lambda st: [Observation(n, {"state": s}) for s, n in st["states"].items()])])
-    meter.create_observable_gauge(
-        "nodewire.conntrack.capacity", unit="1", description="Capacity of each conntrack map",
-        callbacks=[from_status(lambda st: [Observation(n, {"map": m}) for m, n in st["capacity"].items()])])
-    counters = {
-        "nodewire.conntrack.collections": ("collections", "Collector passes over the conntrack maps"),
-        "nodewire.conntrack.collected": ("collected", "Expired confirmed entries the collector removed"),
-        "nodewire.conntrack.halfopen.collected": ("collected_halfopen", "Expired half-open entries removed"),
-        "nodewire.conntrack.halfopen.inserted": ("halfopen_inserted", "Entries of new flows (half-open)"),
-        "nodewire.conntrack.promoted": ("promoted", "Flows confirmed both ways (moved out of half-open)"),
-        "nodewire.conntrack.snat.exhausted": ("snat_exhausted", "New flows dropped: no SNAT port free"),
-        "nodewire.conntrack.snat.reused": ("snat_reused", "SNAT ports taken back from expired or idle half-open flows"),
-    }
-    for name, (key, desc) in counters.items():
-        meter.create_observable_counter(name, unit="1", description=desc, callbacks=[
-            from_status(lambda st, key=key: [Observation(st["counters"][key])])])
-    meter.create_observable_counter(
-        "nodewire.conntrack.halfopen.evicted", unit="1", description="Half-open entries pushed out by new ones",
-        callbacks=[from_status(lambda st: [Observation(st["halfopen_evicted"])])])
-    meter.create_observable_counter(
-        "nodewire.conntrack.collection.time", unit="s", description="Time spent collecting, in total",
-        callbacks=[from_status(lambda st: [Observation(st["counters"]["collect_ns"] / 1e9)])])
-    meter.create_observable_gauge(
-        "nodewire.conntrack.collection.last_duration", unit="s", description="Duration of the last collection",
-        callbacks=[from_status(lambda st: [Observation(st["collector"]["last_seconds"])])])
-    meter.create_observable_gauge(
-        "nodewire.conntrack.snat.ports_in_use", unit="1", description="SNAT ports held by live flows",
-        callbacks=[from_status(lambda st: [Observation(st["snat_ports_in_use"])])])
+    def labelled(field: str, label: str):
+        return from_status(lambda st: [Observation(n, {label: k}) for k, n in st[field].items()])
+
+    def count(key: str):
+        return from_status(lambda st: [Observation(st["counters"][key])])
+
+    register(meter, [
+        (GAUGE, "nodewire.conntrack.entries", "1", "North-south conntrack entries by map and state",
+         labelled("entries", "map")),
+        (GAUGE, "nodewire.conntrack.states", "1", "Live north-south conntrack entries by TCP state",
+         labelled("states", "state")),
+        (GAUGE, "nodewire.conntrack.capacity", "1", "Capacity of each conntrack map", labelled("capacity", "map")),
+        *((COUNTER, name, "1", desc, count(key)) for name, (key, desc) in COUNTERS.items()),
+        (COUNTER, "nodewire.conntrack.halfopen.evicted", "1", "Half-open entries pushed out by new ones",
+         from_status(lambda st: [Observation(st["halfopen_evicted"])])),
+        (COUNTER, "nodewire.conntrack.collection.time", "s", "Time spent collecting, in total",
+         from_status(lambda st: [Observation(st["counters"]["collect_ns"] / 1e9)])),
+        (GAUGE, "nodewire.conntrack.collection.last_duration", "s", "Duration of the last collection",
+         from_status(lambda st: [Observation(st["collector"]["last_seconds"])])),
+        (GAUGE, "nodewire.conntrack.snat.ports_in_use", "1", "SNAT ports held by live flows",
+         from_status(lambda st: [Observation(st["snat_ports_in_use"])])),
+    ])

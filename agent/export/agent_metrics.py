@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from typing import Callable, Protocol
 
+from ..instruments import COUNTER, GAUGE, register
 from ..status import Counters, MapFill, SyncInfo
 
 
@@ -28,24 +29,15 @@ def register_agent_metrics(meter, agent: AgentView) -> None:
     def one(value: Callable[[], float]):
         return lambda _o: [Observation(value())]
 
-    meter.create_observable_gauge(
-        "nodewire.map.entries", unit="1", description="Entries in each service-datapath map",
-        callbacks=[per_map(lambda m: m.entries)])
-    meter.create_observable_gauge(
-        "nodewire.map.capacity", unit="1", description="Capacity (max_entries) of each map",
-        callbacks=[per_map(lambda m: m.capacity)])
-    meter.create_observable_counter(
-        "nodewire.sync.runs", unit="1", description="Reconciler runs",
-        callbacks=[one(lambda: agent.counters.syncs)])
-    meter.create_observable_counter(
-        "nodewire.sync.errors", unit="1", description="Services refused by the reconciler (full map, clash)",
-        callbacks=[one(lambda: agent.counters.sync_errors)])
-    meter.create_observable_counter(
-        "nodewire.object.errors", unit="1", description="Objects rejected by validation",
-        callbacks=[one(lambda: agent.counters.object_errors)])
-    meter.create_observable_gauge(
-        "nodewire.sync.last_duration", unit="s", description="Duration of the last reconciler run",
-        callbacks=[one(lambda: agent.last_sync.seconds if agent.last_sync else 0.0)])
-    meter.create_observable_gauge(
-        "nodewire.services", unit="1", description="Services in the datapath",
-        callbacks=[one(agent.service_count)])
+    register(meter, [
+        (GAUGE, "nodewire.map.entries", "1", "Entries in each service-datapath map", per_map(lambda m: m.entries)),
+        (GAUGE, "nodewire.map.capacity", "1", "Capacity (max_entries) of each map", per_map(lambda m: m.capacity)),
+        (COUNTER, "nodewire.sync.runs", "1", "Reconciler runs", one(lambda: agent.counters.syncs)),
+        (COUNTER, "nodewire.sync.errors", "1", "Services refused by the reconciler (full map, clash)",
+         one(lambda: agent.counters.sync_errors)),
+        (COUNTER, "nodewire.object.errors", "1", "Objects rejected by validation",
+         one(lambda: agent.counters.object_errors)),
+        (GAUGE, "nodewire.sync.last_duration", "s", "Duration of the last reconciler run",
+         one(lambda: agent.last_sync.seconds if agent.last_sync else 0.0)),
+        (GAUGE, "nodewire.services", "1", "Services in the datapath", one(agent.service_count)),
+    ])

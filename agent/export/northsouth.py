@@ -11,6 +11,8 @@ from __future__ import annotations
 
 from typing import Protocol
 
+from ..instruments import COUNTER, GAUGE, register
+
 
 class NorthSouthView(Protocol):
     """What these metrics read (agent/northsouth.py NorthSouthService)."""
@@ -29,19 +31,16 @@ def register_northsouth_metrics(meter, ns: NorthSouthView) -> None:
         v6 = sum(":" in a for a in addrs)
         return [Observation(len(addrs) - v6, {"family": "ipv4"}), Observation(v6, {"family": "ipv6"})]
 
-    meter.create_observable_counter(
-        "nodewire.northsouth.packets", unit="{packet}",
-        description="Packets on the node devices by what the tc datapath did with them (outcome: local/remote "
-                    "= new flow to a backend on this node / elsewhere, reply, established, reject, drop_* by reason)",
-        callbacks=[lambda _o: [Observation(n, {"outcome": k}) for k, n in ns.packet_counters().items()]])
-    meter.create_observable_gauge(
-        "nodewire.northsouth.devices", unit="1", description="Node devices the tc programs are attached to",
-        callbacks=[lambda _o: [Observation(len(ns.device_names()))]])
-    meter.create_observable_gauge(
-        "nodewire.northsouth.node_addresses", unit="1",
-        description="Node addresses on those devices (NodePort frontends: each × every node port)",
-        callbacks=[families])
-    meter.create_observable_counter(
-        "nodewire.northsouth.address_changes", unit="1",
-        description="Changes of the node's devices or addresses followed over netlink",
-        callbacks=[lambda _o: [Observation(ns.address_changes())]])
+    register(meter, [
+        (COUNTER, "nodewire.northsouth.packets", "{packet}",
+         "Packets on the node devices by what the tc datapath did with them (outcome: local/remote "
+         "= new flow to a backend on this node / elsewhere, reply, established, reject, drop_* by reason)",
+         lambda _o: [Observation(n, {"outcome": k}) for k, n in ns.packet_counters().items()]),
+        (GAUGE, "nodewire.northsouth.devices", "1", "Node devices the tc programs are attached to",
+         lambda _o: [Observation(len(ns.device_names()))]),
+        (GAUGE, "nodewire.northsouth.node_addresses", "1",
+         "Node addresses on those devices (NodePort frontends: each × every node port)", families),
+        (COUNTER, "nodewire.northsouth.address_changes", "1",
+         "Changes of the node's devices or addresses followed over netlink",
+         lambda _o: [Observation(ns.address_changes())]),
+    ])
