@@ -125,23 +125,11 @@ def _grow(f: _Fe, fe) -> int:
     return max(0, f.count - len(fe.slots[f.sid]) // 4) + (not fe.has_header[f.sid])
 
 
-def _build(services, svc_idx, fes: list[_Fe], fresh: dict, reg, caps: Capacities) -> WritePlan | None:
-    fe, be = reg.frontends, reg.backends
-    if (sum(_grow(f, fe) for f in fes) > caps.services.capacity - reg.svc_entries
-            or len(fresh) > caps.backends.capacity - be.count):
-        return None  # the vector planner refuses what does not fit
-    order = sorted(fresh, key=fresh.__getitem__)  # new ids in hash order, as desired.unique_keys gives
-    new_bids = be.reserve(len(order))
-    id_of = dict(zip(order, new_bids.tolist()))
-    new_fe = [f for f in fes if not f.sid]
-    new_sids = fe.reserve(len(new_fe))
-    for f, s in zip(new_fe, new_sids.tolist()):
-        f.new_sid = s
-    rows = _Rows()
-    heads, changed, entry_delta = [], [], 0
-    grown, diffed = [], []
+def _compare(fes: list[_Fe], fe) -> tuple[list, list, list, list, int]:
+    """Per frontend against what the kernel holds: headers to write, frontends whose record changes,
+    those whose slots are all new or differ (with the slots held), and the header entries gained."""
+    heads, changed, grown, diffed, entry_delta = [], [], [], [], 0
     for f in fes:
-        f.bids = [i or id_of[k] for i, k in zip(f.bids, f.bkeys)]
         old = f.sid
         sid = old or f.new_sid
         held = np.frombuffer(fe.slots[old], SLOT_DTYPE).tolist() if old else []
@@ -155,6 +143,25 @@ def _build(services, svc_idx, fes: list[_Fe], fresh: dict, reg, caps: Capacities
             changed.append((f, sid))
         if not slots_same:
             (grown if not held else diffed).append((f, sid, held))
+    return heads, changed, grown, diffed, entry_delta
+
+
+def _build(services, svc_idx, fes: list[_Fe], fresh: dict, reg, caps: Capacities) -> WritePlan | None:
+    fe, be = reg.frontends, reg.backends
+    if (sum(_grow(f, fe) for f in fes) > caps.services.capacity - reg.svc_entries
+            or len(fresh) > caps.backends.capacity - be.count):
+        return None  # the vector planner refuses what does not fit
+    order = sorted(fresh, key=fresh.__getitem__)  # new ids in hash order, as desired.unique_keys gives
+    new_bids = be.reserve(len(order))
+    id_of = dict(zip(order, new_bids.tolist()))
+    new_fe = [f for f in fes if not f.sid]
+    new_sids = fe.reserve(len(new_fe))
+    for f, s in zip(new_fe, new_sids.tolist()):
+        f.new_sid = s
+    for f in fes:
+        f.bids = [i or id_of[k] for i, k in zip(f.bids, f.bkeys)]
+    heads, changed, grown, diffed, entry_delta = _compare(fes, fe)
+    rows = _Rows()
     for f, sid, _ in grown:  # every slot of frontends the kernel holds none of yet, first
         entry_delta += rows.write(f, range(len(f.bids)))
         rows.gained += f.bids
