@@ -9,6 +9,8 @@ import numpy as np
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from agent.datapath.codec import KEY
+from agent.datapath.keyindex import key_hash
 from agent.datapath.maps import addr16, port_be
 from agent.datapath.plan import plan
 from agent.datapath.reconciler import Reconciler
@@ -102,3 +104,13 @@ def test_a_clash_or_a_full_map_is_left_to_the_vector_planner():
     too_big = frontends({b: [("10.96.0.2", 80, "TCP", POOL[:3], 0)]})  # 4 entries where 1 is free
     assert plan_small(too_big, rec.registry, rec.capacities) is None
     assert [r.kind for r in rec.apply(too_big).refusals] == ["map-full"]
+
+
+@settings(max_examples=50, deadline=None)
+@given(raw=st.lists(st.binary(min_size=20, max_size=20), min_size=1, max_size=8))
+def test_the_scalar_key_hash_is_the_vector_one(raw):
+    """key_hash takes the scalar path for up to 8 keys: the same 64-bit values as the vector path."""
+    keys = np.frombuffer(b"".join(raw), KEY)
+    padded = np.concatenate([keys, np.zeros(16, KEY)])  # > 8 keys: the vector path
+    assert key_hash(keys).tolist() == key_hash(padded)[:len(keys)].tolist()
+    assert key_hash(keys).dtype == np.uint64

@@ -19,23 +19,10 @@ import numpy as np
 from ..model.frontends import Frontend
 from .abi import PROTO_NUMBERS, SVC_F_AFFINITY
 from .codec import KEY, addr16
-from .keyindex import INVALID, NO_SLOT, SLOT_DTYPE, KeyIndex
+from .keyindex import INVALID, NO_SLOT, SLOT_DTYPE, KeyIndex, key_hash_one
 from .plan import MAX_BACKENDS_PER_FRONTEND, Capacities, FrontendWrite, Owners, WritePlan
 
 MAX_ROWS = 64  # frontends + backends of a plan this path takes; beyond, numpy's vector steps win
-_M64 = (1 << 64) - 1
-_U32 = np.dtype("<u4")
-
-
-def _hash(k: bytes) -> int:
-    """keyindex.key_hash of one 20-byte key, with Python ints (the same 64-bit value)."""
-    a, b, c = int.from_bytes(k[:8], "little"), int.from_bytes(k[8:16], "little"), int.from_bytes(k[16:], "little")
-    h = (a * 0x9E3779B97F4A7C15) & _M64
-    h ^= (b * 0xC2B2AE3D27D4EB4F) & _M64
-    h ^= (c * 0x165667B19E3779F9) & _M64
-    h ^= h >> 31
-    h = (h * 0xBF58476D1CE4E5B9) & _M64
-    return h ^ (h >> 29)
 
 
 def _ident(ip: str, port: int, proto: str) -> bytes:
@@ -96,7 +83,7 @@ def plan_small(changes: dict, reg, caps: Capacities) -> WritePlan | None:
     fe, be = reg.frontends, reg.backends
     hashes: set[int] = set()
     for f in fes:
-        h = _hash(f.key)
+        h = key_hash_one(f.key)
         if h in hashes or f.count > MAX_BACKENDS_PER_FRONTEND:
             return None  # a frontend listed twice (a clash in the batch), a hash shared, too many slots
         hashes.add(h)
@@ -108,7 +95,7 @@ def plan_small(changes: dict, reg, caps: Capacities) -> WritePlan | None:
     for f in fes:
         f.bids = []
         for k in f.bkeys:
-            h = _hash(k)
+            h = key_hash_one(k)
             if bhash.setdefault(h, k) != k:
                 return None
             i = _lookup(be, k, h)
