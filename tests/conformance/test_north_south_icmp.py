@@ -397,3 +397,39 @@ s.sendto(bytes.fromhex({pkt.hex()!r}), ({dst!r}, 0)); print("sent")
     wait_for(lambda: counters(env)["untranslatable"] == before["untranslatable"] + 1, 5, what="untranslatable counted")
     after = counters(env)
     assert after["fragment"] == before["fragment"] and after["local"] == before["local"], (before, after)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_local_backend_behind_a_smaller_mtu_the_nodes_frag_needed_reaches_the_client(env, family):
+    """Node 1's own bridge to a1 shrinks to 1280: the kernel forwarding the DNATed datagram answers
+    frag-needed / packet-too-big quoting the backend's address; translated on its way out, it
+    teaches the client the MTU of its external-IP flow. (An external IP the client has no path MTU
+    for yet: the node address already has 1280 from the rows above.)"""
+    ext = "198.51.100.77" if family == 4 else "2001:db8:6::77"
+    vip = "10.96.13.250" if family == 4 else "fd00:10:96::13:250"
+    s = service(f"ext-mtu{family}", [vip], port=80, protocol="UDP", target_port=UDP_PORT)
+    s["spec"].update(externalIPs=[ext], ipFamilies=[f"IPv{family}"])
+    a1 = env.pod("a1")
+    sl = endpoint_slice(f"ext-mtu{family}", [getattr(a1, f"ip{family}")], port=UDP_PORT, protocol="UDP")
+    sl["endpoints"][0]["nodeName"] = env.n1.name
+    env.apply(f"ext-mtu{family}.json", s, sl)
+    dont, mtu = (("socket.IPPROTO_IP, 10, 2", "socket.IPPROTO_IP, 14") if family == 4 else
+                 ("socket.IPPROTO_IPV6, 23, 2", "socket.IPPROTO_IPV6, 24"))
+    code = PRELUDE + f"""
+s = socket.socket(fam({ext!r}), socket.SOCK_DGRAM); s.settimeout(3)
+s.setsockopt({dont}); s.connect(({ext!r}, 80))
+out = {{}}
+try:
+    s.send(b"y" * 1400); out["big"] = s.recv(100).decode().strip()
+except OSError as e:
+    out["big"] = err(e)
+out["mtu"] = s.getsockopt({mtu})
+s.send(b"y" * 1000); out["small"] = s.recv(100).decode().strip()
+print(json.dumps(out))
+"""
+    link = ["ip", "-n", env.n1.netns, "link", "set", a1.host_veth, "mtu"]
+    subprocess.run([*link, str(HOP_MTU)], check=True)
+    try:
+        assert client(env, code) == {"big": "EMSGSIZE", "mtu": HOP_MTU, "small": "a1"}
+    finally:
+        subprocess.run([*link, "1500"], check=True)
