@@ -176,10 +176,20 @@ class IdRegistry:
         if len(self.owned_count) < len(self.services):
             self.owned_count = np.concatenate([self.owned_count,
                                                np.zeros(len(self.services) - len(self.owned_count), np.int32)])
+        if not len(sids):
+            return
         before = fe.owner[sids]
-        np.subtract.at(self.owned_count, before[before >= 0], 1)
         idx = np.asarray(idx, np.int32)
-        np.add.at(self.owned_count, idx[idx >= 0], 1)
+        if len(sids) <= 8:  # one change: item by item beats two ufunc.at calls
+            oc = self.owned_count
+            for b, i in zip(before.tolist(), idx.tolist()):
+                if b >= 0:
+                    oc[b] -= 1
+                if i >= 0:
+                    oc[i] += 1
+        else:
+            np.subtract.at(self.owned_count, before[before >= 0], 1)
+            np.add.at(self.owned_count, idx[idx >= 0], 1)
         fe.owner[sids] = idx
 
     def adopt_owners(self, old: "IdRegistry") -> None:
