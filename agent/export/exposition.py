@@ -10,12 +10,16 @@ sample). Only the producers' metrics go this way; the SDK instruments keep the l
 """
 from __future__ import annotations
 
+from functools import lru_cache
 from json import dumps
 from typing import Iterable
 
 from opentelemetry.exporter.prometheus._mapping import map_unit, sanitize_attribute, sanitize_full_name
 from opentelemetry.sdk.metrics.export import AggregationTemporality, Gauge, Histogram, Metric, Sum
-from prometheus_client.utils import floatToGoString
+from prometheus_client.utils import floatToGoString as _go_float
+
+# Bucket counts repeat (zeros, a full histogram's tail): formatting each once saves most of the cost.
+floatToGoString = lru_cache(maxsize=1 << 16)(_go_float)
 
 
 def _escape(v: str) -> str:
@@ -25,6 +29,19 @@ def _escape(v: str) -> str:
 def _value(v) -> str:
     """A label value as the exporter writes it (_check_value): strings as is, the rest as JSON."""
     return v if isinstance(v, str) else dumps(v, default=str)
+
+
+@lru_cache(maxsize=1 << 16, typed=True)  # typed: True, 1 and 1.0 are written differently
+def _label_cached(v) -> str:
+    return _escape(_value(v))
+
+
+def _label(v) -> str:
+    """A label value escaped for the text (namespaces, nodes, pod names repeat across series)."""
+    try:
+        return _label_cached(v)
+    except TypeError:  # unhashable (a list attribute)
+        return _escape(_value(v))
 
 
 def _kind(metric: Metric) -> str | None:
@@ -79,7 +96,7 @@ def render(metrics: Iterable[Metric]) -> str:
                 header = f"# HELP {name} {_escape(doc)}\n# TYPE {name} {kind}\n" + (f"# UNIT {name} {unit}\n" if unit else "")
                 fam = families[fid] = (header, name, [])
             lines = fam[2]
-            vals = [_escape(_value(v)) for _, v in items]
+            vals = [_label(v) for _, v in items]
             labels = ",".join(f'{k}="{vals[i]}"' for k, i in order)
             if kind != "histogram":
                 lines.append(f"{name}{'_total' if kind == 'counter' else ''}{{{labels}}} {floatToGoString(p.value)}\n"
