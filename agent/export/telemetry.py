@@ -9,7 +9,9 @@ values, so pre-aggregated log2 buckets would have to be replayed value by value,
 instrument never forgets an attribute set, so a deleted pod's series would live on. SDK 1.29 has no
 MetricProducer either. So the readers here accept *producers*: functions returning ready OTel
 `Metric` objects (cumulative sums, explicit-bucket histograms with the kernel's own bucket counts)
-that are merged into every collection before export — Prometheus and OTLP see the same data.
+that are merged into every collection before export — Prometheus and OTLP see the same data. An
+OpenMetrics scrape (what Prometheus asks for) writes the producers' metrics itself (exposition.py,
+the same text) instead of converting them to prometheus_client objects; it is the bulk of a scrape.
 
 Producers share one series cap (the agent's --max-series), so no source of series (observer, RDMA
 tracer) bypasses it. OTLP (HTTP/protobuf) is added when the standard OTEL_EXPORTER_OTLP_ENDPOINT or
@@ -38,13 +40,12 @@ from opentelemetry.sdk.metrics.export import (
 from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.util.instrumentation import InstrumentationScope
 from prometheus_client import REGISTRY
-
+from prometheus_client.exposition import MetricsHandler, choose_encoder, gzip_accepted
 from prometheus_client.openmetrics.exposition import generate_latest as openmetrics_latest
 
 from . import kubeproxy
 from .exposition import render as render_openmetrics
 from .histograms import cap_points, to_exponential, wants_exponential
-from prometheus_client.exposition import MetricsHandler, choose_encoder, gzip_accepted
 
 log = logging.getLogger("nodewire.export")
 
