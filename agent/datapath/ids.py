@@ -109,7 +109,8 @@ class IdRegistry:
                 fe.slots[s] = b
             o = p.owners
             idx = o.known_index.copy()
-            for s in np.unique(o.service_of[idx[o.service_of] < 0]).tolist():  # new owners
+            new = idx[o.service_of] < 0
+            for s in np.unique(o.service_of[new]).tolist() if new.any() else ():  # new owners
                 idx[s] = self.intern_service(o.services[s])
             self._set_owners(o.sids, idx[o.service_of])
             for s, n in zip(o.sids.tolist(), o.port_names):

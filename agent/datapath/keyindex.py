@@ -152,8 +152,9 @@ class KeyIndex:
         self.live[ids] = True
         self.count += len(ids)
         h = key_hash(self.keys[ids])
-        order = np.argsort(h, kind="stable")
-        h, ids = h[order], ids[order]
+        if len(ids) > 1:
+            order = np.argsort(h, kind="stable")
+            h, ids = h[order], ids[order]
         at = np.searchsorted(self._oh, h)
         self._oh = np.insert(self._oh, at, h)
         self._ohid = np.insert(self._ohid, at, ids)
