@@ -112,6 +112,8 @@ def _links(buf: bytes, seq: int, out: dict) -> bool:
                     stats = STATS4.unpack_from(buf, a + 4)
                 elif atype == IFLA_LINKINFO:
                     kind = _kind(buf, a + 4, a + alen)
+                    if kind != b"veth" or stats is not None:  # the kernel writes stats before linkinfo
+                        break
                 a += (alen + 3) & ~3
             if kind == b"veth" and name is not None and stats is not None:
                 out[name.decode()] = stats

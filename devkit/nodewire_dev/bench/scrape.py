@@ -136,10 +136,15 @@ def _measure(tree: str, netns: str, pods: int, peers: int, scrapes: int, profile
 
 
 def _veths(netns: str, pods: int) -> None:
-    subprocess.run(["ip", "netns", "add", netns], check=True)
-    batch = "".join(f"link add nws{i} type veth peer name nwp{i}\nlink set nws{i} up\nlink set nwp{i} up\n"
+    """N veth pairs: the node-side ends in netns (what the agent dumps), the pod-side ends in
+    netns + "p" (one namespace for all pods: only the node side matters here)."""
+    for ns in (netns, netns + "p"):
+        subprocess.run(["ip", "netns", "add", ns], check=True)
+    batch = "".join(f"link add nws{i} type veth peer name nwp{i} netns {netns}p\nlink set nws{i} up\n"
                     for i in range(pods))
     subprocess.run(["ip", "-n", netns, "-batch", "-"], input=batch, text=True, check=True)
+    subprocess.run(["ip", "-n", netns + "p", "-batch", "-"], text=True, check=True,
+                   input="".join(f"link set nwp{i} up\n" for i in range(pods)))
 
 
 def _tree_at(commit: str, where: str) -> str:
@@ -162,7 +167,8 @@ def run(pods: int, peers: int, scrapes: int, against: str | None, profile_dir: s
             rows.append({"which": "against" if tree != here else "this", "pods": pods,
                          **_measure(tree, netns, pods, peers, scrapes, prof)})
     finally:
-        subprocess.run(["ip", "netns", "del", netns], capture_output=True)
+        for ns in (netns, netns + "p"):
+            subprocess.run(["ip", "netns", "del", ns], capture_output=True)
         if against:
             subprocess.run(["git", "worktree", "remove", "--force", os.path.join(tmp, "against")],
                            cwd=here, capture_output=True)
