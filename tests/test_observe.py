@@ -451,6 +451,43 @@ def test_prometheus_scrapes_and_promtool_accepts_the_exposition(env):
     assert meta["nodewire_tcp_connect_duration_seconds"][0]["type"] == "histogram"
 
 
+def test_a_scrape_as_prometheus_asks_is_gzip_at_the_fast_level_and_the_same_text(env):
+    """OpenMetrics + gzip, as Prometheus sends it: the body is gzip compressed at level 1 (header
+    XFL = 4, RFC 1952 2.3.1; level 9 writes 2) and decodes to the exposition a plain scrape gives."""
+    import gzip
+    req = urllib.request.Request(f"http://127.0.0.1:{env['tel'].port}/metrics", headers={
+        "Accept": "application/openmetrics-text;version=1.0.0,text/plain;version=0.0.4;q=0.5,*/*;q=0.1",
+        "Accept-Encoding": "gzip"})
+    with urllib.request.urlopen(req, timeout=10) as r:
+        body, headers = r.read(), r.headers
+    assert headers["Content-Encoding"] == "gzip" and headers["Content-Type"].startswith("application/openmetrics-text")
+    assert body[:2] == b"\x1f\x8b" and body[8] == 4
+    text = gzip.decompress(body).decode()
+    assert text.endswith("# EOF\n") and 'k8s_pod_network_io_bytes_total{' in text
+
+
+def test_veth_counters_from_the_raw_dump_are_the_kernels(env):
+    """The observer's own netlink dump (agent/observe/linkdump.py) gives every veth of the node
+    namespace, and only veths, with the counters `ip -s link` reads just before and just after."""
+    import json
+    ns = env["sb"].node_netns
+
+    def ip_stats() -> dict:
+        out = json.loads(sh(ns, "ip", "-j", "-s", "link", "show", "type", "veth"))
+        return {link["ifname"]: {"transmit": (link["stats64"]["rx"]["packets"], link["stats64"]["rx"]["bytes"]),
+                                 "receive": (link["stats64"]["tx"]["packets"], link["stats64"]["tx"]["bytes"])}
+                for link in out}
+    before = ip_stats()
+    ours = env["obs"].links.read()
+    after = ip_stats()
+    assert set(ours) == set(before) == set(after)
+    for ifname, dirs in ours.items():  # a stray ARP probe may move a counter between the reads
+        for d, (packets, nbytes) in dirs.items():
+            assert before[ifname][d][0] <= packets <= after[ifname][d][0], (ifname, d)
+            assert before[ifname][d][1] <= nbytes <= after[ifname][d][1], (ifname, d)
+    assert {p.host_veth for p in env["pods"].values()} <= set(ours) and "br0" not in ours
+
+
 def test_otlp_receiver_gets_the_same_histogram_buckets(env):
     env["tel"].provider.force_flush()
     counts, total = hist(env, "connect", "a")  # no traffic in between: the kernel map is unchanged

@@ -109,7 +109,8 @@ class IdRegistry:
                 fe.slots[s] = b
             o = p.owners
             idx = o.known_index.copy()
-            for s in np.unique(o.service_of[idx[o.service_of] < 0]).tolist():  # new owners
+            new = idx[o.service_of] < 0
+            for s in np.unique(o.service_of[new]).tolist() if new.any() else ():  # new owners
                 idx[s] = self.intern_service(o.services[s])
             self._set_owners(o.sids, idx[o.service_of])
             for s, n in zip(o.sids.tolist(), o.port_names):
@@ -176,10 +177,20 @@ class IdRegistry:
         if len(self.owned_count) < len(self.services):
             self.owned_count = np.concatenate([self.owned_count,
                                                np.zeros(len(self.services) - len(self.owned_count), np.int32)])
+        if not len(sids):
+            return
         before = fe.owner[sids]
-        np.subtract.at(self.owned_count, before[before >= 0], 1)
         idx = np.asarray(idx, np.int32)
-        np.add.at(self.owned_count, idx[idx >= 0], 1)
+        if len(sids) <= 8:  # one change: item by item beats two ufunc.at calls
+            oc = self.owned_count
+            for b, i in zip(before.tolist(), idx.tolist()):
+                if b >= 0:
+                    oc[b] -= 1
+                if i >= 0:
+                    oc[i] += 1
+        else:
+            np.subtract.at(self.owned_count, before[before >= 0], 1)
+            np.add.at(self.owned_count, idx[idx >= 0], 1)
         fe.owner[sids] = idx
 
     def adopt_owners(self, old: "IdRegistry") -> None:

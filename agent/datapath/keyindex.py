@@ -16,8 +16,25 @@ INVALID = 0xFFFFFFFF    # … holds one pointing at a backend id the backend map
 SLOT_DTYPE = np.dtype("<u4")
 
 
+_M64 = (1 << 64) - 1
+
+
+def key_hash_one(k: bytes) -> int:
+    """key_hash of one 20-byte key with Python ints: the same 64-bit value, without ~10 numpy calls."""
+    a, b, c = int.from_bytes(k[:8], "little"), int.from_bytes(k[8:16], "little"), int.from_bytes(k[16:], "little")
+    h = (a * 0x9E3779B97F4A7C15) & _M64
+    h ^= (b * 0xC2B2AE3D27D4EB4F) & _M64
+    h ^= (c * 0x165667B19E3779F9) & _M64
+    h ^= h >> 31
+    h = (h * 0xBF58476D1CE4E5B9) & _M64
+    return h ^ (h >> 29)
+
+
 def key_hash(keys: np.ndarray) -> np.ndarray:
     """64-bit mix of each key (multiply-xorshift, as in splitmix64); equal keys, equal hashes."""
+    if len(keys) <= 8:  # a few keys (one change): scalar, the same values
+        raw, w = keys.tobytes(), keys.dtype.itemsize
+        return np.array([key_hash_one(raw[i:i + w]) for i in range(0, len(raw), w)], np.uint64)
     with np.errstate(over="ignore"):
         h = keys["a"] * np.uint64(0x9E3779B97F4A7C15)
         h ^= keys["b"] * np.uint64(0xC2B2AE3D27D4EB4F)
@@ -130,18 +147,26 @@ class KeyIndex:
         self._grow(top)
         self._next = max(self._next, top + 1)
         if len(self._free):
-            self._free = self._free[~np.isin(self._free, ids)]
+            self._free = self._unfree(ids)
         self.keys[ids] = keys.view(KEY) if keys.dtype != KEY else keys
         self.live[ids] = True
         self.count += len(ids)
         h = key_hash(self.keys[ids])
-        order = np.argsort(h, kind="stable")
-        h, ids = h[order], ids[order]
+        if len(ids) > 1:
+            order = np.argsort(h, kind="stable")
+            h, ids = h[order], ids[order]
         at = np.searchsorted(self._oh, h)
         self._oh = np.insert(self._oh, at, h)
         self._ohid = np.insert(self._ohid, at, ids)
         if len(self._oh) > self.MERGE_AT:
             self._merge()
+
+    def _unfree(self, ids: np.ndarray) -> np.ndarray:
+        """The free stack without ids; ids reserve() gave are its top: a slice, no set operation."""
+        f, n = self._free, len(ids)
+        if n <= len(f) and (f[len(f) - n:][::-1] == ids).all() and (n == len(f) or f[-n - 1] > f[-n]):
+            return f[:len(f) - n]
+        return f[~np.isin(f, ids)]
 
     def _merge(self) -> None:
         """The overlay into the large arrays, dropping removed entries (both sorted: linear)."""
@@ -156,11 +181,15 @@ class KeyIndex:
         """Release ids (for reuse, smallest first)."""
         if not len(ids):
             return
-        ids = np.unique(np.asarray(ids, np.uint32))
+        ids = np.unique(np.asarray(ids, np.uint32)) if len(ids) > 1 else np.asarray(ids, np.uint32)
         h = key_hash(self.keys[ids])
-        in_overlay = np.isin(ids, self._ohid)
-        if in_overlay.any():
+        if len(ids) <= 16:  # a few: one comparison matrix, not two set operations
+            eq = ids[:, None] == self._ohid[None, :]
+            in_overlay, keep = eq.any(1), ~eq.any(0)
+        else:
+            in_overlay = np.isin(ids, self._ohid)
             keep = ~np.isin(self._ohid, ids)
+        if in_overlay.any():
             self._oh, self._ohid = self._oh[keep], self._ohid[keep]
         rest, hr = ids[~in_overlay], h[~in_overlay]
         at = np.searchsorted(self._h, hr)
@@ -174,7 +203,8 @@ class KeyIndex:
         self.keys[ids] = 0
         self.live[ids] = False
         self.count -= len(ids)
-        self._free = np.sort(np.concatenate([self._free, ids]))[::-1].copy()
+        asc = self._free[::-1]  # descending: smallest on top; ids go in at their places
+        self._free = np.insert(asc, np.searchsorted(asc, ids), ids)[::-1].copy()
         if self._dead > max(self.MERGE_AT, len(self._h) // 4):
             self._merge()
 
@@ -196,8 +226,11 @@ class BackendTable(KeyIndex):
         if len(ids) > 4096:
             n = self.size
             self.refs[:n] += (delta * np.bincount(ids, minlength=n)[:n]).astype(np.int32)
-        elif len(ids):
+        elif len(ids) > 8:
             np.add.at(self.refs, ids, delta)
+        else:  # a few (one change): item by item beats a ufunc.at call
+            for i in ids.tolist():
+                self.refs[i] += delta
 
 
 def _set_slots(fe: "FrontendTable", sids: np.ndarray, slot_no: np.ndarray, bids: np.ndarray) -> None:
@@ -247,6 +280,8 @@ class FrontendTable(KeyIndex):
         self.port_name.extend([""] * grow)
 
     def remove(self, ids: np.ndarray) -> None:
+        if not len(ids):
+            return
         super().remove(ids)
         self.owner[ids] = -1
         self.has_header[ids] = False

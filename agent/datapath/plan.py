@@ -139,12 +139,12 @@ class WritePlan:
         ]
 
     @property
-    def written_count(self) -> int:
-        return sum(len(p) for p in self.phases() if p.op == "update")
+    def written_count(self) -> int:  # the "update" phases' rows (phases() would build six Phase records)
+        return len(self.new_backends["id"]) + len(self.slot_writes["slot"]) + len(self.header_writes["count"])
 
     @property
     def deleted_count(self) -> int:
-        return sum(len(p) for p in self.phases() if p.op == "delete")
+        return len(self.header_deletes["ident"]) + len(self.slot_deletes["slot"]) + len(self.backend_deletes["id"])
 
 
 

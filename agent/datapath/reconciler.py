@@ -19,6 +19,7 @@ from ..model.frontends import Frontend
 from ..model.objects import ObjectKey
 from .ids import IdRegistry, Snapshot
 from .plan import CLASH, Capacities, Limit, Refusal, WritePlan, plan, summarize
+from .smallplan import plan_small
 from .writer import BatchMap, write
 
 log = logging.getLogger("nodewire.reconciler")
@@ -129,6 +130,11 @@ class Reconciler:
         return {**self._retry, **changes} if self._retry else changes
 
     def plan(self, changes, full: bool = False, sweep: bool | None = None) -> WritePlan:
+        """The plan of `changes`: a small incremental one row by row (smallplan.py), else by vector steps."""
+        if not full and not sweep:
+            small = plan_small(changes, self.registry, self.capacities)
+            if small is not None:
+                return small
         return plan(changes, self.registry, self.capacities, full=full, sweep=sweep)
 
     def committed(self, p: WritePlan, changes) -> None:

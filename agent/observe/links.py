@@ -14,6 +14,8 @@ import threading
 
 from pyroute2.netlink.exceptions import NetlinkError
 
+from .linkdump import dump_veth_stats, open_socket
+
 
 class LinkStats:
     """One netlink handle in the namespace holding the pods' node-side veths (None: this one)."""
@@ -27,23 +29,17 @@ class LinkStats:
         else:
             from pyroute2 import IPRoute
             self.ipr = IPRoute()
+        self._sock = open_socket(netns)  # the counters' dump, parsed without pyroute2 (linkdump.py)
+        self._seq = 0
 
     def read(self) -> dict[str, dict[str, tuple[int, int]]]:
         """ifname → {"transmit"/"receive" (as the pod sees it): (packets, bytes)} of every veth,
         in one netlink dump."""
-        out = {}
         with self._lock:
-            links = self.ipr.get_links()
-        for link in links:
-            info = link.get_attr("IFLA_LINKINFO")
-            if info is None or info.get_attr("IFLA_INFO_KIND") != "veth":
-                continue
-            st = link.get_attr("IFLA_STATS64")
-            if st is None:
-                continue
-            out[link.get_attr("IFLA_IFNAME")] = {"transmit": (st["rx_packets"], st["rx_bytes"]),
-                                                 "receive": (st["tx_packets"], st["tx_bytes"])}
-        return out
+            self._seq = (self._seq + 1) & 0xFFFFFFFF
+            stats = dump_veth_stats(self._sock, self._seq)
+        return {name: {"transmit": (rxp, rxb), "receive": (txp, txb)}
+                for name, (rxp, txp, rxb, txb) in stats.items()}
 
     def ifindex(self, ifname: str) -> int | None:
         with self._lock:
@@ -69,4 +65,5 @@ class LinkStats:
         return links[0].get_attr("IFLA_IFNAME")
 
     def close(self) -> None:
+        self._sock.close()
         self.ipr.close()

@@ -98,3 +98,20 @@ def churn(services, rate, seconds, sources, output) -> None:
             click.echo(f"{source} done", err=True)
     click.echo(render(rows, output) if output != "table" else "\n\n".join(
         "\n".join(f"{k}: {v}" for k, v in r.items()) for r in rows))
+
+
+@bench.command("scrape")
+@click.option("--pods", default=1000, show_default=True, help="Pods, each with a real veth pair and synthetic histograms.")
+@click.option("--peers", default=2, show_default=True, help="Retransmit series per pod (one per remote peer).")
+@click.option("--scrapes", default=5, show_default=True, help="Scrapes measured per tree (median reported).")
+@click.option("--against", metavar="COMMIT", help="Also run the agent as it was at this commit, side by side.")
+@click.option("--profile-dir", type=click.Path(file_okay=False), help="Write a cProfile of the scrapes per tree here.")
+@click.option("-o", "--output", type=click.Choice(["table", "json", "yaml"]), default="table", show_default=True)
+def scrape(pods, peers, scrapes, against, profile_dir, output) -> None:
+    """One /metrics scrape as Prometheus asks (OpenMetrics, gzip): agent CPU, wall time, bytes."""
+    from .scrape import run
+
+    rows = run(pods, peers, scrapes, against, profile_dir)
+    click.echo(render(rows, output) if output != "table" else
+               "\n".join("  ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in r.items()
+                                   if k != "tree") for r in rows))

@@ -15,6 +15,7 @@ from __future__ import annotations
 import gc
 import importlib.util
 import json
+import os
 import resource
 import secrets
 import shutil
@@ -169,8 +170,8 @@ COLUMNS = ["impl", "first_sync_s", "first_sync_cpu_s", "first_sync_user_s", "fir
 @click.option("--endpoints", default=5, show_default=True)
 @click.option("--changes", default=200, show_default=True, help="Single-endpoint changes timed (×2: out and back).")
 @click.option("--compare", "others", multiple=True,
-              help="Another reconciler.py to run side by side "
-                   "(e.g. from `git show 56679d1:agent/datapath/reconciler.py`).")
+              help="Another reconciler.py, or another checkout's directory, to run side by side "
+                   "(e.g. from `git show 56679d1:agent/datapath/reconciler.py`, or `git worktree add DIR main`).")
 @click.option("--child", hidden=True, default=None)
 def reconciler(services, endpoints, changes, others, child) -> None:
     """Reconciler alone into real pinned maps: sync time, change latency, memory kept."""
@@ -179,12 +180,15 @@ def reconciler(services, endpoints, changes, others, child) -> None:
         return
     rows = []
     for impl in (*others, "new"):
+        # a directory: another checkout (e.g. `git worktree add DIR main`), its agent/ first on the path
+        env = dict(os.environ, PYTHONPATH=os.pathsep.join([impl, os.environ.get("PYTHONPATH", "")])) \
+            if os.path.isdir(impl) else None
         out = subprocess.run([sys.executable, "-m", "nodewire_dev.bench.reconciler", "--services", str(services),
-                              "--endpoints", str(endpoints), "--changes", str(changes), "--child", impl],
-                             capture_output=True, text=True)
+                              "--endpoints", str(endpoints), "--changes", str(changes),
+                              "--child", "new" if env else impl], capture_output=True, text=True, env=env)
         if out.returncode != 0:
             raise click.ClickException(out.stderr[-2000:])
-        rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
+        rows.append({**json.loads(out.stdout.strip().splitlines()[-1]), **({"impl": impl} if env else {})})
     click.echo(" | ".join(COLUMNS))
     for r in rows:
         click.echo(" | ".join(str(r[c]) for c in COLUMNS))
