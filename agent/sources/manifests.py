@@ -262,6 +262,8 @@ class ManifestSource:
             self._forget(p)
             changed = True
         for p in sorted(seen):
+            if self._stop.is_set():  # stopped mid-read (the agent's start failed): no use reading the rest
+                break
             st = self.files.get(p)
             if st is not None and st.stamp == seen[p]:
                 continue
