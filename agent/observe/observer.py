@@ -57,6 +57,7 @@ class Observer:
         self.book = SeriesBook(cfg.max_series)
         self.interfaces: dict[ObjectKey, str] = {}  # pod → node-side veth name, as told by the CNI
         self._pod_ifnames: dict[ObjectKey, str] = {}  # observed pod → veth, as of the last sync
+        self._observed: set[ObjectKey] = set()  # the local pods observed, as of the last sync
         self._lb_owner: dict[tuple, tuple] = {}  # lb_stats key → (what it counted for, base, last value)
         self.tcp: TcpObserver | None = None
         self.links: LinkStats | None = None
@@ -112,12 +113,21 @@ class Observer:
 
     # -- control path ---------------------------------------------------------------------------
     def set_pod_interface(self, key: ObjectKey, ifname: str | None) -> None:
+        """One pod's veth: the state's changes are taken in as at any sync, then only this pod's
+        entry is redone, so N pods found at start (the CNI's netns scan) cost N small updates, not
+        N rebuilds of every pod's identity and interface (issue 19 item 5)."""
         with self._lock:
             if ifname is None:
                 self.interfaces.pop(key, None)
             else:
                 self.interfaces[key] = ifname
-        self.sync(force=True)
+            self.sync()
+            if self.tcp is None or key not in self._observed:
+                return
+            self._pod_ifnames.pop(key, None)
+            self._pod_ifnames.update(self._interfaces_of({key}))
+            if self.traffic is not None:
+                self._attach_tc(set(self._pod_ifnames.values()))
 
     def sync(self, force: bool = False) -> None:
         """Bring watched addresses and veth programs in line with the state (cheap when unchanged).
@@ -142,7 +152,7 @@ class Observer:
         except (OSError, MapFull) as e:  # a full map: keep going with what is watched already
             self.errors.append(str(e))
             log.error("watching pod addresses failed err=%s", e)
-        observed = {ref.key for ref in self.identity.local.values()}
+        observed = self._observed = {ref.key for ref in self.identity.local.values()}
         self._pod_ifnames = self._interfaces_of(observed)
         if self.traffic is not None:
             self._attach_tc(set(self._pod_ifnames.values()))
