@@ -99,7 +99,7 @@ def test_the_config_picks_the_parts_and_their_start_order(tmp_path):
     from agent.components import build
 
     lb_only = AgentConfig(manifests=str(tmp_path), observe=False, rdma=False, check_interval=0)
-    assert [p.name for p in build(lb_only)] == ["socket_lb", "privileges", "manifests", "telemetry", "cni", "local_api"]
+    assert [p.name for p in build(lb_only)] == ["manifests", "socket_lb", "privileges", "telemetry", "cni", "local_api"]
     full = AgentConfig(kube=True, devices=("auto",))
     assert [p.name for p in build(full)] == [
         "socket_lb", "privileges", "northsouth", "health", "conntrack", "kube", "telemetry", "drift_check",

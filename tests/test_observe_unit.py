@@ -373,3 +373,71 @@ def test_top_shows_per_service_connect_quantiles_and_the_backend_spread():
     console.print(services_table([row], 2.0))
     out = console.export_text()
     assert "ns/web" in out and "1 ms – 1.05 s (ns/b)" in out
+
+
+def test_openmetrics_written_directly_is_the_exporters_text():
+    """exposition.render gives, byte for byte, the OpenMetrics text the OTel Prometheus exporter and
+    prometheus_client write for the same metrics: counters, histograms, a non-monotonic sum (gauge),
+    families split by label keys (workload labels), escaped and non-string label values, big values."""
+    from opentelemetry.exporter.prometheus import _CustomCollector
+    from opentelemetry.sdk.metrics.export import AggregationTemporality, Gauge, Metric, NumberDataPoint, ScopeMetrics
+    from opentelemetry.sdk.util.instrumentation import InstrumentationScope
+    from prometheus_client import CollectorRegistry
+    from prometheus_client.openmetrics.exposition import generate_latest
+
+    from agent.export.exposition import render
+
+    r = _reading(range(5))
+    r.count("pod_bytes", {"k8s.namespace.name": "ns", "k8s.pod.name": 'we"ird\\pod\nx', "k8s.node.name": "n1",
+                          "k8s.deployment.name": "web", "network.io.direction": "receive"}, 12345678901)
+    r.count("retrans", {"k8s.namespace.name": "ns", "k8s.pod.name": "p1", "nodewire.peer.kind": "cidr",
+                        "nodewire.peer.name": "10.0.0.0/8"}, 7)
+    h = r.hist("srtt", {"k8s.namespace.name": "ns", "k8s.pod.name": "p2", "k8s.node.name": "n1"})
+    h.add_counts([0, 3, 0, 9] + [0] * (HIST_SLOTS - 5) + [2], 123456789)
+    metrics = SeriesBook(10000).to_metrics(r, now_ns=1000)
+    metrics.append(Metric("rdma.port.up", "port state", "1", Gauge([NumberDataPoint(
+        {"port": 1, "dev": "mlx5_0", "rate": 2.5}, 0, 1000, 1), NumberDataPoint({"port": 2, "dev": "mlx5_0"}, 0, 1000, 0.5)])))
+    metrics.append(Metric("rdma.qp", "", "{qp}", Sum([NumberDataPoint({"dev": "x"}, 0, 1000, -3)],
+                                                     AggregationTemporality.CUMULATIVE, False)))
+    collector = _CustomCollector(disable_target_info=True)
+    collector.add_metrics_data(MetricsData([ResourceMetrics(Resource.create({}), [
+        ScopeMetrics(InstrumentationScope("t"), metrics, "")], "")]))
+    registry = CollectorRegistry()
+    registry.register(collector)
+    expected = generate_latest(registry).decode()
+    assert expected.count("# TYPE k8s_pod_network_io_bytes counter") == 2  # split by the workload label
+    assert render(metrics) + "# EOF\n" == expected
+
+
+def test_an_openmetrics_scrape_has_the_same_samples_as_a_plain_text_one():
+    """The endpoint writes the producers' series directly in OpenMetrics (what Prometheus asks for)
+    and through prometheus_client otherwise: both give the same samples."""
+    import urllib.request
+
+    from prometheus_client.openmetrics.parser import text_string_to_metric_families as parse_om
+    from prometheus_client.parser import text_string_to_metric_families as parse_text
+
+    from agent.export.telemetry import start_telemetry
+
+    tel = start_telemetry("127.0.0.1:0", "n1")
+    try:
+        book = SeriesBook(100)
+        tel.add_producer(lambda: book.to_metrics(_reading(range(3)), now_ns=1000))
+        tel.meter("t").create_counter("t.c").add(1)
+
+        def get(accept: str) -> str:
+            req = urllib.request.Request(f"http://127.0.0.1:{tel.port}/metrics", headers={"Accept": accept})
+            with urllib.request.urlopen(req, timeout=10) as resp:
+                return resp.read().decode()
+
+        om = get("application/openmetrics-text;version=1.0.0,text/plain;version=0.0.4;q=0.5")
+        plain = get("text/plain;version=0.0.4")
+
+        def samples(fams) -> set:
+            return {(s.name.removesuffix("_total"), tuple(sorted(s.labels.items())), s.value)
+                    for f in fams for s in f.samples
+                    if not s.name.endswith("_created") and not s.name.startswith(("process_", "python_"))}
+        got, want = samples(parse_om(om)), samples(parse_text(plain))
+        assert got == want and any(n == "nodewire_tcp_connect_duration_seconds_bucket" for n, _, _ in got)
+    finally:
+        tel.shutdown()

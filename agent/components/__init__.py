@@ -27,7 +27,9 @@ from .socket_lb import SocketLB
 from .sources import Kube, Manifests
 from .telemetry import Telemetry
 
-ORDER: list[type[Component]] = [SocketLB, Privileges, NorthSouth, HealthServers, Conntrack, Manifests, Kube,
+# Manifests first: its thread reads the files while SocketLB waits for the BPF compile child (issue 19:
+# start-up overlaps the two; nothing reads the state before the sync loop, which starts after every part).
+ORDER: list[type[Component]] = [Manifests, SocketLB, Privileges, NorthSouth, HealthServers, Conntrack, Kube,
                                 Telemetry, DriftCheck, Observer, CniPods, Rdma, LocalApi]
 
 

@@ -9,7 +9,9 @@ values, so pre-aggregated log2 buckets would have to be replayed value by value,
 instrument never forgets an attribute set, so a deleted pod's series would live on. SDK 1.29 has no
 MetricProducer either. So the readers here accept *producers*: functions returning ready OTel
 `Metric` objects (cumulative sums, explicit-bucket histograms with the kernel's own bucket counts)
-that are merged into every collection before export — Prometheus and OTLP see the same data.
+that are merged into every collection before export — Prometheus and OTLP see the same data. An
+OpenMetrics scrape (what Prometheus asks for) writes the producers' metrics itself (exposition.py,
+the same text) instead of converting them to prometheus_client objects; it is the bulk of a scrape.
 
 Producers share one series cap (the agent's --max-series), so no source of series (observer, RDMA
 tracer) bypasses it. OTLP (HTTP/protobuf) is added when the standard OTEL_EXPORTER_OTLP_ENDPOINT or
@@ -38,10 +40,12 @@ from opentelemetry.sdk.metrics.export import (
 from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.util.instrumentation import InstrumentationScope
 from prometheus_client import REGISTRY
+from prometheus_client.exposition import MetricsHandler, choose_encoder, gzip_accepted
+from prometheus_client.openmetrics.exposition import generate_latest as openmetrics_latest
 
 from . import kubeproxy
+from .exposition import render as render_openmetrics
 from .histograms import cap_points, to_exponential, wants_exponential
-from prometheus_client.exposition import MetricsHandler, choose_encoder, gzip_accepted
 
 log = logging.getLogger("nodewire.export")
 
@@ -89,9 +93,9 @@ class Producers:
             if p in self._items:
                 self._items.remove(p)
 
-    def merge(self, data: MetricsData, exponential: bool = False) -> MetricsData:
-        """data with every producer's metrics added (log2 kernel histograms in their exponential
-        form when `exponential`)."""
+    def collect(self, exponential: bool = False) -> list[Metric]:
+        """Every producer's metrics under the cap (log2 kernel histograms in their exponential form
+        when `exponential`)."""
         with self._lock:
             items = list(self._items)
         extra = []
@@ -106,11 +110,21 @@ class Producers:
                 log.warning("series cap reached cap=%d dropped=%d", self.max_series, self.dropped)
         if exponential:
             extra = [to_exponential(m) for m in extra]
+        return extra
+
+    def merge(self, data: MetricsData, exponential: bool = False) -> MetricsData:
+        """data with every producer's metrics added."""
+        extra = self.collect(exponential)
         if not extra or not data.resource_metrics:
             return data
         first, *rest = data.resource_metrics
         first = replace(first, scope_metrics=[*first.scope_metrics, ScopeMetrics(PRODUCER_SCOPE, extra, "")])
         return MetricsData(resource_metrics=[first, *rest])
+
+
+# The producers whose metrics this thread's scrape writes itself (exposition.py), so the Prometheus
+# reader leaves them out of the collection it makes inside that scrape.
+_written_directly = threading.local()
 
 
 class _MergingPrometheusReader(PrometheusMetricReader):
@@ -119,7 +133,9 @@ class _MergingPrometheusReader(PrometheusMetricReader):
         self._producers = producers
 
     def _receive_metrics(self, metrics_data, timeout_millis: float = 10_000, **kwargs) -> None:
-        super()._receive_metrics(self._producers.merge(metrics_data), timeout_millis, **kwargs)
+        if getattr(_written_directly, "producers", None) is not self._producers and metrics_data is not None:
+            metrics_data = self._producers.merge(metrics_data)
+        super()._receive_metrics(metrics_data, timeout_millis, **kwargs)
 
 
 class _MergingPeriodicReader(PeriodicExportingMetricReader):
@@ -187,10 +203,14 @@ def _serve(host: str, port: int, tel: "Telemetry") -> ThreadingHTTPServer:
             self.wfile.write(body)
 
         def _metrics(self, params: dict) -> None:
-            """prometheus_client's MetricsHandler.do_GET, compressing at GZIP_LEVEL instead of 9."""
+            """prometheus_client's MetricsHandler.do_GET, compressing at GZIP_LEVEL instead of 9, and
+            in OpenMetrics (what Prometheus asks for) writing the producers' metrics directly."""
             registry = self.registry.restricted_registry(params["name[]"]) if "name[]" in params else self.registry
             encoder, content_type = choose_encoder(self.headers.get("Accept"))
-            body = encoder(registry)
+            if encoder is openmetrics_latest and "name[]" not in params:
+                body = _openmetrics(registry, tel.producers)
+            else:
+                body = encoder(registry)
             self.send_response(200)
             self.send_header("Content-Type", content_type)
             if gzip_accepted(self.headers.get("Accept-Encoding")):
@@ -210,6 +230,19 @@ def _serve(host: str, port: int, tel: "Telemetry") -> ThreadingHTTPServer:
     server = Server((host, port), Handler)
     threading.Thread(target=server.serve_forever, name="metrics-http", daemon=True).start()
     return server
+
+
+def _openmetrics(registry, producers: Producers) -> bytes:
+    """The registry's OpenMetrics text with the producers' metrics written by exposition.render
+    before its `# EOF` (the same text the reader's merge would give, without its objects)."""
+    _written_directly.producers = producers
+    try:
+        body = openmetrics_latest(registry)
+    finally:
+        _written_directly.producers = None
+    eof = b"# EOF\n"
+    return body if not body.endswith(eof) else \
+        body[:-len(eof)] + render_openmetrics(producers.collect()).encode() + eof
 
 
 def otlp_endpoint_from_env(env=os.environ) -> str | None:

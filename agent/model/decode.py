@@ -19,7 +19,7 @@ from msgspec import UNSET, Struct, UnsetType
 
 from .objects import (READY, SERVICE_NAME_LABEL, SERVING, TERMINATING, EndpointPort, EndpointSlice, ObjectKey,
                       Service, ServicePort)
-from .parse import _FAMILIES, PROTOCOLS, _column, _trigger_time, shared
+from .parse import _FAMILIES, _SHARED_MAX, PROTOCOLS, _column, _trigger_time, shared
 
 # Every optional field is `T | UnsetType`: a JSON null is a validation error here (parse.py treats
 # some nulls as absent and rejects others; the general path sorts that out).
@@ -112,6 +112,10 @@ class _List(Struct, tag="List", tag_field="kind"):
 _DECODER = msgspec.json.Decoder(_List | _Service | _Slice)
 
 
+_SERVICE_PORTS: dict[tuple, tuple[ServicePort, ...]] = {}  # raw spec.ports values → the shared tuple
+_SLICE_PORTS: dict[tuple, tuple[EndpointPort, ...]] = {}
+
+
 class _Unsure(Exception):
     """The fast path does not build this shape: the general path reads the file."""
 
@@ -170,7 +174,7 @@ def _service(s: _Service) -> Service:
         if len({":" in a for a in ips}) != len(ips):
             raise _Unsure
     return Service(
-        key=key, cluster_ips=ips, ports=shared(tuple(_service_ports(spec.ports))), type=spec.type,
+        key=key, cluster_ips=ips, ports=_service_ports(spec.ports), type=spec.type,
         labels=_labels(s.metadata), external_ips=tuple(_ip(v) for v in spec.externalIPs),
         session_affinity=spec.sessionAffinity, internal_traffic_policy=spec.internalTrafficPolicy,
         external_traffic_policy=spec.externalTrafficPolicy, traffic_distribution=intern(spec.trafficDistribution),
@@ -178,30 +182,36 @@ def _service(s: _Service) -> Service:
     )
 
 
-def _service_ports(raw: list[_SvcPort]) -> list[ServicePort]:
-    ports = []
+def _service_ports(raw_ports: list[_SvcPort]) -> tuple[ServicePort, ...]:
+    """spec.ports as parse.py builds them, one shared tuple per distinct list (see _slice_ports)."""
+    raw = tuple((p.name, p.protocol, p.port, p.targetPort, p.nodePort) for p in raw_ports)
+    ports = _SERVICE_PORTS.get(raw)
+    if ports is not None:
+        return ports
+    out = []
     seen_names: set[str] = set()
     seen_ports: set[tuple[int, str]] = set()
-    for p in raw:
-        name, proto, port = intern(p.name), p.protocol, p.port
+    for name, proto, port, tp, node_port in raw:
+        name = intern(name)
         if (not name and len(raw) > 1 or name in seen_names or proto not in PROTOCOLS or not 1 <= port <= 65535
-                or (port, proto) in seen_ports or not 0 <= p.nodePort <= 65535):
+                or (port, proto) in seen_ports or not 0 <= node_port <= 65535):
             raise _Unsure
         seen_names.add(name)
         seen_ports.add((port, proto))
-        tp = port if p.targetPort is UNSET else p.targetPort
+        tp = port if tp is UNSET else tp
         if isinstance(tp, str) and tp.isdigit():
             tp = int(tp)
         if isinstance(tp, int) and not 1 <= tp <= 65535:
             raise _Unsure
-        ports.append(ServicePort(name, intern(proto), port, tp or port, p.nodePort))
-    return ports
+        out.append(ServicePort(name, intern(proto), port, tp or port, node_port))
+    if len(_SERVICE_PORTS) >= _SHARED_MAX:
+        _SERVICE_PORTS.clear()
+    return _SERVICE_PORTS.setdefault(raw, shared(tuple(out)))
 
 
 def _slice(s: _Slice) -> EndpointSlice:
     key = _key(s.metadata)
-    labels = _labels(s.metadata)
-    service = dict(labels).get(SERVICE_NAME_LABEL)
+    service = None if s.metadata.labels is UNSET else s.metadata.labels.get(SERVICE_NAME_LABEL)
     family = _FAMILIES.get(s.addressType, -1)
     if not service or family is None or family == -1:  # FQDN slices: the general path
         raise _Unsure
@@ -226,17 +236,29 @@ def _slice(s: _Slice) -> EndpointSlice:
     if any(h is not UNSET for h in hinted):
         zone_hints = _column([() if h is UNSET else shared(_hint_names(h.forZones)) for h in hinted])
         node_hints = _column([() if h is UNSET else shared(_hint_names(h.forNodes)) for h in hinted])
-    ports, seen = [], set()
-    for p in s.ports:
-        name = intern(p.name)
-        if name in seen or p.protocol not in PROTOCOLS or not 1 <= p.port <= 65535:
-            raise _Unsure  # a duplicate, an unknown protocol, a port parse.py drops with an error
-        seen.add(name)
-        ports.append(EndpointPort(name, p.port, intern(p.protocol)))
+    raw_ports = tuple((p.name, p.port, p.protocol) for p in s.ports)
+    ports = _SLICE_PORTS.get(raw_ports)
+    if ports is None:
+        ports = _slice_ports(raw_ports)
     meta = s.metadata
     return EndpointSlice(key, intern(service), intern(s.addressType), b"".join(addrs), bytes(conds),
-                         shared(tuple(ports)), nodes_col, zones_col, zone_hints, node_hints,
+                         ports, nodes_col, zones_col, zone_hints, node_hints,
                          _trigger_time(None if meta.annotations is UNSET else meta.annotations), ())
+
+
+def _slice_ports(raw: tuple) -> tuple[EndpointPort, ...]:
+    """The slice's ports, one shared tuple per distinct list (cached by the raw values: hashing those is
+    C work, hashing the dataclasses is not)."""
+    ports, seen = [], set()
+    for name, port, protocol in raw:
+        name = intern(name)
+        if name in seen or protocol not in PROTOCOLS or not 1 <= port <= 65535:
+            raise _Unsure  # a duplicate, an unknown protocol, a port parse.py drops with an error
+        seen.add(name)
+        ports.append(EndpointPort(name, port, intern(protocol)))
+    if len(_SLICE_PORTS) >= _SHARED_MAX:
+        _SLICE_PORTS.clear()
+    return _SLICE_PORTS.setdefault(raw, shared(tuple(ports)))
 
 
 def _hint_names(names: list[_Name]) -> tuple[str, ...]:
