@@ -148,11 +148,16 @@ class KeyIndex:
         self._next = max(self._next, top + 1)
         if len(self._free):
             self._free = self._unfree(ids)
-        self.keys[ids] = keys.view(KEY) if keys.dtype != KEY else keys
-        self.live[ids] = True
+        keys = keys.view(KEY) if keys.dtype != KEY else keys
         self.count += len(ids)
-        h = key_hash(self.keys[ids])
-        if len(ids) > 1:
+        if len(ids) == 1:  # one change: scalar steps (each numpy call on an array costs µs)
+            i = int(ids[0])
+            self.keys[i], self.live[i] = keys[0], True
+            h = key_hash(keys[:1])
+        else:
+            self.keys[ids] = keys
+            self.live[ids] = True
+            h = key_hash(self.keys[ids])
             order = np.argsort(h, kind="stable")
             h, ids = h[order], ids[order]
         at = np.searchsorted(self._oh, h)

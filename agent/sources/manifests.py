@@ -324,7 +324,8 @@ class ManifestSource:
         changes: list[tuple[str, ObjectKey, Any]] = []
         dups: list[tuple[str, ObjectKey]] = []
         for (kind, key), obj in parsed.objects.items():
-            if self._owner.get((kind, key), p) != p:  # another file defines it
+            owner = self._owner.get((kind, key))  # (no Path comparison for a new object: 200k at start-up)
+            if owner is not None and owner != p:  # another file defines it
                 dups.append((kind, key))
                 continue
             holds.setdefault(kind, []).append(key)
