@@ -78,7 +78,7 @@ if [ ! -f "$stamp" ]; then
   rm -f .venv/.installed-*; touch "$stamp"
 fi
 # nodewire-cni: one static executable (gcc -static against libc6-dev's libc.a), rebuilt when its C changed;
-# .venv/bin/nodewire-cni (pip's wrapper that execs it) becomes a link to it, so it starts no interpreter.
+# .venv/bin/nodewire-cni (pip's wrapper that runs it) becomes a link to it, so it starts no interpreter.
 CNI_BIN=$(.venv/bin/python -m agent.cni.build)
 ln -sfn "$CNI_BIN" .venv/bin/nodewire-cni
 echo "install: ready"
