@@ -133,6 +133,26 @@ def icmp_seen():  # the first error (neighbour discovery and echo pass by on the
 """
 
 
+def udp_pmtu_probe(host: str, port: int, family: int) -> str:
+    """Client code: a 1400-byte datagram with DF to host:port (its error or answer as "big"), the
+    socket's path MTU, then a 1000-byte one ("small")."""
+    # IP_MTU_DISCOVER=IP_PMTUDISC_DO / IPV6_MTU_DISCOVER=IPV6_PMTUDISC_DO, then IP_MTU / IPV6_MTU
+    dont, mtu = (("socket.IPPROTO_IP, 10, 2", "socket.IPPROTO_IP, 14") if family == 4 else
+                 ("socket.IPPROTO_IPV6, 23, 2", "socket.IPPROTO_IPV6, 24"))
+    return PRELUDE + f"""
+s = socket.socket(fam({host!r}), socket.SOCK_DGRAM); s.settimeout(3)
+s.setsockopt({dont}); s.connect(({host!r}, {port}))
+out = {{}}
+try:
+    s.send(b"y" * 1400); out["big"] = s.recv(100).decode().strip()
+except OSError as e:
+    out["big"] = err(e)
+out["mtu"] = s.getsockopt({mtu})
+s.send(b"y" * 1000); out["small"] = s.recv(100).decode().strip()
+print(json.dumps(out))
+"""
+
+
 def _sum16(data: bytes) -> int:
     """The one's complement sum (RFC 1071): 0xffff over data that holds its own valid checksum."""
     data += b"\0" * (len(data) % 2)
@@ -241,21 +261,7 @@ def test_udp_bigger_than_the_hop_gets_frag_needed(env, family):
     connected socket reports EMSGSIZE), and a datagram that fits then gets the backend's answer."""
     port = nodeport(env, f"pmtu-udp{family}", "UDP", UDP_PORT, "b1", family)
     host = n1_addr(env, family)
-    # IP_MTU_DISCOVER=IP_PMTUDISC_DO / IPV6_MTU_DISCOVER=IPV6_PMTUDISC_DO, then IP_MTU / IPV6_MTU
-    dont, mtu = (("socket.IPPROTO_IP, 10, 2", "socket.IPPROTO_IP, 14") if family == 4 else
-                 ("socket.IPPROTO_IPV6, 23, 2", "socket.IPPROTO_IPV6, 24"))
-    code = PRELUDE + f"""
-s = socket.socket(fam({host!r}), socket.SOCK_DGRAM); s.settimeout(3)
-s.setsockopt({dont}); s.connect(({host!r}, {port}))
-out = {{}}
-try:
-    s.send(b"y" * 1400); out["big"] = s.recv(100).decode().strip()
-except OSError as e:
-    out["big"] = err(e)
-out["mtu"] = s.getsockopt({mtu})
-s.send(b"y" * 1000); out["small"] = s.recv(100).decode().strip()
-print(json.dumps(out))
-"""
+    code = udp_pmtu_probe(host, port, family)
     assert client(env, code) == {"big": "EMSGSIZE", "mtu": HOP_MTU, "small": "b1"}
 
 
@@ -413,20 +419,7 @@ def test_local_backend_behind_a_smaller_mtu_the_nodes_frag_needed_reaches_the_cl
     sl = endpoint_slice(f"ext-mtu{family}", [getattr(a1, f"ip{family}")], port=UDP_PORT, protocol="UDP")
     sl["endpoints"][0]["nodeName"] = env.n1.name
     env.apply(f"ext-mtu{family}.json", s, sl)
-    dont, mtu = (("socket.IPPROTO_IP, 10, 2", "socket.IPPROTO_IP, 14") if family == 4 else
-                 ("socket.IPPROTO_IPV6, 23, 2", "socket.IPPROTO_IPV6, 24"))
-    code = PRELUDE + f"""
-s = socket.socket(fam({ext!r}), socket.SOCK_DGRAM); s.settimeout(3)
-s.setsockopt({dont}); s.connect(({ext!r}, 80))
-out = {{}}
-try:
-    s.send(b"y" * 1400); out["big"] = s.recv(100).decode().strip()
-except OSError as e:
-    out["big"] = err(e)
-out["mtu"] = s.getsockopt({mtu})
-s.send(b"y" * 1000); out["small"] = s.recv(100).decode().strip()
-print(json.dumps(out))
-"""
+    code = udp_pmtu_probe(ext, 80, family)
     link = ["ip", "-n", env.n1.netns, "link", "set", a1.host_veth, "mtu"]
     subprocess.run([*link, str(HOP_MTU)], check=True)
     try:
