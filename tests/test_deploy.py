@@ -67,13 +67,17 @@ def test_daemonset_shape(d):
     assert ds["spec"]["template"]["metadata"]["annotations"]["prometheus.io/port"] == str(port)
     assert [x["command"][:3] for x in spec["initContainers"]] == [["nodewire", "cni", "install"]]
     role = next(o for o in objs if o["kind"] == "ClusterRole")
-    assert all(set(r["verbs"]) == {"list", "watch"} for r in role["rules"])  # what the kube source does
+    # what the kube source does: list and watch; one write, the merge patch of its Node's DSR annotation
+    reads = [r for r in role["rules"] if set(r["verbs"]) == {"list", "watch"}]
+    writes = [r for r in role["rules"] if r not in reads]
+    assert [(w["apiGroups"], w["resources"], w["verbs"]) for w in writes] == [([""], ["nodes"], ["patch"])]
     # exactly the resources agent/sources/kube/ lists and watches, no more
     import re
     src = "".join(p.read_text() for p in sorted((ROOT / "agent" / "sources" / "kube").glob("*.py")))
     watched = {(g or "", r) for r, g in re.findall(r'WatchSpec\("(\w+)", "/apis?/(?:([\w.]+)/)?v1/', src)}
-    granted = {(g, r) for rule in role["rules"] for g in rule["apiGroups"] for r in rule["resources"]}
+    granted = {(g, r) for rule in reads for g in rule["apiGroups"] for r in rule["resources"]}
     assert watched and granted == watched
+    assert re.findall(r'client\.patch\(f"/api/v1/(\w+)/', src) == ["nodes"]
 
 
 @pytest.mark.parametrize("d", KUSTOMIZATIONS, ids=lambda d: d.name)

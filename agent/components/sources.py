@@ -65,7 +65,9 @@ class Kube(Component):
         from ..sources.kube import KubeSource
 
         self.source = KubeSource(self.config, ctx.state, node=ctx.cfg.node_name,
-                                 on_error=lambda e: ctx.report_errors([e])).start()
+                                 on_error=lambda e: ctx.report_errors([e]),
+                                 lb_mode=getattr(ctx.cfg, "lb_mode", "snat"),  # issue 21's key (dsr-data)
+                                 northsouth=bool(ctx.cfg.device_list)).start()
 
     def wait_synced(self, timeout: float) -> bool:
         return self.source.wait_synced(timeout)

@@ -13,7 +13,9 @@ Kubernetes documentation describes it:
     object that stops (starts) matching a selector is sent as DELETED (ADDED); `allowWatchBookmarks`
     sends BOOKMARKs periodically and on demand; a resourceVersion older than the retained history gets an
     ERROR event carrying a `Status` with code 410 (or an HTTP 410, selectable, as some servers answer);
-  - bearer-token authentication (401) and per-user, per-resource authorization (403), with `Status`
+  - PATCH of one object with a JSON merge patch (merge_patch.py: resourceVersion bumped, MODIFIED sent to
+    watchers, a no-op patch changes nothing, a resourceVersion precondition is honoured);
+  - bearer-token authentication (401) and per-user, per-resource(, per-verb) authorization (403), with `Status`
     bodies; dropping every watch connection, or stopping and restarting the whole server, on demand;
     injected answers (`fail_next`: a status code, or a `Fault` with any body, Content-Type and headers,
     e.g. 429 + Retry-After or a proxy's HTML 502 page), expired continue tokens (`expire_continue`),
@@ -41,6 +43,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any, Iterable
 from urllib.parse import parse_qs, urlsplit
+
+from .merge_patch import PatchError, check_content_type, patched, spec_changed
 
 log = logging.getLogger("nodewire.fake_apiserver")
 KUBERNETES_VERSION = "1.34"
@@ -220,7 +224,7 @@ class FakeApiServer:
                  bookmark_interval: float = 60.0, validate: bool = True, watch_expired_as: str = "event",
                  host: str = "127.0.0.1", port: int = 0, workdir: str | os.PathLike | None = None):
         self.tokens = tokens  # token → user name; None: no authentication
-        self.forbidden: set[tuple[str, str]] = set()  # (user, plural) pairs that get 403
+        self.forbidden: set[tuple[str, ...]] = set()  # (user, plural) or (user, plural, verb): 403
         self.history_window = history_window
         self.bookmark_interval = bookmark_interval
         self.validator = SchemaValidator() if validate else None
@@ -352,6 +356,32 @@ class FakeApiServer:
             gone["metadata"]["resourceVersion"] = str(self._rv)
             self._record(_Event(self._rv, rt.plural, "DELETED", gone, old))
             return gone
+
+    def patch(self, kind: str, namespace: str, name: str, patch) -> dict:
+        """A JSON merge patch of one stored object, with the API server's rules (merge_patch.patched);
+        raises PatchError (404, 409, 400, 422) as the server would answer."""
+        rt = BY_KIND[kind]
+        key = (namespace if rt.namespaced else "", name)
+        with self._lock:
+            old = self._objects[rt.plural].get(key)
+            if old is None:
+                raise PatchError(404, "NotFound", f'{rt.plural} "{name}" not found')
+            new = patched(kind, old, patch)
+            if new == old:  # nothing changed: no new resourceVersion, no watch event
+                return copy.deepcopy(_with_kind(rt, old))
+            if self.validator:
+                try:
+                    self.validator.validate(_with_kind(rt, new))
+                except SchemaError as e:
+                    raise PatchError(422, "Invalid", str(e)) from None
+            self._rv += 1
+            new["metadata"]["resourceVersion"] = str(self._rv)
+            if "generation" in old["metadata"] and spec_changed(old, new):
+                new["metadata"]["generation"] = old["metadata"]["generation"] + 1
+            self._objects[rt.plural][key] = new
+            self._encoded[rt.plural][key] = _encode(new)
+            self._record(_Event(self._rv, rt.plural, "MODIFIED", new, old))
+            return copy.deepcopy(_with_kind(rt, new))
 
     def get(self, kind: str, namespace: str, name: str) -> dict | None:
         rt = BY_KIND[kind]
@@ -500,7 +530,7 @@ class FakeApiServer:
         user = self.tokens.get(token) if token else None
         if user is None:
             return 401, status_object(401, "Unauthorized", "Unauthorized")
-        if (user, plural) in self.forbidden:
+        if (user, plural) in self.forbidden or (user, plural, verb) in self.forbidden:
             rt = RESOURCES[plural]
             group = "" if rt.group_version == "v1" else rt.group_version.split("/")[0]
             return 403, status_object(403, "Forbidden", f'{plural} is forbidden: User "{user}" cannot {verb} '
@@ -525,25 +555,58 @@ class _Handler(BaseHTTPRequestHandler):
         self.end_headers()
         self.wfile.write(data)
 
+    def _injected(self, method: str) -> bool:
+        """Record the request; answer it with the next matching `fail_next` fault, if any."""
+        api = self.api
+        api.requests.append((method, self.path))
+        api.request_times.append(time.monotonic())
+        f = next((f for f in api.fail_next if not isinstance(f, Fault) or f.match in self.path), None)
+        if f is None:
+            return False
+        api.fail_next.remove(f)
+        f = f if isinstance(f, Fault) else Fault(f)
+        f.served = len(api.requests) - 1
+        body = f.body if f.body is not None else _encode(status_object(f.code, "InternalError", "injected failure"))
+        self.send_response(f.code)
+        self.send_header("Content-Type", f.content_type)
+        for k, v in (f.headers or {}).items():
+            self.send_header(k, v)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+        return True
+
+    def do_PATCH(self) -> None:
+        api = self.api
+        body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+        if self._injected("PATCH"):
+            return
+        route = _route(urlsplit(self.path).path)
+        if route is None:
+            return self._send_json(404, status_object(404, "NotFound", f"the server could not find {self.path}"))
+        rt, namespace, name = route
+        if name is None:
+            return self._send_json(405, status_object(405, "MethodNotAllowed", "PATCH needs one object's path"))
+        denied = api.authenticate(self.headers.get("Authorization"), rt.plural, "patch")
+        if denied:
+            return self._send_json(*denied)
+        try:
+            check_content_type(self.headers.get("Content-Type"))
+            try:
+                patch = json.loads(body)
+            except ValueError as e:
+                raise PatchError(400, "BadRequest", f"the patch is not JSON: {e}") from None
+            obj = api.patch(rt.kind, namespace or "", name, patch)
+        except PatchError as e:
+            return self._send_json(e.code, status_object(e.code, e.reason, e.message))
+        self._send_json(200, obj)
+
     def do_GET(self) -> None:
         api = self.api
         url = urlsplit(self.path)
-        api.requests.append(("GET", self.path))
-        api.request_times.append(time.monotonic())
         q = {k: v[-1] for k, v in parse_qs(url.query).items()}
-        f = next((f for f in api.fail_next if not isinstance(f, Fault) or f.match in self.path), None)
-        if f is not None:
-            api.fail_next.remove(f)
-            f = f if isinstance(f, Fault) else Fault(f)
-            f.served = len(api.requests) - 1
-            body = f.body if f.body is not None else _encode(status_object(f.code, "InternalError", "injected failure"))
-            self.send_response(f.code)
-            self.send_header("Content-Type", f.content_type)
-            for k, v in (f.headers or {}).items():
-                self.send_header(k, v)
-            self.send_header("Content-Length", str(len(body)))
-            self.end_headers()
-            return self.wfile.write(body)
+        if self._injected("GET"):
+            return
         if url.path == "/version":
             return self._send_json(200, {"major": "1", "minor": "34", "gitVersion": "v1.34.0-fake"})
         route = _route(url.path)

@@ -4,6 +4,7 @@
   client.py     plain HTTP to it: lists, watch streams, errors by status code
   reflector.py  one resource's list → watch → re-list loop, back-off, health
   source.py     KubeSource: four reflectors into ClusterState.apply, bad objects skipped and named
+  annotate.py   this node's DSR annotation (nodewire.io/dsr), set or removed with a merge PATCH
   metrics.py    its health as OTel instruments
 
 Callers import from here (agent.sources.kube); the names below are the package's interface.

@@ -21,6 +21,7 @@ log = logging.getLogger("nodewire.kube")
 # One watch line is one object: etcd refuses values over 1.5 MiB (its default --max-request-bytes),
 # so 16 MiB is far above any real event and still bounds what a broken server can make us buffer.
 MAX_WATCH_LINE = 16 << 20
+MERGE_PATCH = "application/merge-patch+json"  # RFC 7386; what the API server calls a JSON merge patch
 RETRY_AFTER_MAX = 120.0  # seconds; a larger Retry-After is capped (a stale source is kept meanwhile)
 
 
@@ -104,40 +105,50 @@ class ApiClient:
             except OSError:
                 pass
 
-    def _request(self, conn, path: str, params: dict, retry_auth: bool = True) -> http.client.HTTPResponse:
+    def _request(self, conn, path: str, params: dict, retry_auth: bool = True, method: str = "GET",
+                 body: bytes | None = None, content_type: str = "") -> http.client.HTTPResponse:
         url = self.base_path + path + ("?" + urlencode(params) if params else "")
         headers = {"Accept": "application/json", "User-Agent": "nodewire"}
+        if content_type:
+            headers["Content-Type"] = content_type
         token = self._token.get()
         if token:
             headers["Authorization"] = f"Bearer {token}"
-        conn.request("GET", url, headers=headers)
+        conn.request(method, url, body=body, headers=headers)
         resp = conn.getresponse()
         if resp.status in (401, 403):
-            body = _status_message(resp.read())
+            body_text = _status_message(resp.read())
             if resp.status == 401 and retry_auth and self.cfg.token_file:
                 self._token.get(force=True)  # the file may have rotated since the last stat
-                return self._request(conn, path, params, retry_auth=False)
+                return self._request(conn, path, params, False, method, body, content_type)
             what = "Unauthorized" if resp.status == 401 else "Forbidden"
             raise AuthError(f"{resp.status} {what} from {self.cfg.server} with the credentials of "
-                            f"{self.cfg.credential_source}: {body}")
+                            f"{self.cfg.credential_source}: {body_text}")
         return resp
 
     def get(self, path: str, params: dict) -> dict:
+        return self._call("GET", path, params)
+
+    def patch(self, path: str, patch: dict, content_type: str = MERGE_PATCH) -> dict:
+        """PATCH one object (a JSON merge patch, RFC 7386, by default); returns the object as stored."""
+        return self._call("PATCH", path, {}, json.dumps(patch).encode(), content_type)
+
+    def _call(self, method: str, path: str, params: dict, body: bytes | None = None, content_type: str = "") -> dict:
         conn = getattr(self._local, "conn", None)
         try:
             if conn is None:
                 conn = self._local.conn = self._connect(self.timeout)
-            resp = self._request(conn, path, params)
+            resp = self._request(conn, path, params, method=method, body=body, content_type=content_type)
             data = resp.read()
         except (OSError, http.client.HTTPException):
             if conn is not None:
                 self._forget(conn)
             self._local.conn = None
             raise
-        _check_response(resp, data, f"GET {path}")
+        _check_response(resp, data, f"{method} {path}")
         page = json.loads(data)
         if not isinstance(page, dict):
-            raise KubeError(f"GET {path}: the body is a JSON {type(page).__name__}, not an object")
+            raise KubeError(f"{method} {path}: the body is a JSON {type(page).__name__}, not an object")
         return page
 
     def release(self) -> None:

@@ -1,4 +1,6 @@
-"""The Kubernetes source: list+watch Services, EndpointSlices, this node's Node and Pods into ClusterState.
+"""The Kubernetes source: list+watch Services, EndpointSlices, Nodes (this node's; every node's with
+lb-mode dsr|hybrid, whose DSR annotations and addresses the views need) and this node's Pods into
+ClusterState; and this node's DSR annotation kept as the config wants it (annotate.py).
 
 Plain HTTP (http.client + ssl from the standard library), not a client library, on purpose:
   - none of lightkube, kubernetes_asyncio or the official client ships an informer: their watch helpers
@@ -27,6 +29,7 @@ from ...model.parse import PARSERS, InvalidObject
 from ...state import ClusterState
 from .client import ApiClient
 from .config import KubeConfig, node_name
+from .annotate import NodeAnnotator, wanted_annotation
 from .reflector import Backoff, Reflector, WatchSpec
 
 log = logging.getLogger("nodewire.kube")
@@ -39,7 +42,7 @@ class KubeSource:
                  on_error: Callable[[ObjectError], None] | None = None,
                  on_applied: Callable[[str, ObjectKey, float], None] | None = None,
                  backoff: Callable[[], Backoff] = Backoff, watch_timeout: tuple[int, int] = (300, 600),
-                 client_timeout: float = 30.0):
+                 client_timeout: float = 30.0, lb_mode: str = "snat", northsouth: bool = False):
         self.cfg, self.state = cfg, state
         self.node_name = node or node_name()
         self.node: Node | None = None  # this node's Node object, as last applied (its zone and addresses)
@@ -53,16 +56,22 @@ class KubeSource:
         self.synced_seconds: float | None = None  # start → every first list applied
         self.synced_cpu_seconds: float | None = None  # process CPU time spent meanwhile (all threads)
         self._threads: list[threading.Thread] = []
+        self.lb_mode = lb_mode
+        # With DSR the views need every Node (its annotation says whether it takes DSR, its addresses
+        # where to send it); with SNAT only this node's (zone, addresses), as a field selector.
+        nodes = {} if lb_mode != "snat" else {"fieldSelector": f"metadata.name={self.node_name}"}
         specs = [
             WatchSpec("services", "/api/v1/services", "Service"),
             WatchSpec("endpointslices", "/apis/discovery.k8s.io/v1/endpointslices", "EndpointSlice",
                       {"labelSelector": "kubernetes.io/service-name"}),
-            WatchSpec("nodes", "/api/v1/nodes", "Node", {"fieldSelector": f"metadata.name={self.node_name}"}),
+            WatchSpec("nodes", "/api/v1/nodes", "Node", nodes),
             WatchSpec("pods", "/api/v1/pods", "Pod", {"fieldSelector": f"spec.nodeName={self.node_name}"}),
         ]
         self.reflectors = {s.resource: Reflector(self.client, s, self._apply, self._stop, backoff(), watch_timeout,
                                                  bad=self._bad)
                            for s in specs}
+        self.annotator = NodeAnnotator(self.client, self.node_name, wanted_annotation(lb_mode, northsouth),
+                                       self._stop, backoff())
 
     # -- lifecycle ------------------------------------------------------------------------------
     def start(self) -> "KubeSource":
@@ -73,6 +82,7 @@ class KubeSource:
             t = threading.Thread(target=r.run, name=f"kube-{name}", daemon=True)
             t.start()
             self._threads.append(t)
+        self.annotator.start()
         return self
 
     def stop(self) -> None:
@@ -80,6 +90,7 @@ class KubeSource:
         self.client.close_all()
         for t in self._threads:
             t.join(timeout=5)
+        self.annotator.join(timeout=5)
 
     def wait_synced(self, timeout: float | None = None) -> bool:
         deadline = None if timeout is None else time.monotonic() + timeout
@@ -91,10 +102,13 @@ class KubeSource:
 
     # -- applying objects -----------------------------------------------------------------------
     def _apply(self, kind: str, key: ObjectKey, obj: dict | None, arrived: float) -> None:
+        own = kind == "Node" and key.name == self.node_name
+        if own:
+            self.annotator.observe(obj)  # before parsing: a Node we cannot parse is still ours to annotate
         if obj is None:
             self.invalid.pop((kind, key), None)
             self.state.apply(kind, key, None)
-            if kind == "Node":
+            if own:
                 self.node = None
         else:
             try:
@@ -112,7 +126,7 @@ class KubeSource:
             for field, msg in getattr(parsed, "errors", ()):  # a part left out (a slice's bad port): named
                 self._report(ObjectError("api", kind, str(key), field, msg))
             self.state.apply(kind, parsed.key, parsed)  # a Node's zone drives topology hints
-            if kind == "Node":
+            if own:
                 self.node = parsed
         if self.on_applied:
             self.on_applied(kind, key, arrived)
@@ -162,4 +176,5 @@ class KubeSource:
             "invalid_objects": dict(self.invalid_objects),
             "invalid_now": [str(e) for e in self.invalid.values()],
             "resources": {h.resource: h.as_dict() for h in hs},
+            "lb_mode": self.lb_mode, "dsr_annotation": self.annotator.status(),
         }
