@@ -231,12 +231,13 @@ t = time.monotonic(); s = socket.create_connection(("{b.ip4}", 9000), timeout=5)
     new = [c1 - c0 for c0, c1 in zip(counts0, counts1)]
     # took >= 1 s: the first SYN was dropped and the 1 s initial RTO resent it (the behaviour under test;
     # no upper bound on time, a loaded machine may add some). The kernel times SYN_SENT→ESTABLISHED, a
-    # little less than the connect() call timed here, so its one sample is in took's slot, or the one
-    # below when took is within a few ms above a slot boundary.
+    # little less than the connect() call timed here (less by up to tens of ms on a loaded machine, where
+    # the process may wait for a CPU around the call), so its one sample is in took's slot, or the one
+    # below when took is within that margin above a slot boundary.
     assert took >= 1.0, f"connect took {took}s: the SYN drop did not behave as designed"
     assert sum(new) == 1, new
     slot = new.index(1)
-    assert slot in {slot_of(int(took * 1e6)), slot_of(int((took - 0.005) * 1e6))}, (slot, took)
+    assert slot_of(int((took - 0.05) * 1e6)) <= slot <= slot_of(int(took * 1e6)), (slot, took)
     assert slot >= 20  # (0.524288 s, 1.048576 s] or above: a delay of at least 1 s
     # the same sample in the Prometheus exposition: the bucket bounding that slot gained it, the one below did not
     text = scrape(env)

@@ -25,12 +25,13 @@ from pathlib import Path
 
 from .cri import HERE as CRI_DIR
 from .cri import CriClient
+from .lifecycle import SetUp
 
 PAUSE_IMAGE = "localhost/nodewire-pause:1"
 NAMESPACE = "k8s.io"  # the CRI plugin's containerd namespace
 
 
-class Containerd:
+class Containerd(SetUp):
     """containerd in `node_netns` (a name under /var/run/netns), CNI from bin_dir/conf_dir."""
 
     def __init__(self, work: Path, node_netns: str, cni_bin_dir: str, cni_conf_dir: str, prefix: str):
@@ -49,16 +50,8 @@ class Containerd:
         return str(self.state / "io.containerd.grpc.v1.cri" / "netns")
 
     # -- lifecycle -----------------------------------------------------------------------------
-    def __enter__(self) -> "Containerd":
-        try:
-            self.start()
-        except BaseException:
-            self.close()
-            raise
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
+    def up(self) -> "Containerd":
+        return self.start()
 
     def start(self, timeout: float = 60) -> "Containerd":
         self.work.mkdir(parents=True, exist_ok=True)

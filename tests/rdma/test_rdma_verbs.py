@@ -147,8 +147,12 @@ def test_latency_histograms_errors_and_exit(mock, pods):
                 if h.pid == pid}
         nine, fortynine = slot_of(9_000), slot_of(49_000)
         assert (nine, fortynine) == (14, 16)
-        assert hist == {(QP0, "send"): {nine: 2}, (QP1, "recv"): {fortynine: 1},
-                        (QP2, "send"): {nine: 2}, (QP3, "send"): {nine: 1}, (QP4, "send"): {nine: 1}}
+        # a wait of 9 ms (49 ms) can never land below its slot; under load it may land above it, so the
+        # counts per queue pair are exact and the slots are lower bounds
+        assert {k: sum(v.values()) for k, v in hist.items()} == {(QP0, "send"): 2, (QP1, "recv"): 1,
+                                                                  (QP2, "send"): 2, (QP3, "send"): 1, (QP4, "send"): 1}
+        floor = {(QP1, "recv"): fortynine}
+        assert all(min(v) >= floor.get(k, nine) for k, v in hist.items()), hist
         assert {h.device for h in snap.latency} == {"mockx_0"}
         errs = {(e.qp_num, e.status): e.count for e in snap.errors if e.pid == pid}
         assert errs == {(QP2, "REM_ACCESS_ERR"): 1, (QP2, "WR_FLUSH_ERR"): 1, (QP3, "RNR_RETRY_EXC_ERR"): 1}
@@ -160,9 +164,10 @@ def test_latency_histograms_errors_and_exit(mock, pods):
         pts = {(p.attributes["rdma.qp_num"], p.attributes["rdma.direction"]): p for p in metric.data.data_points}
         p0 = pts[(QP0, "send")]
         assert p0.attributes["k8s.pod.name"] == "rdma-in" and p0.attributes["rdma.device"] == "mockx_0"
-        assert p0.count == 2 and p0.bucket_counts[nine] == 2 and sum(p0.bucket_counts) == 2
+        assert p0.count == 2 and sum(p0.bucket_counts) == 2
+        assert {s: c for s, c in enumerate(p0.bucket_counts) if c} == hist[(QP0, "send")]
         assert p0.explicit_bounds[nine - 1] < 0.009 <= p0.explicit_bounds[nine] == 16384e-6
-        assert 0.018 <= p0.sum < 2 * 16384e-6
+        assert 0.018 <= p0.sum
 
         # exit: probes detached, series dropped, kernel maps emptied for that pid
         p.stdin.write("\n")

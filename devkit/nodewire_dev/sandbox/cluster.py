@@ -13,6 +13,8 @@ from pathlib import Path
 
 from agent.datapath.attach import detect_cgroup2_root
 
+from ..lifecycle import SetUp
+
 PODSERVER = Path(__file__).with_name("podserver.py")
 PROBE = Path(__file__).with_name("probe.py")
 
@@ -100,7 +102,7 @@ class Pod:
         return proc
 
 
-class Sandbox:
+class Sandbox(SetUp):
     """A bridge in a node namespace, plus pods. Use as a context manager."""
 
     def __init__(self, prefix: str | None = None, subnet4: str = "10.244.0.0/24",
@@ -116,17 +118,6 @@ class Sandbox:
         self._up = False
 
     # -- lifecycle -----------------------------------------------------------------------------
-    def __enter__(self) -> "Sandbox":
-        try:
-            self.up()
-        except BaseException:
-            self.close()
-            raise
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
-
     def up(self) -> None:
         os.makedirs(self.cgroup, exist_ok=True)
         gw4, gw6 = self.gateway4, self.gateway6

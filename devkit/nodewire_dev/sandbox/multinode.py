@@ -21,6 +21,7 @@ from pathlib import Path
 
 from agent.datapath.attach import detect_cgroup2_root
 
+from ..lifecycle import SetUp
 from .cluster import Pod, _ip, _ip_batch, _kill_cgroup_tree, _rmdir
 
 LAN4, LAN6 = "198.18.0.", "fd00:18::"
@@ -75,7 +76,7 @@ class Node:
         return subprocess.CompletedProcess(argv, p.returncode, out, err)
 
 
-class MultiNodeSandbox:
+class MultiNodeSandbox(SetUp):
     def __init__(self, nodes: int = 2, prefix: str | None = None):
         self.prefix = prefix or f"nw{secrets.token_hex(3)}"
         self.lan_netns = f"{self.prefix}-lan"
@@ -85,17 +86,6 @@ class MultiNodeSandbox:
                       for i in range(1, nodes + 1)]
         self.client: Pod | None = None
         self._netns: list[str] = []
-
-    def __enter__(self) -> "MultiNodeSandbox":
-        try:
-            self.up()
-        except BaseException:
-            self.close()
-            raise
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
 
     def _add_netns(self, name: str) -> None:
         _ip("netns", "add", name)
