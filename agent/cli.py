@@ -148,17 +148,33 @@ def services(pin_dir, output) -> None:
     names = _service_names(pin_dir, [r["id"] for r in rows])
     if names is None:
         click.echo("(the agent does not answer: Service names unknown; the kernel holds ids only)", err=True)
+    modes = _frontend_modes(pin_dir)
     for r in rows:
         label = (names or {}).get(str(r["id"]), {})
         r["service"], r["port_name"] = label.get("service", ""), label.get("port_name", "")
+        r["mode"] = modes(r["ip"], r["port"], r["protocol"])
     if output != "table":
         emit(rows, output)
         return
-    click.echo(f"{'ID':>5}  {'FRONTEND':<30} {'PROTO':<5} {'SERVICE':<30} BACKENDS")
+    click.echo(f"{'ID':>5}  {'FRONTEND':<30} {'PROTO':<5} {'MODE':<5} {'SERVICE':<30} BACKENDS")
     for r in rows:
         name = f"{r['service']}:{r['port_name']}" if r["port_name"] else r["service"]
         bes = ", ".join(b["address"] for b in r["backends"]) or "(none: connects refused)"
-        click.echo(f"{r['id']:>5}  {r['frontend']:<30} {r['protocol']:<5} {name:<30} {bes}")
+        click.echo(f"{r['id']:>5}  {r['frontend']:<30} {r['protocol']:<5} {r['mode'] or '-':<5} {name:<30} {bes}")
+
+
+def _frontend_modes(pin_dir: str):
+    """(ip, port, protocol) → how external traffic to that frontend reaches remote backends: "snat" or
+    "dsr" (lb-mode, with hybrid = DSR for TCP only), None for a frontend tc does not serve (a ClusterIP:
+    the socket path, no NAT on the wire)."""
+    from .datapath.inspect import external_frontends
+    from .export.northsouth import frontend_mode
+    from .status import read_status
+
+    external = external_frontends(pin_dir) or set()
+    st = read_status(pin_dir)
+    lb_mode = (((st.northsouth if st else None) or {}).get("dsr") or {}).get("lb_mode", "snat")
+    return lambda ip, port, proto: frontend_mode(lb_mode, proto) if (ip, port, proto) in external else None
 
 
 @main.command()

@@ -127,10 +127,17 @@ def northsouth_lines(ns: dict, now: float | None = None) -> list[str]:
     out = [f"north-south: devices {', '.join(ns.get('devices') or {}) or 'none'}; {len(addrs)} node addresses "
            f"({', '.join(addrs)}); SNAT {snat}; {ns.get('frontends', 0)} frontends"]
     counters = ns.get("counters") or {}
-    kept = {k: v for k, v in counters.items() if not k.startswith("drop_")}
+    kept = {k: v for k, v in counters.items() if not k.startswith("drop_") and not k.endswith("_bytes")}
     drops = {k[len("drop_"):]: v for k, v in counters.items() if k.startswith("drop_")}
     out.append("  packets: " + ", ".join(f"{k} {v}" for k, v in kept.items()))
     out.append("  drops:   " + (", ".join(f"{k} {v}" for k, v in drops.items()) or "none"))
+    dsr = ns.get("dsr")
+    if isinstance(dsr, dict):  # issue 21: direct server return (export/northsouth.py dsr_summary)
+        flows = ", ".join(f"{k} {v}" for k, v in (dsr.get("flows") or {}).items())
+        enc = dsr.get("encapsulated") or {}
+        out.append(f"  lb-mode {dsr.get('lb_mode')}: new flows {flows}; encapsulated {enc.get('packets', 0)} packets "
+                   f"({enc.get('bytes', 0)} bytes); decapsulated {dsr.get('decapsulated', 0)}; fallbacks to SNAT "
+                   f"{dsr.get('fallbacks', 0)}; MSS clamped {dsr.get('mss_clamped', 0)}")
     ct = ns.get("conntrack")
     if isinstance(ct, dict):
         def pairs(d) -> str:

@@ -12,12 +12,14 @@ class NorthSouth(Component):
 
     def __init__(self) -> None:
         self.service = None  # agent.northsouth.NorthSouthService
+        self._lb_mode = "snat"
 
     def start(self, ctx: Context) -> None:
         from ..datapath.conntrack import Lifetimes
         from ..northsouth import NorthSouthService
 
         cfg = ctx.cfg
+        self._lb_mode = getattr(cfg, "lb_mode", "snat")  # issue 21's key (dsr-data's config)
         lifetimes = Lifetimes(cfg.ct_timeout_syn, cfg.ct_timeout_established, cfg.ct_timeout_close,
                               cfg.ct_timeout_other)
         self.service = NorthSouthService(ctx.state, cfg.node_name, cfg.device_list, cfg.pin_dir, cfg.sizes,
@@ -30,11 +32,17 @@ class NorthSouth(Component):
 
     def status(self, st) -> None:
         if self.service is not None:
+            from ..export.northsouth import dsr_summary
+
             st.northsouth = self.service.status()
+            st.northsouth["dsr"] = dsr_summary(st.northsouth.get("counters") or {}, self._lb_mode)
 
     def metrics(self, telemetry) -> None:
-        if self.service is not None:  # packets per outcome, node addresses (export/northsouth.py)
+        if self.service is not None:  # packets per outcome, node addresses, DSR (export/northsouth.py)
+            from ..export.northsouth import register_dsr_metrics
+
             self.service.metrics(telemetry.meter())
+            register_dsr_metrics(telemetry.meter(), self.service, self._lb_mode)
 
     def close(self) -> None:
         if self.service is not None:

@@ -4,7 +4,7 @@ from __future__ import annotations
 from . import codec
 from .abi import PROTO_NAMES
 from .codec import addr_str, host_port
-from .loader import SockLB
+from .loader import SockLB, open_loaded
 
 
 def read_services(pin_dir: str, names: dict | None = None) -> list[dict]:
@@ -43,3 +43,21 @@ def read_services(pin_dir: str, names: dict | None = None) -> list[dict]:
         })
     out.sort(key=lambda r: r["id"])
     return out
+
+
+def external_frontends(pin_dir: str) -> set[tuple[str, int, str]] | None:
+    """(address, port, protocol name) of every frontend nodeport.c serves on the node devices (its pinned
+    frontend map); None when north-south never ran with this pin dir."""
+    from .abi import NP_SERVICES_MAP
+
+    try:
+        loaded = open_loaded("nodeport", pin_dir)
+    except FileNotFoundError:
+        return None
+    try:
+        rows = codec.decode_services(*loaded.maps[NP_SERVICES_MAP].dump_arrays())
+    finally:
+        loaded.close()
+    addrs, ports, protos = codec.split_ident(rows.ident)
+    return {(addr_str(addrs[i]), ports[i], PROTO_NAMES.get(protos[i], str(protos[i])))
+            for i, slot in enumerate(rows.slot.tolist()) if slot == 0}
